@@ -1,0 +1,128 @@
+"""Request id on every response, and an ASGI guard for oversized bodies."""
+
+import json
+import uuid
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+class RequestIdMiddleware:
+    """Gives each request an id (``request.request_id``) and returns it.
+
+    The id is always generated here: it keys the ledger, so a client-chosen
+    value could collide. A client's own id is echoed as ``x-client-request-id``.
+    """
+
+    async_capable = True
+    sync_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if self.is_async:
+            return self._acall(request)
+        request.request_id = new_request_id()
+        return self._stamp(request, self.get_response(request))
+
+    async def _acall(self, request):
+        request.request_id = new_request_id()
+        return self._stamp(request, await self.get_response(request))
+
+    @staticmethod
+    def _stamp(request, response):
+        response[REQUEST_ID_HEADER] = request.request_id
+        client_id = request.headers.get(REQUEST_ID_HEADER)
+        if client_id and len(client_id) <= 128 and client_id.isprintable():
+            response["x-client-request-id"] = client_id
+        return response
+
+
+class BodySizeLimitMiddleware:
+    """ASGI middleware: refuse request bodies over the limit before Django buffers them.
+
+    Django's ASGI handler reads the whole body before a view runs, so the
+    limit is enforced here on ``Content-Length`` and, for chunked uploads, on
+    the bytes actually received. The answer is OpenAI's error shape (413).
+    """
+
+    def __init__(self, app, max_bytes: int | None = None):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    @property
+    def limit(self) -> int:
+        return self.max_bytes or settings.CASCADEFLOW_MAX_REQUEST_BYTES
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > limit:
+                    return await self._reject(receive, send, limit)
+        received = 0
+        too_large = False
+
+        async def limited_receive():
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    too_large = True
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            return await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            return await self._send_413(send, limit)
+
+    async def _reject(self, receive, send, limit):
+        return await self._send_413(send, limit)
+
+    @staticmethod
+    async def _send_413(send, limit):
+        body = json.dumps(
+            {
+                "error": {
+                    "message": f"Request body is larger than the limit of {limit} bytes.",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "request_too_large",
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (REQUEST_ID_HEADER.encode(), new_request_id().encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+class _BodyTooLarge(Exception):
+    pass

@@ -1,0 +1,75 @@
+"""Model prices in integer nano-dollars.
+
+Invariant: every amount CascadeFlow stores is an ``int`` of nano-dollars
+(1 USD = 10**9). Prices per token are kept as exact ``Decimal`` nano-dollars
+(a $0.075 per million token price is 0.075 nano-dollars a token), and a call's
+cost is rounded half-up to a whole nano-dollar once, at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+
+NANOS_PER_USD = 10**9
+
+
+def _decimal(value: float | Decimal | str) -> Decimal:
+    """Floats (LiteLLM's cost map) are read to 12 significant digits, dropping
+    binary noise such as 0.15 / 1e6 == 1.4999999999999999e-07."""
+    return Decimal(format(value, ".12g")) if isinstance(value, float) else Decimal(value)
+
+
+def usd_to_nanos(usd: float | Decimal | str) -> int:
+    value = _decimal(usd)
+    return int((value * NANOS_PER_USD).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def nanos_to_usd(nanos: int) -> Decimal:
+    return Decimal(nanos) / NANOS_PER_USD
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    input_nanos_per_token: Decimal
+    output_nanos_per_token: Decimal
+
+    @classmethod
+    def per_token_usd(cls, input_usd: float | str, output_usd: float | str) -> ModelPrice:
+        def to_nanos(usd: float | str) -> Decimal:
+            return _decimal(usd) * NANOS_PER_USD
+
+        return cls(to_nanos(input_usd), to_nanos(output_usd))
+
+    @classmethod
+    def per_million_usd(cls, input_usd: float | str, output_usd: float | str) -> ModelPrice:
+        def to_nanos(usd: float | str) -> Decimal:
+            return _decimal(usd) * NANOS_PER_USD / 1_000_000
+
+        return cls(to_nanos(input_usd), to_nanos(output_usd))
+
+    def cost_nanos(self, prompt_tokens: int, completion_tokens: int) -> int:
+        exact = (
+            self.input_nanos_per_token * prompt_tokens
+            + self.output_nanos_per_token * completion_tokens
+        )
+        return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+ZERO_PRICE = ModelPrice(Decimal(0), Decimal(0))
+
+
+def litellm_price(model: str) -> ModelPrice | None:
+    """The price LiteLLM's bundled cost map gives ``model``, or None if unknown."""
+    import litellm
+
+    info = litellm.model_cost.get(model)
+    if info is None and "/" in model:
+        info = litellm.model_cost.get(model.split("/", 1)[1])
+    if not info:
+        return None
+    input_cost = info.get("input_cost_per_token")
+    output_cost = info.get("output_cost_per_token")
+    if input_cost is None and output_cost is None:
+        return None
+    return ModelPrice.per_token_usd(input_cost or 0.0, output_cost or 0.0)

@@ -1,0 +1,68 @@
+"""Writes of the routing app: the ledger."""
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from routing.enums import UsageStatus
+from routing.models import UsageEvent
+from routing.upstream import Attempt
+
+
+@dataclass
+class LedgerEntry:
+    """Everything the ledger needs about one request, built by the gateway."""
+
+    tenant_id: int
+    token_id: int | None
+    end_user_id: int | None
+    request_id: str
+    created_at: datetime
+    requested_model: str
+    attempts: list[Attempt] = field(default_factory=list)
+    model: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    baseline_cost_nanos: int = 0
+    escalated: bool = False
+    stream: bool = False
+    latency_ms: int = 0
+    status: str = UsageStatus.OK
+    http_status: int = 200
+    error_code: str = ""
+
+    @property
+    def cost_nanos(self) -> int:
+        return sum(a.cost_nanos for a in self.attempts)
+
+    @property
+    def models_called(self) -> list[str]:
+        called: list[str] = []
+        for attempt in self.attempts:
+            if attempt.model not in called:
+                called.append(attempt.model)
+        return called
+
+
+def usage_event_record(*, entry: LedgerEntry) -> UsageEvent:
+    """Insert the request's ledger row (one INSERT, no read)."""
+    return UsageEvent.objects.create(
+        tenant_id=entry.tenant_id,
+        token_id=entry.token_id,
+        end_user_id=entry.end_user_id,
+        request_id=entry.request_id,
+        created_at=entry.created_at,
+        requested_model=entry.requested_model,
+        model=entry.model,
+        models_called=entry.models_called,
+        attempts=[a.as_dict() for a in entry.attempts],
+        prompt_tokens=entry.prompt_tokens,
+        completion_tokens=entry.completion_tokens,
+        cost_nanos=entry.cost_nanos,
+        baseline_cost_nanos=entry.baseline_cost_nanos,
+        escalated=entry.escalated,
+        stream=entry.stream,
+        latency_ms=entry.latency_ms,
+        status=entry.status,
+        http_status=entry.http_status,
+        error_code=entry.error_code,
+    )

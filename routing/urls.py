@@ -1,0 +1,11 @@
+from django.urls import path, re_path
+
+from routing import views
+
+app_name = "routing"
+
+urlpatterns = [
+    path("chat/completions", views.chat_completions, name="chat-completions"),
+    path("models", views.models, name="models"),
+    re_path(r"^(?P<path>.*)$", views.not_found, name="not-found"),
+]

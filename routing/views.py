@@ -1,0 +1,93 @@
+"""The OpenAI-compatible API: HTTP in, ``routing.gateway`` calls, HTTP out."""
+
+import logging
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from routing import gateway
+from routing.errors import GatewayError, too_large
+from routing.schemas import parse_chat_request
+
+logger = logging.getLogger(__name__)
+
+
+def _with_headers(response: HttpResponse, headers: dict[str, str]) -> HttpResponse:
+    for name, value in headers.items():
+        response[name] = value
+    return response
+
+
+def _error(exc: GatewayError) -> HttpResponse:
+    response = exc.response()
+    for name, value in gateway.EMPTY_CASCADE_HEADERS.items():
+        if name not in response:
+            response[name] = value
+    return response
+
+
+def _method_not_allowed(allowed: str) -> HttpResponse:
+    error = GatewayError(405, f"Use {allowed} for this endpoint.", code="method_not_allowed")
+    response = _error(error)
+    response["Allow"] = allowed
+    return response
+
+
+@csrf_exempt
+async def chat_completions(request: HttpRequest) -> HttpResponse:
+    if request.method != "POST":
+        return _method_not_allowed("POST")
+    chat, parse_error = None, None
+    try:
+        try:
+            chat = parse_chat_request(request.body)
+        except RequestDataTooBig:
+            parse_error = too_large(settings.CASCADEFLOW_MAX_REQUEST_BYTES)
+        except GatewayError as exc:
+            parse_error = exc
+        gw = await gateway.prepare(
+            request_id=request.request_id,
+            authorization=request.headers.get("Authorization"),
+            chat=chat,
+            parse_error=parse_error,
+        )
+        if gw.chat.stream:
+            outcome = await gateway.stream(gw)
+            response = StreamingHttpResponse(outcome.events, content_type="text/event-stream")
+            response["Cache-Control"] = "no-cache"
+            response["X-Accel-Buffering"] = "no"
+            return _with_headers(response, outcome.headers)
+        result = await gateway.complete(gw)
+        return _with_headers(JsonResponse(result.body), result.headers)
+    except GatewayError as exc:
+        return _error(exc)
+    except Exception:
+        logger.exception("Unhandled error in chat completion %s", request.request_id)
+        return _error(
+            GatewayError(
+                500,
+                f"CascadeFlow failed to handle request {request.request_id}.",
+                type="api_error",
+                code="internal_error",
+            )
+        )
+
+
+@csrf_exempt
+async def models(request: HttpRequest) -> HttpResponse:
+    if request.method != "GET":
+        return _method_not_allowed("GET")
+    try:
+        ctx = await gateway.authenticate(request.headers.get("Authorization"))
+    except GatewayError as exc:
+        return _error(exc)
+    return _with_headers(JsonResponse(gateway.list_models(ctx)), gateway.EMPTY_CASCADE_HEADERS)
+
+
+@csrf_exempt
+async def not_found(request: HttpRequest, path: str = "") -> HttpResponse:
+    return _error(
+        GatewayError(404, f"Unknown endpoint: {request.method} {request.path}", code="unknown_url")
+    )

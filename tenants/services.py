@@ -1,0 +1,215 @@
+"""Writes for tenants, members, end users and API tokens."""
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope, MemberRole
+from tenants.models import ApiToken, AuditEvent, Budget, EndUser, Member, Tenant, Tier
+
+TOKEN_PREFIX = "cf_"  # noqa: S105 - a public prefix, not a secret
+
+
+def token_hash(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def token_mask(raw: str) -> str:
+    return f"{TOKEN_PREFIX}…{raw[-4:]}"
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: ApiToken
+    raw: str  # shown once, never stored
+
+
+def audit_record(
+    *,
+    tenant: Tenant,
+    action: str,
+    target: str = "",
+    acting_user: AbstractBaseUser | None = None,
+    data: dict | None = None,
+) -> AuditEvent:
+    return AuditEvent.objects.create(
+        tenant=tenant, actor=acting_user, action=action, target=target, data=data or {}
+    )
+
+
+@transaction.atomic
+def token_create(
+    *,
+    tenant: Tenant,
+    name: str,
+    scopes: list[str] | tuple[str, ...] = ALL_SCOPES,
+    expires_at: datetime | None = None,
+    acting_user: AbstractBaseUser | None = None,
+) -> IssuedToken:
+    unknown = set(scopes) - set(ALL_SCOPES)
+    if unknown:
+        raise ValueError(f"Unknown scopes: {', '.join(sorted(unknown))}")
+    raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken.objects.create(
+        tenant=tenant,
+        name=name,
+        token_hash=token_hash(raw),
+        mask=token_mask(raw),
+        scopes=sorted(set(scopes)),
+        expires_at=expires_at,
+        created_by=acting_user,
+    )
+    audit_record(
+        tenant=tenant,
+        action="token.create",
+        target=token.mask,
+        acting_user=acting_user,
+        data={"name": name, "scopes": token.scopes},
+    )
+    return IssuedToken(token=token, raw=raw)
+
+
+@transaction.atomic
+def token_revoke(
+    *, tenant: Tenant, token: ApiToken, acting_user: AbstractBaseUser | None = None
+) -> ApiToken:
+    if token.tenant_id != tenant.pk:
+        raise ApiToken.DoesNotExist
+    if token.revoked_at is None:
+        token.revoked_at = timezone.now()
+        token.save(update_fields=["revoked_at"])
+        audit_record(
+            tenant=tenant, action="token.revoke", target=token.mask, acting_user=acting_user
+        )
+    return token
+
+
+def token_touch(*, token_id: int, now: datetime, stale_before: datetime) -> None:
+    """Record use, writing at most once per staleness window (not once per request)."""
+    ApiToken.objects.filter(
+        Q(last_used_at__isnull=True) | Q(last_used_at__lt=stale_before), pk=token_id
+    ).update(last_used_at=now)
+
+
+def end_user_get_or_create(*, tenant: Tenant, external_id: str) -> EndUser:
+    """First sight of an end user creates it; concurrent first sights agree."""
+    try:
+        return EndUser.objects.get(tenant=tenant, external_id=external_id)
+    except EndUser.DoesNotExist:
+        pass
+    try:
+        with transaction.atomic():
+            return EndUser.objects.create(tenant=tenant, external_id=external_id)
+    except IntegrityError:
+        return EndUser.objects.get(tenant=tenant, external_id=external_id)
+
+
+@dataclass(frozen=True)
+class CreatedTenant:
+    tenant: Tenant
+    issued: IssuedToken
+    owner: AbstractBaseUser | None
+
+
+@transaction.atomic
+def tenant_create(
+    *,
+    slug: str,
+    name: str = "",
+    tier: Tier | None = None,
+    time_zone: str = "UTC",
+    owner_email: str | None = None,
+    owner_password: str | None = None,
+    monthly_budget_nanos: int | None = None,
+    acting_user: AbstractBaseUser | None = None,
+) -> CreatedTenant:
+    """Create a tenant, optionally its owner, and a first token with every scope."""
+    if tier is None:
+        tier = Tier.objects.filter(is_default=True).first()
+    tenant = Tenant.objects.create(slug=slug, name=name or slug, tier=tier, time_zone=time_zone)
+    owner = None
+    if owner_email:
+        owner = user_get_or_create(email=owner_email, password=owner_password)
+        Member.objects.create(tenant=tenant, user=owner, role=MemberRole.OWNER)
+    if monthly_budget_nanos is not None:
+        budget_create(
+            tenant=tenant,
+            scope=BudgetScope.TENANT,
+            period=BudgetPeriod.MONTH,
+            limit_nanos=monthly_budget_nanos,
+            acting_user=acting_user,
+        )
+    audit_record(
+        tenant=tenant,
+        action="tenant.create",
+        target=slug,
+        acting_user=acting_user,
+        data={"tier": tier.slug if tier else None, "owner": owner_email},
+    )
+    issued = token_create(tenant=tenant, name="default", acting_user=acting_user or owner)
+    return CreatedTenant(tenant=tenant, issued=issued, owner=owner)
+
+
+def user_get_or_create(*, email: str, password: str | None) -> AbstractBaseUser:
+    User = get_user_model()
+    user = User.objects.filter(username__iexact=email).first()
+    if user is None:
+        user = User(username=email, email=email)
+        if password:
+            user.set_password(password)
+        else:
+            user.set_unusable_password()
+        user.save()
+    elif password:
+        user.set_password(password)
+        user.save(update_fields=["password"])
+    return user
+
+
+def tier_ensure_defaults() -> Tier:
+    """The free tier every tenant starts on until Stripe says otherwise."""
+    free, _ = Tier.objects.get_or_create(slug="free", defaults={"name": "Free", "is_default": True})
+    return free
+
+
+@transaction.atomic
+def budget_create(
+    *,
+    tenant: Tenant,
+    scope: str,
+    period: str,
+    limit_nanos: int,
+    tier: Tier | None = None,
+    end_user: EndUser | None = None,
+    token: ApiToken | None = None,
+    acting_user: AbstractBaseUser | None = None,
+) -> Budget:
+    if limit_nanos < 0:
+        raise ValueError("A budget limit cannot be negative.")
+    for obj in (end_user, token):
+        if obj is not None and obj.tenant_id != tenant.pk:
+            raise ValueError("Budget target belongs to another tenant.")
+    budget = Budget.objects.create(
+        tenant=tenant,
+        scope=scope,
+        period=period,
+        limit_nanos=limit_nanos,
+        tier=tier,
+        end_user=end_user,
+        token=token,
+    )
+    audit_record(
+        tenant=tenant,
+        action="budget.create",
+        target=f"{scope}:{period}",
+        acting_user=acting_user,
+        data={"limit_nanos": limit_nanos},
+    )
+    return budget
