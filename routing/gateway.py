@@ -48,8 +48,13 @@ def db(fn: Callable[P, R]) -> Callable[P, Any]:
     """Run ORM work off the event loop on a pooled thread with a usable connection."""
 
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        # The same connection lifecycle Django gives a request: drop connections
+        # that are broken or past CONN_MAX_AGE before and after the work.
         close_old_connections()
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            close_old_connections()
 
     return sync_to_async(run, thread_sensitive=False)
 

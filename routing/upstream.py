@@ -87,8 +87,6 @@ def call_kwargs(
         "num_retries": 0,
         "timeout": deployment.params.get("timeout", timeout),
     }
-    if chat.user:
-        kwargs["user"] = chat.user
     if chat.params.get("tools"):
         # LiteLLM routes any request with tools through its MCP bridge, which
         # needs the optional ``mcp`` package; CascadeFlow passes tools through as-is.

@@ -1,6 +1,9 @@
 from decimal import Decimal, InvalidOperation
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
+from django.core.validators import validate_slug
 from django.db import IntegrityError
 
 from routing.engine.pricing import usd_to_nanos
@@ -37,6 +40,16 @@ class Command(BaseCommand):
     ):
         if owner_password and not owner_email:
             raise CommandError("--owner-password needs --owner-email.")
+        try:
+            validate_slug(slug)
+        except ValidationError:
+            raise CommandError(
+                f"'{slug}' is not a valid slug (letters, digits, hyphens, underscores)."
+            ) from None
+        try:
+            ZoneInfo(time_zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise CommandError(f"Unknown time zone '{time_zone}'.") from None
         if Tenant.objects.filter(slug=slug).exists():
             raise CommandError(f"A tenant with slug '{slug}' already exists.")
         tier_ensure_defaults()

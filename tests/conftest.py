@@ -1,0 +1,112 @@
+import os
+
+import pytest
+from asgiref.sync import SyncToAsync
+from django.conf import settings as django_settings
+from django.db import connections
+
+from routing.providers import demo
+from tenants.services import token_create
+from tests.factories import TenantFactory
+from tests.fake_upstream import FakeUpstream
+
+# The gateway runs ORM work on pool threads; closing their connections after
+# each call (CONN_MAX_AGE=0) lets the test database be dropped at the end.
+django_settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
+
+
+def services_required() -> bool:
+    return os.environ.get("CASCADEFLOW_REQUIRE_SERVICES") == "1"
+
+
+def skip_or_fail(reason: str) -> None:
+    """A missing service skips locally and fails in CI (CASCADEFLOW_REQUIRE_SERVICES=1)."""
+    if services_required():
+        pytest.fail(f"{reason} (CASCADEFLOW_REQUIRE_SERVICES=1)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _close_async_orm_connections():
+    """Django's async ORM methods run on asgiref's shared thread; close its connection."""
+    yield
+    SyncToAsync.single_thread_executor.submit(connections.close_all).result()
+
+
+@pytest.fixture(autouse=True)
+def _instant_demo_models():
+    previous = demo.latency_scale
+    demo.latency_scale = 0.0
+    yield
+    demo.latency_scale = previous
+
+
+@pytest.fixture
+def tenant(db):
+    return TenantFactory(slug="acme")
+
+
+@pytest.fixture
+def other_tenant(db):
+    return TenantFactory(slug="globex")
+
+
+@pytest.fixture
+def api_token(tenant):
+    return token_create(tenant=tenant, name="test")
+
+
+@pytest.fixture
+def other_api_token(other_tenant):
+    return token_create(tenant=other_tenant, name="other")
+
+
+@pytest.fixture(scope="session")
+def fake_upstream():
+    server = FakeUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def upstream(fake_upstream):
+    """The shared fake upstream, with behaviours and request log reset for this test."""
+    fake_upstream.behaviours.clear()
+    fake_upstream.requests.clear()
+    yield fake_upstream
+    fake_upstream.behaviours.clear()
+    fake_upstream.requests.clear()
+
+
+def fake_models_config(api_base: str) -> dict:
+    """Catalog entries served by the fake upstream through LiteLLM's OpenAI client."""
+    entry = {"api_key": "sk-fake", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 2.0}
+    return {
+        "fake/gpt": {"model": "openai/gpt-fake", "api_base": api_base, **entry},
+        "fake/failing": {"model": "openai/failing", "api_base": api_base, **entry},
+        "fake/fallback": {
+            "model": "openai/primary",
+            "api_base": api_base,
+            **entry,
+            "deployments": [{"model": "openai/primary"}, {"model": "openai/secondary"}],
+        },
+    }
+
+
+@pytest.fixture
+def fake_models(upstream, settings):
+    settings.CASCADEFLOW_MODELS = fake_models_config(upstream.api_base)
+    return upstream
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def cascadeflow_server(request, fake_upstream):
+    """CascadeFlow under uvicorn, once on SQLite and once on PostgreSQL."""
+    from tests.live_server import LiveServer, postgres_available
+
+    if request.param == "postgresql" and not postgres_available():
+        skip_or_fail("PostgreSQL is not reachable for the live-server tests")
+    server = LiveServer(backend=request.param, models=fake_models_config(fake_upstream.api_base))
+    server.start()
+    yield server
+    server.stop()

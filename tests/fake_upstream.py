@@ -1,0 +1,232 @@
+"""An in-process HTTP server that speaks OpenAI's chat-completions wire format.
+
+Tests point LiteLLM at it through ``api_base`` so the real OpenAI client path
+(HTTP, JSON, SSE, error mapping) runs end to end with no network. Behaviour is
+set per model name: latency, an HTTP error status for the next N calls, a
+malformed body, a stream that dies half-way. Every request body is kept for
+assertions.
+
+Also runs standalone for benchmarks: ``python -m tests.fake_upstream --port 9100``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+
+@dataclass
+class Behaviour:
+    content: str = "Hello from the fake upstream."
+    latency_s: float = 0.0
+    fail_status: int | None = None  # answer this status ...
+    fail_times: int | None = None  # ... this many times (None = always)
+    malformed: bool = False  # 200 with a body that is not a completion
+    die_mid_stream: bool = False  # close the stream after the first chunk
+    prompt_tokens: int = 12
+    completion_tokens: int | None = None  # default: words in content
+    tool_calls: list[dict] | None = None
+    logprob: float = -0.05
+
+
+@dataclass
+class FakeUpstream:
+    behaviours: dict[str, Behaviour] = field(default_factory=dict)
+    default: Behaviour = field(default_factory=Behaviour)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 0
+    _server: uvicorn.Server | None = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def api_base(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def behaviour(self, model: str) -> Behaviour:
+        return self.behaviours.get(model, self.default)
+
+    def calls_for(self, model: str) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r.get("model") == model]
+
+    # --- ASGI ---------------------------------------------------------------------
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path = scope["path"]
+        if scope["method"] == "GET" and path.endswith("/models"):
+            return await _json(send, 200, {"object": "list", "data": []})
+        if scope["method"] != "POST" or not path.endswith("/chat/completions"):
+            return await _json(send, 404, _error("Not found", "not_found"))
+        try:
+            payload = json.loads(body)
+        except json.JSONDecodeError:
+            return await _json(send, 400, _error("Invalid JSON", "invalid_json"))
+        self.requests.append(payload)
+        model = payload.get("model", "")
+        b = self.behaviour(model)
+        if b.latency_s:
+            await asyncio.sleep(b.latency_s)
+        if b.fail_status is not None and (b.fail_times is None or b.fail_times > 0):
+            if b.fail_times is not None:
+                b.fail_times -= 1
+            headers = [(b"retry-after", b"1")] if b.fail_status == 429 else []
+            return await _json(
+                send, b.fail_status, _error(f"Injected {b.fail_status}", "injected"), headers
+            )
+        if b.malformed:
+            return await _json(send, 200, {"unexpected": True})
+        if payload.get("stream"):
+            return await self._stream(send, payload, b)
+        return await _json(send, 200, _completion(payload, b))
+
+    async def _stream(self, send, payload: dict, b: Behaviour) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        cid = f"chatcmpl-fake-{uuid.uuid4().hex[:12]}"
+        base = {
+            "id": cid,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": payload.get("model"),
+        }
+        words = b.content.split(" ")
+        for i, word in enumerate(words):
+            delta = {"content": word if i == 0 else " " + word}
+            if i == 0:
+                delta["role"] = "assistant"
+            chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            await send({"type": "http.response.body", "body": _sse(chunk), "more_body": True})
+            if b.die_mid_stream:
+                # Abort the connection mid-body, as a crashing provider would.
+                raise ConnectionAbortedError("fake upstream died mid-stream")
+        final = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        await send({"type": "http.response.body", "body": _sse(final), "more_body": True})
+        if (payload.get("stream_options") or {}).get("include_usage"):
+            usage_chunk = {**base, "choices": [], "usage": _usage(b)}
+            await send({"type": "http.response.body", "body": _sse(usage_chunk), "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    # --- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> FakeUpstream:
+        if not self.port:
+            with socket.socket() as s:
+                s.bind((self.host, 0))
+                self.port = s.getsockname()[1]
+        config = uvicorn.Config(
+            self, host=self.host, port=self.port, log_level="warning", lifespan="on"
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake upstream did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def _usage(b: Behaviour) -> dict[str, int]:
+    completion = b.completion_tokens if b.completion_tokens is not None else len(b.content.split())
+    return {
+        "prompt_tokens": b.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": b.prompt_tokens + completion,
+    }
+
+
+def _completion(payload: dict, b: Behaviour) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": b.content}
+    finish = "stop"
+    if b.tool_calls:
+        message = {"role": "assistant", "content": None, "tool_calls": b.tool_calls}
+        finish = "tool_calls"
+    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
+    if payload.get("logprobs"):
+        choice["logprobs"] = {
+            "content": [
+                {"token": w, "logprob": b.logprob, "bytes": list(w.encode()), "top_logprobs": []}
+                for w in b.content.split(" ")
+            ]
+        }
+    return {
+        "id": f"chatcmpl-fake-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": payload.get("model"),
+        "choices": [choice],
+        "usage": _usage(b),
+    }
+
+
+def _error(message: str, code: str) -> dict:
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+
+
+def _sse(data: dict) -> bytes:
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
+async def _json(send, status: int, data: dict, headers: list | None = None) -> None:
+    body = json.dumps(data).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible upstream")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    app = FakeUpstream(default=Behaviour(latency_s=args.latency_ms / 1000))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

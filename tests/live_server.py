@@ -1,0 +1,160 @@
+"""CascadeFlow running for real: uvicorn in a subprocess, on SQLite or PostgreSQL.
+
+Tests that need the whole stack (the official OpenAI SDK over HTTP, SSE through
+a real ASGI server, the ledger in a real database) start one of these. The
+server gets its own database, so what it writes is read back with plain SQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ADMIN_URL = os.environ.get(
+    "CASCADEFLOW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def postgres_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+@dataclass
+class LiveServer:
+    backend: str  # "sqlite" | "postgresql"
+    models: dict[str, Any]
+    port: int = field(default_factory=free_port)
+    token: str = ""
+    database_url: str = ""
+    _tmp: tempfile.TemporaryDirectory | None = None
+    _process: subprocess.Popen | None = None
+    _pg_name: str = ""
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        assert self._tmp is not None
+        return {
+            **os.environ,
+            "DATABASE_URL": self.database_url,
+            "CASCADEFLOW_VAR_DIR": self._tmp.name,
+            "CASCADEFLOW_MODELS": json.dumps(self.models),
+            "CASCADEFLOW_DEMO_LATENCY_SCALE": "0",
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "DJANGO_SETTINGS_MODULE": "cascadeflow_site.settings",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def manage(self, *args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "manage.py", *args],
+            cwd=ROOT,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stderr}")
+        return result.stdout
+
+    def start(self) -> LiveServer:
+        self._tmp = tempfile.TemporaryDirectory(prefix="cf-live-")
+        if self.backend == "postgresql":
+            import psycopg
+
+            self._pg_name = f"cf_live_{secrets.token_hex(4)}"
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f'CREATE DATABASE "{self._pg_name}"')
+            self.database_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{self._pg_name}"
+        else:
+            self.database_url = f"sqlite:///{Path(self._tmp.name) / 'live.sqlite3'}"
+        self.manage("migrate", "--no-input")
+        self.token = (
+            self.manage("create_tenant", f"live-{secrets.token_hex(3)}").strip().splitlines()[-1]
+        )
+        log = open(Path(self._tmp.name) / "server.log", "w")
+        self._process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "cascadeflow_site.asgi:application",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-access-log",
+            ],
+            cwd=ROOT,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError(f"server did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        assert self._tmp is not None
+        return (Path(self._tmp.name) / "server.log").read_text()
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Read the server's database directly (``%s`` placeholders)."""
+        if self.backend == "postgresql":
+            import psycopg
+
+            with psycopg.connect(self.database_url) as conn:
+                return conn.execute(sql, params).fetchall()
+        with sqlite3.connect(self.database_url.removeprefix("sqlite:///")) as conn:
+            return conn.execute(sql.replace("%s", "?"), params).fetchall()
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+        if self._pg_name:
+            import psycopg
+
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{self._pg_name}" WITH (FORCE)')
+        if self._tmp is not None:
+            self._tmp.cleanup()

@@ -1,0 +1,129 @@
+import hashlib
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope, MemberRole
+from tenants.models import ApiToken, AuditEvent, Budget, Member, Tenant
+from tenants.selectors import TokenInvalid, token_context_for_raw
+from tenants.services import token_create, token_revoke
+
+pytestmark = pytest.mark.django_db
+
+
+def test_token_is_stored_only_as_sha256_with_a_mask(tenant):
+    issued = token_create(tenant=tenant, name="ci")
+
+    stored = ApiToken.objects.get(pk=issued.token.pk)
+    assert issued.raw.startswith("cf_") and len(issued.raw) > 40
+    assert stored.token_hash == hashlib.sha256(issued.raw.encode()).hexdigest()
+    assert stored.mask == f"cf_…{issued.raw[-4:]}"
+    assert issued.raw not in str(ApiToken.objects.filter(pk=stored.pk).values().get())
+    assert stored.scopes == sorted(ALL_SCOPES)
+    assert AuditEvent.objects.filter(
+        tenant=tenant, action="token.create", target=stored.mask
+    ).exists()
+
+
+def test_each_token_is_unique(tenant):
+    raws = {token_create(tenant=tenant, name=f"t{i}").raw for i in range(20)}
+
+    assert len(raws) == 20
+
+
+def test_unknown_scope_is_refused(tenant):
+    with pytest.raises(ValueError, match="Unknown scopes: fly"):
+        token_create(tenant=tenant, name="x", scopes=["fly"])
+
+
+def test_revocation_is_immediate_and_audited(tenant):
+    issued = token_create(tenant=tenant, name="x")
+    assert token_context_for_raw(raw=issued.raw, now=timezone.now()).tenant_id == tenant.pk
+
+    token_revoke(tenant=tenant, token=issued.token)
+
+    with pytest.raises(TokenInvalid, match="revoked"):
+        token_context_for_raw(raw=issued.raw, now=timezone.now())
+    assert AuditEvent.objects.filter(action="token.revoke").count() == 1
+    token_revoke(tenant=tenant, token=issued.token)  # idempotent
+    assert AuditEvent.objects.filter(action="token.revoke").count() == 1
+
+
+def test_a_tenant_cannot_revoke_another_tenants_token(tenant, other_tenant):
+    other = token_create(tenant=other_tenant, name="theirs")
+
+    with pytest.raises(ApiToken.DoesNotExist):
+        token_revoke(tenant=tenant, token=other.token)
+
+    assert ApiToken.objects.get(pk=other.token.pk).revoked_at is None
+
+
+def test_token_resolves_to_its_own_tenant_only(tenant, other_tenant):
+    mine = token_create(tenant=tenant, name="a")
+    theirs = token_create(tenant=other_tenant, name="b")
+
+    assert token_context_for_raw(raw=mine.raw, now=timezone.now()).tenant_id == tenant.pk
+    assert token_context_for_raw(raw=theirs.raw, now=timezone.now()).tenant_id == other_tenant.pk
+
+
+def test_create_tenant_prints_a_full_scope_token_last(capsys):
+    call_command(
+        "create_tenant",
+        "initech",
+        "--owner-email",
+        "boss@initech.test",
+        "--owner-password",
+        "s3cret-pass-123",
+        "--monthly-budget-usd",
+        "99.5",
+        "--time-zone",
+        "Europe/Paris",
+    )
+
+    out = capsys.readouterr().out.strip().splitlines()
+    raw = out[-1]
+    context = token_context_for_raw(raw=raw, now=timezone.now())
+    tenant = Tenant.objects.get(slug="initech")
+    assert context.tenant_id == tenant.pk
+    assert context.scopes == frozenset(ALL_SCOPES)
+    assert tenant.tier.slug == "free"
+    assert tenant.time_zone == "Europe/Paris"
+    member = Member.objects.get(tenant=tenant)
+    assert member.role == MemberRole.OWNER
+    assert member.user.check_password("s3cret-pass-123")
+    budget = Budget.objects.get(tenant=tenant)
+    assert (budget.scope, budget.period, budget.limit_nanos) == (
+        BudgetScope.TENANT,
+        BudgetPeriod.MONTH,
+        99_500_000_000,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["acme"], "already exists"),
+        (["new1", "--plan", "platinum"], "Unknown plan 'platinum'"),
+        (["new2", "--monthly-budget-usd", "lots"], "must be a number"),
+        (["new3", "--monthly-budget-usd", "-5"], "cannot be negative"),
+        (["new4", "--owner-password", "x"], "needs --owner-email"),
+        (["new5", "--time-zone", "Mars/Olympus"], "Unknown time zone"),
+        (["Not A Slug"], "slug"),
+    ],
+)
+def test_create_tenant_refuses_bad_input(tenant, args, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("create_tenant", *args)
+
+
+def test_seed_demo_is_repeatable_and_revokes_the_previous_demo_token(capsys):
+    call_command("seed_demo")
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    call_command("seed_demo")
+    second = capsys.readouterr().out.strip().splitlines()[-1]
+
+    assert Tenant.objects.filter(slug="demo").count() == 1
+    with pytest.raises(TokenInvalid):
+        token_context_for_raw(raw=first, now=timezone.now())
+    assert token_context_for_raw(raw=second, now=timezone.now()).tenant_slug == "demo"
