@@ -37,7 +37,7 @@ lint: $(VENV)/.dev-installed
 # Re-resolve the lock files after editing pyproject.toml (needs uv: pip install uv).
 lock:
 	uv pip compile pyproject.toml --python-version 3.11 --universal --generate-hashes --no-header -o requirements/runtime.lock
-	uv pip compile pyproject.toml --extra dev --python-version 3.11 --universal --generate-hashes --no-header -o requirements/dev.lock
+	uv pip compile pyproject.toml --extra dev --extra bench --python-version 3.11 --universal --generate-hashes --no-header -o requirements/dev.lock
 
 clean:
 	rm -rf $(VENV) var

@@ -1,0 +1,618 @@
+"""The cascade: draft with the cheapest capable model, check, escalate only when needed.
+
+``CascadeAgent`` runs one request through an ordered chain of ``ModelSpec``
+(cheapest first, any length). Every draft but the last model's is judged:
+free signals (``signals``), optionally paid ones (self-verification by a cheap
+model, agreement between k cheap samples), combined by a calibrated
+``Scorer`` into the probability that the draft is acceptable, compared with a
+threshold that depends on the step, the preset and the query's domain.
+Accepted: returned. Rejected: the next model answers.
+
+Provider failures fall back to the next deployment, then to the next model; if
+the strongest model fails after a draft was rejected, the best rejected draft
+is returned (``degraded``) rather than an error. A request fails only when no
+model could answer at all.
+
+No Django here: the gateway, tests and benchmarks drive the same class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import litellm
+
+from routing.engine import signals
+from routing.engine.calibration import Scorer
+from routing.engine.complexity import QueryProfile, profile_query, query_text
+from routing.engine.policy import PRESETS, Calibration, Policy, StepCalibration
+from routing.engine.resilience import Caller, Stream, UpstreamError
+from routing.engine.types import Attempt, CascadeResult, Check, ModelSpec, PaidCheck
+
+VERIFY_SYSTEM_PROMPT = (
+    "You check answers. Reply with only a number between 0 and 1: the probability that the "
+    "answer below is correct and complete."
+)
+_PROBABILITY = re.compile(r"(\d*\.\d+|\d+)\s*(%?)")
+
+
+@dataclass(frozen=True)
+class Route:
+    """A chain (and its calibration) for queries of one domain."""
+
+    chain: tuple[ModelSpec, ...]
+    calibration: Calibration | None = None
+    threshold_offset: float = 0.0
+
+
+@dataclass
+class Plan:
+    query: QueryProfile
+    chain: tuple[ModelSpec, ...]
+    calibration: Calibration
+    offset: float
+    full_chain: tuple[ModelSpec, ...]  # the route's chain before any shortening
+    strongest: ModelSpec  # the baseline: the strongest model of the route's full chain
+
+
+def _draft_of(response: Any) -> signals.Draft:
+    choice = response.choices[0]
+    message = choice.message
+    tool_calls = []
+    for call in getattr(message, "tool_calls", None) or []:
+        function = call.function
+        tool_calls.append(
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": function.name, "arguments": function.arguments},
+            }
+        )
+    token_logprobs = None
+    logprobs = getattr(choice, "logprobs", None)
+    content_lp = getattr(logprobs, "content", None) if logprobs is not None else None
+    if content_lp is None and isinstance(logprobs, dict):
+        content_lp = logprobs.get("content")
+    if content_lp:
+        token_logprobs = [
+            float(t["logprob"] if isinstance(t, dict) else t.logprob) for t in content_lp
+        ]
+    usage = getattr(response, "usage", None)
+    return signals.Draft(
+        content=message.content or "",
+        finish_reason=choice.finish_reason,
+        tool_calls=tool_calls,
+        token_logprobs=token_logprobs,
+        completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+    )
+
+
+class CascadeAgent:
+    def __init__(
+        self,
+        chain: Sequence[ModelSpec],
+        *,
+        policy: str | Policy = "balanced",
+        calibration: Calibration | None = None,
+        caller: Caller | None = None,
+        verifier: ModelSpec | None = None,
+        domain_routes: dict[str, Route] | None = None,
+        profile: str = "",
+    ):
+        if not chain:
+            raise ValueError("A cascade needs at least one model.")
+        self.chain = tuple(chain)
+        self.policy = PRESETS[policy] if isinstance(policy, str) else policy
+        self.calibration = calibration or Calibration()
+        self.caller = caller or Caller()
+        self.verifier = verifier or self.chain[0]
+        self.domain_routes = domain_routes or {}
+        self.profile = profile
+
+    # --- planning ----------------------------------------------------------------
+
+    def plan(self, messages: list[dict], params: dict[str, Any]) -> Plan:
+        query = profile_query(query_text(messages))
+        route = self.domain_routes.get(query.domain)
+        chain = route.chain if route else self.chain
+        calibration = (
+            route.calibration if route and route.calibration else None
+        ) or self.calibration
+        offset = route.threshold_offset if route else 0.0
+        full_chain = chain
+        strongest = chain[-1]
+        if params.get("tools"):
+            chain = tuple(m for m in chain if m.supports_tools) or chain
+        if (params.get("n") or 1) > 1:
+            chain = chain[-1:]  # several choices cannot be judged as one draft
+        elif self.policy.direct_when_hard and query.band == "hard":
+            chain = chain[-1:]
+        elif self.policy.first_and_last_only and len(chain) > 2:
+            chain = (chain[0], chain[-1])
+        return Plan(query, chain, calibration, offset, full_chain, strongest)
+
+    @staticmethod
+    def _step_index(plan: Plan, spec: ModelSpec) -> int:
+        names = [m.name for m in plan.full_chain]
+        return names.index(spec.name) if spec.name in names else 0
+
+    # --- judging -------------------------------------------------------------------
+
+    async def judge(
+        self,
+        *,
+        plan: Plan,
+        spec: ModelSpec,
+        response: Any,
+        messages: list[dict],
+        params: dict[str, Any],
+    ) -> Check:
+        """Decide whether ``response`` (a draft of ``spec``) is good enough to return."""
+        step: StepCalibration = plan.calibration.step(self._step_index(plan, spec))
+        draft = _draft_of(response)
+        report = signals.extract(draft, plan.query, params)
+        features = dict(report.features)
+        margin = self.policy.margin(plan.query.domain) + plan.offset
+        base = step.threshold if step.threshold is not None else self.policy.default_threshold
+        scorer: Scorer = step.scorer
+        probability = scorer.probability(features)
+        threshold = base + margin
+        paid: list[PaidCheck] = []
+
+        mode = {"never": "free", "always": "always"}.get(self.policy.paid_checks, step.paid_mode)
+        if report.hard_fail is None and (
+            mode == "always" or (mode == "band" and step.band_low <= probability < step.band_high)
+        ):
+            kinds = step.paid_kinds or ("self_verify",)
+            paid = await self._paid_checks(kinds, plan, spec, messages, params, draft, report)
+            for check in paid:
+                if check.value is None:
+                    continue
+                if check.kind == "self_verify":
+                    features["has_verify"], features["verify_p"] = 1.0, check.value
+                elif check.kind == "agreement":
+                    features["has_agree"], features["agree"] = 1.0, check.value
+            scorer = step.paid_scorer or Scorer()
+            probability = scorer.probability(features)
+            paid_base = step.paid_threshold if step.paid_threshold is not None else base
+            threshold = paid_base + margin
+        elif mode == "band" and probability >= step.band_high:
+            threshold = min(threshold, probability)
+
+        accepted = report.hard_fail is None and probability >= threshold
+        contributions = scorer.contributions(features)
+        top = sorted(contributions.items(), key=lambda kv: -abs(kv[1]))[:4]
+        reasons = list(report.notes)
+        if report.hard_fail:
+            reasons.insert(0, f"rejected: {report.hard_fail}")
+        reasons.append(
+            f"p(acceptable)={probability:.3f} {'>=' if accepted else '<'} threshold {threshold:.3f}"
+            f" ({plan.query.domain}, complexity {plan.query.complexity:.2f})"
+        )
+        if top:
+            reasons.append("main signals: " + ", ".join(f"{k} {v:+.2f}" for k, v in top))
+        return Check(
+            probability=round(probability, 4),
+            threshold=round(threshold, 4),
+            accepted=accepted,
+            features={k: round(v, 4) for k, v in features.items() if v},
+            contributions=contributions,
+            reasons=reasons,
+            hard_fail=report.hard_fail,
+            paid=paid,
+        )
+
+    async def _paid_checks(
+        self, kinds, plan, spec, messages, params, draft, report
+    ) -> list[PaidCheck]:
+        tasks = []
+        if "self_verify" in kinds:
+            tasks.append(self._self_verify(messages, draft))
+        if "agreement" in kinds and not draft.tool_calls:
+            tasks.append(self._agreement(spec, messages, params, report.answer))
+        return list(await asyncio.gather(*tasks))
+
+    async def _self_verify(self, messages: list[dict], draft: signals.Draft) -> PaidCheck:
+        question = query_text(messages)
+        verify_messages = [
+            {"role": "system", "content": VERIFY_SYSTEM_PROMPT},
+            {
+                "role": "user",
+                "content": f"Question:\n{question}\n\nAnswer:\n{draft.content}\n\n"
+                "Probability that the answer is correct:",
+            },
+        ]
+        attempts: list[Attempt] = []
+        try:
+            response, attempt = await self.caller.complete(
+                self.verifier,
+                {"messages": verify_messages, "max_tokens": 8, "temperature": 0},
+                attempts,
+                role="verify",
+            )
+        except UpstreamError as exc:
+            return PaidCheck("self_verify", self.verifier.name, None, 0, detail=str(exc)[:200])
+        text = response.choices[0].message.content or ""
+        return PaidCheck(
+            "self_verify",
+            self.verifier.name,
+            parse_probability(text),
+            attempt.cost_nanos,
+            attempt.prompt_tokens,
+            attempt.completion_tokens,
+            detail=text.strip()[:40],
+        )
+
+    async def _agreement(self, spec, messages, params, answer) -> PaidCheck:
+        k = self.policy.agreement_samples
+        kwargs = {**_draft_params(spec, params), "messages": messages, "temperature": 0.8}
+        kwargs.pop("logprobs", None)
+        kwargs.pop("top_logprobs", None)
+
+        async def sample(i: int):
+            attempts: list[Attempt] = []
+            try:
+                return await self.caller.complete(
+                    spec, {**kwargs, "seed": 1000 + i}, attempts, role="sample"
+                )
+            except UpstreamError:
+                return None
+
+        results = [r for r in await asyncio.gather(*(sample(i) for i in range(k))) if r]
+        if not results:
+            return PaidCheck("agreement", spec.name, None, 0, detail="no sample answered")
+        target = signals.normalise_answer(answer)
+        same = 0
+        for response, _ in results:
+            other = signals.extract(
+                _draft_of(response), profile_query(query_text(messages)), params
+            )
+            same += signals.normalise_answer(other.answer) == target
+        return PaidCheck(
+            "agreement",
+            spec.name,
+            same / len(results),
+            sum(a.cost_nanos for _, a in results),
+            sum(a.prompt_tokens for _, a in results),
+            sum(a.completion_tokens for _, a in results),
+            detail=f"{same}/{len(results)} samples agree",
+        )
+
+    # --- running ---------------------------------------------------------------------
+
+    async def run(self, messages: list[dict], params: dict[str, Any]) -> CascadeResult:
+        plan = self.plan(messages, params)
+        attempts: list[Attempt] = []
+        rejected: list[tuple[Check, Any, ModelSpec, Attempt]] = []
+        last_error: UpstreamError | None = None
+        for index, spec in enumerate(plan.chain):
+            is_last = index == len(plan.chain) - 1
+            kwargs = {**_draft_params(spec, params), "messages": messages}
+            try:
+                response, attempt = await self.caller.complete(
+                    spec, kwargs, attempts, role="final" if is_last else "draft"
+                )
+            except UpstreamError as exc:
+                if not exc.failure.retryable and not _model_specific(exc):
+                    raise
+                last_error = exc
+                continue
+            if is_last:
+                attempt.decision = "returned"
+                return self._result(plan, response, spec, attempts, params, escalated=index > 0)
+            check = await self.judge(
+                plan=plan, spec=spec, response=response, messages=messages, params=params
+            )
+            attempt.check = check
+            if check.accepted:
+                attempt.decision = "accepted"
+                return self._result(
+                    plan, response, spec, attempts, params, escalated=index > 0, check=check
+                )
+            attempt.decision = "escalated"
+            rejected.append((check, response, spec, attempt))
+        if rejected:
+            check, response, spec, attempt = max(rejected, key=lambda r: r[0].probability)
+            attempt.decision = "fallback"
+            return self._result(
+                plan, response, spec, attempts, params, escalated=True, check=check, degraded=True
+            )
+        assert last_error is not None
+        raise last_error
+
+    def _result(
+        self,
+        plan: Plan,
+        response: Any,
+        spec: ModelSpec,
+        attempts: list[Attempt],
+        params: dict[str, Any],
+        *,
+        escalated: bool,
+        check: Check | None = None,
+        degraded: bool = False,
+    ) -> CascadeResult:
+        if not params.get("logprobs"):
+            for choice in response.choices:
+                if getattr(choice, "logprobs", None) is not None:
+                    choice.logprobs = None
+        answering = next(a for a in reversed(attempts) if a.model == spec.name and a.status == "ok")
+        baseline, method = baseline_cost(plan.strongest, spec, answering)
+        return CascadeResult(
+            response=response,
+            model=spec,
+            attempts=attempts,
+            domain=plan.query.domain,
+            complexity=round(plan.query.complexity, 4),
+            escalated=escalated,
+            baseline_cost_nanos=baseline,
+            baseline_method=method,
+            quality_score=check.probability if check else None,
+            profile=self.profile,
+            degraded=degraded,
+        )
+
+    # --- streaming ---------------------------------------------------------------------
+
+    async def stream(self, messages: list[dict], params: dict[str, Any]) -> CascadeStream:
+        """Drafts are buffered and judged; an accepted draft, or the final model, is streamed.
+
+        Returns once the answering model is known (so errors before any output
+        are still raised as errors); iterate ``chunks`` for the answer.
+        """
+        plan = self.plan(messages, params)
+        attempts: list[Attempt] = []
+        rejected: list[tuple[Check, Any, ModelSpec, Attempt]] = []
+        last_error: UpstreamError | None = None
+        for index, spec in enumerate(plan.chain):
+            is_last = index == len(plan.chain) - 1
+            kwargs = {**_draft_params(spec, params), "messages": messages}
+            if is_last:
+                try:
+                    upstream = await self.caller.open_stream(spec, kwargs, attempts, role="final")
+                except UpstreamError as exc:
+                    if not exc.failure.retryable and not _model_specific(exc):
+                        raise
+                    last_error = exc
+                    break
+                upstream.attempt.decision = "returned"
+                return CascadeStream(
+                    self, plan, attempts, params, messages, upstream=upstream, escalated=index > 0
+                )
+            try:
+                response, attempt = await self.caller.complete(spec, kwargs, attempts, role="draft")
+            except UpstreamError as exc:
+                if not exc.failure.retryable and not _model_specific(exc):
+                    raise
+                last_error = exc
+                continue
+            check = await self.judge(
+                plan=plan, spec=spec, response=response, messages=messages, params=params
+            )
+            attempt.check = check
+            if check.accepted:
+                attempt.decision = "accepted"
+                result = self._result(
+                    plan, response, spec, attempts, params, escalated=index > 0, check=check
+                )
+                return CascadeStream(self, plan, attempts, params, messages, buffered=result)
+            attempt.decision = "escalated"
+            rejected.append((check, response, spec, attempt))
+        if rejected:
+            check, response, spec, attempt = max(rejected, key=lambda r: r[0].probability)
+            attempt.decision = "fallback"
+            result = self._result(
+                plan, response, spec, attempts, params, escalated=True, check=check, degraded=True
+            )
+            return CascadeStream(self, plan, attempts, params, messages, buffered=result)
+        assert last_error is not None
+        raise last_error
+
+
+def _model_specific(exc: UpstreamError) -> bool:
+    """A 400 that another model may not give (this model's context window is too small)."""
+    return "context" in exc.failure.message.lower() and "window" in exc.failure.message.lower()
+
+
+def _draft_params(spec: ModelSpec, params: dict[str, Any]) -> dict[str, Any]:
+    kwargs = dict(params)
+    kwargs.pop("stream", None)
+    kwargs.pop("stream_options", None)
+    if spec.supports_logprobs and "logprobs" not in kwargs:
+        kwargs["logprobs"] = True  # free signal; stripped from the answer if the client did not ask
+    if not spec.supports_logprobs and not params.get("logprobs"):
+        kwargs.pop("logprobs", None)
+        kwargs.pop("top_logprobs", None)
+    return kwargs
+
+
+def baseline_cost(strongest: ModelSpec, answered: ModelSpec, attempt: Attempt) -> tuple[int, str]:
+    """What the request would have cost on the chain's strongest model.
+
+    Actual when the strongest model answered; otherwise estimated from the
+    answering call's token counts at the strongest model's prices.
+    """
+    if answered.name == strongest.name:
+        return attempt.cost_nanos, "actual"
+    return (
+        strongest.price.cost_nanos(attempt.prompt_tokens, attempt.completion_tokens),
+        "estimated",
+    )
+
+
+def parse_probability(text: str) -> float | None:
+    match = _PROBABILITY.search(text or "")
+    if not match:
+        return None
+    value = float(match.group(1))
+    if match.group(2) == "%" or value > 1:
+        value /= 100
+    return value if 0.0 <= value <= 1.0 else None
+
+
+@dataclass
+class CascadeStream:
+    """The answer as OpenAI chunk dicts; ``result`` is complete once ``chunks`` is exhausted."""
+
+    agent: CascadeAgent
+    plan: Plan
+    attempts: list[Attempt]
+    params: dict[str, Any]
+    messages: list[dict]
+    upstream: Stream | None = None
+    buffered: CascadeResult | None = None
+    escalated: bool = False
+    result: CascadeResult | None = None
+    failure: Exception | None = None
+    _id: str = field(default_factory=lambda: f"chatcmpl-cf-{uuid.uuid4().hex[:24]}")
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.buffered.model if self.buffered else self.upstream.spec  # type: ignore[union-attr]
+
+    @property
+    def cost_so_far(self) -> int:
+        return sum(a.cost_nanos for a in self.attempts)
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        if self.buffered is not None:
+            async for chunk in self._replay(self.buffered):
+                yield chunk
+            self.result = self.buffered
+            return
+        async for chunk in self._relay():
+            yield chunk
+
+    def _chunk(
+        self, delta: dict[str, Any], finish_reason: str | None = None, **extra: Any
+    ) -> dict[str, Any]:
+        return {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self.model.name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            **extra,
+        }
+
+    async def _replay(self, result: CascadeResult) -> AsyncIterator[dict[str, Any]]:
+        choice = result.response.choices[0]
+        message = choice.message
+        yield self._chunk({"role": "assistant", "content": ""})
+        for index, call in enumerate(getattr(message, "tool_calls", None) or []):
+            yield self._chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": index,
+                            "id": call.id,
+                            "type": "function",
+                            "function": {
+                                "name": call.function.name,
+                                "arguments": call.function.arguments,
+                            },
+                        }
+                    ]
+                }
+            )
+        content = message.content or ""
+        for piece in re.findall(r"\s*\S+\s*", content) or ([content] if content else []):
+            yield self._chunk({"content": piece})
+        yield self._chunk({}, choice.finish_reason or "stop")
+        usage = result.response.usage
+        if usage is not None:
+            final = self._chunk(
+                {},
+                None,
+                usage={
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "total_tokens": usage.total_tokens,
+                },
+            )
+            final["choices"] = []
+            yield final
+
+    async def _relay(self) -> AsyncIterator[dict[str, Any]]:
+        upstream = self.upstream
+        assert upstream is not None
+        usage: dict[str, int] | None = None
+        texts: list[str] = []
+        chunk = upstream.first_chunk
+        try:
+            while True:
+                data = _clean(chunk.model_dump(exclude_none=True))
+                data["model"] = upstream.spec.name
+                if data.get("usage"):
+                    usage = data["usage"]
+                for choice in data.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    texts.append(delta.get("content") or "")
+                    for call in delta.get("tool_calls") or []:
+                        function = call.get("function") or {}
+                        texts.append(
+                            (function.get("name") or "") + (function.get("arguments") or "")
+                        )
+                yield data
+                try:
+                    chunk = await upstream.rest.__anext__()
+                except StopAsyncIteration:
+                    break
+        except (asyncio.CancelledError, GeneratorExit):
+            self._settle(usage, texts)
+            raise
+        except Exception as exc:
+            self._settle(usage, texts)
+            upstream.attempt.status = "error"
+            self.failure = exc
+            return
+        self._settle(usage, texts)
+
+    def _settle(self, usage: dict[str, int] | None, texts: list[str]) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        if usage:
+            prompt = int(usage.get("prompt_tokens") or 0)
+            completion = int(usage.get("completion_tokens") or 0)
+        else:
+            model = upstream.deployment.litellm_model
+            prompt = litellm.token_counter(model=model, messages=self.messages)
+            text = "".join(texts)
+            completion = litellm.token_counter(model=model, text=text) if text else 0
+        attempt = upstream.attempt
+        attempt.prompt_tokens = prompt
+        attempt.completion_tokens = completion
+        attempt.cost_nanos = upstream.spec.price.cost_nanos(prompt, completion)
+        attempt.latency_ms = int((time.perf_counter() - upstream.started) * 1000)
+        baseline, method = baseline_cost(self.plan.strongest, upstream.spec, attempt)
+        self.result = CascadeResult(
+            response=None,
+            model=upstream.spec,
+            attempts=self.attempts,
+            domain=self.plan.query.domain,
+            complexity=round(self.plan.query.complexity, 4),
+            escalated=self.escalated,
+            baseline_cost_nanos=baseline,
+            baseline_method=method,
+            quality_score=None,
+            profile=self.agent.profile,
+        )
+
+
+def _clean(value: Any) -> Any:
+    """Drop LiteLLM's private fields so chunks are exactly OpenAI's shape."""
+    if isinstance(value, dict):
+        return {
+            k: _clean(v)
+            for k, v in value.items()
+            if k != "provider_specific_fields" and not (k == "function_call" and v is None)
+        }
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value

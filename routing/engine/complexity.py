@@ -1,0 +1,196 @@
+"""What a query is about (domain) and how hard it is (complexity), from its text alone.
+
+Both are cheap (regular expressions, no model call) because they run on every
+request before the first draft. The domain picks a tenant's domain route and
+nudges the acceptance threshold; complexity raises the threshold for hard
+queries and sets how long an answer the query needs.
+
+The detector's accuracy on a labelled set is reported by
+``bench/cascade_replay.py --domains`` (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+DOMAINS: tuple[str, ...] = ("code", "math", "medical", "legal", "finance", "general")
+
+_PATTERNS: dict[str, list[tuple[re.Pattern[str], float]]] = {
+    "code": [
+        (
+            re.compile(
+                r"```|\bdef |\bclass \w+[:(]|\bimport \w+|#include|\bfunction\s*\(|=>|\bconsole\.log|\bSELECT\b.+\bFROM\b",
+                re.I | re.S,
+            ),
+            3.0,
+        ),
+        (
+            re.compile(
+                r"\b(python|javascript|typescript|java|rust|golang|c\+\+|sql|bash|regex|html|css|json|yaml|api|compile[rd]?|debug\w*|stack ?trace|exception|function|method|variable|algorithm|recursion|refactor|unit tests?|git|docker|kubernetes|code|script|bug|runtime error|syntax)\b",
+                re.I,
+            ),
+            1.0,
+        ),
+    ],
+    "math": [
+        (re.compile(r"\d+\s*[-+*/^\u00d7\u00f7]\s*\d+|\b\d+\s*%|\$\s?\d"), 1.0),
+        (
+            re.compile(
+                r"\b(how many|how much|calculate|compute|solve|equation|integral|derivative|probability|percent(?:age)?|ratio|sum|product|average|mean|median|prime|fraction|algebra|geometry|triangle|circle|area|volume|perimeter|theorem|proof|prove|matrix|vector|logarithm|factorial|remainder|divisible|x\s*=)\b",
+                re.I,
+            ),
+            1.2,
+        ),
+    ],
+    "medical": [
+        (
+            re.compile(
+                r"\b(symptoms?|diagnos\w+|treatment|therapy|disease|disorder|syndrome|patient|clinical|dose|dosage|mg\b|medication|drug|prescri\w+|side effects?|infection|virus|bacteria|cancer|tumou?r|diabetes|blood pressure|heart|pain|fever|allerg\w+|vaccin\w+|pregnan\w+|surgery|doctor|physician|nurse|hospital|chronic|acute)\b",
+                re.I,
+            ),
+            1.5,
+        ),
+    ],
+    "legal": [
+        (
+            re.compile(
+                r"\b(law|legal|lawsuit|sue|court|judge|contract|clause|liabilit\w+|tort|statute|regulation|compliance|gdpr|hipaa|copyright|trademark|patent|plaintiff|defendant|attorney|lawyer|jurisdiction|lease|tenant rights|landlord|breach|negligence|indemnif\w+|warranty|terms of service|llc|incorporat\w+)\b",
+                re.I,
+            ),
+            1.5,
+        ),
+    ],
+    "finance": [
+        (
+            re.compile(
+                r"\b(invest\w*|stocks?|bonds?|portfolio|dividend|interest rate|mortgage|loan|credit|debt|tax(?:es)?|ira|401k|roth|etf|index fund|inflation|revenue|profit|margin|ebitda|cash flow|balance sheet|valuation|equity|capital|budget\w*|accounting|audit|crypto\w*|bitcoin|forex|hedge fund|retirement|pension|insurance premium|apr|amortiz\w+)\b",
+                re.I,
+            ),
+            1.5,
+        ),
+    ],
+}
+_REASONING = re.compile(
+    r"\b(why|explain|prove|derive|step[- ]by[- ]step|compare|contrast|analy[sz]e|evaluate|"
+    r"trade-?offs?|justify|design|optimi[sz]e|implement|architecture|critique|assess|"
+    r"what would happen|implications?)\b",
+    re.I,
+)
+_MULTI_PART = re.compile(r"(?m)^\s*(?:\d+[.)]|[-*\u2022])\s+\S|\?\s+\S[^?]*\?")
+_SIMPLE = re.compile(
+    r"^\s*(what is|what's|who is|who was|when did|when was|where is|define|translate|"
+    r"name|list|spell|convert)\b",
+    re.I,
+)
+_NUMBER_WORDS = {
+    "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
+    "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12, "fifteen": 15,
+    "twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "hundred": 100,
+    "thousand": 1000, "half": 0.5, "twice": 2, "double": 2, "triple": 3, "dozen": 12,
+    "quarter": 0.25,
+}  # fmt: skip
+_NUM = re.compile(r"(?<![\w.])-?\$?\d[\d,]*(?:\.\d+)?")
+_COUNTING = re.compile(r"\bhow many\b|\bnumber of\b", re.I)
+_CHOICE = re.compile(r"(?m)^\s*\(?([A-J])[).:]\s+\S")
+
+
+@dataclass(frozen=True)
+class QueryProfile:
+    domain: str
+    domain_scores: dict[str, float]
+    complexity: float  # 0 (trivial) .. 1 (expert)
+    numbers: frozenset[float]
+    expects_integer: bool
+    choices: tuple[str, ...]
+    expected_log_tokens: float  # log(1 + tokens) a complete answer usually needs
+    log_words: float = 0.0  # log(1 + words in the query)
+
+    @property
+    def band(self) -> str:
+        if self.complexity < 0.3:
+            return "simple"
+        if self.complexity < 0.6:
+            return "moderate"
+        return "hard"
+
+
+def query_text(messages: list[dict]) -> str:
+    """The text the engine judges: the last user message (with content parts joined)."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return "\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return content or ""
+    return ""
+
+
+def detect_domain(text: str) -> tuple[str, dict[str, float]]:
+    scores: dict[str, float] = {}
+    for domain, patterns in _PATTERNS.items():
+        score = 0.0
+        for pattern, weight in patterns:
+            score += weight * min(len(pattern.findall(text)), 4)
+        scores[domain] = score
+    best = max(scores, key=lambda d: scores[d])
+    if scores[best] < 1.5:
+        return "general", scores
+    return best, scores
+
+
+def _numbers(text: str) -> frozenset[float]:
+    found: set[float] = set()
+    for raw in _NUM.findall(text):
+        try:
+            found.add(round(float(raw.replace("$", "").replace(",", "")), 6))
+        except ValueError:
+            continue
+    for word in re.findall(r"[a-z]+", text.lower()):
+        if word in _NUMBER_WORDS:
+            found.add(float(_NUMBER_WORDS[word]))
+    for pct in re.findall(r"(\d+(?:\.\d+)?)\s*%", text):
+        found.add(round(float(pct) / 100, 6))
+    return frozenset(found)
+
+
+def _numbers_plain(text: str) -> list[float]:
+    out = []
+    for raw in _NUM.findall(text):
+        try:
+            out.append(float(raw.replace("$", "").replace(",", "")))
+        except ValueError:
+            continue
+    return out
+
+
+def profile_query(text: str) -> QueryProfile:
+    domain, scores = detect_domain(text)
+    words = len(text.split())
+    nums = _numbers(text)
+    score = 0.12
+    score += min(math.log1p(words) / math.log1p(400), 1.0) * 0.3
+    score += min(len(_REASONING.findall(text)), 3) * 0.1
+    score += min(len(_MULTI_PART.findall(text)), 3) * 0.05
+    score += min(len(nums), 8) * 0.02
+    if domain in {"code", "medical", "legal"}:
+        score += 0.1
+    if _SIMPLE.search(text) and words < 15:
+        score -= 0.15
+    complexity = max(0.0, min(score, 1.0))
+    choices = tuple(sorted(set(_CHOICE.findall(text))))
+    choices = choices if len(choices) >= 2 else ()
+    expected_tokens = 3 if choices else 20 + 400 * complexity
+    return QueryProfile(
+        domain=domain,
+        domain_scores=scores,
+        complexity=complexity,
+        numbers=nums,
+        # Counting questions, and word problems stated in whole numbers, have whole answers.
+        expects_integer=bool(_COUNTING.search(text))
+        or (bool(nums) and all(float(n).is_integer() for n in _numbers_plain(text))),
+        choices=choices,
+        expected_log_tokens=math.log1p(expected_tokens),
+        log_words=math.log1p(words),
+    )

@@ -1,0 +1,333 @@
+"""Calling providers without failing the request while a fallback remains.
+
+``Caller`` tries a model's deployments in order. Provider trouble (5xx,
+timeouts, rate limits, connection errors, malformed answers) is retried with
+exponential backoff and jitter, then moves to the next deployment; a client
+mistake (a 400 the provider returns) is not retried. Each call is one
+``Attempt``.
+
+A per-deployment circuit breaker skips a deployment that keeps failing: after
+``failure_threshold`` failures within ``window_s`` it opens for
+``cooldown_s``; the first call after that is a trial whose failure re-opens it
+at once. Its state lives in a ``BreakerStore``: Redis when configured, so every
+process and machine sees the same state, or process memory otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import litellm
+
+from routing.engine.types import Attempt, Deployment, ModelSpec
+
+_PREFIX = re.compile(r"^litellm\.\w+:\s*")
+
+
+@dataclass(frozen=True)
+class Failure:
+    retryable: bool
+    status: int
+    code: str
+    message: str
+
+
+class UpstreamError(Exception):
+    """Every deployment of a model failed (or the provider rejected the request)."""
+
+    def __init__(self, model: str, failure: Failure):
+        self.model = model
+        self.failure = failure
+        prefix = (
+            ""
+            if not failure.retryable
+            else f"Every upstream deployment of '{model}' failed; last error: "
+        )
+        super().__init__(prefix + failure.message)
+
+
+def classify(exc: BaseException) -> Failure:
+    message = _PREFIX.sub("", str(exc)).strip()[:500] or exc.__class__.__name__
+    if isinstance(exc, CircuitOpen):
+        return Failure(True, 503, "circuit_open", message)
+    if isinstance(
+        exc,
+        litellm.ContextWindowExceededError
+        | litellm.BadRequestError
+        | litellm.UnprocessableEntityError,
+    ) and not isinstance(exc, litellm.NotFoundError):
+        return Failure(False, 400, "upstream_bad_request", message)
+    if isinstance(exc, litellm.RateLimitError):
+        return Failure(True, 503, "upstream_rate_limited", message)
+    if isinstance(exc, litellm.Timeout | asyncio.TimeoutError):
+        return Failure(True, 502, "upstream_timeout", message)
+    if isinstance(exc, litellm.ServiceUnavailableError):
+        return Failure(True, 503, "upstream_unavailable", message)
+    return Failure(True, 502, "upstream_error", message)
+
+
+class CircuitOpen(Exception):
+    pass
+
+
+# --- circuit breaker ----------------------------------------------------------------
+
+
+class BreakerStore(Protocol):
+    async def is_open(self, key: str) -> bool: ...
+    async def record_failure(
+        self, key: str, *, threshold: int, window_s: float, cooldown_s: float
+    ) -> None: ...
+    async def record_success(self, key: str) -> None: ...
+
+
+class MemoryBreakerStore:
+    """Breaker state for one process (tests, single-process deployments)."""
+
+    def __init__(self) -> None:
+        self._failures: dict[str, list[float]] = {}
+        self._open_until: dict[str, float] = {}
+
+    async def is_open(self, key: str) -> bool:
+        return self._open_until.get(key, 0.0) > time.monotonic()
+
+    async def record_failure(
+        self, key: str, *, threshold: int, window_s: float, cooldown_s: float
+    ) -> None:
+        now = time.monotonic()
+        recent = [t for t in self._failures.get(key, []) if t > now - window_s] + [now]
+        self._failures[key] = recent
+        if len(recent) >= threshold:
+            self._open_until[key] = now + cooldown_s
+
+    async def record_success(self, key: str) -> None:
+        self._failures.pop(key, None)
+        self._open_until.pop(key, None)
+
+
+class RedisBreakerStore:
+    """Breaker state shared by every process through Redis.
+
+    ``cf:cb:<key>:fails`` counts failures in a window (INCR + EXPIRE, atomic
+    in a MULTI); ``cf:cb:<key>:open`` exists while the circuit is open (SET PX).
+    """
+
+    def __init__(self, url: str, prefix: str = "cf:cb:"):
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.Redis.from_url(url)
+        self._prefix = prefix
+
+    async def is_open(self, key: str) -> bool:
+        return bool(await self._redis.exists(f"{self._prefix}{key}:open"))
+
+    async def record_failure(
+        self, key: str, *, threshold: int, window_s: float, cooldown_s: float
+    ) -> None:
+        fails_key = f"{self._prefix}{key}:fails"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incr(fails_key)
+            pipe.expire(fails_key, max(1, int(window_s)), nx=True)
+            count, _ = await pipe.execute()
+        if int(count) >= threshold:
+            await self._redis.set(
+                f"{self._prefix}{key}:open", b"1", px=max(1, int(cooldown_s * 1000))
+            )
+
+    async def record_success(self, key: str) -> None:
+        await self._redis.delete(f"{self._prefix}{key}:fails", f"{self._prefix}{key}:open")
+
+
+@dataclass
+class CircuitBreaker:
+    store: BreakerStore
+    failure_threshold: int = 5
+    window_s: float = 60.0
+    cooldown_s: float = 30.0
+
+    async def allow(self, deployment: Deployment) -> bool:
+        try:
+            return not await self.store.is_open(deployment.label)
+        except Exception:
+            return True
+
+    async def failed(self, deployment: Deployment) -> None:
+        try:
+            await self.store.record_failure(
+                deployment.label,
+                threshold=self.failure_threshold,
+                window_s=self.window_s,
+                cooldown_s=self.cooldown_s,
+            )
+        except Exception:  # noqa: S110 - best effort
+            pass
+
+    async def succeeded(self, deployment: Deployment) -> None:
+        try:
+            await self.store.record_success(deployment.label)
+        except Exception:  # noqa: S110
+            pass
+
+
+# --- calling --------------------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    """An upstream stream whose first chunk already arrived (so early errors surfaced)."""
+
+    spec: ModelSpec
+    deployment: Deployment
+    first_chunk: Any
+    rest: AsyncIterator[Any]
+    started: float
+    attempt: Attempt
+
+
+def response_cost_nanos(spec: ModelSpec, response: Any, prompt: int, completion: int) -> int:
+    """A provider-reported exact cost (replay) wins; otherwise tokens x the model's price."""
+    hidden = getattr(response, "_hidden_params", None) or {}
+    exact = hidden.get("cascadeflow_cost_nanos")
+    if exact is not None:
+        return int(exact)
+    return spec.price.cost_nanos(prompt, completion)
+
+
+@dataclass
+class Caller:
+    breaker: CircuitBreaker | None = None
+    retries: int = 1  # per deployment, for retryable errors
+    backoff_s: float = 0.2
+    timeout_s: float = 120.0
+
+    def _kwargs(self, deployment: Deployment, kwargs: dict[str, Any]) -> dict[str, Any]:
+        call = {**kwargs, **deployment.params, "model": deployment.litellm_model, "num_retries": 0}
+        call.setdefault("timeout", self.timeout_s)
+        if call.get("tools"):
+            # LiteLLM sends any request with tools through its MCP bridge, which needs
+            # the optional ``mcp`` package; CascadeFlow passes tools through as they are.
+            call["_skip_mcp_handler"] = True
+        return call
+
+    async def _attempts(self, spec: ModelSpec):
+        """Yield (deployment, try number) in the order calls should be made."""
+        skipped = []
+        for deployment in spec.deployments:
+            if self.breaker and not await self.breaker.allow(deployment):
+                skipped.append(deployment)
+                continue
+            for n in range(self.retries + 1):
+                yield deployment, n
+        # If every deployment's circuit is open, still try them once: an open
+        # breaker must not turn a recoverable request into a failure.
+        if len(skipped) == len(spec.deployments):
+            for deployment in skipped:
+                yield deployment, 0
+
+    async def complete(
+        self, spec: ModelSpec, kwargs: dict[str, Any], attempts: list[Attempt], *, role: str
+    ) -> tuple[Any, Attempt]:
+        failure: Failure | None = None
+        async for deployment, n in self._attempts(spec):
+            if n:
+                await self._backoff(n)
+            started = time.perf_counter()
+            try:
+                response = await litellm.acompletion(**self._kwargs(deployment, kwargs))
+                if not getattr(response, "choices", None):
+                    raise litellm.APIError(
+                        status_code=502,
+                        message="Malformed response: no choices.",
+                        llm_provider="",
+                        model=deployment.litellm_model,
+                    )
+            except Exception as exc:
+                failure = classify(exc)
+                attempts.append(_failed(spec, deployment, started, failure, role))
+                if not failure.retryable:
+                    raise UpstreamError(spec.name, failure) from None
+                if self.breaker:
+                    await self.breaker.failed(deployment)
+                continue
+            if self.breaker:
+                await self.breaker.succeeded(deployment)
+            usage = getattr(response, "usage", None)
+            prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+            completion = int(getattr(usage, "completion_tokens", 0) or 0)
+            attempt = Attempt(
+                model=spec.name,
+                deployment=deployment.label,
+                role=role,
+                status="ok",
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                cost_nanos=response_cost_nanos(spec, response, prompt, completion),
+                latency_ms=_ms_since(started),
+            )
+            attempts.append(attempt)
+            return response, attempt
+        raise UpstreamError(
+            spec.name, failure or Failure(True, 503, "no_deployment", "No deployment available.")
+        )
+
+    async def open_stream(
+        self, spec: ModelSpec, kwargs: dict[str, Any], attempts: list[Attempt], *, role: str
+    ) -> Stream:
+        failure: Failure | None = None
+        call = {**kwargs, "stream": True, "stream_options": {"include_usage": True}}
+        async for deployment, n in self._attempts(spec):
+            if n:
+                await self._backoff(n)
+            started = time.perf_counter()
+            try:
+                wrapper = await litellm.acompletion(**self._kwargs(deployment, call))
+                iterator = wrapper.__aiter__()
+                first = await iterator.__anext__()
+            except StopAsyncIteration:
+                failure = Failure(True, 502, "upstream_error", "Empty stream from provider.")
+                attempts.append(_failed(spec, deployment, started, failure, role))
+                continue
+            except Exception as exc:
+                failure = classify(exc)
+                attempts.append(_failed(spec, deployment, started, failure, role))
+                if not failure.retryable:
+                    raise UpstreamError(spec.name, failure) from None
+                if self.breaker:
+                    await self.breaker.failed(deployment)
+                continue
+            if self.breaker:
+                await self.breaker.succeeded(deployment)
+            attempt = Attempt(model=spec.name, deployment=deployment.label, role=role, status="ok")
+            attempts.append(attempt)
+            return Stream(spec, deployment, first, iterator, started, attempt)
+        raise UpstreamError(
+            spec.name, failure or Failure(True, 503, "no_deployment", "No deployment available.")
+        )
+
+    async def _backoff(self, n: int) -> None:
+        delay = self.backoff_s * (2 ** (n - 1))
+        await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter, not crypto
+
+
+def _failed(
+    spec: ModelSpec, deployment: Deployment, started: float, failure: Failure, role: str
+) -> Attempt:
+    return Attempt(
+        model=spec.name,
+        deployment=deployment.label,
+        role=role,
+        status="error",
+        latency_ms=_ms_since(started),
+        error_code=failure.code,
+        error_message=failure.message,
+    )
+
+
+def _ms_since(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)

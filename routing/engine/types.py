@@ -1,0 +1,155 @@
+"""The engine's vocabulary: models, attempts, checks and results.
+
+Everything here is plain data (no Django, no I/O) so the gateway, tests and
+benchmarks can build, inspect and serialise it. Money is integer nano-dollars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from routing.engine.pricing import ModelPrice
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One place a model can be called: LiteLLM model name plus call parameters."""
+
+    litellm_model: str
+    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def label(self) -> str:
+        base = self.params.get("api_base")
+        return f"{self.litellm_model}@{base}" if base else self.litellm_model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the engine can put in a chain, cheapest first.
+
+    ``domains`` lists the domains the model is suited to (empty: any).
+    """
+
+    name: str
+    deployments: tuple[Deployment, ...]
+    price: ModelPrice
+    supports_logprobs: bool = False
+    supports_tools: bool = True
+    domains: frozenset[str] = frozenset()
+    max_output_tokens: int | None = None
+    owned_by: str = "cascadeflow"
+    always_allowed: bool = False
+
+    @classmethod
+    def simple(
+        cls,
+        name: str,
+        *,
+        input_usd_per_mtok: float | str,
+        output_usd_per_mtok: float | str,
+        litellm_model: str | None = None,
+        supports_logprobs: bool = False,
+        **params: Any,
+    ) -> ModelSpec:
+        return cls(
+            name=name,
+            deployments=(Deployment(litellm_model or name, MappingProxyType(params)),),
+            price=ModelPrice.per_million_usd(str(input_usd_per_mtok), str(output_usd_per_mtok)),
+            supports_logprobs=supports_logprobs,
+        )
+
+
+@dataclass
+class PaidCheck:
+    """A quality signal that cost money: self-verification or k-sample agreement."""
+
+    kind: str  # "self_verify" | "agreement"
+    model: str
+    value: float | None
+    cost_nanos: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    detail: str = ""
+
+
+@dataclass
+class Check:
+    """The quality decision on one draft, with every signal that went into it."""
+
+    probability: float
+    threshold: float
+    accepted: bool
+    features: dict[str, float]
+    contributions: dict[str, float]
+    reasons: list[str]
+    hard_fail: str | None = None
+    paid: list[PaidCheck] = field(default_factory=list)
+
+
+@dataclass
+class Attempt:
+    """One upstream call (successful or not) made for a request."""
+
+    model: str
+    deployment: str
+    role: str  # "draft" | "final" | "verify" | "sample"
+    status: str  # "ok" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_nanos: int = 0
+    latency_ms: int = 0
+    error_code: str = ""
+    error_message: str = ""
+    decision: str = ""  # "accepted" | "escalated" | "returned" | "fallback" | ""
+    check: Check | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.check is None:
+            data.pop("check")
+        return data
+
+
+@dataclass
+class CascadeResult:
+    response: Any  # litellm.ModelResponse of the answer returned
+    model: ModelSpec
+    attempts: list[Attempt]
+    domain: str
+    complexity: float
+    escalated: bool
+    baseline_cost_nanos: int
+    baseline_method: str  # "actual" | "estimated" | "none"
+    quality_score: float | None
+    profile: str = ""
+    degraded: bool = False  # returned a rejected draft because every stronger model failed
+
+    @property
+    def cost_nanos(self) -> int:
+        return sum(a.cost_nanos for a in self.attempts) + sum(
+            p.cost_nanos for a in self.attempts if a.check for p in a.check.paid
+        )
+
+    @property
+    def savings_nanos(self) -> int:
+        return self.baseline_cost_nanos - self.cost_nanos
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(a.prompt_tokens for a in self.attempts)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(a.completion_tokens for a in self.attempts)
+
+    @property
+    def models_called(self) -> list[str]:
+        called: list[str] = []
+        for attempt in self.attempts:
+            if attempt.model not in called:
+                called.append(attempt.model)
+        return called
