@@ -206,6 +206,17 @@ CASCADEFLOW_MODELS_FILE = env.str("CASCADEFLOW_MODELS_FILE", default="")
 CASCADEFLOW_DEMO_LATENCY_SCALE = env.float("CASCADEFLOW_DEMO_LATENCY_SCALE", default=1.0)
 # Seconds allowed for one upstream call before it counts as a timeout.
 CASCADEFLOW_UPSTREAM_TIMEOUT = env.float("CASCADEFLOW_UPSTREAM_TIMEOUT", default=120.0)
+# The chain of the built-in cascade/<preset> profiles, cheapest first.
+CASCADEFLOW_DEFAULT_CHAIN = env.list(
+    "CASCADEFLOW_DEFAULT_CHAIN", default=["demo/small", "demo/medium", "demo/large"]
+)
+# Retries per deployment for provider errors, before falling back to the next.
+CASCADEFLOW_UPSTREAM_RETRIES = env.int("CASCADEFLOW_UPSTREAM_RETRIES", default=1)
+CASCADEFLOW_UPSTREAM_BACKOFF = env.float("CASCADEFLOW_UPSTREAM_BACKOFF", default=0.2)
+# Circuit breaker per deployment (state in Redis when REDIS_URL is set).
+CASCADEFLOW_BREAKER_FAILURES = env.int("CASCADEFLOW_BREAKER_FAILURES", default=5)
+CASCADEFLOW_BREAKER_WINDOW = env.float("CASCADEFLOW_BREAKER_WINDOW", default=60.0)
+CASCADEFLOW_BREAKER_COOLDOWN = env.float("CASCADEFLOW_BREAKER_COOLDOWN", default=30.0)
 # How stale ApiToken.last_used_at may get before a request rewrites it.
 CASCADEFLOW_TOKEN_TOUCH_SECONDS = env.int("CASCADEFLOW_TOKEN_TOUCH_SECONDS", default=60)
 

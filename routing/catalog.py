@@ -6,8 +6,9 @@ from pathlib import Path
 
 from django.conf import settings
 
+from routing.engine.types import ModelSpec
 from routing.providers import demo
-from routing.providers.catalog import CatalogModel, ModelCatalog
+from routing.providers.catalog import ModelCatalog
 
 
 @lru_cache(maxsize=1)
@@ -20,7 +21,7 @@ def model_catalog() -> ModelCatalog:
 
 def models_allowed(
     *, tenant_allowed: tuple[str, ...], tier_allowed: tuple[str, ...]
-) -> list[CatalogModel]:
+) -> list[ModelSpec]:
     """Demo models always; others when neither the tenant nor its plan restricts them."""
     allowed = []
     for model in model_catalog():
@@ -35,6 +36,13 @@ def models_allowed(
 def reset_on_setting_change(*, setting: str, **kwargs) -> None:
     if setting.startswith("CASCADEFLOW_MODELS"):
         model_catalog.cache_clear()
+    if (
+        setting.startswith(("CASCADEFLOW_UPSTREAM", "CASCADEFLOW_BREAKER"))
+        or setting == "REDIS_URL"
+    ):
+        from routing.gateway import caller
+
+        caller.cache_clear()
     if setting == "CASCADEFLOW_DEMO_LATENCY_SCALE":
         value = kwargs.get("value")
         demo.latency_scale = 1.0 if value is None else value

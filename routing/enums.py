@@ -5,3 +5,10 @@ class UsageStatus(models.TextChoices):
     OK = "ok", "Answered"
     UPSTREAM_ERROR = "upstream_error", "Every upstream attempt failed"
     CLIENT_CLOSED = "client_closed", "Client disconnected mid-stream"
+
+
+class Preset(models.TextChoices):
+    COST_OPTIMIZED = "cost_optimized", "Cost optimized"
+    BALANCED = "balanced", "Balanced"
+    QUALITY_FIRST = "quality_first", "Quality first"
+    FAST = "fast", "Fast"

@@ -1,14 +1,13 @@
 """The path of one request through the OpenAI-compatible API.
 
-``prepare`` authenticates the token and resolves what the request asks for;
-``complete`` / ``stream`` produce the answer and write the ledger row before
-the response completes. The views only translate HTTP to these calls and
-back, so the routing behind them (pass-through today, the cascade engine
-tomorrow) changes without touching the views.
+``prepare`` authenticates the token and resolves what the request names (a
+model, a built-in preset, a tenant profile); ``complete`` / ``stream`` run the
+cascade engine and write the ledger row before the response completes. The
+views only translate HTTP to these calls and back.
 
-Database work runs in a thread pool (``db``) with persistent, health-checked
-connections: two round trips per request, one before the upstream call
-(auth + end user) and one after (the ledger insert).
+Database work runs in a thread pool (``db``) with the connection lifecycle
+Django gives a request: two round trips per request, one before the upstream
+call (auth, target, end user) and one after (the ledger insert).
 """
 
 from __future__ import annotations
@@ -19,24 +18,32 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any, ParamSpec, TypeVar
 
-import litellm
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
-from routing.catalog import model_catalog, models_allowed
+from routing.engine.agent import CascadeAgent, CascadeStream
 from routing.engine.pricing import nanos_to_usd
+from routing.engine.resilience import (
+    Caller,
+    CircuitBreaker,
+    MemoryBreakerStore,
+    RedisBreakerStore,
+    UpstreamError,
+    classify,
+)
+from routing.engine.types import Attempt, CascadeResult
 from routing.enums import UsageStatus
 from routing.errors import GatewayError, forbidden, unauthorized
-from routing.providers.catalog import CatalogModel
 from routing.schemas import ChatRequest
 from routing.services import LedgerEntry, usage_event_record
-from routing.upstream import Attempt, open_stream
-from routing.upstream import complete as upstream_complete
+from routing.targets import Target, resolve_target, target_names
 from tenants.enums import Scope
+from tenants.models import Tenant
 from tenants.selectors import TokenContext, TokenInvalid, token_context_for_raw
 from tenants.services import end_user_get_or_create, token_touch
 
@@ -59,15 +66,54 @@ def db(fn: Callable[P, R]) -> Callable[P, Any]:
     return sync_to_async(run, thread_sensitive=False)
 
 
+@lru_cache(maxsize=1)
+def caller() -> Caller:
+    """One caller per process; its circuit breaker state is shared through Redis when set."""
+    store = RedisBreakerStore(settings.REDIS_URL) if settings.REDIS_URL else MemoryBreakerStore()
+    breaker = CircuitBreaker(
+        store,
+        failure_threshold=settings.CASCADEFLOW_BREAKER_FAILURES,
+        window_s=settings.CASCADEFLOW_BREAKER_WINDOW,
+        cooldown_s=settings.CASCADEFLOW_BREAKER_COOLDOWN,
+    )
+    return Caller(
+        breaker=breaker,
+        retries=settings.CASCADEFLOW_UPSTREAM_RETRIES,
+        backoff_s=settings.CASCADEFLOW_UPSTREAM_BACKOFF,
+        timeout_s=settings.CASCADEFLOW_UPSTREAM_TIMEOUT,
+    )
+
+
 @dataclass
 class GatewayRequest:
     request_id: str
     ctx: TokenContext
     chat: ChatRequest
-    target: CatalogModel
+    target: Target
     end_user_id: int | None
     received_at: datetime
     started: float
+
+    def agent(self) -> CascadeAgent:
+        from routing.engine.policy import PRESETS, Policy
+
+        base = PRESETS[self.target.preset]
+        policy = base
+        if self.target.threshold_offset:
+            policy = Policy(
+                **{
+                    **base.__dict__,
+                    "default_threshold": base.default_threshold + self.target.threshold_offset,
+                }
+            )
+        return CascadeAgent(
+            self.target.chain,
+            policy=policy,
+            calibration=self.target.calibration,
+            caller=caller(),
+            domain_routes=self.target.domain_routes,
+            profile=self.target.profile,
+        )
 
 
 @dataclass
@@ -77,14 +123,17 @@ class CompletionOutcome:
 
 
 def cascade_headers(
-    *, model: str, escalated: bool, cost_nanos: int, savings_nanos: int
+    *, model: str, escalated: bool, cost_nanos: int, savings_nanos: int, profile: str = ""
 ) -> dict[str, str]:
-    return {
+    headers = {
         "x-cascade-model": model or "none",
         "x-cascade-escalated": "true" if escalated else "false",
         "x-cascade-cost-usd": f"{nanos_to_usd(cost_nanos):.9f}",
         "x-cascade-savings-usd": f"{nanos_to_usd(savings_nanos):.9f}",
     }
+    if profile:
+        headers["x-cascade-profile"] = profile
+    return headers
 
 
 EMPTY_CASCADE_HEADERS = cascade_headers(model="", escalated=False, cost_nanos=0, savings_nanos=0)
@@ -107,36 +156,17 @@ def _authenticate(raw_token: str, scope: str) -> TokenContext:
     return ctx
 
 
-def _resolve_model(ctx: TokenContext, name: str) -> CatalogModel:
-    model = model_catalog().get(name)
-    if model is None:
-        raise GatewayError(
-            404,
-            f"The model '{name}' does not exist. GET /v1/models lists the models you can use.",
-            param="model",
-            code="model_not_found",
-        )
-    allowed = models_allowed(
-        tenant_allowed=ctx.tenant_allowed_models, tier_allowed=ctx.tier_allowed_models
-    )
-    if model not in allowed:
-        raise forbidden(f"Your plan does not allow the model '{name}'.", code="model_not_allowed")
-    return model
-
-
 @db
 def _prepare_sync(
     raw_token: str, chat: ChatRequest | None, parse_error: GatewayError | None
-) -> tuple[TokenContext, CatalogModel, int | None]:
+) -> tuple[TokenContext, Target, int | None]:
     ctx = _authenticate(raw_token, Scope.COMPLETIONS)
     if parse_error is not None:
         raise parse_error
     assert chat is not None
-    target = _resolve_model(ctx, chat.model)
+    target = resolve_target(ctx, chat.model)
     end_user_id = None
     if chat.user:
-        from tenants.models import Tenant
-
         end_user_id = end_user_get_or_create(
             tenant=Tenant(pk=ctx.tenant_id), external_id=chat.user
         ).pk
@@ -150,7 +180,7 @@ async def prepare(
     chat: ChatRequest | None,
     parse_error: GatewayError | None,
 ) -> GatewayRequest:
-    """Authenticate first (401 beats 400), then resolve the model and end user."""
+    """Authenticate first (401 beats 400), then resolve the target and end user."""
     received_at = timezone.now()
     started = time.perf_counter()
     ctx, target, end_user_id = await _prepare_sync(bearer_token(authorization), chat, parse_error)
@@ -163,23 +193,22 @@ def authenticate(authorization: str | None, scope: str = Scope.COMPLETIONS) -> T
     return _authenticate(bearer_token(authorization), scope)
 
 
+@db
 def list_models(ctx: TokenContext) -> dict[str, Any]:
     created = 1_700_000_000
     return {
         "object": "list",
         "data": [
-            {"id": m.name, "object": "model", "created": created, "owned_by": m.owned_by}
-            for m in models_allowed(
-                tenant_allowed=ctx.tenant_allowed_models, tier_allowed=ctx.tier_allowed_models
-            )
+            {"id": name, "object": "model", "created": created, "owned_by": owner}
+            for name, owner in target_names(ctx)
         ],
     }
 
 
-# --- ledger ----------------------------------------------------------------------
+# --- ledger ---------------------------------------------------------------------------
 
 
-def _entry(gw: GatewayRequest, attempts: list[Attempt]) -> LedgerEntry:
+def _entry(gw: GatewayRequest) -> LedgerEntry:
     return LedgerEntry(
         tenant_id=gw.ctx.tenant_id,
         token_id=gw.ctx.token_id,
@@ -187,9 +216,24 @@ def _entry(gw: GatewayRequest, attempts: list[Attempt]) -> LedgerEntry:
         request_id=gw.request_id,
         created_at=gw.received_at,
         requested_model=gw.chat.model,
-        attempts=attempts,
         stream=gw.chat.stream,
+        profile=gw.target.profile,
     )
+
+
+def _fill(entry: LedgerEntry, result: CascadeResult) -> None:
+    entry.attempts = result.attempts
+    entry.paid_cost_nanos = result.cost_nanos - sum(a.cost_nanos for a in result.attempts)
+    entry.model = result.model.name
+    entry.prompt_tokens = result.prompt_tokens
+    entry.completion_tokens = result.completion_tokens
+    entry.baseline_cost_nanos = result.baseline_cost_nanos
+    entry.baseline_method = result.baseline_method
+    entry.escalated = result.escalated
+    entry.domain = result.domain
+    entry.complexity = result.complexity
+    entry.quality_score = result.quality_score
+    entry.degraded = result.degraded
 
 
 @db
@@ -207,18 +251,62 @@ async def record(gw: GatewayRequest, entry: LedgerEntry) -> None:
     await asyncio.shield(_record_sync(entry, gw.ctx))
 
 
-async def _fail(gw: GatewayRequest, entry: LedgerEntry, error: GatewayError) -> GatewayError:
+def _as_gateway_error(exc: UpstreamError) -> GatewayError:
+    failure = exc.failure
+    if not failure.retryable:
+        return GatewayError(failure.status, failure.message, code=failure.code)
+    return GatewayError(failure.status, str(exc), type="api_error", code=failure.code)
+
+
+async def _fail(
+    gw: GatewayRequest, entry: LedgerEntry, exc: UpstreamError, attempts: list[Attempt]
+) -> GatewayError:
+    error = _as_gateway_error(exc)
+    entry.attempts = attempts
     entry.status = UsageStatus.UPSTREAM_ERROR
     entry.http_status = error.status
     entry.error_code = error.code or ""
     await record(gw, entry)
     error.headers.update(
-        cascade_headers(model="", escalated=False, cost_nanos=entry.cost_nanos, savings_nanos=0)
+        cascade_headers(
+            model="",
+            escalated=False,
+            cost_nanos=entry.cost_nanos,
+            savings_nanos=0,
+            profile=gw.target.profile,
+        )
     )
     return error
 
 
-# --- non-streaming -----------------------------------------------------------------
+def _params(gw: GatewayRequest) -> dict[str, Any]:
+    return dict(gw.chat.params)
+
+
+# --- non-streaming ------------------------------------------------------------------
+
+
+async def complete(gw: GatewayRequest) -> CompletionOutcome:
+    entry = _entry(gw)
+    agent = gw.agent()
+    try:
+        result = await agent.run(gw.chat.messages, _params(gw))
+    except UpstreamError as exc:
+        raise await _fail(gw, entry, exc, list(exc.attempts)) from None
+    _fill(entry, result)
+    await record(gw, entry)
+    body = _clean(result.response.model_dump())
+    body["model"] = result.model.name
+    return CompletionOutcome(
+        body=body,
+        headers=cascade_headers(
+            model=result.model.name,
+            escalated=result.escalated,
+            cost_nanos=result.cost_nanos,
+            savings_nanos=result.savings_nanos,
+            profile=gw.target.profile,
+        ),
+    )
 
 
 def _clean(value: Any) -> Any:
@@ -232,34 +320,6 @@ def _clean(value: Any) -> Any:
     if isinstance(value, list):
         return [_clean(v) for v in value]
     return value
-
-
-async def complete(gw: GatewayRequest) -> CompletionOutcome:
-    attempts: list[Attempt] = []
-    entry = _entry(gw, attempts)
-    try:
-        done = await upstream_complete(
-            gw.target, gw.chat, attempts, timeout=settings.CASCADEFLOW_UPSTREAM_TIMEOUT
-        )
-    except GatewayError as error:
-        raise await _fail(gw, entry, error) from None
-    entry.model = done.model.name
-    entry.prompt_tokens = done.attempt.prompt_tokens
-    entry.completion_tokens = done.attempt.completion_tokens
-    # Pass-through: the requested model is the strongest of its one-model chain.
-    entry.baseline_cost_nanos = entry.cost_nanos
-    await record(gw, entry)
-    body = _clean(done.response.model_dump())
-    body["model"] = done.model.name
-    return CompletionOutcome(
-        body=body,
-        headers=cascade_headers(
-            model=done.model.name,
-            escalated=entry.escalated,
-            cost_nanos=entry.cost_nanos,
-            savings_nanos=entry.baseline_cost_nanos - entry.cost_nanos,
-        ),
-    )
 
 
 # --- streaming ----------------------------------------------------------------------
@@ -277,78 +337,61 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 async def stream(gw: GatewayRequest) -> StreamOutcome:
-    """Open the upstream stream (errors before the first chunk become HTTP errors)."""
-    attempts: list[Attempt] = []
-    entry = _entry(gw, attempts)
+    """Judge drafts, then stream the answer (errors before any output are HTTP errors)."""
+    entry = _entry(gw)
+    agent = gw.agent()
     try:
-        upstream = await open_stream(
-            gw.target, gw.chat, attempts, timeout=settings.CASCADEFLOW_UPSTREAM_TIMEOUT
-        )
-    except GatewayError as error:
-        raise await _fail(gw, entry, error) from None
+        cascade = await agent.stream(gw.chat.messages, _params(gw))
+    except UpstreamError as exc:
+        raise await _fail(gw, entry, exc, list(exc.attempts)) from None
     headers = cascade_headers(
-        model=upstream.model.name, escalated=False, cost_nanos=entry.cost_nanos, savings_nanos=0
+        model=cascade.model.name,
+        escalated=cascade.escalated or bool(cascade.buffered and cascade.buffered.escalated),
+        cost_nanos=cascade.cost_so_far,
+        savings_nanos=0,
+        profile=gw.target.profile,
     )
-    return StreamOutcome(events=_relay(gw, entry, upstream), headers=headers)
+    return StreamOutcome(events=_relay(gw, entry, cascade), headers=headers)
 
 
-async def _relay(gw: GatewayRequest, entry: LedgerEntry, upstream) -> AsyncIterator[str]:
-    model = upstream.model
-    usage: dict[str, int] | None = None
-    texts: list[str] = []
-    chunk = upstream.first_chunk
-    entry.model = model.name
+async def _relay(
+    gw: GatewayRequest, entry: LedgerEntry, cascade: CascadeStream
+) -> AsyncIterator[str]:
     try:
-        while True:
-            data = _clean(chunk.model_dump(exclude_none=True))
-            data["model"] = model.name
-            if data.get("usage"):
-                usage = data["usage"]
-            for choice in data.get("choices") or []:
-                delta = choice.get("delta") or {}
-                texts.append(delta.get("content") or "")
-                for call in delta.get("tool_calls") or []:
-                    function = call.get("function") or {}
-                    texts.append((function.get("name") or "") + (function.get("arguments") or ""))
+        async for data in cascade.chunks():
             if not gw.chat.include_usage:
                 data.pop("usage", None)
                 if _is_empty(data):
-                    data = None
-            if data is not None:
-                yield _sse(data)
-            try:
-                chunk = await upstream.rest.__anext__()
-            except StopAsyncIteration:
-                break
+                    continue
+            yield _sse(data)
     except (asyncio.CancelledError, GeneratorExit):
-        _settle_stream(entry, upstream, usage, texts, gw.chat)
+        if cascade.result is not None:
+            _fill(entry, cascade.result)
+        entry.attempts = cascade.attempts
         entry.status = UsageStatus.CLIENT_CLOSED
         entry.http_status = 499
         await record(gw, entry)
         raise
-    except Exception as exc:
-        from routing.upstream import classify
-
-        failure = classify(exc)
-        _settle_stream(entry, upstream, usage, texts, gw.chat)
+    assert cascade.result is not None
+    _fill(entry, cascade.result)
+    if cascade.failure is not None:
+        failure = classify(cascade.failure)
         entry.status = UsageStatus.UPSTREAM_ERROR
         entry.error_code = failure.code
-        entry.attempts[-1].status = "error"
-        entry.attempts[-1].error_code = failure.code
-        entry.attempts[-1].error_message = failure.message
+        last = cascade.attempts[-1]
+        last.error_code, last.error_message = failure.code, failure.message
         await record(gw, entry)
         yield _sse(
             GatewayError(502, failure.message, type="api_error", code=failure.code).payload()
         )
         return
-    _settle_stream(entry, upstream, usage, texts, gw.chat)
-    entry.baseline_cost_nanos = entry.cost_nanos
     await record(gw, entry)
+    result = cascade.result
     summary = {
-        "model": entry.model,
-        "escalated": entry.escalated,
-        "cost_usd": f"{nanos_to_usd(entry.cost_nanos):.9f}",
-        "savings_usd": f"{nanos_to_usd(entry.baseline_cost_nanos - entry.cost_nanos):.9f}",
+        "model": result.model.name,
+        "escalated": result.escalated,
+        "cost_usd": f"{nanos_to_usd(result.cost_nanos):.9f}",
+        "savings_usd": f"{nanos_to_usd(result.savings_nanos):.9f}",
     }
     # An SSE comment: ignored by clients, readable by anyone tailing the stream.
     yield f": cascade {json.dumps(summary, separators=(',', ':'))}\n\n"
@@ -360,29 +403,3 @@ def _is_empty(data: dict[str, Any]) -> bool:
         not (c.get("delta") or {}) and not c.get("finish_reason") and not c.get("logprobs")
         for c in data.get("choices") or [{}]
     )
-
-
-def _settle_stream(entry: LedgerEntry, upstream, usage, texts, chat: ChatRequest) -> None:
-    """Price what was streamed: provider usage when sent, else LiteLLM's token counter."""
-    model: CatalogModel = upstream.model
-    if usage:
-        prompt = int(usage.get("prompt_tokens") or 0)
-        completion = int(usage.get("completion_tokens") or 0)
-    else:
-        litellm_model = upstream.deployment.litellm_model
-        prompt = litellm.token_counter(model=litellm_model, messages=chat.messages)
-        text = "".join(texts)
-        completion = litellm.token_counter(model=litellm_model, text=text) if text else 0
-    entry.attempts.append(
-        Attempt(
-            model=model.name,
-            deployment=upstream.deployment.label,
-            status="ok",
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cost_nanos=model.price.cost_nanos(prompt, completion),
-            latency_ms=int((time.perf_counter() - upstream.started) * 1000),
-        )
-    )
-    entry.prompt_tokens = prompt
-    entry.completion_tokens = completion

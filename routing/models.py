@@ -3,7 +3,7 @@
 from django.db import models
 from django.db.models import Q
 
-from routing.enums import UsageStatus
+from routing.enums import Preset, UsageStatus
 from tenants.models import ApiToken, EndUser, Tenant
 
 
@@ -35,6 +35,13 @@ class UsageEvent(models.Model):
     status = models.CharField(max_length=24, choices=UsageStatus.choices)
     http_status = models.PositiveSmallIntegerField(default=200)
     error_code = models.CharField(max_length=64, blank=True)
+    # The cascade's decision, explained: attempts[*].check holds every signal and weight.
+    profile = models.CharField(max_length=120, blank=True)
+    domain = models.CharField(max_length=32, blank=True)
+    complexity = models.FloatField(null=True, blank=True)
+    quality_score = models.FloatField(null=True, blank=True)
+    baseline_method = models.CharField(max_length=16, blank=True)  # actual | estimated | none
+    degraded = models.BooleanField(default=False)
 
     class Meta:
         indexes = [
@@ -52,3 +59,36 @@ class UsageEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.model} {self.cost_nanos}n"
+
+
+class RoutingProfile(models.Model):
+    """A tenant's cascade: its chain, preset, thresholds and domain routes.
+
+    Requested as ``cascade/<name>``. A profile named like a built-in preset
+    (``balanced``…) replaces that built-in for this tenant.
+
+    ``domain_routes``: ``{"code": {"chain": [...], "threshold_offset": 0.05}}``.
+    ``calibration``: what ``manage.py calibrate_profile`` learned (engine JSON).
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="routing_profiles")
+    name = models.SlugField(max_length=64)
+    preset = models.CharField(max_length=20, choices=Preset.choices, default=Preset.BALANCED)
+    chain = models.JSONField(default=list, help_text="Model names, cheapest first.")
+    threshold_offset = models.FloatField(default=0.0)
+    domain_routes = models.JSONField(default=dict, blank=True)
+    calibration = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="profile_unique_per_tenant"),
+            models.CheckConstraint(
+                condition=Q(threshold_offset__gte=-0.5) & Q(threshold_offset__lte=0.5),
+                name="profile_offset_in_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"cascade/{self.name}"

@@ -3,9 +3,9 @@
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from routing.engine.types import Attempt
 from routing.enums import UsageStatus
 from routing.models import UsageEvent
-from routing.upstream import Attempt
 
 
 @dataclass
@@ -29,10 +29,17 @@ class LedgerEntry:
     status: str = UsageStatus.OK
     http_status: int = 200
     error_code: str = ""
+    profile: str = ""
+    domain: str = ""
+    complexity: float | None = None
+    quality_score: float | None = None
+    baseline_method: str = ""
+    degraded: bool = False
+    paid_cost_nanos: int = 0  # self-verification and sampling calls
 
     @property
     def cost_nanos(self) -> int:
-        return sum(a.cost_nanos for a in self.attempts)
+        return sum(a.cost_nanos for a in self.attempts) + self.paid_cost_nanos
 
     @property
     def models_called(self) -> list[str]:
@@ -65,4 +72,10 @@ def usage_event_record(*, entry: LedgerEntry) -> UsageEvent:
         status=entry.status,
         http_status=entry.http_status,
         error_code=entry.error_code,
+        profile=entry.profile,
+        domain=entry.domain,
+        complexity=entry.complexity,
+        quality_score=entry.quality_score,
+        baseline_method=entry.baseline_method,
+        degraded=entry.degraded,
     )

@@ -83,7 +83,9 @@ async def models(request: HttpRequest) -> HttpResponse:
         ctx = await gateway.authenticate(request.headers.get("Authorization"))
     except GatewayError as exc:
         return _error(exc)
-    return _with_headers(JsonResponse(gateway.list_models(ctx)), gateway.EMPTY_CASCADE_HEADERS)
+    return _with_headers(
+        JsonResponse(await gateway.list_models(ctx)), gateway.EMPTY_CASCADE_HEADERS
+    )
 
 
 @csrf_exempt

@@ -34,6 +34,17 @@ def _close_async_orm_connections():
 
 
 @pytest.fixture(autouse=True)
+def _fresh_caller(settings):
+    """No backoff sleeps, and circuit-breaker state never leaks between tests."""
+    from routing.gateway import caller
+
+    settings.CASCADEFLOW_UPSTREAM_BACKOFF = 0.0
+    caller.cache_clear()
+    yield
+    caller.cache_clear()
+
+
+@pytest.fixture(autouse=True)
 def _instant_demo_models():
     previous = demo.latency_scale
     demo.latency_scale = 0.0

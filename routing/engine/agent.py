@@ -300,6 +300,7 @@ class CascadeAgent:
                 )
             except UpstreamError as exc:
                 if not exc.failure.retryable and not _model_specific(exc):
+                    exc.attempts = attempts
                     raise
                 last_error = exc
                 continue
@@ -324,6 +325,7 @@ class CascadeAgent:
                 plan, response, spec, attempts, params, escalated=True, check=check, degraded=True
             )
         assert last_error is not None
+        last_error.attempts = attempts
         raise last_error
 
     def _result(
@@ -378,6 +380,7 @@ class CascadeAgent:
                     upstream = await self.caller.open_stream(spec, kwargs, attempts, role="final")
                 except UpstreamError as exc:
                     if not exc.failure.retryable and not _model_specific(exc):
+                        exc.attempts = attempts
                         raise
                     last_error = exc
                     break
@@ -389,6 +392,7 @@ class CascadeAgent:
                 response, attempt = await self.caller.complete(spec, kwargs, attempts, role="draft")
             except UpstreamError as exc:
                 if not exc.failure.retryable and not _model_specific(exc):
+                    exc.attempts = attempts
                     raise
                 last_error = exc
                 continue
@@ -412,6 +416,7 @@ class CascadeAgent:
             )
             return CascadeStream(self, plan, attempts, params, messages, buffered=result)
         assert last_error is not None
+        last_error.attempts = attempts
         raise last_error
 
 

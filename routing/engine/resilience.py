@@ -28,6 +28,8 @@ import litellm
 from routing.engine.types import Attempt, Deployment, ModelSpec
 
 _PREFIX = re.compile(r"^litellm\.\w+:\s*")
+# CascadeFlow reports provider errors itself; LiteLLM's banner on each one is noise.
+litellm.suppress_debug_info = True
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class UpstreamError(Exception):
     def __init__(self, model: str, failure: Failure):
         self.model = model
         self.failure = failure
+        self.attempts: list[Attempt] = []  # every call the request made, set by the agent
         prefix = (
             ""
             if not failure.retryable

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from routing.engine.pricing import ModelPrice, litellm_price
+from routing.engine.types import Deployment, ModelSpec
 from routing.providers import demo
 
 _DEPLOYMENT_KEYS = (
@@ -41,34 +41,11 @@ class CatalogError(ValueError):
     pass
 
 
-@dataclass(frozen=True)
-class Deployment:
-    litellm_model: str
-    params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-
-    @property
-    def label(self) -> str:
-        base = self.params.get("api_base")
-        return f"{self.litellm_model}@{base}" if base else self.litellm_model
-
-
-@dataclass(frozen=True)
-class CatalogModel:
-    name: str
-    deployments: tuple[Deployment, ...]
-    price: ModelPrice
-    owned_by: str = "cascadeflow"
-    supports_logprobs: bool = True
-    supports_tools: bool = True
-    max_output_tokens: int | None = None
-    always_allowed: bool = False
-
-
 class ModelCatalog:
-    def __init__(self, models: Iterable[CatalogModel]):
+    def __init__(self, models: Iterable[ModelSpec]):
         self._models = {m.name: m for m in models}
 
-    def get(self, name: str) -> CatalogModel | None:
+    def get(self, name: str) -> ModelSpec | None:
         return self._models.get(name)
 
     def __iter__(self):
@@ -79,7 +56,7 @@ class ModelCatalog:
 
     @classmethod
     def build(cls, config: Mapping[str, Any] | None = None, *, include_demo: bool = True):
-        models: list[CatalogModel] = []
+        models: list[ModelSpec] = []
         if include_demo:
             demo.register()
             models.extend(demo_catalog_models())
@@ -88,9 +65,9 @@ class ModelCatalog:
         return cls(models)
 
 
-def demo_catalog_models() -> list[CatalogModel]:
+def demo_catalog_models() -> list[ModelSpec]:
     return [
-        CatalogModel(
+        ModelSpec(
             name=spec.litellm_name,
             deployments=(Deployment(spec.litellm_name),),
             price=ModelPrice.per_million_usd(
@@ -98,13 +75,14 @@ def demo_catalog_models() -> list[CatalogModel]:
             ),
             owned_by="cascadeflow-demo",
             max_output_tokens=spec.max_output_tokens,
+            supports_logprobs=True,
             always_allowed=True,
         )
         for spec in demo.DEMO_MODELS.values()
     ]
 
 
-def _model_from_config(name: str, entry: Mapping[str, Any]) -> CatalogModel:
+def _model_from_config(name: str, entry: Mapping[str, Any]) -> ModelSpec:
     if not isinstance(entry, Mapping) or not entry.get("model"):
         raise CatalogError(f"Model '{name}' needs a 'model' (the LiteLLM model name).")
     base = {k: entry[k] for k in _DEPLOYMENT_KEYS if k in entry}
@@ -129,12 +107,13 @@ def _model_from_config(name: str, entry: Mapping[str, Any]) -> CatalogModel:
                 "set input_usd_per_mtok and output_usd_per_mtok."
             )
         price = found
-    return CatalogModel(
+    return ModelSpec(
         name=name,
         deployments=tuple(deployments),
         price=price,
         owned_by=entry.get("owned_by", entry["model"].split("/", 1)[0]),
         supports_logprobs=entry.get("supports_logprobs", True),
         supports_tools=entry.get("supports_tools", True),
+        domains=frozenset(entry.get("domains") or ()),
         max_output_tokens=entry.get("max_output_tokens"),
     )

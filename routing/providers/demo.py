@@ -202,11 +202,14 @@ def _choice_answer(model: DemoModel, text: str, correct: bool) -> str:
     return f"The answer is ({others[int(_unit(model.name, 'wrong', text) * len(others))]})."
 
 
-def _arith_answer(model: DemoModel, expr: str, value: float, text: str, correct: bool) -> str:
+def _arith_answer(
+    model: DemoModel, expr: str, value: float, text: str, correct: bool, sample: str = ""
+) -> str:
     shown = value
     if not correct:
-        delta = 1 + int(_unit(model.name, "delta", text) * 9)
-        shown = value + (delta if _unit(model.name, "sign", text) < 0.5 else -delta)
+        # A wrong answer is not stable across samples (temperature > 0); a right one is.
+        delta = 1 + int(_unit(model.name, "delta", text, sample) * 9)
+        shown = value + (delta if _unit(model.name, "sign", text, sample) < 0.5 else -delta)
     clean = " ".join(expr.split())
     return f"{clean} = {_fmt_number(shown)}. The answer is {_fmt_number(shown)}."
 
@@ -317,7 +320,8 @@ def demo_answer(
     elif _CHOICE.search(text) and len(set(_CHOICE.findall(text))) >= 2:
         content = _choice_answer(model, text, correct)
     elif arith and value is not None:
-        content = _arith_answer(model, arith.group(1), value, text, correct)
+        sample = str(params.get("seed", "")) if (params.get("temperature") or 0) > 0 else ""
+        content = _arith_answer(model, arith.group(1), value, text, correct, sample)
     else:
         content = _general_answer(model, text, correct, max_words=400)
     if content is not None and not correct and model.skill < 0.9:

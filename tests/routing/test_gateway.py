@@ -215,22 +215,28 @@ async def test_wrong_method_and_unknown_path_are_openai_errors(api_token):
     assert response["x-request-id"].startswith("req_")
 
 
-async def test_models_lists_demo_and_allowed_models(api_token, tenant, fake_models):
+async def test_models_lists_profiles_demo_and_allowed_models(api_token, tenant, fake_models):
     client = AsyncClient()
     auth = {"Authorization": f"Bearer {api_token.raw}"}
-
-    ids = [
-        m["id"] for m in json.loads((await client.get("/v1/models", headers=auth)).content)["data"]
+    presets = [
+        "cascade/cost_optimized",
+        "cascade/balanced",
+        "cascade/quality_first",
+        "cascade/fast",
     ]
-    assert ids[:3] == ["demo/small", "demo/medium", "demo/large"]
-    assert {"fake/gpt", "fake/fallback"} <= set(ids)
+    demo_models = ["demo/small", "demo/medium", "demo/large"]
+
+    async def ids():
+        response = await client.get("/v1/models", headers=auth)
+        return [m["id"] for m in json.loads(response.content)["data"]]
+
+    listed = await ids()
+    assert listed[:7] == presets + demo_models
+    assert {"fake/gpt", "fake/fallback"} <= set(listed)
 
     tenant.allowed_models = ["fake/gpt"]
     await tenant.asave(update_fields=["allowed_models"])
-    ids = [
-        m["id"] for m in json.loads((await client.get("/v1/models", headers=auth)).content)["data"]
-    ]
-    assert ids == ["demo/small", "demo/medium", "demo/large", "fake/gpt"]
+    assert await ids() == [*presets, *demo_models, "fake/gpt"]
 
     response = await client.get("/v1/models", headers={"Authorization": "Bearer cf_bad"})
     assert response.status_code == 401
@@ -338,7 +344,8 @@ async def test_upstream_failure_is_recorded_and_mapped(
     assert event.error_code == code
     assert event.cost_nanos == 0
     assert event.end_user_id is not None
-    assert [a["status"] for a in event.attempts] == ["error"]
+    # one retry of the only deployment, then the error
+    assert [a["status"] for a in event.attempts] == ["error", "error"]
     assert event.request_id == response["x-request-id"]
 
 
@@ -371,9 +378,10 @@ async def test_failed_deployment_falls_back_to_the_next(api_token, fake_models):
 
     assert response.status_code == 200
     assert json.loads(response.content)["choices"][0]["message"]["content"] == "from secondary"
-    assert [r["model"] for r in fake_models.requests] == ["primary", "secondary"]
+    # the primary is tried, retried once, then the secondary answers
+    assert [r["model"] for r in fake_models.requests] == ["primary", "primary", "secondary"]
     [event] = await events()
-    assert [a["status"] for a in event.attempts] == ["error", "ok"]
+    assert [a["status"] for a in event.attempts] == ["error", "error", "ok"]
     assert event.status == UsageStatus.OK
 
 
