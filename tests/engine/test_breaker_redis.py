@@ -1,0 +1,55 @@
+"""The circuit breaker's state is shared across processes through Redis."""
+
+import os
+import uuid
+
+import pytest
+
+from routing.engine.resilience import CircuitBreaker, RedisBreakerStore
+from routing.engine.types import Deployment
+from tests.conftest import skip_or_fail
+
+
+@pytest.fixture
+def redis_url():
+    url = os.environ.get("REDIS_URL")
+    if not url:
+        skip_or_fail("REDIS_URL is not set")
+    import redis
+
+    try:
+        redis.Redis.from_url(url).ping()
+    except redis.RedisError:
+        skip_or_fail(f"Redis at {url} is not reachable")
+    return url
+
+
+async def test_failures_seen_by_one_process_open_the_circuit_for_another(redis_url):
+    prefix = f"cf:test:{uuid.uuid4().hex}:"
+    worker_a = CircuitBreaker(RedisBreakerStore(redis_url, prefix), failure_threshold=3, cooldown_s=30)
+    worker_b = CircuitBreaker(RedisBreakerStore(redis_url, prefix), failure_threshold=3, cooldown_s=30)
+    deployment = Deployment("openai/gpt-x", {"api_base": "http://127.0.0.1:1/v1"})
+
+    await worker_a.failed(deployment)
+    await worker_b.failed(deployment)
+    assert await worker_a.allow(deployment)
+    await worker_a.failed(deployment)
+
+    assert not await worker_b.allow(deployment)
+    assert not await worker_a.allow(deployment)
+    await worker_b.succeeded(deployment)
+    assert await worker_a.allow(deployment)
+
+
+async def test_open_circuit_closes_after_the_cooldown(redis_url):
+    import asyncio
+
+    prefix = f"cf:test:{uuid.uuid4().hex}:"
+    breaker = CircuitBreaker(RedisBreakerStore(redis_url, prefix), failure_threshold=1, cooldown_s=0.2)
+    deployment = Deployment("openai/gpt-y")
+
+    await breaker.failed(deployment)
+    assert not await breaker.allow(deployment)
+    await asyncio.sleep(0.35)
+
+    assert await breaker.allow(deployment)
