@@ -1,3 +1,5 @@
+"""ASGI entry point: HTTP (Django) and WebSocket (Channels)."""
+
 import os
 
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
@@ -11,12 +13,24 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from cascadeflow_site.handlers import GatewayASGIHandler  # noqa: E402
 from cascadeflow_site.middleware import BodySizeLimitMiddleware  # noqa: E402
 from dashboard.routing import websocket_urlpatterns  # noqa: E402
 
+# The OpenAI-compatible API is served by a handler with a short middleware
+# stack (no sessions, CSRF, messages…): it is the hot path.
+gateway_asgi_app = GatewayASGIHandler()
+
+
+async def http_application(scope, receive, send):
+    if scope["path"].startswith("/v1/"):
+        return await gateway_asgi_app(scope, receive, send)
+    return await django_asgi_app(scope, receive, send)
+
+
 application = ProtocolTypeRouter(
     {
-        "http": BodySizeLimitMiddleware(django_asgi_app),
+        "http": BodySizeLimitMiddleware(http_application),
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
         ),

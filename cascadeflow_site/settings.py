@@ -60,6 +60,13 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# The OpenAI-compatible API (/v1/) needs none of the session, CSRF, auth or
+# message middleware; cascadeflow_site.handlers serves it with this stack.
+CASCADEFLOW_GATEWAY_MIDDLEWARE = [
+    "cascadeflow_site.middleware.RequestIdMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+]
+
 ROOT_URLCONF = "cascadeflow_site.urls"
 ASGI_APPLICATION = "cascadeflow_site.asgi.application"
 
@@ -93,7 +100,7 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
 else:
     DATABASES["default"]["CONN_MAX_AGE"] = env.int("DJANGO_CONN_MAX_AGE", default=60)
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DJANGO_CONN_HEALTH_CHECKS", default=True)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis, cache, channels, Celery ---------------------------------------

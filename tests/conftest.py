@@ -104,8 +104,13 @@ def fake_models_config(api_base: str) -> dict:
     }
 
 
-@pytest.fixture
-def fake_models(upstream, settings):
+@pytest.fixture(params=["openai-wire", "litellm"])
+def fake_models(request, upstream, settings, monkeypatch):
+    """Fake-upstream models, reached through both transports: CascadeFlow's lean
+    OpenAI-wire client and LiteLLM's own OpenAI client."""
+    monkeypatch.setenv(
+        "CASCADEFLOW_OPENAI_FAST_PATH", "true" if request.param == "openai-wire" else "false"
+    )
     settings.CASCADEFLOW_MODELS = fake_models_config(upstream.api_base)
     return upstream
 

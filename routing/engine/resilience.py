@@ -23,8 +23,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import httpx
 import litellm
 
+from routing.engine import openai_wire
+from routing.engine.openai_wire import ProviderHTTPError
 from routing.engine.types import Attempt, Deployment, ModelSpec
 
 _PREFIX = re.compile(r"^litellm\.\w+:\s*")
@@ -59,6 +62,12 @@ def classify(exc: BaseException) -> Failure:
     message = _PREFIX.sub("", str(exc)).strip()[:500] or exc.__class__.__name__
     if isinstance(exc, CircuitOpen):
         return Failure(True, 503, "circuit_open", message)
+    if isinstance(exc, ProviderHTTPError):
+        return _classify_status(exc.status, message)
+    if isinstance(exc, httpx.TimeoutException):
+        return Failure(True, 502, "upstream_timeout", message)
+    if isinstance(exc, httpx.HTTPError):
+        return Failure(True, 502, "upstream_error", message)
     if isinstance(
         exc,
         litellm.ContextWindowExceededError
@@ -72,6 +81,18 @@ def classify(exc: BaseException) -> Failure:
         return Failure(True, 502, "upstream_timeout", message)
     if isinstance(exc, litellm.ServiceUnavailableError):
         return Failure(True, 503, "upstream_unavailable", message)
+    return Failure(True, 502, "upstream_error", message)
+
+
+def _classify_status(status: int, message: str) -> Failure:
+    if status in {400, 422}:
+        return Failure(False, 400, "upstream_bad_request", message)
+    if status == 429:
+        return Failure(True, 503, "upstream_rate_limited", message)
+    if status == 503:
+        return Failure(True, 503, "upstream_unavailable", message)
+    if status in {408, 504}:
+        return Failure(True, 502, "upstream_timeout", message)
     return Failure(True, 502, "upstream_error", message)
 
 
@@ -242,7 +263,11 @@ class Caller:
                 await self._backoff(n)
             started = time.perf_counter()
             try:
-                response = await litellm.acompletion(**self._kwargs(deployment, kwargs))
+                call = self._kwargs(deployment, kwargs)
+                if openai_wire.handles(deployment.litellm_model, deployment.params):
+                    response = await openai_wire.acompletion(deployment.litellm_model, call)
+                else:
+                    response = await litellm.acompletion(**call)
                 if not getattr(response, "choices", None):
                     raise litellm.APIError(
                         status_code=502,
@@ -289,7 +314,12 @@ class Caller:
                 await self._backoff(n)
             started = time.perf_counter()
             try:
-                wrapper = await litellm.acompletion(**self._kwargs(deployment, call))
+                if openai_wire.handles(deployment.litellm_model, deployment.params):
+                    wrapper = await openai_wire.astream(
+                        deployment.litellm_model, self._kwargs(deployment, call)
+                    )
+                else:
+                    wrapper = await litellm.acompletion(**self._kwargs(deployment, call))
                 iterator = wrapper.__aiter__()
                 first = await iterator.__anext__()
             except StopAsyncIteration:

@@ -26,8 +26,12 @@ def redis_url():
 
 async def test_failures_seen_by_one_process_open_the_circuit_for_another(redis_url):
     prefix = f"cf:test:{uuid.uuid4().hex}:"
-    worker_a = CircuitBreaker(RedisBreakerStore(redis_url, prefix), failure_threshold=3, cooldown_s=30)
-    worker_b = CircuitBreaker(RedisBreakerStore(redis_url, prefix), failure_threshold=3, cooldown_s=30)
+    worker_a = CircuitBreaker(
+        RedisBreakerStore(redis_url, prefix), failure_threshold=3, cooldown_s=30
+    )
+    worker_b = CircuitBreaker(
+        RedisBreakerStore(redis_url, prefix), failure_threshold=3, cooldown_s=30
+    )
     deployment = Deployment("openai/gpt-x", {"api_base": "http://127.0.0.1:1/v1"})
 
     await worker_a.failed(deployment)
@@ -45,7 +49,9 @@ async def test_open_circuit_closes_after_the_cooldown(redis_url):
     import asyncio
 
     prefix = f"cf:test:{uuid.uuid4().hex}:"
-    breaker = CircuitBreaker(RedisBreakerStore(redis_url, prefix), failure_threshold=1, cooldown_s=0.2)
+    breaker = CircuitBreaker(
+        RedisBreakerStore(redis_url, prefix), failure_threshold=1, cooldown_s=0.2
+    )
     deployment = Deployment("openai/gpt-y")
 
     await breaker.failed(deployment)
