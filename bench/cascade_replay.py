@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,96 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from routing.engine.agent import (
     CascadeAgent,
-    _draft_of,
 )
-from routing.engine.calibrate import RowObservation, StepObservation, acceptable, calibrate_chain
+from routing.engine.calibrate import acceptable
 from routing.engine.calibration import auroc, centred
 from routing.engine.complexity import profile_query, query_text
 from routing.engine.policy import PRESETS, Policy
 from routing.engine.resilience import Caller, UpstreamError
-from routing.engine.signals import extract
-from routing.engine.types import Attempt, ModelSpec
 from routing.providers import replay
-
-CONCURRENCY = 32
-
-
-@dataclass
-class Row:
-    raw: dict[str, Any]
-    split: str
-    messages: list[dict]
-
-    @property
-    def id(self) -> str:
-        return self.raw["id"]
-
-    def quality(self, model: str) -> float:
-        return float(self.raw["responses"][model]["correct"])
-
-
-def split_of(row_id: str) -> str:
-    return (
-        "train" if int(hashlib.sha256(row_id.encode()).hexdigest()[:8], 16) % 100 < 60 else "test"
-    )
-
-
-def load_rows(file: replay.ReplayFile, chain: list[str]) -> tuple[list[Row], bool]:
-    rows = [
-        r
-        for r in file.rows
-        if all((r["responses"].get(m) or {}).get("text") is not None for m in chain)
-    ]
-    resplit = len({r.get("split") for r in rows}) < 2
-    out = [
-        Row(r, split_of(r["id"]) if resplit else r["split"], replay.prompt_messages(r))
-        for r in rows
-    ]
-    return out, resplit
-
-
-async def gather_limited(coros, limit: int = CONCURRENCY):
-    semaphore = asyncio.Semaphore(limit)
-
-    async def run(coro):
-        async with semaphore:
-            return await coro
-
-    return await asyncio.gather(*(run(c) for c in coros))
-
-
-async def observe(
-    agent: CascadeAgent, row: Row, specs: list[ModelSpec], confidence_models: set[str]
-) -> RowObservation:
-    """Every chain model's answer to one query, with the engine's signals on each draft."""
-    params = {"metadata": {"replay_id": row.id}}
-    plan = agent.plan(row.messages, params)
-    steps = []
-    for index, spec in enumerate(specs):
-        attempts: list[Attempt] = []
-        kwargs = {**params, "messages": row.messages}
-        if spec.supports_logprobs:
-            kwargs["logprobs"] = True
-        response, attempt = await agent.caller.complete(spec, kwargs, attempts, role="draft")
-        step = StepObservation(quality=row.quality(spec.name), cost_nanos=attempt.cost_nanos)
-        if index < len(specs) - 1:
-            draft = _draft_of(response)
-            report = extract(draft, plan.query, params)
-            step.features = dict(report.features)
-            step.hard_fail = report.hard_fail is not None
-            step.margin = agent.policy.margin(plan.query.domain)
-            if spec.name in confidence_models:
-                agent.verifier = spec
-                check = await agent._self_verify(row.messages, draft)
-                if check.value is not None:
-                    step.paid_features = {
-                        **step.features,
-                        "has_verify": 1.0,
-                        "verify_p": check.value,
-                    }
-                    step.paid_cost_nanos = check.cost_nanos
-        steps.append(step)
-    return RowObservation(steps=steps)
 
 
 def policy_summary(
@@ -182,37 +97,24 @@ async def run(args) -> dict[str, Any]:
             "direct_when_hard": False,
         }
     )
-    rows, resplit = load_rows(file, chain)
-    train = [r for r in rows if r.split == "train"]
-    test = [r for r in rows if r.split == "test"]
-    graded = any(0 < r.quality(m) < 1 for r in rows for m in chain)
-    confidence_models = (
-        {
-            m
-            for m in chain[:-1]
-            if all(r.raw["responses"][m].get("confidence") is not None for r in rows)
-        }
-        if not args.no_paid
-        else set()
-    )
-
-    probe = CascadeAgent(specs, policy=policy, caller=Caller(retries=0))
-    observations = await gather_limited(observe(probe, r, specs, confidence_models) for r in rows)
-    by_id = {r.id: o for r, o in zip(rows, observations, strict=True)}
-
-    calibration = calibrate_chain(
-        [by_id[r.id] for r in train],
+    calibration, rows, by_id, graded = await replay.calibrate_on_file(
+        file,
+        specs,
+        chain,
+        policy=policy,
         target_retention=target,
-        graded=graded,
         confidence=args.confidence,
         allow_paid=not args.no_paid,
     )
+    resplit = len({r.raw.get("split") for r in rows}) < 2
+    train = [r for r in rows if r.split == "train"]
+    test = [r for r in rows if r.split == "test"]
     agent = CascadeAgent(specs, policy=policy, calibration=calibration, caller=Caller(retries=0))
 
-    async def engine_run(row: Row):
+    async def engine_run(row: replay.Row):
         return await agent.run(row.messages, {"metadata": {"replay_id": row.id}})
 
-    results = await gather_limited(engine_run(r) for r in test)
+    results = await replay.gather_limited(engine_run(r) for r in test)
 
     strongest = chain[-1]
     ref_q = sum(r.quality(strongest) for r in test)

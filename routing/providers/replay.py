@@ -21,6 +21,8 @@ No Django imports: the benchmark and tests use it alone.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import time
 import uuid
@@ -32,9 +34,14 @@ import litellm
 from litellm.llms.custom_llm import CustomLLM, CustomLLMError
 from litellm.types.utils import ModelResponse
 
-from routing.engine.agent import VERIFY_SYSTEM_PROMPT
+from routing.engine.agent import VERIFY_SYSTEM_PROMPT, CascadeAgent
+from routing.engine.agent import _draft_of as draft_of
+from routing.engine.calibrate import RowObservation, StepObservation, calibrate_chain
 from routing.engine.complexity import query_text
+from routing.engine.policy import Calibration, Policy
 from routing.engine.pricing import ModelPrice, usd_to_nanos
+from routing.engine.resilience import Caller
+from routing.engine.signals import extract
 from routing.engine.types import Deployment, ModelSpec
 
 PROVIDER = "replay"
@@ -203,3 +210,129 @@ def register(file: ReplayFile) -> None:
             {"provider": PROVIDER, "custom_handler": handler},
         ]
         litellm.utils.custom_llm_setup()
+
+
+# --- observing a chain on recorded data (for calibration) -------------------------------
+
+
+@dataclass
+class Row:
+    raw: dict[str, Any]
+    split: str
+    messages: list[dict]
+
+    @property
+    def id(self) -> str:
+        return self.raw["id"]
+
+    def quality(self, recorded_model: str) -> float:
+        return float(self.raw["responses"][recorded_model]["correct"])
+
+
+def split_of(row_id: str) -> str:
+    """The replay format's deterministic 60/40 split, for files with one split only."""
+    return (
+        "train" if int(hashlib.sha256(row_id.encode()).hexdigest()[:8], 16) % 100 < 60 else "test"
+    )
+
+
+def load_rows(file: ReplayFile, recorded: list[str]) -> tuple[list[Row], bool]:
+    """Rows where every chain model has an answer; (rows, whether they were re-split)."""
+    rows = [
+        r
+        for r in file.rows
+        if all((r["responses"].get(m) or {}).get("text") is not None for m in recorded)
+    ]
+    resplit = len({r.get("split") for r in rows}) < 2
+    return [
+        Row(r, split_of(r["id"]) if resplit else r["split"], prompt_messages(r)) for r in rows
+    ], resplit
+
+
+async def gather_limited(coros, limit: int = 32):
+    semaphore = asyncio.Semaphore(limit)
+
+    async def run(coro):
+        async with semaphore:
+            return await coro
+
+    return await asyncio.gather(*(run(c) for c in coros))
+
+
+async def observe(
+    agent: CascadeAgent,
+    row: Row,
+    specs: list[ModelSpec],
+    recorded: list[str],
+    verify_models: set[str],
+) -> RowObservation:
+    """Every chain model's answer to one row, with the engine's signals on each draft.
+
+    ``specs[i]`` is called through its deployments (``replay/<recorded[i]>``);
+    ``verify_models`` are the recorded models whose self-check is replayed.
+    """
+    params = {"metadata": {"replay_id": row.id}}
+    plan = agent.plan(row.messages, params)
+    steps = []
+    for index, (spec, name) in enumerate(zip(specs, recorded, strict=True)):
+        kwargs: dict[str, Any] = {**params, "messages": row.messages}
+        if spec.supports_logprobs:
+            kwargs["logprobs"] = True
+        response, attempt = await agent.caller.complete(spec, kwargs, [], role="draft")
+        step = StepObservation(quality=row.quality(name), cost_nanos=attempt.cost_nanos)
+        if index < len(specs) - 1:
+            draft = draft_of(response)
+            report = extract(draft, plan.query, params)
+            step.features = dict(report.features)
+            step.hard_fail = report.hard_fail is not None
+            step.margin = agent.policy.margin(plan.query.domain)
+            if name in verify_models:
+                agent.verifier = spec
+                check = await agent._self_verify(row.messages, draft)
+                if check.value is not None:
+                    step.paid_features = {
+                        **step.features,
+                        "has_verify": 1.0,
+                        "verify_p": check.value,
+                    }
+                    step.paid_cost_nanos = check.cost_nanos
+        steps.append(step)
+    return RowObservation(steps=steps)
+
+
+async def calibrate_on_file(
+    file: ReplayFile,
+    specs: list[ModelSpec],
+    recorded: list[str],
+    *,
+    policy: Policy,
+    target_retention: float,
+    confidence: float = 0.9,
+    allow_paid: bool = True,
+) -> tuple[Calibration, list[Row], dict[str, RowObservation], bool]:
+    """Observe every row, calibrate on the train split; also return the observations."""
+    register(file)
+    rows, _ = load_rows(file, recorded)
+    graded = any(0 < r.quality(m) < 1 for r in rows for m in recorded)
+    verify_models = (
+        {
+            m
+            for m in recorded[:-1]
+            if all(r.raw["responses"][m].get("confidence") is not None for r in rows)
+        }
+        if allow_paid
+        else set()
+    )
+    probe = CascadeAgent(specs, policy=policy, caller=Caller(retries=0))
+    observations = await gather_limited(
+        observe(probe, r, specs, recorded, verify_models) for r in rows
+    )
+    by_id = {r.id: o for r, o in zip(rows, observations, strict=True)}
+    calibration = calibrate_chain(
+        [by_id[r.id] for r in rows if r.split == "train"],
+        target_retention=target_retention,
+        graded=graded,
+        confidence=confidence,
+        allow_paid=allow_paid,
+    )
+    return calibration, rows, by_id, graded
