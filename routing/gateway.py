@@ -15,17 +15,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
 from django.utils import timezone
 
+from cascadeflow_site.db import db
 from routing.engine.agent import CascadeAgent, CascadeStream
 from routing.engine.pricing import nanos_to_usd
 from routing.engine.resilience import (
@@ -47,29 +46,15 @@ from tenants.models import Tenant
 from tenants.selectors import TokenContext, TokenInvalid, token_context_for_raw
 from tenants.services import end_user_get_or_create, token_touch
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def db(fn: Callable[P, R]) -> Callable[P, Any]:
-    """Run ORM work off the event loop on a pooled thread with a usable connection."""
-
-    def run(*args: P.args, **kwargs: P.kwargs) -> R:
-        # The same connection lifecycle Django gives a request: drop connections
-        # that are broken or past CONN_MAX_AGE before and after the work.
-        close_old_connections()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            close_old_connections()
-
-    return sync_to_async(run, thread_sensitive=False)
-
 
 @lru_cache(maxsize=1)
 def caller() -> Caller:
     """One caller per process; its circuit breaker state is shared through Redis when set."""
-    store = RedisBreakerStore(settings.REDIS_URL) if settings.REDIS_URL else MemoryBreakerStore()
+    store = (
+        RedisBreakerStore(settings.REDIS_URL, prefix=settings.CASCADEFLOW_BREAKER_PREFIX)
+        if settings.REDIS_URL
+        else MemoryBreakerStore()
+    )
     breaker = CircuitBreaker(
         store,
         failure_threshold=settings.CASCADEFLOW_BREAKER_FAILURES,

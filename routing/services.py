@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from cascadeflow_site.db import insert_row
 from routing.engine.types import Attempt
 from routing.enums import UsageStatus
 from routing.models import UsageEvent
@@ -50,32 +51,35 @@ class LedgerEntry:
         return called
 
 
-def usage_event_record(*, entry: LedgerEntry) -> UsageEvent:
-    """Insert the request's ledger row (one INSERT, no read)."""
-    return UsageEvent.objects.create(
-        tenant_id=entry.tenant_id,
-        token_id=entry.token_id,
-        end_user_id=entry.end_user_id,
-        request_id=entry.request_id,
-        created_at=entry.created_at,
-        requested_model=entry.requested_model,
-        model=entry.model,
-        models_called=entry.models_called,
-        attempts=[a.as_dict() for a in entry.attempts],
-        prompt_tokens=entry.prompt_tokens,
-        completion_tokens=entry.completion_tokens,
-        cost_nanos=entry.cost_nanos,
-        baseline_cost_nanos=entry.baseline_cost_nanos,
-        escalated=entry.escalated,
-        stream=entry.stream,
-        latency_ms=entry.latency_ms,
-        status=entry.status,
-        http_status=entry.http_status,
-        error_code=entry.error_code,
-        profile=entry.profile,
-        domain=entry.domain,
-        complexity=entry.complexity,
-        quality_score=entry.quality_score,
-        baseline_method=entry.baseline_method,
-        degraded=entry.degraded,
+def usage_event_record(*, entry: LedgerEntry) -> None:
+    """Insert the request's ledger row: one INSERT, built once, no read back."""
+    insert_row(
+        UsageEvent,
+        dict(
+            tenant=entry.tenant_id,
+            token=entry.token_id,
+            end_user=entry.end_user_id,
+            request_id=entry.request_id,
+            created_at=entry.created_at,
+            requested_model=entry.requested_model,
+            model=entry.model,
+            models_called=entry.models_called,
+            attempts=[a.as_dict() for a in entry.attempts],
+            prompt_tokens=entry.prompt_tokens,
+            completion_tokens=entry.completion_tokens,
+            cost_nanos=entry.cost_nanos,
+            baseline_cost_nanos=entry.baseline_cost_nanos,
+            escalated=entry.escalated,
+            stream=entry.stream,
+            latency_ms=entry.latency_ms,
+            status=entry.status,
+            http_status=entry.http_status,
+            error_code=entry.error_code,
+            profile=entry.profile,
+            domain=entry.domain,
+            complexity=entry.complexity,
+            quality_score=entry.quality_score,
+            baseline_method=entry.baseline_method,
+            degraded=entry.degraded,
+        ),
     )

@@ -2,7 +2,11 @@
 
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 
+from django.db import connection
+
+from cascadeflow_site.db import as_datetime, as_json, fetch_one, select_sql
 from tenants.models import ApiToken, Tenant
 from tenants.services import token_hash
 
@@ -29,6 +33,29 @@ class TokenInvalid(Exception):
         self.reason = reason
 
 
+_TOKEN_COLUMNS = (
+    "pk",
+    "tenant_id",
+    "scopes",
+    "expires_at",
+    "revoked_at",
+    "last_used_at",
+    "tenant__slug",
+    "tenant__is_active",
+    "tenant__allowed_models",
+    "tenant__tier__allowed_models",
+)
+_HASH_PLACEHOLDER = "\x00token-hash\x00"
+
+
+@lru_cache(maxsize=4)
+def _token_query(vendor: str) -> tuple[str, int, int]:
+    """The token lookup's SQL, compiled once per database backend (it runs on every request)."""
+    queryset = ApiToken.objects.filter(token_hash=_HASH_PLACEHOLDER).values_list(*_TOKEN_COLUMNS)
+    sql, index = select_sql(queryset, _HASH_PLACEHOLDER)
+    return sql, index, len(queryset.query.sql_with_params()[1])
+
+
 def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
     """Resolve a raw bearer token; raise ``TokenInvalid`` with a user-facing reason.
 
@@ -37,28 +64,29 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
     """
     if not raw:
         raise TokenInvalid("Missing API key. Send it as 'Authorization: Bearer <token>'.")
-    try:
-        token = ApiToken.objects.select_related("tenant", "tenant__tier").get(
-            token_hash=token_hash(raw)
-        )
-    except ApiToken.DoesNotExist:
-        raise TokenInvalid("Incorrect API key provided.") from None
-    if token.revoked_at is not None:
+    sql, index, count = _token_query(connection.vendor)
+    params: list = [None] * count
+    params[index] = token_hash(raw)
+    row = fetch_one(sql, params)
+    if row is None:
+        raise TokenInvalid("Incorrect API key provided.")
+    (token_id, tenant_id, scopes, expires_at, revoked_at, last_used_at,
+     slug, tenant_active, tenant_models, tier_models) = row  # fmt: skip
+    if revoked_at is not None:
         raise TokenInvalid("This API key has been revoked.")
-    if token.expires_at is not None and token.expires_at <= now:
+    expires_at = as_datetime(expires_at)
+    if expires_at is not None and expires_at <= now:
         raise TokenInvalid("This API key has expired.")
-    tenant: Tenant = token.tenant
-    if not tenant.is_active:
+    if not tenant_active:
         raise TokenInvalid("This API key belongs to a deactivated account.")
-    tier = tenant.tier
     return TokenContext(
-        token_id=token.pk,
-        tenant_id=tenant.pk,
-        tenant_slug=tenant.slug,
-        scopes=frozenset(token.scopes),
-        tenant_allowed_models=tuple(tenant.allowed_models or ()),
-        tier_allowed_models=tuple(tier.allowed_models or ()) if tier else (),
-        last_used_at=token.last_used_at,
+        token_id=token_id,
+        tenant_id=tenant_id,
+        tenant_slug=slug,
+        scopes=frozenset(as_json(scopes) or ()),
+        tenant_allowed_models=tuple(as_json(tenant_models) or ()),
+        tier_allowed_models=tuple(as_json(tier_models) or ()),
+        last_used_at=as_datetime(last_used_at),
     )
 
 

@@ -1,4 +1,5 @@
 import os
+import uuid
 
 import pytest
 from asgiref.sync import SyncToAsync
@@ -39,6 +40,7 @@ def _fresh_caller(settings):
     from routing.gateway import caller
 
     settings.CASCADEFLOW_UPSTREAM_BACKOFF = 0.0
+    settings.CASCADEFLOW_BREAKER_PREFIX = f"cf:test:{uuid.uuid4().hex}:"
     caller.cache_clear()
     yield
     caller.cache_clear()

@@ -1,0 +1,86 @@
+"""Database helpers for the request hot path.
+
+Compiling an ORM query costs about 0.4 ms of CPU, several times what the
+round trip to PostgreSQL costs; the gateway makes two queries per request.
+These helpers keep the ORM's own column names and per-backend value
+adaptation (``Field.get_db_prep_save``) but build each statement once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any, ParamSpec, TypeVar
+
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections, connections, models
+from django.utils.dateparse import parse_datetime
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def db(fn: Callable[P, R]) -> Callable[P, Any]:
+    """Run ORM work off the event loop on a pooled thread.
+
+    The connection lifecycle is the one Django gives a request: connections
+    that are broken or past CONN_MAX_AGE are dropped before and after the work.
+    """
+
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        close_old_connections()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    return sync_to_async(run, thread_sensitive=False)
+
+
+@lru_cache(maxsize=64)
+def _insert_sql(model: type[models.Model], names: tuple[str, ...], vendor: str) -> str:
+    connection = connections["default"]
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(model._meta.get_field(n).column) for n in names)
+    placeholders = ", ".join(["%s"] * len(names))
+    return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ({placeholders})"  # noqa: S608 - identifiers from model metadata
+
+
+def insert_row(model: type[models.Model], values: dict[str, Any], using: str = "default") -> None:
+    """INSERT one row (no RETURNING, no model instance), values adapted by each field."""
+    connection = connections[using]
+    names = tuple(values)
+    sql = _insert_sql(model, names, connection.vendor)
+    params = [
+        model._meta.get_field(name).get_db_prep_save(value, connection)
+        for name, value in values.items()
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
+def select_sql(queryset: models.QuerySet, placeholder: Any) -> tuple[str, int]:
+    """The SQL of a ``values_list`` queryset and the index of ``placeholder`` in its params."""
+    sql, params = queryset.query.sql_with_params()
+    return sql, list(params).index(placeholder)
+
+
+def fetch_one(sql: str, params: Sequence[Any], using: str = "default") -> tuple | None:
+    with connections[using].cursor() as cursor:
+        cursor.execute(sql, list(params))
+        return cursor.fetchone()
+
+
+def as_json(value: Any) -> Any:
+    """A JSON column as read by a raw cursor: text on SQLite and PostgreSQL (Django's loader)."""
+    return json.loads(value) if isinstance(value, str | bytes) else value
+
+
+def as_datetime(value: Any) -> datetime | None:
+    """A timestamp as read by a raw cursor: aware on PostgreSQL, naive UTC text on SQLite."""
+    if value is None or (isinstance(value, datetime) and value.tzinfo is not None):
+        return value
+    parsed = parse_datetime(value) if isinstance(value, str) else value
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
