@@ -47,6 +47,14 @@ def _fresh_caller(settings):
 
 
 @pytest.fixture(autouse=True)
+async def _close_provider_sessions():
+    yield
+    from routing.engine import openai_wire
+
+    await openai_wire.close_session()
+
+
+@pytest.fixture(autouse=True)
 def _instant_demo_models():
     previous = demo.latency_scale
     demo.latency_scale = 0.0

@@ -118,6 +118,15 @@ class CascadeAgent:
     # --- planning ----------------------------------------------------------------
 
     def plan(self, messages: list[dict], params: dict[str, Any]) -> Plan:
+        if len(self.chain) == 1 and not self.domain_routes:
+            return Plan(
+                QueryProfile.unjudged(),
+                self.chain,
+                self.calibration,
+                0.0,
+                self.chain,
+                self.chain[0],
+            )
         query = profile_query(query_text(messages))
         route = self.domain_routes.get(query.domain)
         chain = route.chain if route else self.chain

@@ -343,6 +343,11 @@ class QueryProfile:
     expected_log_tokens: float  # log(1 + tokens) a complete answer usually needs
     log_words: float = 0.0  # log(1 + words in the query)
 
+    @classmethod
+    def unjudged(cls) -> QueryProfile:
+        """For requests nothing is judged on (one model, no domain routes): no analysis."""
+        return cls("", {}, 0.0, frozenset(), False, (), 0.0)
+
     @property
     def band(self) -> str:
         if self.complexity < 0.3:

@@ -3,7 +3,7 @@
 LiteLLM is the transport for every provider; for the many that speak
 OpenAI's own format (OpenAI, Azure-compatible gateways, vLLM, TGI, Together,
 Fireworks, local servers — any ``openai/<model>`` deployment) this path sends
-the request with one shared, keep-alive ``httpx`` client and parses the answer
+the request with one shared, keep-alive ``aiohttp`` session and parses the answer
 into LiteLLM's own ``ModelResponse``. It does what LiteLLM's OpenAI path does
 for a chat completion at a fraction of the CPU per call (measured in
 ``bench/overhead.py``), which is what lets one gateway process serve several
@@ -21,7 +21,7 @@ import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import httpx
+import aiohttp
 import litellm
 
 # The request parameters of OpenAI's chat-completions API that are forwarded.
@@ -35,7 +35,7 @@ OPENAI_PARAMS: frozenset[str] = frozenset(
 )  # fmt: skip
 DEFAULT_API_BASE = "https://api.openai.com/v1"
 
-_clients: dict[int, httpx.AsyncClient] = {}
+_sessions: dict[int, aiohttp.ClientSession] = {}
 
 
 class ProviderHTTPError(Exception):
@@ -55,19 +55,19 @@ def handles(litellm_model: str, params: Mapping[str, Any]) -> bool:
     return enabled and litellm_model.startswith("openai/")
 
 
-def _client() -> httpx.AsyncClient:
-    """One pooled client per event loop (a client cannot be shared across loops)."""
+def _session() -> aiohttp.ClientSession:
+    """One pooled session per event loop (a session cannot be shared across loops)."""
     loop = asyncio.get_running_loop()
-    client = _clients.get(id(loop))
-    if client is None or client.is_closed:
-        if len(_clients) > 8:  # loops come and go in tests; keep the map small
-            _clients.clear()
-        client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-            timeout=httpx.Timeout(120.0, connect=10.0),
+    session = _sessions.get(id(loop))
+    if session is None or session.closed:
+        if len(_sessions) > 8:  # loops come and go in tests; keep the map small
+            _sessions.clear()
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=512, ttl_dns_cache=300),
+            json_serialize=json.dumps,
         )
-        _clients[id(loop)] = client
-    return client
+        _sessions[id(loop)] = session
+    return session
 
 
 def _request(
@@ -90,24 +90,31 @@ def _request(
     return f"{base}/chat/completions", headers, body, float(timeout) if timeout else 120.0
 
 
-async def _raise_for_status(response: httpx.Response) -> None:
-    if response.status_code < 400:
+async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
+    if response.status < 400:
         return
-    raw = await response.aread()
+    raw = await response.read()
     message = raw.decode(errors="replace")[:500]
     try:
         message = json.loads(raw)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         pass
-    raise ProviderHTTPError(response.status_code, message, response.headers.get("retry-after"))
+    raise ProviderHTTPError(response.status, message, response.headers.get("retry-after"))
+
+
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=seconds, connect=min(10.0, seconds))
 
 
 async def acompletion(litellm_model: str, kwargs: Mapping[str, Any]) -> litellm.ModelResponse:
     url, headers, body, timeout = _request(litellm_model, kwargs)
-    response = await _client().post(url, headers=headers, json=body, timeout=timeout)
-    await _raise_for_status(response)
+    async with _session().post(
+        url, headers=headers, json=body, timeout=_timeout(timeout)
+    ) as response:
+        await _raise_for_status(response)
+        raw = await response.read()
     try:
-        data = response.json()
+        data = json.loads(raw)
     except ValueError:
         raise ProviderHTTPError(502, "Malformed response: not JSON.") from None
     if not isinstance(data, dict) or not data.get("choices"):
@@ -138,21 +145,20 @@ def _drop_none(value: Any) -> Any:
 async def astream(litellm_model: str, kwargs: Mapping[str, Any]) -> AsyncIterator[Chunk]:
     """Server-sent events from the provider, as chunks; raises before the first one on errors."""
     url, headers, body, timeout = _request(litellm_model, kwargs)
-    client = _client()
-    request = client.build_request("POST", url, headers=headers, json=body, timeout=timeout)
-    response = await client.send(request, stream=True)
+    response = await _session().post(url, headers=headers, json=body, timeout=_timeout(timeout))
     try:
         await _raise_for_status(response)
     except BaseException:
-        await response.aclose()
+        response.release()
         raise
     return _events(response)
 
 
-async def _events(response: httpx.Response) -> AsyncIterator[Chunk]:
+async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
     finished = False
     try:
-        async for line in response.aiter_lines():
+        async for raw_line in response.content:
+            line = raw_line.decode("utf-8", errors="replace").strip()
             if not line.startswith("data:"):
                 continue
             payload = line[5:].strip()
@@ -174,4 +180,11 @@ async def _events(response: httpx.Response) -> AsyncIterator[Chunk]:
         if not finished:
             raise ProviderHTTPError(502, "The provider closed the stream before finishing.")
     finally:
-        await response.aclose()
+        response.release()
+
+
+async def close_session() -> None:
+    """Close the running loop's session (at shutdown, or at the end of a test's loop)."""
+    session = _sessions.pop(id(asyncio.get_running_loop()), None)
+    if session is not None and not session.closed:
+        await session.close()

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import httpx
+import aiohttp
 import litellm
 
 from routing.engine import openai_wire
@@ -64,9 +64,7 @@ def classify(exc: BaseException) -> Failure:
         return Failure(True, 503, "circuit_open", message)
     if isinstance(exc, ProviderHTTPError):
         return _classify_status(exc.status, message)
-    if isinstance(exc, httpx.TimeoutException):
-        return Failure(True, 502, "upstream_timeout", message)
-    if isinstance(exc, httpx.HTTPError):
+    if isinstance(exc, aiohttp.ClientError):
         return Failure(True, 502, "upstream_error", message)
     if isinstance(
         exc,
