@@ -25,7 +25,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from cascadeflow_site.db import db
-from routing.engine.agent import CascadeAgent, CascadeStream
+from routing.engine.agent import CascadeAgent, CascadeStream, clean_payload
 from routing.engine.pricing import nanos_to_usd
 from routing.engine.resilience import (
     Caller,
@@ -280,7 +280,7 @@ async def complete(gw: GatewayRequest) -> CompletionOutcome:
         raise await _fail(gw, entry, exc, list(exc.attempts)) from None
     _fill(entry, result)
     await record(gw, entry)
-    body = _clean(result.response.model_dump())
+    body = clean_payload(result.response.model_dump())
     body["model"] = result.model.name
     return CompletionOutcome(
         body=body,
@@ -292,19 +292,6 @@ async def complete(gw: GatewayRequest) -> CompletionOutcome:
             profile=gw.target.profile,
         ),
     )
-
-
-def _clean(value: Any) -> Any:
-    """Drop LiteLLM's private fields so the body is exactly OpenAI's shape."""
-    if isinstance(value, dict):
-        return {
-            k: _clean(v)
-            for k, v in value.items()
-            if k != "provider_specific_fields" and not (k == "function_call" and v is None)
-        }
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
 
 
 # --- streaming ----------------------------------------------------------------------

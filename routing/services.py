@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from cascadeflow_site.db import insert_row
-from routing.engine.types import Attempt
+from routing.engine.types import Attempt, models_called
 from routing.enums import UsageStatus
 from routing.models import UsageEvent
 
@@ -44,11 +44,7 @@ class LedgerEntry:
 
     @property
     def models_called(self) -> list[str]:
-        called: list[str] = []
-        for attempt in self.attempts:
-            if attempt.model not in called:
-                called.append(attempt.model)
-        return called
+        return models_called(self.attempts)
 
 
 def usage_event_record(*, entry: LedgerEntry) -> None:

@@ -561,7 +561,7 @@ class CascadeStream:
         chunk = upstream.first_chunk
         try:
             while True:
-                data = _clean(chunk.model_dump(exclude_none=True))
+                data = clean_payload(chunk.model_dump(exclude_none=True))
                 data["model"] = upstream.spec.name
                 if data.get("usage"):
                     usage = data["usage"]
@@ -619,14 +619,14 @@ class CascadeStream:
         )
 
 
-def _clean(value: Any) -> Any:
+def clean_payload(value: Any) -> Any:
     """Drop LiteLLM's private fields so chunks are exactly OpenAI's shape."""
     if isinstance(value, dict):
         return {
-            k: _clean(v)
+            k: clean_payload(v)
             for k, v in value.items()
             if k != "provider_specific_fields" and not (k == "function_call" and v is None)
         }
     if isinstance(value, list):
-        return [_clean(v) for v in value]
+        return [clean_payload(v) for v in value]
     return value

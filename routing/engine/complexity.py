@@ -382,12 +382,7 @@ def detect_domain(text: str) -> tuple[str, dict[str, float]]:
 
 
 def _numbers(text: str) -> frozenset[float]:
-    found: set[float] = set()
-    for raw in _NUM.findall(text):
-        try:
-            found.add(round(float(raw.replace("$", "").replace(",", "")), 6))
-        except ValueError:
-            continue
+    found = {round(n, 6) for n in numbers(text)}
     for word in re.findall(r"[a-z]+", text.lower()):
         if word in _NUMBER_WORDS:
             found.add(float(_NUMBER_WORDS[word]))
@@ -396,7 +391,8 @@ def _numbers(text: str) -> frozenset[float]:
     return frozenset(found)
 
 
-def _numbers_plain(text: str) -> list[float]:
+def numbers(text: str) -> list[float]:
+    """Every number written in digits ($ and thousands separators allowed)."""
     out = []
     for raw in _NUM.findall(text):
         try:
@@ -430,7 +426,7 @@ def profile_query(text: str) -> QueryProfile:
         numbers=nums,
         # Counting questions, and word problems stated in whole numbers, have whole answers.
         expects_integer=bool(_COUNTING.search(text))
-        or (bool(nums) and all(float(n).is_integer() for n in _numbers_plain(text))),
+        or (bool(nums) and all(float(n).is_integer() for n in numbers(text))),
         choices=choices,
         expected_log_tokens=math.log1p(expected_tokens),
         log_words=math.log1p(words),

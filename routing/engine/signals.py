@@ -35,9 +35,8 @@ from typing import Any
 
 import jsonschema
 
-from routing.engine.complexity import QueryProfile
+from routing.engine.complexity import QueryProfile, numbers
 
-_NUM = re.compile(r"(?<![\w.])-?\$?\d[\d,]*(?:\.\d+)?")
 _CALC = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
 _EQUATION = re.compile(
     r"((?:[\d.,$\s()]|[-+*/x\u00d7\u00f7^%]|\\\*)+?)\s*=\s*\$?\s*(-?[\d,]*\.?\d+)"
@@ -121,16 +120,6 @@ class Draft:
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     token_logprobs: list[float] | None = None
     completion_tokens: int = 0
-
-
-def numbers(text: str) -> list[float]:
-    out = []
-    for raw in _NUM.findall(text):
-        try:
-            out.append(float(raw.replace("$", "").replace(",", "")))
-        except ValueError:
-            continue
-    return out
 
 
 def safe_eval(expr: str) -> float | None:

@@ -148,8 +148,9 @@ class CascadeResult:
 
     @property
     def models_called(self) -> list[str]:
-        called: list[str] = []
-        for attempt in self.attempts:
-            if attempt.model not in called:
-                called.append(attempt.model)
-        return called
+        return models_called(self.attempts)
+
+
+def models_called(attempts: list[Attempt]) -> list[str]:
+    """The models a request called, in first-call order."""
+    return list(dict.fromkeys(a.model for a in attempts))
