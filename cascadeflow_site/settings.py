@@ -146,6 +146,12 @@ CELERY_TASK_TIME_LIMIT = 300
 CELERY_TASK_SOFT_TIME_LIMIT = 240
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TIMEZONE = "UTC"
+CELERY_BEAT_SCHEDULE = {
+    "reclaim-expired-budget-reservations": {
+        "task": "tenants.tasks.reservations_reclaim",
+        "schedule": 60.0,
+    },
+}
 
 # --- Auth, i18n, static ----------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
@@ -225,6 +231,9 @@ CASCADEFLOW_BREAKER_FAILURES = env.int("CASCADEFLOW_BREAKER_FAILURES", default=5
 CASCADEFLOW_BREAKER_WINDOW = env.float("CASCADEFLOW_BREAKER_WINDOW", default=60.0)
 CASCADEFLOW_BREAKER_COOLDOWN = env.float("CASCADEFLOW_BREAKER_COOLDOWN", default=30.0)
 CASCADEFLOW_BREAKER_PREFIX = env.str("CASCADEFLOW_BREAKER_PREFIX", default="cf:cb:")
+# A budget reservation not settled within this many seconds (its worker died)
+# is reclaimed by the tenants.reservations_reclaim task.
+CASCADEFLOW_RESERVATION_TTL = env.int("CASCADEFLOW_RESERVATION_TTL", default=900)
 # How stale ApiToken.last_used_at may get before a request rewrites it.
 CASCADEFLOW_TOKEN_TOUCH_SECONDS = env.int("CASCADEFLOW_TOKEN_TOUCH_SECONDS", default=60)
 

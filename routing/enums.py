@@ -5,6 +5,8 @@ class UsageStatus(models.TextChoices):
     OK = "ok", "Answered"
     UPSTREAM_ERROR = "upstream_error", "Every upstream attempt failed"
     CLIENT_CLOSED = "client_closed", "Client disconnected mid-stream"
+    BLOCKED = "blocked", "Refused by a budget"
+    RATE_LIMITED = "rate_limited", "Refused by a rate limit"
 
 
 class Preset(models.TextChoices):

@@ -16,15 +16,17 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from cascadeflow_site.db import db
+from routing.enforcement import Enforcement, admit, blocked_error, settle
 from routing.engine.agent import CascadeAgent, CascadeStream, clean_payload
 from routing.engine.pricing import nanos_to_usd
 from routing.engine.resilience import (
@@ -78,6 +80,7 @@ class GatewayRequest:
     end_user_id: int | None
     received_at: datetime
     started: float
+    enforcement: Enforcement = field(default_factory=Enforcement)
 
     def agent(self) -> CascadeAgent:
         from routing.engine.policy import PRESETS, Policy
@@ -143,19 +146,43 @@ def _authenticate(raw_token: str, scope: str) -> TokenContext:
 
 @db
 def _prepare_sync(
-    raw_token: str, chat: ChatRequest | None, parse_error: GatewayError | None
-) -> tuple[TokenContext, Target, int | None]:
+    raw_token: str,
+    chat: ChatRequest | None,
+    parse_error: GatewayError | None,
+    request_id: str,
+    received_at: datetime,
+    started: float,
+) -> GatewayRequest:
     ctx = _authenticate(raw_token, Scope.COMPLETIONS)
     if parse_error is not None:
         raise parse_error
     assert chat is not None
     target = resolve_target(ctx, chat.model)
-    end_user_id = None
+    end_user = None
     if chat.user:
-        end_user_id = end_user_get_or_create(
-            tenant=Tenant(pk=ctx.tenant_id), external_id=chat.user
-        ).pk
-    return ctx, target, end_user_id
+        end_user = end_user_get_or_create(tenant=Tenant(pk=ctx.tenant_id), external_id=chat.user)
+    target, enforcement = admit(
+        ctx=ctx, chat=chat, target=target, end_user=end_user, request_id=request_id, now=received_at
+    )
+    gw = GatewayRequest(
+        request_id,
+        ctx,
+        chat,
+        target,
+        end_user.pk if end_user else None,
+        received_at,
+        started,
+        enforcement,
+    )
+    if enforcement.decision == "block":
+        entry = _entry(gw)
+        entry.status = UsageStatus.BLOCKED
+        entry.http_status = 402
+        entry.error_code = "budget_exceeded"
+        entry.latency_ms = int((time.perf_counter() - started) * 1000)
+        usage_event_record(entry=entry)
+        raise blocked_error(enforcement)
+    return gw
 
 
 async def prepare(
@@ -165,12 +192,15 @@ async def prepare(
     chat: ChatRequest | None,
     parse_error: GatewayError | None,
 ) -> GatewayRequest:
-    """Authenticate first (401 beats 400), then resolve the target and end user."""
-    received_at = timezone.now()
-    started = time.perf_counter()
-    ctx, target, end_user_id = await _prepare_sync(bearer_token(authorization), chat, parse_error)
-    assert chat is not None
-    return GatewayRequest(request_id, ctx, chat, target, end_user_id, received_at, started)
+    """Authenticate first (401 beats 400), then resolve the target, end user and budgets."""
+    return await _prepare_sync(
+        bearer_token(authorization),
+        chat,
+        parse_error,
+        request_id,
+        timezone.now(),
+        time.perf_counter(),
+    )
 
 
 @db
@@ -203,6 +233,7 @@ def _entry(gw: GatewayRequest) -> LedgerEntry:
         requested_model=gw.chat.model,
         stream=gw.chat.stream,
         profile=gw.target.profile,
+        budget_status=gw.enforcement.decision,
     )
 
 
@@ -222,8 +253,12 @@ def _fill(entry: LedgerEntry, result: CascadeResult) -> None:
 
 
 @db
-def _record_sync(entry: LedgerEntry, ctx: TokenContext) -> None:
-    usage_event_record(entry=entry)
+def _record_sync(entry: LedgerEntry, ctx: TokenContext, enforcement: Enforcement) -> None:
+    # The ledger row and the budget settlement commit together: counters and
+    # ledger agree to the nano-dollar.
+    with transaction.atomic():
+        usage_event_record(entry=entry)
+        settle(tenant_id=ctx.tenant_id, enforcement=enforcement, actual_nanos=entry.cost_nanos)
     now = timezone.now()
     stale_before = now - timedelta(seconds=settings.CASCADEFLOW_TOKEN_TOUCH_SECONDS)
     if ctx.last_used_at is None or ctx.last_used_at < stale_before:
@@ -233,7 +268,7 @@ def _record_sync(entry: LedgerEntry, ctx: TokenContext) -> None:
 async def record(gw: GatewayRequest, entry: LedgerEntry) -> None:
     entry.latency_ms = int((time.perf_counter() - gw.started) * 1000)
     # Shielded: a client that disconnects must not cancel its own ledger row.
-    await asyncio.shield(_record_sync(entry, gw.ctx))
+    await asyncio.shield(_record_sync(entry, gw.ctx, gw.enforcement))
 
 
 def _as_gateway_error(exc: UpstreamError) -> GatewayError:
@@ -284,13 +319,16 @@ async def complete(gw: GatewayRequest) -> CompletionOutcome:
     body["model"] = result.model.name
     return CompletionOutcome(
         body=body,
-        headers=cascade_headers(
-            model=result.model.name,
-            escalated=result.escalated,
-            cost_nanos=result.cost_nanos,
-            savings_nanos=result.savings_nanos,
-            profile=gw.target.profile,
-        ),
+        headers={
+            **cascade_headers(
+                model=result.model.name,
+                escalated=result.escalated,
+                cost_nanos=result.cost_nanos,
+                savings_nanos=result.savings_nanos,
+                profile=gw.target.profile,
+            ),
+            **gw.enforcement.headers(),
+        },
     )
 
 
@@ -316,7 +354,7 @@ async def stream(gw: GatewayRequest) -> StreamOutcome:
         cascade = await agent.stream(gw.chat.messages, _params(gw))
     except UpstreamError as exc:
         raise await _fail(gw, entry, exc, list(exc.attempts)) from None
-    headers = cascade_headers(
+    headers = gw.enforcement.headers() | cascade_headers(
         model=cascade.model.name,
         escalated=cascade.escalated or bool(cascade.buffered and cascade.buffered.escalated),
         cost_nanos=cascade.cost_so_far,

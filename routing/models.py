@@ -42,6 +42,8 @@ class UsageEvent(models.Model):
     quality_score = models.FloatField(null=True, blank=True)
     baseline_method = models.CharField(max_length=16, blank=True)  # actual | estimated | none
     degraded = models.BooleanField(default=False)
+    # allow | warn | degrade | block: what the budgets decided for this request.
+    budget_status = models.CharField(max_length=10, blank=True)
 
     class Meta:
         indexes = [

@@ -37,6 +37,7 @@ class LedgerEntry:
     baseline_method: str = ""
     degraded: bool = False
     paid_cost_nanos: int = 0  # self-verification and sampling calls
+    budget_status: str = ""
 
     @property
     def cost_nanos(self) -> int:
@@ -77,5 +78,6 @@ def usage_event_record(*, entry: LedgerEntry) -> None:
             quality_score=entry.quality_score,
             baseline_method=entry.baseline_method,
             degraded=entry.degraded,
+            budget_status=entry.budget_status,
         ),
     )

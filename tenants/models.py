@@ -75,11 +75,52 @@ class Member(models.Model):
         return f"{self.user} @ {self.tenant} ({self.role})"
 
 
+class EndUserTier(models.Model):
+    """A tenant's tier for its own end users (free, pro…): limits, models and budget policy.
+
+    End users with no tier get the tenant's default tier (``is_default``), if any.
+    Thresholds are percentages of a budget's limit: warn (alert and header),
+    degrade (cheap models only, no escalation), block (402).
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="end_user_tiers")
+    slug = models.SlugField(max_length=64)
+    name = models.CharField(max_length=128)
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    # Model names or cascade profiles (``cascade/<name>``) the tier may request; empty = all.
+    allowed_models = models.JSONField(default=list, blank=True)
+    warn_pct = models.PositiveSmallIntegerField(default=80)
+    degrade_pct = models.PositiveSmallIntegerField(default=90)
+    block_pct = models.PositiveSmallIntegerField(default=100)
+    is_default = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "slug"], name="end_user_tier_unique_slug"),
+            models.UniqueConstraint(
+                fields=["tenant"], condition=Q(is_default=True), name="end_user_tier_one_default"
+            ),
+            models.CheckConstraint(
+                condition=Q(warn_pct__lte=models.F("degrade_pct"))
+                & Q(degrade_pct__lte=models.F("block_pct")),
+                name="end_user_tier_thresholds_ordered",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class EndUser(models.Model):
     """One of the tenant's own customers, keyed by the ``user`` field of requests."""
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="end_users")
     external_id = models.CharField(max_length=256)
+    tier = models.ForeignKey(
+        EndUserTier, on_delete=models.SET_NULL, null=True, blank=True, related_name="end_users"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -147,15 +188,21 @@ class Budget(models.Model):
 
     Money invariant: ``limit_nanos`` is integer nano-dollars, never negative.
     Exactly the FK matching ``scope`` is set (none for a tenant-wide budget).
+    A tier budget is the default for each end user of the tier, counted per end
+    user; an end user's own budget of the same period replaces it. Thresholds
+    left empty come from the end user's tier, else 80 / 90 / 100 %.
     """
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="budgets")
     scope = models.CharField(max_length=16, choices=BudgetScope.choices)
     period = models.CharField(max_length=16, choices=BudgetPeriod.choices)
     limit_nanos = models.BigIntegerField()
-    tier = models.ForeignKey(Tier, on_delete=models.CASCADE, null=True, blank=True)
+    tier = models.ForeignKey(EndUserTier, on_delete=models.CASCADE, null=True, blank=True)
     end_user = models.ForeignKey(EndUser, on_delete=models.CASCADE, null=True, blank=True)
     token = models.ForeignKey(ApiToken, on_delete=models.CASCADE, null=True, blank=True)
+    warn_pct = models.PositiveSmallIntegerField(null=True, blank=True)
+    degrade_pct = models.PositiveSmallIntegerField(null=True, blank=True)
+    block_pct = models.PositiveSmallIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -197,3 +244,93 @@ class Budget(models.Model):
 
     def __str__(self) -> str:
         return f"{self.scope} {self.period} {self.limit_nanos}n"
+
+
+class BudgetCounter(models.Model):
+    """Spent and reserved nano-dollars of one budget, one subject, one period.
+
+    ``subject_id`` is the end user's id for tier budgets (each end user has its
+    own counter), 0 otherwise. Invariant: ``spent_nanos`` is the sum of the
+    settled costs of the ledger rows counted here; ``reserved_nanos`` the sum of
+    the held reservations. Both are changed only by ``tenants.budgets`` under a
+    row lock, in the same transaction as the reservation or ledger row.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="counters")
+    subject_id = models.BigIntegerField(default=0)
+    period_start = models.DateTimeField()
+    period_end = models.DateTimeField(null=True, blank=True)
+    spent_nanos = models.BigIntegerField(default=0)
+    reserved_nanos = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["budget", "subject_id", "period_start"], name="budget_counter_unique"
+            ),
+            models.CheckConstraint(
+                condition=Q(spent_nanos__gte=0), name="counter_spent_non_negative"
+            ),
+            models.CheckConstraint(
+                condition=Q(reserved_nanos__gte=0), name="counter_reserved_non_negative"
+            ),
+        ]
+        indexes = [models.Index(fields=["tenant", "period_start"], name="counter_tenant_period")]
+
+    def __str__(self) -> str:
+        return f"budget {self.budget_id} from {self.period_start:%Y-%m-%d}: {self.spent_nanos}n"
+
+
+class BudgetReservation(models.Model):
+    """The worst-case cost of one in-flight request, held on every budget it touches.
+
+    Settled to the actual cost with the ledger row; reclaimed if it expires
+    unsettled (a crashed worker). ``state`` changes exactly once, by a
+    conditional UPDATE, so a late settlement and a reclaim never both release.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    request_id = models.CharField(max_length=64, unique=True)
+    amount_nanos = models.BigIntegerField()
+    counter_ids = models.JSONField(default=list)
+    state = models.CharField(max_length=10, default="held")  # held | settled | expired
+    created_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [models.Index(fields=["state", "expires_at"], name="reservation_expiry")]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(amount_nanos__gte=0), name="reservation_non_negative"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.amount_nanos}n {self.state}"
+
+
+class BudgetAlert(models.Model):
+    """A budget crossing a threshold; unique per budget, subject, period and level."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="budget_alerts")
+    budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="alerts")
+    subject_id = models.BigIntegerField(default=0)
+    period_start = models.DateTimeField()
+    level = models.CharField(max_length=10)  # warn | degrade | block | forecast
+    spent_nanos = models.BigIntegerField()
+    limit_nanos = models.BigIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    emailed_at = models.DateTimeField(null=True, blank=True)
+    webhook_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["budget", "subject_id", "period_start", "level"], name="budget_alert_once"
+            )
+        ]
+        indexes = [models.Index(fields=["tenant", "-created_at"], name="alert_tenant_created")]
+
+    def __str__(self) -> str:
+        return f"budget {self.budget_id} {self.level} at {self.created_at:%Y-%m-%d %H:%M}"

@@ -5,9 +5,10 @@ from datetime import datetime
 from functools import lru_cache
 
 from django.db import connection
+from django.db.models import Exists, OuterRef
 
 from cascadeflow_site.db import as_datetime, as_json, fetch_one, select_sql
-from tenants.models import ApiToken, Tenant
+from tenants.models import ApiToken, Budget, EndUserTier, Tenant
 from tenants.services import token_hash
 
 
@@ -22,6 +23,10 @@ class TokenContext:
     tenant_allowed_models: tuple[str, ...]
     tier_allowed_models: tuple[str, ...]
     last_used_at: datetime | None
+    token_mask: str = ""
+    time_zone: str = "UTC"
+    has_budgets: bool = False
+    has_end_user_tiers: bool = False
 
     def has_scope(self, scope: str) -> bool:
         return "admin" in self.scopes or scope in self.scopes
@@ -44,6 +49,10 @@ _TOKEN_COLUMNS = (
     "tenant__is_active",
     "tenant__allowed_models",
     "tenant__tier__allowed_models",
+    "mask",
+    "tenant__time_zone",
+    "has_budgets",
+    "has_tiers",
 )
 _HASH_PLACEHOLDER = "\x00token-hash\x00"
 
@@ -51,7 +60,14 @@ _HASH_PLACEHOLDER = "\x00token-hash\x00"
 @lru_cache(maxsize=4)
 def _token_query(vendor: str) -> tuple[str, int, int]:
     """The token lookup's SQL, compiled once per database backend (it runs on every request)."""
-    queryset = ApiToken.objects.filter(token_hash=_HASH_PLACEHOLDER).values_list(*_TOKEN_COLUMNS)
+    queryset = (
+        ApiToken.objects.filter(token_hash=_HASH_PLACEHOLDER)
+        .annotate(
+            has_budgets=Exists(Budget.objects.filter(tenant_id=OuterRef("tenant_id"))),
+            has_tiers=Exists(EndUserTier.objects.filter(tenant_id=OuterRef("tenant_id"))),
+        )
+        .values_list(*_TOKEN_COLUMNS)
+    )
     sql, index = select_sql(queryset, _HASH_PLACEHOLDER)
     return sql, index, len(queryset.query.sql_with_params()[1])
 
@@ -70,8 +86,8 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
     row = fetch_one(sql, params)
     if row is None:
         raise TokenInvalid("Incorrect API key provided.")
-    (token_id, tenant_id, scopes, expires_at, revoked_at, last_used_at,
-     slug, tenant_active, tenant_models, tier_models) = row  # fmt: skip
+    (token_id, tenant_id, scopes, expires_at, revoked_at, last_used_at, slug, tenant_active,
+     tenant_models, tier_models, mask, time_zone, has_budgets, has_tiers) = row  # fmt: skip
     if revoked_at is not None:
         raise TokenInvalid("This API key has been revoked.")
     expires_at = as_datetime(expires_at)
@@ -87,6 +103,10 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
         tenant_allowed_models=tuple(as_json(tenant_models) or ()),
         tier_allowed_models=tuple(as_json(tier_models) or ()),
         last_used_at=as_datetime(last_used_at),
+        token_mask=mask,
+        time_zone=time_zone,
+        has_budgets=bool(has_budgets),
+        has_end_user_tiers=bool(has_tiers),
     )
 
 

@@ -12,7 +12,16 @@ from django.db.models import Q
 from django.utils import timezone
 
 from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope, MemberRole
-from tenants.models import ApiToken, AuditEvent, Budget, EndUser, Member, Tenant, Tier
+from tenants.models import (
+    ApiToken,
+    AuditEvent,
+    Budget,
+    EndUser,
+    EndUserTier,
+    Member,
+    Tenant,
+    Tier,
+)
 
 TOKEN_PREFIX = "cf_"  # noqa: S105 - a public prefix, not a secret
 
@@ -186,14 +195,20 @@ def budget_create(
     scope: str,
     period: str,
     limit_nanos: int,
-    tier: Tier | None = None,
+    tier: EndUserTier | None = None,
     end_user: EndUser | None = None,
     token: ApiToken | None = None,
+    warn_pct: int | None = None,
+    degrade_pct: int | None = None,
+    block_pct: int | None = None,
     acting_user: AbstractBaseUser | None = None,
 ) -> Budget:
     if limit_nanos < 0:
         raise ValueError("A budget limit cannot be negative.")
-    for obj in (end_user, token):
+    given = [p for p in (warn_pct, degrade_pct, block_pct) if p is not None]
+    if given != sorted(given) or any(p <= 0 or p > 1000 for p in given):
+        raise ValueError("Thresholds must be positive and ordered warn <= degrade <= block.")
+    for obj in (end_user, token, tier):
         if obj is not None and obj.tenant_id != tenant.pk:
             raise ValueError("Budget target belongs to another tenant.")
     budget = Budget.objects.create(
@@ -204,6 +219,9 @@ def budget_create(
         tier=tier,
         end_user=end_user,
         token=token,
+        warn_pct=warn_pct,
+        degrade_pct=degrade_pct,
+        block_pct=block_pct,
     )
     audit_record(
         tenant=tenant,

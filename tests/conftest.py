@@ -27,6 +27,17 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _celery_eager():
+    """Tasks run inline in tests; a real worker process is exercised separately."""
+    from cascadeflow_site.celery import app
+
+    app.conf.task_always_eager = True
+    app.conf.task_eager_propagates = True
+    yield
+    app.conf.task_always_eager = False
+
+
 @pytest.fixture(autouse=True)
 def _close_async_orm_connections():
     """Django's async ORM methods run on asgiref's shared thread; close its connection."""

@@ -1,0 +1,176 @@
+"""Admission control for one request: end-user tier, budgets (and their decision).
+
+Runs inside the gateway's preparation step (one database round trip group,
+on a pooled thread). Budgets are reserved at the request's worst-case cost:
+every model of the chain may answer (draft, escalation, final), each up to
+``max_tokens`` or the model's output cap, plus the self-check when paid checks
+may run. Degraded, the chain is its cheapest model alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import litellm
+from django.conf import settings
+from django.db import transaction
+
+from routing.engine.policy import PRESETS
+from routing.engine.types import ModelSpec
+from routing.errors import GatewayError, forbidden
+from routing.schemas import ChatRequest
+from routing.targets import Target
+from tenants.budgets import (
+    Admission,
+    BudgetLine,
+    EndUserTierPolicy,
+    alerts_record,
+    applicable_budgets,
+    budget_admit,
+    budget_settle,
+    end_user_tier,
+)
+from tenants.models import EndUser
+from tenants.selectors import TokenContext
+
+DEFAULT_OUTPUT_CAP = 4096
+
+
+@dataclass
+class Enforcement:
+    tier: EndUserTierPolicy | None = None
+    lines: list[BudgetLine] = field(default_factory=list)
+    admission: Admission | None = None
+
+    @property
+    def decision(self) -> str:
+        return self.admission.decision if self.admission else ""
+
+    def headers(self) -> dict[str, str]:
+        if self.admission is None or self.admission.decision == "allow":
+            return {}
+        return {
+            "x-cascade-budget": self.admission.decision,
+            "x-cascade-budget-message": self.admission.message.encode("ascii", "replace").decode(),
+        }
+
+
+def worst_case_nanos(chain: tuple[ModelSpec, ...], chat: ChatRequest, preset: str) -> int:
+    """The most this request can cost on ``chain`` (integer nano-dollars, rounded up per call)."""
+    if not chain:
+        return 0
+    prompt = litellm.token_counter(
+        model=chain[-1].deployments[0].litellm_model, messages=chat.messages
+    )
+    n = chat.params.get("n") or 1
+    total = 0
+    for model in chain:
+        cap = chat.max_output_tokens or model.max_output_tokens or DEFAULT_OUTPUT_CAP
+        total += model.price.cost_nanos(prompt, cap * n) + 1
+    if len(chain) > 1 and PRESETS[preset].paid_checks != "never":
+        first = chain[0]
+        cap = chat.max_output_tokens or first.max_output_tokens or DEFAULT_OUTPUT_CAP
+        samples = 1 + PRESETS[preset].agreement_samples
+        total += samples * first.price.cost_nanos(prompt + cap + 64, cap) + samples
+    return total
+
+
+def admit(
+    *,
+    ctx: TokenContext,
+    chat: ChatRequest,
+    target: Target,
+    end_user: EndUser | None,
+    request_id: str,
+    now: datetime,
+) -> tuple[Target, Enforcement]:
+    """Apply the end user's tier and the budgets; return the (possibly degraded) target.
+
+    Raises a 403 for a model the tier does not allow and a 402 when a budget blocks.
+    """
+    enforcement = Enforcement()
+    if ctx.has_end_user_tiers:
+        enforcement.tier = end_user_tier(tenant_id=ctx.tenant_id, end_user=end_user)
+        allowed = enforcement.tier.allowed_models if enforcement.tier else ()
+        if allowed and target.name not in allowed:
+            raise forbidden(
+                f"The '{enforcement.tier.slug}' tier does not allow '{target.name}'.",
+                code="model_not_allowed",
+            )
+    if not ctx.has_budgets:
+        return target, enforcement
+    enforcement.lines = applicable_budgets(
+        tenant_id=ctx.tenant_id,
+        token_id=ctx.token_id,
+        token_label=ctx.token_mask,
+        end_user_id=end_user.pk if end_user else None,
+        end_user_label=end_user.external_id if end_user else "",
+        tier=enforcement.tier,
+    )
+    if not enforcement.lines:
+        return target, enforcement
+    full = worst_case_nanos(target.chain, chat, target.preset)
+    cheap = worst_case_nanos(target.chain[:1], chat, target.preset)
+    admission = budget_admit(
+        tenant_id=ctx.tenant_id,
+        time_zone=ctx.time_zone,
+        lines=enforcement.lines,
+        request_id=request_id,
+        worst_case_nanos=full,
+        degraded_worst_case_nanos=cheap,
+        now=now,
+        ttl=timedelta(seconds=settings.CASCADEFLOW_RESERVATION_TTL),
+    )
+    enforcement.admission = admission
+    if admission.decision == "degrade":
+        # Cheap models only, no escalation, no domain detours to stronger chains.
+        target = dataclasses.replace(target, chain=target.chain[:1], domain_routes={})
+    return target, enforcement
+
+
+def blocked_error(enforcement: Enforcement) -> GatewayError:
+    assert enforcement.admission is not None
+    return GatewayError(
+        402,
+        enforcement.admission.message,
+        type="insufficient_quota",
+        code="budget_exceeded",
+        headers=enforcement.headers(),
+    )
+
+
+def settle(*, tenant_id: int, enforcement: Enforcement, actual_nanos: int) -> list[int]:
+    """Settle the request's reservation; return the ids of new alerts.
+
+    Call inside the ledger row's transaction.
+    """
+    admission = enforcement.admission
+    if admission is None or admission.reservation_id is None:
+        return []
+    crossings = budget_settle(
+        reservation_id=admission.reservation_id, actual_nanos=actual_nanos, lines=enforcement.lines
+    )
+    if admission.decision in {"warn", "degrade"} and admission.tripped is not None:
+        # The request ran while past a threshold: make sure that threshold has its alert.
+        from tenants.budgets import Crossing
+
+        state = admission.tripped
+        crossings.append(
+            Crossing(
+                state.line.budget_id,
+                state.line.subject_id,
+                state.period_start,
+                admission.decision,
+                state.spent_nanos + actual_nanos,
+                state.line.limit_nanos,
+            )
+        )
+    alert_ids = alerts_record(tenant_id=tenant_id, crossings=crossings)
+    if alert_ids:
+        from tenants.tasks import budget_alerts_deliver
+
+        # robust: a broker outage must not fail a request whose ledger row is written.
+        transaction.on_commit(lambda: budget_alerts_deliver.delay(alert_ids), robust=True)
+    return alert_ids
