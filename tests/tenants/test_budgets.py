@@ -295,7 +295,7 @@ async def test_tier_budget_counts_each_end_user_and_their_own_budget_replaces_it
         tenant=tenant, scope=BudgetScope.TIER, period=BudgetPeriod.MONTH, limit_nanos=USD, tier=tier
     )
     alice = await EndUser.objects.acreate(tenant=tenant, external_id="alice")
-    bob = await EndUser.objects.acreate(tenant=tenant, external_id="bob", tier=tier)
+    await EndUser.objects.acreate(tenant=tenant, external_id="bob", tier=tier)
     await spend(tier_budget, USD, subject_id=alice.pk)  # alice is on the default tier: exhausted
 
     assert (await post(api_token.raw, chat(user="alice"))).status_code == 402
