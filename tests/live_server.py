@@ -52,7 +52,9 @@ class LiveServer:
     token: str = ""
     database_url: str = ""
     _tmp: tempfile.TemporaryDirectory | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
     _process: subprocess.Popen | None = None
+    _others: list[subprocess.Popen] = field(default_factory=list)
     _pg_name: str = ""
 
     @property
@@ -70,6 +72,7 @@ class LiveServer:
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
             "DJANGO_SETTINGS_MODULE": "cascadeflow_site.settings",
             "PYTHONUNBUFFERED": "1",
+            **self.extra_env,
         }
 
     def manage(self, *args: str) -> str:
@@ -101,34 +104,38 @@ class LiveServer:
         self.token = (
             self.manage("create_tenant", f"live-{secrets.token_hex(3)}").strip().splitlines()[-1]
         )
-        log = open(Path(self._tmp.name) / "server.log", "w")
-        self._process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "cascadeflow_site.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--no-access-log",
-            ],
-            cwd=ROOT,
-            env=self.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
+        self._process = self._spawn(self.port)
+        self._wait(self._process, self.base_url)
+        return self
+
+    def _spawn(self, port: int) -> subprocess.Popen:
+        assert self._tmp is not None
+        log = open(Path(self._tmp.name) / "server.log", "a")  # noqa: SIM115 - closed with the dir
+        command = [sys.executable, "-m", "uvicorn", "cascadeflow_site.asgi:application"]
+        command += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+        return subprocess.Popen(
+            command, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT
         )
+
+    def _wait(self, process: subprocess.Popen, base_url: str) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
+            if process.poll() is not None:
                 raise RuntimeError(f"server exited:\n{self.log()}")
             try:
-                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
-                    return self
+                if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
+                    return
             except httpx.HTTPError:
                 time.sleep(0.1)
         raise RuntimeError(f"server did not start:\n{self.log()}")
+
+    def another_process(self) -> str:
+        """Start a second server process on the same database; returns its base URL."""
+        port = free_port()
+        process = self._spawn(port)
+        self._others.append(process)
+        self._wait(process, f"http://127.0.0.1:{port}")
+        return f"http://127.0.0.1:{port}"
 
     def log(self) -> str:
         assert self._tmp is not None
@@ -145,12 +152,14 @@ class LiveServer:
             return conn.execute(sql.replace("%s", "?"), params).fetchall()
 
     def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
+        for process in [self._process, *self._others]:
+            if process is None:
+                continue
+            process.terminate()
             try:
-                self._process.wait(timeout=15)
+                process.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                self._process.kill()
+                process.kill()
         if self._pg_name:
             import psycopg
 

@@ -333,9 +333,10 @@ def demo_answer(
 
     finish_reason = "tool_calls" if tool_calls else "stop"
     if content is not None and max_tokens:
-        tokens = _tokenize(content)
-        if len(tokens) > max_tokens:
-            content = "".join(tokens[:max_tokens])
+        # Truncate in the tokens usage is counted in, as a real provider does.
+        ids = litellm.encode(model=model.litellm_name, text=content)
+        if len(ids) > max_tokens:
+            content = litellm.decode(model=model.litellm_name, tokens=ids[:max_tokens])
             finish_reason = "length"
     logprobs = _logprobs(model, content or "", correct, text)
     return DemoAnswer(content, tool_calls, finish_reason, correct, logprobs)
