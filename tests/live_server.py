@@ -110,7 +110,7 @@ class LiveServer:
 
     def _spawn(self, port: int) -> subprocess.Popen:
         assert self._tmp is not None
-        log = open(Path(self._tmp.name) / "server.log", "a")  # noqa: SIM115 - closed with the dir
+        log = open(Path(self._tmp.name) / "server.log", "a")
         command = [sys.executable, "-m", "uvicorn", "cascadeflow_site.asgi:application"]
         command += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
         return subprocess.Popen(
