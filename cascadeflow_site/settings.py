@@ -231,6 +231,7 @@ CASCADEFLOW_BREAKER_FAILURES = env.int("CASCADEFLOW_BREAKER_FAILURES", default=5
 CASCADEFLOW_BREAKER_WINDOW = env.float("CASCADEFLOW_BREAKER_WINDOW", default=60.0)
 CASCADEFLOW_BREAKER_COOLDOWN = env.float("CASCADEFLOW_BREAKER_COOLDOWN", default=30.0)
 CASCADEFLOW_BREAKER_PREFIX = env.str("CASCADEFLOW_BREAKER_PREFIX", default="cf:cb:")
+CASCADEFLOW_RATELIMIT_PREFIX = env.str("CASCADEFLOW_RATELIMIT_PREFIX", default="cf:rl")
 # A budget reservation not settled within this many seconds (its worker died)
 # is reclaimed by the tenants.reservations_reclaim task.
 CASCADEFLOW_RESERVATION_TTL = env.int("CASCADEFLOW_RESERVATION_TTL", default=900)

@@ -33,6 +33,7 @@ from tenants.budgets import (
     end_user_tier,
 )
 from tenants.models import EndUser
+from tenants.ratelimits import Limit, RateLimited, check_and_hit
 from tenants.selectors import TokenContext
 
 DEFAULT_OUTPUT_CAP = 4096
@@ -43,6 +44,7 @@ class Enforcement:
     tier: EndUserTierPolicy | None = None
     lines: list[BudgetLine] = field(default_factory=list)
     admission: Admission | None = None
+    limits: list[Limit] = field(default_factory=list)
 
     @property
     def decision(self) -> str:
@@ -57,13 +59,20 @@ class Enforcement:
         }
 
 
-def worst_case_nanos(chain: tuple[ModelSpec, ...], chat: ChatRequest, preset: str) -> int:
+def prompt_tokens(chain: tuple[ModelSpec, ...], chat: ChatRequest) -> int:
+    return litellm.token_counter(
+        model=chain[-1].deployments[0].litellm_model, messages=chat.messages
+    )
+
+
+def worst_case_nanos(
+    chain: tuple[ModelSpec, ...], chat: ChatRequest, preset: str, prompt: int | None = None
+) -> int:
     """The most this request can cost on ``chain`` (integer nano-dollars, rounded up per call)."""
     if not chain:
         return 0
-    prompt = litellm.token_counter(
-        model=chain[-1].deployments[0].litellm_model, messages=chat.messages
-    )
+    if prompt is None:
+        prompt = prompt_tokens(chain, chat)
     n = chat.params.get("n") or 1
     total = 0
     for model in chain:
@@ -99,6 +108,12 @@ def admit(
                 f"The '{enforcement.tier.slug}' tier does not allow '{target.name}'.",
                 code="model_not_allowed",
             )
+    enforcement.limits = rate_limits(ctx, enforcement.tier, end_user)
+    prompt: int | None = None
+    if enforcement.limits:
+        if any(limit.tokens_per_minute for limit in enforcement.limits):
+            prompt = prompt_tokens(target.chain, chat)
+        check_and_hit(enforcement.limits, prompt_tokens=prompt or 0)
     if not ctx.has_budgets:
         return target, enforcement
     enforcement.lines = applicable_budgets(
@@ -111,8 +126,10 @@ def admit(
     )
     if not enforcement.lines:
         return target, enforcement
-    full = worst_case_nanos(target.chain, chat, target.preset)
-    cheap = worst_case_nanos(target.chain[:1], chat, target.preset)
+    if prompt is None:
+        prompt = prompt_tokens(target.chain, chat)
+    full = worst_case_nanos(target.chain, chat, target.preset, prompt)
+    cheap = worst_case_nanos(target.chain[:1], chat, target.preset, prompt)
     admission = budget_admit(
         tenant_id=ctx.tenant_id,
         time_zone=ctx.time_zone,
@@ -128,6 +145,51 @@ def admit(
         # Cheap models only, no escalation, no domain detours to stronger chains.
         target = dataclasses.replace(target, chain=target.chain[:1], domain_routes={})
     return target, enforcement
+
+
+def rate_limits(
+    ctx: TokenContext, tier: EndUserTierPolicy | None, end_user: EndUser | None
+) -> list[Limit]:
+    limits = []
+    if ctx.tenant_rpm or ctx.tenant_tpm:
+        limits.append(
+            Limit("tenant", f"t{ctx.tenant_id}", ctx.tenant_rpm, ctx.tenant_tpm, "the tenant")
+        )
+    if ctx.token_rpm or ctx.token_tpm:
+        limits.append(
+            Limit(
+                "token",
+                f"k{ctx.token_id}",
+                ctx.token_rpm,
+                ctx.token_tpm,
+                f"API key {ctx.token_mask}",
+            )
+        )
+    if (
+        end_user is not None
+        and tier is not None
+        and (tier.requests_per_minute or tier.tokens_per_minute)
+    ):
+        limits.append(
+            Limit(
+                "end_user",
+                f"u{end_user.pk}",
+                tier.requests_per_minute,
+                tier.tokens_per_minute,
+                f"end user '{end_user.external_id}' (tier '{tier.slug}')",
+            )
+        )
+    return limits
+
+
+def rate_limited_error(exc: RateLimited) -> GatewayError:
+    return GatewayError(
+        429,
+        str(exc),
+        type="rate_limit_error",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(exc.retry_after)},
+    )
 
 
 def blocked_error(enforcement: Enforcement) -> GatewayError:

@@ -26,7 +26,13 @@ from django.db import transaction
 from django.utils import timezone
 
 from cascadeflow_site.db import db
-from routing.enforcement import Enforcement, admit, blocked_error, settle
+from routing.enforcement import (
+    Enforcement,
+    admit,
+    blocked_error,
+    rate_limited_error,
+    settle,
+)
 from routing.engine.agent import CascadeAgent, CascadeStream, clean_payload
 from routing.engine.pricing import nanos_to_usd
 from routing.engine.resilience import (
@@ -45,6 +51,7 @@ from routing.services import LedgerEntry, usage_event_record
 from routing.targets import Target, resolve_target, target_names
 from tenants.enums import Scope
 from tenants.models import Tenant
+from tenants.ratelimits import RateLimited, charge_completion
 from tenants.selectors import TokenContext, TokenInvalid, token_context_for_raw
 from tenants.services import end_user_get_or_create, token_touch
 
@@ -161,9 +168,27 @@ def _prepare_sync(
     end_user = None
     if chat.user:
         end_user = end_user_get_or_create(tenant=Tenant(pk=ctx.tenant_id), external_id=chat.user)
-    target, enforcement = admit(
-        ctx=ctx, chat=chat, target=target, end_user=end_user, request_id=request_id, now=received_at
-    )
+    try:
+        target, enforcement = admit(
+            ctx=ctx,
+            chat=chat,
+            target=target,
+            end_user=end_user,
+            request_id=request_id,
+            now=received_at,
+        )
+    except RateLimited as exc:
+        refused = GatewayRequest(
+            request_id, ctx, chat, target, end_user.pk if end_user else None, received_at, started
+        )
+        entry = _entry(refused)
+        entry.status, entry.http_status, entry.error_code = (
+            UsageStatus.RATE_LIMITED,
+            429,
+            "rate_limit_exceeded",
+        )
+        usage_event_record(entry=entry)
+        raise rate_limited_error(exc) from None
     gw = GatewayRequest(
         request_id,
         ctx,
@@ -259,6 +284,8 @@ def _record_sync(entry: LedgerEntry, ctx: TokenContext, enforcement: Enforcement
     with transaction.atomic():
         usage_event_record(entry=entry)
         settle(tenant_id=ctx.tenant_id, enforcement=enforcement, actual_nanos=entry.cost_nanos)
+    if enforcement.limits:
+        charge_completion(enforcement.limits, completion_tokens=entry.completion_tokens)
     now = timezone.now()
     stale_before = now - timedelta(seconds=settings.CASCADEFLOW_TOKEN_TOUCH_SECONDS)
     if ctx.last_used_at is None or ctx.last_used_at < stale_before:

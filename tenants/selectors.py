@@ -27,6 +27,10 @@ class TokenContext:
     time_zone: str = "UTC"
     has_budgets: bool = False
     has_end_user_tiers: bool = False
+    tenant_rpm: int | None = None  # from the tenant's plan tier
+    tenant_tpm: int | None = None
+    token_rpm: int | None = None
+    token_tpm: int | None = None
 
     def has_scope(self, scope: str) -> bool:
         return "admin" in self.scopes or scope in self.scopes
@@ -53,6 +57,10 @@ _TOKEN_COLUMNS = (
     "tenant__time_zone",
     "has_budgets",
     "has_tiers",
+    "tenant__tier__requests_per_minute",
+    "tenant__tier__tokens_per_minute",
+    "requests_per_minute",
+    "tokens_per_minute",
 )
 _HASH_PLACEHOLDER = "\x00token-hash\x00"
 
@@ -87,7 +95,8 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
     if row is None:
         raise TokenInvalid("Incorrect API key provided.")
     (token_id, tenant_id, scopes, expires_at, revoked_at, last_used_at, slug, tenant_active,
-     tenant_models, tier_models, mask, time_zone, has_budgets, has_tiers) = row  # fmt: skip
+     tenant_models, tier_models, mask, time_zone, has_budgets, has_tiers,
+     tenant_rpm, tenant_tpm, token_rpm, token_tpm) = row  # fmt: skip
     if revoked_at is not None:
         raise TokenInvalid("This API key has been revoked.")
     expires_at = as_datetime(expires_at)
@@ -107,6 +116,10 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
         time_zone=time_zone,
         has_budgets=bool(has_budgets),
         has_end_user_tiers=bool(has_tiers),
+        tenant_rpm=tenant_rpm,
+        tenant_tpm=tenant_tpm,
+        token_rpm=token_rpm,
+        token_tpm=token_tpm,
     )
 
 

@@ -51,10 +51,15 @@ def _fresh_caller(settings):
     from routing.gateway import caller
 
     settings.CASCADEFLOW_UPSTREAM_BACKOFF = 0.0
+    from tenants.ratelimits import limiter
+
     settings.CASCADEFLOW_BREAKER_PREFIX = f"cf:test:{uuid.uuid4().hex}:"
+    settings.CASCADEFLOW_RATELIMIT_PREFIX = f"cf:test-rl:{uuid.uuid4().hex}"
     caller.cache_clear()
+    limiter.cache_clear()
     yield
     caller.cache_clear()
+    limiter.cache_clear()
 
 
 @pytest.fixture(autouse=True)
