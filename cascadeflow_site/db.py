@@ -48,8 +48,10 @@ def _insert_sql(model: type[models.Model], names: tuple[str, ...], vendor: str) 
     return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ({placeholders})"  # noqa: S608 - identifiers from model metadata
 
 
-def insert_row(model: type[models.Model], values: dict[str, Any], using: str = "default") -> None:
-    """INSERT one row (no RETURNING, no model instance), values adapted by each field."""
+def insert_statement(
+    model: type[models.Model], values: dict[str, Any], using: str = "default"
+) -> tuple[str, list[Any]]:
+    """The INSERT of one row and its parameters, each adapted by its field."""
     connection = connections[using]
     names = tuple(values)
     sql = _insert_sql(model, names, connection.vendor)
@@ -57,7 +59,13 @@ def insert_row(model: type[models.Model], values: dict[str, Any], using: str = "
         model._meta.get_field(name).get_db_prep_save(value, connection)
         for name, value in values.items()
     ]
-    with connection.cursor() as cursor:
+    return sql, params
+
+
+def insert_row(model: type[models.Model], values: dict[str, Any], using: str = "default") -> None:
+    """INSERT one row (no RETURNING, no model instance)."""
+    sql, params = insert_statement(model, values, using)
+    with connections[using].cursor() as cursor:
         cursor.execute(sql, params)
 
 

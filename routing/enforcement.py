@@ -209,10 +209,13 @@ def settle(*, tenant_id: int, enforcement: Enforcement, actual_nanos: int) -> li
     Call inside the ledger row's transaction.
     """
     admission = enforcement.admission
-    if admission is None or admission.reservation_id is None:
+    if admission is None or admission.reservation_key is None:
         return []
     crossings = budget_settle(
-        reservation_id=admission.reservation_id, actual_nanos=actual_nanos, lines=enforcement.lines
+        request_id=admission.reservation_key,
+        actual_nanos=actual_nanos,
+        lines=enforcement.lines,
+        counter_ids_hint=[state.counter_id for state in admission.states],
     )
     if admission.decision in {"warn", "degrade"} and admission.tripped is not None:
         # The request ran while past a threshold: make sure that threshold has its alert.

@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo
 
 from django.db import connection, transaction
 
-from cascadeflow_site.db import as_datetime
+from cascadeflow_site.db import as_datetime, insert_row
 from routing.engine.pricing import nanos_to_usd
 from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import (
@@ -124,7 +124,7 @@ class BudgetState:
 @dataclass
 class Admission:
     decision: str  # allow | warn | degrade | block
-    reservation_id: int | None = None
+    reservation_key: str | None = None  # the request id the reservation is held under
     amount_nanos: int = 0
     states: list[BudgetState] = field(default_factory=list)
     tripped: BudgetState | None = None  # the budget that decided degrade / block
@@ -259,22 +259,57 @@ def end_user_tier(*, tenant_id: int, end_user: EndUser | None) -> EndUserTierPol
 # --- reserve ---------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=4)
-def _counter_sql(vendor: str) -> tuple[str, str, str]:
+def _quoted() -> tuple[str, str]:
     quote = connection.ops.quote_name
-    table = quote(BudgetCounter._meta.db_table)
-    upsert = (
-        f"INSERT INTO {table} (tenant_id, budget_id, subject_id, period_start, period_end, "  # noqa: S608
-        f"spent_nanos, reserved_nanos) VALUES (%s, %s, %s, %s, %s, 0, 0) "
-        f"ON CONFLICT (budget_id, subject_id, period_start) DO NOTHING"
+    return quote(BudgetCounter._meta.db_table), quote(BudgetReservation._meta.db_table)
+
+
+@lru_cache(maxsize=64)
+def _upsert_sql(vendor: str, rows: int) -> str:
+    """Create-or-lock every counter of a request and add the reservation, in one statement.
+
+    Rows are given in key order, so concurrent admissions lock them in the same
+    order and never deadlock. ``RETURNING`` gives the counters *after* the
+    reservation; the decision subtracts it back.
+    """
+    counters, _ = _quoted()
+    values = ", ".join(["(%s, %s, %s, %s, %s, 0, %s)"] * rows)
+    return (
+        f"INSERT INTO {counters} (tenant_id, budget_id, subject_id, period_start, period_end, "  # noqa: S608 - identifiers from model metadata
+        f"spent_nanos, reserved_nanos) VALUES {values} "
+        f"ON CONFLICT (budget_id, subject_id, period_start) "
+        f"DO UPDATE SET reserved_nanos = {counters}.reserved_nanos + excluded.reserved_nanos "
+        f"RETURNING id, budget_id, subject_id, spent_nanos, reserved_nanos"
     )
-    lock = " FOR UPDATE" if vendor == "postgresql" else ""
-    select = (
-        f"SELECT id, spent_nanos, reserved_nanos, period_end FROM {table} "  # noqa: S608
-        f"WHERE budget_id = %s AND subject_id = %s AND period_start = %s{lock}"
+
+
+@lru_cache(maxsize=64)
+def _counters_sql(vendor: str, rows: int) -> tuple[str, str, str]:
+    counters, _ = _quoted()
+    ids = ", ".join(["%s"] * rows)
+    reserve = f"UPDATE {counters} SET reserved_nanos = reserved_nanos - %s WHERE id IN ({ids})"  # noqa: S608
+    settle = (
+        f"UPDATE {counters} SET spent_nanos = spent_nanos + %s, "  # noqa: S608
+        f"reserved_nanos = reserved_nanos - %s WHERE id IN ({ids}) "
+        f"RETURNING budget_id, subject_id, period_start, spent_nanos"
     )
-    reserve = f"UPDATE {table} SET reserved_nanos = reserved_nanos + %s WHERE id = %s"  # noqa: S608
-    return upsert, select, reserve
+    release = f"UPDATE {counters} SET reserved_nanos = reserved_nanos - %s WHERE id IN ({ids})"  # noqa: S608
+    return reserve, settle, release
+
+
+@lru_cache(maxsize=4)
+def _reservation_sql(vendor: str) -> tuple[str, str, str]:
+    _, reservations = _quoted()
+    claim = (
+        f"UPDATE {reservations} SET state = 'settled' WHERE request_id = %s AND state = 'held' "  # noqa: S608
+        f"RETURNING amount_nanos, counter_ids"
+    )
+    read = f"SELECT amount_nanos, counter_ids FROM {reservations} WHERE request_id = %s"  # noqa: S608
+    expire = (
+        f"UPDATE {reservations} SET state = 'expired' WHERE id = %s AND state = 'held' "  # noqa: S608
+        f"AND expires_at < %s RETURNING amount_nanos, counter_ids"
+    )
+    return claim, read, expire
 
 
 def budget_admit(
@@ -293,45 +328,124 @@ def budget_admit(
     ``degraded_worst_case_nanos`` is what the request costs at most on the cheap
     models alone: a request that no longer fits at full cost, or whose budget is
     past its degrade threshold, is admitted degraded if that fits.
+
+    Three statements in one transaction: create-or-lock every counter (in key
+    order, the same in every process, so concurrent admissions never deadlock),
+    add the reservation to them, record the reservation.
     """
     if not lines:
         return Admission("allow", time_zone=time_zone)
-    upsert, select, reserve = _counter_sql(connection.vendor)
-    bounds = [period_bounds(line.period, now, time_zone) for line in lines]
-    with transaction.atomic(), connection.cursor() as cursor:
-        states: list[BudgetState] = []
-        # Lock order: by counter key, the same in every process, so no deadlocks.
-        for line, (start, end) in sorted(
-            zip(lines, bounds, strict=True), key=lambda lb: (lb[0].budget_id, lb[0].subject_id)
-        ):
-            adapt = connection.ops.adapt_datetimefield_value
-            params = [line.budget_id, line.subject_id, adapt(start)]
-            cursor.execute(upsert, [tenant_id, *params, adapt(end)])
-            cursor.execute(select, params)
-            counter_id, spent, reserved, period_end = cursor.fetchone()
-            states.append(
-                BudgetState(
-                    line, counter_id, start, as_datetime(period_end), int(spent), int(reserved)
-                )
+    adapt = connection.ops.adapt_datetimefield_value
+    ordered = sorted(lines, key=lambda line: (line.budget_id, line.subject_id))
+    bounds = [period_bounds(line.period, now, time_zone) for line in ordered]
+    params: list = []
+    for line, (start, end) in zip(ordered, bounds, strict=True):
+        params += [
+            tenant_id,
+            line.budget_id,
+            line.subject_id,
+            adapt(start),
+            adapt(end),
+            worst_case_nanos,
+        ]
+    reservation = {
+        "tenant": tenant_id,
+        "request_id": request_id,
+        "amount_nanos": worst_case_nanos,
+        "state": "held",
+        "created_at": now,
+        "expires_at": now + ttl,
+    }
+    # Optimistic: reserve the full worst case while taking the row locks; the
+    # rare degrade and block decisions give the difference back.
+    if connection.vendor == "postgresql":
+        # One statement, atomic on its own: lock-and-reserve every counter and
+        # record the reservation. If the process dies before a give-back below,
+        # the reservation holds the full amount until it expires and is reclaimed.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _admit_one_sql(len(ordered)),
+                [*params, *_reservation_params(reservation)],
             )
-        decision, tripped = _decide(states, worst_case_nanos, degraded_worst_case_nanos)
-        admission = Admission(decision, states=states, tripped=tripped, time_zone=time_zone)
-        if decision == "block":
-            return admission
-        amount = degraded_worst_case_nanos if decision == "degrade" else worst_case_nanos
-        for state in states:
-            cursor.execute(reserve, [amount, state.counter_id])
-        reservation = BudgetReservation.objects.create(
-            tenant_id=tenant_id,
-            request_id=request_id,
-            amount_nanos=amount,
-            counter_ids=[s.counter_id for s in states],
-            created_at=now,
-            expires_at=now + ttl,
+            rows = cursor.fetchall()
+        return _admission_after(
+            rows,
+            ordered,
+            bounds,
+            time_zone,
+            request_id,
+            worst_case_nanos,
+            degraded_worst_case_nanos,
         )
-        admission.reservation_id = reservation.pk
-        admission.amount_nanos = amount
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_upsert_sql(connection.vendor, len(ordered)), params)
+        rows = cursor.fetchall()
+        counter_ids = sorted(r[0] for r in rows)
+        insert_row(BudgetReservation, {**reservation, "counter_ids": counter_ids})
+        return _admission_after(
+            rows,
+            ordered,
+            bounds,
+            time_zone,
+            request_id,
+            worst_case_nanos,
+            degraded_worst_case_nanos,
+        )
+
+
+def _reservation_params(reservation: dict) -> list:
+    fields = ("tenant", "request_id", "amount_nanos", "state", "created_at", "expires_at")
+    return [
+        BudgetReservation._meta.get_field(name).get_db_prep_save(reservation[name], connection)
+        for name in fields
+    ]
+
+
+@lru_cache(maxsize=64)
+def _admit_one_sql(rows: int) -> str:
+    _, reservations = _quoted()
+    upsert = _upsert_sql("postgresql", rows)
+    return (
+        f"WITH up AS ({upsert}), res AS (INSERT INTO {reservations} "  # noqa: S608 - identifiers from model metadata
+        f"(tenant_id, request_id, amount_nanos, state, created_at, expires_at, counter_ids) "
+        f"SELECT %s, %s, %s, %s, %s, %s, (SELECT jsonb_agg(id ORDER BY id) FROM up)) "
+        f"SELECT id, budget_id, subject_id, spent_nanos, reserved_nanos FROM up"
+    )
+
+
+def _admission_after(
+    rows, ordered, bounds, time_zone: str, request_id: str, full: int, degraded: int
+) -> Admission:
+    """Decide from the counters as they were before this reservation; give back what is not held."""
+    by_key = {(r[1], r[2]): r for r in rows}
+    states = []
+    for line, (start, end) in zip(ordered, bounds, strict=True):
+        counter_id, _, _, spent, reserved = by_key[(line.budget_id, line.subject_id)]
+        states.append(BudgetState(line, counter_id, start, end, int(spent), int(reserved) - full))
+    decision, tripped = _decide(states, full, degraded)
+    admission = Admission(decision, states=states, tripped=tripped, time_zone=time_zone)
+    amount = degraded if decision == "degrade" else full
+    if decision == "block" or amount != full:
+        counter_ids = sorted(state.counter_id for state in states)
+        give_back_sql, _, _ = _counters_sql(connection.vendor, len(counter_ids))
+        _, reservations = _quoted()
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(
+                give_back_sql, [full - (0 if decision == "block" else amount), *counter_ids]
+            )
+            cursor.execute(
+                f"UPDATE {reservations} SET amount_nanos = %s, state = %s WHERE request_id = %s",  # noqa: S608
+                [
+                    0 if decision == "block" else amount,
+                    "released" if decision == "block" else "held",
+                    request_id,
+                ],
+            )
+    if decision == "block":
         return admission
+    admission.reservation_key = request_id
+    admission.amount_nanos = amount
+    return admission
 
 
 def _decide(states: list[BudgetState], full: int, degraded: int) -> tuple[str, BudgetState | None]:
@@ -351,29 +465,6 @@ def _decide(states: list[BudgetState], full: int, degraded: int) -> tuple[str, B
 # --- settle and reclaim ----------------------------------------------------------------
 
 
-@lru_cache(maxsize=4)
-def _settle_sql(vendor: str) -> tuple[str, str, str, str, str]:
-    quote = connection.ops.quote_name
-    reservations = quote(BudgetReservation._meta.db_table)
-    counters = quote(BudgetCounter._meta.db_table)
-    claim = (
-        f"UPDATE {reservations} SET state = %s WHERE id = %s AND state = 'held' "  # noqa: S608
-        f"RETURNING amount_nanos, counter_ids"
-    )
-    read = f"SELECT amount_nanos, counter_ids FROM {reservations} WHERE id = %s"  # noqa: S608
-    settle = (
-        f"UPDATE {counters} SET spent_nanos = spent_nanos + %s, "  # noqa: S608
-        f"reserved_nanos = reserved_nanos - %s WHERE id = %s "
-        f"RETURNING budget_id, subject_id, period_start, spent_nanos"
-    )
-    release = f"UPDATE {counters} SET reserved_nanos = reserved_nanos - %s WHERE id = %s"  # noqa: S608
-    expire = (
-        f"UPDATE {reservations} SET state = 'expired' WHERE id = %s AND state = 'held' "  # noqa: S608
-        f"AND expires_at < %s RETURNING amount_nanos, counter_ids"
-    )
-    return claim, read, settle, release, expire
-
-
 @dataclass(frozen=True)
 class Crossing:
     budget_id: int
@@ -385,20 +476,32 @@ class Crossing:
 
 
 def budget_settle(
-    *, reservation_id: int, actual_nanos: int, lines: list[BudgetLine]
+    *,
+    request_id: str,
+    actual_nanos: int,
+    lines: list[BudgetLine],
+    counter_ids_hint: list[int] | None = None,
 ) -> list[Crossing]:
-    """Move a reservation to spent at its actual cost. Call inside the ledger's transaction.
+    """Move a request's reservation to spent at its actual cost.
 
-    Returns the thresholds this spend crossed (for alerts).
+    Call inside the ledger row's transaction. Returns the thresholds this spend
+    crossed (for alerts).
     """
-    claim, read, settle, _, _ = _settle_sql(connection.vendor)
+    claim, read, _ = _reservation_sql(connection.vendor)
     by_budget = {(line.budget_id, line.subject_id): line for line in lines}
     with connection.cursor() as cursor:
-        cursor.execute(claim, ["settled", reservation_id])
+        if connection.vendor == "postgresql" and counter_ids_hint:
+            # One statement: claim the reservation and move it to spent.
+            cursor.execute(
+                _settle_one_sql(len(counter_ids_hint)),
+                [request_id, actual_nanos, *counter_ids_hint],
+            )
+            return _crossings(cursor.fetchall(), by_budget, actual_nanos)
+        cursor.execute(claim, [request_id])
         row = cursor.fetchone()
         released = True
         if row is None:  # reclaimed after expiry: add the spend, release nothing
-            cursor.execute(read, [reservation_id])
+            cursor.execute(read, [request_id])
             row = cursor.fetchone()
             released = False
             if row is None:
@@ -406,43 +509,61 @@ def budget_settle(
         amount, counter_ids = int(row[0]), row[1]
         if isinstance(counter_ids, str):
             counter_ids = json.loads(counter_ids)
-        crossings = []
-        for counter_id in sorted(counter_ids):
-            cursor.execute(settle, [actual_nanos, amount if released else 0, counter_id])
-            budget_id, subject_id, period_start, spent = cursor.fetchone()
-            line = by_budget.get((budget_id, subject_id))
-            if line is None:
-                continue
-            before, after = int(spent) - actual_nanos, int(spent)
-            for level, pct in (
-                ("warn", line.warn_pct),
-                ("degrade", line.degrade_pct),
-                ("block", line.block_pct),
-            ):
-                mark = line.limit_nanos * pct / 100
-                if before < mark <= after:
-                    crossings.append(
-                        Crossing(
-                            budget_id,
-                            subject_id,
-                            as_datetime(period_start),
-                            level,
-                            after,
-                            line.limit_nanos,
-                        )
+        if not counter_ids:
+            return []
+        _, settle, _ = _counters_sql(connection.vendor, len(counter_ids))
+        cursor.execute(settle, [actual_nanos, amount if released else 0, *counter_ids])
+        return _crossings(cursor.fetchall(), by_budget, actual_nanos)
+
+
+@lru_cache(maxsize=64)
+def _settle_one_sql(rows: int) -> str:
+    """PostgreSQL: claim the held reservation and settle its counters in one statement.
+
+    A reservation already reclaimed (expired) releases nothing: the claim CTE
+    returns no row and the COALESCE gives 0.
+    """
+    counters, reservations = _quoted()
+    ids = ", ".join(["%s"] * rows)
+    return (
+        f"WITH claimed AS (UPDATE {reservations} SET state = 'settled' "  # noqa: S608 - identifiers from model metadata
+        f"WHERE request_id = %s AND state = 'held' RETURNING amount_nanos) "
+        f"UPDATE {counters} SET spent_nanos = spent_nanos + %s, reserved_nanos = reserved_nanos - "
+        f"COALESCE((SELECT amount_nanos FROM claimed), 0) WHERE id IN ({ids}) "
+        f"RETURNING budget_id, subject_id, period_start, spent_nanos"
+    )
+
+
+def _crossings(rows, by_budget: dict, actual_nanos: int) -> list[Crossing]:
+    """The thresholds that the spend of ``actual_nanos`` moved each counter across."""
+    crossings = []
+    for budget_id, subject_id, period_start, spent in rows:
+        line = by_budget.get((budget_id, subject_id))
+        if line is None:
+            continue
+        before, after = int(spent) - actual_nanos, int(spent)
+        for level, pct in (
+            ("warn", line.warn_pct),
+            ("degrade", line.degrade_pct),
+            ("block", line.block_pct),
+        ):
+            if before < line.limit_nanos * pct / 100 <= after:
+                crossings.append(
+                    Crossing(
+                        budget_id,
+                        subject_id,
+                        as_datetime(period_start),
+                        level,
+                        after,
+                        line.limit_nanos,
                     )
-        return crossings
-
-
-def budget_release(*, reservation_id: int) -> None:
-    """Give a reservation back untouched (the request was never sent upstream)."""
-    budget_settle(reservation_id=reservation_id, actual_nanos=0, lines=[])
+                )
+    return crossings
 
 
 def reservations_reclaim(*, now: datetime) -> int:
     """Release reservations that expired unsettled (their worker died). Returns how many."""
-
-    _, _, _, release, expire = _settle_sql(connection.vendor)
+    _, _, expire = _reservation_sql(connection.vendor)
     expired = list(
         BudgetReservation.objects.filter(state="held", expires_at__lt=now).values_list(
             "pk", flat=True
@@ -456,10 +577,9 @@ def reservations_reclaim(*, now: datetime) -> int:
             if row is None:
                 continue
             amount, counter_ids = int(row[0]), row[1]
-            for counter_id in sorted(
-                json.loads(counter_ids) if isinstance(counter_ids, str) else counter_ids
-            ):
-                cursor.execute(release, [amount, counter_id])
+            counter_ids = json.loads(counter_ids) if isinstance(counter_ids, str) else counter_ids
+            _, _, release = _counters_sql(connection.vendor, len(counter_ids))
+            cursor.execute(release, [amount, *counter_ids])
             reclaimed += 1
     return reclaimed
 

@@ -296,7 +296,8 @@ class BudgetReservation(models.Model):
     request_id = models.CharField(max_length=64, unique=True)
     amount_nanos = models.BigIntegerField()
     counter_ids = models.JSONField(default=list)
-    state = models.CharField(max_length=10, default="held")  # held | settled | expired
+    # held | settled | expired (reclaimed) | released (never held: the request was blocked)
+    state = models.CharField(max_length=10, default="held")
     created_at = models.DateTimeField()
     expires_at = models.DateTimeField()
 

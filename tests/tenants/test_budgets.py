@@ -97,11 +97,11 @@ def test_reservation_holds_the_worst_case_and_settlement_moves_it_to_spent(tenan
     assert admission.decision == "allow"
     assert (counter.spent_nanos, counter.reserved_nanos) == (0, 3 * USD)
 
-    budget_settle(reservation_id=admission.reservation_id, actual_nanos=1_234_567, lines=lines)
+    budget_settle(request_id=admission.reservation_key, actual_nanos=1_234_567, lines=lines)
 
     counter.refresh_from_db()
     assert (counter.spent_nanos, counter.reserved_nanos) == (1_234_567, 0)
-    assert BudgetReservation.objects.get(pk=admission.reservation_id).state == "settled"
+    assert BudgetReservation.objects.get(request_id=admission.reservation_key).state == "settled"
 
 
 @pytest.mark.django_db
@@ -127,7 +127,7 @@ def test_full_cost_not_fitting_degrades_and_nothing_fitting_blocks(tenant):
 
     assert first.decision == "allow"
     assert second.decision == "degrade" and second.amount_nanos == USD
-    assert third.decision == "block" and third.reservation_id is None
+    assert third.decision == "block" and third.reservation_key is None
     assert "resets at" in third.message and "the tenant" in third.message
     assert BudgetCounter.objects.get(budget=budget).reserved_nanos == 7 * USD
 
@@ -154,10 +154,10 @@ def test_reservation_of_a_crashed_worker_expires_and_is_reclaimed(tenant):
     assert reservations_reclaim(now=now + timedelta(minutes=16)) == 1
     counter = BudgetCounter.objects.get(budget=budget)
     assert counter.reserved_nanos == 0
-    assert BudgetReservation.objects.get(pk=admission.reservation_id).state == "expired"
+    assert BudgetReservation.objects.get(request_id=admission.reservation_key).state == "expired"
 
     # The worker was only slow: its late settlement adds the spend and releases nothing twice.
-    budget_settle(reservation_id=admission.reservation_id, actual_nanos=500, lines=lines)
+    budget_settle(request_id=admission.reservation_key, actual_nanos=500, lines=lines)
     counter.refresh_from_db()
     assert (counter.spent_nanos, counter.reserved_nanos) == (500, 0)
 
