@@ -232,6 +232,10 @@ CASCADEFLOW_BREAKER_WINDOW = env.float("CASCADEFLOW_BREAKER_WINDOW", default=60.
 CASCADEFLOW_BREAKER_COOLDOWN = env.float("CASCADEFLOW_BREAKER_COOLDOWN", default=30.0)
 CASCADEFLOW_BREAKER_PREFIX = env.str("CASCADEFLOW_BREAKER_PREFIX", default="cf:cb:")
 CASCADEFLOW_RATELIMIT_PREFIX = env.str("CASCADEFLOW_RATELIMIT_PREFIX", default="cf:rl")
+# Fernet keys (newest first) for secrets tenants give us; default: derived from SECRET_KEY.
+CASCADEFLOW_ENCRYPTION_KEYS = env.list("CASCADEFLOW_ENCRYPTION_KEYS", default=[])
+# Budget callbacks and alert webhooks must be HTTPS unless this is on (local development, tests).
+CASCADEFLOW_ALLOW_HTTP_CALLBACKS = env.bool("CASCADEFLOW_ALLOW_HTTP_CALLBACKS", default=DEBUG)
 # A budget reservation not settled within this many seconds (its worker died)
 # is reclaimed by the tenants.reservations_reclaim task.
 CASCADEFLOW_RESERVATION_TTL = env.int("CASCADEFLOW_RESERVATION_TTL", default=900)

@@ -18,6 +18,7 @@ from django.conf import settings
 from django.db import transaction
 
 from routing.engine.policy import PRESETS
+from routing.engine.pricing import nanos_to_usd
 from routing.engine.types import ModelSpec
 from routing.errors import GatewayError, forbidden
 from routing.schemas import ChatRequest
@@ -32,6 +33,7 @@ from tenants.budgets import (
     budget_settle,
     end_user_tier,
 )
+from tenants.callbacks import CallbackDecision
 from tenants.models import EndUser
 from tenants.ratelimits import Limit, RateLimited, check_and_hit
 from tenants.selectors import TokenContext
@@ -45,15 +47,19 @@ class Enforcement:
     lines: list[BudgetLine] = field(default_factory=list)
     admission: Admission | None = None
     limits: list[Limit] = field(default_factory=list)
+    callback: CallbackDecision | None = None
 
     @property
     def decision(self) -> str:
         return self.admission.decision if self.admission else ""
 
     def headers(self) -> dict[str, str]:
+        headers = {}
+        if self.callback is not None:
+            headers["x-cascade-budget-callback"] = self.callback.source
         if self.admission is None or self.admission.decision == "allow":
-            return {}
-        return {
+            return headers
+        return headers | {
             "x-cascade-budget": self.admission.decision,
             "x-cascade-budget-message": self.admission.message.encode("ascii", "replace").decode(),
         }
@@ -141,10 +147,80 @@ def admit(
         ttl=timedelta(seconds=settings.CASCADEFLOW_RESERVATION_TTL),
     )
     enforcement.admission = admission
+    if ctx.budget_callback_url and admission.decision != "block":
+        _ask_tenant(ctx, enforcement, target, end_user, request_id)
     if admission.decision == "degrade":
         # Cheap models only, no escalation, no domain detours to stronger chains.
         target = dataclasses.replace(target, chain=target.chain[:1], domain_routes={})
     return target, enforcement
+
+
+_ORDER = ("allow", "warn", "degrade", "block")
+
+
+def _ask_tenant(
+    ctx: TokenContext,
+    enforcement: Enforcement,
+    target: Target,
+    end_user: EndUser | None,
+    request_id: str,
+) -> None:
+    """Let the tenant's callback make the decision stricter (never looser)."""
+    from tenants.budgets import budget_release
+    from tenants.callbacks import ask
+    from tenants.models import Tenant
+
+    admission = enforcement.admission
+    assert admission is not None
+    tenant = Tenant.objects.get(pk=ctx.tenant_id)
+    context = {
+        "tenant": ctx.tenant_slug,
+        "request_id": request_id,
+        "end_user": end_user.external_id if end_user else None,
+        "tier": enforcement.tier.slug if enforcement.tier else None,
+        "model": target.name,
+        "decision": admission.decision,
+        "forecast": None,
+        "budgets": [
+            {
+                "scope": s.line.scope,
+                "budget": s.line.label,
+                "period": s.line.period,
+                "spent_usd": str(nanos_to_usd(s.spent_nanos)),
+                "reserved_usd": str(nanos_to_usd(s.reserved_nanos)),
+                "limit_usd": str(nanos_to_usd(s.line.limit_nanos)),
+                "remaining_usd": str(nanos_to_usd(max(s.line.cap_nanos - s.used_nanos, 0))),
+                "resets_at": s.period_end.isoformat() if s.period_end else None,
+            }
+            for s in admission.states
+        ],
+    }
+    answer = ask(
+        url=tenant.budget_callback_url,
+        encrypted_secret=tenant.budget_callback_secret,
+        timeout_ms=tenant.budget_callback_timeout_ms,
+        fallback=tenant.budget_callback_fallback,
+        cache_seconds=tenant.budget_callback_cache_seconds,
+        cache_key=":".join(
+            [
+                "cf:cb-decision",
+                str(ctx.tenant_id),
+                str(end_user.pk if end_user else "-"),
+                admission.decision,
+            ]
+        ),
+        context=context,
+    )
+    enforcement.callback = answer
+    if _ORDER.index(answer.decision) > _ORDER.index(admission.decision):
+        if answer.decision == "block" and admission.reservation_key:
+            budget_release(
+                request_id=admission.reservation_key,
+                counter_ids=[s.counter_id for s in admission.states],
+            )
+            admission.reservation_key = None
+        admission.decision = answer.decision
+        admission.override_message = answer.message or "Refused by the account's budget policy."
 
 
 def rate_limits(

@@ -1,15 +1,23 @@
-"""Budget alerts: one per threshold per period, delivered by email (and recorded for the dashboard).
+"""Budget alerts: one per threshold per period, by email and a signed webhook.
+
+Every alert is also a ``BudgetAlert`` row, which the dashboard shows.
 
 Deduplication lives in the database (``BudgetAlert``'s unique constraint);
 delivery is idempotent: each channel's timestamp is set once it succeeded, so a
 retried task never sends twice.
 """
 
+import json
+import time
+
+import httpx
 from django.conf import settings
 from django.core.mail import send_mail
 from django.utils import timezone
 
+from cascadeflow_site.crypto import decrypt
 from routing.engine.pricing import nanos_to_usd
+from tenants.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from tenants.enums import MemberRole
 from tenants.models import BudgetAlert, Member
 
@@ -38,27 +46,71 @@ def alert_text(alert: BudgetAlert) -> tuple[str, str]:
     return subject, body
 
 
+def webhook_payload(alert: BudgetAlert) -> dict:
+    budget = alert.budget
+    return {
+        "type": f"budget.{alert.level}",
+        "alert_id": alert.pk,
+        "tenant": alert.tenant.slug,
+        "budget": {"id": budget.pk, "scope": budget.scope, "period": budget.period},
+        "subject_id": alert.subject_id or None,
+        "period_start": alert.period_start.isoformat(),
+        "spent_usd": str(nanos_to_usd(alert.spent_nanos)),
+        "limit_usd": str(nanos_to_usd(alert.limit_nanos)),
+        "created_at": alert.created_at.isoformat(),
+    }
+
+
+def _post_webhook(alert: BudgetAlert) -> None:
+    body = json.dumps(webhook_payload(alert), separators=(",", ":"), sort_keys=True).encode()
+    timestamp = str(int(time.time()))
+    secret = decrypt(alert.tenant.alert_webhook_secret)
+    headers = {
+        "Content-Type": "application/json",
+        TIMESTAMP_HEADER: timestamp,
+        SIGNATURE_HEADER: sign(secret, timestamp, body),
+    }
+    try:
+        response = httpx.post(
+            alert.tenant.alert_webhook_url, content=body, timeout=5, headers=headers
+        )
+    except httpx.HTTPError as exc:
+        raise DeliveryError(f"webhook unreachable: {exc}") from exc
+    if response.status_code >= 300:
+        raise DeliveryError(f"webhook answered {response.status_code}")
+
+
+def _email(alert: BudgetAlert) -> bool:
+    recipients = list(
+        Member.objects.filter(tenant=alert.tenant, role__in=[MemberRole.OWNER, MemberRole.ADMIN])
+        .exclude(user__email="")
+        .values_list("user__email", flat=True)
+    )
+    if not recipients:
+        return False
+    subject, body = alert_text(alert)
+    try:
+        send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, recipients)
+    except OSError as exc:
+        raise DeliveryError(str(exc)) from exc
+    return True
+
+
 def alerts_deliver(*, alert_ids: list[int]) -> int:
-    """Email each alert to the tenant's owners and admins; returns how many were sent now."""
+    """Email each alert to the tenant's owners and admins and POST it to the tenant's webhook.
+
+    Each channel is marked done once it succeeded; a retry resends only what
+    failed. Returns how many alerts went out on at least one channel now.
+    """
     sent = 0
-    for alert in BudgetAlert.objects.filter(
-        pk__in=alert_ids, emailed_at__isnull=True
-    ).select_related("tenant", "budget"):
-        recipients = list(
-            Member.objects.filter(
-                tenant=alert.tenant, role__in=[MemberRole.OWNER, MemberRole.ADMIN]
-            )
-            .exclude(user__email="")
-            .values_list("user__email", flat=True)
-        )
-        if recipients:
-            subject, body = alert_text(alert)
-            try:
-                send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, recipients)
-            except OSError as exc:
-                raise DeliveryError(str(exc)) from exc
-            sent += 1
-        BudgetAlert.objects.filter(pk=alert.pk, emailed_at__isnull=True).update(
-            emailed_at=timezone.now()
-        )
+    for alert in BudgetAlert.objects.filter(pk__in=alert_ids).select_related("tenant", "budget"):
+        delivered = False
+        if alert.tenant.alert_webhook_url and alert.webhook_at is None:
+            _post_webhook(alert)
+            BudgetAlert.objects.filter(pk=alert.pk).update(webhook_at=timezone.now())
+            delivered = True
+        if alert.emailed_at is None:
+            delivered = _email(alert) or delivered
+            BudgetAlert.objects.filter(pk=alert.pk).update(emailed_at=timezone.now())
+        sent += delivered
     return sent

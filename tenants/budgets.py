@@ -129,9 +129,12 @@ class Admission:
     states: list[BudgetState] = field(default_factory=list)
     tripped: BudgetState | None = None  # the budget that decided degrade / block
     time_zone: str = "UTC"
+    override_message: str = ""  # the tenant callback's own words, when it decided
 
     @property
     def message(self) -> str:
+        if self.override_message:
+            return self.override_message
         state = self.tripped
         if state is None:
             return ""
@@ -559,6 +562,11 @@ def _crossings(rows, by_budget: dict, actual_nanos: int) -> list[Crossing]:
                     )
                 )
     return crossings
+
+
+def budget_release(*, request_id: str, counter_ids: list[int]) -> None:
+    """Give a held reservation back untouched (the request was refused after admission)."""
+    budget_settle(request_id=request_id, actual_nanos=0, lines=[], counter_ids_hint=counter_ids)
 
 
 def reservations_reclaim(*, now: datetime) -> int:

@@ -53,6 +53,16 @@ class Tenant(models.Model):
     allowed_models = models.JSONField(default=list, blank=True)
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # The tenant's own budget decision (see tenants.callbacks): an HTTPS endpoint
+    # answering allow / degrade / block, signed both ways with the shared secret.
+    budget_callback_url = models.URLField(blank=True)
+    budget_callback_secret = models.TextField(blank=True)  # Fernet-encrypted
+    budget_callback_timeout_ms = models.PositiveIntegerField(default=300)
+    budget_callback_fallback = models.CharField(max_length=8, default="allow")  # when it is down
+    budget_callback_cache_seconds = models.PositiveIntegerField(default=30)
+    # Budget alerts are also POSTed here, signed with the same kind of secret.
+    alert_webhook_url = models.URLField(blank=True)
+    alert_webhook_secret = models.TextField(blank=True)  # Fernet-encrypted
 
     def __str__(self) -> str:
         return self.slug

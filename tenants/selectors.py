@@ -31,6 +31,7 @@ class TokenContext:
     tenant_tpm: int | None = None
     token_rpm: int | None = None
     token_tpm: int | None = None
+    budget_callback_url: str = ""
 
     def has_scope(self, scope: str) -> bool:
         return "admin" in self.scopes or scope in self.scopes
@@ -61,6 +62,7 @@ _TOKEN_COLUMNS = (
     "tenant__tier__tokens_per_minute",
     "requests_per_minute",
     "tokens_per_minute",
+    "tenant__budget_callback_url",
 )
 _HASH_PLACEHOLDER = "\x00token-hash\x00"
 
@@ -96,7 +98,7 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
         raise TokenInvalid("Incorrect API key provided.")
     (token_id, tenant_id, scopes, expires_at, revoked_at, last_used_at, slug, tenant_active,
      tenant_models, tier_models, mask, time_zone, has_budgets, has_tiers,
-     tenant_rpm, tenant_tpm, token_rpm, token_tpm) = row  # fmt: skip
+     tenant_rpm, tenant_tpm, token_rpm, token_tpm, callback_url) = row  # fmt: skip
     if revoked_at is not None:
         raise TokenInvalid("This API key has been revoked.")
     expires_at = as_datetime(expires_at)
@@ -120,6 +122,7 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
         tenant_tpm=tenant_tpm,
         token_rpm=token_rpm,
         token_tpm=token_tpm,
+        budget_callback_url=callback_url or "",
     )
 
 

@@ -71,6 +71,14 @@ async def _close_provider_sessions():
 
 
 @pytest.fixture(autouse=True)
+def _empty_cache():
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _instant_demo_models():
     previous = demo.latency_scale
     demo.latency_scale = 0.0

@@ -329,3 +329,26 @@ async def test_thresholds_are_configurable_per_budget(api_token, tenant):
     await spend(budget, int(0.35 * USD))
 
     assert (await post(api_token.raw, chat())).status_code == 402
+
+
+@pytestmark_gateway
+async def test_alert_goes_to_the_signed_webhook_once(api_token, tenant):
+    from cascadeflow_site.crypto import encrypt
+    from tests.fake_callback import FakeCallback
+
+    hook = FakeCallback(secret="whsec_alerts").start()
+    try:
+        tenant.alert_webhook_url = hook.url
+        tenant.alert_webhook_secret = encrypt("whsec_alerts")
+        await tenant.asave(update_fields=["alert_webhook_url", "alert_webhook_secret"])
+        budget = await tenant_budget(tenant)
+        await spend(budget, int(0.95 * USD))
+
+        await post(api_token.raw, chat())
+        await post(api_token.raw, chat())
+
+        assert [payload["type"] for payload in hook.received] == ["budget.degrade"]
+        assert hook.bad_request_signatures == 0
+        assert hook.received[0]["limit_usd"] == "1"
+    finally:
+        hook.stop()
