@@ -106,6 +106,9 @@ def main() -> None:
         cwd=ROOT,
     )
     procs.append(web)
+    # One process: the worker and, embedded (-B), the beat that schedules the
+    # periodic tasks (reclaiming expired budget reservations…).
+    schedule = ROOT / "var" / "celery" / "beat-schedule"
     worker = subprocess.Popen(
         [
             PY,
@@ -114,12 +117,17 @@ def main() -> None:
             "-A",
             "cascadeflow_site",
             "worker",
+            "-B",
+            "--schedule",
+            str(schedule),
             "--loglevel",
             "INFO",
             "--concurrency",
             "1",
             "--hostname",
             "demo@%h",
+            "--without-gossip",
+            "--without-mingle",
         ],
         cwd=ROOT,
     )

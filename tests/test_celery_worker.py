@@ -1,0 +1,89 @@
+"""A real Celery worker process, on the broker ``make demo`` uses (no server needed)."""
+
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from celery import Celery
+
+from tests.live_server import ROOT, LiveServer
+
+
+@pytest.fixture(scope="module")
+def worker(fake_upstream):
+    server = LiveServer(backend="sqlite", models={})
+    server.start()  # migrates a database of its own and gives us its environment
+    env = server.env()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "cascadeflow_site",
+            "worker",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    yield server, env
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    server.stop()
+
+
+def test_worker_reclaims_an_expired_reservation(worker):
+    server, env = worker
+    var = env["CASCADEFLOW_VAR_DIR"]
+    [(tenant_id,)] = server.query("SELECT id FROM tenants_tenant LIMIT 1")
+    server.query(
+        "INSERT INTO tenants_budget (tenant_id, scope, period, limit_nanos, created_at) "
+        "VALUES (%s, 'tenant', 'lifetime', 1000, %s)",
+        (tenant_id, "2026-01-01 00:00:00"),
+    )
+    [(budget_id,)] = server.query("SELECT id FROM tenants_budget")
+    server.query(
+        "INSERT INTO tenants_budgetcounter (tenant_id, budget_id, subject_id, period_start, "
+        "spent_nanos, reserved_nanos) VALUES (%s, %s, 0, '1970-01-01 00:00:00', 0, 700)",
+        (tenant_id, budget_id),
+    )
+    [(counter_id,)] = server.query("SELECT id FROM tenants_budgetcounter")
+    past = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%d %H:%M:%S")
+    server.query(
+        "INSERT INTO tenants_budgetreservation (tenant_id, request_id, amount_nanos, counter_ids, "
+        "state, created_at, expires_at) VALUES (%s, 'req_crashed', 700, %s, 'held', %s, %s)",
+        (tenant_id, f"[{counter_id}]", past, past),
+    )
+    client = Celery(
+        broker="filesystem://",
+        broker_transport_options={
+            "data_folder_in": f"{var}/celery/queue",
+            "data_folder_out": f"{var}/celery/queue",
+            "control_folder": f"{var}/celery/control",
+        },
+    )
+
+    client.send_task("tenants.tasks.reservations_reclaim")
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        [(state,)] = server.query("SELECT state FROM tenants_budgetreservation")
+        if state == "expired":
+            break
+        time.sleep(0.2)
+    assert state == "expired"
+    assert server.query("SELECT reserved_nanos FROM tenants_budgetcounter") == [(0,)]
