@@ -1,5 +1,6 @@
 """A real Celery worker process, on the broker ``make demo`` uses (no server needed)."""
 
+import os
 import subprocess
 import sys
 import time
@@ -8,12 +9,22 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from celery import Celery
 
+from tests.conftest import skip_or_fail
 from tests.live_server import ROOT, LiveServer
 
 
-@pytest.fixture(scope="module")
-def worker(fake_upstream):
-    server = LiveServer(backend="sqlite", models={})
+@pytest.fixture(scope="module", params=["filesystem", "redis"])
+def worker(request, fake_upstream):
+    """A worker on the broker ``make demo`` uses (filesystem), and on Redis as deployed."""
+    if request.param == "redis":
+        if not os.environ.get("REDIS_URL"):
+            skip_or_fail("REDIS_URL is not set for the Redis-broker worker test")
+        broker = os.environ["REDIS_URL"]
+        extra = {"CELERY_BROKER_URL": broker}
+    else:
+        broker = "filesystem://"
+        extra = {"CELERY_BROKER_URL": broker, "REDIS_URL": ""}
+    server = LiveServer(backend="sqlite", models={}, extra_env=extra)
     server.start()  # migrates a database of its own and gives us its environment
     env = server.env()
     process = subprocess.Popen(
@@ -37,7 +48,7 @@ def worker(fake_upstream):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    yield server, env
+    yield server, env, broker
     process.terminate()
     try:
         process.wait(timeout=15)
@@ -47,7 +58,7 @@ def worker(fake_upstream):
 
 
 def test_worker_reclaims_an_expired_reservation(worker):
-    server, env = worker
+    server, env, broker = worker
     var = env["CASCADEFLOW_VAR_DIR"]
     [(tenant_id,)] = server.query("SELECT id FROM tenants_tenant LIMIT 1")
     server.query(
@@ -68,14 +79,14 @@ def test_worker_reclaims_an_expired_reservation(worker):
         "state, created_at, expires_at) VALUES (%s, 'req_crashed', 700, %s, 'held', %s, %s)",
         (tenant_id, f"[{counter_id}]", past, past),
     )
-    client = Celery(
-        broker="filesystem://",
-        broker_transport_options={
+    options = {}
+    if broker.startswith("filesystem"):
+        options = {
             "data_folder_in": f"{var}/celery/queue",
             "data_folder_out": f"{var}/celery/queue",
             "control_folder": f"{var}/celery/control",
-        },
-    )
+        }
+    client = Celery(broker=broker, broker_transport_options=options)
 
     client.send_task("tenants.tasks.reservations_reclaim")
 
