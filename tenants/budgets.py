@@ -26,7 +26,7 @@ import calendar
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
+from functools import lru_cache, partial
 from zoneinfo import ZoneInfo
 
 from django.db import connection, transaction
@@ -359,6 +359,15 @@ def budget_admit(
         "created_at": now,
         "expires_at": now + ttl,
     }
+    decide = partial(
+        _admission_after,
+        ordered=ordered,
+        bounds=bounds,
+        time_zone=time_zone,
+        request_id=request_id,
+        full=worst_case_nanos,
+        degraded=degraded_worst_case_nanos,
+    )
     # Optimistic: reserve the full worst case while taking the row locks; the
     # rare degrade and block decisions give the difference back.
     if connection.vendor == "postgresql":
@@ -370,30 +379,13 @@ def budget_admit(
                 _admit_one_sql(len(ordered)),
                 [*params, *_reservation_params(reservation)],
             )
-            rows = cursor.fetchall()
-        return _admission_after(
-            rows,
-            ordered,
-            bounds,
-            time_zone,
-            request_id,
-            worst_case_nanos,
-            degraded_worst_case_nanos,
-        )
+            return decide(cursor.fetchall())
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(_upsert_sql(connection.vendor, len(ordered)), params)
         rows = cursor.fetchall()
         counter_ids = sorted(r[0] for r in rows)
         insert_row(BudgetReservation, {**reservation, "counter_ids": counter_ids})
-        return _admission_after(
-            rows,
-            ordered,
-            bounds,
-            time_zone,
-            request_id,
-            worst_case_nanos,
-            degraded_worst_case_nanos,
-        )
+        return decide(rows)
 
 
 def _reservation_params(reservation: dict) -> list:

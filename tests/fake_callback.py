@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
 import uvicorn
 
 from tenants.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
+from tests.threaded_asgi import free_port, lifespan, read_body, serve
 
 
 @dataclass
@@ -32,19 +31,8 @@ class FakeCallback:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+            return await lifespan(receive, send)
+        body = await read_body(receive)
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         if not verify(
             self.secret,
@@ -76,16 +64,8 @@ class FakeCallback:
         await send({"type": "http.response.body", "body": answer})
 
     def start(self) -> FakeCallback:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self._server = uvicorn.Server(
-            uvicorn.Config(self, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        threading.Thread(target=self._server.run, daemon=True).start()
-        deadline = time.monotonic() + 10
-        while not self._server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.port = free_port()
+        self._server, _ = serve(self, "127.0.0.1", self.port)
         return self
 
     def stop(self) -> None:

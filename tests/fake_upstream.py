@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import threading
 import time
 import uuid
@@ -22,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+
+from tests.threaded_asgi import free_port, lifespan, read_body, serve
 
 
 @dataclass
@@ -62,19 +63,8 @@ class FakeUpstream:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+            return await lifespan(receive, send)
+        body = await read_body(receive)
         path = scope["path"]
         if scope["method"] == "GET" and path.endswith("/models"):
             return await _json(send, 200, {"object": "list", "data": []})
@@ -137,21 +127,8 @@ class FakeUpstream:
     # --- lifecycle ----------------------------------------------------------------
 
     def start(self) -> FakeUpstream:
-        if not self.port:
-            with socket.socket() as s:
-                s.bind((self.host, 0))
-                self.port = s.getsockname()[1]
-        config = uvicorn.Config(
-            self, host=self.host, port=self.port, log_level="warning", lifespan="on"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("fake upstream did not start")
-            time.sleep(0.01)
+        self.port = self.port or free_port(self.host)
+        self._server, self._thread = serve(self, self.host, self.port)
         return self
 
     def stop(self) -> None:
