@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from cascadeflow_site.crypto import decrypt
 from routing.engine.pricing import nanos_to_usd
-from tenants.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
+from tenants.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, url_allowed
 from tenants.enums import MemberRole
 from tenants.models import BudgetAlert, Member
 
@@ -62,6 +62,8 @@ def webhook_payload(alert: BudgetAlert) -> dict:
 
 
 def _post_webhook(alert: BudgetAlert) -> None:
+    if not url_allowed(alert.tenant.alert_webhook_url):
+        raise DeliveryError("the alert webhook URL must be HTTPS")
     body = json.dumps(webhook_payload(alert), separators=(",", ":"), sort_keys=True).encode()
     timestamp = str(int(time.time()))
     secret = decrypt(alert.tenant.alert_webhook_secret)

@@ -33,6 +33,15 @@ SIGNATURE_HEADER = "X-CascadeFlow-Signature"
 TIMESTAMP_HEADER = "X-CascadeFlow-Timestamp"
 
 
+def url_allowed(url: str) -> bool:
+    """HTTPS only, unless plain HTTP is allowed (local development and tests)."""
+    from django.conf import settings
+
+    return url.startswith("https://") or (
+        settings.CASCADEFLOW_ALLOW_HTTP_CALLBACKS and url.startswith("http://")
+    )
+
+
 def sign(secret: str, timestamp: str, body: bytes) -> str:
     digest = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
     return f"v1={digest}"
@@ -69,6 +78,8 @@ def ask(
     cache_key: str,
     context: dict,
 ) -> CallbackDecision:
+    if not url_allowed(url):
+        return CallbackDecision(fallback, "", "fallback", "callback URL must be HTTPS")
     cached = cache.get(cache_key)
     if cached:
         return CallbackDecision(cached["decision"], cached["message"], "cache")

@@ -139,3 +139,12 @@ async def test_callback_cannot_loosen_an_exhausted_budget(api_token, callback, t
     assert response.status_code == 402
     assert error_of(response)["code"] == "budget_exceeded"
     assert callback.received == []  # blocked before asking
+
+
+async def test_plain_http_callbacks_are_refused_in_production(api_token, callback, settings):
+    settings.CASCADEFLOW_ALLOW_HTTP_CALLBACKS = False
+
+    response = await post(api_token.raw, chat())
+
+    assert response["x-cascade-budget-callback"] == "fallback"
+    assert callback.received == []
