@@ -151,6 +151,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "tenants.tasks.reservations_reclaim",
         "schedule": 60.0,
     },
+    "expire-billing-grace-periods": {
+        "task": "billing.tasks.grace_expire",
+        "schedule": 600.0,
+    },
 }
 
 # --- Auth, i18n, static ----------------------------------------------------
@@ -232,6 +236,13 @@ CASCADEFLOW_BREAKER_WINDOW = env.float("CASCADEFLOW_BREAKER_WINDOW", default=60.
 CASCADEFLOW_BREAKER_COOLDOWN = env.float("CASCADEFLOW_BREAKER_COOLDOWN", default=30.0)
 CASCADEFLOW_BREAKER_PREFIX = env.str("CASCADEFLOW_BREAKER_PREFIX", default="cf:cb:")
 CASCADEFLOW_RATELIMIT_PREFIX = env.str("CASCADEFLOW_RATELIMIT_PREFIX", default="cf:rl")
+# Stripe (billing/). STRIPE_API_BASE points the client at a local Stripe test server.
+STRIPE_API_KEY = env.str("STRIPE_API_KEY", default="")
+STRIPE_WEBHOOK_SECRET = env.str("STRIPE_WEBHOOK_SECRET", default="")
+STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="")
+STRIPE_WEBHOOK_TOLERANCE = env.int("STRIPE_WEBHOOK_TOLERANCE", default=300)
+# Days a past_due subscription keeps its plan before the tenant drops to the free tier.
+CASCADEFLOW_BILLING_GRACE_DAYS = env.int("CASCADEFLOW_BILLING_GRACE_DAYS", default=3)
 # Fernet keys (newest first) for secrets tenants give us; default: derived from SECRET_KEY.
 CASCADEFLOW_ENCRYPTION_KEYS = env.list("CASCADEFLOW_ENCRYPTION_KEYS", default=[])
 # Budget callbacks and alert webhooks must be HTTPS unless this is on (local development, tests).

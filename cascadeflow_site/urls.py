@@ -10,6 +10,7 @@ def healthz(request):
 urlpatterns = [
     path("v1/", include("routing.urls")),
     path("dashboard/", include("dashboard.urls")),
+    path("billing/", include("billing.urls")),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),

@@ -26,6 +26,9 @@ class Tier(models.Model):
     # Public model names (or routing profiles) the plan allows; empty = all.
     allowed_models = models.JSONField(default=list, blank=True)
     is_default = models.BooleanField(default=False)
+    # Set by billing's plan sync: the Stripe product behind this plan and its prices.
+    stripe_product_id = models.CharField(max_length=255, blank=True)
+    stripe_price_ids = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -1,0 +1,48 @@
+"""Stripe: every webhook event once, and each tenant's subscription as Stripe last described it."""
+
+from django.db import models
+
+from tenants.models import Tenant, Tier
+
+
+class StripeEvent(models.Model):
+    """A verified webhook event, stored once (unique ``event_id``), applied by a task."""
+
+    event_id = models.CharField(max_length=255, unique=True)
+    type = models.CharField(max_length=100)
+    created = models.BigIntegerField()  # Stripe's own timestamp of the event
+    payload = models.JSONField()
+    received_at = models.DateTimeField(auto_now_add=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["type", "-created"], name="stripe_event_type")]
+
+    def __str__(self) -> str:
+        return f"{self.event_id} {self.type}"
+
+
+class TenantSubscription(models.Model):
+    """The tenant's Stripe customer and subscription, and the plan it pays for.
+
+    ``state_at`` is the Stripe timestamp of the event that last changed this
+    row: an event older than it never rolls the subscription back, whatever
+    order deliveries arrive in. ``Tenant.tier`` is the plan *in force*: the
+    paid tier, or the default (free) tier after cancellation or once a
+    payment-failure grace period has run out.
+    """
+
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="subscription")
+    stripe_customer_id = models.CharField(max_length=255, unique=True)
+    stripe_subscription_id = models.CharField(max_length=255, blank=True)
+    status = models.CharField(max_length=32, blank=True)  # Stripe's subscription status
+    paid_tier = models.ForeignKey(Tier, on_delete=models.SET_NULL, null=True, blank=True)
+    current_period_end = models.DateTimeField(null=True, blank=True)
+    cancel_at_period_end = models.BooleanField(default=False)
+    grace_until = models.DateTimeField(null=True, blank=True)
+    state_at = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.tenant} {self.status}"

@@ -1,0 +1,317 @@
+"""Stripe webhooks and plans, applied to tenants.
+
+Invariants:
+- An event is stored once (unique ``event_id``) and its effects applied once
+  (``processed_at``, set under a row lock).
+- A subscription never moves back to an older state: every change records the
+  Stripe timestamp of the event that made it (``state_at``), and events older
+  than that are ignored, whatever order deliveries arrive in.
+- ``Tenant.tier`` is the plan in force, read by the gateway on every request:
+  a change is visible to the next request, with no cache in between.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+
+import stripe
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from billing.models import StripeEvent, TenantSubscription
+from routing.engine.pricing import usd_to_nanos
+from tenants.models import Tenant, Tier
+from tenants.services import audit_record
+
+PAID_STATUSES = {"active", "trialing"}
+ENDED_STATUSES = {"canceled", "unpaid", "incomplete_expired"}
+
+
+class WebhookRejected(Exception):
+    pass
+
+
+def webhook_verify(*, payload: bytes, signature: str | None) -> dict:
+    """The event if Stripe signed it with our secret within the tolerance, else raise."""
+    if not settings.STRIPE_WEBHOOK_SECRET:
+        raise WebhookRejected("Stripe webhooks are not configured (STRIPE_WEBHOOK_SECRET).")
+    try:
+        event = stripe.Webhook.construct_event(
+            payload.decode(),
+            signature or "",
+            settings.STRIPE_WEBHOOK_SECRET,
+            tolerance=settings.STRIPE_WEBHOOK_TOLERANCE,
+        )
+    except (ValueError, stripe.SignatureVerificationError) as exc:
+        raise WebhookRejected(str(exc) or exc.__class__.__name__) from None
+    return event.to_dict() if hasattr(event, "to_dict") else dict(event)
+
+
+def event_store(*, event: dict) -> StripeEvent | None:
+    """Store a verified event; None when it was already stored (a duplicate delivery)."""
+    try:
+        with transaction.atomic():
+            return StripeEvent.objects.create(
+                event_id=event["id"],
+                type=event["type"],
+                created=int(event["created"]),
+                payload=event,
+            )
+    except IntegrityError:
+        return None
+
+
+def event_process(*, event_pk: int, now: datetime | None = None) -> str:
+    """Apply one stored event, once. Returns what it did (kept on the event row)."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        event = StripeEvent.objects.select_for_update().get(pk=event_pk)
+        if event.processed_at is not None:
+            return event.outcome
+        outcome = _dispatch(event, now)
+        event.processed_at = now
+        event.outcome = outcome[:200]
+        event.save(update_fields=["processed_at", "outcome"])
+    return outcome
+
+
+def _dispatch(event: StripeEvent, now: datetime) -> str:
+    obj = event.payload.get("data", {}).get("object", {})
+    kind = event.type
+    if kind.startswith("product."):
+        return plan_from_product(product=obj, deleted=kind == "product.deleted")
+    if kind.startswith("price."):
+        return plan_price(price=obj, deleted=kind == "price.deleted")
+    if kind == "checkout.session.completed":
+        return checkout_completed(session=obj)
+    if kind.startswith("customer.subscription."):
+        return subscription_apply(
+            subscription=obj, at=event.created, deleted=kind.endswith(".deleted"), now=now
+        )
+    if kind == "invoice.paid":
+        return invoice_paid(invoice=obj, at=event.created, now=now)
+    if kind == "invoice.payment_failed":
+        return invoice_failed(invoice=obj, at=event.created, now=now)
+    return "ignored: not an event CascadeFlow acts on"
+
+
+# --- plans ---------------------------------------------------------------------------
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def plan_from_product(*, product: dict, deleted: bool = False) -> str:
+    """Create or update the tier a product's ``cascadeflow_tier`` metadata names."""
+    metadata = product.get("metadata") or {}
+    slug = metadata.get("cascadeflow_tier")
+    if not slug:
+        return "ignored: product has no cascadeflow_tier metadata"
+    budget_nanos = None
+    if metadata.get("monthly_budget_usd"):
+        try:
+            budget_nanos = usd_to_nanos(Decimal(metadata["monthly_budget_usd"]))
+        except InvalidOperation:
+            budget_nanos = None
+    models_allowed = [
+        m.strip() for m in (metadata.get("allowed_models") or "").split(",") if m.strip()
+    ]
+    tier, created = Tier.objects.update_or_create(
+        slug=slug,
+        defaults={
+            "name": product.get("name") or slug,
+            "stripe_product_id": "" if deleted else product.get("id", ""),
+            "monthly_budget_nanos": budget_nanos,
+            "requests_per_minute": _int_or_none(metadata.get("rpm")),
+            "tokens_per_minute": _int_or_none(metadata.get("tpm")),
+            "allowed_models": models_allowed,
+        },
+    )
+    return f"{'created' if created else 'updated'} tier {tier.slug}"
+
+
+def plan_price(*, price: dict, deleted: bool = False) -> str:
+    product_id = price.get("product")
+    if isinstance(product_id, dict):
+        product_id = product_id.get("id")
+    tier = Tier.objects.filter(stripe_product_id=product_id).first()
+    if tier is None:
+        return "ignored: price of a product without a tier"
+    ids = [p for p in tier.stripe_price_ids if p != price["id"]]
+    if not deleted and price.get("active", True):
+        ids.append(price["id"])
+    tier.stripe_price_ids = ids
+    tier.save(update_fields=["stripe_price_ids", "updated_at"])
+    return f"tier {tier.slug} prices {len(ids)}"
+
+
+def plans_sync(*, products: list[dict], prices: list[dict]) -> list[str]:
+    """Full sync from Stripe's lists (``manage.py sync_stripe_plans``)."""
+    done = [plan_from_product(product=p, deleted=not p.get("active", True)) for p in products]
+    by_product: dict[str, list[str]] = {}
+    for price in prices:
+        if price.get("active", True):
+            product_id = (
+                price["product"] if isinstance(price["product"], str) else price["product"]["id"]
+            )
+            by_product.setdefault(product_id, []).append(price["id"])
+    for tier in Tier.objects.exclude(stripe_product_id=""):
+        tier.stripe_price_ids = sorted(by_product.get(tier.stripe_product_id, []))
+        tier.save(update_fields=["stripe_price_ids", "updated_at"])
+    return done
+
+
+def _tier_for(subscription: dict) -> Tier | None:
+    """The plan a subscription pays for: its price's tier, else its product's."""
+    plans = list(Tier.objects.exclude(stripe_product_id=""))
+    for item in (subscription.get("items") or {}).get("data") or []:
+        price = item.get("price") or {}
+        product = price.get("product")
+        product_id = product.get("id") if isinstance(product, dict) else product
+        for tier in plans:
+            if price.get("id") in tier.stripe_price_ids:
+                return tier
+        for tier in plans:
+            if tier.stripe_product_id == product_id:
+                return tier
+    return None
+
+
+def _period_end(subscription: dict) -> datetime | None:
+    value = subscription.get("current_period_end")
+    if value is None:  # newer API versions keep it on the items
+        items = (subscription.get("items") or {}).get("data") or []
+        value = items[0].get("current_period_end") if items else None
+    return datetime.fromtimestamp(int(value), tz=UTC) if value else None
+
+
+def _default_tier() -> Tier | None:
+    return Tier.objects.filter(is_default=True).first()
+
+
+def _set_tier(sub: TenantSubscription, tier: Tier | None, reason: str) -> None:
+    tenant = sub.tenant
+    if tenant.tier_id != (tier.pk if tier else None):
+        old = tenant.tier.slug if tenant.tier else None
+        tenant.tier = tier
+        tenant.save(update_fields=["tier"])
+        audit_record(
+            tenant=tenant,
+            action="plan.change",
+            target=tier.slug if tier else "",
+            data={"from": old, "reason": reason},
+        )
+
+
+# --- subscriptions ------------------------------------------------------------------------
+
+
+def checkout_completed(*, session: dict) -> str:
+    """Link the Stripe customer to the tenant that started the checkout."""
+    reference = session.get("client_reference_id") or (session.get("metadata") or {}).get(
+        "cascadeflow_tenant"
+    )
+    customer = session.get("customer")
+    tenant = Tenant.objects.filter(slug=reference).first() if reference else None
+    if tenant is None or not customer:
+        return "ignored: checkout without a known tenant or customer"
+    sub, _ = TenantSubscription.objects.get_or_create(
+        tenant=tenant, defaults={"stripe_customer_id": customer}
+    )
+    if session.get("subscription") and not sub.stripe_subscription_id:
+        sub.stripe_subscription_id = session["subscription"]
+        sub.save(update_fields=["stripe_subscription_id", "updated_at"])
+    return f"linked {customer} to {tenant.slug}"
+
+
+def _subscription_for(customer: str, metadata: dict) -> TenantSubscription | None:
+    sub = (
+        TenantSubscription.objects.select_for_update()
+        .select_related("tenant")
+        .filter(stripe_customer_id=customer)
+        .first()
+    )
+    if sub is None and metadata.get("cascadeflow_tenant"):
+        tenant = Tenant.objects.filter(slug=metadata["cascadeflow_tenant"]).first()
+        if tenant is not None:
+            sub, _ = TenantSubscription.objects.get_or_create(
+                tenant=tenant, defaults={"stripe_customer_id": customer}
+            )
+            sub = (
+                TenantSubscription.objects.select_for_update()
+                .select_related("tenant")
+                .get(pk=sub.pk)
+            )
+    return sub
+
+
+def subscription_apply(*, subscription: dict, at: int, deleted: bool, now: datetime) -> str:
+    sub = _subscription_for(subscription.get("customer", ""), subscription.get("metadata") or {})
+    if sub is None:
+        return "ignored: subscription of an unknown customer"
+    if at < sub.state_at:
+        return f"ignored: older than the state already applied ({at} < {sub.state_at})"
+    status = "canceled" if deleted else subscription.get("status", "")
+    tier = _tier_for(subscription) or sub.paid_tier
+    sub.stripe_subscription_id = subscription.get("id", sub.stripe_subscription_id)
+    sub.status = status
+    sub.paid_tier = tier
+    sub.current_period_end = _period_end(subscription)
+    sub.cancel_at_period_end = bool(subscription.get("cancel_at_period_end"))
+    sub.state_at = at
+    if status in PAID_STATUSES:
+        sub.grace_until = None
+        _set_tier(sub, tier, f"subscription {status}")
+    elif status == "past_due":
+        sub.grace_until = sub.grace_until or now + timedelta(
+            days=settings.CASCADEFLOW_BILLING_GRACE_DAYS
+        )
+    elif status in ENDED_STATUSES:
+        sub.grace_until = None
+        _set_tier(sub, _default_tier(), f"subscription {status}")
+    sub.save()
+    return f"{sub.tenant.slug}: {status}, plan {sub.tenant.tier.slug if sub.tenant.tier else '-'}"
+
+
+def invoice_paid(*, invoice: dict, at: int, now: datetime) -> str:
+    sub = _subscription_for(invoice.get("customer", ""), {})
+    if sub is None:
+        return "ignored: invoice of an unknown customer"
+    if at < sub.state_at or sub.status in ENDED_STATUSES:
+        return "ignored: older than the state already applied, or subscription ended"
+    sub.status, sub.grace_until, sub.state_at = "active", None, at
+    sub.save()
+    _set_tier(sub, sub.paid_tier, "invoice paid")
+    return f"{sub.tenant.slug}: paid, plan restored"
+
+
+def invoice_failed(*, invoice: dict, at: int, now: datetime) -> str:
+    sub = _subscription_for(invoice.get("customer", ""), {})
+    if sub is None:
+        return "ignored: invoice of an unknown customer"
+    if at < sub.state_at:
+        return "ignored: older than the state already applied"
+    sub.status, sub.state_at = "past_due", at
+    sub.grace_until = sub.grace_until or now + timedelta(
+        days=settings.CASCADEFLOW_BILLING_GRACE_DAYS
+    )
+    sub.save()
+    return f"{sub.tenant.slug}: payment failed, grace until {sub.grace_until.isoformat()}"
+
+
+def grace_expire(*, now: datetime) -> int:
+    """Tenants past due beyond their grace period fall to the free tier's limits."""
+    expired = 0
+    for sub in TenantSubscription.objects.select_related("tenant").filter(
+        status="past_due", grace_until__lt=now
+    ):
+        with transaction.atomic():
+            _set_tier(sub, _default_tier(), "payment failed; grace period over")
+            expired += 1
+    return expired
