@@ -171,7 +171,7 @@ def _tier_for(subscription: dict) -> Tier | None:
     """The plan a subscription pays for: its price's tier, else its product's."""
     plans = list(Tier.objects.exclude(stripe_product_id=""))
     for item in (subscription.get("items") or {}).get("data") or []:
-        price = item.get("price") or {}
+        price = item.get("price") or item.get("plan") or {}
         product = price.get("product")
         product_id = product.get("id") if isinstance(product, dict) else product
         for tier in plans:
@@ -230,6 +230,18 @@ def checkout_completed(*, session: dict) -> str:
     return f"linked {customer} to {tenant.slug}"
 
 
+def _customer_metadata(customer: str) -> dict:
+    """The customer's own metadata, from Stripe (a customer made outside our checkout)."""
+    if not settings.STRIPE_API_KEY or not customer:
+        return {}
+    from billing.stripe_api import client
+
+    try:
+        return dict(client().v1.customers.retrieve(customer).to_dict().get("metadata") or {})
+    except stripe.StripeError:
+        return {}
+
+
 def _subscription_for(customer: str, metadata: dict) -> TenantSubscription | None:
     sub = (
         TenantSubscription.objects.select_for_update()
@@ -237,6 +249,8 @@ def _subscription_for(customer: str, metadata: dict) -> TenantSubscription | Non
         .filter(stripe_customer_id=customer)
         .first()
     )
+    if sub is None and not metadata.get("cascadeflow_tenant"):
+        metadata = _customer_metadata(customer)
     if sub is None and metadata.get("cascadeflow_tenant"):
         tenant = Tenant.objects.filter(slug=metadata["cascadeflow_tenant"]).first()
         if tenant is not None:
