@@ -46,3 +46,35 @@ class TenantSubscription(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant} {self.status}"
+
+
+class UsageReport(models.Model):
+    """One hour of a tenant's usage, reported to Stripe as a billing meter event.
+
+    Money invariant: Stripe is billed in whole cents, the ledger holds
+    nano-dollars. ``cents`` is what this window adds to the cumulative whole
+    cents of the tenant's ledger, so rounding never loses or double-counts a
+    fraction across windows. ``identifier`` is Stripe's deduplication key:
+    a retry re-sends the same identifier and Stripe bills it once.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="usage_reports")
+    window_start = models.DateTimeField()
+    window_end = models.DateTimeField()
+    cost_nanos = models.BigIntegerField()
+    cumulative_nanos = models.BigIntegerField()
+    cents = models.BigIntegerField()
+    identifier = models.CharField(max_length=120, unique=True)
+    reported_at = models.DateTimeField(null=True, blank=True)
+    error = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "window_start"], name="usage_report_once"),
+            models.CheckConstraint(
+                condition=models.Q(cents__gte=0), name="usage_report_cents_non_negative"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant} {self.window_start:%Y-%m-%d %H:00} {self.cents}c"

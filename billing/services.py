@@ -329,3 +329,45 @@ def grace_expire(*, now: datetime) -> int:
             _set_tier(sub, _default_tier(), "payment failed; grace period over")
             expired += 1
     return expired
+
+
+# --- checkout and portal -----------------------------------------------------------------
+
+
+def customer_ensure(*, tenant: Tenant, email: str | None) -> TenantSubscription:
+    """The tenant's Stripe customer, created once and reused (the link is a unique row)."""
+    from billing import stripe_api
+
+    existing = TenantSubscription.objects.filter(tenant=tenant).first()
+    if existing is not None:
+        return existing
+    customer = stripe_api.customer_create(tenant_slug=tenant.slug, email=email)
+    try:
+        with transaction.atomic():
+            return TenantSubscription.objects.create(tenant=tenant, stripe_customer_id=customer)
+    except IntegrityError:
+        return TenantSubscription.objects.get(tenant=tenant)
+
+
+def checkout_start(
+    *, tenant: Tenant, tier: Tier, email: str | None, success_url: str, cancel_url: str
+) -> str:
+    from billing import stripe_api
+
+    if not tier.stripe_price_ids:
+        raise ValueError(f"The plan '{tier.slug}' has no Stripe price.")
+    link = customer_ensure(tenant=tenant, email=email)
+    return stripe_api.checkout_session(
+        customer=link.stripe_customer_id,
+        price=tier.stripe_price_ids[0],
+        tenant_slug=tenant.slug,
+        success_url=success_url,
+        cancel_url=cancel_url,
+    )
+
+
+def portal_start(*, tenant: Tenant, email: str | None, return_url: str) -> str:
+    from billing import stripe_api
+
+    link = customer_ensure(tenant=tenant, email=email)
+    return stripe_api.portal_session(customer=link.stripe_customer_id, return_url=return_url)

@@ -36,3 +36,52 @@ def products_and_prices() -> tuple[list[dict], list[dict]]:
         except stripe.StripeError:
             prices = []
     return products, prices
+
+
+METER_EVENT_NAME = "cascadeflow_usage_cents"
+
+
+def customer_create(*, tenant_slug: str, email: str | None) -> str:
+    customer = client().v1.customers.create(
+        {"email": email or "", "metadata": {"cascadeflow_tenant": tenant_slug}},
+        {"idempotency_key": f"customer-{tenant_slug}"},
+    )
+    return customer.id
+
+
+def checkout_session(
+    *, customer: str, price: str, tenant_slug: str, success_url: str, cancel_url: str
+) -> str:
+    session = client().v1.checkout.sessions.create(
+        {
+            "mode": "subscription",
+            "customer": customer,
+            "client_reference_id": tenant_slug,
+            "line_items": [{"price": price, "quantity": 1}],
+            "subscription_data": {"metadata": {"cascadeflow_tenant": tenant_slug}},
+            "success_url": success_url,
+            "cancel_url": cancel_url,
+        }
+    )
+    return session.url
+
+
+def portal_session(*, customer: str, return_url: str) -> str:
+    return (
+        client()
+        .v1.billing_portal.sessions.create({"customer": customer, "return_url": return_url})
+        .url
+    )
+
+
+def meter_event(*, customer: str, cents: int, identifier: str, timestamp: int) -> None:
+    """Report usage in cents; Stripe bills an identifier once, so retries are safe."""
+    client().v1.billing.meter_events.create(
+        {
+            "event_name": METER_EVENT_NAME,
+            "identifier": identifier,
+            "timestamp": timestamp,
+            "payload": {"stripe_customer_id": customer, "value": str(cents)},
+        },
+        {"idempotency_key": identifier},
+    )

@@ -155,6 +155,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "billing.tasks.grace_expire",
         "schedule": 600.0,
     },
+    "report-usage-to-stripe": {
+        "task": "billing.tasks.usage_report_all",
+        "schedule": 900.0,
+    },
 }
 
 # --- Auth, i18n, static ----------------------------------------------------

@@ -1,0 +1,119 @@
+"""Checkout and portal (the customer link made once), and usage metering that never double-bills."""
+
+from datetime import timedelta
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+
+from billing.metering import NANOS_PER_CENT, reconcile
+from billing.models import TenantSubscription, UsageReport
+from billing.tasks import usage_report
+from routing.models import UsageEvent
+from tenants.enums import MemberRole
+from tests.factories import MemberFactory, UserFactory
+from tests.fake_stripe import FakeStripe
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def fake_stripe(settings):
+    server = FakeStripe().start()
+    settings.STRIPE_API_BASE = server.base
+    settings.STRIPE_API_KEY = "sk_test_fake"
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pro(db):
+    from tenants.models import Tier
+
+    return Tier.objects.create(
+        slug="pro", name="Pro", stripe_product_id="prod_1", stripe_price_ids=["price_pro"]
+    )
+
+
+def login(client, tenant, role):
+    user = UserFactory()
+    MemberFactory(tenant=tenant, user=user, role=role)
+    client.force_login(user)
+    return user
+
+
+def test_owner_checkout_redirects_to_stripe_and_reuses_the_customer(
+    client, tenant, pro, fake_stripe
+):
+    login(client, tenant, MemberRole.OWNER)
+
+    first = client.post(f"/billing/{tenant.slug}/checkout/pro/")
+    second = client.post(f"/billing/{tenant.slug}/checkout/pro/")
+
+    assert first.status_code == 303
+    assert first["Location"].startswith("https://checkout.stripe.test/")
+    assert second.status_code == 303
+    assert len(fake_stripe.customers) == 1  # created once, reused
+    link = TenantSubscription.objects.get(tenant=tenant)
+    session = fake_stripe.checkout_sessions[-1]
+    assert session["customer"] == link.stripe_customer_id
+    assert session["client_reference_id"] == tenant.slug
+    assert session["line_items"]["0"]["price"] == "price_pro"
+    assert session["mode"] == "subscription"
+
+
+def test_portal_for_admins_only_and_never_for_another_tenant(
+    client, tenant, other_tenant, fake_stripe
+):
+    login(client, tenant, MemberRole.ADMIN)
+    assert client.post(f"/billing/{tenant.slug}/portal/").status_code == 303
+    assert client.post(f"/billing/{other_tenant.slug}/portal/").status_code == 404
+
+    login(client, tenant, MemberRole.VIEWER)
+    assert client.post(f"/billing/{tenant.slug}/portal/").status_code == 403
+
+
+def events(tenant, hours_ago, nanos, n=3):
+    when = timezone.now() - timedelta(hours=hours_ago)
+    for i in range(n):
+        UsageEvent.objects.create(
+            tenant=tenant,
+            request_id=f"req_{hours_ago}_{i}_{nanos}",
+            created_at=when,
+            requested_model="demo/small",
+            status="ok",
+            cost_nanos=nanos,
+        )
+
+
+def test_metering_retry_sends_the_same_identifier_and_bills_once(tenant, fake_stripe, settings):
+    link = TenantSubscription.objects.create(tenant=tenant, stripe_customer_id="cus_meter")
+    fake_stripe.customers["cus_meter"] = {"id": "cus_meter", "metadata": {}}
+    events(tenant, hours_ago=5, nanos=3 * NANOS_PER_CENT + 4_000_000)  # 3.4 cents each
+    events(tenant, hours_ago=3, nanos=1_500_000_000)  # $1.50 each
+    fake_stripe.fail_next_meter_posts = 1
+
+    # The first send fails; the task's automatic retry re-sends the same identifier.
+    usage_report.apply(args=[tenant.pk], throw=True)
+    usage_report.apply(args=[tenant.pk], throw=True)  # nothing new: no resend
+
+    ledger = sum(UsageEvent.objects.filter(tenant=tenant).values_list("cost_nanos", flat=True))
+    assert fake_stripe.billed_cents("cus_meter") == ledger // NANOS_PER_CENT == 460
+    assert len(fake_stripe.meter_events) == 2  # one per billed hour
+    retried = [k for k in fake_stripe.idempotency_keys if k.startswith("cf-usage-")]
+    assert len(retried) == 3 and len(set(retried)) == 2  # the retry re-used its identifier
+    assert UsageReport.objects.filter(tenant=tenant, reported_at__isnull=True).count() == 0
+    assert link.stripe_customer_id == "cus_meter"
+
+
+def test_reconciliation_reports_no_difference(tenant, fake_stripe, capsys):
+    TenantSubscription.objects.create(tenant=tenant, stripe_customer_id="cus_rec")
+    events(tenant, hours_ago=2, nanos=12_345_678)
+    usage_report.apply(args=[tenant.pk], throw=True)
+
+    result = reconcile(tenant_id=tenant.pk, now=timezone.now())
+    call_command("reconcile_stripe_usage", "--tenant", tenant.slug)
+
+    assert result.difference_cents == 0
+    assert result.reported_cents == 3 * 12_345_678 // NANOS_PER_CENT
+    assert tenant.slug in capsys.readouterr().out
