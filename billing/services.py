@@ -23,7 +23,7 @@ from django.utils import timezone
 from billing.models import StripeEvent, TenantSubscription
 from routing.engine.pricing import usd_to_nanos
 from tenants.models import Tenant, Tier
-from tenants.services import audit_record
+from tenants.services import plan_apply
 
 PAID_STATUSES = {"active", "trialing"}
 ENDED_STATUSES = {"canceled", "unpaid", "incomplete_expired"}
@@ -196,17 +196,7 @@ def _default_tier() -> Tier | None:
 
 
 def _set_tier(sub: TenantSubscription, tier: Tier | None, reason: str) -> None:
-    tenant = sub.tenant
-    if tenant.tier_id != (tier.pk if tier else None):
-        old = tenant.tier.slug if tenant.tier else None
-        tenant.tier = tier
-        tenant.save(update_fields=["tier"])
-        audit_record(
-            tenant=tenant,
-            action="plan.change",
-            target=tier.slug if tier else "",
-            data={"from": old, "reason": reason},
-        )
+    plan_apply(tenant=sub.tenant, tier=tier, reason=reason)
 
 
 # --- subscriptions ------------------------------------------------------------------------

@@ -218,6 +218,8 @@ class Budget(models.Model):
     warn_pct = models.PositiveSmallIntegerField(null=True, blank=True)
     degrade_pct = models.PositiveSmallIntegerField(null=True, blank=True)
     block_pct = models.PositiveSmallIntegerField(null=True, blank=True)
+    # The monthly budget that comes with the tenant's plan (kept in step by tenants.services).
+    from_plan = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -162,6 +162,8 @@ def tenant_create(
         acting_user=acting_user,
         data={"tier": tier.slug if tier else None, "owner": owner_email},
     )
+    if tier is not None and tier.monthly_budget_nanos is not None:
+        plan_apply(tenant=tenant, tier=tier, reason="tenant created")
     issued = token_create(tenant=tenant, name="default", acting_user=acting_user or owner)
     return CreatedTenant(tenant=tenant, issued=issued, owner=owner)
 
@@ -231,3 +233,38 @@ def budget_create(
         data={"limit_nanos": limit_nanos},
     )
     return budget
+
+
+@transaction.atomic
+def plan_apply(*, tenant: Tenant, tier: Tier | None, reason: str) -> bool:
+    """Put ``tenant`` on ``tier``: the plan's limits, and the monthly budget that comes with it.
+
+    Returns whether anything changed. The gateway reads the tier and the
+    budgets on every request, so the next request sees the new plan.
+    """
+    changed = tenant.tier_id != (tier.pk if tier else None)
+    if changed:
+        previous = tenant.tier.slug if tenant.tier else None
+        tenant.tier = tier
+        tenant.save(update_fields=["tier"])
+        audit_record(
+            tenant=tenant,
+            action="plan.change",
+            target=tier.slug if tier else "",
+            data={"from": previous, "reason": reason},
+        )
+    limit = tier.monthly_budget_nanos if tier else None
+    if limit is None:
+        changed |= Budget.objects.filter(tenant=tenant, from_plan=True).delete()[0] > 0
+    else:
+        _, created = Budget.objects.update_or_create(
+            tenant=tenant,
+            from_plan=True,
+            defaults={
+                "scope": BudgetScope.TENANT,
+                "period": BudgetPeriod.MONTH,
+                "limit_nanos": limit,
+            },
+        )
+        changed |= created
+    return changed

@@ -62,8 +62,8 @@ def test_worker_reclaims_an_expired_reservation(worker):
     var = env["CASCADEFLOW_VAR_DIR"]
     [(tenant_id,)] = server.query("SELECT id FROM tenants_tenant LIMIT 1")
     server.query(
-        "INSERT INTO tenants_budget (tenant_id, scope, period, limit_nanos, created_at) "
-        "VALUES (%s, 'tenant', 'lifetime', 1000, %s)",
+        "INSERT INTO tenants_budget (tenant_id, scope, period, limit_nanos, from_plan, created_at) "
+        "VALUES (%s, 'tenant', 'lifetime', 1000, FALSE, %s)",
         (tenant_id, "2026-01-01 00:00:00"),
     )
     [(budget_id,)] = server.query("SELECT id FROM tenants_budget")

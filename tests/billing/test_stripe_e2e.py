@@ -1,5 +1,6 @@
 """End to end against a local Stripe test server (localstripe): plans -> sync -> subscribe -> webhook."""
 
+import json
 import os
 import socket
 import subprocess
@@ -60,7 +61,15 @@ def stripe_local(localstripe, settings):
 def test_plan_sync_subscription_webhook_and_cancellation(stripe_local, client, tenant, api_token):
     api = stripe_local
     product = api.v1.products.create(
-        {"name": "Pro", "metadata": {"cascadeflow_tier": "pro", "rpm": "600", "tpm": "150000"}}
+        {
+            "name": "Pro",
+            "metadata": {
+                "cascadeflow_tier": "pro",
+                "rpm": "2",
+                "tpm": "150000",
+                "monthly_budget_usd": "25",
+            },
+        }
     )
     plan = api.v1.plans.create(
         {
@@ -76,7 +85,8 @@ def test_plan_sync_subscription_webhook_and_cancellation(stripe_local, client, t
     pro = Tier.objects.get(slug="pro")
     assert pro.stripe_product_id == product.id
     assert plan.id in pro.stripe_price_ids
-    assert pro.requests_per_minute == 600
+    assert pro.requests_per_minute == 2
+    assert [gateway(client, api_token) for _ in range(3)] == [200, 200, 200]  # free plan: no limit
 
     customer = api.v1.customers.create(
         {"email": "ops@acme.test", "metadata": {"cascadeflow_tenant": tenant.slug}}
@@ -106,7 +116,10 @@ def test_plan_sync_subscription_webhook_and_cancellation(stripe_local, client, t
     tenant.refresh_from_db()
     assert tenant.tier.slug == "pro"
     context = token_context_for_raw(raw=api_token.raw, now=timezone.now())
-    assert (context.tenant_rpm, context.tenant_tpm) == (600, 150000)
+    assert (context.tenant_rpm, context.tenant_tpm) == (2, 150000)
+    assert tenant.budgets.get(from_plan=True).limit_nanos == 25 * 10**9
+    # The very next requests run under the new plan: its 2 requests per minute.
+    assert [gateway(client, api_token) for _ in range(3)] == [200, 200, 429]
 
     canceled = api.v1.subscriptions.cancel(subscription.id)
     deliver(client, event("customer.subscription.deleted", canceled.to_dict()))
@@ -114,3 +127,14 @@ def test_plan_sync_subscription_webhook_and_cancellation(stripe_local, client, t
     tenant.refresh_from_db()
     assert tenant.tier.slug == "free"
     assert token_context_for_raw(raw=api_token.raw, now=timezone.now()).tenant_rpm is None
+    assert not tenant.budgets.filter(from_plan=True).exists()
+
+
+def gateway(client, api_token) -> int:
+    response = client.post(
+        "/v1/chat/completions",
+        data=json.dumps({"model": "demo/small", "messages": [{"role": "user", "content": "Hi"}]}),
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {api_token.raw}",
+    )
+    return response.status_code
