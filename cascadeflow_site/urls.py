@@ -11,6 +11,7 @@ urlpatterns = [
     path("v1/", include("routing.urls")),
     path("dashboard/", include("dashboard.urls")),
     path("billing/", include("billing.urls")),
+    path("api/v1/", include("cascadeflow_site.api_urls")),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),

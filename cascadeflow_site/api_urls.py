@@ -1,0 +1,32 @@
+"""The management API, /api/v1/."""
+
+from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from billing.api import UsageExportCsvApi
+from routing.api import ProfileDetailApi, ProfileListCreateApi, UsageListApi
+from tenants.api import (
+    AlertListApi,
+    BudgetDetailApi,
+    BudgetListCreateApi,
+    EndUserDetailApi,
+    EndUserListApi,
+    TokenListCreateApi,
+    TokenRevokeApi,
+)
+
+urlpatterns = [
+    path("tokens/", TokenListCreateApi.as_view(), name="api-tokens"),
+    path("tokens/<int:pk>/revoke/", TokenRevokeApi.as_view(), name="api-token-revoke"),
+    path("budgets/", BudgetListCreateApi.as_view(), name="api-budgets"),
+    path("budgets/<int:pk>/", BudgetDetailApi.as_view(), name="api-budget"),
+    path("end-users/", EndUserListApi.as_view(), name="api-end-users"),
+    path("end-users/<int:pk>/", EndUserDetailApi.as_view(), name="api-end-user"),
+    path("profiles/", ProfileListCreateApi.as_view(), name="api-profiles"),
+    path("profiles/<int:pk>/", ProfileDetailApi.as_view(), name="api-profile"),
+    path("usage/", UsageListApi.as_view(), name="api-usage"),
+    path("usage/export.csv", UsageExportCsvApi.as_view(), name="api-usage-export"),
+    path("alerts/", AlertListApi.as_view(), name="api-alerts"),
+    path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+]

@@ -1,0 +1,150 @@
+"""Management API: routing profiles and the usage ledger."""
+
+from datetime import datetime
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.pagination import CursorPagination
+from rest_framework.response import Response
+
+from routing.catalog import model_catalog
+from routing.engine.policy import PRESETS
+from routing.models import RoutingProfile, UsageEvent
+from tenants.api_base import TenantAPIView
+from tenants.enums import Scope
+
+
+class ProfileSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = RoutingProfile
+        fields = [
+            "id",
+            "name",
+            "preset",
+            "chain",
+            "threshold_offset",
+            "domain_routes",
+            "created_at",
+            "updated_at",
+        ]
+        read_only_fields = ["id", "created_at", "updated_at"]
+
+    def validate_chain(self, chain):
+        if not isinstance(chain, list) or not chain or not all(isinstance(m, str) for m in chain):
+            raise serializers.ValidationError("A non-empty list of model names, cheapest first.")
+        unknown = [m for m in chain if model_catalog().get(m) is None]
+        if unknown:
+            raise serializers.ValidationError(f"Unknown models: {', '.join(unknown)}.")
+        return chain
+
+    def validate_preset(self, preset):
+        if preset not in PRESETS:
+            raise serializers.ValidationError(f"One of {', '.join(PRESETS)}.")
+        return preset
+
+    def validate_domain_routes(self, routes):
+        if not isinstance(routes, dict):
+            raise serializers.ValidationError("An object of domain -> {chain, threshold_offset}.")
+        for route in routes.values():
+            self.validate_chain((route or {}).get("chain"))
+        return routes
+
+
+class ProfileListCreateApi(TenantAPIView):
+    model = RoutingProfile
+    serializer_class = ProfileSerializer
+    read_scope, write_scope = Scope.USAGE_READ, Scope.ROUTING_WRITE
+
+    @extend_schema(operation_id="profiles_list")
+    def get(self, request):
+        return Response(
+            {"data": ProfileSerializer(self.tenant_queryset().order_by("name"), many=True).data}
+        )
+
+    def post(self, request):
+        data = ProfileSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        if self.tenant_queryset().filter(name=data.validated_data["name"]).exists():
+            raise serializers.ValidationError({"name": ["A profile with this name exists."]})
+        profile = data.save(tenant_id=request.auth.tenant_id)
+        return Response(ProfileSerializer(profile).data, status=status.HTTP_201_CREATED)
+
+
+class ProfileDetailApi(TenantAPIView):
+    model = RoutingProfile
+    serializer_class = ProfileSerializer
+    read_scope, write_scope = Scope.USAGE_READ, Scope.ROUTING_WRITE
+
+    def get(self, request, pk):
+        return Response(ProfileSerializer(self.tenant_object(pk)).data)
+
+    def patch(self, request, pk):
+        data = ProfileSerializer(self.tenant_object(pk), data=request.data, partial=True)
+        data.is_valid(raise_exception=True)
+        return Response(ProfileSerializer(data.save()).data)
+
+    def delete(self, request, pk):
+        self.tenant_object(pk).delete()
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class UsageCursor(CursorPagination):
+    ordering = "-id"  # unique, so pages never repeat or skip a row
+    page_size = 100
+    max_page_size = 1000
+    page_size_query_param = "limit"
+
+
+class UsageOutput(serializers.ModelSerializer):
+    class Meta:
+        model = UsageEvent
+        fields = [
+            "id",
+            "request_id",
+            "created_at",
+            "requested_model",
+            "model",
+            "models_called",
+            "profile",
+            "end_user",
+            "token",
+            "prompt_tokens",
+            "completion_tokens",
+            "cost_nanos",
+            "baseline_cost_nanos",
+            "escalated",
+            "status",
+            "http_status",
+            "domain",
+            "budget_status",
+        ]
+
+
+class UsageListApi(TenantAPIView):
+    """The ledger, newest first, with filters; cursor-paginated (stable under inserts)."""
+
+    model = UsageEvent
+    serializer_class = UsageOutput
+    read_scope = write_scope = Scope.USAGE_READ
+
+    def get(self, request):
+        rows = self.tenant_queryset()
+        params = request.query_params
+        for name, field in (("start", "created_at__gte"), ("end", "created_at__lt")):
+            if params.get(name):
+                try:
+                    rows = rows.filter(**{field: datetime.fromisoformat(params[name])})
+                except ValueError:
+                    raise serializers.ValidationError(
+                        {name: ["An ISO 8601 date or time."]}
+                    ) from None
+        if params.get("end_user"):
+            rows = rows.filter(end_user__external_id=params["end_user"])
+        for name in ("model", "profile"):
+            if params.get(name):
+                rows = rows.filter(**{name: params[name]})
+        if params.get("token"):
+            rows = rows.filter(token_id=params["token"])
+        paginator = UsageCursor()
+        page = paginator.paginate_queryset(rows, request, view=self)
+        return paginator.get_paginated_response(UsageOutput(page, many=True).data)

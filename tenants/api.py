@@ -1,0 +1,256 @@
+"""Management API: API tokens, budgets, end users, alerts."""
+
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.response import Response
+
+from routing.engine.pricing import nanos_to_usd
+from tenants import services
+from tenants.api_base import TenantAPIView
+from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope, Scope
+from tenants.models import ApiToken, Budget, BudgetAlert, EndUser, EndUserTier
+
+
+class TokenOutput(serializers.ModelSerializer):
+    class Meta:
+        model = ApiToken
+        fields = [
+            "id",
+            "name",
+            "mask",
+            "scopes",
+            "created_at",
+            "last_used_at",
+            "expires_at",
+            "revoked_at",
+        ]
+
+
+class TokenListCreateApi(TenantAPIView):
+    model = ApiToken
+    serializer_class = TokenOutput
+    read_scope = write_scope = Scope.TOKENS_WRITE
+
+    class InputSerializer(serializers.Serializer):
+        name = serializers.CharField(max_length=128)
+        scopes = serializers.ListField(
+            child=serializers.ChoiceField(choices=ALL_SCOPES), allow_empty=False
+        )
+        expires_at = serializers.DateTimeField(required=False, allow_null=True)
+
+    OutputSerializer = TokenOutput
+
+    def get(self, request):
+        return Response(
+            {
+                "data": self.OutputSerializer(
+                    self.tenant_queryset().order_by("-created_at"), many=True
+                ).data
+            }
+        )
+
+    def post(self, request):
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        issued = services.token_create(tenant=self.tenant, **data.validated_data)
+        body = self.OutputSerializer(issued.token).data
+        body["token"] = issued.raw  # shown once
+        return Response(body, status=status.HTTP_201_CREATED)
+
+
+class TokenRevokeApi(TenantAPIView):
+    model = ApiToken
+    serializer_class = TokenOutput
+    read_scope = write_scope = Scope.TOKENS_WRITE
+
+    def post(self, request, pk):
+        token = self.tenant_object(pk)
+        services.token_revoke(tenant=self.tenant, token=token)
+        return Response(TokenListCreateApi.OutputSerializer(token).data)
+
+
+class BudgetOutput(serializers.ModelSerializer):
+    limit_usd = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Budget
+        fields = [
+            "id",
+            "scope",
+            "period",
+            "limit_nanos",
+            "limit_usd",
+            "tier",
+            "end_user",
+            "token",
+            "warn_pct",
+            "degrade_pct",
+            "block_pct",
+            "from_plan",
+            "created_at",
+        ]
+
+    def get_limit_usd(self, obj) -> str:
+        return str(nanos_to_usd(obj.limit_nanos))
+
+
+class BudgetInput(serializers.Serializer):
+    scope = serializers.ChoiceField(choices=BudgetScope.choices)
+    period = serializers.ChoiceField(choices=BudgetPeriod.choices)
+    limit_nanos = serializers.IntegerField(min_value=0)
+    tier = serializers.IntegerField(required=False, allow_null=True)
+    end_user = serializers.IntegerField(required=False, allow_null=True)
+    token = serializers.IntegerField(required=False, allow_null=True)
+    warn_pct = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, max_value=1000
+    )
+    degrade_pct = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, max_value=1000
+    )
+    block_pct = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, max_value=1000
+    )
+
+
+class BudgetListCreateApi(TenantAPIView):
+    model = Budget
+    serializer_class = BudgetOutput
+    read_scope, write_scope = Scope.USAGE_READ, Scope.BUDGETS_WRITE
+
+    @extend_schema(operation_id="budgets_list")
+    def get(self, request):
+        return Response(
+            {"data": BudgetOutput(self.tenant_queryset().order_by("id"), many=True).data}
+        )
+
+    def post(self, request):
+        data = BudgetInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = dict(data.validated_data)
+        tenant_id = request.auth.tenant_id
+        # Targets resolve within this tenant only: another tenant's id is "not found".
+        for field, model in (("tier", EndUserTier), ("end_user", EndUser), ("token", ApiToken)):
+            if values.get(field) is not None:
+                values[field] = get_object_or_404(model, pk=values[field], tenant_id=tenant_id)
+        try:
+            budget = services.budget_create(tenant=self.tenant, **values)
+        except (ValueError, Exception) as exc:
+            from rest_framework.exceptions import ValidationError
+
+            raise ValidationError({"budget": [str(exc)]}) from None
+        return Response(BudgetOutput(budget).data, status=status.HTTP_201_CREATED)
+
+
+class BudgetDetailApi(TenantAPIView):
+    model = Budget
+    serializer_class = BudgetOutput
+    read_scope, write_scope = Scope.USAGE_READ, Scope.BUDGETS_WRITE
+
+    class PatchSerializer(serializers.Serializer):
+        limit_nanos = serializers.IntegerField(min_value=0, required=False)
+        warn_pct = serializers.IntegerField(
+            required=False, allow_null=True, min_value=1, max_value=1000
+        )
+        degrade_pct = serializers.IntegerField(
+            required=False, allow_null=True, min_value=1, max_value=1000
+        )
+        block_pct = serializers.IntegerField(
+            required=False, allow_null=True, min_value=1, max_value=1000
+        )
+
+    def get(self, request, pk):
+        return Response(BudgetOutput(self.tenant_object(pk)).data)
+
+    def patch(self, request, pk):
+        budget = self.tenant_object(pk)
+        data = self.PatchSerializer(data=request.data, partial=True)
+        data.is_valid(raise_exception=True)
+        for field, value in data.validated_data.items():
+            setattr(budget, field, value)
+        budget.save()
+        services.audit_record(
+            tenant=self.tenant,
+            action="budget.update",
+            target=str(budget.pk),
+            data={k: v for k, v in data.validated_data.items()},
+        )
+        return Response(BudgetOutput(budget).data)
+
+    def delete(self, request, pk):
+        budget = self.tenant_object(pk)
+        services.audit_record(tenant=self.tenant, action="budget.delete", target=str(budget.pk))
+        budget.delete()
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class EndUserOutput(serializers.ModelSerializer):
+    class Meta:
+        model = EndUser
+        fields = ["id", "external_id", "tier", "created_at"]
+
+
+class EndUserListApi(TenantAPIView):
+    model = EndUser
+    serializer_class = EndUserOutput
+    read_scope, write_scope = Scope.USAGE_READ, Scope.BUDGETS_WRITE
+
+    @extend_schema(operation_id="end_users_list")
+    def get(self, request):
+        return Response(
+            {
+                "data": EndUserOutput(
+                    self.tenant_queryset().order_by("external_id")[:1000], many=True
+                ).data
+            }
+        )
+
+
+class EndUserDetailApi(TenantAPIView):
+    model = EndUser
+    serializer_class = EndUserOutput
+    read_scope, write_scope = Scope.USAGE_READ, Scope.BUDGETS_WRITE
+
+    class PatchSerializer(serializers.Serializer):
+        tier = serializers.IntegerField(allow_null=True)
+
+    def get(self, request, pk):
+        return Response(EndUserOutput(self.tenant_object(pk)).data)
+
+    def patch(self, request, pk):
+        end_user = self.tenant_object(pk)
+        data = self.PatchSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        tier_id = data.validated_data["tier"]
+        end_user.tier = (
+            get_object_or_404(EndUserTier, pk=tier_id, tenant_id=request.auth.tenant_id)
+            if tier_id
+            else None
+        )
+        end_user.save(update_fields=["tier"])
+        return Response(EndUserOutput(end_user).data)
+
+
+class AlertOutput(serializers.ModelSerializer):
+    class Meta:
+        model = BudgetAlert
+        fields = [
+            "id",
+            "budget",
+            "subject_id",
+            "period_start",
+            "level",
+            "spent_nanos",
+            "limit_nanos",
+            "created_at",
+        ]
+
+
+class AlertListApi(TenantAPIView):
+    model = BudgetAlert
+    serializer_class = AlertOutput
+    read_scope = write_scope = Scope.USAGE_READ
+
+    def get(self, request):
+        alerts = self.tenant_queryset().order_by("-created_at")[:500]
+        return Response({"data": AlertOutput(alerts, many=True).data})

@@ -1,0 +1,223 @@
+"""The management API: scopes, happy paths, pagination, filters, CSV export."""
+
+import csv
+import io
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from rest_framework.test import APIClient
+
+from routing.models import RoutingProfile, UsageEvent
+from tenants.enums import Scope
+from tenants.models import Budget, EndUser, EndUserTier
+from tenants.services import token_create
+
+pytestmark = pytest.mark.django_db
+
+
+def api(raw):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {raw}")
+    return client
+
+
+def test_missing_or_bad_token_is_401_with_a_stable_code(client):
+    response = APIClient().get("/api/v1/budgets/")
+    assert response.status_code in (401, 403)
+    response = api("cf_nope").get("/api/v1/budgets/")
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_token_without_budgets_write_gets_403(tenant):
+    reader = token_create(tenant=tenant, name="ro", scopes=[Scope.USAGE_READ])
+
+    assert api(reader.raw).get("/api/v1/budgets/").status_code == 200
+    response = api(reader.raw).post(
+        "/api/v1/budgets/", {"scope": "tenant", "period": "month", "limit_nanos": 5}, format="json"
+    )
+
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "insufficient_scope"
+
+
+def test_tokens_create_list_revoke(api_token, tenant):
+    client = api(api_token.raw)
+
+    created = client.post(
+        "/api/v1/tokens/", {"name": "ci", "scopes": ["usage:read"]}, format="json"
+    )
+    assert created.status_code == 201
+    raw = created.json()["token"]
+    assert raw.startswith("cf_")
+    listed = client.get("/api/v1/tokens/").json()["data"]
+    assert {t["name"] for t in listed} == {"test", "ci"}
+    assert all("token" not in t and "token_hash" not in t for t in listed)
+
+    revoked = client.post(f"/api/v1/tokens/{created.json()['id']}/revoke/")
+    assert revoked.json()["revoked_at"] is not None
+    assert api(raw).get("/api/v1/usage/").status_code == 401
+
+
+def test_budgets_crud_and_validation(api_token, tenant):
+    client = api(api_token.raw)
+    alice = EndUser.objects.create(tenant=tenant, external_id="alice")
+
+    created = client.post(
+        "/api/v1/budgets/",
+        {
+            "scope": "end_user",
+            "period": "day",
+            "limit_nanos": 2 * 10**9,
+            "end_user": alice.pk,
+            "warn_pct": 50,
+        },
+        format="json",
+    )
+    assert created.status_code == 201
+    assert created.json()["limit_usd"] == "2"
+    budget_id = created.json()["id"]
+    assert (
+        client.patch(f"/api/v1/budgets/{budget_id}/", {"limit_nanos": 10**9}, format="json").json()[
+            "limit_nanos"
+        ]
+        == 10**9
+    )
+    bad = client.post(
+        "/api/v1/budgets/", {"scope": "token", "period": "week", "limit_nanos": -1}, format="json"
+    )
+    assert bad.status_code == 400
+    assert bad.json()["error"]["code"] == "invalid_request"
+    assert client.delete(f"/api/v1/budgets/{budget_id}/").status_code == 204
+    assert not Budget.objects.filter(pk=budget_id).exists()
+
+
+def test_end_user_tier_and_profiles(api_token, tenant):
+    client = api(api_token.raw)
+    tier = EndUserTier.objects.create(tenant=tenant, slug="pro", name="Pro")
+    bob = EndUser.objects.create(tenant=tenant, external_id="bob")
+
+    assert (
+        client.patch(f"/api/v1/end-users/{bob.pk}/", {"tier": tier.pk}, format="json").json()[
+            "tier"
+        ]
+        == tier.pk
+    )
+    created = client.post(
+        "/api/v1/profiles/",
+        {"name": "support", "preset": "balanced", "chain": ["demo/small", "demo/large"]},
+        format="json",
+    )
+    assert created.status_code == 201
+    bad = client.post("/api/v1/profiles/", {"name": "x", "chain": ["nope/model"]}, format="json")
+    assert bad.status_code == 400
+    assert RoutingProfile.objects.filter(tenant=tenant).count() == 1
+
+
+def ledger(tenant, n=5, **extra):
+    base = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+    for i in range(n):
+        UsageEvent.objects.create(
+            tenant=tenant,
+            request_id=f"req_{tenant.slug}_{i}_{extra.get('requested_model', 'm')}",
+            created_at=base + timedelta(minutes=i),
+            requested_model=extra.get("requested_model", "demo/small"),
+            model=extra.get("model", "demo/small"),
+            models_called=["demo/small"],
+            status="ok",
+            cost_nanos=1_234_567 + i,
+            baseline_cost_nanos=9_000_001,
+            prompt_tokens=10,
+            completion_tokens=5,
+        )
+
+
+def test_usage_is_cursor_paginated_and_filtered(api_token, tenant):
+    ledger(tenant, n=7)
+    ledger(tenant, n=2, requested_model="demo/large", model="demo/large")
+    client = api(api_token.raw)
+
+    page = client.get("/api/v1/usage/?limit=4").json()
+    assert len(page["results"]) == 4 and page["next"]
+    ids = [r["id"] for r in page["results"]]
+    while page["next"]:
+        page = client.get(page["next"]).json()
+        ids += [r["id"] for r in page["results"]]
+    assert len(ids) == len(set(ids)) == 9
+    assert ids == sorted(ids, reverse=True)  # newest first
+    large = client.get("/api/v1/usage/?model=demo/large").json()["results"]
+    assert {r["model"] for r in large} == {"demo/large"}
+
+
+def test_csv_header_and_row_round_trip_to_the_nano_dollar(api_token, tenant):
+    ledger(tenant, n=3)
+
+    response = api(api_token.raw).get("/api/v1/usage/export.csv?start=2026-11-20&end=2026-11-20")
+
+    assert response.status_code == 200
+    text = b"".join(response.streaming_content).decode()
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0] == [
+        "timestamp_utc",
+        "request_id",
+        "end_user",
+        "token",
+        "profile",
+        "requested_model",
+        "models_called",
+        "escalated",
+        "prompt_tokens",
+        "completion_tokens",
+        "cost_usd",
+        "baseline_cost_usd",
+        "savings_usd",
+        "status",
+    ]
+    assert len(rows) == 4
+    event = UsageEvent.objects.get(request_id=rows[1][1])
+    assert Decimal(rows[1][10]) * 10**9 == event.cost_nanos
+    assert Decimal(rows[1][12]) * 10**9 == event.baseline_cost_nanos - event.cost_nanos
+    assert text.count("\r\n") == 4  # RFC 4180 line endings
+
+
+def test_csv_neutralises_formula_injection(api_token, tenant):
+    alice = EndUser.objects.create(tenant=tenant, external_id='=HYPERLINK("http://evil")')
+    UsageEvent.objects.create(
+        tenant=tenant,
+        end_user=alice,
+        request_id="req_evil",
+        requested_model="@SUM(A1)",
+        created_at=datetime(2026, 11, 20, tzinfo=UTC),
+        status="ok",
+    )
+
+    response = api(api_token.raw).get("/api/v1/usage/export.csv?start=2026-11-20&end=2026-11-21")
+    [_, row] = list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))
+
+    assert row[2].startswith("'=")
+    assert row[5].startswith("'@")
+
+
+def test_focus_format_uses_focus_column_names(api_token, tenant):
+    ledger(tenant, n=1)
+
+    response = api(api_token.raw).get(
+        "/api/v1/usage/export.csv?start=2026-11-20&end=2026-11-20&format=focus"
+    )
+    header = next(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))
+
+    assert {
+        "BilledCost",
+        "EffectiveCost",
+        "ChargePeriodStart",
+        "ChargePeriodEnd",
+        "ServiceName",
+        "ResourceId",
+    } <= set(header)
+
+
+def test_schema_is_served(api_token):
+    response = APIClient().get("/api/v1/schema/")
+    assert response.status_code == 200
+    assert b"/api/v1/budgets/" in response.content
