@@ -4,7 +4,7 @@ from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from billing.api import UsageExportCsvApi
-from routing.api import ProfileDetailApi, ProfileListCreateApi, UsageListApi
+from routing.api import ProfileDetailApi, ProfileListCreateApi, UsageListApi, UsageSummaryApi
 from tenants.api import (
     AlertListApi,
     BudgetDetailApi,
@@ -25,6 +25,7 @@ urlpatterns = [
     path("profiles/", ProfileListCreateApi.as_view(), name="api-profiles"),
     path("profiles/<int:pk>/", ProfileDetailApi.as_view(), name="api-profile"),
     path("usage/", UsageListApi.as_view(), name="api-usage"),
+    path("usage/summary/", UsageSummaryApi.as_view(), name="api-usage-summary"),
     path("usage/export.csv", UsageExportCsvApi.as_view(), name="api-usage-export"),
     path("alerts/", AlertListApi.as_view(), name="api-alerts"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),

@@ -1,8 +1,10 @@
 """Management API: routing profiles and the usage ledger."""
 
-from datetime import datetime
+from datetime import UTC, datetime
 
-from drf_spectacular.utils import extend_schema
+from django.db.models import Count, F, Q, Sum
+from django.db.models.functions import TruncDay, TruncHour
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
@@ -148,3 +150,72 @@ class UsageListApi(TenantAPIView):
         paginator = UsageCursor()
         page = paginator.paginate_queryset(rows, request, view=self)
         return paginator.get_paginated_response(UsageOutput(page, many=True).data)
+
+
+class SummaryRow(serializers.Serializer):
+    period = serializers.DateTimeField()
+    key = serializers.CharField(allow_null=True)
+    requests = serializers.IntegerField()
+    cost_nanos = serializers.IntegerField()
+    baseline_cost_nanos = serializers.IntegerField()
+    escalated = serializers.IntegerField()
+
+
+class UsageSummaryApi(TenantAPIView):
+    """Requests, cost, baseline and escalations by hour or day, per model, end user or profile."""
+
+    model = UsageEvent
+    serializer_class = SummaryRow
+    read_scope = write_scope = Scope.USAGE_READ
+    GROUP_KEYS = {
+        "model": "model",
+        "end_user": "end_user__external_id",
+        "profile": "profile",
+        "none": None,
+    }
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("bucket", str, enum=["hour", "day"]),
+            OpenApiParameter("by", str, enum=["model", "end_user", "profile", "none"]),
+            OpenApiParameter("start", str, description="ISO 8601"),
+            OpenApiParameter("end", str, description="ISO 8601"),
+        ]
+    )
+    def get(self, request):
+        params = request.query_params
+        bucket = params.get("bucket", "day")
+        by = params.get("by", "model")
+        if bucket not in ("hour", "day") or by not in self.GROUP_KEYS:
+            raise serializers.ValidationError(
+                {"bucket": ["hour or day"], "by": [", ".join(self.GROUP_KEYS)]}
+            )
+        rows = self.tenant_queryset()
+        for name, field in (("start", "created_at__gte"), ("end", "created_at__lt")):
+            if params.get(name):
+                try:
+                    rows = rows.filter(**{field: datetime.fromisoformat(params[name])})
+                except ValueError:
+                    raise serializers.ValidationError(
+                        {name: ["An ISO 8601 date or time."]}
+                    ) from None
+        trunc = (
+            TruncHour("created_at", tzinfo=UTC)
+            if bucket == "hour"
+            else TruncDay("created_at", tzinfo=UTC)
+        )
+        key = self.GROUP_KEYS[by]
+        fields = ["period", *(["key"] if key else [])]
+        annotated = rows.annotate(period=trunc, **({"key": F(key)} if key else {}))
+        summary = (
+            annotated.values(*fields)
+            .annotate(
+                requests=Count("id"),
+                cost_nanos=Sum("cost_nanos"),
+                baseline_cost_nanos=Sum("baseline_cost_nanos"),
+                escalated=Count("id", filter=Q(escalated=True)),
+            )
+            .order_by("period", *(["key"] if key else []))
+        )
+        data = [{"key": None, **row} for row in summary[:5000]]
+        return Response({"bucket": bucket, "by": by, "data": SummaryRow(data, many=True).data})

@@ -221,3 +221,16 @@ def test_schema_is_served(api_token):
     response = APIClient().get("/api/v1/schema/")
     assert response.status_code == 200
     assert b"/api/v1/budgets/" in response.content
+
+
+def test_usage_summary_by_day_and_model(api_token, tenant):
+    ledger(tenant, n=3)
+    ledger(tenant, n=2, requested_model="demo/large", model="demo/large")
+
+    body = api(api_token.raw).get("/api/v1/usage/summary/?bucket=day&by=model").json()
+
+    rows = {r["key"]: r for r in body["data"]}
+    assert rows["demo/small"]["requests"] == 3
+    assert rows["demo/small"]["cost_nanos"] == sum(1_234_567 + i for i in range(3))
+    assert rows["demo/large"]["requests"] == 2
+    assert api(api_token.raw).get("/api/v1/usage/summary/?bucket=week").status_code == 400
