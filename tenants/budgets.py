@@ -332,9 +332,10 @@ def budget_admit(
     models alone: a request that no longer fits at full cost, or whose budget is
     past its degrade threshold, is admitted degraded if that fits.
 
-    Three statements in one transaction: create-or-lock every counter (in key
-    order, the same in every process, so concurrent admissions never deadlock),
-    add the reservation to them, record the reservation.
+    Counters are created, locked (in key order, the same in every process, so
+    concurrent admissions never deadlock) and reserved by one multi-row upsert;
+    on PostgreSQL the same statement records the reservation (a data-modifying
+    CTE), elsewhere a second statement in the same transaction does.
     """
     if not lines:
         return Admission("allow", time_zone=time_zone)
