@@ -90,6 +90,17 @@ class ProfileDetailApi(TenantAPIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+def time_range(rows, params):
+    """``start`` (inclusive) and ``end`` (exclusive) ISO 8601 filters on ``created_at``."""
+    for name, field in (("start", "created_at__gte"), ("end", "created_at__lt")):
+        if params.get(name):
+            try:
+                rows = rows.filter(**{field: datetime.fromisoformat(params[name])})
+            except ValueError:
+                raise serializers.ValidationError({name: ["An ISO 8601 date or time."]}) from None
+    return rows
+
+
 class UsageCursor(CursorPagination):
     ordering = "-id"  # unique, so pages never repeat or skip a row
     page_size = 100
@@ -132,14 +143,7 @@ class UsageListApi(TenantAPIView):
     def get(self, request):
         rows = self.tenant_queryset()
         params = request.query_params
-        for name, field in (("start", "created_at__gte"), ("end", "created_at__lt")):
-            if params.get(name):
-                try:
-                    rows = rows.filter(**{field: datetime.fromisoformat(params[name])})
-                except ValueError:
-                    raise serializers.ValidationError(
-                        {name: ["An ISO 8601 date or time."]}
-                    ) from None
+        rows = time_range(rows, params)
         if params.get("end_user"):
             rows = rows.filter(end_user__external_id=params["end_user"])
         for name in ("model", "profile"):
@@ -191,14 +195,7 @@ class UsageSummaryApi(TenantAPIView):
                 {"bucket": ["hour or day"], "by": [", ".join(self.GROUP_KEYS)]}
             )
         rows = self.tenant_queryset()
-        for name, field in (("start", "created_at__gte"), ("end", "created_at__lt")):
-            if params.get(name):
-                try:
-                    rows = rows.filter(**{field: datetime.fromisoformat(params[name])})
-                except ValueError:
-                    raise serializers.ValidationError(
-                        {name: ["An ISO 8601 date or time."]}
-                    ) from None
+        rows = time_range(rows, params)
         trunc = (
             TruncHour("created_at", tzinfo=UTC)
             if bucket == "hour"
