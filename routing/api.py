@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 from django.db.models import Count, F, Q, Sum
 from django.db.models.functions import TruncDay, TruncHour
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
@@ -12,7 +12,7 @@ from rest_framework.response import Response
 from routing.catalog import model_catalog
 from routing.engine.policy import PRESETS
 from routing.models import RoutingProfile, UsageEvent
-from tenants.api_base import TenantAPIView
+from tenants.api_base import TenantAPIView, envelope
 from tenants.enums import Scope
 
 
@@ -30,6 +30,7 @@ class ProfileSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = ["id", "created_at", "updated_at"]
+        extra_kwargs = {"threshold_offset": {"min_value": -0.5, "max_value": 0.5}}
 
     def validate_chain(self, chain):
         if not isinstance(chain, list) or not chain or not all(isinstance(m, str) for m in chain):
@@ -57,7 +58,9 @@ class ProfileListCreateApi(TenantAPIView):
     serializer_class = ProfileSerializer
     read_scope, write_scope = Scope.USAGE_READ, Scope.ROUTING_WRITE
 
-    @extend_schema(operation_id="profiles_list")
+    @extend_schema(
+        responses=envelope("ProfileList", ProfileSerializer), operation_id="profiles_list"
+    )
     def get(self, request):
         return Response(
             {"data": ProfileSerializer(self.tenant_queryset().order_by("name"), many=True).data}
@@ -140,6 +143,26 @@ class UsageListApi(TenantAPIView):
     serializer_class = UsageOutput
     read_scope = write_scope = Scope.USAGE_READ
 
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("start", str, description="ISO 8601"),
+            OpenApiParameter("end", str, description="ISO 8601"),
+            OpenApiParameter("end_user", str),
+            OpenApiParameter("model", str),
+            OpenApiParameter("profile", str),
+            OpenApiParameter("token", int),
+            OpenApiParameter("cursor", str),
+            OpenApiParameter("limit", int),
+        ],
+        responses=inline_serializer(
+            name="UsagePage",
+            fields={
+                "next": serializers.CharField(allow_null=True),
+                "previous": serializers.CharField(allow_null=True),
+                "results": UsageOutput(many=True),
+            },
+        ),
+    )
     def get(self, request):
         rows = self.tenant_queryset()
         params = request.query_params
@@ -179,12 +202,15 @@ class UsageSummaryApi(TenantAPIView):
     }
 
     @extend_schema(
+        responses=envelope(
+            "UsageSummary", SummaryRow, bucket=serializers.CharField(), by=serializers.CharField()
+        ),
         parameters=[
             OpenApiParameter("bucket", str, enum=["hour", "day"]),
             OpenApiParameter("by", str, enum=["model", "end_user", "profile", "none"]),
             OpenApiParameter("start", str, description="ISO 8601"),
             OpenApiParameter("end", str, description="ISO 8601"),
-        ]
+        ],
     )
     def get(self, request):
         params = request.query_params

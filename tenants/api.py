@@ -7,7 +7,7 @@ from rest_framework.response import Response
 
 from routing.engine.pricing import nanos_to_usd
 from tenants import services
-from tenants.api_base import TenantAPIView
+from tenants.api_base import TenantAPIView, envelope
 from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope, Scope
 from tenants.models import ApiToken, Budget, BudgetAlert, EndUser, EndUserTier
 
@@ -41,6 +41,7 @@ class TokenListCreateApi(TenantAPIView):
 
     OutputSerializer = TokenOutput
 
+    @extend_schema(responses=envelope("TokenList", TokenOutput))
     def get(self, request):
         return Response(
             {
@@ -118,7 +119,7 @@ class BudgetListCreateApi(TenantAPIView):
     serializer_class = BudgetOutput
     read_scope, write_scope = Scope.USAGE_READ, Scope.BUDGETS_WRITE
 
-    @extend_schema(operation_id="budgets_list")
+    @extend_schema(responses=envelope("BudgetList", BudgetOutput), operation_id="budgets_list")
     def get(self, request):
         return Response(
             {"data": BudgetOutput(self.tenant_queryset().order_by("id"), many=True).data}
@@ -195,7 +196,7 @@ class EndUserListApi(TenantAPIView):
     serializer_class = EndUserOutput
     read_scope, write_scope = Scope.USAGE_READ, Scope.BUDGETS_WRITE
 
-    @extend_schema(operation_id="end_users_list")
+    @extend_schema(responses=envelope("EndUserList", EndUserOutput), operation_id="end_users_list")
     def get(self, request):
         return Response(
             {
@@ -251,6 +252,7 @@ class AlertListApi(TenantAPIView):
     serializer_class = AlertOutput
     read_scope = write_scope = Scope.USAGE_READ
 
+    @extend_schema(responses=envelope("AlertList", AlertOutput))
     def get(self, request):
         alerts = self.tenant_queryset().order_by("-created_at")[:500]
         return Response({"data": AlertOutput(alerts, many=True).data})

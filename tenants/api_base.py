@@ -84,6 +84,13 @@ class TenantAPIView(APIView):
             raise Http404 from None
 
 
+def envelope(name: str, serializer, **extra):
+    """The schema of ``{"data": [...]}`` list responses (and any extra top-level fields)."""
+    from drf_spectacular.utils import inline_serializer
+
+    return inline_serializer(name=name, fields={**extra, "data": serializer(many=True)})
+
+
 def api_exception_handler(exc, context):
     """Every error as ``{"error": {"code", "message", "detail"?}}`` with a stable code."""
     response = exception_handler(exc, context)
