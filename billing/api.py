@@ -3,12 +3,16 @@
 from itertools import islice
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
+from rest_framework.response import Response
 
-from billing.exports import parse_range, rows
+from billing.exports import download_job_id, download_token, parse_range, rows
+from billing.models import ExportJob
 from routing.models import UsageEvent
 from tenants.api_base import TenantAPIView
 from tenants.enums import Scope
@@ -36,6 +40,12 @@ class UsageExportCsvApi(TenantAPIView):
         except ValueError as exc:
             raise ValidationError({"range": [str(exc)]}) from None
         focus = request.query_params.get("format") == "focus"
+        count = UsageEvent.objects.filter(
+            tenant_id=request.auth.tenant_id, created_at__gte=start, created_at__lt=end
+        ).count()
+        if count > settings.CASCADEFLOW_EXPORT_SYNC_MAX_ROWS:
+            job = _queue_job(request.auth.tenant_id, start, end, focus)
+            return Response(ExportJobOutput(job).data, status=202)
         lines = rows(tenant_id=request.auth.tenant_id, start=start, end=end, focus=focus)
         response = StreamingHttpResponse(
             _batches_async(lines) if _under_asgi(request) else lines,
@@ -63,3 +73,101 @@ async def _batches_async(lines, batch: int = 2000):
 
     while chunk := await sync_to_async(next_batch, thread_sensitive=True)():
         yield chunk
+
+
+class ExportJobOutput(serializers.ModelSerializer):
+    download_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ExportJob
+        fields = [
+            "id",
+            "start",
+            "end",
+            "focus",
+            "status",
+            "total_rows",
+            "rows_written",
+            "created_at",
+            "finished_at",
+            "download_url",
+        ]
+
+    def get_download_url(self, job) -> str | None:
+        if job.status != "done":
+            return None
+        return f"/api/v1/usage/exports/{job.pk}/download/?token={download_token(job.pk)}"
+
+
+class ExportJobCreateApi(TenantAPIView):
+    model = ExportJob
+    serializer_class = ExportJobOutput
+    read_scope = write_scope = Scope.USAGE_READ
+
+    class InputSerializer(serializers.Serializer):
+        start = serializers.DateField()
+        end = serializers.DateField()
+        format = serializers.ChoiceField(choices=["csv", "focus"], default="csv")
+
+    def post(self, request):
+        data = self.InputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = data.validated_data
+        try:
+            start, end = parse_range(values["start"].isoformat(), values["end"].isoformat())
+        except ValueError as exc:
+            raise ValidationError({"range": [str(exc)]}) from None
+        job = _queue_job(request.auth.tenant_id, start, end, values["format"] == "focus")
+        return Response(ExportJobOutput(job).data, status=202)
+
+
+class ExportJobDetailApi(TenantAPIView):
+    model = ExportJob
+    serializer_class = ExportJobOutput
+    read_scope = write_scope = Scope.USAGE_READ
+
+    def get(self, request, pk):
+        return Response(ExportJobOutput(self.tenant_object(pk)).data)
+
+
+class ExportJobDownloadApi(TenantAPIView):
+    """The signed link is the credential: it names one job and expires."""
+
+    model = ExportJob
+    authentication_classes = []
+    permission_classes = []
+
+    @extend_schema(
+        parameters=[OpenApiParameter("token", str, required=True)],
+        responses={(200, "text/csv"): OpenApiTypes.STR},
+    )
+    def get(self, request, pk):
+        from django.conf import settings
+        from django.http import FileResponse, Http404
+
+        token = request.query_params.get("token", "")
+        if download_job_id(token, max_age_s=10**9) != pk:
+            raise Http404
+        if download_job_id(token, max_age_s=settings.CASCADEFLOW_EXPORT_LINK_SECONDS) is None:
+            return Response(
+                {"error": {"code": "link_expired", "message": "This download link has expired."}},
+                status=410,
+            )
+        job = ExportJob.objects.filter(pk=pk, status="done").first()
+        if job is None:
+            raise Http404
+        return FileResponse(
+            open(job.file_path, "rb"),
+            as_attachment=True,
+            filename=f"cascadeflow-export-{job.pk}.csv",
+        )
+
+
+def _queue_job(tenant_id: int, start, end, focus: bool) -> ExportJob:
+    from django.db import transaction
+
+    from billing.tasks import export_job_run
+
+    job = ExportJob.objects.create(tenant_id=tenant_id, start=start, end=end, focus=focus)
+    transaction.on_commit(lambda: export_job_run.delay(job.pk), robust=True)
+    return job

@@ -147,3 +147,55 @@ def parse_range(start: str | None, end: str | None) -> tuple[datetime, datetime]
     if last <= first:
         raise ValueError("end must not be before start.")
     return first, last
+
+
+def export_job_run(*, job_id: int) -> str:
+    """Write the job's CSV to a file under var/exports, recording progress as it goes."""
+    from pathlib import Path
+
+    from django.conf import settings
+    from django.utils import timezone
+
+    from billing.models import ExportJob
+
+    job = ExportJob.objects.get(pk=job_id)
+    if job.status == "done":
+        return job.file_path
+    directory = Path(settings.VAR_DIR) / "exports"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"export-{job.pk}.csv"
+    total = UsageEvent.objects.filter(
+        tenant_id=job.tenant_id, created_at__gte=job.start, created_at__lt=job.end
+    ).count()
+    ExportJob.objects.filter(pk=job.pk).update(status="running", total_rows=total, rows_written=0)
+    written = 0
+    with open(path, "w", encoding="utf-8", newline="") as out:
+        for index, line in enumerate(
+            rows(tenant_id=job.tenant_id, start=job.start, end=job.end, focus=job.focus)
+        ):
+            out.write(line)
+            if index and index % 10_000 == 0:
+                written = index
+                ExportJob.objects.filter(pk=job.pk).update(rows_written=written)
+        written = max(index, 0)
+    ExportJob.objects.filter(pk=job.pk).update(
+        status="done", rows_written=written, file_path=str(path), finished_at=timezone.now()
+    )
+    return str(path)
+
+
+def download_token(job_id: int) -> str:
+    from django.core import signing
+
+    return signing.TimestampSigner(salt="cascadeflow.export").sign(str(job_id))
+
+
+def download_job_id(token: str, max_age_s: int) -> int | None:
+    from django.core import signing
+
+    try:
+        return int(
+            signing.TimestampSigner(salt="cascadeflow.export").unsign(token, max_age=max_age_s)
+        )
+    except (signing.BadSignature, ValueError):
+        return None

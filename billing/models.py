@@ -78,3 +78,25 @@ class UsageReport(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tenant} {self.window_start:%Y-%m-%d %H:00} {self.cents}c"
+
+
+class ExportJob(models.Model):
+    """A large CSV export built by a Celery task; downloaded through an expiring signed link."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="export_jobs")
+    start = models.DateTimeField()
+    end = models.DateTimeField()
+    focus = models.BooleanField(default=False)
+    status = models.CharField(max_length=10, default="queued")  # queued | running | done | failed
+    total_rows = models.BigIntegerField(default=0)
+    rows_written = models.BigIntegerField(default=0)
+    file_path = models.CharField(max_length=500, blank=True)
+    error = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "-created_at"], name="export_tenant_created")]
+
+    def __str__(self) -> str:
+        return f"export {self.pk} {self.status} {self.rows_written}/{self.total_rows}"

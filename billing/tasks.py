@@ -42,3 +42,10 @@ def usage_report_all() -> int:
     for tenant_id in ids:
         usage_report.delay(tenant_id)
     return len(ids)
+
+
+@shared_task(name="billing.tasks.export_job_run", time_limit=3600, soft_time_limit=3500)
+def export_job_run(job_id: int) -> str:
+    from billing.exports import export_job_run as run
+
+    return run(job_id=job_id)

@@ -3,7 +3,12 @@
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from billing.api import UsageExportCsvApi
+from billing.api import (
+    ExportJobCreateApi,
+    ExportJobDetailApi,
+    ExportJobDownloadApi,
+    UsageExportCsvApi,
+)
 from routing.api import ProfileDetailApi, ProfileListCreateApi, UsageListApi, UsageSummaryApi
 from tenants.api import (
     AlertListApi,
@@ -27,6 +32,13 @@ urlpatterns = [
     path("usage/", UsageListApi.as_view(), name="api-usage"),
     path("usage/summary/", UsageSummaryApi.as_view(), name="api-usage-summary"),
     path("usage/export.csv", UsageExportCsvApi.as_view(), name="api-usage-export"),
+    path("usage/exports/", ExportJobCreateApi.as_view(), name="api-export-jobs"),
+    path("usage/exports/<int:pk>/", ExportJobDetailApi.as_view(), name="api-export-job"),
+    path(
+        "usage/exports/<int:pk>/download/",
+        ExportJobDownloadApi.as_view(),
+        name="api-export-download",
+    ),
     path("alerts/", AlertListApi.as_view(), name="api-alerts"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),

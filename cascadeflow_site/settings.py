@@ -261,6 +261,9 @@ STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="")
 STRIPE_WEBHOOK_TOLERANCE = env.int("STRIPE_WEBHOOK_TOLERANCE", default=300)
 # Days a past_due subscription keeps its plan before the tenant drops to the free tier.
 CASCADEFLOW_BILLING_GRACE_DAYS = env.int("CASCADEFLOW_BILLING_GRACE_DAYS", default=3)
+# CSV exports above this many rows run as a Celery job; their download links expire.
+CASCADEFLOW_EXPORT_SYNC_MAX_ROWS = env.int("CASCADEFLOW_EXPORT_SYNC_MAX_ROWS", default=2_000_000)
+CASCADEFLOW_EXPORT_LINK_SECONDS = env.int("CASCADEFLOW_EXPORT_LINK_SECONDS", default=3600)
 # Fernet keys (newest first) for secrets tenants give us; default: derived from SECRET_KEY.
 CASCADEFLOW_ENCRYPTION_KEYS = env.list("CASCADEFLOW_ENCRYPTION_KEYS", default=[])
 # Budget callbacks and alert webhooks must be HTTPS unless this is on (local development, tests).

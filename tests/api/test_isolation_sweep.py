@@ -13,6 +13,7 @@ import pytest
 from django.urls import URLPattern, URLResolver, get_resolver
 from rest_framework.test import APIClient
 
+from billing.models import ExportJob
 from routing.models import RoutingProfile, UsageEvent
 from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import ApiToken, Budget, BudgetAlert, EndUser
@@ -24,6 +25,16 @@ pytestmark = pytest.mark.django_db
 def _budget(tenant):
     return Budget.objects.create(
         tenant=tenant, scope=BudgetScope.TENANT, period=BudgetPeriod.MONTH, limit_nanos=1
+    )
+
+
+def _export_job(tenant):
+    from billing.models import ExportJob
+
+    return ExportJob.objects.create(
+        tenant=tenant,
+        start=datetime(2026, 11, 1, tzinfo=UTC),
+        end=datetime(2026, 11, 2, tzinfo=UTC),
     )
 
 
@@ -41,6 +52,7 @@ MAKERS = {
         requested_model="demo/small",
         status="ok",
     ),
+    ExportJob: _export_job,
     BudgetAlert: lambda t: BudgetAlert.objects.create(
         tenant=t,
         budget=_budget(t),

@@ -234,3 +234,41 @@ def test_usage_summary_by_day_and_model(api_token, tenant):
     assert rows["demo/small"]["cost_nanos"] == sum(1_234_567 + i for i in range(3))
     assert rows["demo/large"]["requests"] == 2
     assert api(api_token.raw).get("/api/v1/usage/summary/?bucket=week").status_code == 400
+
+
+def test_async_export_reports_progress_and_its_link_expires(
+    api_token, tenant, settings, tmp_path, django_capture_on_commit_callbacks
+):
+    settings.VAR_DIR = tmp_path
+    ledger(tenant, n=4)
+    client = api(api_token.raw)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        created = client.post(
+            "/api/v1/usage/exports/", {"start": "2026-11-20", "end": "2026-11-20"}, format="json"
+        )
+    assert created.status_code == 202
+    job = client.get(f"/api/v1/usage/exports/{created.json()['id']}/").json()
+    assert job["status"] == "done"  # the Celery task ran (eagerly in tests) after the commit
+    assert (job["total_rows"], job["rows_written"]) == (4, 4)
+    download = APIClient().get(job["download_url"])  # the signed link is the credential
+    assert download.status_code == 200
+    assert len(list(csv.reader(io.StringIO(b"".join(download.streaming_content).decode())))) == 5
+
+    tampered = job["download_url"].replace("token=", "token=x")
+    assert APIClient().get(tampered).status_code == 404
+    settings.CASCADEFLOW_EXPORT_LINK_SECONDS = -1
+    expired = APIClient().get(job["download_url"])
+    assert expired.status_code == 410
+    assert expired.json()["error"]["code"] == "link_expired"
+
+
+def test_export_over_the_threshold_becomes_a_job(api_token, tenant, settings, tmp_path):
+    settings.VAR_DIR = tmp_path
+    settings.CASCADEFLOW_EXPORT_SYNC_MAX_ROWS = 2
+    ledger(tenant, n=3)
+
+    response = api(api_token.raw).get("/api/v1/usage/export.csv?start=2026-11-20&end=2026-11-20")
+
+    assert response.status_code == 202
+    assert response.json()["status"] in {"queued", "done"}
