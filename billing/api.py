@@ -11,7 +11,14 @@ from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
-from billing.exports import download_job_id, download_token, parse_range, rows
+from billing.exports import (
+    GROUP_FIELDS,
+    download_job_id,
+    download_token,
+    grouped_rows,
+    parse_range,
+    rows,
+)
 from billing.models import ExportJob
 from routing.models import UsageEvent
 from tenants.api_base import TenantAPIView
@@ -43,10 +50,20 @@ class UsageExportCsvApi(TenantAPIView):
         count = UsageEvent.objects.filter(
             tenant_id=request.auth.tenant_id, created_at__gte=start, created_at__lt=end
         ).count()
-        if count > settings.CASCADEFLOW_EXPORT_SYNC_MAX_ROWS:
+        if count > settings.CASCADEFLOW_EXPORT_SYNC_MAX_ROWS and not request.query_params.get(
+            "group_by"
+        ):
             job = _queue_job(request.auth.tenant_id, start, end, focus)
             return Response(ExportJobOutput(job).data, status=202)
-        lines = rows(tenant_id=request.auth.tenant_id, start=start, end=end, focus=focus)
+        group_by = request.query_params.get("group_by")
+        if group_by:
+            if group_by not in GROUP_FIELDS:
+                raise ValidationError({"group_by": [f"One of {', '.join(GROUP_FIELDS)}."]})
+            lines = grouped_rows(
+                tenant_id=request.auth.tenant_id, start=start, end=end, group_by=group_by
+            )
+        else:
+            lines = rows(tenant_id=request.auth.tenant_id, start=start, end=end, focus=focus)
         response = StreamingHttpResponse(
             _batches_async(lines) if _under_asgi(request) else lines,
             content_type="text/csv; charset=utf-8",

@@ -14,6 +14,8 @@ import csv
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
+from django.db import models
+
 from routing.engine.pricing import nanos_to_usd
 from routing.models import UsageEvent
 
@@ -199,3 +201,68 @@ def download_job_id(token: str, max_age_s: int) -> int | None:
         )
     except (signing.BadSignature, ValueError):
         return None
+
+
+GROUP_FIELDS = {
+    "day": None,
+    "model": "model",
+    "end_user": "end_user__external_id",
+    "profile": "profile",
+}
+GROUPED_COLUMNS = [
+    "group",
+    "key",
+    "requests",
+    "escalated",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "baseline_cost_usd",
+    "savings_usd",
+]
+
+
+def grouped_rows(*, tenant_id: int, start: datetime, end: datetime, group_by: str) -> Iterator[str]:
+    """One row per day, model, end user or profile over the range (same money rules)."""
+    from django.db.models import Count, Q, Sum
+    from django.db.models.functions import TruncDay
+
+    writer = csv.writer(_Echo(), lineterminator="\r\n")
+    yield writer.writerow(GROUPED_COLUMNS)
+    events = UsageEvent.objects.filter(
+        tenant_id=tenant_id, created_at__gte=start, created_at__lt=end
+    )
+    field = GROUP_FIELDS[group_by]
+    keyed = (
+        events.annotate(key=TruncDay("created_at", tzinfo=UTC))
+        if field is None
+        else events.annotate(key=models.F(field))
+    )
+    summary = (
+        keyed.values("key")
+        .annotate(
+            requests=Count("id"),
+            escalated=Count("id", filter=Q(escalated=True)),
+            prompt=Sum("prompt_tokens"),
+            completion=Sum("completion_tokens"),
+            cost=Sum("cost_nanos"),
+            baseline=Sum("baseline_cost_nanos"),
+        )
+        .order_by("key")
+    )
+    for row in summary.iterator():
+        key = row["key"].date().isoformat() if field is None and row["key"] else row["key"]
+        cost, baseline = int(row["cost"] or 0), int(row["baseline"] or 0)
+        yield writer.writerow(
+            [
+                group_by,
+                safe(key),
+                row["requests"],
+                row["escalated"],
+                row["prompt"] or 0,
+                row["completion"] or 0,
+                _usd(cost),
+                _usd(baseline),
+                _usd(baseline - cost),
+            ]
+        )

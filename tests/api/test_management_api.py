@@ -272,3 +272,25 @@ def test_export_over_the_threshold_becomes_a_job(api_token, tenant, settings, tm
 
     assert response.status_code == 202
     assert response.json()["status"] in {"queued", "done"}
+
+
+def test_grouped_export_sums_to_the_ledger(api_token, tenant):
+    ledger(tenant, n=3)
+    ledger(tenant, n=2, requested_model="demo/large", model="demo/large")
+
+    response = api(api_token.raw).get(
+        "/api/v1/usage/export.csv?start=2026-11-20&end=2026-11-20&group_by=model"
+    )
+    header, *rows = list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))
+
+    assert header[:3] == ["group", "key", "requests"]
+    by_key = {r[1]: r for r in rows}
+    assert by_key["demo/small"][2] == "3" and by_key["demo/large"][2] == "2"
+    total = sum(Decimal(r[6]) for r in rows) * 10**9
+    assert total == sum(
+        UsageEvent.objects.filter(tenant=tenant).values_list("cost_nanos", flat=True)
+    )
+    bad = api(api_token.raw).get(
+        "/api/v1/usage/export.csv?start=2026-11-20&end=2026-11-20&group_by=week"
+    )
+    assert bad.status_code == 400
