@@ -134,3 +134,56 @@ def test_another_tenants_objects_are_404_and_never_listed(tenant, other_tenant):
     for model, obj in theirs.items():
         assert model.objects.filter(pk=obj.pk).exists()
     assert ApiToken.objects.get(pk=theirs[ApiToken].pk).revoked_at is None
+
+
+# Routes outside /api/v1/ and how the sweep treats them. A new route fails
+# ``test_every_route_is_classified`` until it is added here, so dashboard pages
+# join the sweep the day they are written.
+SESSION_TENANT_ROUTES = {
+    "/billing/<slug:tenant_slug>/checkout/<slug:tier_slug>/": "post",
+    "/billing/<slug:tenant_slug>/portal/": "post",
+}
+NOT_TENANT_OBJECTS = (
+    "/v1/",  # the OpenAI-compatible gateway: token-scoped, covered by tests/routing
+    "/admin/",  # operators only (staff)
+    "/accounts/",  # login, logout, password reset
+    "/healthz",
+    "/billing/stripe/webhook/",  # Stripe's signature, not a tenant's
+    "/dashboard/",  # shows only the member's own tenants (tests/dashboard)
+    "/static/",
+)
+
+
+def all_routes():
+    routes = []
+
+    def walk(patterns, prefix):
+        for p in patterns:
+            if isinstance(p, URLResolver):
+                walk(p.url_patterns, prefix + str(p.pattern))
+            elif isinstance(p, URLPattern):
+                routes.append(prefix + str(p.pattern))
+
+    walk(get_resolver().url_patterns, "/")
+    return routes
+
+
+def test_every_route_is_classified():
+    for route in all_routes():
+        if route.startswith("/api/v1/") or route in SESSION_TENANT_ROUTES:
+            continue
+        assert route.startswith(NOT_TENANT_OBJECTS), f"{route}: add it to the isolation sweep"
+
+
+def test_session_routes_of_another_tenant_are_404(client, tenant, other_tenant):
+    from tenants.enums import MemberRole
+    from tests.factories import MemberFactory, UserFactory
+
+    user = UserFactory()
+    MemberFactory(tenant=tenant, user=user, role=MemberRole.OWNER)
+    client.force_login(user)
+    for route, method in SESSION_TENANT_ROUTES.items():
+        url = route.replace("<slug:tenant_slug>", other_tenant.slug).replace(
+            "<slug:tier_slug>", "free"
+        )
+        assert getattr(client, method)(url).status_code == 404, url
