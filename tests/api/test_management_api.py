@@ -294,3 +294,33 @@ def test_grouped_export_sums_to_the_ledger(api_token, tenant):
         "/api/v1/usage/export.csv?start=2026-11-20&end=2026-11-20&group_by=week"
     )
     assert bad.status_code == 400
+
+
+def test_usage_filters_by_time_end_user_and_token_and_lists_alerts(api_token, tenant):
+    from tenants.models import BudgetAlert
+
+    ledger(tenant, n=4)
+    alice = EndUser.objects.create(tenant=tenant, external_id="alice")
+    UsageEvent.objects.filter(request_id=f"req_{tenant.slug}_0_m").update(
+        end_user=alice, token=api_token.token
+    )
+    budget = Budget.objects.create(tenant=tenant, scope="tenant", period="month", limit_nanos=10)
+    BudgetAlert.objects.create(
+        tenant=tenant,
+        budget=budget,
+        period_start=datetime(2026, 11, 1, tzinfo=UTC),
+        level="warn",
+        spent_nanos=8,
+        limit_nanos=10,
+    )
+    client = api(api_token.raw)
+
+    assert len(client.get("/api/v1/usage/?end_user=alice").json()["results"]) == 1
+    assert len(client.get(f"/api/v1/usage/?token={api_token.token.pk}").json()["results"]) == 1
+    window = client.get(
+        "/api/v1/usage/?start=2026-11-20T12:01:00%2B00:00&end=2026-11-20T12:03:00%2B00:00"
+    )
+    assert len(window.json()["results"]) == 2
+    assert client.get("/api/v1/usage/?start=yesterday").status_code == 400
+    [alert] = client.get("/api/v1/alerts/").json()["data"]
+    assert (alert["level"], alert["spent_nanos"]) == ("warn", 8)
