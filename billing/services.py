@@ -195,10 +195,6 @@ def _default_tier() -> Tier | None:
     return Tier.objects.filter(is_default=True).first()
 
 
-def _set_tier(sub: TenantSubscription, tier: Tier | None, reason: str) -> None:
-    plan_apply(tenant=sub.tenant, tier=tier, reason=reason)
-
-
 # --- subscriptions ------------------------------------------------------------------------
 
 
@@ -271,14 +267,14 @@ def subscription_apply(*, subscription: dict, at: int, deleted: bool, now: datet
     sub.state_at = at
     if status in PAID_STATUSES:
         sub.grace_until = None
-        _set_tier(sub, tier, f"subscription {status}")
+        plan_apply(tenant=sub.tenant, tier=tier, reason=f"subscription {status}")
     elif status == "past_due":
         sub.grace_until = sub.grace_until or now + timedelta(
             days=settings.CASCADEFLOW_BILLING_GRACE_DAYS
         )
     elif status in ENDED_STATUSES:
         sub.grace_until = None
-        _set_tier(sub, _default_tier(), f"subscription {status}")
+        plan_apply(tenant=sub.tenant, tier=_default_tier(), reason=f"subscription {status}")
     sub.save()
     return f"{sub.tenant.slug}: {status}, plan {sub.tenant.tier.slug if sub.tenant.tier else '-'}"
 
@@ -291,7 +287,7 @@ def invoice_paid(*, invoice: dict, at: int, now: datetime) -> str:
         return "ignored: older than the state already applied, or subscription ended"
     sub.status, sub.grace_until, sub.state_at = "active", None, at
     sub.save()
-    _set_tier(sub, sub.paid_tier, "invoice paid")
+    plan_apply(tenant=sub.tenant, tier=sub.paid_tier, reason="invoice paid")
     return f"{sub.tenant.slug}: paid, plan restored"
 
 
@@ -316,7 +312,9 @@ def grace_expire(*, now: datetime) -> int:
         status="past_due", grace_until__lt=now
     ):
         with transaction.atomic():
-            _set_tier(sub, _default_tier(), "payment failed; grace period over")
+            plan_apply(
+                tenant=sub.tenant, tier=_default_tier(), reason="payment failed; grace period over"
+            )
             expired += 1
     return expired
 

@@ -26,6 +26,7 @@ from routing.targets import Target
 from tenants.budgets import (
     Admission,
     BudgetLine,
+    Crossing,
     EndUserTierPolicy,
     alerts_record,
     applicable_budgets,
@@ -295,8 +296,6 @@ def settle(*, tenant_id: int, enforcement: Enforcement, actual_nanos: int) -> li
     )
     if admission.decision in {"warn", "degrade"} and admission.tripped is not None:
         # The request ran while past a threshold: make sure that threshold has its alert.
-        from tenants.budgets import Crossing
-
         state = admission.tripped
         crossings.append(
             Crossing(

@@ -8,7 +8,7 @@ from django.db import connection
 from django.db.models import Exists, OuterRef
 
 from cascadeflow_site.db import as_datetime, as_json, fetch_one, select_sql
-from tenants.models import ApiToken, Budget, EndUserTier, Tenant
+from tenants.models import ApiToken, Budget, EndUserTier
 from tenants.services import token_hash
 
 
@@ -124,7 +124,3 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
         token_tpm=token_tpm,
         budget_callback_url=callback_url or "",
     )
-
-
-def token_list(*, tenant: Tenant):
-    return ApiToken.objects.filter(tenant=tenant).order_by("-created_at")

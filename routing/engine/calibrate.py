@@ -23,13 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from routing.engine.calibration import (
-    PAID_FEATURES,
     Outcome,
     Scorer,
     ThresholdChoice,
     auroc,
     choose_threshold,
-    evaluate,
     fit_scorer,
     out_of_fold,
 )
@@ -216,13 +214,3 @@ def calibrate_chain(
             "chain_length": length,
         },
     )
-
-
-__all__ = [
-    "PAID_FEATURES",
-    "RowObservation",
-    "StepObservation",
-    "acceptable",
-    "calibrate_chain",
-    "evaluate",
-]

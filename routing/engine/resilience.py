@@ -274,12 +274,7 @@ class Caller:
                         model=deployment.litellm_model,
                     )
             except Exception as exc:
-                failure = classify(exc)
-                attempts.append(_failed(spec, deployment, started, failure, role))
-                if not failure.retryable:
-                    raise UpstreamError(spec.name, failure) from None
-                if self.breaker:
-                    await self.breaker.failed(deployment)
+                failure = await self._failed_call(exc, spec, deployment, started, attempts, role)
                 continue
             if self.breaker:
                 await self.breaker.succeeded(deployment)
@@ -325,12 +320,7 @@ class Caller:
                 attempts.append(_failed(spec, deployment, started, failure, role))
                 continue
             except Exception as exc:
-                failure = classify(exc)
-                attempts.append(_failed(spec, deployment, started, failure, role))
-                if not failure.retryable:
-                    raise UpstreamError(spec.name, failure) from None
-                if self.breaker:
-                    await self.breaker.failed(deployment)
+                failure = await self._failed_call(exc, spec, deployment, started, attempts, role)
                 continue
             if self.breaker:
                 await self.breaker.succeeded(deployment)
@@ -340,6 +330,24 @@ class Caller:
         raise UpstreamError(
             spec.name, failure or Failure(True, 503, "no_deployment", "No deployment available.")
         )
+
+    async def _failed_call(
+        self,
+        exc: Exception,
+        spec: ModelSpec,
+        deployment: Deployment,
+        started: float,
+        attempts: list[Attempt],
+        role: str,
+    ) -> Failure:
+        """Record a failed call; raise unless another deployment could help."""
+        failure = classify(exc)
+        attempts.append(_failed(spec, deployment, started, failure, role))
+        if not failure.retryable:
+            raise UpstreamError(spec.name, failure) from None
+        if self.breaker:
+            await self.breaker.failed(deployment)
+        return failure
 
     async def _backoff(self, n: int) -> None:
         delay = self.backoff_s * (2 ** (n - 1))

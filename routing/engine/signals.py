@@ -158,41 +158,34 @@ def _close(a: float, b: float, rel: float) -> bool:
 
 
 def check_arithmetic(text: str) -> tuple[int, int, list[str], list[float]]:
-    """Re-compute the equations a draft states: (checked, wrong, notes, results)."""
+    """Re-compute the equations a draft states: (checked, wrong, notes, results).
+
+    Calculator annotations (``<<a*b=c>>``) are exact; plain ``a * b = c``
+    statements may round intermediate results ("= 2.67"), so they get a looser
+    tolerance.
+    """
+    plain = _CALC.sub("", text)
+    stated_equations = [(m.group(1), m.group(2), 1e-3) for m in _CALC.finditer(text)] + [
+        (m.group(1), m.group(2), 6e-3)
+        for m in _EQUATION.finditer(plain)
+        if _HAS_OP.search(m.group(1).strip())
+    ]
     checked = wrong = 0
     notes: list[str] = []
     results: list[float] = []
-    for match in _CALC.finditer(text):
-        value = safe_eval(match.group(1))
-        try:
-            stated = float(match.group(2).replace(",", "").replace("$", ""))
-        except ValueError:
-            continue
-        results.append(stated)
-        if value is None:
-            continue
-        checked += 1
-        if not _close(value, stated, 1e-3):
-            wrong += 1
-            notes.append(f"{match.group(1).strip()} is {value:g}, not {stated:g}")
-    plain = _CALC.sub("", text)
-    for match in _EQUATION.finditer(plain):
-        lhs = match.group(1).strip()
-        if not _HAS_OP.search(lhs):
-            continue
+    for lhs, rhs, tolerance in stated_equations:
         value = safe_eval(lhs)
         try:
-            stated = float(match.group(2).replace(",", ""))
+            stated = float(rhs.replace(",", "").replace("$", ""))
         except ValueError:
             continue
         results.append(stated)
         if value is None:
             continue
         checked += 1
-        # Rounded intermediate results ("= 2.67") are not errors.
-        if not _close(value, stated, 6e-3):
+        if not _close(value, stated, tolerance):
             wrong += 1
-            notes.append(f"{lhs} is {value:g}, not {stated:g}")
+            notes.append(f"{lhs.strip()} is {value:g}, not {stated:g}")
     return checked, wrong, notes, results
 
 
