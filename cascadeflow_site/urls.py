@@ -2,6 +2,8 @@ from django.contrib import admin
 from django.http import JsonResponse
 from django.urls import include, path
 
+from dashboard import accounts
+
 
 def healthz(request):
     return JsonResponse({"status": "ok"})
@@ -12,6 +14,7 @@ urlpatterns = [
     path("dashboard/", include("dashboard.urls")),
     path("billing/", include("billing.urls")),
     path("api/v1/", include("cascadeflow_site.api_urls")),
+    path("accounts/signup/", accounts.signup, name="signup"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),

@@ -1,9 +1,27 @@
-from django.urls import path
+from django.urls import include, path
 
-from dashboard import views
+from dashboard import manage_views, views
 
 app_name = "dashboard"
 
-urlpatterns = [
+tenant_patterns = [
     path("", views.overview, name="overview"),
+    path("overview.json", views.overview_data, name="overview_data"),
+    path("models/", views.models_page, name="models"),
+    path("end-users/", views.end_users, name="end_users"),
+    path("end-users/<int:end_user_id>/tier/", manage_views.end_user_set_tier, name="end_user_tier"),
+    path("tokens/", manage_views.tokens, name="tokens"),
+    path("tokens/<int:token_id>/revoke/", manage_views.token_revoke, name="token_revoke"),
+    path("budgets/", manage_views.budgets, name="budgets"),
+    path("budgets/<int:budget_id>/", manage_views.budget_edit, name="budget_edit"),
+    path("budgets/<int:budget_id>/delete/", manage_views.budget_delete, name="budget_delete"),
+    path("billing/", manage_views.billing, name="billing"),
+    path("exports/", manage_views.exports, name="exports"),
+    path("exports/usage.csv", manage_views.export_csv, name="export_csv"),
+    path("exports/jobs/<int:job_id>/", manage_views.export_job, name="export_job"),
+]
+
+urlpatterns = [
+    path("", views.home, name="home"),
+    path("t/<slug:tenant_slug>/", include(tenant_patterns)),
 ]

@@ -1,8 +1,7 @@
 import pytest
 
-from routing.models import UsageEvent
 from tenants.enums import MemberRole
-from tests.factories import MemberFactory, UserFactory
+from tests.factories import MemberFactory, TenantFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -14,23 +13,31 @@ def test_dashboard_needs_login(client):
     assert response["Location"].startswith("/accounts/login/")
 
 
-def test_dashboard_shows_only_the_members_tenants(client, tenant, other_tenant):
+def test_home_redirects_to_the_last_tenant_viewed(client, tenant):
     user = UserFactory()
-    MemberFactory(tenant=tenant, user=user, role=MemberRole.ADMIN)
-    from django.utils import timezone
-
-    for t, cost in ((tenant, 1_500_000_000), (other_tenant, 9_000_000_000)):
-        UsageEvent.objects.create(
-            tenant=t,
-            request_id=f"req_{t.slug}",
-            created_at=timezone.now(),
-            requested_model="demo/small",
-            status="ok",
-            cost_nanos=cost,
-        )
+    second = TenantFactory(slug="initech", name="Initech")
+    MemberFactory(tenant=tenant, user=user, role=MemberRole.VIEWER)
+    MemberFactory(tenant=second, user=user, role=MemberRole.ADMIN)
     client.force_login(user)
 
-    page = client.get("/dashboard/").content.decode()
+    assert client.get("/dashboard/")["Location"] == f"/dashboard/t/{tenant.slug}/"
+    client.get("/dashboard/t/initech/")
+    assert client.get("/dashboard/")["Location"] == "/dashboard/t/initech/"
 
-    assert "Acme" in page and "$1.50" in page
-    assert "Globex" not in page and "$9.00" not in page
+
+def test_a_user_without_tenants_is_offered_sign_up(client):
+    client.force_login(UserFactory())
+
+    page = client.get("/dashboard/")
+
+    assert page.status_code == 200
+    assert b"/accounts/signup/" in page.content
+
+
+def test_a_member_of_a_gets_404_on_b(client, tenant, other_tenant):
+    user = UserFactory()
+    MemberFactory(tenant=tenant, user=user, role=MemberRole.OWNER)
+    client.force_login(user)
+
+    assert client.get(f"/dashboard/t/{tenant.slug}/").status_code == 200
+    assert client.get(f"/dashboard/t/{other_tenant.slug}/").status_code == 404
