@@ -149,6 +149,8 @@ CELERY_TASK_SOFT_TIME_LIMIT = 240
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
+    "roll-up-usage": {"task": "dashboard.tasks.usage_rollup", "schedule": 300.0},
+    "refresh-spend-forecasts": {"task": "dashboard.tasks.forecasts_refresh", "schedule": 900.0},
     "reclaim-expired-budget-reservations": {
         "task": "tenants.tasks.reservations_reclaim",
         "schedule": 60.0,

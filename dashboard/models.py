@@ -1,0 +1,116 @@
+"""Rollups of the ledger and stored forecasts: what the dashboard reads instead of raw events.
+
+Two grains, chosen so neither grows with the number of raw events:
+
+- :class:`HourlyUsage` — tenant × UTC hour × served model × draft model × profile ×
+  domain. End users are left out on purpose: a tenant with thousands of end users
+  would otherwise get nearly one row per request, and the overview and model pages
+  need none of them.
+- :class:`DailyUsage` — tenant × tenant-local day × end user × served model × profile,
+  for the end-user pages and per-end-user forecasts.
+
+Rows are rebuilt from the ledger for whole buckets (delete + insert in one
+transaction), so running a rollup twice, or over a range already rolled, gives the
+same rows. :class:`RollupState` remembers how far each tenant is rolled; pages merge
+the rollups with the raw events after that point.
+"""
+
+from django.db import models
+
+from tenants.models import Tenant
+
+# Upper bounds (ms) of the latency histogram kept per hourly row; the last bucket is open.
+LATENCY_BOUNDS_MS = (
+    50, 100, 200, 300, 500, 750, 1_000, 1_500, 2_000, 3_000, 5_000, 7_500,
+    10_000, 15_000, 20_000, 30_000, 60_000,
+)  # fmt: skip
+
+
+class HourlyUsage(models.Model):
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    hour = models.DateTimeField()  # start of the UTC hour
+    model = models.CharField(max_length=200, blank=True)  # the model whose answer was returned
+    draft_model = models.CharField(max_length=200, blank=True)  # the first model called
+    profile = models.CharField(max_length=120, blank=True)
+    domain = models.CharField(max_length=32, blank=True)
+    requests = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0)  # any status other than ok
+    escalated = models.PositiveIntegerField(default=0)
+    cost_nanos = models.BigIntegerField(default=0)
+    baseline_cost_nanos = models.BigIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    latency_ms_sum = models.BigIntegerField(default=0)
+    latency_hist = models.JSONField(default=list)  # counts per LATENCY_BOUNDS_MS bucket (+1 open)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "hour", "model", "draft_model", "profile", "domain"],
+                name="hourly_usage_unique_bucket",
+            )
+        ]
+        indexes = [models.Index(fields=["tenant", "hour"], name="hourly_usage_tenant_hour")]
+
+
+class DailyUsage(models.Model):
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    day = models.DateField()  # calendar day in the tenant's time zone
+    end_user_id = models.BigIntegerField(default=0)  # 0: requests without an end user
+    model = models.CharField(max_length=200, blank=True)
+    profile = models.CharField(max_length=120, blank=True)
+    requests = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0)
+    escalated = models.PositiveIntegerField(default=0)
+    cost_nanos = models.BigIntegerField(default=0)
+    baseline_cost_nanos = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "day", "end_user_id", "model", "profile"],
+                name="daily_usage_unique_bucket",
+            )
+        ]
+        indexes = [
+            models.Index(fields=["tenant", "day"], name="daily_usage_tenant_day"),
+            models.Index(fields=["tenant", "end_user_id", "day"], name="daily_usage_end_user"),
+        ]
+
+
+class RollupState(models.Model):
+    """How far a tenant's ledger is rolled up: events before ``hourly_until`` are in
+    HourlyUsage, local days before ``daily_until`` are in DailyUsage."""
+
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="+")
+    hourly_until = models.DateTimeField()
+    daily_until = models.DateField()
+    updated_at = models.DateTimeField(auto_now=True)
+
+
+class SpendForecastSnapshot(models.Model):
+    """The latest forecast of a tenant's (end_user_id 0) or an end user's period spend."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    end_user_id = models.BigIntegerField(default=0)
+    period_start = models.DateTimeField()
+    period_end = models.DateTimeField()
+    computed_at = models.DateTimeField()
+    method = models.CharField(max_length=24)
+    spent_nanos = models.BigIntegerField()
+    expected_nanos = models.BigIntegerField()
+    low_nanos = models.BigIntegerField()
+    high_nanos = models.BigIntegerField()
+    limit_nanos = models.BigIntegerField(null=True, blank=True)
+    runs_out_on = models.DateField(null=True, blank=True)
+    exceed_probability = models.FloatField(null=True, blank=True)
+    days = models.JSONField(
+        default=list
+    )  # [{"day", "mean", "low", "high"}] for the rest of the period
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "end_user_id"], name="forecast_snapshot_unique_subject"
+            )
+        ]

@@ -1,0 +1,202 @@
+"""Roll the ledger up into HourlyUsage and DailyUsage, idempotently.
+
+A bucket is rebuilt whole from the ledger (delete + insert in one transaction),
+never incremented, so a rerun, an overlap or a crash halfway leaves correct rows.
+An hour is rolled once it is over and ``LATE_MARGIN`` has passed: the ledger row is
+written when a request ends but carries the time it started, so a long request can
+land in an hour that has just closed. Each advance also rebuilds the previous
+bucket, for stragglers beyond the margin.
+
+The same aggregation serves pages: :func:`hourly_rows` over the open tail (after
+the rollup watermark) gives unsaved rows that merge with the stored ones.
+"""
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from itertools import pairwise
+from zoneinfo import ZoneInfo
+
+from django.db import transaction
+from django.db.models import CharField, Count, Min, Q, Sum, Value
+from django.db.models.fields.json import KT
+from django.db.models.functions import Coalesce, TruncDate, TruncHour
+from django.utils import timezone
+
+from dashboard.models import LATENCY_BOUNDS_MS, DailyUsage, HourlyUsage, RollupState
+from routing.enums import UsageStatus
+from routing.models import UsageEvent
+from tenants.models import Tenant
+
+logger = logging.getLogger(__name__)
+
+LATE_MARGIN = timedelta(minutes=5)
+_BUCKETS = tuple(pairwise((0, *LATENCY_BOUNDS_MS, None)))
+
+
+def hour_floor(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _sums(prefix: str = "") -> dict:
+    return {
+        "n": Count("id"),
+        "errors": Count("id", filter=~Q(status=UsageStatus.OK)),
+        "escalated": Count("id", filter=Q(escalated=True)),
+        "cost": Coalesce(Sum("cost_nanos"), 0),
+        "baseline": Coalesce(Sum("baseline_cost_nanos"), 0),
+    }
+
+
+def _latency_histogram() -> dict:
+    return {
+        f"h{i}": Count(
+            "id",
+            filter=Q(latency_ms__gte=lo) & (Q(latency_ms__lt=hi) if hi is not None else Q()),
+        )
+        for i, (lo, hi) in enumerate(_BUCKETS)
+    }
+
+
+def hourly_rows(tenant_id: int, start: datetime, end: datetime) -> list[HourlyUsage]:
+    """Unsaved HourlyUsage rows for the ledger events in [start, end)."""
+    groups = (
+        UsageEvent.objects.filter(tenant_id=tenant_id, created_at__gte=start, created_at__lt=end)
+        .order_by()
+        .annotate(
+            bucket=TruncHour("created_at", tzinfo=UTC),
+            draft=Coalesce(KT("models_called__0"), Value(""), output_field=CharField()),
+        )
+        .values("bucket", "model", "draft", "profile", "domain")
+        .annotate(
+            **_sums(),
+            pt=Coalesce(Sum("prompt_tokens"), 0),
+            ct=Coalesce(Sum("completion_tokens"), 0),
+            lat=Coalesce(Sum("latency_ms"), 0),
+            **_latency_histogram(),
+        )
+    )
+    return [
+        HourlyUsage(
+            tenant_id=tenant_id,
+            hour=g["bucket"],
+            model=g["model"],
+            draft_model=g["draft"],
+            profile=g["profile"],
+            domain=g["domain"],
+            requests=g["n"],
+            errors=g["errors"],
+            escalated=g["escalated"],
+            cost_nanos=g["cost"],
+            baseline_cost_nanos=g["baseline"],
+            prompt_tokens=g["pt"],
+            completion_tokens=g["ct"],
+            latency_ms_sum=g["lat"],
+            latency_hist=[g[f"h{i}"] for i in range(len(_BUCKETS))],
+        )
+        for g in groups
+    ]
+
+
+def daily_rows(tenant_id: int, time_zone: str, start: date, end: date) -> list[DailyUsage]:
+    """Unsaved DailyUsage rows for the tenant-local days in [start, end)."""
+    tz = ZoneInfo(time_zone or "UTC")
+    groups = (
+        UsageEvent.objects.filter(
+            tenant_id=tenant_id,
+            created_at__gte=local_midnight(start, tz),
+            created_at__lt=local_midnight(end, tz),
+        )
+        .order_by()
+        .annotate(local_day=TruncDate("created_at", tzinfo=tz), user=Coalesce("end_user_id", 0))
+        .values("local_day", "user", "model", "profile")
+        .annotate(**_sums())
+    )
+    return [
+        DailyUsage(
+            tenant_id=tenant_id,
+            day=g["local_day"],
+            end_user_id=g["user"],
+            model=g["model"],
+            profile=g["profile"],
+            requests=g["n"],
+            errors=g["errors"],
+            escalated=g["escalated"],
+            cost_nanos=g["cost"],
+            baseline_cost_nanos=g["baseline"],
+        )
+        for g in groups
+    ]
+
+
+def local_midnight(day: date, tz: ZoneInfo) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=tz).astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class RollupResult:
+    tenant_id: int
+    hours: int  # hourly buckets rebuilt
+    days: int  # daily buckets rebuilt
+    hourly_rows: int
+    daily_rows: int
+
+
+def rollup_tenant(tenant: Tenant, now: datetime | None = None) -> RollupResult:
+    """Bring the tenant's rollups up to the last closed hour and local day."""
+    now = now or timezone.now()
+    tz = ZoneInfo(tenant.time_zone or "UTC")
+    hourly_end = hour_floor(now - LATE_MARGIN)
+    daily_end = hourly_end.astimezone(tz).date()  # local days before this one are over
+    with transaction.atomic():
+        state, fresh = _locked_state(tenant, tz)
+        if state is None:
+            return RollupResult(tenant.pk, 0, 0, 0, 0)
+        # Each advance rebuilds the bucket before the watermark too, for stragglers.
+        overlap = 0 if fresh else 1
+        hours = days = n_hourly = n_daily = 0
+        if hourly_end > state.hourly_until:
+            start = state.hourly_until - timedelta(hours=overlap)
+            HourlyUsage.objects.filter(tenant=tenant, hour__gte=start, hour__lt=hourly_end).delete()
+            rows = HourlyUsage.objects.bulk_create(
+                hourly_rows(tenant.pk, start, hourly_end), batch_size=2000
+            )
+            hours, n_hourly = int((hourly_end - start).total_seconds() // 3600), len(rows)
+            state.hourly_until = hourly_end
+        if daily_end > state.daily_until:
+            start_day = state.daily_until - timedelta(days=overlap)
+            DailyUsage.objects.filter(tenant=tenant, day__gte=start_day, day__lt=daily_end).delete()
+            rows = DailyUsage.objects.bulk_create(
+                daily_rows(tenant.pk, tenant.time_zone, start_day, daily_end), batch_size=2000
+            )
+            days, n_daily = (daily_end - start_day).days, len(rows)
+            state.daily_until = daily_end
+        state.save()
+    return RollupResult(tenant.pk, hours, days, n_hourly, n_daily)
+
+
+def _locked_state(tenant: Tenant, tz: ZoneInfo) -> tuple[RollupState | None, bool]:
+    """The tenant's RollupState, locked for this transaction, and whether it is new.
+
+    A new state starts at the tenant's first event: nothing before it to roll."""
+    state = RollupState.objects.select_for_update().filter(tenant=tenant).first()
+    if state is not None:
+        return state, False
+    first = UsageEvent.objects.filter(tenant=tenant).aggregate(first=Min("created_at"))["first"]
+    if first is None:
+        return None, False
+    state, created = RollupState.objects.get_or_create(
+        tenant=tenant,
+        defaults={"hourly_until": hour_floor(first), "daily_until": first.astimezone(tz).date()},
+    )
+    return RollupState.objects.select_for_update().get(pk=state.pk), created
+
+
+def rollup_all(now: datetime | None = None) -> list[RollupResult]:
+    results = []
+    for tenant in Tenant.objects.filter(is_active=True).order_by("pk"):
+        try:
+            results.append(rollup_tenant(tenant, now))
+        except Exception:  # one tenant's failure must not stop the others
+            logger.exception("Rollup failed for tenant %s", tenant.slug)
+    return results

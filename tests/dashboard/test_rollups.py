@@ -1,0 +1,140 @@
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from django.db.models import Sum
+
+from dashboard.models import DailyUsage, HourlyUsage, RollupState
+from dashboard.rollups import rollup_all, rollup_tenant
+from dashboard.selectors import end_user_lines, hourly_points, minute_points
+from routing.models import UsageEvent
+from tests.factories import EndUserFactory
+
+pytestmark = pytest.mark.django_db
+
+NOW = datetime(2026, 11, 20, 15, 30, tzinfo=UTC)
+_seq = iter(range(10**9))
+
+
+def event(tenant, at, cost=1_000, **kw):
+    defaults = dict(
+        requested_model="cascade/balanced",
+        model="demo/small",
+        models_called=["demo/small"],
+        status="ok",
+        cost_nanos=cost,
+        baseline_cost_nanos=cost * 10,
+        profile="balanced",
+        domain="general",
+        latency_ms=120,
+    )
+    defaults.update(kw)
+    return UsageEvent.objects.create(
+        tenant=tenant, request_id=f"r{next(_seq)}", created_at=at, **defaults
+    )
+
+
+def ledger_total(tenant, before):
+    return UsageEvent.objects.filter(tenant=tenant, created_at__lt=before).aggregate(
+        s=Sum("cost_nanos")
+    )["s"]
+
+
+def test_rollup_matches_the_ledger_and_is_idempotent(tenant, other_tenant):
+    for h in range(30):
+        at = NOW - timedelta(hours=h, minutes=7)
+        event(tenant, at, cost=1_000 + h)
+        event(
+            tenant,
+            at,
+            cost=5_000,
+            model="demo/large",
+            escalated=True,
+            models_called=["demo/small", "demo/large"],
+            domain="code",
+            latency_ms=2_400,
+        )
+        event(other_tenant, at, cost=7)
+
+    first = rollup_tenant(tenant, NOW)
+    rows = list(HourlyUsage.objects.filter(tenant=tenant).order_by("pk").values())
+    again = rollup_tenant(tenant, NOW)
+
+    assert first.hourly_rows > 0 and again.hourly_rows == 0  # nothing new closed: no-op
+    closed = NOW.replace(minute=0)  # 15:00, more than the late margin ago
+    stored = HourlyUsage.objects.filter(tenant=tenant).aggregate(s=Sum("cost_nanos"))["s"]
+    assert stored == ledger_total(tenant, closed)
+    assert not HourlyUsage.objects.filter(tenant=tenant, hour__gte=closed).exists()
+    escalated = HourlyUsage.objects.get(
+        tenant=tenant, hour=closed - timedelta(hours=1), model="demo/large"
+    )
+    assert (escalated.draft_model, escalated.domain, escalated.escalated) == (
+        "demo/small",
+        "code",
+        1,
+    )
+    assert sum(escalated.latency_hist) == 1 and escalated.latency_hist[9] == 1  # 2–3 s bucket
+    assert list(HourlyUsage.objects.filter(tenant=tenant).order_by("pk").values()) == rows
+    assert not HourlyUsage.objects.filter(tenant=other_tenant).exclude(cost_nanos=7).exists()
+
+
+def test_a_straggler_in_the_last_rolled_hour_is_counted_at_the_next_advance(tenant):
+    event(tenant, NOW - timedelta(hours=3))
+    rollup_tenant(tenant, NOW)
+    late = event(tenant, NOW - timedelta(minutes=50), cost=777)  # hour 14:00, already rolled
+
+    rollup_tenant(tenant, NOW + timedelta(hours=1))
+
+    hour = HourlyUsage.objects.get(tenant=tenant, hour=late.created_at.replace(minute=0, second=0))
+    assert hour.cost_nanos == 777
+
+
+def test_pages_merge_rollups_with_the_open_tail(tenant):
+    for m in range(0, 300, 20):
+        event(tenant, NOW - timedelta(minutes=m), cost=100 + m)
+    rollup_tenant(tenant, NOW)
+    assert RollupState.objects.get(tenant=tenant).hourly_until == NOW.replace(minute=0)
+
+    points = hourly_points(tenant, NOW - timedelta(hours=6), NOW)
+
+    assert sum(p.usage.cost_nanos for p in points) == ledger_total(tenant, NOW + timedelta(1))
+    assert sum(p.usage.requests for p in points) == 15
+    assert points[-1].at == NOW.replace(minute=0) and points[-1].usage.requests == 2
+
+
+def test_daily_rows_use_the_tenants_time_zone(tenant):
+    tenant.time_zone = "America/New_York"
+    tenant.save()
+    user = EndUserFactory(tenant=tenant)
+    event(tenant, datetime(2026, 11, 18, 3, 0, tzinfo=UTC), cost=10, end_user=user)  # 17th local
+    event(tenant, datetime(2026, 11, 18, 6, 0, tzinfo=UTC), cost=20, end_user=user)  # 18th local
+
+    rollup_tenant(tenant, NOW)
+
+    days = dict(DailyUsage.objects.filter(tenant=tenant).values_list("day", "cost_nanos"))
+    assert days == {date(2026, 11, 17): 10, date(2026, 11, 18): 20}
+
+
+def test_end_user_lines_merge_days_and_tail(tenant):
+    big, small = EndUserFactory(tenant=tenant), EndUserFactory(tenant=tenant)
+    event(tenant, NOW - timedelta(days=2), cost=5_000, end_user=big)
+    event(tenant, NOW - timedelta(minutes=1), cost=4_000, end_user=big)
+    event(tenant, NOW - timedelta(minutes=1), cost=100, end_user=small)
+    rollup_all(NOW)
+
+    lines = end_user_lines(tenant, NOW)
+
+    assert [(line.end_user, line.usage.cost_nanos) for line in lines] == [
+        (big, 9_000),
+        (small, 100),
+    ]
+
+
+def test_requests_per_minute(tenant):
+    event(tenant, NOW + timedelta(seconds=5))
+    event(tenant, NOW + timedelta(seconds=10))
+    event(tenant, NOW - timedelta(minutes=5))
+
+    points = minute_points(tenant, NOW + timedelta(seconds=20), minutes=10)
+
+    assert len(points) == 10
+    assert points[-1].usage.requests == 2 and points[-6].usage.requests == 1
