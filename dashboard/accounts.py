@@ -1,7 +1,194 @@
-"""Self-serve sign-up: a new user, their tenant, and the free plan."""
+"""Self-serve sign-up: a new user, their tenant, and the free plan.
 
-from django.http import Http404
+A visitor gives an organisation name, an email and a password and leaves as the
+logged-in owner of a new tenant on the free tier. A user who is already logged in
+only names the organisation and becomes its owner as well.
+
+Invariants:
+- Usernames of self-serve users are their email, lower-cased; no two users share an
+  email or username case-insensitively (checked here, and by the username unique
+  constraint for concurrent sign-ups, since both store the lower-cased form).
+- An existing account is never touched: sign-up refuses a taken email rather than
+  going through ``user_get_or_create``, which would reset that user's password.
+- User, tenant, owner membership, plan and audit rows commit together or not at all.
+"""
+
+from dataclasses import dataclass
+
+from django import forms
+from django.contrib.auth import get_user_model, login
+from django.contrib.auth.models import AbstractBaseUser
+from django.contrib.auth.password_validation import validate_password
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.utils.text import slugify
+
+from tenants.enums import MemberRole
+from tenants.models import Member, Tenant
+from tenants.services import audit_record, tenant_create, tier_ensure_defaults
+
+SLUG_MAX_LENGTH = Tenant._meta.get_field("slug").max_length
+NAME_MAX_LENGTH = Tenant._meta.get_field("name").max_length
+USERNAME_MAX_LENGTH = get_user_model()._meta.get_field("username").max_length
+SLUG_ATTEMPTS = 3
+
+EMAIL_TAKEN = "An account with this email already exists. Log in to create another organisation."
+NAME_UNUSABLE = "Use at least one letter or digit (a-z, 0-9) in the organisation name."
 
 
-def signup(request):
-    raise Http404
+class EmailTakenError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class SignedUp:
+    tenant: Tenant
+    user: AbstractBaseUser
+    new_user: bool
+
+
+def email_taken(email: str) -> bool:
+    users = get_user_model().objects
+    return users.filter(Q(username__iexact=email) | Q(email__iexact=email)).exists()
+
+
+def slug_base(name: str) -> str:
+    return slugify(name)[:SLUG_MAX_LENGTH].strip("-")
+
+
+def slug_unique(base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``… (truncated to fit) for the first free one."""
+    taken = set(
+        Tenant.objects.filter(slug__startswith=base[: SLUG_MAX_LENGTH - 12]).values_list(
+            "slug", flat=True
+        )
+    )
+    candidate, n = base, 1
+    while candidate in taken:
+        n += 1
+        suffix = f"-{n}"
+        candidate = base[: SLUG_MAX_LENGTH - len(suffix)].rstrip("-") + suffix
+    return candidate
+
+
+@transaction.atomic
+def organisation_signup(
+    *,
+    name: str,
+    acting_user: AbstractBaseUser | None = None,
+    email: str = "",
+    password: str = "",
+) -> SignedUp:
+    """Create a tenant on the free plan owned by ``acting_user``, or by a new user.
+
+    Without ``acting_user`` a user ``email``/``password`` is created first; a taken
+    email raises :class:`EmailTakenError` and nothing is written.
+    """
+    base = slug_base(name)
+    if not base:
+        raise ValueError(NAME_UNUSABLE)
+    new_user = acting_user is None
+    if acting_user is None:
+        email = email.strip().lower()
+        if email_taken(email):
+            raise EmailTakenError(EMAIL_TAKEN)
+        try:
+            with transaction.atomic():
+                acting_user = get_user_model().objects.create_user(
+                    username=email, email=email, password=password
+                )
+        except IntegrityError:
+            raise EmailTakenError(EMAIL_TAKEN) from None
+    free = tier_ensure_defaults()
+    for attempt in range(SLUG_ATTEMPTS):
+        # A concurrent sign-up may take the slug between the check and the insert.
+        try:
+            with transaction.atomic():
+                tenant = tenant_create(
+                    slug=slug_unique(base), name=name, tier=free, acting_user=acting_user
+                ).tenant
+            break
+        except IntegrityError:
+            if attempt == SLUG_ATTEMPTS - 1:
+                raise
+    Member.objects.create(tenant=tenant, user=acting_user, role=MemberRole.OWNER)
+    audit_record(
+        tenant=tenant,
+        action="member.add",
+        target=acting_user.get_username(),
+        acting_user=acting_user,
+        data={"role": MemberRole.OWNER, "via": "signup", "new_user": new_user},
+    )
+    return SignedUp(tenant=tenant, user=acting_user, new_user=new_user)
+
+
+class SignupForm(forms.Form):
+    organisation = forms.CharField(label="Organisation name", max_length=NAME_MAX_LENGTH)
+    email = forms.EmailField(label="Email", max_length=USERNAME_MAX_LENGTH)
+    password1 = forms.CharField(
+        label="Password", strip=False, widget=forms.PasswordInput({"autocomplete": "new-password"})
+    )
+    password2 = forms.CharField(
+        label="Confirm password",
+        strip=False,
+        widget=forms.PasswordInput({"autocomplete": "new-password"}),
+    )
+
+    def __init__(self, *args, user: AbstractBaseUser | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.existing_user = user if user is not None and user.is_authenticated else None
+        if self.existing_user is not None:
+            for field in ("email", "password1", "password2"):
+                del self.fields[field]
+        self.fields["organisation"].widget.attrs["autofocus"] = True
+
+    def clean_organisation(self) -> str:
+        name = self.cleaned_data["organisation"]
+        if not slug_base(name):
+            raise forms.ValidationError(NAME_UNUSABLE)
+        return name
+
+    def clean_email(self) -> str:
+        email = self.cleaned_data["email"].lower()
+        if email_taken(email):
+            raise forms.ValidationError(EMAIL_TAKEN)
+        return email
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        if self.existing_user is not None:
+            return cleaned
+        password1, password2 = cleaned.get("password1"), cleaned.get("password2")
+        if password1 and password2 and password1 != password2:
+            self.add_error("password2", "The two passwords don't match.")
+        elif password1 and password2:
+            email = cleaned.get("email", "")
+            candidate = get_user_model()(username=email, email=email)
+            try:
+                validate_password(password1, user=candidate)
+            except forms.ValidationError as error:
+                self.add_error("password2", error)
+        return cleaned
+
+
+def signup(request: HttpRequest) -> HttpResponse:
+    user = request.user if request.user.is_authenticated else None
+    form = SignupForm(request.POST or None, user=user)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            done = organisation_signup(
+                name=data["organisation"],
+                acting_user=user,
+                email=data.get("email", ""),
+                password=data.get("password1", ""),
+            )
+        except EmailTakenError as error:
+            form.add_error("email", str(error))
+        else:
+            if done.new_user:
+                login(request, done.user)
+            return redirect("dashboard:overview", done.tenant.slug)
+    return render(request, "registration/signup.html", {"form": form})

@@ -1,0 +1,228 @@
+import re
+
+import pytest
+from django.contrib.auth import SESSION_KEY, get_user_model
+
+from dashboard.accounts import slug_unique
+from tenants.enums import MemberRole
+from tenants.models import AuditEvent, Member, Tenant, Tier
+from tests.factories import MemberFactory, TenantFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+User = get_user_model()
+PASSWORD = "violet-anchor-71-drift"
+
+
+def signup_data(**overrides):
+    data = {
+        "organisation": "Acme Rockets",
+        "email": "Wile.E@Example.test",
+        "password1": PASSWORD,
+        "password2": PASSWORD,
+    }
+    return {**data, **overrides}
+
+
+def test_login_page_links_to_password_reset_and_signup(client):
+    page = client.get("/accounts/login/")
+
+    assert b'href="/accounts/password_reset/"' in page.content
+    assert b'href="/accounts/signup/"' in page.content
+
+
+def test_signup_form_asks_anonymous_visitors_for_email_and_password(client):
+    page = client.get("/accounts/signup/")
+
+    assert page.status_code == 200
+    assert b'name="organisation"' in page.content
+    assert b'name="email"' in page.content
+    assert b'name="password2"' in page.content
+
+
+def test_signup_creates_user_tenant_owner_and_free_plan_and_logs_in(client):
+    response = client.post("/accounts/signup/", signup_data())
+
+    assert response.status_code == 302
+    assert response["Location"] == "/dashboard/t/acme-rockets/"
+    user = User.objects.get()
+    assert user.username == "wile.e@example.test"
+    assert user.email == "wile.e@example.test"
+    assert user.check_password(PASSWORD)
+    tenant = Tenant.objects.get()
+    assert (tenant.slug, tenant.name) == ("acme-rockets", "Acme Rockets")
+    assert tenant.tier == Tier.objects.get(slug="free")
+    member = Member.objects.get()
+    assert (member.tenant, member.user, member.role) == (tenant, user, MemberRole.OWNER)
+    assert int(client.session[SESSION_KEY]) == user.pk
+    actions = set(AuditEvent.objects.filter(tenant=tenant).values_list("action", flat=True))
+    assert {"tenant.create", "member.add"} <= actions
+    assert AuditEvent.objects.get(tenant=tenant, action="tenant.create").actor == user
+
+
+def test_signup_logs_the_new_user_in_with_their_email(client):
+    client.post("/accounts/signup/", signup_data())
+    client.logout()
+
+    response = client.post(
+        "/accounts/login/", {"username": "wile.e@example.test", "password": PASSWORD}
+    )
+
+    assert response.status_code == 302
+    assert int(client.session[SESSION_KEY]) == User.objects.get().pk
+
+
+@pytest.mark.parametrize("email", ["taken@example.test", "TAKEN@Example.TEST"])
+def test_signup_rejects_a_taken_email_case_insensitively(client, email):
+    UserFactory(username="Taken@Example.test", email="Taken@Example.test")
+
+    response = client.post("/accounts/signup/", signup_data(email=email))
+
+    assert response.status_code == 200
+    assert b"An account with this email already exists" in response.content
+    assert User.objects.count() == 1
+    assert not Tenant.objects.exists()
+    assert not Member.objects.exists()
+    assert SESSION_KEY not in client.session
+
+
+def test_signup_rejects_a_weak_password_and_creates_nothing(client):
+    response = client.post(
+        "/accounts/signup/", signup_data(password1="password", password2="password")
+    )
+
+    assert response.status_code == 200
+    assert b"This password is too common." in response.content
+    assert not User.objects.exists()
+    assert not Tenant.objects.exists()
+
+
+def test_signup_rejects_mismatched_passwords(client):
+    response = client.post("/accounts/signup/", signup_data(password2=PASSWORD + "x"))
+
+    assert response.status_code == 200
+    assert b"The two passwords don&#x27;t match." in response.content
+    assert not User.objects.exists()
+
+
+def test_signup_rejects_a_name_without_letters_or_digits(client):
+    response = client.post("/accounts/signup/", signup_data(organisation="!!! ???"))
+
+    assert response.status_code == 200
+    assert b"Use at least one letter or digit" in response.content
+    assert not User.objects.exists()
+    assert not Tenant.objects.exists()
+
+
+def test_signup_suffixes_a_slug_that_is_taken(client):
+    TenantFactory(slug="acme-rockets")
+    TenantFactory(slug="acme-rockets-2")
+
+    response = client.post("/accounts/signup/", signup_data())
+
+    assert response["Location"] == "/dashboard/t/acme-rockets-3/"
+    tenant = Tenant.objects.get(slug="acme-rockets-3")
+    assert Member.objects.get(tenant=tenant, role=MemberRole.OWNER).user.username == (
+        "wile.e@example.test"
+    )
+
+
+def test_a_suffixed_slug_still_fits_the_slug_column():
+    base = "a" * 64
+    TenantFactory(slug=base)
+
+    slug = slug_unique(base)
+
+    assert slug == "a" * 62 + "-2"
+
+
+def test_a_logged_in_user_is_only_asked_for_the_organisation_name(client):
+    client.force_login(UserFactory())
+
+    page = client.get("/accounts/signup/")
+
+    assert b'name="organisation"' in page.content
+    assert b'name="email"' not in page.content
+    assert b'name="password1"' not in page.content
+
+
+def test_a_logged_in_user_creating_another_organisation_owns_both(client, tenant):
+    user = UserFactory()
+    password_hash = user.password
+    MemberFactory(tenant=tenant, user=user, role=MemberRole.OWNER)
+    client.force_login(user)
+
+    response = client.post("/accounts/signup/", {"organisation": "Second Org"})
+
+    assert response.status_code == 302
+    assert response["Location"] == "/dashboard/t/second-org/"
+    assert User.objects.count() == 1
+    owned = Member.objects.filter(user=user, role=MemberRole.OWNER)
+    assert sorted(owned.values_list("tenant__slug", flat=True)) == [tenant.slug, "second-org"]
+    assert Tenant.objects.get(slug="second-org").tier.slug == "free"
+    user.refresh_from_db()
+    assert user.password == password_hash
+    assert int(client.session[SESSION_KEY]) == user.pk
+
+
+def test_password_reset_emails_a_link_that_sets_a_new_password(client, mailoutbox):
+    UserFactory(username="reset@example.test", email="reset@example.test")
+
+    response = client.post("/accounts/password_reset/", {"email": "Reset@Example.test"})
+
+    assert response["Location"] == "/accounts/password_reset/done/"
+    assert len(mailoutbox) == 1
+    message = mailoutbox[0]
+    assert message.to == ["reset@example.test"]
+    assert message.subject == "Reset your CascadeFlow password"
+    link = re.search(r"http://testserver(/accounts/reset/\S+/)", message.body).group(1)
+
+    form_page = client.get(link, follow=True)
+    assert form_page.status_code == 200
+    assert b'name="new_password1"' in form_page.content
+    set_password_url = form_page.redirect_chain[-1][0]
+    new_password = "granite-kettle-42-orbit"
+    done = client.post(
+        set_password_url, {"new_password1": new_password, "new_password2": new_password}
+    )
+    assert done["Location"] == "/accounts/reset/done/"
+    assert client.get(done["Location"]).status_code == 200
+
+    login = client.post(
+        "/accounts/login/", {"username": "reset@example.test", "password": new_password}
+    )
+    assert login.status_code == 302
+    assert SESSION_KEY in client.session
+
+
+def test_password_reset_for_an_unknown_email_sends_nothing(client, mailoutbox):
+    response = client.post("/accounts/password_reset/", {"email": "nobody@example.test"})
+
+    assert response["Location"] == "/accounts/password_reset/done/"
+    assert mailoutbox == []
+
+
+def test_a_used_reset_link_is_refused(client, mailoutbox):
+    UserFactory(username="reset@example.test", email="reset@example.test")
+    client.post("/accounts/password_reset/", {"email": "reset@example.test"})
+    link = re.search(r"http://testserver(/accounts/reset/\S+/)", mailoutbox[0].body).group(1)
+    set_password_url = client.get(link, follow=True).redirect_chain[-1][0]
+    client.post(
+        set_password_url,
+        {"new_password1": "granite-kettle-42-orbit", "new_password2": "granite-kettle-42-orbit"},
+    )
+
+    page = client.get(link, follow=True)
+
+    assert b"Link expired" in page.content
+    assert b'name="new_password1"' not in page.content
+
+
+def test_password_change_pages_render_for_a_logged_in_user(client):
+    client.force_login(UserFactory())
+
+    page = client.get("/accounts/password_change/")
+
+    assert page.status_code == 200
+    assert b'name="old_password"' in page.content
+    assert b"Change your password" in page.content
