@@ -1,3 +1,4 @@
+from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db import transaction
 from django.http import (
@@ -8,6 +9,7 @@ from django.http import (
     JsonResponse,
 )
 from django.shortcuts import get_object_or_404
+from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
@@ -56,33 +58,41 @@ def _member_tenant(request: HttpRequest, slug: str, roles: set[str]):
     return member.tenant, member.role in roles
 
 
+def _billing_page(request: HttpRequest, tenant) -> str:
+    return request.build_absolute_uri(reverse("dashboard:billing", args=[tenant.slug]))
+
+
 @login_required
 @require_POST
 def checkout(request: HttpRequest, tenant_slug: str, tier_slug: str) -> HttpResponse:
-    tenant, allowed = _member_tenant(request, tenant_slug, {MemberRole.OWNER, MemberRole.ADMIN})
+    """Owners only: the plan is what the tenant pays for."""
+    tenant, allowed = _member_tenant(request, tenant_slug, {MemberRole.OWNER})
     if not allowed:
-        return HttpResponseForbidden("Only owners and admins can change the plan.")
+        return HttpResponseForbidden("Only owners can change the plan.")
     tier = get_object_or_404(Tier, slug=tier_slug)
-    base = request.build_absolute_uri("/dashboard/")
-    url = checkout_start(
-        tenant=tenant,
-        tier=tier,
-        email=request.user.email,
-        success_url=f"{base}?checkout=success",
-        cancel_url=f"{base}?checkout=cancelled",
-    )
+    page = _billing_page(request, tenant)
+    try:
+        url = checkout_start(
+            tenant=tenant,
+            tier=tier,
+            email=request.user.email,
+            success_url=f"{page}?checkout=success",
+            cancel_url=f"{page}?checkout=cancelled",
+        )
+    except ValueError as exc:  # a plan with no Stripe price cannot be bought
+        messages.error(request, str(exc))
+        return HttpResponseRedirect(page, status=303)
     return HttpResponseRedirect(url, status=303)
 
 
 @login_required
 @require_POST
 def portal(request: HttpRequest, tenant_slug: str) -> HttpResponse:
-    tenant, allowed = _member_tenant(request, tenant_slug, {MemberRole.OWNER, MemberRole.ADMIN})
+    """Owners only: invoices, payment method and cancellation."""
+    tenant, allowed = _member_tenant(request, tenant_slug, {MemberRole.OWNER})
     if not allowed:
-        return HttpResponseForbidden("Only owners and admins can manage billing.")
+        return HttpResponseForbidden("Only owners can manage billing.")
     url = portal_start(
-        tenant=tenant,
-        email=request.user.email,
-        return_url=request.build_absolute_uri("/dashboard/"),
+        tenant=tenant, email=request.user.email, return_url=_billing_page(request, tenant)
     )
     return HttpResponseRedirect(url, status=303)

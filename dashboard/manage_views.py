@@ -1,22 +1,490 @@
-"""Admin pages of the dashboard: tokens, budgets and alerts, end-user tiers, billing, exports."""
+"""Admin pages of the dashboard: tokens, budgets and alerts, end-user tiers, billing, exports.
 
-from django.http import Http404
+Tenancy: every object is looked up with ``tenant=request.access.tenant``, so
+another tenant's id is a 404, the same as a missing one. Roles come from
+:func:`dashboard.access.tenant_view`: viewers read, admins manage, owners bill.
+"""
 
+from collections import defaultdict
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from django.conf import settings
+from django.contrib import messages
+from django.core.paginator import Paginator
+from django.db import transaction
+from django.db.models import F
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from billing.api import _batches_async, _queue_job
+from billing.exports import download_token, grouped_rows, rows
+from billing.models import ExportJob, TenantSubscription
 from dashboard.access import tenant_view
-from tenants.enums import MemberRole
+from dashboard.forms import (
+    BudgetCreateForm,
+    BudgetEditForm,
+    EndUserTierForm,
+    ExportForm,
+    TokenCreateForm,
+    tenant_zone,
+)
+from routing.engine.pricing import nanos_to_usd
+from routing.models import UsageEvent
+from tenants import services
+from tenants.budgets import DEFAULT_THRESHOLDS, period_bounds
+from tenants.enums import BudgetScope, MemberRole
+from tenants.models import (
+    ApiToken,
+    Budget,
+    BudgetAlert,
+    BudgetCounter,
+    EndUser,
+    EndUserTier,
+    Tenant,
+    Tier,
+)
+
+NEW_TOKEN_SESSION_KEY = "dashboard_new_token"  # noqa: S105 - a session key, not a secret
+ALERTS_PER_PAGE = 50
 
 
-def _todo(request, *args, **kwargs):
-    raise Http404
+def _page(request: HttpRequest, template: str, tab: str, context: dict, status: int = 200):
+    return render(
+        request,
+        f"dashboard/{template}",
+        {"access": request.access, "tab": tab, **context},
+        status=status,
+    )
 
 
-tokens = tenant_view(MemberRole.ADMIN)(_todo)
-token_revoke = tenant_view(MemberRole.ADMIN)(_todo)
-budgets = tenant_view()(_todo)
-budget_edit = tenant_view(MemberRole.ADMIN)(_todo)
-budget_delete = tenant_view(MemberRole.ADMIN)(_todo)
-billing = tenant_view(MemberRole.OWNER)(_todo)
-exports = tenant_view()(_todo)
-export_csv = tenant_view()(_todo)
-export_job = tenant_view()(_todo)
-end_user_set_tier = tenant_view(MemberRole.ADMIN)(_todo)
+def _forbidden(request: HttpRequest, needed: str) -> HttpResponse:
+    return render(
+        request,
+        "dashboard/forbidden.html",
+        {"access": request.access, "needed": MemberRole(needed).label},
+        status=403,
+    )
+
+
+# --- API tokens ------------------------------------------------------------------------
+
+
+@tenant_view(MemberRole.ADMIN)
+@require_http_methods(["GET", "POST"])
+def tokens(request: HttpRequest) -> HttpResponse:
+    """List and create tokens. A new token's raw value is shown on the next GET only."""
+    tenant = request.access.tenant
+    if request.method == "POST":
+        form = TokenCreateForm(request.POST, tenant=tenant)
+        if form.is_valid():
+            issued = services.token_create(
+                tenant=tenant,
+                name=form.cleaned_data["name"],
+                scopes=form.cleaned_data["scopes"],
+                expires_at=form.expires_at(),
+                acting_user=request.user,
+            )
+            request.session[NEW_TOKEN_SESSION_KEY] = {
+                "tenant_id": tenant.pk,
+                "token_id": issued.token.pk,
+                "raw": issued.raw,
+            }
+            messages.success(request, f"Token “{issued.token.name}” created.")
+            return redirect("dashboard:tokens", tenant.slug)
+    else:
+        form = TokenCreateForm(tenant=tenant)
+    # Popped whatever tenant it was made for: the raw value is never shown twice.
+    new = request.session.pop(NEW_TOKEN_SESSION_KEY, None)
+    if new is not None and new.get("tenant_id") != tenant.pk:
+        new = None
+    response = _page(
+        request,
+        "tokens.html",
+        "tokens",
+        {
+            "form": form,
+            "new_token": new,
+            "tokens": ApiToken.objects.filter(tenant=tenant).order_by("-created_at"),
+            "now": timezone.now(),
+        },
+    )
+    if new is not None:
+        add_never_cache_headers(response)
+    return response
+
+
+@tenant_view(MemberRole.ADMIN)
+@require_POST
+def token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
+    tenant = request.access.tenant
+    token = get_object_or_404(ApiToken, pk=token_id, tenant=tenant)
+    services.token_revoke(tenant=tenant, token=token, acting_user=request.user)
+    messages.success(request, f"Token “{token.name}” ({token.mask}) revoked.")
+    return redirect("dashboard:tokens", tenant.slug)
+
+
+# --- budgets and alerts ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetRow:
+    budget: Budget
+    subject: str
+    spent_nanos: int
+    per_subject: bool  # a tier budget: spent is the highest end user's, not a total
+    used_pct: int | None
+    thresholds: tuple[int, int, int]
+
+
+def _subject(budget: Budget) -> str:
+    if budget.scope == BudgetScope.TIER:
+        return f"Each end user of tier “{budget.tier.name}”"
+    if budget.scope == BudgetScope.END_USER:
+        return budget.end_user.external_id
+    if budget.scope == BudgetScope.TOKEN:
+        return f"{budget.token.name} ({budget.token.mask})"
+    return "Whole tenant"
+
+
+def _budget_rows(tenant: Tenant) -> list[BudgetRow]:
+    """Budgets with this period's spend, from the counters (one query for all of them)."""
+    budgets = list(
+        Budget.objects.filter(tenant=tenant)
+        .select_related("tier", "end_user", "token")
+        .order_by("scope", "period", "id")
+    )
+    now = timezone.now()
+    zone = tenant_zone(tenant).key
+    starts = {b.pk: period_bounds(b.period, now, zone)[0] for b in budgets}
+    spent: dict[int, list[int]] = defaultdict(list)
+    counters = BudgetCounter.objects.filter(
+        tenant=tenant, budget_id__in=starts, period_start__in=set(starts.values())
+    ).values_list("budget_id", "period_start", "spent_nanos")
+    for budget_id, period_start, amount in counters:
+        if period_start == starts[budget_id]:
+            spent[budget_id].append(amount)
+    result = []
+    for budget in budgets:
+        per_subject = budget.scope == BudgetScope.TIER
+        amounts = spent.get(budget.pk, [])
+        amount = (max(amounts) if per_subject else sum(amounts)) if amounts else 0
+        defaults = (
+            (budget.tier.warn_pct, budget.tier.degrade_pct, budget.tier.block_pct)
+            if budget.tier
+            else DEFAULT_THRESHOLDS
+        )
+        given = (budget.warn_pct, budget.degrade_pct, budget.block_pct)
+        thresholds = tuple(g if g is not None else d for g, d in zip(given, defaults, strict=True))
+        result.append(
+            BudgetRow(
+                budget=budget,
+                subject=_subject(budget),
+                spent_nanos=amount,
+                per_subject=per_subject,
+                used_pct=amount * 100 // budget.limit_nanos if budget.limit_nanos else None,
+                thresholds=thresholds,
+            )
+        )
+    return result
+
+
+def _alerts_page(request: HttpRequest, tenant: Tenant):
+    alerts = (
+        BudgetAlert.objects.filter(tenant=tenant)
+        .select_related("budget__tier", "budget__end_user", "budget__token")
+        .order_by("-created_at", "-id")
+    )
+    page = Paginator(alerts, ALERTS_PER_PAGE).get_page(request.GET.get("page"))
+    subject_ids = {a.subject_id for a in page if a.subject_id}
+    names = dict(
+        EndUser.objects.filter(tenant=tenant, pk__in=subject_ids).values_list("pk", "external_id")
+    )
+    for alert in page:
+        alert.subject = names.get(alert.subject_id) or _subject(alert.budget)
+    return page
+
+
+@tenant_view()
+@require_http_methods(["GET", "POST"])
+def budgets(request: HttpRequest) -> HttpResponse:
+    """Everyone reads budgets and alerts; admins and owners also create budgets here."""
+    access = request.access
+    tenant = access.tenant
+    form = None
+    if request.method == "POST":
+        if not access.can_manage:
+            return _forbidden(request, MemberRole.ADMIN)
+        form = BudgetCreateForm(request.POST, tenant=tenant)
+        if form.is_valid():
+            try:
+                services.budget_create(tenant=tenant, acting_user=request.user, **form.values())
+            except ValueError as exc:
+                form.add_error(None, str(exc))
+            else:
+                messages.success(request, "Budget created.")
+                return redirect("dashboard:budgets", tenant.slug)
+    elif access.can_manage:
+        form = BudgetCreateForm(tenant=tenant)
+    return _page(
+        request,
+        "budgets.html",
+        "budgets",
+        {
+            "form": form,
+            "rows": _budget_rows(tenant),
+            "alerts": _alerts_page(request, tenant),
+            "time_zone": tenant_zone(tenant).key,
+        },
+    )
+
+
+def _usd_input(nanos: int) -> str:
+    text = f"{nanos_to_usd(nanos):f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+@tenant_view(MemberRole.ADMIN)
+@require_http_methods(["GET", "POST"])
+def budget_edit(request: HttpRequest, budget_id: int) -> HttpResponse:
+    """Change a budget's limit and thresholds; the change is audited in the same transaction.
+
+    A plan's budget is kept in step with the plan by ``tenants.services.plan_apply``
+    and is read-only here: raising it would lift the plan's own spending cap.
+    """
+    tenant = request.access.tenant
+    budget = get_object_or_404(
+        Budget.objects.select_related("tier", "end_user", "token"), pk=budget_id, tenant=tenant
+    )
+    initial = {
+        "limit_usd": _usd_input(budget.limit_nanos),
+        "warn_pct": budget.warn_pct,
+        "degrade_pct": budget.degrade_pct,
+        "block_pct": budget.block_pct,
+    }
+    if request.method == "POST" and budget.from_plan:
+        messages.error(request, "This budget comes with the plan; change the plan instead.")
+        return redirect("dashboard:budgets", tenant.slug)
+    if request.method == "POST":
+        form = BudgetEditForm(request.POST, initial=initial)
+        if form.is_valid():
+            with transaction.atomic():
+                changes = {
+                    field: value
+                    for field, value in form.values().items()
+                    if getattr(budget, field) != value
+                }
+                if changes:
+                    for field, value in changes.items():
+                        setattr(budget, field, value)
+                    budget.save(update_fields=list(changes))
+                    services.audit_record(
+                        tenant=tenant,
+                        action="budget.update",
+                        target=str(budget.pk),
+                        acting_user=request.user,
+                        data=changes,
+                    )
+            messages.success(request, "Budget saved." if changes else "Nothing changed.")
+            return redirect("dashboard:budgets", tenant.slug)
+    else:
+        form = BudgetEditForm(initial=initial)
+    return _page(
+        request,
+        "budget_edit.html",
+        "budgets",
+        {"form": form, "budget": budget, "subject": _subject(budget)},
+    )
+
+
+@tenant_view(MemberRole.ADMIN)
+@require_POST
+def budget_delete(request: HttpRequest, budget_id: int) -> HttpResponse:
+    tenant = request.access.tenant
+    budget = get_object_or_404(Budget, pk=budget_id, tenant=tenant)
+    if budget.from_plan:
+        messages.error(request, "This budget comes with the plan; change the plan instead.")
+        return redirect("dashboard:budgets", tenant.slug)
+    with transaction.atomic():
+        services.audit_record(
+            tenant=tenant,
+            action="budget.delete",
+            target=str(budget.pk),
+            acting_user=request.user,
+            data={
+                "scope": budget.scope,
+                "period": budget.period,
+                "limit_nanos": budget.limit_nanos,
+            },
+        )
+        budget.delete()
+    messages.success(request, "Budget deleted.")
+    return redirect("dashboard:budgets", tenant.slug)
+
+
+# --- end users -------------------------------------------------------------------------
+
+
+@tenant_view(MemberRole.ADMIN)
+@require_POST
+def end_user_set_tier(request: HttpRequest, end_user_id: int) -> HttpResponse:
+    """Put an end user on one of this tenant's tiers (``tier`` = its id; empty = default)."""
+    tenant = request.access.tenant
+    end_user = get_object_or_404(
+        EndUser.objects.select_related("tier"), pk=end_user_id, tenant=tenant
+    )
+    form = EndUserTierForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "Pick a tier.")
+        return redirect("dashboard:end_users", tenant.slug)
+    tier_id = form.cleaned_data["tier"]
+    tier = get_object_or_404(EndUserTier, pk=tier_id, tenant=tenant) if tier_id else None
+    previous = end_user.tier
+    if (previous.pk if previous else None) != (tier.pk if tier else None):
+        with transaction.atomic():
+            end_user.tier = tier
+            end_user.save(update_fields=["tier"])
+            services.audit_record(
+                tenant=tenant,
+                action="end_user.tier",
+                target=end_user.external_id,
+                acting_user=request.user,
+                data={
+                    "from": previous.slug if previous else None,
+                    "to": tier.slug if tier else None,
+                },
+            )
+    label = f"tier “{tier.name}”" if tier else "the default tier"
+    messages.success(request, f"{end_user.external_id} is now on {label}.")
+    return redirect("dashboard:end_users", tenant.slug)
+
+
+# --- billing ---------------------------------------------------------------------------
+
+
+@tenant_view(MemberRole.OWNER)
+@require_GET
+def billing(request: HttpRequest) -> HttpResponse:
+    tenant = request.access.tenant
+    outcome = request.GET.get("checkout")
+    if outcome == "success":
+        messages.success(request, "Thank you: the new plan applies as soon as Stripe confirms it.")
+    elif outcome == "cancelled":
+        messages.info(request, "Checkout cancelled; your plan is unchanged.")
+    plans = Tier.objects.order_by(
+        "-is_default", F("monthly_budget_nanos").asc(nulls_last=True), "name"
+    )
+    return _page(
+        request,
+        "billing.html",
+        "billing",
+        {
+            "plan": tenant.tier,
+            "subscription": TenantSubscription.objects.filter(tenant=tenant)
+            .select_related("paid_tier")
+            .first(),
+            "plans": plans,
+        },
+    )
+
+
+# --- exports ---------------------------------------------------------------------------
+
+
+def _exports_page(request: HttpRequest, form: ExportForm, status: int = 200) -> HttpResponse:
+    jobs = ExportJob.objects.filter(tenant=request.access.tenant).order_by("-created_at")[:10]
+    return _page(
+        request,
+        "exports.html",
+        "exports",
+        {"form": form, "jobs": jobs, "time_zone": tenant_zone(request.access.tenant).key},
+        status=status,
+    )
+
+
+@tenant_view()
+@require_http_methods(["GET", "POST"])
+def exports(request: HttpRequest) -> HttpResponse:
+    """The export form: download now (a GET of ``export_csv``) or build the file in a job."""
+    tenant = request.access.tenant
+    if request.method == "GET":
+        return _exports_page(request, ExportForm(tenant=tenant))
+    form = ExportForm(request.POST, tenant=tenant)
+    if form.is_valid():
+        if request.POST.get("action") != "background":
+            url = reverse("dashboard:export_csv", args=[tenant.slug])
+            return redirect(f"{url}?{urlencode(form.query())}")
+        if form.cleaned_data["group_by"]:
+            form.add_error(
+                "group_by", "Background exports are per request; download grouped ones directly."
+            )
+        else:
+            start, end = form.bounds()
+            job = _queue_job(tenant.pk, start, end, form.cleaned_data["focus"])
+            messages.success(request, "Export queued.")
+            return redirect("dashboard:export_job", tenant.slug, job.pk)
+    return _exports_page(request, form)
+
+
+@tenant_view()
+@require_GET
+def export_csv(request: HttpRequest) -> HttpResponse:
+    """Stream the CSV with the API's own row writers (``billing.exports``), in constant memory."""
+    tenant = request.access.tenant
+    form = ExportForm(request.GET, tenant=tenant)
+    if not form.is_valid():
+        return _exports_page(request, form, status=400)
+    start, end = form.bounds()
+    group_by, focus = form.cleaned_data["group_by"], form.cleaned_data["focus"]
+    if group_by:
+        lines = grouped_rows(tenant_id=tenant.pk, start=start, end=end, group_by=group_by)
+    else:
+        count = UsageEvent.objects.filter(
+            tenant_id=tenant.pk, created_at__gte=start, created_at__lt=end
+        ).count()
+        if count > settings.CASCADEFLOW_EXPORT_SYNC_MAX_ROWS:
+            job = _queue_job(tenant.pk, start, end, focus)
+            messages.info(
+                request, f"{count:,} rows: too many to stream, so it runs in the background."
+            )
+            return redirect("dashboard:export_job", tenant.slug, job.pk)
+        lines = rows(tenant_id=tenant.pk, start=start, end=end, focus=focus)
+    under_asgi = hasattr(request, "scope")
+    response = StreamingHttpResponse(
+        _batches_async(lines) if under_asgi else lines, content_type="text/csv; charset=utf-8"
+    )
+    data = form.cleaned_data
+    suffix = f"-by-{group_by}" if group_by else ("-focus" if focus else "")
+    name = f"cascadeflow-{tenant.slug}-{data['start']:%Y%m%d}-{data['end']:%Y%m%d}{suffix}.csv"
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
+    return response
+
+
+@tenant_view()
+@require_GET
+def export_job(request: HttpRequest, job_id: int) -> HttpResponse:
+    job = get_object_or_404(ExportJob, pk=job_id, tenant=request.access.tenant)
+    download_url = None
+    if job.status == "done":
+        url = reverse("api-export-download", args=[job.pk])
+        download_url = f"{url}?{urlencode({'token': download_token(job.pk)})}"
+    if job.total_rows:
+        progress = min(100, job.rows_written * 100 // job.total_rows)
+    else:
+        progress = 100 if job.status == "done" else 0
+    return _page(
+        request,
+        "export_job.html",
+        "exports",
+        {
+            "job": job,
+            "progress": progress,
+            "download_url": download_url,
+            "link_minutes": settings.CASCADEFLOW_EXPORT_LINK_SECONDS // 60,
+            "refresh": job.status in ("queued", "running"),
+        },
+    )

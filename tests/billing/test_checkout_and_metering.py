@@ -62,15 +62,40 @@ def test_owner_checkout_redirects_to_stripe_and_reuses_the_customer(
     assert session["mode"] == "subscription"
 
 
-def test_portal_for_admins_only_and_never_for_another_tenant(
+def test_owner_checkout_returns_to_the_dashboard_billing_page(client, tenant, pro, fake_stripe):
+    login(client, tenant, MemberRole.OWNER)
+
+    client.post(f"/billing/{tenant.slug}/checkout/pro/")
+
+    session = fake_stripe.checkout_sessions[-1]
+    page = f"http://testserver/dashboard/t/{tenant.slug}/billing/"
+    assert session["success_url"] == f"{page}?checkout=success"
+    assert session["cancel_url"] == f"{page}?checkout=cancelled"
+
+
+def test_checkout_is_for_owners_only(client, tenant, pro, fake_stripe):
+    for role in (MemberRole.ADMIN, MemberRole.VIEWER):
+        login(client, tenant, role)
+        assert client.post(f"/billing/{tenant.slug}/checkout/pro/").status_code == 403
+    assert fake_stripe.checkout_sessions == []
+    assert not TenantSubscription.objects.filter(tenant=tenant).exists()
+
+
+def test_portal_for_owners_only_and_never_for_another_tenant(
     client, tenant, other_tenant, fake_stripe
 ):
-    login(client, tenant, MemberRole.ADMIN)
-    assert client.post(f"/billing/{tenant.slug}/portal/").status_code == 303
+    login(client, tenant, MemberRole.OWNER)
+    response = client.post(f"/billing/{tenant.slug}/portal/")
+    assert response.status_code == 303
+    assert fake_stripe.portal_sessions[-1]["return_url"] == (
+        f"http://testserver/dashboard/t/{tenant.slug}/billing/"
+    )
     assert client.post(f"/billing/{other_tenant.slug}/portal/").status_code == 404
 
-    login(client, tenant, MemberRole.VIEWER)
-    assert client.post(f"/billing/{tenant.slug}/portal/").status_code == 403
+    for role in (MemberRole.ADMIN, MemberRole.VIEWER):
+        login(client, tenant, role)
+        assert client.post(f"/billing/{tenant.slug}/portal/").status_code == 403
+    assert len(fake_stripe.portal_sessions) == 1
 
 
 def events(tenant, hours_ago, nanos, n=3):
