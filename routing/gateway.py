@@ -26,6 +26,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from cascadeflow_site.db import db
+from dashboard import live
 from routing.enforcement import (
     Enforcement,
     admit,
@@ -188,6 +189,7 @@ def _prepare_sync(
             "rate_limit_exceeded",
         )
         usage_event_record(entry=entry)
+        live.publish(entry)
         raise rate_limited_error(exc) from None
     gw = GatewayRequest(
         request_id,
@@ -206,6 +208,7 @@ def _prepare_sync(
         entry.error_code = "budget_exceeded"
         entry.latency_ms = int((time.perf_counter() - started) * 1000)
         usage_event_record(entry=entry)
+        live.publish(entry)
         raise blocked_error(enforcement)
     return gw
 
@@ -218,6 +221,7 @@ async def prepare(
     parse_error: GatewayError | None,
 ) -> GatewayRequest:
     """Authenticate first (401 beats 400), then resolve the target, end user and budgets."""
+    live.publisher.bind()
     return await _prepare_sync(
         bearer_token(authorization),
         chat,
@@ -296,6 +300,7 @@ async def record(gw: GatewayRequest, entry: LedgerEntry) -> None:
     entry.latency_ms = int((time.perf_counter() - gw.started) * 1000)
     # Shielded: a client that disconnects must not cancel its own ledger row.
     await asyncio.shield(_record_sync(entry, gw.ctx, gw.enforcement))
+    live.publish(entry)
 
 
 def _as_gateway_error(exc: UpstreamError) -> GatewayError:
