@@ -25,9 +25,10 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils.text import slugify
 
+from dashboard.manage_views import NEW_TOKEN_SESSION_KEY
 from tenants.enums import MemberRole
 from tenants.models import Member, Tenant
-from tenants.services import audit_record, tenant_create, tier_ensure_defaults
+from tenants.services import IssuedToken, audit_record, tenant_create, tier_ensure_defaults
 
 SLUG_MAX_LENGTH = Tenant._meta.get_field("slug").max_length
 NAME_MAX_LENGTH = Tenant._meta.get_field("name").max_length
@@ -47,6 +48,7 @@ class SignedUp:
     tenant: Tenant
     user: AbstractBaseUser
     new_user: bool
+    issued: IssuedToken
 
 
 def email_taken(email: str) -> bool:
@@ -106,9 +108,10 @@ def organisation_signup(
         # A concurrent sign-up may take the slug between the check and the insert.
         try:
             with transaction.atomic():
-                tenant = tenant_create(
+                created = tenant_create(
                     slug=slug_unique(base), name=name, tier=free, acting_user=acting_user
-                ).tenant
+                )
+                tenant = created.tenant
             break
         except IntegrityError:
             if attempt == SLUG_ATTEMPTS - 1:
@@ -121,7 +124,7 @@ def organisation_signup(
         acting_user=acting_user,
         data={"role": MemberRole.OWNER, "via": "signup", "new_user": new_user},
     )
-    return SignedUp(tenant=tenant, user=acting_user, new_user=new_user)
+    return SignedUp(tenant=tenant, user=acting_user, new_user=new_user, issued=created.issued)
 
 
 class SignupForm(forms.Form):
@@ -190,5 +193,11 @@ def signup(request: HttpRequest) -> HttpResponse:
         else:
             if done.new_user:
                 login(request, done.user)
-            return redirect("dashboard:overview", done.tenant.slug)
+            # The tenant's first API token, shown once on the tokens page.
+            request.session[NEW_TOKEN_SESSION_KEY] = {
+                "tenant_id": done.tenant.pk,
+                "token_id": done.issued.token.pk,
+                "raw": done.issued.raw,
+            }
+            return redirect("dashboard:tokens", done.tenant.slug)
     return render(request, "registration/signup.html", {"form": form})

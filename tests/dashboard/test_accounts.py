@@ -2,6 +2,7 @@ import re
 
 import pytest
 from django.contrib.auth import SESSION_KEY, get_user_model
+from django.utils import timezone
 
 from dashboard.accounts import slug_unique
 from tenants.enums import MemberRole
@@ -44,7 +45,7 @@ def test_signup_creates_user_tenant_owner_and_free_plan_and_logs_in(client):
     response = client.post("/accounts/signup/", signup_data())
 
     assert response.status_code == 302
-    assert response["Location"] == "/dashboard/t/acme-rockets/"
+    assert response["Location"] == "/dashboard/t/acme-rockets/tokens/"
     user = User.objects.get()
     assert user.username == "wile.e@example.test"
     assert user.email == "wile.e@example.test"
@@ -58,6 +59,13 @@ def test_signup_creates_user_tenant_owner_and_free_plan_and_logs_in(client):
     actions = set(AuditEvent.objects.filter(tenant=tenant).values_list("action", flat=True))
     assert {"tenant.create", "member.add"} <= actions
     assert AuditEvent.objects.get(tenant=tenant, action="tenant.create").actor == user
+    # The first API token is shown once, on the tokens page, and works.
+    from tenants.selectors import token_context_for_raw
+
+    page = client.get(response["Location"]).content.decode()
+    raw = re.search(r"cf_[A-Za-z0-9_\-]{20,}", page).group(0)
+    assert token_context_for_raw(raw=raw, now=timezone.now()).tenant_id == tenant.pk
+    assert raw not in client.get(response["Location"]).content.decode()
 
 
 def test_signup_logs_the_new_user_in_with_their_email(client):
@@ -120,7 +128,7 @@ def test_signup_suffixes_a_slug_that_is_taken(client):
 
     response = client.post("/accounts/signup/", signup_data())
 
-    assert response["Location"] == "/dashboard/t/acme-rockets-3/"
+    assert response["Location"] == "/dashboard/t/acme-rockets-3/tokens/"
     tenant = Tenant.objects.get(slug="acme-rockets-3")
     assert Member.objects.get(tenant=tenant, role=MemberRole.OWNER).user.username == (
         "wile.e@example.test"
@@ -155,7 +163,7 @@ def test_a_logged_in_user_creating_another_organisation_owns_both(client, tenant
     response = client.post("/accounts/signup/", {"organisation": "Second Org"})
 
     assert response.status_code == 302
-    assert response["Location"] == "/dashboard/t/second-org/"
+    assert response["Location"] == "/dashboard/t/second-org/tokens/"
     assert User.objects.count() == 1
     owned = Member.objects.filter(user=user, role=MemberRole.OWNER)
     assert sorted(owned.values_list("tenant__slug", flat=True)) == [tenant.slug, "second-org"]
