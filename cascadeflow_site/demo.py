@@ -3,6 +3,11 @@
 Runs on the embedded defaults (SQLite, in-memory channel layer, a filesystem
 Celery broker, offline demo models) unless ``DATABASE_URL`` / ``REDIS_URL``
 say otherwise. Ctrl-C stops everything it started.
+
+Once the server answers, a traffic simulator (``cascadeflow_site.traffic``)
+sends demo requests through the API in a background thread so the dashboard
+moves: ``CASCADEFLOW_DEMO_TRAFFIC=0`` turns it off,
+``CASCADEFLOW_DEMO_TRAFFIC_RATE`` sets its mean requests per second.
 """
 
 from __future__ import annotations
@@ -15,17 +20,25 @@ import time
 import urllib.request
 from pathlib import Path
 
+from cascadeflow_site import traffic
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+# Requests per second of the simulated traffic. Each request costs ~$0.0004 on the demo
+# models, so the demo tenant's monthly budget (sized to its history) fills within hours.
+DEFAULT_TRAFFIC_RATE = 0.1
 
 
-def run(*args: str) -> str:
+def run(*args: str, echo: bool = False) -> str:
+    """Run a management command; return its stdout (``echo``: show its stderr notes)."""
     result = subprocess.run(
         [PY, "manage.py", *args], cwd=ROOT, capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
         sys.stderr.write(result.stdout + result.stderr)
         raise SystemExit(f"manage.py {' '.join(args)} failed")
+    if echo:
+        sys.stderr.write(result.stderr)
     return result.stdout
 
 
@@ -74,11 +87,17 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cascadeflow_site.settings")
     port = int(os.environ.get("PORT", "8000"))
     run("migrate", "--no-input")
-    token = run("seed_demo").strip().splitlines()[-1]
+    print(
+        "Seeding the demo tenant (the first time: 30 days of usage history, ~30 s)...", flush=True
+    )
+    token = run("seed_demo", echo=True).strip().splitlines()[-1]
 
     procs: list[subprocess.Popen] = []
+    traffic_stop: list = []
 
     def stop(*_: object) -> None:
+        for event in traffic_stop:
+            event.set()
         for proc in procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -134,6 +153,21 @@ def main() -> None:
     procs.append(worker)
     wait_http(f"http://127.0.0.1:{port}/healthz", web)
     print(banner(port, token), flush=True)
+    if os.environ.get("CASCADEFLOW_DEMO_TRAFFIC", "1").strip().lower() in {"0", "false", "no"}:
+        print("Simulated traffic is off (CASCADEFLOW_DEMO_TRAFFIC=0).", flush=True)
+    else:
+        rate = float(os.environ.get("CASCADEFLOW_DEMO_TRAFFIC_RATE") or DEFAULT_TRAFFIC_RATE)
+        # A daemon thread: it never holds up the exit; stop() also tells it to finish.
+        _, event = traffic.start_in_background(
+            f"http://127.0.0.1:{port}", token, rate, log_every=50
+        )
+        traffic_stop.append(event)
+        print(
+            f"Simulated traffic: ~{rate:g} requests/s through the API as the demo end users "
+            "(CASCADEFLOW_DEMO_TRAFFIC=0 turns it off, CASCADEFLOW_DEMO_TRAFFIC_RATE sets the "
+            "rate).",
+            flush=True,
+        )
     while True:
         for proc in procs:
             if proc.poll() is not None:

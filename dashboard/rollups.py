@@ -192,6 +192,16 @@ def _locked_state(tenant: Tenant, tz: ZoneInfo) -> tuple[RollupState | None, boo
     return RollupState.objects.select_for_update().get(pk=state.pk), created
 
 
+def rollup_rebuild(tenant: Tenant, now: datetime | None = None) -> RollupResult:
+    """Drop the tenant's rollups and roll its whole ledger again (after a backfill or a
+    correction of past ledger rows, which the forward-only watermark would miss)."""
+    with transaction.atomic():
+        RollupState.objects.filter(tenant=tenant).delete()
+        HourlyUsage.objects.filter(tenant=tenant).delete()
+        DailyUsage.objects.filter(tenant=tenant).delete()
+        return rollup_tenant(tenant, now)
+
+
 def rollup_all(now: datetime | None = None) -> list[RollupResult]:
     results = []
     for tenant in Tenant.objects.filter(is_active=True).order_by("pk"):

@@ -1,0 +1,698 @@
+"""30 days of demo history, made of real cascades through the offline demo models.
+
+``generate`` gives the demo tenant a past: end-user tiers and end users,
+routing profiles, API keys for its apps, budgets, and a few thousand ledger
+rows spread over the last ``days`` days. Every row is a request of the demo
+mix (``cascadeflow_site.traffic.sample_request``) run exactly as the gateway
+runs a live one: the body is parsed by the gateway's parser, the target is
+resolved from the tenant's profiles, and the same ``CascadeAgent`` (same
+chain, preset, quality checks and demo models) drafts, judges and escalates;
+the ledger row is then built by the gateway's own helpers and written with
+``usage_event_record``, backdated. The demo models run instantly while
+seeding (``demo.latency_scale = 0``); each row records the latency the
+models would have had (their simulated first-token and per-token times).
+
+Deterministic: the same seed gives the same requests, answers and totals
+(timestamps follow ``now``). Idempotent: history rows carry a request-id
+prefix; a fresh history is kept, a stale one (or ``force``) is replaced,
+never duplicated. Afterwards the budget counters are recomputed from the
+ledger, so gauges and ledger agree to the nano-dollar.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from django.db import transaction
+from django.db.models import Max, Q, Sum
+from django.utils import timezone
+
+from cascadeflow_site import traffic
+from routing import gateway
+from routing.enforcement import worst_case_nanos
+from routing.engine.resilience import UpstreamError, classify
+from routing.enums import UsageStatus
+from routing.models import RoutingProfile, UsageEvent
+from routing.providers import demo
+from routing.schemas import parse_chat_request
+from routing.services import LedgerEntry, usage_event_record
+from routing.targets import Target, resolve_target
+from tenants.budgets import LEVELS, BudgetLine, Crossing, alerts_record, period_bounds
+from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope
+from tenants.models import (
+    ApiToken,
+    Budget,
+    BudgetAlert,
+    BudgetCounter,
+    EndUser,
+    EndUserTier,
+    Tenant,
+)
+from tenants.selectors import TokenContext
+from tenants.services import budget_create, token_create
+
+HISTORY_PREFIX = "req_hist_"
+DEFAULT_DAYS = 30
+DEFAULT_REQUESTS = 4000
+DEFAULT_SEED = 20_250_601
+# A history whose newest row is younger than this is kept as it is on re-runs.
+FRESH_FOR = timedelta(hours=24)
+CONCURRENCY = 8  # cascades in flight while seeding
+RATE_LIMITED_SHARE = 0.006  # of free-tier requests: refused with a 429, as the gateway records them
+
+END_USER_TIERS: dict[str, dict] = {
+    "free": {
+        "name": "Free",
+        "requests_per_minute": 20,
+        "tokens_per_minute": 40_000,
+        "is_default": True,
+    },
+    "pro": {"name": "Pro", "requests_per_minute": 300, "tokens_per_minute": 400_000},
+}
+PROFILES: dict[str, dict] = {
+    # The support bot: cheap first; medical questions start on the medium model.
+    "support": {
+        "preset": "cost_optimized",
+        "chain": ["demo/small", "demo/medium"],
+        "domain_routes": {"medical": {"chain": ["demo/medium", "demo/large"]}},
+    },
+    # The IDE plugin: strict, slightly relaxed after looking at its escalations.
+    "coding": {
+        "preset": "quality_first",
+        "chain": ["demo/small", "demo/medium", "demo/large"],
+        "threshold_offset": -0.1,
+    },
+}
+# Budget sizing (see _size_budgets): the tenant's month is on pace for ~95 % of its
+# budget, at most 85 % used so far; a free-tier end user has used at most 85 % of theirs.
+TENANT_PACE = 0.95
+MAX_USED_NOW = 0.85
+FREE_USER_PEAK = 0.85
+
+# Requests per hour of the day (tenant's local time), relative to the busiest hours.
+_HOURLY = (
+    0.06, 0.05, 0.05, 0.05, 0.06, 0.1, 0.2, 0.4, 0.75, 1.0, 1.0, 0.95,
+    0.8, 0.9, 1.0, 1.0, 0.9, 0.7, 0.5, 0.4, 0.35, 0.3, 0.2, 0.1,
+)  # fmt: skip
+_WEEKEND = 0.35
+_GROWTH = 0.25  # the last day is ~25 % busier than the first
+
+
+@dataclass
+class DemoSetup:
+    tenant: Tenant
+    tiers: dict[str, EndUserTier]
+    end_users: dict[str, EndUser]
+    tokens: dict[str, ApiToken]
+    profiles: list[RoutingProfile]
+
+
+@dataclass
+class HistoryReport:
+    skipped: bool = False
+    events: int = 0
+    ok: int = 0
+    escalated: int = 0
+    cost_nanos: int = 0
+    baseline_nanos: int = 0
+    engine_seconds: float = 0.0
+    seconds: float = 0.0
+    start: datetime | None = None
+    end: datetime | None = None
+    by_profile: dict[str, int] = field(default_factory=dict)
+    by_domain: dict[str, int] = field(default_factory=dict)
+    tenant_budget_nanos: int = 0
+    free_user_budget_nanos: int = 0
+
+    @property
+    def escalation_rate(self) -> float:
+        return self.escalated / self.ok if self.ok else 0.0
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"Demo history is fresh ({self.events} rows); kept as it is."
+        return (
+            f"Demo history: {self.events} requests over {self.start:%Y-%m-%d} .. "
+            f"{self.end:%Y-%m-%d}, {self.escalation_rate:.0%} escalated, "
+            f"${self.cost_nanos / 1e9:.2f} spent (${self.baseline_nanos / 1e9:.2f} on the "
+            f"strongest models), seeded in {self.seconds:.1f}s "
+            f"(cascades {self.engine_seconds:.1f}s)."
+        )
+
+
+# --- setup ---------------------------------------------------------------------------
+
+
+def ensure_demo_setup(tenant: Tenant, *, since: datetime | None = None) -> DemoSetup:
+    """End-user tiers, end users, profiles and app API keys of the demo tenant. Idempotent.
+
+    Existing rows are kept as they are (a developer's edits survive). ``since``
+    backdates what was just created so it predates the history.
+    """
+    tiers = {}
+    for slug, values in END_USER_TIERS.items():
+        tier, _ = EndUserTier.objects.get_or_create(tenant=tenant, slug=slug, defaults=values)
+        tiers[slug] = tier
+    end_users = {}
+    for external_id, tier_slug in traffic.END_USERS:
+        end_user, _ = EndUser.objects.get_or_create(
+            tenant=tenant, external_id=external_id, defaults={"tier": tiers[tier_slug]}
+        )
+        end_users[external_id] = end_user
+    profiles = []
+    for name, values in PROFILES.items():
+        profile, _ = RoutingProfile.objects.get_or_create(tenant=tenant, name=name, defaults=values)
+        profiles.append(profile)
+    tokens = {}
+    for name in dict.fromkeys(app.token_name for app in traffic.APPS):
+        token = ApiToken.objects.filter(tenant=tenant, name=name, revoked_at__isnull=True).first()
+        if token is None:  # its raw value is never needed: history is written directly
+            token = token_create(tenant=tenant, name=name, scopes=ALL_SCOPES).token
+        tokens[name] = token
+    if since is not None:
+        for model, rows in (
+            (EndUser, end_users.values()),
+            (ApiToken, tokens.values()),
+            (RoutingProfile, profiles),
+            (EndUserTier, tiers.values()),
+        ):
+            model.objects.filter(pk__in=[r.pk for r in rows], created_at__gt=since).update(
+                created_at=since
+            )
+        Tenant.objects.filter(pk=tenant.pk, created_at__gt=since).update(created_at=since)
+    return DemoSetup(tenant, tiers, end_users, tokens, profiles)
+
+
+def _context(tenant: Tenant, token: ApiToken) -> TokenContext:
+    """What the gateway resolves from this token (tenant, plan, budgets, tiers)."""
+    tier = tenant.tier
+    return TokenContext(
+        token_id=token.pk,
+        tenant_id=tenant.pk,
+        tenant_slug=tenant.slug,
+        scopes=frozenset(token.scopes),
+        tenant_allowed_models=tuple(tenant.allowed_models or ()),
+        tier_allowed_models=tuple((tier.allowed_models if tier else None) or ()),
+        last_used_at=None,
+        token_mask=token.mask,
+        time_zone=tenant.time_zone,
+        has_budgets=Budget.objects.filter(tenant=tenant).exists(),
+        has_end_user_tiers=EndUserTier.objects.filter(tenant=tenant).exists(),
+    )
+
+
+# --- the shape of a month -------------------------------------------------------------
+
+
+def arrival_times(
+    *, n: int, start: datetime, end: datetime, time_zone: str, rng: random.Random
+) -> list[datetime]:
+    """``n`` sorted instants in [start, end): business hours busy, weekends light, growing."""
+    tz = ZoneInfo(time_zone or "UTC")
+    hours: list[datetime] = []
+    weights: list[float] = []
+    span = (end - start).total_seconds()
+    at = start
+    day_noise: dict = {}
+    while at < end:
+        local = at.astimezone(tz)
+        noise = day_noise.setdefault(local.date(), rng.lognormvariate(0, 0.12))
+        weight = _HOURLY[local.hour] * (_WEEKEND if local.weekday() >= 5 else 1.0)
+        weight *= (1 + _GROWTH * (at - start).total_seconds() / span) * noise
+        weight *= min(1.0, (end - at).total_seconds() / 3600)  # the hour in progress
+        hours.append(at)
+        weights.append(weight)
+        at += timedelta(hours=1)
+    cumulative = []
+    total = 0.0
+    for w in weights:
+        total += w
+        cumulative.append(total)
+    picks = rng.choices(range(len(hours)), cum_weights=cumulative, k=n)
+    times = []
+    for index in picks:
+        hour_start = hours[index]
+        length = min(3600.0, (end - hour_start).total_seconds())
+        times.append(hour_start + timedelta(seconds=rng.random() * length))
+    return sorted(times)
+
+
+# --- running the cascades --------------------------------------------------------------
+
+
+@dataclass
+class _Planned:
+    index: int
+    at: datetime
+    request: traffic.DemoRequest
+    rate_limited: bool
+
+
+def _simulated_latency(entry: LedgerEntry, rng: random.Random) -> int:
+    """The latency the demo models would have had (they ran instantly while seeding)."""
+    total = 0
+    for attempt in entry.attempts:
+        model = demo.DEMO_MODELS.get(attempt.model.removeprefix(f"{demo.PROVIDER}/"))
+        if model is None:
+            total += attempt.latency_ms
+            continue
+        ms = model.first_token_ms + model.per_token_ms * attempt.completion_tokens
+        attempt.latency_ms = int(ms * rng.uniform(0.85, 1.3))
+        total += attempt.latency_ms
+    return total + rng.randint(3, 18)  # the gateway's own time
+
+
+async def _cascade(gw: gateway.GatewayRequest, entry: LedgerEntry) -> None:
+    """What ``routing.gateway.complete`` / ``stream`` do between admission and the ledger."""
+    agent = gw.agent()
+    try:
+        if gw.chat.stream:
+            cascade = await agent.stream(gw.chat.messages, gateway._params(gw))
+            async for _ in cascade.chunks():
+                pass
+            assert cascade.result is not None
+            gateway._fill(entry, cascade.result)
+            if cascade.failure is not None:
+                failure = classify(cascade.failure)
+                entry.status, entry.error_code = UsageStatus.UPSTREAM_ERROR, failure.code
+        else:
+            result = await agent.run(gw.chat.messages, gateway._params(gw))
+            gateway._fill(entry, result)
+    except UpstreamError as exc:
+        error = gateway._as_gateway_error(exc)
+        entry.attempts = list(exc.attempts)
+        entry.status = UsageStatus.UPSTREAM_ERROR
+        entry.http_status = error.status
+        entry.error_code = error.code or ""
+
+
+def _run_cascades(
+    planned: list[_Planned],
+    *,
+    tenant: Tenant,
+    setup: DemoSetup,
+    seed: int,
+) -> tuple[list[LedgerEntry], int]:
+    """Run every planned request; also return the largest worst case admission would reserve."""
+    contexts = {name: _context(tenant, token) for name, token in setup.tokens.items()}
+    targets: dict[tuple[str, str], Target] = {}
+    jobs = []
+    worst = 0
+    for item in planned:
+        request = item.request
+        ctx = contexts[request.token_name]
+        chat = parse_chat_request(json.dumps(request.body).encode())
+        key = (request.token_name, chat.model)
+        if key not in targets:
+            targets[key] = resolve_target(ctx, chat.model)
+        target = targets[key]
+        worst = max(worst, worst_case_nanos(target.chain, chat, target.preset))
+        end_user = setup.end_users[request.user]
+        gw = gateway.GatewayRequest(
+            request_id=history_request_id(tenant, item.index),
+            ctx=ctx,
+            chat=chat,
+            target=targets[key],
+            end_user_id=end_user.pk,
+            received_at=item.at,
+            started=0.0,
+        )
+        jobs.append((item, gw))
+
+    async def one(
+        item: _Planned, gw: gateway.GatewayRequest, slots: asyncio.Semaphore
+    ) -> LedgerEntry:
+        entry = gateway._entry(gw)
+        if item.rate_limited:
+            entry.status, entry.http_status = UsageStatus.RATE_LIMITED, 429
+            entry.error_code = "rate_limit_exceeded"
+            return entry
+        async with slots:
+            await _cascade(gw, entry)
+        return entry
+
+    async def run_all() -> list[LedgerEntry]:
+        # A few at a time: the demo models are deterministic, so overlap changes no answer.
+        slots = asyncio.Semaphore(CONCURRENCY)
+        return list(await asyncio.gather(*(one(item, gw, slots) for item, gw in jobs)))
+
+    previous = demo.latency_scale
+    demo.latency_scale = 0.0  # instant models while seeding; latency is recorded as simulated
+    try:
+        entries = asyncio.run(run_all())
+    finally:
+        demo.latency_scale = previous
+    latency_rng = random.Random(seed + 2)  # noqa: S311 - demo data, not security
+    for entry in entries:
+        if entry.status != UsageStatus.RATE_LIMITED:
+            entry.latency_ms = _simulated_latency(entry, latency_rng)
+    return entries, worst
+
+
+# --- budgets ---------------------------------------------------------------------------
+
+
+def _nice_up(nanos: float) -> int:
+    """Round up to two significant digits of a dollar amount (never 0)."""
+    value = max(math.ceil(nanos), 10**7)  # at least a cent
+    step = 10 ** (len(str(value)) - 2)
+    return -(-value // step) * step
+
+
+def _period_key(period: str, at: datetime, time_zone: str) -> datetime:
+    return period_bounds(period, at, time_zone)[0]
+
+
+def _size_budgets(
+    entries: list[LedgerEntry],
+    *,
+    tenant: Tenant,
+    setup: DemoSetup,
+    now: datetime,
+    worst: int,
+) -> tuple[Budget, Budget]:
+    """Create or resize the tenant's monthly budget and the free tier's per-user budget.
+
+    The tenant's month is on pace for ~95 % of its budget. Admission reserves a
+    request's worst case (every model of the chain at its output cap), so each
+    limit also leaves room for the largest worst case (``worst``) above the
+    highest spend of any period: no history request would have been degraded.
+    """
+    tz = tenant.time_zone
+    month_start, month_end = period_bounds(BudgetPeriod.MONTH, now, tz)
+    spend_by_month: dict[datetime, int] = defaultdict(int)
+    free_ids = {eu.pk for eu in setup.end_users.values() if eu.tier_id == setup.tiers["free"].pk}
+    free_by_user_month: dict[tuple[int, datetime], int] = defaultdict(int)
+    week_ago = now - timedelta(days=7)
+    last_week = 0
+    for entry in entries:
+        key = _period_key(BudgetPeriod.MONTH, entry.created_at, tz)
+        spend_by_month[key] += entry.cost_nanos
+        if entry.end_user_id in free_ids:
+            free_by_user_month[(entry.end_user_id, key)] += entry.cost_nanos
+        if entry.created_at >= week_ago:
+            last_week += entry.cost_nanos
+    to_date = spend_by_month.get(month_start, 0)
+    remaining_days = (month_end - now).total_seconds() / 86400
+    projected = to_date + last_week / 7 * remaining_days
+    earlier = max((v for k, v in spend_by_month.items() if k != month_start), default=0)
+    tenant_limit = _nice_up(
+        max(
+            projected / TENANT_PACE,
+            to_date / MAX_USED_NOW,
+            earlier / MAX_USED_NOW,
+            max(to_date, earlier) + worst,
+        )
+    )
+    tenant_budget = (
+        Budget.objects.filter(
+            tenant=tenant, scope=BudgetScope.TENANT, period=BudgetPeriod.MONTH, from_plan=False
+        )
+        .order_by("pk")
+        .first()
+    )
+    if tenant_budget is None:
+        tenant_budget = budget_create(
+            tenant=tenant,
+            scope=BudgetScope.TENANT,
+            period=BudgetPeriod.MONTH,
+            limit_nanos=tenant_limit,
+        )
+    else:
+        Budget.objects.filter(pk=tenant_budget.pk).update(limit_nanos=tenant_limit)
+        tenant_budget.limit_nanos = tenant_limit
+    peak = max(free_by_user_month.values(), default=0)
+    free_limit = _nice_up(max(peak / FREE_USER_PEAK, peak + worst))
+    free_budget = Budget.objects.filter(
+        tenant=tenant,
+        scope=BudgetScope.TIER,
+        tier=setup.tiers["free"],
+        period=BudgetPeriod.MONTH,
+    ).first()
+    if free_budget is None:
+        free_budget = budget_create(
+            tenant=tenant,
+            scope=BudgetScope.TIER,
+            period=BudgetPeriod.MONTH,
+            limit_nanos=free_limit,
+            tier=setup.tiers["free"],
+        )
+    else:
+        Budget.objects.filter(pk=free_budget.pk).update(limit_nanos=free_limit)
+        free_budget.limit_nanos = free_limit
+    return tenant_budget, free_budget
+
+
+def _line(budget: Budget, subject_id: int, thresholds: tuple[int, int, int]) -> BudgetLine:
+    warn, degrade, block = (
+        budget.warn_pct if budget.warn_pct is not None else thresholds[0],
+        budget.degrade_pct if budget.degrade_pct is not None else thresholds[1],
+        budget.block_pct if budget.block_pct is not None else thresholds[2],
+    )
+    return BudgetLine(
+        budget.pk, budget.scope, budget.period, budget.limit_nanos, subject_id,
+        warn, degrade, block, "",
+    )  # fmt: skip
+
+
+def _replay_budget_status(
+    entries: list[LedgerEntry],
+    *,
+    tenant: Tenant,
+    setup: DemoSetup,
+    budgets: tuple[Budget, Budget],
+) -> list[tuple[Crossing, datetime]]:
+    """Set each row's ``budget_status`` as admission would have, and collect threshold crossings.
+
+    Replays spend in time order over the budgets sized above (the tenant's
+    month, each free end user's month).
+    """
+    tenant_budget, free_budget = budgets
+    free = setup.tiers["free"]
+    free_ids = {eu.pk for eu in setup.end_users.values() if eu.tier_id == free.pk}
+    tier_thresholds = (free.warn_pct, free.degrade_pct, free.block_pct)
+    spent: dict[tuple[int, int, datetime], int] = defaultdict(int)
+    crossings: list[tuple[Crossing, datetime]] = []
+    for entry in entries:
+        lines = [_line(tenant_budget, 0, (80, 90, 100))]
+        if entry.end_user_id in free_ids:
+            lines.append(_line(free_budget, entry.end_user_id or 0, tier_thresholds))
+        decision = "allow"
+        for line in lines:
+            start = _period_key(line.period, entry.created_at, tenant.time_zone)
+            key = (line.budget_id, line.subject_id, start)
+            before = spent[key]
+            level = line.level(before)
+            if LEVELS.index(level) > LEVELS.index(decision):
+                decision = level
+            after = before + entry.cost_nanos
+            spent[key] = after
+            for name, pct in (("warn", line.warn_pct), ("degrade", line.degrade_pct)):
+                if before < line.limit_nanos * pct / 100 <= after:
+                    crossing = Crossing(
+                        line.budget_id, line.subject_id, start, name, after, line.limit_nanos
+                    )
+                    crossings.append((crossing, entry.created_at))
+        entry.budget_status = decision
+    return crossings
+
+
+def budget_counters_recompute(
+    *, tenant: Tenant, now: datetime, since: datetime | None = None
+) -> int:
+    """Set every budget counter's ``spent_nanos`` to the ledger's sum for its period.
+
+    For the current period of each of the tenant's budgets and, with
+    ``since``, every earlier period back to it. Subjects follow
+    ``tenants.budgets.applicable_budgets``: a tier budget counts each end user
+    of the tier (its default tier for end users without one) unless the end
+    user has an own budget of the same period. Reserved amounts are left
+    alone. Returns the number of counters written.
+    """
+    tz = tenant.time_zone
+    budgets = list(Budget.objects.filter(tenant=tenant).select_related("tier"))
+    own_periods: dict[int, set[str]] = defaultdict(set)
+    for budget in budgets:
+        if budget.scope == BudgetScope.END_USER and budget.end_user_id:
+            own_periods[budget.end_user_id].add(budget.period)
+    written = 0
+    for budget in budgets:
+        for start, end in _periods(budget.period, since or now, now, tz):
+            rows = UsageEvent.objects.filter(tenant=tenant, created_at__gte=start)
+            if end is not None:
+                rows = rows.filter(created_at__lt=end)
+            sums: dict[int, int] = {}
+            if budget.scope == BudgetScope.TENANT:
+                sums[0] = rows.aggregate(s=Sum("cost_nanos"))["s"] or 0
+            elif budget.scope == BudgetScope.TOKEN:
+                sums[0] = rows.filter(token_id=budget.token_id).aggregate(s=Sum("cost_nanos"))["s"]
+            elif budget.scope == BudgetScope.END_USER:
+                sums[0] = rows.filter(end_user_id=budget.end_user_id).aggregate(
+                    s=Sum("cost_nanos")
+                )["s"]
+            else:
+                members = Q(tier_id=budget.tier_id)
+                if budget.tier is not None and budget.tier.is_default:
+                    members |= Q(tier__isnull=True)
+                subjects = [
+                    pk
+                    for pk in EndUser.objects.filter(members, tenant=tenant).values_list(
+                        "pk", flat=True
+                    )
+                    if budget.period not in own_periods.get(pk, ())
+                ]
+                per_user = (
+                    rows.filter(end_user_id__in=subjects)
+                    .values("end_user_id")
+                    .annotate(s=Sum("cost_nanos"))
+                )
+                sums = {r["end_user_id"]: r["s"] or 0 for r in per_user}
+                existing = BudgetCounter.objects.filter(budget=budget, period_start=start)
+                for subject_id in existing.values_list("subject_id", flat=True):
+                    sums.setdefault(subject_id, 0)
+            for subject_id, spent in sums.items():
+                BudgetCounter.objects.update_or_create(
+                    budget=budget,
+                    subject_id=subject_id,
+                    period_start=start,
+                    defaults={"tenant": tenant, "period_end": end, "spent_nanos": spent or 0},
+                )
+                written += 1
+    return written
+
+
+def _periods(period: str, since: datetime, now: datetime, tz: str):
+    start, end = period_bounds(period, since, tz)
+    yield start, end
+    while end is not None and end <= now:
+        start, end = period_bounds(period, end, tz)
+        yield start, end
+
+
+def _record_alerts(
+    tenant: Tenant, budgets: tuple[Budget, ...], crossings: list[tuple[Crossing, datetime]]
+) -> None:
+    # The budgets were just resized: their earlier alerts no longer match their limits.
+    BudgetAlert.objects.filter(tenant=tenant, budget__in=budgets).delete()
+    for crossing, at in crossings:
+        ids = alerts_record(tenant_id=tenant.pk, crossings=[crossing])
+        BudgetAlert.objects.filter(pk__in=ids).update(created_at=at, emailed_at=at, webhook_at=None)
+
+
+# --- the generator ------------------------------------------------------------------------
+
+
+def history_mix(requests: int, seed: int) -> list[tuple[traffic.DemoRequest, bool]]:
+    """The history's requests in time order, each with whether a rate limit refused it.
+
+    Depends on ``requests`` and ``seed`` only (not on the time), so the same
+    seed gives the same answers and totals whenever it runs.
+    """
+    rng = random.Random(seed)  # noqa: S311 - demo data, not security
+    mix = [traffic.sample_request(rng) for _ in range(requests)]
+    free_users = {user for user, tier in traffic.END_USERS if tier == "free"}
+    return [(r, r.user in free_users and rng.random() < RATE_LIMITED_SHARE) for r in mix]
+
+
+def history_request_id(tenant: Tenant, index: int) -> str:
+    return f"{HISTORY_PREFIX}{tenant.pk}_{index:06d}"
+
+
+def _rollup(tenant: Tenant, now: datetime) -> None:
+    """Rebuild the tenant's dashboard rollups: the history just replaced lies behind
+    their watermark, which only moves forward."""
+    from dashboard import rollups
+
+    rollups.rollup_rebuild(tenant, now)
+
+
+def history_rows(tenant: Tenant):
+    return UsageEvent.objects.filter(tenant=tenant, request_id__startswith=HISTORY_PREFIX)
+
+
+def generate(
+    tenant: Tenant,
+    *,
+    days: int = DEFAULT_DAYS,
+    requests: int = DEFAULT_REQUESTS,
+    seed: int = DEFAULT_SEED,
+    now: datetime | None = None,
+    force: bool = False,
+) -> HistoryReport:
+    """Write ``requests`` requests of history over the ``days`` days ending ``now``.
+
+    Skipped when the tenant's history is fresh (its newest row younger than
+    ``FRESH_FOR``) unless ``force``; otherwise the previous history rows are
+    replaced (live rows are never touched).
+    """
+    started = time.perf_counter()
+    now = now or timezone.now()
+    existing = history_rows(tenant)
+    newest = existing.aggregate(m=Max("created_at"))["m"]
+    if newest is not None and not force and newest >= now - FRESH_FOR:
+        return HistoryReport(skipped=True, events=existing.count())
+    start = now - timedelta(days=days)
+    with transaction.atomic():
+        setup = ensure_demo_setup(tenant, since=start - timedelta(days=1))
+        mix = history_mix(requests, seed)
+        times = arrival_times(
+            n=requests,
+            start=start,
+            end=now,
+            time_zone=tenant.time_zone,
+            rng=random.Random(seed + 1),  # noqa: S311 - demo data, not security
+        )
+        planned = [
+            _Planned(i, at, request, limited)
+            for i, (at, (request, limited)) in enumerate(zip(times, mix, strict=True))
+        ]
+        engine_started = time.perf_counter()
+        entries, worst = _run_cascades(planned, tenant=tenant, setup=setup, seed=seed)
+        engine_seconds = time.perf_counter() - engine_started
+
+        existing.delete()
+        budgets = _size_budgets(entries, tenant=tenant, setup=setup, now=now, worst=worst)
+        crossings = _replay_budget_status(entries, tenant=tenant, setup=setup, budgets=budgets)
+        for entry in entries:
+            usage_event_record(entry=entry)
+        last_used: dict[int, datetime] = {}
+        for entry in entries:
+            if entry.token_id is not None:
+                last_used[entry.token_id] = entry.created_at
+        for token_id, at in last_used.items():
+            ApiToken.objects.filter(pk=token_id).update(last_used_at=at)
+        budget_counters_recompute(tenant=tenant, now=now, since=start)
+        _record_alerts(tenant, budgets, crossings)
+
+    _rollup(tenant, now)
+
+    report = HistoryReport(
+        events=len(entries),
+        engine_seconds=engine_seconds,
+        start=start,
+        end=now,
+        tenant_budget_nanos=budgets[0].limit_nanos,
+        free_user_budget_nanos=budgets[1].limit_nanos,
+    )
+    by_profile: dict[str, int] = defaultdict(int)
+    by_domain: dict[str, int] = defaultdict(int)
+    for entry in entries:
+        if entry.status == UsageStatus.OK:
+            report.ok += 1
+            report.escalated += entry.escalated
+        report.cost_nanos += entry.cost_nanos
+        report.baseline_nanos += entry.baseline_cost_nanos
+        by_profile[entry.profile or entry.requested_model] += 1
+        if entry.domain:
+            by_domain[entry.domain] += 1
+    report.by_profile, report.by_domain = dict(by_profile), dict(by_domain)
+    report.seconds = time.perf_counter() - started
+    return report

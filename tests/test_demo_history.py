@@ -1,0 +1,293 @@
+"""The demo's past (30 days of real cascades) and its present (the traffic simulator)."""
+
+import json
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from asgiref.sync import sync_to_async
+from django.core.management import call_command
+from django.db.models import Sum
+from django.test import AsyncClient
+
+from cascadeflow_site import demo_history, traffic
+from routing.enums import UsageStatus
+from routing.models import RoutingProfile, UsageEvent
+from tenants.budgets import period_bounds
+from tenants.enums import BudgetScope
+from tenants.models import Budget, BudgetCounter, EndUser, Tenant
+from tenants.services import tenant_create, tier_ensure_defaults, token_create
+from tests.live_server import free_port
+
+NOW = datetime(2025, 3, 20, 15, 30, tzinfo=UTC)  # a Thursday afternoon
+DAYS = 6
+REQUESTS = 240
+
+
+def make_tenant(slug="demo-history"):
+    tier_ensure_defaults()
+    return tenant_create(slug=slug, monthly_budget_nanos=250 * 10**9).tenant
+
+
+@pytest.fixture
+def history(db):
+    tenant = make_tenant()
+    report = demo_history.generate(tenant, days=DAYS, requests=REQUESTS, now=NOW)
+    return tenant, report
+
+
+def totals(tenant):
+    rows = UsageEvent.objects.filter(tenant=tenant)
+    agg = rows.aggregate(cost=Sum("cost_nanos"), baseline=Sum("baseline_cost_nanos"))
+    return (
+        rows.count(),
+        rows.filter(escalated=True).count(),
+        agg["cost"],
+        agg["baseline"],
+        sorted(Counter(rows.values_list("model", flat=True)).items()),
+    )
+
+
+def test_history_is_cascades_spread_over_the_days(history):
+    tenant, report = history
+    rows = UsageEvent.objects.filter(tenant=tenant)
+    assert rows.count() == REQUESTS == report.events
+    times = list(rows.values_list("created_at", flat=True))
+    assert min(times) >= NOW - timedelta(days=DAYS) and max(times) < NOW
+    assert len({t.date() for t in times}) >= DAYS
+    # Business hours are busier than nights.
+    hours = Counter(t.hour for t in times)
+    assert sum(hours[h] for h in range(9, 17)) > 3 * sum(hours[h] for h in range(0, 6))
+
+    ok = rows.filter(status=UsageStatus.OK)
+    assert ok.count() >= REQUESTS * 0.97
+    escalated = ok.filter(escalated=True).count()
+    assert 0.1 * ok.count() <= escalated <= 0.45 * ok.count()
+    assert not ok.filter(cost_nanos__lte=0).exists()
+    assert not ok.filter(latency_ms__lt=100).exists()  # the demo models' simulated latency
+    assert {"demo/small", "demo/medium", "demo/large"} <= set(ok.values_list("model", flat=True))
+    # The cascade explains itself: judged drafts carry their check.
+    row = ok.filter(escalated=True).first()
+    assert row.attempts[0]["decision"] == "escalated" and row.attempts[0]["check"]["reasons"]
+    assert len(row.models_called) >= 2
+
+    profiles = set(rows.values_list("profile", flat=True))
+    assert {"cascade/support", "cascade/coding", "cascade/balanced"} <= profiles
+    assert len(set(ok.exclude(domain="").values_list("domain", flat=True))) >= 3
+    tiers = set(EndUser.objects.filter(usageevent__in=rows).values_list("tier__slug", flat=True))
+    assert tiers == {"free", "pro"}
+    assert RoutingProfile.objects.filter(tenant=tenant).count() >= 2
+    assert report.escalated == escalated and report.cost_nanos == sum(
+        rows.values_list("cost_nanos", flat=True)
+    )
+
+
+def test_history_is_deterministic_and_never_duplicated(history):
+    tenant, _ = history
+    first = totals(tenant)
+
+    again = demo_history.generate(tenant, days=DAYS, requests=REQUESTS, now=NOW)
+    assert again.skipped
+    assert totals(tenant) == first
+
+    # Replaced (stale, or forced): the same requests, answers and totals, not twice as many.
+    demo_history.generate(tenant, days=DAYS, requests=REQUESTS, now=NOW + timedelta(days=3))
+    assert totals(tenant) == first
+
+    other = make_tenant("demo-history-2")
+    demo_history.generate(other, days=DAYS, requests=REQUESTS, now=NOW, force=True)
+    assert totals(other) == first
+
+
+def test_live_rows_survive_a_history_refresh(history):
+    tenant, _ = history
+    live = UsageEvent.objects.filter(tenant=tenant).first()
+    UsageEvent.objects.filter(pk=live.pk).update(request_id="req_live")
+    demo_history.generate(tenant, days=DAYS, requests=REQUESTS, now=NOW, force=True)
+    assert UsageEvent.objects.filter(tenant=tenant, request_id="req_live").exists()
+    assert UsageEvent.objects.filter(tenant=tenant).count() == REQUESTS + 1
+
+
+def test_budget_counters_equal_the_ledger_for_the_current_period(history):
+    tenant, report = history
+    budgets = {b.scope: b for b in Budget.objects.filter(tenant=tenant)}
+    assert set(budgets) == {BudgetScope.TENANT, BudgetScope.TIER}
+    tenant_budget, free_budget = budgets[BudgetScope.TENANT], budgets[BudgetScope.TIER]
+    assert free_budget.tier.slug == "free"
+    start, end = period_bounds(tenant_budget.period, NOW, tenant.time_zone)
+    in_period = UsageEvent.objects.filter(tenant=tenant, created_at__gte=start, created_at__lt=end)
+
+    counter = BudgetCounter.objects.get(budget=tenant_budget, period_start=start)
+    spent = in_period.aggregate(s=Sum("cost_nanos"))["s"]
+    assert counter.spent_nanos == spent > 0 and counter.reserved_nanos == 0
+    # Sized so the month is on pace for about its budget, and not blocked yet.
+    assert spent < tenant_budget.limit_nanos
+    assert report.tenant_budget_nanos == tenant_budget.limit_nanos
+
+    free_users = EndUser.objects.filter(tenant=tenant, tier__slug="free")
+    counters = {
+        c.subject_id: c.spent_nanos
+        for c in BudgetCounter.objects.filter(budget=free_budget, period_start=start)
+    }
+    expected = {
+        u.pk: in_period.filter(end_user=u).aggregate(s=Sum("cost_nanos"))["s"] or 0
+        for u in free_users
+        if in_period.filter(end_user=u).exists()
+    }
+    assert counters == expected and expected
+    assert max(expected.values()) < free_budget.limit_nanos
+    assert not BudgetCounter.objects.filter(budget=free_budget).exclude(
+        subject_id__in=free_users.values_list("pk", flat=True)
+    )
+
+    # A live request settled later keeps them equal; a recompute changes nothing.
+    demo_history.budget_counters_recompute(tenant=tenant, now=NOW)
+    assert BudgetCounter.objects.get(pk=counter.pk).spent_nanos == spent
+
+
+def test_seed_demo_prints_the_token_last_and_keeps_a_fresh_history(db, capsys):
+    args = ["--history-days", "2", "--history-requests", "30"]
+    call_command("seed_demo", *args)
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    tenant = Tenant.objects.get(slug="demo")
+    count = UsageEvent.objects.filter(tenant=tenant).count()
+    assert first.startswith("cf_") and count == 30
+
+    call_command("seed_demo", *args)
+    assert capsys.readouterr().out.strip().splitlines()[-1] != first
+    assert UsageEvent.objects.filter(tenant=tenant).count() == count
+
+
+# --- the history is what the gateway would have done -------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_history_rows_match_the_same_requests_sent_live():
+    tenant = await sync_to_async(make_tenant)()
+    n = 80
+    await sync_to_async(demo_history.generate)(tenant, days=3, requests=n)
+    mix = demo_history.history_mix(n, demo_history.DEFAULT_SEED)
+    issued = await sync_to_async(token_create)(tenant=tenant, name="check")
+    # Budgets decide admission, not the cascade; a month-end budget could degrade a request.
+    await Budget.objects.filter(tenant=tenant).adelete()
+    rows = {
+        r.request_id: r
+        async for r in UsageEvent.objects.filter(
+            tenant=tenant, request_id__startswith=demo_history.HISTORY_PREFIX
+        )
+    }
+    escalated = [i for i in range(n) if rows[demo_history.history_request_id(tenant, i)].escalated]
+    plain = [i for i in range(n) if i not in escalated and not mix[i][1]]
+    assert escalated and plain
+    client = AsyncClient()
+    for i in (*escalated[:3], *plain[:2]):
+        request, _ = mix[i]
+        body = {**request.body, "stream": False}
+        body.pop("stream_options", None)
+        response = await client.post(
+            "/v1/chat/completions",
+            data=json.dumps(body),
+            content_type="application/json",
+            headers={"Authorization": f"Bearer {issued.raw}"},
+        )
+        assert response.status_code == 200, response.content
+        live = await UsageEvent.objects.aget(request_id=response["x-request-id"])
+        past = rows[demo_history.history_request_id(tenant, i)]
+        assert (live.model, live.escalated, live.models_called, live.domain, live.profile) == (
+            past.model,
+            past.escalated,
+            past.models_called,
+            past.domain,
+            past.profile,
+        )
+        assert (live.cost_nanos, live.prompt_tokens, live.completion_tokens) == (
+            past.cost_nanos,
+            past.prompt_tokens,
+            past.completion_tokens,
+        )
+
+
+# --- the traffic simulator ----------------------------------------------------------------
+
+
+def test_the_mix_spans_profiles_users_and_domains():
+    import random
+
+    rng = random.Random(3)
+    requests = [traffic.sample_request(rng) for _ in range(400)]
+    assert {r.model for r in requests} == set(traffic.PROFILE_MODELS)
+    assert {r.user for r in requests} == {u for u, _ in traffic.END_USERS}
+    assert any(r.stream for r in requests) and not all(r.stream for r in requests)
+    only = [traffic.sample_request(rng, models=("cascade/balanced",)) for _ in range(20)]
+    assert {r.model for r in only} == {"cascade/balanced"}
+
+
+def test_simulator_sends_through_the_live_server(cascadeflow_server):
+    count = "SELECT count(*) FROM routing_usageevent"
+    before = cascadeflow_server.query(count)[0][0]
+    lines = []
+    stats = traffic.run(
+        cascadeflow_server.base_url,
+        cascadeflow_server.token,
+        rate_per_s=40,
+        models=("cascade/balanced", "demo/small"),
+        seed=5,
+        max_requests=6,
+        log_every=3,
+        log=lines.append,
+    )
+    assert stats.sent == 6 and stats.ok == 6 and stats.errors == 0, stats.by_status
+    assert stats.cost_usd > 0
+    assert len(lines) == 2 and "6 requests sent" in lines[-1]
+    assert cascadeflow_server.query(count)[0][0] == before + 6
+    users = {row[0] for row in cascadeflow_server.query("SELECT external_id FROM tenants_enduser")}
+    assert users & {u for u, _ in traffic.END_USERS}
+
+
+def test_simulator_survives_server_errors_and_backs_off():
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            return httpx.Response(503, json={"error": {"message": "down"}})
+        if len(calls) == 2:
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(
+            200, json={}, headers={"x-cascade-escalated": "true", "x-cascade-cost-usd": "0.5"}
+        )
+
+    stats = traffic.run(
+        "http://cascadeflow.invalid",
+        "cf_test",
+        rate_per_s=200,
+        max_requests=4,
+        max_in_flight=1,
+        models=("cascade/balanced",),
+        log_every=0,
+        transport=httpx.MockTransport(handler),
+    )
+    assert (stats.sent, stats.ok, stats.errors, stats.escalated) == (4, 2, 2, 2)
+    assert stats.by_status == {"503": 1, "ConnectError": 1, "200": 2}
+    # After the 503 it waited (1 s), after the transport error longer (2 s).
+    assert calls[1] - calls[0] >= 0.9 and calls[2] - calls[1] >= 1.9
+
+
+def test_simulator_stops_promptly_on_its_event():
+    port = free_port()  # nothing listens: every request fails, and it keeps trying
+    thread, stop = traffic.start_in_background(
+        f"http://127.0.0.1:{port}", "cf_test", rate_per_s=0.05, log_every=0
+    )
+    time.sleep(0.3)
+    assert thread.is_alive()
+    stop.set()
+    thread.join(timeout=3)
+    assert not thread.is_alive()
+
+
+def test_simulator_refuses_a_nonsense_rate():
+    with pytest.raises(ValueError):
+        traffic.run("http://127.0.0.1:1", "cf_x", rate_per_s=0, stop_event=threading.Event())
