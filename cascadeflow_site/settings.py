@@ -183,6 +183,11 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
+STATICFILES_FINDERS = [
+    "django.contrib.staticfiles.finders.FileSystemFinder",
+    "django.contrib.staticfiles.finders.AppDirectoriesFinder",
+    "dashboard.staticfiles.PlotlyJsFinder",  # plotly.js from the installed plotly package
+]
 STATIC_ROOT = env.str("DJANGO_STATIC_ROOT", default=str(VAR_DIR / "staticfiles"))
 Path(STATIC_ROOT).mkdir(parents=True, exist_ok=True)
 STORAGES = {
@@ -287,3 +292,9 @@ LOGGING = {
         "httpx": {"level": "WARNING"},
     },
 }
+
+# Dashboard: a "forecast" budget alert fires when the forecast puts the chance of
+# ending the period over the limit at this probability or more.
+CASCADEFLOW_FORECAST_ALERT_PROBABILITY = env.float(
+    "CASCADEFLOW_FORECAST_ALERT_PROBABILITY", default=0.8
+)

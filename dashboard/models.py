@@ -2,11 +2,11 @@
 
 Two grains, chosen so neither grows with the number of raw events:
 
-- :class:`HourlyUsage` — tenant × UTC hour × served model × draft model × profile ×
+- :class:`HourlyUsage` — tenant x UTC hour x served model x draft model x profile x
   domain. End users are left out on purpose: a tenant with thousands of end users
   would otherwise get nearly one row per request, and the overview and model pages
   need none of them.
-- :class:`DailyUsage` — tenant × tenant-local day × end user × served model × profile,
+- :class:`DailyUsage` — tenant x tenant-local day x end user x served model x profile,
   for the end-user pages and per-end-user forecasts.
 
 Rows are rebuilt from the ledger for whole buckets (delete + insert in one
@@ -52,6 +52,9 @@ class HourlyUsage(models.Model):
         ]
         indexes = [models.Index(fields=["tenant", "hour"], name="hourly_usage_tenant_hour")]
 
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.hour:%Y-%m-%d %H:00} {self.model}"
+
 
 class DailyUsage(models.Model):
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
@@ -77,6 +80,9 @@ class DailyUsage(models.Model):
             models.Index(fields=["tenant", "end_user_id", "day"], name="daily_usage_end_user"),
         ]
 
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.day} end user {self.end_user_id} {self.model}"
+
 
 class RollupState(models.Model):
     """How far a tenant's ledger is rolled up: events before ``hourly_until`` are in
@@ -86,6 +92,9 @@ class RollupState(models.Model):
     hourly_until = models.DateTimeField()
     daily_until = models.DateField()
     updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} rolled until {self.hourly_until:%Y-%m-%d %H:00}"
 
 
 class SpendForecastSnapshot(models.Model):
@@ -114,3 +123,6 @@ class SpendForecastSnapshot(models.Model):
                 fields=["tenant", "end_user_id"], name="forecast_snapshot_unique_subject"
             )
         ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id}/{self.end_user_id}: {self.expected_nanos} expected"

@@ -1,8 +1,11 @@
 from django.contrib.auth.decorators import login_required
 from django.http import JsonResponse
 from django.shortcuts import redirect, render
+from django.utils import timezone
 
+from dashboard import pages, selectors
 from dashboard.access import SESSION_TENANT_KEY, memberships_for_user, tenant_view
+from tenants.models import EndUserTier
 
 
 @login_required
@@ -18,21 +21,57 @@ def home(request):
 
 @tenant_view()
 def overview(request):
-    return render(request, "dashboard/overview.html", {"access": request.access, "tab": "overview"})
+    page = pages.overview(request.access.tenant, timezone.now())
+    return render(
+        request,
+        "dashboard/overview.html",
+        {"access": request.access, "tab": "overview", "page": page},
+    )
 
 
 @tenant_view()
 def overview_data(request):
-    return JsonResponse({})
+    """The overview's numbers and figures as JSON: the live view's resync after a reconnect."""
+    page = pages.overview(request.access.tenant, timezone.now())
+    t = page.totals
+    return JsonResponse(
+        {
+            "requests": t.requests,
+            "cost_nanos": t.cost_nanos,
+            "baseline_cost_nanos": t.baseline_cost_nanos,
+            "savings_nanos": t.savings_nanos,
+            "escalated": t.escalated,
+            "figures": page.figures_json,
+        }
+    )
 
 
 @tenant_view()
 def models_page(request):
-    return render(request, "dashboard/models.html", {"access": request.access, "tab": "models"})
+    page = pages.models(request.access.tenant, timezone.now(), request.GET.get("range", "period"))
+    return render(
+        request,
+        "dashboard/models.html",
+        {
+            "access": request.access,
+            "tab": "models",
+            "page": page,
+            "ranges": [("24h", "24 hours"), ("7d", "7 days"), ("period", "This period")],
+        },
+    )
 
 
 @tenant_view()
 def end_users(request):
+    tenant = request.access.tenant
+    lines = selectors.end_user_lines(tenant, timezone.now())
     return render(
-        request, "dashboard/end_users.html", {"access": request.access, "tab": "end_users"}
+        request,
+        "dashboard/end_users.html",
+        {
+            "access": request.access,
+            "tab": "end_users",
+            "lines": lines,
+            "tiers": EndUserTier.objects.filter(tenant=tenant).order_by("name"),
+        },
     )

@@ -11,6 +11,13 @@ def usd(nanos: int | None) -> str:
     value = Decimal(nanos or 0) / 10**9
     if value == 0:
         return "$0.00"
+    sign = "-" if value < 0 else ""
     if abs(value) < Decimal("0.01"):
-        return f"${value:.6f}"
-    return f"${value:,.2f}"
+        return f"{sign}${abs(value):.6f}"
+    return f"{sign}${abs(value):,.2f}"
+
+
+@register.filter
+def latency(usage, q: float) -> float | None:
+    """A latency percentile (ms) of a selectors.Usage, from its histogram."""
+    return usage.latency_pct(float(q))

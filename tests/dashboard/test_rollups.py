@@ -72,7 +72,7 @@ def test_rollup_matches_the_ledger_and_is_idempotent(tenant, other_tenant):
         "code",
         1,
     )
-    assert sum(escalated.latency_hist) == 1 and escalated.latency_hist[9] == 1  # 2–3 s bucket
+    assert sum(escalated.latency_hist) == 1 and escalated.latency_hist[9] == 1  # 2-3 s bucket
     assert list(HourlyUsage.objects.filter(tenant=tenant).order_by("pk").values()) == rows
     assert not HourlyUsage.objects.filter(tenant=other_tenant).exclude(cost_nanos=7).exists()
 

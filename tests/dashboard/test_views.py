@@ -41,3 +41,19 @@ def test_a_member_of_a_gets_404_on_b(client, tenant, other_tenant):
 
     assert client.get(f"/dashboard/t/{tenant.slug}/").status_code == 200
     assert client.get(f"/dashboard/t/{other_tenant.slug}/").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("nanos", "text"),
+    [
+        (0, "$0.00"),
+        (1_234_567_890_123, "$1,234.57"),
+        (8_153_000, "$0.008153"),
+        (-280_000_000, "-$0.28"),
+        (-2_638_000, "-$0.002638"),
+    ],
+)
+def test_money_is_formatted_as_dollars(nanos, text):
+    from dashboard.templatetags.money import usd
+
+    assert usd(nanos) == text

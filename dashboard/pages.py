@@ -1,0 +1,185 @@
+"""What each dashboard page shows: selectors in, numbers and figures out."""
+
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from itertools import accumulate
+from zoneinfo import ZoneInfo
+
+from dashboard import charts, selectors, services
+from dashboard.charts import Band, Series, label, usd
+from dashboard.models import SpendForecastSnapshot
+from dashboard.selectors import Usage
+from tenants.models import Tenant
+
+FORECAST_MAX_AGE = timedelta(hours=1)
+RECENT_HOURS = 48
+
+
+@dataclass(frozen=True)
+class Overview:
+    period_start: datetime
+    period_end: datetime
+    period_first_day: date
+    period_last_day: date
+    totals: Usage
+    gauges: list[selectors.Gauge]
+    forecast: SpendForecastSnapshot | None
+    figures_json: str
+    has_data: bool
+
+
+def _fresh_forecast(tenant: Tenant, now: datetime, start: datetime) -> SpendForecastSnapshot | None:
+    snap = selectors.forecast_snapshot(tenant)
+    if snap is None or snap.period_start != start or now - snap.computed_at > FORECAST_MAX_AGE:
+        services.forecasts_refresh(tenant, now, end_users=False)
+        snap = selectors.forecast_snapshot(tenant)
+    return snap
+
+
+def overview(tenant: Tenant, now: datetime) -> Overview:
+    tz = ZoneInfo(tenant.time_zone or "UTC")
+    start, end, limit = selectors.forecast_period(tenant, now)
+    hours = selectors.hourly_points(tenant, min(start, now - timedelta(hours=RECENT_HOURS)), now)
+    in_period = [p for p in hours if p.at >= start]
+    recent = [p for p in hours if p.at > now - timedelta(hours=RECENT_HOURS)]
+    totals = Usage()
+    for p in in_period:
+        totals.add(p.usage)
+    days = selectors.daily_points(in_period, tenant.time_zone)
+    minutes = selectors.minute_points(tenant, now)
+    gauges = selectors.budget_gauges(tenant, now)
+    snap = _fresh_forecast(tenant, now, start)
+
+    hx = [label(p.at, tz) for p in recent]
+    figures = {
+        "spend_hourly": charts.spend_bars(
+            title="Spend per hour",
+            spend=Series("Paid", hx, [usd(p.usage.cost_nanos) for p in recent]),
+            baseline=Series(
+                "All on the strongest model", hx, [usd(p.usage.baseline_cost_nanos) for p in recent]
+            ),
+        ),
+        "spend_daily": charts.spend_bars(
+            title="Spend per day (this period)",
+            spend=Series(
+                "Paid",
+                [label(p.at, tz, False) for p in days],
+                [usd(p.usage.cost_nanos) for p in days],
+            ),
+            baseline=Series(
+                "All on the strongest model",
+                [label(p.at, tz, False) for p in days],
+                [usd(p.usage.baseline_cost_nanos) for p in days],
+            ),
+        ),
+        "forecast": _forecast_figure(days, snap, limit, tz),
+        "escalation": charts.rate(
+            title="Escalation rate per hour",
+            series=Series("Escalated", hx, [p.usage.escalation_pct for p in recent]),
+            volume=Series("Requests", hx, [p.usage.requests for p in recent]),
+        ),
+        "rpm": charts.counts(
+            title="Requests per minute (last hour)",
+            series=Series(
+                "Requests", [label(p.at, tz) for p in minutes], [p.usage.requests for p in minutes]
+            ),
+        ),
+    }
+    for i, g in enumerate(gauges):
+        figures[f"gauge_{i}"] = charts.gauge(
+            name=g.label,
+            spent_nanos=g.spent_nanos,
+            limit_nanos=g.limit_nanos,
+            thresholds={
+                "warn": g.budget.warn_pct,
+                "degrade": g.budget.degrade_pct,
+                "block": g.budget.block_pct,
+            },
+        )
+    return Overview(
+        period_start=start,
+        period_end=end,
+        period_first_day=start.astimezone(tz).date(),
+        period_last_day=(end - timedelta(seconds=1)).astimezone(tz).date(),
+        totals=totals,
+        gauges=gauges,
+        forecast=snap,
+        figures_json=charts.to_json(figures),
+        has_data=any(p.usage.requests for p in hours),
+    )
+
+
+def _forecast_figure(days, snap, limit, tz):
+    actual_x = [label(p.at, tz, False) for p in days]
+    actual_y = list(accumulate(usd(p.usage.cost_nanos) for p in days))
+    expected_x, expected_y, band = [], [], None
+    if snap is not None and snap.days:
+        spent = usd(snap.spent_nanos)
+        cum = list(accumulate(usd(d["mean"]) for d in snap.days))
+        future = cum[-1] or 1.0
+        expected_x = [d["day"] for d in snap.days]
+        expected_y = [spent + c for c in cum]
+        # The interval of the period total, spread along the path in proportion to
+        # the expected spend still to come (an approximation of the daily quantiles).
+        low, high = usd(snap.low_nanos) - spent, usd(snap.high_nanos) - spent
+        band = Band(
+            x=expected_x,
+            low=[spent + low * c / future for c in cum],
+            high=[spent + high * c / future for c in cum],
+            name="80% interval",
+        )
+    return charts.forecast(
+        actual=Series("Spent", actual_x, actual_y),
+        expected=Series("Forecast", expected_x, expected_y),
+        band=band,
+        limit_nanos=limit,
+    )
+
+
+RANGES = {"24h": timedelta(hours=24), "7d": timedelta(days=7)}
+
+
+@dataclass(frozen=True)
+class Breakdowns:
+    range: str
+    start: datetime
+    by_model: list[tuple[str, Usage]]
+    by_draft: list[tuple[str, Usage]]
+    by_profile: list[tuple[str, Usage]]
+    by_domain: list[tuple[str, Usage]]
+    figures_json: str
+
+
+def models(tenant: Tenant, now: datetime, range_: str) -> Breakdowns:
+    """Spend, volume, latency and acceptance per model, draft model, profile and domain."""
+    if range_ in RANGES:
+        start = now - RANGES[range_]
+    else:
+        range_ = "period"
+        start, _, _ = selectors.forecast_period(tenant, now)
+    rows = selectors.hourly_usage_rows(tenant, selectors.hour_floor(start), now)
+    by_model = selectors.breakdown(rows, "model")
+    by_profile = selectors.breakdown(rows, "profile")
+    figures = {
+        "by_model": charts.bars_by(
+            title="Spend by answering model",
+            labels=[name or "(no answer)" for name, _ in by_model],
+            values=[usd(u.cost_nanos) for _, u in by_model],
+            money=True,
+        ),
+        "by_profile": charts.bars_by(
+            title="Spend by routing profile",
+            labels=[name or "(direct model)" for name, _ in by_profile],
+            values=[usd(u.cost_nanos) for _, u in by_profile],
+            money=True,
+        ),
+    }
+    return Breakdowns(
+        range=range_,
+        start=start,
+        by_model=by_model,
+        by_draft=selectors.breakdown(rows, "draft_model"),
+        by_profile=by_profile,
+        by_domain=selectors.breakdown(rows, "domain"),
+        figures_json=charts.to_json(figures),
+    )

@@ -1,0 +1,315 @@
+"""Reads for the dashboard: rollups merged with the ledger's open tail.
+
+Closed hours come from HourlyUsage (and local days from DailyUsage); whatever
+happened after the tenant's rollup watermark is aggregated from raw ledger rows
+with the same code the rollup uses, so the two halves agree to the nano-dollar.
+"""
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from django.db.models import Count, Q, Sum
+from django.db.models.functions import Coalesce, TruncMinute
+
+from dashboard.models import (
+    LATENCY_BOUNDS_MS,
+    DailyUsage,
+    HourlyUsage,
+    RollupState,
+    SpendForecastSnapshot,
+)
+from dashboard.rollups import daily_rows, hour_floor, hourly_rows
+from routing.enums import UsageStatus
+from routing.models import UsageEvent
+from tenants.budgets import period_bounds
+from tenants.enums import BudgetPeriod, BudgetScope
+from tenants.models import Budget, BudgetCounter, EndUser, Tenant
+
+
+@dataclass
+class Usage:
+    """Additive request counts and money; the unit every chart and table is built from."""
+
+    requests: int = 0
+    errors: int = 0
+    escalated: int = 0
+    cost_nanos: int = 0
+    baseline_cost_nanos: int = 0
+    latency_ms_sum: int = 0
+    latency_hist: list[int] = field(default_factory=list)
+
+    def add(self, row) -> "Usage":
+        self.requests += row.requests
+        self.errors += row.errors
+        self.escalated += row.escalated
+        self.cost_nanos += row.cost_nanos
+        self.baseline_cost_nanos += row.baseline_cost_nanos
+        hist = getattr(row, "latency_hist", None)
+        if hist:
+            self.latency_ms_sum += row.latency_ms_sum
+            if not self.latency_hist:
+                self.latency_hist = [0] * len(hist)
+            self.latency_hist = [a + b for a, b in zip(self.latency_hist, hist, strict=True)]
+        return self
+
+    @property
+    def answered(self) -> int:
+        return self.requests - self.errors
+
+    @property
+    def savings_nanos(self) -> int:
+        """What sending everything to the strongest model would have cost, minus what
+        was paid (drafts, checks and escalations included)."""
+        return self.baseline_cost_nanos - self.cost_nanos
+
+    @property
+    def savings_pct(self) -> float | None:
+        if self.baseline_cost_nanos <= 0:
+            return None
+        return 100.0 * self.savings_nanos / self.baseline_cost_nanos
+
+    @property
+    def escalation_pct(self) -> float | None:
+        return 100.0 * self.escalated / self.answered if self.answered else None
+
+    @property
+    def acceptance_pct(self) -> float | None:
+        """Share of answered requests whose first (cheapest) draft was accepted."""
+        return 100.0 - self.escalation_pct if self.answered else None
+
+    def latency_pct(self, q: float) -> float | None:
+        """Latency percentile estimated from the histogram (linear within a bucket)."""
+        total = sum(self.latency_hist)
+        if not total:
+            return None
+        rank, seen = q * total, 0
+        bounds = (0, *LATENCY_BOUNDS_MS)
+        for i, count in enumerate(self.latency_hist):
+            if count and seen + count >= rank:
+                lo = bounds[i]
+                hi = bounds[i + 1] if i + 1 < len(bounds) else lo * 2
+                return lo + (hi - lo) * (rank - seen) / count
+            seen += count
+        return float(bounds[-1])
+
+
+@dataclass(frozen=True)
+class Point:
+    at: datetime
+    usage: Usage
+
+
+def rollup_watermark(tenant: Tenant) -> tuple[datetime | None, date | None]:
+    state = RollupState.objects.filter(tenant=tenant).values_list("hourly_until", "daily_until")
+    return state.first() or (None, None)
+
+
+def hourly_usage_rows(tenant: Tenant, start: datetime, now: datetime) -> list[HourlyUsage]:
+    """Every HourlyUsage row from ``start`` to now: stored ones, then the open tail."""
+    watermark, _ = rollup_watermark(tenant)
+    stored = []
+    if watermark is not None and watermark > start:
+        stored = list(
+            HourlyUsage.objects.filter(tenant=tenant, hour__gte=start, hour__lt=watermark)
+        )
+    tail_from = max(start, watermark) if watermark is not None else start
+    return stored + hourly_rows(tenant.pk, tail_from, now + timedelta(seconds=1))
+
+
+def hourly_points(tenant: Tenant, start: datetime, now: datetime) -> list[Point]:
+    """Usage per UTC hour from ``start`` to now, zero-filled."""
+    by_hour: dict[datetime, Usage] = defaultdict(Usage)
+    watermark, _ = rollup_watermark(tenant)
+    if watermark is not None and watermark > start:
+        for row in (
+            HourlyUsage.objects.filter(tenant=tenant, hour__gte=start, hour__lt=watermark)
+            .values("hour")
+            .annotate(
+                requests=Sum("requests"),
+                errors=Sum("errors"),
+                escalated=Sum("escalated"),
+                cost_nanos=Sum("cost_nanos"),
+                baseline_cost_nanos=Sum("baseline_cost_nanos"),
+            )
+            .order_by()
+        ):
+            by_hour[row["hour"].astimezone(UTC)].add(_Row(**row))
+    tail_from = max(start, watermark) if watermark is not None else start
+    for row in hourly_rows(tenant.pk, tail_from, now + timedelta(seconds=1)):
+        by_hour[row.hour.astimezone(UTC)].add(row)
+    points, at = [], hour_floor(start)
+    while at <= now:
+        points.append(Point(at, by_hour.get(at, Usage())))
+        at += timedelta(hours=1)
+    return points
+
+
+@dataclass
+class _Row:
+    hour: datetime | None = None
+    requests: int = 0
+    errors: int = 0
+    escalated: int = 0
+    cost_nanos: int = 0
+    baseline_cost_nanos: int = 0
+
+
+def daily_points(points: Iterable[Point], time_zone: str) -> list[Point]:
+    """Hourly points folded into tenant-local days (each point at local midnight)."""
+    tz = ZoneInfo(time_zone or "UTC")
+    by_day: dict[date, Usage] = {}
+    for p in points:
+        by_day.setdefault(p.at.astimezone(tz).date(), Usage()).add(p.usage)
+    return [
+        Point(datetime(d.year, d.month, d.day, tzinfo=tz), u) for d, u in sorted(by_day.items())
+    ]
+
+
+def minute_points(tenant: Tenant, now: datetime, minutes: int = 60) -> list[Point]:
+    """Requests per minute over the last ``minutes``, from the ledger (index on tenant, time)."""
+    start = now.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
+    rows = {
+        r["minute"].astimezone(UTC): r
+        for r in UsageEvent.objects.filter(tenant=tenant, created_at__gte=start)
+        .order_by()
+        .annotate(minute=TruncMinute("created_at", tzinfo=UTC))
+        .values("minute")
+        .annotate(
+            requests=Count("id"),
+            errors=Count("id", filter=~Q(status=UsageStatus.OK)),
+            escalated=Count("id", filter=Q(escalated=True)),
+            cost_nanos=Coalesce(Sum("cost_nanos"), 0),
+            baseline_cost_nanos=Coalesce(Sum("baseline_cost_nanos"), 0),
+        )
+    }
+    out = []
+    for i in range(minutes):
+        at = start + timedelta(minutes=i)
+        row = rows.get(at)
+        if row:
+            row.pop("minute")
+        out.append(Point(at, Usage().add(_Row(**row)) if row else Usage()))
+    return out
+
+
+# --- budgets and forecasts -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gauge:
+    budget: Budget
+    label: str
+    period_start: datetime
+    period_end: datetime | None
+    spent_nanos: int
+    limit_nanos: int
+
+    @property
+    def used_pct(self) -> float:
+        return 100.0 * self.spent_nanos / self.limit_nanos if self.limit_nanos else 0.0
+
+
+def budget_gauges(tenant: Tenant, now: datetime) -> list[Gauge]:
+    """Spend this period against each tenant-wide budget, from the budget counters."""
+    gauges = []
+    budgets = list(Budget.objects.filter(tenant=tenant, scope=BudgetScope.TENANT).order_by("pk"))
+    bounds = {b.pk: period_bounds(b.period, now, tenant.time_zone) for b in budgets}
+    counters = {
+        (c.budget_id, c.period_start): c.spent_nanos
+        for c in BudgetCounter.objects.filter(
+            tenant=tenant, budget__in=budgets, subject_id=0
+        ).filter(period_start__in={start for start, _ in bounds.values()})
+    }
+    for b in budgets:
+        start, end = bounds[b.pk]
+        gauges.append(
+            Gauge(
+                budget=b,
+                label=f"{BudgetPeriod(b.period).label} budget",
+                period_start=start,
+                period_end=end,
+                spent_nanos=counters.get((b.pk, start), 0),
+                limit_nanos=b.limit_nanos,
+            )
+        )
+    return gauges
+
+
+def forecast_period(tenant: Tenant, now: datetime) -> tuple[datetime, datetime, int | None]:
+    """The period forecasts run to: the tenant's monthly budget's, else the calendar month."""
+    budget = (
+        Budget.objects.filter(tenant=tenant, scope=BudgetScope.TENANT, period=BudgetPeriod.MONTH)
+        .order_by("limit_nanos")
+        .first()
+    )
+    start, end = period_bounds(BudgetPeriod.MONTH, now, tenant.time_zone)
+    return start, end, budget.limit_nanos if budget else None
+
+
+def forecast_snapshot(tenant: Tenant, end_user_id: int = 0) -> SpendForecastSnapshot | None:
+    return SpendForecastSnapshot.objects.filter(tenant=tenant, end_user_id=end_user_id).first()
+
+
+# --- breakdowns ----------------------------------------------------------------------
+
+
+def breakdown(rows: Iterable[HourlyUsage], key: str) -> list[tuple[str, Usage]]:
+    """Usage grouped by one HourlyUsage dimension (model, draft_model, profile, domain)."""
+    groups: dict[str, Usage] = defaultdict(Usage)
+    for row in rows:
+        groups[getattr(row, key)].add(row)
+    return sorted(groups.items(), key=lambda kv: (-kv[1].cost_nanos, kv[0]))
+
+
+@dataclass(frozen=True)
+class EndUserLine:
+    end_user: EndUser | None
+    end_user_id: int
+    usage: Usage
+    forecast: SpendForecastSnapshot | None
+
+
+def end_user_lines(tenant: Tenant, now: datetime, limit: int = 50) -> list[EndUserLine]:
+    """Top end users by spend this period (daily rollups + the open tail)."""
+    start, _, _ = forecast_period(tenant, now)
+    tz = ZoneInfo(tenant.time_zone or "UTC")
+    first_day = start.astimezone(tz).date()
+    _, daily_until = rollup_watermark(tenant)
+    totals: dict[int, Usage] = defaultdict(Usage)
+    if daily_until is not None and daily_until > first_day:
+        for row in (
+            DailyUsage.objects.filter(tenant=tenant, day__gte=first_day, day__lt=daily_until)
+            .values("end_user_id")
+            .annotate(
+                requests=Sum("requests"),
+                errors=Sum("errors"),
+                escalated=Sum("escalated"),
+                cost_nanos=Sum("cost_nanos"),
+                baseline_cost_nanos=Sum("baseline_cost_nanos"),
+            )
+            .order_by()
+        ):
+            totals[row.pop("end_user_id")].add(_Row(**row))
+    tail_day = max(first_day, daily_until) if daily_until is not None else first_day
+    tomorrow = now.astimezone(tz).date() + timedelta(days=1)
+    for row in daily_rows(tenant.pk, tenant.time_zone, tail_day, tomorrow):
+        totals[row.end_user_id].add(row)
+    top = sorted(totals.items(), key=lambda kv: -kv[1].cost_nanos)[:limit]
+    ids = [i for i, _ in top if i]
+    users = {
+        u.pk: u for u in EndUser.objects.filter(tenant=tenant, pk__in=ids).select_related("tier")
+    }
+    forecasts = {
+        f.end_user_id: f
+        for f in SpendForecastSnapshot.objects.filter(tenant=tenant, end_user_id__in=ids)
+    }
+    return [EndUserLine(users.get(i), i, u, forecasts.get(i)) for i, u in top]
+
+
+def period_local_days(tenant: Tenant, start: datetime, end: datetime) -> list[date]:
+    tz = ZoneInfo(tenant.time_zone or "UTC")
+    first, last = start.astimezone(tz).date(), (end - timedelta(seconds=1)).astimezone(tz).date()
+    return [first + timedelta(days=i) for i in range((last - first).days + 1)]

@@ -1,0 +1,29 @@
+"""Celery entry points of the dashboard: rollups, then forecasts from them."""
+
+import logging
+
+from celery import shared_task
+from django.utils import timezone
+
+from dashboard import rollups, services
+from tenants.models import Tenant
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(name="dashboard.tasks.usage_rollup", time_limit=1800, soft_time_limit=1700)
+def usage_rollup() -> dict:
+    results = rollups.rollup_all(now=timezone.now())
+    return {"tenants": len(results), "hourly_rows": sum(r.hourly_rows for r in results)}
+
+
+@shared_task(name="dashboard.tasks.forecasts_refresh", time_limit=1800, soft_time_limit=1700)
+def forecasts_refresh() -> int:
+    count = 0
+    now = timezone.now()
+    for tenant in Tenant.objects.filter(is_active=True).order_by("pk"):
+        try:
+            count += services.forecasts_refresh(tenant, now)
+        except Exception:  # one tenant's failure must not stop the others
+            logger.exception("Forecast failed for tenant %s", tenant.slug)
+    return count
