@@ -19,6 +19,7 @@ from dashboard.live import INTERVAL, group_name
 from tenants.models import Member
 
 UNAUTHENTICATED, FORBIDDEN = 4401, 4403
+RECHECK_SECONDS = 60  # a member removed from the tenant loses the socket within a minute
 
 
 @database_sync_to_async
@@ -45,6 +46,8 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=FORBIDDEN)
             return
         tenant_id, time_zone = membership
+        self.user, self.slug = user, (query.get("tenant") or [""])[0]
+        self.checked_at = time.monotonic()
         self.tz = ZoneInfo(time_zone or "UTC")
         self.pending: list[dict] = []
         self.dropped = 0
@@ -91,6 +94,12 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
         self.flush_handle = None
         if not self.pending and not self.dropped:
             return
+        if time.monotonic() - self.checked_at > RECHECK_SECONDS:
+            self.checked_at = time.monotonic()
+            if await _membership(self.user, self.slug) is None:
+                self.pending = []
+                await self.close(code=FORBIDDEN)
+                return
         events, self.pending = self.pending, []
         dropped, self.dropped = self.dropped, 0
         self.last_sent = time.monotonic()

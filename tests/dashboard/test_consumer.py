@@ -138,3 +138,19 @@ async def test_events_are_batched_at_most_once_a_second(channel_layer):
     assert second_at - first_at >= 0.9
     assert await ws.receive_nothing(timeout=0.5)
     await ws.disconnect()
+
+
+async def test_a_removed_member_loses_the_socket(channel_layer, monkeypatch):
+    from dashboard import consumers
+    from tenants.models import Member
+
+    monkeypatch.setattr(consumers, "RECHECK_SECONDS", 0)
+    tenant, key = await member_session()
+    ws = socket(tenant.slug, key)
+    assert (await ws.connect())[0]
+    await sync_to_async(Member.objects.filter(tenant=tenant).delete)()
+
+    live.publish(entry(tenant.pk, 5))
+
+    closed = await ws.receive_output(timeout=3)
+    assert closed == {"type": "websocket.close", "code": consumers.FORBIDDEN}
