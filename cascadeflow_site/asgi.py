@@ -1,5 +1,6 @@
 """ASGI entry point: HTTP (Django) and WebSocket (Channels)."""
 
+import gc
 import os
 
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
@@ -12,6 +13,7 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.urls import get_resolver  # noqa: E402
 
 from cascadeflow_site.handlers import GatewayASGIHandler  # noqa: E402
 from cascadeflow_site.middleware import BodySizeLimitMiddleware  # noqa: E402
@@ -27,6 +29,14 @@ async def http_application(scope, receive, send):
         return await gateway_asgi_app(scope, receive, send)
     return await django_asgi_app(scope, receive, send)
 
+
+# Everything imported so far (Django, LiteLLM's tables, statsmodels…) lives as long
+# as the process: move it out of the garbage collector's reach, so a full
+# collection walks only what requests allocate (measured: 300-400 ms pauses at
+# about 2 % of dashboard requests before, ~25 ms after).
+get_resolver().check()  # import every view now rather than on the first request
+gc.collect()
+gc.freeze()
 
 application = ProtocolTypeRouter(
     {

@@ -62,7 +62,8 @@ def tenant_view(min_role: str = MemberRole.VIEWER) -> Callable:
         def wrapper(request: HttpRequest, tenant_slug: str, *args, **kwargs) -> HttpResponse:
             access = tenant_access(user=request.user, slug=tenant_slug)
             request.access = access
-            request.session[SESSION_TENANT_KEY] = access.tenant.slug
+            if request.session.get(SESSION_TENANT_KEY) != access.tenant.slug:
+                request.session[SESSION_TENANT_KEY] = access.tenant.slug
             if ROLE_RANK[access.role] < ROLE_RANK[min_role]:
                 return render(
                     request,

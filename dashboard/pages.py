@@ -157,7 +157,7 @@ def models(tenant: Tenant, now: datetime, range_: str) -> Breakdowns:
     else:
         range_ = "period"
         start, _, _ = selectors.forecast_period(tenant, now)
-    rows = selectors.hourly_usage_rows(tenant, selectors.hour_floor(start), now)
+    rows = selectors.hourly_usage_grouped(tenant, selectors.hour_floor(start), now)
     by_model = selectors.breakdown(rows, "model")
     by_profile = selectors.breakdown(rows, "profile")
     figures = {

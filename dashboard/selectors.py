@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from django.db.models import Count, Q, Sum
-from django.db.models.functions import Coalesce, TruncMinute
+from django.db.models import BigIntegerField, Count, Q, Sum
+from django.db.models.fields.json import KT
+from django.db.models.functions import Cast, Coalesce, TruncMinute
 
 from dashboard.models import (
     LATENCY_BOUNDS_MS,
@@ -107,16 +108,48 @@ def rollup_watermark(tenant: Tenant) -> tuple[datetime | None, date | None]:
     return state.first() or (None, None)
 
 
-def hourly_usage_rows(tenant: Tenant, start: datetime, now: datetime) -> list[HourlyUsage]:
-    """Every HourlyUsage row from ``start`` to now: stored ones, then the open tail."""
+_DIMENSIONS = ("model", "draft_model", "profile", "domain")
+
+
+def hourly_usage_grouped(tenant: Tenant, start: datetime, now: datetime) -> list[HourlyUsage]:
+    """Usage from ``start`` to now, one row per model x draft model x profile x domain:
+    stored rows summed in SQL (histograms included), then the open tail's rows."""
     watermark, _ = rollup_watermark(tenant)
-    stored = []
+    grouped: list[HourlyUsage] = []
     if watermark is not None and watermark > start:
-        stored = list(
+        buckets = len(LATENCY_BOUNDS_MS) + 1
+        hist = {
+            f"h{i}": Coalesce(Sum(Cast(KT(f"latency_hist__{i}"), BigIntegerField())), 0)
+            for i in range(buckets)
+        }
+        for g in (
             HourlyUsage.objects.filter(tenant=tenant, hour__gte=start, hour__lt=watermark)
-        )
+            .values(*_DIMENSIONS)
+            .annotate(
+                n=Sum("requests"),
+                e=Sum("errors"),
+                x=Sum("escalated"),
+                c=Sum("cost_nanos"),
+                b=Sum("baseline_cost_nanos"),
+                lat=Sum("latency_ms_sum"),
+                **hist,
+            )
+            .order_by()
+        ):
+            grouped.append(
+                HourlyUsage(
+                    **{d: g[d] for d in _DIMENSIONS},
+                    requests=g["n"],
+                    errors=g["e"],
+                    escalated=g["x"],
+                    cost_nanos=g["c"],
+                    baseline_cost_nanos=g["b"],
+                    latency_ms_sum=g["lat"],
+                    latency_hist=[g[f"h{i}"] for i in range(buckets)],
+                )
+            )
     tail_from = max(start, watermark) if watermark is not None else start
-    return stored + hourly_rows(tenant.pk, tail_from, now + timedelta(seconds=1))
+    return grouped + hourly_rows(tenant.pk, tail_from, now + timedelta(seconds=1))
 
 
 def hourly_points(tenant: Tenant, start: datetime, now: datetime) -> list[Point]:

@@ -21,21 +21,25 @@ HISTORY_DAYS = 56  # eight weeks: enough for weekly seasonality, short enough to
 END_USER_ACTIVE_DAYS = 14  # end users forecast: those with spend in this window
 
 
-def daily_spend(tenant: Tenant, first: date, last: date) -> dict[int, dict[date, int]]:
-    """Spend per end user (0 = none) per local day in [first, last], rollups + open tail."""
+def daily_spend(
+    tenant: Tenant, first: date, last: date, by_end_user: bool = True
+) -> dict[int, dict[date, int]]:
+    """Spend per end user (0 = none) per local day in [first, last], rollups + open tail;
+    with ``by_end_user=False``, the tenant's total per day under key 0."""
     out: dict[int, dict[date, int]] = defaultdict(dict)
     _, daily_until = rollup_watermark(tenant)
     if daily_until is not None and daily_until > first:
-        for row in (
-            DailyUsage.objects.filter(tenant=tenant, day__gte=first, day__lt=daily_until)
-            .values("end_user_id", "day")
-            .annotate(cost=Sum("cost_nanos"))
-            .order_by()
-        ):
-            out[row["end_user_id"]][row["day"]] = row["cost"]
+        stored = DailyUsage.objects.filter(tenant=tenant, day__gte=first, day__lt=daily_until)
+        if by_end_user:
+            stored = stored.values("end_user_id", "day")
+        else:
+            stored = stored.values("day")
+        for row in stored.annotate(cost=Sum("cost_nanos")).order_by():
+            per_day = out[row.get("end_user_id", 0)]
+            per_day[row["day"]] = per_day.get(row["day"], 0) + row["cost"]
     tail = max(first, daily_until) if daily_until is not None else first
     for row in daily_rows(tenant.pk, tenant.time_zone, tail, last + timedelta(days=1)):
-        per_day = out[row.end_user_id]
+        per_day = out[row.end_user_id if by_end_user else 0]
         per_day[row.day] = per_day.get(row.day, 0) + row.cost_nanos
     return out
 
@@ -78,7 +82,9 @@ def forecasts_refresh(tenant: Tenant, now: datetime | None = None, end_users: bo
     )
     midnight = datetime(today.year, today.month, today.day, tzinfo=tz)
     fraction = min(1.0, max(0.0, (local_now - midnight).total_seconds() / 86_400))
-    series = daily_spend(tenant, min(first_day, today - timedelta(days=HISTORY_DAYS)), today)
+    series = daily_spend(
+        tenant, min(first_day, today - timedelta(days=HISTORY_DAYS)), today, by_end_user=end_users
+    )
 
     totals: dict[date, int] = defaultdict(int)
     for per_day in series.values():
