@@ -1,6 +1,6 @@
 from django.urls import include, path
 
-from dashboard import manage_views, views
+from dashboard import manage_views, members, views
 
 app_name = "dashboard"
 
@@ -19,6 +19,9 @@ tenant_patterns = [
     path("exports/", manage_views.exports, name="exports"),
     path("exports/usage.csv", manage_views.export_csv, name="export_csv"),
     path("exports/jobs/<int:job_id>/", manage_views.export_job, name="export_job"),
+    path("members/", members.members, name="members"),
+    path("members/<int:member_id>/role/", members.member_role, name="member_role"),
+    path("members/<int:member_id>/remove/", members.member_remove, name="member_remove"),
 ]
 
 urlpatterns = [

@@ -157,6 +157,9 @@ SESSION_TENANT_ROUTES = {
     "/dashboard/t/<slug:tenant_slug>/exports/": "get",
     "/dashboard/t/<slug:tenant_slug>/exports/usage.csv": "get",
     "/dashboard/t/<slug:tenant_slug>/exports/jobs/<int:job_id>/": "get",
+    "/dashboard/t/<slug:tenant_slug>/members/": "get",
+    "/dashboard/t/<slug:tenant_slug>/members/<int:member_id>/role/": "post",
+    "/dashboard/t/<slug:tenant_slug>/members/<int:member_id>/remove/": "post",
 }
 NOT_TENANT_OBJECTS = (
     "/v1/",  # the OpenAI-compatible gateway: token-scoped, covered by tests/routing
