@@ -86,8 +86,9 @@ def send_invite(request: HttpRequest, user: AbstractBaseUser) -> None:
     form.save(
         request=request,
         use_https=request.is_secure(),
-        subject_template_name="registration/password_reset_subject.txt",
-        email_template_name="registration/password_reset_email.html",
+        subject_template_name="registration/invite_subject.txt",
+        email_template_name="registration/invite_email.html",
+        extra_email_context={"tenant": request.access.tenant, "inviter": request.user},
     )
 
 

@@ -118,6 +118,7 @@ def test_owner_invites_a_new_email_who_sets_a_password_and_logs_in(client, tenan
     assert len(mailoutbox) == 1
     message = mailoutbox[0]
     assert message.to == ["new.person@example.test"]
+    assert message.subject == f"You're invited to {tenant.name} on CascadeFlow"
     link = re.search(r"http://testserver(/accounts/reset/\S+/)", message.body).group(1)
 
     client.logout()
