@@ -14,6 +14,9 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+# Forecasts fit small models: one BLAS thread each is faster than two fighting over
+# a shared core (measured in bench/forecast.py). Must be set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("CASCADEFLOW_VAR_DIR", BASE_DIR / "var"))

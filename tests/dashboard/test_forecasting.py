@@ -7,6 +7,7 @@ from datetime import date, timedelta
 import numpy as np
 import pytest
 
+from dashboard import forecasting
 from dashboard.forecasting import ForecastDay, SpendForecast, forecast_spend
 
 USD = 10**9
@@ -286,3 +287,16 @@ def test_bad_arguments():
         forecast_spend(history=[], today=TODAY, period_end=TODAY, spent_nanos=0, level=1.0)
     with pytest.raises(ValueError):
         forecast_spend(history=[], today=TODAY, period_end=TODAY, spent_nanos=0, method="magic")
+
+
+def test_a_failed_fit_falls_back_to_the_run_rate(monkeypatch):
+    def broken(y, horizon):
+        raise np.linalg.LinAlgError("singular")
+
+    monkeypatch.setattr(forecasting, "_ets_paths", broken)
+    f = forecast_spend(
+        history=noisy([10.0] * 30), today=TODAY, period_end=TODAY + timedelta(days=9), spent_nanos=0
+    )
+
+    assert f.method == "run_rate"
+    assert f.expected_nanos == pytest.approx(100 * USD, rel=0.05)
