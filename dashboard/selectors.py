@@ -152,6 +152,12 @@ def hourly_usage_grouped(tenant: Tenant, start: datetime, now: datetime) -> list
     return grouped + hourly_rows(tenant.pk, tail_from, now + timedelta(seconds=1))
 
 
+def _usage_sums() -> dict:
+    """Sums of the additive rollup columns that make a :class:`Usage`."""
+    fields = ("requests", "errors", "escalated", "cost_nanos", "baseline_cost_nanos")
+    return {f: Sum(f) for f in fields}
+
+
 def hourly_points(tenant: Tenant, start: datetime, now: datetime) -> list[Point]:
     """Usage per UTC hour from ``start`` to now, zero-filled."""
     by_hour: dict[datetime, Usage] = defaultdict(Usage)
@@ -160,13 +166,7 @@ def hourly_points(tenant: Tenant, start: datetime, now: datetime) -> list[Point]
         for row in (
             HourlyUsage.objects.filter(tenant=tenant, hour__gte=start, hour__lt=watermark)
             .values("hour")
-            .annotate(
-                requests=Sum("requests"),
-                errors=Sum("errors"),
-                escalated=Sum("escalated"),
-                cost_nanos=Sum("cost_nanos"),
-                baseline_cost_nanos=Sum("baseline_cost_nanos"),
-            )
+            .annotate(**_usage_sums())
             .order_by()
         ):
             by_hour[row["hour"].astimezone(UTC)].add(_Row(**row))
@@ -316,13 +316,7 @@ def end_user_lines(tenant: Tenant, now: datetime, limit: int = 50) -> list[EndUs
         for row in (
             DailyUsage.objects.filter(tenant=tenant, day__gte=first_day, day__lt=daily_until)
             .values("end_user_id")
-            .annotate(
-                requests=Sum("requests"),
-                errors=Sum("errors"),
-                escalated=Sum("escalated"),
-                cost_nanos=Sum("cost_nanos"),
-                baseline_cost_nanos=Sum("baseline_cost_nanos"),
-            )
+            .annotate(**_usage_sums())
             .order_by()
         ):
             totals[row.pop("end_user_id")].add(_Row(**row))
