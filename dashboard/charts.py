@@ -170,13 +170,14 @@ def rate(*, title: str, series: Series, volume: Series | None = None) -> go.Figu
     )  # fmt: skip
     _layout(fig, title=title, pct=True)
     fig.update_layout(
+        margin={"l": 48, "r": 44, "t": 40, "b": 36},
         yaxis2={
             "overlaying": "y",
             "side": "right",
             "showgrid": False,
             "rangemode": "tozero",
             "tickformat": ",.0f",
-        }
+        },
     )
     return fig
 
