@@ -282,6 +282,44 @@ def forecast_period(tenant: Tenant, now: datetime) -> tuple[datetime, datetime, 
     return start, end, budget.limit_nanos if budget else None
 
 
+def monthly_budgets(tenant: Tenant, end_user_ids: list[int]) -> dict[int, tuple[Budget, int]]:
+    """The tightest monthly budget per subject, with the counter subject it is kept under.
+
+    Subject 0 is the tenant (its tenant-wide budgets); an end user's id gets its own
+    end-user budgets and its tier's per-user budgets (counted under its id)."""
+    out: dict[int, tuple[Budget, int]] = {}
+
+    def consider(uid: int, budget: Budget, subject_id: int) -> None:
+        if uid not in out or budget.limit_nanos < out[uid][0].limit_nanos:
+            out[uid] = (budget, subject_id)
+
+    budgets = list(
+        Budget.objects.filter(
+            tenant=tenant,
+            period=BudgetPeriod.MONTH,
+            scope__in=[BudgetScope.TENANT, BudgetScope.END_USER, BudgetScope.TIER],
+        )
+    )
+    tiers: dict[int, int] = {}
+    if end_user_ids and any(b.scope == BudgetScope.TIER for b in budgets):
+        tiers = dict(
+            EndUser.objects.filter(
+                tenant=tenant, pk__in=end_user_ids, tier__isnull=False
+            ).values_list("pk", "tier_id")
+        )
+    wanted = set(end_user_ids)
+    for b in budgets:
+        if b.scope == BudgetScope.TENANT:
+            consider(0, b, 0)
+        elif b.scope == BudgetScope.END_USER and b.end_user_id in wanted:
+            consider(b.end_user_id, b, 0)
+        elif b.scope == BudgetScope.TIER:
+            for uid, tier_id in tiers.items():
+                if tier_id == b.tier_id:
+                    consider(uid, b, uid)
+    return out
+
+
 def forecast_snapshot(tenant: Tenant, end_user_id: int = 0) -> SpendForecastSnapshot | None:
     return SpendForecastSnapshot.objects.filter(tenant=tenant, end_user_id=end_user_id).first()
 
@@ -303,6 +341,14 @@ class EndUserLine:
     end_user_id: int
     usage: Usage
     forecast: SpendForecastSnapshot | None
+    budget: Budget | None = None  # the tightest monthly budget on this end user
+    budget_spent_nanos: int = 0  # its counter this period
+
+    @property
+    def budget_used_pct(self) -> float | None:
+        if self.budget is None or not self.budget.limit_nanos:
+            return None
+        return 100.0 * self.budget_spent_nanos / self.budget.limit_nanos
 
 
 def end_user_lines(tenant: Tenant, now: datetime, limit: int = 50) -> list[EndUserLine]:
@@ -333,7 +379,30 @@ def end_user_lines(tenant: Tenant, now: datetime, limit: int = 50) -> list[EndUs
         f.end_user_id: f
         for f in SpendForecastSnapshot.objects.filter(tenant=tenant, end_user_id__in=ids)
     }
-    return [EndUserLine(users.get(i), i, u, forecasts.get(i)) for i, u in top]
+    budgets = monthly_budgets(tenant, ids)
+    start, _ = period_bounds(BudgetPeriod.MONTH, now, tenant.time_zone)
+    spent = {
+        (c.budget_id, c.subject_id): c.spent_nanos
+        for c in BudgetCounter.objects.filter(
+            tenant=tenant,
+            budget__in=[b for uid, (b, _) in budgets.items() if uid],
+            period_start=start,
+        )
+    }
+    lines = []
+    for i, usage in top:
+        budget, subject = budgets.get(i, (None, 0)) if i else (None, 0)
+        lines.append(
+            EndUserLine(
+                users.get(i),
+                i,
+                usage,
+                forecasts.get(i),
+                budget,
+                spent.get((budget.pk, subject), 0) if budget else 0,
+            )
+        )
+    return lines
 
 
 def period_local_days(tenant: Tenant, start: datetime, end: datetime) -> list[date]:

@@ -12,9 +12,8 @@ from django.utils import timezone
 from dashboard.forecasting import SpendForecast, forecast_spend
 from dashboard.models import DailyUsage, SpendForecastSnapshot
 from dashboard.rollups import daily_rows
-from dashboard.selectors import forecast_period, rollup_watermark
+from dashboard.selectors import forecast_period, monthly_budgets, rollup_watermark
 from tenants.budgets import Crossing, alerts_record
-from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import Budget, Tenant
 
 HISTORY_DAYS = 56  # eight weeks: enough for weekly seasonality, short enough to follow change
@@ -90,14 +89,17 @@ def forecasts_refresh(tenant: Tenant, now: datetime | None = None, end_users: bo
     for per_day in series.values():
         for d, v in per_day.items():
             totals[d] += v
-    budgets = _monthly_budgets(tenant)
-    limits = {uid: b.limit_nanos for uid, b in budgets.items() if uid}
     active_since = today - timedelta(days=END_USER_ACTIVE_DAYS)
-    subjects: list[tuple[int, dict[date, int], int | None]] = [(0, totals, tenant_limit)]
-    subjects += [
-        (uid, per_day, limits.get(uid))
+    active = [
+        uid
         for uid, per_day in series.items()
         if uid and end_users and any(d >= active_since and v for d, v in per_day.items())
+    ]
+    budgets = monthly_budgets(tenant, active)
+    subjects: list[tuple[int, dict[date, int], int | None]] = [(0, totals, tenant_limit)]
+    subjects += [
+        (uid, series[uid], budgets[uid][0].limit_nanos if uid in budgets else None)
+        for uid in active
     ]
     snapshots = []
     for uid, per_day, limit in subjects:
@@ -145,20 +147,10 @@ def forecasts_refresh(tenant: Tenant, now: datetime | None = None, end_users: bo
     return len(snapshots)
 
 
-def _monthly_budgets(tenant: Tenant) -> dict[int, Budget]:
-    """The tightest monthly budget per subject: 0 for the tenant, else the end user's id."""
-    budgets: dict[int, Budget] = {}
-    for b in Budget.objects.filter(
-        tenant=tenant,
-        scope__in=[BudgetScope.TENANT, BudgetScope.END_USER],
-        period=BudgetPeriod.MONTH,
-    ).order_by("-limit_nanos"):
-        budgets[b.end_user_id or 0] = b
-    return budgets
-
-
 def forecast_alerts_record(
-    tenant: Tenant, snapshots: list[SpendForecastSnapshot], budgets: dict[int, Budget]
+    tenant: Tenant,
+    snapshots: list[SpendForecastSnapshot],
+    budgets: dict[int, tuple[Budget, int]],
 ) -> list[int]:
     """A "forecast" alert, once per budget and period, when the budget is likely to run out.
 
@@ -168,8 +160,8 @@ def forecast_alerts_record(
     threshold = settings.CASCADEFLOW_FORECAST_ALERT_PROBABILITY
     crossings = [
         Crossing(
-            budget_id=budgets[s.end_user_id].pk,
-            subject_id=0,
+            budget_id=budgets[s.end_user_id][0].pk,
+            subject_id=budgets[s.end_user_id][1],
             period_start=s.period_start,
             level="forecast",
             spent_nanos=s.spent_nanos,

@@ -163,3 +163,41 @@ def test_no_forecast_alert_when_the_budget_is_ample(tenant):
     forecasts_refresh(tenant)
 
     assert not BudgetAlert.objects.filter(tenant=tenant, level="forecast").exists()
+
+
+def test_end_users_show_their_tier_budget_use_and_forecast_limit(member_client, tenant):
+    from dashboard.services import forecasts_refresh
+    from tenants.models import EndUserTier
+
+    free = EndUserTier.objects.create(tenant=tenant, slug="free", name="Free")
+    user = EndUserFactory(tenant=tenant, external_id="bob", tier=free)
+    seed(tenant, days=8, end_user=user)
+    rollup_all()
+    budget = Budget.objects.create(
+        tenant=tenant,
+        scope=BudgetScope.TIER,
+        tier=free,
+        period=BudgetPeriod.MONTH,
+        limit_nanos=100_000_000,
+    )
+    start, end = period_bounds(BudgetPeriod.MONTH, timezone.now(), tenant.time_zone)
+    BudgetCounter.objects.create(
+        tenant=tenant,
+        budget=budget,
+        subject_id=user.pk,
+        period_start=start,
+        period_end=end,
+        spent_nanos=25_000_000,
+    )
+    forecasts_refresh(tenant)
+
+    response = member_client.get(f"/dashboard/t/{tenant.slug}/end-users/")
+
+    line = response.context["lines"][0]
+    assert (line.budget, line.budget_spent_nanos, line.budget_used_pct) == (
+        budget,
+        25_000_000,
+        25.0,
+    )
+    assert line.forecast.limit_nanos == 100_000_000
+    assert "25% of $0.10" in response.content.decode()
