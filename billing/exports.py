@@ -222,8 +222,15 @@ GROUPED_COLUMNS = [
 ]
 
 
-def grouped_rows(*, tenant_id: int, start: datetime, end: datetime, group_by: str) -> Iterator[str]:
-    """One row per day, model, end user or profile over the range (same money rules)."""
+def grouped_rows(
+    *, tenant_id: int, start: datetime, end: datetime, group_by: str, time_zone: str = "UTC"
+) -> Iterator[str]:
+    """One row per day, model, end user or profile over the range (same money rules).
+
+    Days are calendar days in ``time_zone``: UTC for the API (its dates are UTC), the
+    tenant's zone for the dashboard (its date range is in the tenant's zone)."""
+    from zoneinfo import ZoneInfo
+
     from django.db.models import Count, Q, Sum
     from django.db.models.functions import TruncDay
 
@@ -234,7 +241,7 @@ def grouped_rows(*, tenant_id: int, start: datetime, end: datetime, group_by: st
     )
     field = GROUP_FIELDS[group_by]
     keyed = (
-        events.annotate(key=TruncDay("created_at", tzinfo=UTC))
+        events.annotate(key=TruncDay("created_at", tzinfo=ZoneInfo(time_zone or "UTC")))
         if field is None
         else events.annotate(key=models.F(field))
     )

@@ -441,7 +441,13 @@ def export_csv(request: HttpRequest) -> HttpResponse:
     start, end = form.bounds()
     group_by, focus = form.cleaned_data["group_by"], form.cleaned_data["focus"]
     if group_by:
-        lines = grouped_rows(tenant_id=tenant.pk, start=start, end=end, group_by=group_by)
+        lines = grouped_rows(
+            tenant_id=tenant.pk,
+            start=start,
+            end=end,
+            group_by=group_by,
+            time_zone=tenant.time_zone,
+        )
     else:
         count = UsageEvent.objects.filter(
             tenant_id=tenant.pk, created_at__gte=start, created_at__lt=end

@@ -527,6 +527,20 @@ def test_grouped_and_focus_exports(client, tenant):
     assert len(focus) == 3
 
 
+def test_grouping_by_day_uses_the_tenants_days(client, tenant):
+    tenant.time_zone = "America/New_York"
+    tenant.save()
+    login(client, tenant, MemberRole.VIEWER)
+    usage(tenant, "req_late", datetime(2026, 3, 3, 3, 30, tzinfo=UTC))  # 2 March, 22:30 EST
+    usage(tenant, "req_next", datetime(2026, 3, 3, 12, tzinfo=UTC))
+
+    grouped = csv_rows(
+        client.get(url(tenant, "exports/usage.csv?start=2026-03-01&end=2026-03-31&group_by=day"))
+    )
+
+    assert [row[1:3] for row in grouped[1:]] == [["2026-03-02", "1"], ["2026-03-03", "1"]]
+
+
 @pytest.mark.parametrize(
     "query",
     [
