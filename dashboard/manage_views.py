@@ -272,25 +272,15 @@ def budget_edit(request: HttpRequest, budget_id: int) -> HttpResponse:
     if request.method == "POST":
         form = BudgetEditForm(request.POST, initial=initial)
         if form.is_valid():
-            with transaction.atomic():
-                changes = {
-                    field: value
-                    for field, value in form.values().items()
-                    if getattr(budget, field) != value
-                }
-                if changes:
-                    for field, value in changes.items():
-                        setattr(budget, field, value)
-                    budget.save(update_fields=list(changes))
-                    services.audit_record(
-                        tenant=tenant,
-                        action="budget.update",
-                        target=str(budget.pk),
-                        acting_user=request.user,
-                        data=changes,
-                    )
-            messages.success(request, "Budget saved." if changes else "Nothing changed.")
-            return redirect("dashboard:budgets", tenant.slug)
+            try:
+                changes = services.budget_update(
+                    budget=budget, acting_user=request.user, **form.values()
+                )
+            except ValueError as exc:
+                form.add_error(None, str(exc))
+            else:
+                messages.success(request, "Budget saved." if changes else "Nothing changed.")
+                return redirect("dashboard:budgets", tenant.slug)
     else:
         form = BudgetEditForm(initial=initial)
     return _page(
@@ -309,19 +299,7 @@ def budget_delete(request: HttpRequest, budget_id: int) -> HttpResponse:
     if budget.from_plan:
         messages.error(request, "This budget comes with the plan; change the plan instead.")
         return redirect("dashboard:budgets", tenant.slug)
-    with transaction.atomic():
-        services.audit_record(
-            tenant=tenant,
-            action="budget.delete",
-            target=str(budget.pk),
-            acting_user=request.user,
-            data={
-                "scope": budget.scope,
-                "period": budget.period,
-                "limit_nanos": budget.limit_nanos,
-            },
-        )
-        budget.delete()
+    services.budget_delete(budget=budget, acting_user=request.user)
     messages.success(request, "Budget deleted.")
     return redirect("dashboard:budgets", tenant.slug)
 

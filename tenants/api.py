@@ -3,6 +3,7 @@
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
+from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.response import Response
 
 from routing.engine.pricing import nanos_to_usd
@@ -167,21 +168,20 @@ class BudgetDetailApi(TenantAPIView):
         budget = self.tenant_object(pk)
         data = self.PatchSerializer(data=request.data, partial=True)
         data.is_valid(raise_exception=True)
-        for field, value in data.validated_data.items():
-            setattr(budget, field, value)
-        budget.save()
-        services.audit_record(
-            tenant=self.tenant,
-            action="budget.update",
-            target=str(budget.pk),
-            data={k: v for k, v in data.validated_data.items()},
-        )
+        try:
+            services.budget_update(budget=budget, **data.validated_data)
+        except services.PlanBudgetLocked as exc:
+            raise PermissionDenied(str(exc)) from None
+        except ValueError as exc:
+            raise ValidationError({"non_field_errors": [str(exc)]}) from None
         return Response(BudgetOutput(budget).data)
 
     def delete(self, request, pk):
         budget = self.tenant_object(pk)
-        services.audit_record(tenant=self.tenant, action="budget.delete", target=str(budget.pk))
-        budget.delete()
+        try:
+            services.budget_delete(budget=budget)
+        except services.PlanBudgetLocked as exc:
+            raise PermissionDenied(str(exc)) from None
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

@@ -190,6 +190,71 @@ def tier_ensure_defaults() -> Tier:
     return free
 
 
+class PlanBudgetLocked(PermissionError):
+    """A budget that comes with the tenant's plan: it changes with the plan, not by hand."""
+
+    def __init__(self) -> None:
+        super().__init__("This budget comes with the plan; change the plan instead.")
+
+
+def _budget_check(limit_nanos: int, warn: int | None, degrade: int | None, block: int | None):
+    if limit_nanos < 0:
+        raise ValueError("A budget limit cannot be negative.")
+    given = [p for p in (warn, degrade, block) if p is not None]
+    if given != sorted(given) or any(p <= 0 or p > 1000 for p in given):
+        raise ValueError("Thresholds must be positive and ordered warn <= degrade <= block.")
+
+
+BUDGET_EDITABLE = ("limit_nanos", "warn_pct", "degrade_pct", "block_pct")
+
+
+@transaction.atomic
+def budget_update(
+    *, budget: Budget, acting_user: AbstractBaseUser | None = None, **changes
+) -> dict[str, int | None]:
+    """Change a budget's limit and thresholds; returns what changed (audited with it).
+
+    Plan budgets are refused (:class:`PlanBudgetLocked`): an admin cannot lift the
+    plan's cap. Unknown fields, a negative limit or thresholds out of order raise
+    ``ValueError`` and change nothing."""
+    if budget.from_plan:
+        raise PlanBudgetLocked
+    unknown = set(changes) - set(BUDGET_EDITABLE)
+    if unknown:
+        raise ValueError(f"Not editable: {', '.join(sorted(unknown))}.")
+    merged = {f: changes.get(f, getattr(budget, f)) for f in BUDGET_EDITABLE}
+    _budget_check(
+        merged["limit_nanos"], merged["warn_pct"], merged["degrade_pct"], merged["block_pct"]
+    )
+    changed = {f: v for f, v in changes.items() if getattr(budget, f) != v}
+    if changed:
+        for field, value in changed.items():
+            setattr(budget, field, value)
+        budget.save(update_fields=list(changed))
+        audit_record(
+            tenant=budget.tenant,
+            action="budget.update",
+            target=str(budget.pk),
+            acting_user=acting_user,
+            data=changed,
+        )
+    return changed
+
+
+@transaction.atomic
+def budget_delete(*, budget: Budget, acting_user: AbstractBaseUser | None = None) -> None:
+    if budget.from_plan:
+        raise PlanBudgetLocked
+    audit_record(
+        tenant=budget.tenant,
+        action="budget.delete",
+        target=str(budget.pk),
+        acting_user=acting_user,
+        data={"scope": budget.scope, "period": budget.period, "limit_nanos": budget.limit_nanos},
+    )
+    budget.delete()
+
+
 @transaction.atomic
 def budget_create(
     *,
@@ -205,11 +270,7 @@ def budget_create(
     block_pct: int | None = None,
     acting_user: AbstractBaseUser | None = None,
 ) -> Budget:
-    if limit_nanos < 0:
-        raise ValueError("A budget limit cannot be negative.")
-    given = [p for p in (warn_pct, degrade_pct, block_pct) if p is not None]
-    if given != sorted(given) or any(p <= 0 or p > 1000 for p in given):
-        raise ValueError("Thresholds must be positive and ordered warn <= degrade <= block.")
+    _budget_check(limit_nanos, warn_pct, degrade_pct, block_pct)
     for obj in (end_user, token, tier):
         if obj is not None and obj.tenant_id != tenant.pk:
             raise ValueError("Budget target belongs to another tenant.")

@@ -324,3 +324,26 @@ def test_usage_filters_by_time_end_user_and_token_and_lists_alerts(api_token, te
     assert client.get("/api/v1/usage/?start=yesterday").status_code == 400
     [alert] = client.get("/api/v1/alerts/").json()["data"]
     assert (alert["level"], alert["spent_nanos"]) == ("warn", 8)
+
+
+def test_plan_budgets_cannot_be_edited_or_deleted_and_thresholds_stay_ordered(api_token, tenant):
+    from tenants.models import Budget
+
+    plan = Budget.objects.create(
+        tenant=tenant, scope="tenant", period="month", limit_nanos=10**9, from_plan=True
+    )
+    own = Budget.objects.create(
+        tenant=tenant, scope="tenant", period="day", limit_nanos=10**8, warn_pct=50, block_pct=100
+    )
+    client = api(api_token.raw)
+
+    lifted = client.patch(f"/api/v1/budgets/{plan.pk}/", {"limit_nanos": 10**12}, format="json")
+    deleted = client.delete(f"/api/v1/budgets/{plan.pk}/")
+    unordered = client.patch(f"/api/v1/budgets/{own.pk}/", {"warn_pct": 150}, format="json")
+
+    assert lifted.status_code == 403 and deleted.status_code == 403
+    assert lifted.json()["error"]["message"].startswith("This budget comes with the plan")
+    assert unordered.status_code == 400
+    plan.refresh_from_db()
+    own.refresh_from_db()
+    assert plan.limit_nanos == 10**9 and own.warn_pct == 50
