@@ -12,7 +12,6 @@ from urllib.parse import urlencode
 from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.db import transaction
 from django.db.models import F
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -321,21 +320,7 @@ def end_user_set_tier(request: HttpRequest, end_user_id: int) -> HttpResponse:
         return redirect("dashboard:end_users", tenant.slug)
     tier_id = form.cleaned_data["tier"]
     tier = get_object_or_404(EndUserTier, pk=tier_id, tenant=tenant) if tier_id else None
-    previous = end_user.tier
-    if (previous.pk if previous else None) != (tier.pk if tier else None):
-        with transaction.atomic():
-            end_user.tier = tier
-            end_user.save(update_fields=["tier"])
-            services.audit_record(
-                tenant=tenant,
-                action="end_user.tier",
-                target=end_user.external_id,
-                acting_user=request.user,
-                data={
-                    "from": previous.slug if previous else None,
-                    "to": tier.slug if tier else None,
-                },
-            )
+    services.end_user_tier_set(end_user=end_user, tier=tier, acting_user=request.user)
     label = f"tier “{tier.name}”" if tier else "the default tier"
     messages.success(request, f"{end_user.external_id} is now on {label}.")
     return redirect("dashboard:end_users", tenant.slug)

@@ -223,12 +223,12 @@ class EndUserDetailApi(TenantAPIView):
         data = self.PatchSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         tier_id = data.validated_data["tier"]
-        end_user.tier = (
+        tier = (
             get_object_or_404(EndUserTier, pk=tier_id, tenant_id=request.auth.tenant_id)
             if tier_id
             else None
         )
-        end_user.save(update_fields=["tier"])
+        services.end_user_tier_set(end_user=end_user, tier=tier)
         return Response(EndUserOutput(end_user).data)
 
 

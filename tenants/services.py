@@ -256,6 +256,28 @@ def budget_delete(*, budget: Budget, acting_user: AbstractBaseUser | None = None
 
 
 @transaction.atomic
+def end_user_tier_set(
+    *, end_user: EndUser, tier: EndUserTier | None, acting_user: AbstractBaseUser | None = None
+) -> bool:
+    """Put an end user on a tier of its tenant (None: the default); audited. True if changed."""
+    if tier is not None and tier.tenant_id != end_user.tenant_id:
+        raise ValueError("The tier belongs to another tenant.")
+    if end_user.tier_id == (tier.pk if tier else None):
+        return False
+    previous = end_user.tier
+    end_user.tier = tier
+    end_user.save(update_fields=["tier"])
+    audit_record(
+        tenant=end_user.tenant,
+        action="end_user.tier",
+        target=end_user.external_id,
+        acting_user=acting_user,
+        data={"from": previous.slug if previous else None, "to": tier.slug if tier else None},
+    )
+    return True
+
+
+@transaction.atomic
 def budget_create(
     *,
     tenant: Tenant,
