@@ -1,8 +1,5 @@
 """Management API: CSV cost export."""
 
-from itertools import islice
-
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
@@ -15,9 +12,11 @@ from billing.exports import (
     GROUP_FIELDS,
     download_job_id,
     download_token,
+    export_job_queue,
     grouped_rows,
     parse_range,
     rows,
+    stream_in_batches,
 )
 from billing.models import ExportJob
 from routing.models import UsageEvent
@@ -53,7 +52,9 @@ class UsageExportCsvApi(TenantAPIView):
         if count > settings.CASCADEFLOW_EXPORT_SYNC_MAX_ROWS and not request.query_params.get(
             "group_by"
         ):
-            job = _queue_job(request.auth.tenant_id, start, end, focus)
+            job = export_job_queue(
+                tenant_id=request.auth.tenant_id, start=start, end=end, focus=focus
+            )
             return Response(ExportJobOutput(job).data, status=202)
         group_by = request.query_params.get("group_by")
         if group_by:
@@ -65,7 +66,7 @@ class UsageExportCsvApi(TenantAPIView):
         else:
             lines = rows(tenant_id=request.auth.tenant_id, start=start, end=end, focus=focus)
         response = StreamingHttpResponse(
-            _batches_async(lines) if _under_asgi(request) else lines,
+            stream_in_batches(lines) if _under_asgi(request) else lines,
             content_type="text/csv; charset=utf-8",
         )
         name = f"cascadeflow-usage-{start:%Y%m%d}-{end:%Y%m%d}{'-focus' if focus else ''}.csv"
@@ -75,21 +76,6 @@ class UsageExportCsvApi(TenantAPIView):
 
 def _under_asgi(request) -> bool:
     return hasattr(request._request, "scope")  # an ASGIRequest
-
-
-async def _batches_async(lines, batch: int = 2000):
-    """Stream a sync generator from ASGI without buffering it.
-
-    Django serves a *sync* iterator under ASGI by reading it whole into
-    memory; this reads it in batches on one thread (the database cursor's).
-    """
-    iterator = iter(lines)
-
-    def next_batch() -> str:
-        return "".join(islice(iterator, batch))
-
-    while chunk := await sync_to_async(next_batch, thread_sensitive=True)():
-        yield chunk
 
 
 class ExportJobOutput(serializers.ModelSerializer):
@@ -134,7 +120,12 @@ class ExportJobCreateApi(TenantAPIView):
             start, end = parse_range(values["start"].isoformat(), values["end"].isoformat())
         except ValueError as exc:
             raise ValidationError({"range": [str(exc)]}) from None
-        job = _queue_job(request.auth.tenant_id, start, end, values["format"] == "focus")
+        job = export_job_queue(
+            tenant_id=request.auth.tenant_id,
+            start=start,
+            end=end,
+            focus=values["format"] == "focus",
+        )
         return Response(ExportJobOutput(job).data, status=202)
 
 
@@ -178,13 +169,3 @@ class ExportJobDownloadApi(TenantAPIView):
             as_attachment=True,
             filename=f"cascadeflow-export-{job.pk}.csv",
         )
-
-
-def _queue_job(tenant_id: int, start, end, focus: bool) -> ExportJob:
-    from django.db import transaction
-
-    from billing.tasks import export_job_run
-
-    job = ExportJob.objects.create(tenant_id=tenant_id, start=start, end=end, focus=focus)
-    transaction.on_commit(lambda: export_job_run.delay(job.pk), robust=True)
-    return job

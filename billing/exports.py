@@ -13,7 +13,9 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from itertools import islice
 
+from asgiref.sync import sync_to_async
 from django.db import models
 
 from routing.engine.pricing import nanos_to_usd
@@ -273,3 +275,30 @@ def grouped_rows(
                 _usd(baseline - cost),
             ]
         )
+
+
+def export_job_queue(*, tenant_id: int, start: datetime, end: datetime, focus: bool):
+    """Create an export job; the Celery task starts once the job row is committed."""
+    from django.db import transaction
+
+    from billing.models import ExportJob
+    from billing.tasks import export_job_run
+
+    job = ExportJob.objects.create(tenant_id=tenant_id, start=start, end=end, focus=focus)
+    transaction.on_commit(lambda: export_job_run.delay(job.pk), robust=True)
+    return job
+
+
+async def stream_in_batches(lines, batch: int = 2000):
+    """Stream a sync generator from ASGI without buffering it.
+
+    Django serves a *sync* iterator under ASGI by reading it whole into
+    memory; this reads it in batches on one thread (the database cursor's).
+    """
+    iterator = iter(lines)
+
+    def next_batch() -> str:
+        return "".join(islice(iterator, batch))
+
+    while chunk := await sync_to_async(next_batch, thread_sensitive=True)():
+        yield chunk

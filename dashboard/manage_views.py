@@ -20,8 +20,13 @@ from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from billing.api import _batches_async, _queue_job
-from billing.exports import download_token, grouped_rows, rows
+from billing.exports import (
+    download_token,
+    export_job_queue,
+    grouped_rows,
+    rows,
+    stream_in_batches,
+)
 from billing.models import ExportJob, TenantSubscription
 from dashboard.access import tenant_view
 from dashboard.forms import (
@@ -387,7 +392,9 @@ def exports(request: HttpRequest) -> HttpResponse:
             )
         else:
             start, end = form.bounds()
-            job = _queue_job(tenant.pk, start, end, form.cleaned_data["focus"])
+            job = export_job_queue(
+                tenant_id=tenant.pk, start=start, end=end, focus=form.cleaned_data["focus"]
+            )
             messages.success(request, "Export queued.")
             return redirect("dashboard:export_job", tenant.slug, job.pk)
     return _exports_page(request, form)
@@ -416,7 +423,7 @@ def export_csv(request: HttpRequest) -> HttpResponse:
             tenant_id=tenant.pk, created_at__gte=start, created_at__lt=end
         ).count()
         if count > settings.CASCADEFLOW_EXPORT_SYNC_MAX_ROWS:
-            job = _queue_job(tenant.pk, start, end, focus)
+            job = export_job_queue(tenant_id=tenant.pk, start=start, end=end, focus=focus)
             messages.info(
                 request, f"{count:,} rows: too many to stream, so it runs in the background."
             )
@@ -424,7 +431,7 @@ def export_csv(request: HttpRequest) -> HttpResponse:
         lines = rows(tenant_id=tenant.pk, start=start, end=end, focus=focus)
     under_asgi = hasattr(request, "scope")
     response = StreamingHttpResponse(
-        _batches_async(lines) if under_asgi else lines, content_type="text/csv; charset=utf-8"
+        stream_in_batches(lines) if under_asgi else lines, content_type="text/csv; charset=utf-8"
     )
     data = form.cleaned_data
     suffix = f"-by-{group_by}" if group_by else ("-focus" if focus else "")
