@@ -125,7 +125,7 @@ def run(args) -> dict:
             chat=chat,
             parse_error=None,
         )
-        entry = gateway._entry(gw)
+        entry = gateway.ledger_entry(gw)
         entry.prompt_tokens, entry.completion_tokens = 12, 8
         await gateway.record(gw, entry)
         return (time.perf_counter() - started) * 1000

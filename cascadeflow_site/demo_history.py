@@ -275,19 +275,19 @@ async def _cascade(gw: gateway.GatewayRequest, entry: LedgerEntry) -> None:
     agent = gw.agent()
     try:
         if gw.chat.stream:
-            cascade = await agent.stream(gw.chat.messages, gateway._params(gw))
+            cascade = await agent.stream(gw.chat.messages, gateway.upstream_params(gw))
             async for _ in cascade.chunks():
                 pass
             assert cascade.result is not None
-            gateway._fill(entry, cascade.result)
+            gateway.ledger_fill(entry, cascade.result)
             if cascade.failure is not None:
                 failure = classify(cascade.failure)
                 entry.status, entry.error_code = UsageStatus.UPSTREAM_ERROR, failure.code
         else:
-            result = await agent.run(gw.chat.messages, gateway._params(gw))
-            gateway._fill(entry, result)
+            result = await agent.run(gw.chat.messages, gateway.upstream_params(gw))
+            gateway.ledger_fill(entry, result)
     except UpstreamError as exc:
-        error = gateway._as_gateway_error(exc)
+        error = gateway.gateway_error_of(exc)
         entry.attempts = list(exc.attempts)
         entry.status = UsageStatus.UPSTREAM_ERROR
         entry.http_status = error.status
@@ -330,7 +330,7 @@ def _run_cascades(
     async def one(
         item: _Planned, gw: gateway.GatewayRequest, slots: asyncio.Semaphore
     ) -> LedgerEntry:
-        entry = gateway._entry(gw)
+        entry = gateway.ledger_entry(gw)
         if item.rate_limited:
             entry.status, entry.http_status = UsageStatus.RATE_LIMITED, 429
             entry.error_code = "rate_limit_exceeded"

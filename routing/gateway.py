@@ -182,7 +182,7 @@ def _prepare_sync(
         refused = GatewayRequest(
             request_id, ctx, chat, target, end_user.pk if end_user else None, received_at, started
         )
-        entry = _entry(refused)
+        entry = ledger_entry(refused)
         entry.status, entry.http_status, entry.error_code = (
             UsageStatus.RATE_LIMITED,
             429,
@@ -202,7 +202,7 @@ def _prepare_sync(
         enforcement,
     )
     if enforcement.decision == "block":
-        entry = _entry(gw)
+        entry = ledger_entry(gw)
         entry.status = UsageStatus.BLOCKED
         entry.http_status = 402
         entry.error_code = "budget_exceeded"
@@ -252,7 +252,7 @@ def list_models(ctx: TokenContext) -> dict[str, Any]:
 # --- ledger ---------------------------------------------------------------------------
 
 
-def _entry(gw: GatewayRequest) -> LedgerEntry:
+def ledger_entry(gw: GatewayRequest) -> LedgerEntry:
     return LedgerEntry(
         tenant_id=gw.ctx.tenant_id,
         token_id=gw.ctx.token_id,
@@ -266,7 +266,7 @@ def _entry(gw: GatewayRequest) -> LedgerEntry:
     )
 
 
-def _fill(entry: LedgerEntry, result: CascadeResult) -> None:
+def ledger_fill(entry: LedgerEntry, result: CascadeResult) -> None:
     entry.attempts = result.attempts
     entry.paid_cost_nanos = result.cost_nanos - sum(a.cost_nanos for a in result.attempts)
     entry.model = result.model.name
@@ -303,7 +303,7 @@ async def record(gw: GatewayRequest, entry: LedgerEntry) -> None:
     live.publish(entry)
 
 
-def _as_gateway_error(exc: UpstreamError) -> GatewayError:
+def gateway_error_of(exc: UpstreamError) -> GatewayError:
     failure = exc.failure
     if not failure.retryable:
         return GatewayError(failure.status, failure.message, code=failure.code)
@@ -313,7 +313,7 @@ def _as_gateway_error(exc: UpstreamError) -> GatewayError:
 async def _fail(
     gw: GatewayRequest, entry: LedgerEntry, exc: UpstreamError, attempts: list[Attempt]
 ) -> GatewayError:
-    error = _as_gateway_error(exc)
+    error = gateway_error_of(exc)
     entry.attempts = attempts
     entry.status = UsageStatus.UPSTREAM_ERROR
     entry.http_status = error.status
@@ -331,7 +331,7 @@ async def _fail(
     return error
 
 
-def _params(gw: GatewayRequest) -> dict[str, Any]:
+def upstream_params(gw: GatewayRequest) -> dict[str, Any]:
     return dict(gw.chat.params)
 
 
@@ -339,13 +339,13 @@ def _params(gw: GatewayRequest) -> dict[str, Any]:
 
 
 async def complete(gw: GatewayRequest) -> CompletionOutcome:
-    entry = _entry(gw)
+    entry = ledger_entry(gw)
     agent = gw.agent()
     try:
-        result = await agent.run(gw.chat.messages, _params(gw))
+        result = await agent.run(gw.chat.messages, upstream_params(gw))
     except UpstreamError as exc:
         raise await _fail(gw, entry, exc, list(exc.attempts)) from None
-    _fill(entry, result)
+    ledger_fill(entry, result)
     await record(gw, entry)
     body = clean_payload(result.response.model_dump())
     body["model"] = result.model.name
@@ -380,10 +380,10 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 async def stream(gw: GatewayRequest) -> StreamOutcome:
     """Judge drafts, then stream the answer (errors before any output are HTTP errors)."""
-    entry = _entry(gw)
+    entry = ledger_entry(gw)
     agent = gw.agent()
     try:
-        cascade = await agent.stream(gw.chat.messages, _params(gw))
+        cascade = await agent.stream(gw.chat.messages, upstream_params(gw))
     except UpstreamError as exc:
         raise await _fail(gw, entry, exc, list(exc.attempts)) from None
     headers = gw.enforcement.headers() | cascade_headers(
@@ -408,14 +408,14 @@ async def _relay(
             yield _sse(data)
     except (asyncio.CancelledError, GeneratorExit):
         if cascade.result is not None:
-            _fill(entry, cascade.result)
+            ledger_fill(entry, cascade.result)
         entry.attempts = cascade.attempts
         entry.status = UsageStatus.CLIENT_CLOSED
         entry.http_status = 499
         await record(gw, entry)
         raise
     assert cascade.result is not None
-    _fill(entry, cascade.result)
+    ledger_fill(entry, cascade.result)
     if cascade.failure is not None:
         failure = classify(cascade.failure)
         entry.status = UsageStatus.UPSTREAM_ERROR
