@@ -46,3 +46,11 @@ class EndUserFactory(factory.django.DjangoModelFactory):
 
     tenant = factory.SubFactory(TenantFactory)
     external_id = factory.Sequence(lambda n: f"end-user-{n}")
+
+
+def member_login(client, tenant, role):
+    """A new user, a member of ``tenant`` with ``role``, logged in on ``client``."""
+    user = UserFactory()
+    MemberFactory(tenant=tenant, user=user, role=role)
+    client.force_login(user)
+    return user

@@ -20,16 +20,10 @@ from tenants.models import (
     EndUserTier,
 )
 from tenants.services import budget_create, token_create, token_hash
-from tests.factories import EndUserFactory, MemberFactory, TierFactory, UserFactory
+from tests.factories import EndUserFactory, TierFactory
+from tests.factories import member_login as login
 
 pytestmark = pytest.mark.django_db
-
-
-def login(client, tenant, role):
-    user = UserFactory()
-    MemberFactory(tenant=tenant, user=user, role=role)
-    client.force_login(user)
-    return user
 
 
 def url(tenant, path=""):

@@ -9,15 +9,9 @@ from django.contrib.messages import get_messages
 from tenants.enums import MemberRole
 from tenants.models import AuditEvent, Member
 from tests.factories import MemberFactory, UserFactory
+from tests.factories import member_login as login
 
 pytestmark = pytest.mark.django_db
-
-
-def login(client, tenant, role):
-    user = UserFactory()
-    MemberFactory(tenant=tenant, user=user, role=role)
-    client.force_login(user)
-    return user
 
 
 def url(tenant, path=""):
