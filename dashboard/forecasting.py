@@ -68,6 +68,12 @@ class ForecastDay:
     mean_nanos: int
     low_nanos: int
     high_nanos: int
+    # The period's total spend by the end of this day (spent so far included): its
+    # interval comes from the cumulative sums of the simulated paths, not from adding
+    # up daily bounds (which would overstate it).
+    cumulative_nanos: int = 0
+    cumulative_low_nanos: int = 0
+    cumulative_high_nanos: int = 0
 
 
 @dataclass(frozen=True)
@@ -296,15 +302,22 @@ def _summarise(
 ) -> SpendForecast:
     q_low, q_high = (1.0 - level) / 2.0, (1.0 + level) / 2.0
     lows, highs = np.clip(np.quantile(paths, [q_low, q_high], axis=1), 0.0, None)
-    days = []
+    cum_lows, cum_highs = np.quantile(
+        np.cumsum(np.clip(paths, 0.0, None), axis=0), [q_low, q_high], axis=1
+    )
+    days, cumulative = [], spent
     for offset in range(paths.shape[0]):
         mean = _nanos(means[offset], scale)
+        cumulative += mean
         days.append(
             ForecastDay(
                 day=today + timedelta(days=offset),
                 mean_nanos=mean,
                 low_nanos=min(_nanos(lows[offset], scale), mean),
                 high_nanos=max(_nanos(highs[offset], scale), mean),
+                cumulative_nanos=cumulative,
+                cumulative_low_nanos=min(spent + _nanos(cum_lows[offset], scale), cumulative),
+                cumulative_high_nanos=max(spent + _nanos(cum_highs[offset], scale), cumulative),
             )
         )
     expected = spent + sum(d.mean_nanos for d in days)
@@ -344,7 +357,9 @@ def _none(
     spent: int, today: date, horizon: int, limit: int | None, level: float, history_days: int
 ) -> SpendForecast:
     """No model: the period total is what was spent (history empty, or the period is over)."""
-    days = [ForecastDay(today + timedelta(days=i), 0, 0, 0) for i in range(horizon)]
+    days = [
+        ForecastDay(today + timedelta(days=i), 0, 0, 0, spent, spent, spent) for i in range(horizon)
+    ]
     over = limit is not None and spent > limit
     if limit is None:
         exceed = None

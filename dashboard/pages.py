@@ -12,6 +12,7 @@ from dashboard.selectors import Usage
 from tenants.models import Tenant
 
 FORECAST_MAX_AGE = timedelta(hours=1)
+FORECAST_LEVEL = 0.8  # forecasting.forecast_spend's default
 RECENT_HOURS = 48
 
 
@@ -30,7 +31,8 @@ class Overview:
 
 def _fresh_forecast(tenant: Tenant, now: datetime, start: datetime) -> SpendForecastSnapshot | None:
     snap = selectors.forecast_snapshot(tenant)
-    if snap is None or snap.period_start != start or now - snap.computed_at > FORECAST_MAX_AGE:
+    stale = snap is None or snap.period_start != start or now - snap.computed_at > FORECAST_MAX_AGE
+    if stale or (snap.days and "cum" not in snap.days[0]):  # a snapshot from before "cum"
         services.forecasts_refresh(tenant, now, end_users=False)
         snap = selectors.forecast_snapshot(tenant)
     return snap
@@ -113,20 +115,14 @@ def _forecast_figure(days, snap, limit, tz):
     actual_x = [label(p.at, tz, False) for p in days]
     actual_y = list(accumulate(usd(p.usage.cost_nanos) for p in days))
     expected_x, expected_y, band = [], [], None
-    if snap is not None and snap.days:
-        spent = usd(snap.spent_nanos)
-        cum = list(accumulate(usd(d["mean"]) for d in snap.days))
-        future = cum[-1] or 1.0
+    if snap is not None and snap.days and "cum" in snap.days[0]:
         expected_x = [d["day"] for d in snap.days]
-        expected_y = [spent + c for c in cum]
-        # The interval of the period total, spread along the path in proportion to
-        # the expected spend still to come (an approximation of the daily quantiles).
-        low, high = usd(snap.low_nanos) - spent, usd(snap.high_nanos) - spent
+        expected_y = [usd(d["cum"]) for d in snap.days]
         band = Band(
             x=expected_x,
-            low=[spent + low * c / future for c in cum],
-            high=[spent + high * c / future for c in cum],
-            name="80% interval",
+            low=[usd(d["cum_low"]) for d in snap.days],
+            high=[usd(d["cum_high"]) for d in snap.days],
+            name=f"{round(100 * FORECAST_LEVEL)}% interval",
         )
     return charts.forecast(
         actual=Series("Spent", actual_x, actual_y),

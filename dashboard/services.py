@@ -132,6 +132,9 @@ def forecasts_refresh(tenant: Tenant, now: datetime | None = None, end_users: bo
                         "mean": d.mean_nanos,
                         "low": d.low_nanos,
                         "high": d.high_nanos,
+                        "cum": d.cumulative_nanos,
+                        "cum_low": d.cumulative_low_nanos,
+                        "cum_high": d.cumulative_high_nanos,
                     }
                     for d in f.days
                 ],

@@ -300,3 +300,32 @@ def test_a_failed_fit_falls_back_to_the_run_rate(monkeypatch):
 
     assert f.method == "run_rate"
     assert f.expected_nanos == pytest.approx(100 * USD, rel=0.05)
+
+
+def test_the_cumulative_interval_grows_along_the_period_and_ends_at_the_totals():
+    history = noisy([10.0] * 60, sigma=0.2)
+    f = forecast_spend(
+        history=history, today=TODAY, period_end=TODAY + timedelta(days=20), spent_nanos=90 * USD
+    )
+
+    widths = [d.cumulative_high_nanos - d.cumulative_low_nanos for d in f.days]
+    last = f.days[-1]
+    assert (last.cumulative_nanos, last.cumulative_low_nanos, last.cumulative_high_nanos) == (
+        f.expected_nanos,
+        f.low_nanos,
+        f.high_nanos,
+    )
+    assert all(
+        d.cumulative_low_nanos <= d.cumulative_nanos <= d.cumulative_high_nanos for d in f.days
+    )
+    assert widths[-1] > widths[0] and widths == sorted(widths)
+    # Narrower than adding up the daily bounds: daily errors partly cancel.
+    assert last.cumulative_high_nanos - f.spent_nanos < sum(d.high_nanos for d in f.days)
+
+
+def test_no_history_keeps_the_cumulative_at_what_was_spent():
+    f = forecast_spend(history=[], today=TODAY, period_end=TODAY + timedelta(days=3), spent_nanos=7)
+
+    assert {
+        (d.cumulative_nanos, d.cumulative_low_nanos, d.cumulative_high_nanos) for d in f.days
+    } == {(7, 7, 7)}

@@ -79,7 +79,12 @@ def test_overview_shows_totals_figures_and_gauges(member_client, tenant, other_t
             tenant=tenant, created_at__gte=timezone.now() - timedelta(minutes=60)
         ).count()
     )
-    assert SpendForecastSnapshot.objects.filter(tenant=tenant, end_user_id=0).exists()
+    snap = SpendForecastSnapshot.objects.get(tenant=tenant, end_user_id=0)
+    traces = {t.get("name"): t for t in figures["forecast"]["data"]}
+    assert traces["Forecast"]["y"][-1] == pytest.approx(snap.expected_nanos / 1e9)
+    band = traces["80% interval"]["y"]  # high along the path, then low back
+    assert band[len(band) // 2 - 1] == pytest.approx(snap.high_nanos / 1e9)
+    assert band[len(band) // 2] == pytest.approx(snap.low_nanos / 1e9)
     body = response.content.decode()
     assert 'data-testid="requests-count"' in body and "vendor/plotly.min.js" in body
     assert other_tenant.name not in body
