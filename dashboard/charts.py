@@ -157,7 +157,9 @@ def forecast(
     return _layout(fig, title="Spend this period and forecast (cumulative)", money=True)
 
 
-def rate(*, title: str, series: Series, volume: Series | None = None) -> go.Figure:
+def rate(
+    *, title: str, series: Series, volume: Series | None = None, quality: Series | None = None
+) -> go.Figure:
     """A percentage over time (escalation, acceptance), with request volume behind it."""
     fig = figure()
     if volume is not None:
@@ -168,6 +170,17 @@ def rate(*, title: str, series: Series, volume: Series | None = None) -> go.Figu
         go.Scatter(x=series.x, y=series.y, name=series.name, mode="lines+markers",
                    line={"color": WARN}, connectgaps=False)
     )  # fmt: skip
+    if quality is not None:
+        fig.add_trace(
+            go.Scatter(
+                x=quality.x,
+                y=quality.y,
+                name=quality.name,
+                mode="lines",
+                line={"color": GOOD, "width": 2},
+                connectgaps=False,
+            )
+        )
     _layout(fig, title=title, pct=True)
     fig.update_layout(
         margin={"l": 48, "r": 44, "t": 40, "b": 36},

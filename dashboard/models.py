@@ -42,6 +42,10 @@ class HourlyUsage(models.Model):
     completion_tokens = models.BigIntegerField(default=0)
     latency_ms_sum = models.BigIntegerField(default=0)
     latency_hist = models.JSONField(default=list)  # counts per LATENCY_BOUNDS_MS bucket (+1 open)
+    # The quality check's calibrated probability that the returned answer is acceptable,
+    # summed over the requests that have one (quality_n): "is quality holding?"
+    quality_sum = models.FloatField(default=0.0)
+    quality_n = models.PositiveIntegerField(default=0)
 
     class Meta:
         constraints = [

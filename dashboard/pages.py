@@ -76,9 +76,10 @@ def overview(tenant: Tenant, now: datetime) -> Overview:
         ),
         "forecast": _forecast_figure(days, snap, limit, tz),
         "escalation": charts.rate(
-            title="Escalation rate per hour",
+            title="Escalation rate and estimated quality per hour",
             series=Series("Escalated", hx, [p.usage.escalation_pct for p in recent]),
             volume=Series("Requests", hx, [p.usage.requests for p in recent]),
+            quality=Series("Estimated quality", hx, [p.usage.quality_pct for p in recent]),
         ),
         "rpm": charts.counts(
             title="Requests per minute (last hour)",

@@ -73,6 +73,8 @@ def hourly_rows(tenant_id: int, start: datetime, end: datetime) -> list[HourlyUs
             pt=Coalesce(Sum("prompt_tokens"), 0),
             ct=Coalesce(Sum("completion_tokens"), 0),
             lat=Coalesce(Sum("latency_ms"), 0),
+            qs=Coalesce(Sum("quality_score"), 0.0),
+            qn=Count("quality_score"),
             **_latency_histogram(),
         )
     )
@@ -93,6 +95,8 @@ def hourly_rows(tenant_id: int, start: datetime, end: datetime) -> list[HourlyUs
             completion_tokens=g["ct"],
             latency_ms_sum=g["lat"],
             latency_hist=[g[f"h{i}"] for i in range(len(_BUCKETS))],
+            quality_sum=g["qs"],
+            quality_n=g["qn"],
         )
         for g in groups
     ]

@@ -41,8 +41,12 @@ class Usage:
     baseline_cost_nanos: int = 0
     latency_ms_sum: int = 0
     latency_hist: list[int] = field(default_factory=list)
+    quality_sum: float = 0.0
+    quality_n: int = 0
 
     def add(self, row) -> "Usage":
+        self.quality_sum += getattr(row, "quality_sum", 0.0) or 0.0
+        self.quality_n += getattr(row, "quality_n", 0) or 0
         self.requests += row.requests
         self.errors += row.errors
         self.escalated += row.escalated
@@ -55,6 +59,11 @@ class Usage:
                 self.latency_hist = [0] * len(hist)
             self.latency_hist = [a + b for a, b in zip(self.latency_hist, hist, strict=True)]
         return self
+
+    @property
+    def quality_pct(self) -> float | None:
+        """Mean calibrated probability that an answer was acceptable (quality checks)."""
+        return 100.0 * self.quality_sum / self.quality_n if self.quality_n else None
 
     @property
     def answered(self) -> int:
@@ -132,6 +141,8 @@ def hourly_usage_grouped(tenant: Tenant, start: datetime, now: datetime) -> list
                 c=Sum("cost_nanos"),
                 b=Sum("baseline_cost_nanos"),
                 lat=Sum("latency_ms_sum"),
+                qs=Sum("quality_sum"),
+                qn=Sum("quality_n"),
                 **hist,
             )
             .order_by()
@@ -146,6 +157,8 @@ def hourly_usage_grouped(tenant: Tenant, start: datetime, now: datetime) -> list
                     baseline_cost_nanos=g["b"],
                     latency_ms_sum=g["lat"],
                     latency_hist=[g[f"h{i}"] for i in range(buckets)],
+                    quality_sum=g["qs"] or 0.0,
+                    quality_n=g["qn"] or 0,
                 )
             )
     tail_from = max(start, watermark) if watermark is not None else start
@@ -166,7 +179,7 @@ def hourly_points(tenant: Tenant, start: datetime, now: datetime) -> list[Point]
         for row in (
             HourlyUsage.objects.filter(tenant=tenant, hour__gte=start, hour__lt=watermark)
             .values("hour")
-            .annotate(**_usage_sums())
+            .annotate(**_usage_sums(), quality_sum=Sum("quality_sum"), quality_n=Sum("quality_n"))
             .order_by()
         ):
             by_hour[row["hour"].astimezone(UTC)].add(_Row(**row))
@@ -188,6 +201,8 @@ class _Row:
     escalated: int = 0
     cost_nanos: int = 0
     baseline_cost_nanos: int = 0
+    quality_sum: float = 0.0
+    quality_n: int = 0
 
 
 def daily_points(points: Iterable[Point], time_zone: str) -> list[Point]:

@@ -43,6 +43,7 @@ def seed(tenant, days=10, per_day=6, end_user=None):
                 profile="balanced",
                 domain="code" if i % 2 else "general",
                 latency_ms=300,
+                quality_score=0.9 if i % 3 else 0.6,
                 end_user=end_user,
             )
     return n
@@ -79,6 +80,15 @@ def test_overview_shows_totals_figures_and_gauges(member_client, tenant, other_t
             tenant=tenant, created_at__gte=timezone.now() - timedelta(minutes=60)
         ).count()
     )
+    escalation = {t["name"]: t for t in figures["escalation"]["data"]}
+    pairs = [
+        (q, n)
+        for q, n in zip(
+            escalation["Estimated quality"]["y"], escalation["Requests"]["y"], strict=True
+        )
+        if q is not None
+    ]
+    assert pairs and sum(q * n for q, n in pairs) / sum(n for _, n in pairs) == pytest.approx(80.0)
     snap = SpendForecastSnapshot.objects.get(tenant=tenant, end_user_id=0)
     traces = {t.get("name"): t for t in figures["forecast"]["data"]}
     assert traces["Forecast"]["y"][-1] == pytest.approx(snap.expected_nanos / 1e9)
@@ -107,6 +117,10 @@ def test_models_page_breaks_down_by_model_profile_and_domain(member_client, tena
     assert by_model["demo/large"].escalated == by_model["demo/large"].requests == 2
     assert dict(page.by_draft)["demo/small"].acceptance_pct == pytest.approx(100 * 4 / 6)
     assert set(dict(page.by_domain)) == {"code", "general"}
+    assert dict(page.by_model)["demo/small"].quality_pct == pytest.approx(90.0)
+    assert dict(page.by_profile)["balanced"].quality_pct == pytest.approx(
+        100 * (4 * 0.9 + 2 * 0.6) / 6
+    )
     assert 300 <= dict(page.by_profile)["balanced"].latency_pct(0.5) < 500  # its bucket
 
 
