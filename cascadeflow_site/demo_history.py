@@ -607,11 +607,12 @@ def history_request_id(tenant: Tenant, index: int) -> str:
 
 
 def _rollup(tenant: Tenant, now: datetime) -> None:
-    """Rebuild the tenant's dashboard rollups: the history just replaced lies behind
-    their watermark, which only moves forward."""
-    from dashboard import rollups
+    """Rebuild the tenant's dashboard rollups (the history just replaced lies behind
+    their watermark, which only moves forward), then its forecasts."""
+    from dashboard import rollups, services
 
     rollups.rollup_rebuild(tenant, now)
+    services.forecasts_refresh(tenant, now)  # a newcomer sees forecasts at once
 
 
 def history_rows(tenant: Tenant):

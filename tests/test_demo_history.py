@@ -291,3 +291,18 @@ def test_simulator_stops_promptly_on_its_event():
 def test_simulator_refuses_a_nonsense_rate():
     with pytest.raises(ValueError):
         traffic.run("http://127.0.0.1:1", "cf_x", rate_per_s=0, stop_event=threading.Event())
+
+
+def test_the_demo_has_forecasts_from_the_start(history):
+    from dashboard.models import SpendForecastSnapshot
+
+    tenant, _ = history
+    free_budget = Budget.objects.get(tenant=tenant, scope=BudgetScope.TIER)
+    snaps = {s.end_user_id: s for s in SpendForecastSnapshot.objects.filter(tenant=tenant)}
+    free_users = set(
+        EndUser.objects.filter(tenant=tenant, tier__slug="free").values_list("pk", flat=True)
+    )
+
+    assert 0 in snaps and snaps[0].method != "none"
+    assert free_users & set(snaps)
+    assert all(snaps[u].limit_nanos == free_budget.limit_nanos for u in free_users & set(snaps))
