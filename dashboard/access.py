@@ -65,14 +65,31 @@ def tenant_view(min_role: str = MemberRole.VIEWER) -> Callable:
             if request.session.get(SESSION_TENANT_KEY) != access.tenant.slug:
                 request.session[SESSION_TENANT_KEY] = access.tenant.slug
             if ROLE_RANK[access.role] < ROLE_RANK[min_role]:
-                return render(
-                    request,
-                    "dashboard/forbidden.html",
-                    {"access": access, "needed": MemberRole(min_role).label},
-                    status=403,
-                )
+                return forbidden(request, min_role)
             return view(request, *args, **kwargs)
 
         return wrapper
 
     return decorator
+
+
+def render_page(
+    request: HttpRequest, template: str, tab: str, context: dict | None = None, status: int = 200
+) -> HttpResponse:
+    """A per-tenant page: ``dashboard/<template>`` with the tenant access and the active tab."""
+    return render(
+        request,
+        f"dashboard/{template}",
+        {"access": request.access, "tab": tab, **(context or {})},
+        status=status,
+    )
+
+
+def forbidden(request: HttpRequest, needed: str) -> HttpResponse:
+    """The 403 page for a member whose role is below ``needed``."""
+    return render(
+        request,
+        "dashboard/forbidden.html",
+        {"access": request.access, "needed": MemberRole(needed).label},
+        status=403,
+    )

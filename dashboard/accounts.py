@@ -20,7 +20,7 @@ from django.contrib.auth import get_user_model, login
 from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.auth.password_validation import validate_password
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Case, Q, QuerySet, When
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils.text import slugify
@@ -51,9 +51,18 @@ class SignedUp:
     issued: IssuedToken
 
 
+def users_with_email(email: str) -> QuerySet:
+    """Users whose username or email is ``email`` (case-insensitive): username matches
+    first, then the oldest account."""
+    return (
+        get_user_model()
+        .objects.filter(Q(username__iexact=email) | Q(email__iexact=email))
+        .order_by(Case(When(username__iexact=email, then=0), default=1), "pk")
+    )
+
+
 def email_taken(email: str) -> bool:
-    users = get_user_model().objects
-    return users.filter(Q(username__iexact=email) | Q(email__iexact=email)).exists()
+    return users_with_email(email).exists()
 
 
 def slug_base(name: str) -> str:

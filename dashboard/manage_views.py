@@ -14,7 +14,7 @@ from django.contrib import messages
 from django.core.paginator import Paginator
 from django.db.models import F
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import get_object_or_404, redirect
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
@@ -28,7 +28,7 @@ from billing.exports import (
     stream_in_batches,
 )
 from billing.models import ExportJob, TenantSubscription
-from dashboard.access import tenant_view
+from dashboard.access import forbidden, render_page, tenant_view
 from dashboard.forms import (
     BudgetCreateForm,
     BudgetEditForm,
@@ -55,24 +55,6 @@ from tenants.models import (
 
 NEW_TOKEN_SESSION_KEY = "dashboard_new_token"  # noqa: S105 - a session key, not a secret
 ALERTS_PER_PAGE = 50
-
-
-def _page(request: HttpRequest, template: str, tab: str, context: dict, status: int = 200):
-    return render(
-        request,
-        f"dashboard/{template}",
-        {"access": request.access, "tab": tab, **context},
-        status=status,
-    )
-
-
-def _forbidden(request: HttpRequest, needed: str) -> HttpResponse:
-    return render(
-        request,
-        "dashboard/forbidden.html",
-        {"access": request.access, "needed": MemberRole(needed).label},
-        status=403,
-    )
 
 
 # --- API tokens ------------------------------------------------------------------------
@@ -106,7 +88,7 @@ def tokens(request: HttpRequest) -> HttpResponse:
     new = request.session.pop(NEW_TOKEN_SESSION_KEY, None)
     if new is not None and new.get("tenant_id") != tenant.pk:
         new = None
-    response = _page(
+    response = render_page(
         request,
         "tokens.html",
         "tokens",
@@ -222,7 +204,7 @@ def budgets(request: HttpRequest) -> HttpResponse:
     form = None
     if request.method == "POST":
         if not access.can_manage:
-            return _forbidden(request, MemberRole.ADMIN)
+            return forbidden(request, MemberRole.ADMIN)
         form = BudgetCreateForm(request.POST, tenant=tenant)
         if form.is_valid():
             try:
@@ -234,7 +216,7 @@ def budgets(request: HttpRequest) -> HttpResponse:
                 return redirect("dashboard:budgets", tenant.slug)
     elif access.can_manage:
         form = BudgetCreateForm(tenant=tenant)
-    return _page(
+    return render_page(
         request,
         "budgets.html",
         "budgets",
@@ -287,7 +269,7 @@ def budget_edit(request: HttpRequest, budget_id: int) -> HttpResponse:
                 return redirect("dashboard:budgets", tenant.slug)
     else:
         form = BudgetEditForm(initial=initial)
-    return _page(
+    return render_page(
         request,
         "budget_edit.html",
         "budgets",
@@ -346,7 +328,7 @@ def billing(request: HttpRequest) -> HttpResponse:
     plans = Tier.objects.order_by(
         "-is_default", F("monthly_budget_nanos").asc(nulls_last=True), "name"
     )
-    return _page(
+    return render_page(
         request,
         "billing.html",
         "billing",
@@ -365,7 +347,7 @@ def billing(request: HttpRequest) -> HttpResponse:
 
 def _exports_page(request: HttpRequest, form: ExportForm, status: int = 200) -> HttpResponse:
     jobs = ExportJob.objects.filter(tenant=request.access.tenant).order_by("-created_at")[:10]
-    return _page(
+    return render_page(
         request,
         "exports.html",
         "exports",
@@ -452,7 +434,7 @@ def export_job(request: HttpRequest, job_id: int) -> HttpResponse:
         progress = min(100, job.rows_written * 100 // job.total_rows)
     else:
         progress = 100 if job.status == "done" else 0
-    return _page(
+    return render_page(
         request,
         "export_job.html",
         "exports",

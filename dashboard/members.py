@@ -22,10 +22,11 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import PermissionDenied
 from django.db import IntegrityError, transaction
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import get_object_or_404, redirect
 from django.views.decorators.http import require_http_methods, require_POST
 
-from dashboard.access import ROLE_RANK, tenant_view
+from dashboard.access import ROLE_RANK, render_page, tenant_view
+from dashboard.accounts import users_with_email
 from tenants.enums import MemberRole
 from tenants.models import Member, Tenant
 from tenants.services import audit_record
@@ -72,11 +73,7 @@ class _InviteForm(PasswordResetForm):
 
 def user_by_email(email: str) -> AbstractBaseUser | None:
     """The user whose username or email is ``email`` (case-insensitive), username first."""
-    users = get_user_model().objects
-    return (
-        users.filter(username__iexact=email).first()
-        or users.filter(email__iexact=email).order_by("pk").first()
-    )
+    return users_with_email(email).first()
 
 
 def send_invite(request: HttpRequest, user: AbstractBaseUser) -> None:
@@ -168,12 +165,11 @@ def members(request: HttpRequest) -> HttpResponse:
         key=lambda m: (-ROLE_RANK[m.role], _label(m).lower()),
     )
     owner_count = sum(1 for m in rows if m.role == MemberRole.OWNER)
-    return render(
+    return render_page(
         request,
-        "dashboard/members.html",
+        "members.html",
+        "members",
         {
-            "access": request.access,
-            "tab": "members",
             "form": form,
             "members": rows,
             "owner_count": owner_count,

@@ -133,7 +133,8 @@ def _forecast_figure(days, snap, limit, tz):
     )
 
 
-RANGES = {"24h": timedelta(hours=24), "7d": timedelta(days=7)}
+RANGES = {"24h": timedelta(hours=24), "7d": timedelta(days=7)}  # else: the budget period
+RANGE_CHOICES = [("24h", "24 hours"), ("7d", "7 days"), ("period", "This period")]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,12 @@ from django.shortcuts import redirect, render
 from django.utils import timezone
 
 from dashboard import pages, selectors
-from dashboard.access import SESSION_TENANT_KEY, memberships_for_user, tenant_view
+from dashboard.access import (
+    SESSION_TENANT_KEY,
+    memberships_for_user,
+    render_page,
+    tenant_view,
+)
 from tenants.models import EndUserTier
 
 
@@ -22,11 +27,7 @@ def home(request):
 @tenant_view()
 def overview(request):
     page = pages.overview(request.access.tenant, timezone.now())
-    return render(
-        request,
-        "dashboard/overview.html",
-        {"access": request.access, "tab": "overview", "page": page},
-    )
+    return render_page(request, "overview.html", "overview", {"page": page})
 
 
 @tenant_view()
@@ -49,15 +50,8 @@ def overview_data(request):
 @tenant_view()
 def models_page(request):
     page = pages.models(request.access.tenant, timezone.now(), request.GET.get("range", "period"))
-    return render(
-        request,
-        "dashboard/models.html",
-        {
-            "access": request.access,
-            "tab": "models",
-            "page": page,
-            "ranges": [("24h", "24 hours"), ("7d", "7 days"), ("period", "This period")],
-        },
+    return render_page(
+        request, "models.html", "models", {"page": page, "ranges": pages.RANGE_CHOICES}
     )
 
 
@@ -65,13 +59,5 @@ def models_page(request):
 def end_users(request):
     tenant = request.access.tenant
     lines = selectors.end_user_lines(tenant, timezone.now())
-    return render(
-        request,
-        "dashboard/end_users.html",
-        {
-            "access": request.access,
-            "tab": "end_users",
-            "lines": lines,
-            "tiers": EndUserTier.objects.filter(tenant=tenant).order_by("name"),
-        },
-    )
+    tiers = EndUserTier.objects.filter(tenant=tenant).order_by("name")
+    return render_page(request, "end_users.html", "end_users", {"lines": lines, "tiers": tiers})
