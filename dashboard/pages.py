@@ -31,8 +31,7 @@ class Overview:
 
 def _fresh_forecast(tenant: Tenant, now: datetime, start: datetime) -> SpendForecastSnapshot | None:
     snap = selectors.forecast_snapshot(tenant)
-    stale = snap is None or snap.period_start != start or now - snap.computed_at > FORECAST_MAX_AGE
-    if stale or (snap.days and "cum" not in snap.days[0]):  # a snapshot from before "cum"
+    if snap is None or snap.period_start != start or now - snap.computed_at > FORECAST_MAX_AGE:
         services.forecasts_refresh(tenant, now, end_users=False)
         snap = selectors.forecast_snapshot(tenant)
     return snap
@@ -40,7 +39,7 @@ def _fresh_forecast(tenant: Tenant, now: datetime, start: datetime) -> SpendFore
 
 def overview(tenant: Tenant, now: datetime) -> Overview:
     tz = ZoneInfo(tenant.time_zone or "UTC")
-    start, end, limit = selectors.forecast_period(tenant, now)
+    start, end = selectors.forecast_period(tenant, now)
     hours = selectors.hourly_points(tenant, min(start, now - timedelta(hours=RECENT_HOURS)), now)
     in_period = [p for p in hours if p.at >= start]
     recent = [p for p in hours if p.at > now - timedelta(hours=RECENT_HOURS)]
@@ -74,7 +73,7 @@ def overview(tenant: Tenant, now: datetime) -> Overview:
                 [usd(p.usage.baseline_cost_nanos) for p in days],
             ),
         ),
-        "forecast": _forecast_figure(days, snap, limit, tz),
+        "forecast": _forecast_figure(days, snap, tz),
         "escalation": charts.rate(
             title="Escalation rate and estimated quality per hour",
             series=Series("Escalated", hx, [p.usage.escalation_pct for p in recent]),
@@ -112,11 +111,11 @@ def overview(tenant: Tenant, now: datetime) -> Overview:
     )
 
 
-def _forecast_figure(days, snap, limit, tz):
+def _forecast_figure(days, snap, tz):
     actual_x = [label(p.at, tz, False) for p in days]
     actual_y = list(accumulate(usd(p.usage.cost_nanos) for p in days))
     expected_x, expected_y, band = [], [], None
-    if snap is not None and snap.days and "cum" in snap.days[0]:
+    if snap is not None and snap.days:
         expected_x = [d["day"] for d in snap.days]
         expected_y = [usd(d["cum"]) for d in snap.days]
         band = Band(
@@ -129,7 +128,7 @@ def _forecast_figure(days, snap, limit, tz):
         actual=Series("Spent", actual_x, actual_y),
         expected=Series("Forecast", expected_x, expected_y),
         band=band,
-        limit_nanos=limit,
+        limit_nanos=snap.limit_nanos if snap is not None else None,
     )
 
 
@@ -154,7 +153,7 @@ def models(tenant: Tenant, now: datetime, range_: str) -> Breakdowns:
         start = now - RANGES[range_]
     else:
         range_ = "period"
-        start, _, _ = selectors.forecast_period(tenant, now)
+        start, _ = selectors.forecast_period(tenant, now)
     rows = selectors.hourly_usage_grouped(tenant, selectors.hour_floor(start), now)
     by_model = selectors.breakdown(rows, "model")
     by_profile = selectors.breakdown(rows, "profile")

@@ -182,7 +182,7 @@ def hourly_points(tenant: Tenant, start: datetime, now: datetime) -> list[Point]
             .annotate(**_usage_sums(), quality_sum=Sum("quality_sum"), quality_n=Sum("quality_n"))
             .order_by()
         ):
-            by_hour[row["hour"].astimezone(UTC)].add(_Row(**row))
+            by_hour[row.pop("hour").astimezone(UTC)].add(Usage(**row))
     tail_from = max(start, watermark) if watermark is not None else start
     for row in hourly_rows(tenant.pk, tail_from, now + timedelta(seconds=1)):
         by_hour[row.hour.astimezone(UTC)].add(row)
@@ -191,18 +191,6 @@ def hourly_points(tenant: Tenant, start: datetime, now: datetime) -> list[Point]
         points.append(Point(at, by_hour.get(at, Usage())))
         at += timedelta(hours=1)
     return points
-
-
-@dataclass
-class _Row:
-    hour: datetime | None = None
-    requests: int = 0
-    errors: int = 0
-    escalated: int = 0
-    cost_nanos: int = 0
-    baseline_cost_nanos: int = 0
-    quality_sum: float = 0.0
-    quality_n: int = 0
 
 
 def daily_points(points: Iterable[Point], time_zone: str) -> list[Point]:
@@ -239,7 +227,7 @@ def minute_points(tenant: Tenant, now: datetime, minutes: int = 60) -> list[Poin
         row = rows.get(at)
         if row:
             row.pop("minute")
-        out.append(Point(at, Usage().add(_Row(**row)) if row else Usage()))
+        out.append(Point(at, Usage(**row) if row else Usage()))
     return out
 
 
@@ -286,15 +274,10 @@ def budget_gauges(tenant: Tenant, now: datetime) -> list[Gauge]:
     return gauges
 
 
-def forecast_period(tenant: Tenant, now: datetime) -> tuple[datetime, datetime, int | None]:
-    """The period forecasts run to: the tenant's monthly budget's, else the calendar month."""
-    budget = (
-        Budget.objects.filter(tenant=tenant, scope=BudgetScope.TENANT, period=BudgetPeriod.MONTH)
-        .order_by("limit_nanos")
-        .first()
-    )
-    start, end = period_bounds(BudgetPeriod.MONTH, now, tenant.time_zone)
-    return start, end, budget.limit_nanos if budget else None
+def forecast_period(tenant: Tenant, now: datetime) -> tuple[datetime, datetime]:
+    """The period forecasts run to: the calendar month in the tenant's time zone (the
+    period of monthly budgets, whose limits :func:`monthly_budgets` gives)."""
+    return period_bounds(BudgetPeriod.MONTH, now, tenant.time_zone)
 
 
 def monthly_budgets(tenant: Tenant, end_user_ids: list[int]) -> dict[int, tuple[Budget, int]]:
@@ -368,7 +351,7 @@ class EndUserLine:
 
 def end_user_lines(tenant: Tenant, now: datetime, limit: int = 50) -> list[EndUserLine]:
     """Top end users by spend this period (daily rollups + the open tail)."""
-    start, _, _ = forecast_period(tenant, now)
+    start, _ = forecast_period(tenant, now)
     tz = ZoneInfo(tenant.time_zone or "UTC")
     first_day = start.astimezone(tz).date()
     _, daily_until = rollup_watermark(tenant)
@@ -380,7 +363,7 @@ def end_user_lines(tenant: Tenant, now: datetime, limit: int = 50) -> list[EndUs
             .annotate(**_usage_sums())
             .order_by()
         ):
-            totals[row.pop("end_user_id")].add(_Row(**row))
+            totals[row.pop("end_user_id")].add(Usage(**row))
     tail_day = max(first_day, daily_until) if daily_until is not None else first_day
     tomorrow = now.astimezone(tz).date() + timedelta(days=1)
     for row in daily_rows(tenant.pk, tenant.time_zone, tail_day, tomorrow):
@@ -418,9 +401,3 @@ def end_user_lines(tenant: Tenant, now: datetime, limit: int = 50) -> list[EndUs
             )
         )
     return lines
-
-
-def period_local_days(tenant: Tenant, start: datetime, end: datetime) -> list[date]:
-    tz = ZoneInfo(tenant.time_zone or "UTC")
-    first, last = start.astimezone(tz).date(), (end - timedelta(seconds=1)).astimezone(tz).date()
-    return [first + timedelta(days=i) for i in range((last - first).days + 1)]

@@ -72,7 +72,7 @@ def forecasts_refresh(tenant: Tenant, now: datetime | None = None, end_users: bo
     """Recompute the tenant's forecast and those of its recently active end users."""
     now = now or timezone.now()
     tz = ZoneInfo(tenant.time_zone or "UTC")
-    start, end, tenant_limit = forecast_period(tenant, now)
+    start, end = forecast_period(tenant, now)
     local_now = now.astimezone(tz)
     today = local_now.date()
     first_day, last_day = (
@@ -96,10 +96,13 @@ def forecasts_refresh(tenant: Tenant, now: datetime | None = None, end_users: bo
         if uid and end_users and any(d >= active_since and v for d, v in per_day.items())
     ]
     budgets = monthly_budgets(tenant, active)
-    subjects: list[tuple[int, dict[date, int], int | None]] = [(0, totals, tenant_limit)]
-    subjects += [
-        (uid, series[uid], budgets[uid][0].limit_nanos if uid in budgets else None)
-        for uid in active
+    subjects = [
+        (
+            uid,
+            series[uid] if uid else totals,
+            budgets[uid][0].limit_nanos if uid in budgets else None,
+        )
+        for uid in [0, *active]
     ]
     snapshots = []
     for uid, per_day, limit in subjects:
