@@ -38,13 +38,14 @@ def hour_floor(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
-def _sums(prefix: str = "") -> dict:
+def usage_sums() -> dict:
+    """Aggregates of ledger rows, named as the Usage / rollup fields they fill."""
     return {
-        "n": Count("id"),
+        "requests": Count("id"),
         "errors": Count("id", filter=~Q(status=UsageStatus.OK)),
         "escalated": Count("id", filter=Q(escalated=True)),
-        "cost": Coalesce(Sum("cost_nanos"), 0),
-        "baseline": Coalesce(Sum("baseline_cost_nanos"), 0),
+        "cost_nanos": Coalesce(Sum("cost_nanos"), 0),
+        "baseline_cost_nanos": Coalesce(Sum("baseline_cost_nanos"), 0),
     }
 
 
@@ -64,42 +65,35 @@ def hourly_rows(tenant_id: int, start: datetime, end: datetime) -> list[HourlyUs
         UsageEvent.objects.filter(tenant_id=tenant_id, created_at__gte=start, created_at__lt=end)
         .order_by()
         .annotate(
-            bucket=TruncHour("created_at", tzinfo=UTC),
+            hour_bucket=TruncHour("created_at", tzinfo=UTC),
             draft=Coalesce(KT("models_called__0"), Value(""), output_field=CharField()),
         )
-        .values("bucket", "model", "draft", "profile", "domain")
+        .values("hour_bucket", "model", "draft", "profile", "domain")
         .annotate(
-            **_sums(),
-            pt=Coalesce(Sum("prompt_tokens"), 0),
-            ct=Coalesce(Sum("completion_tokens"), 0),
-            lat=Coalesce(Sum("latency_ms"), 0),
-            qs=Coalesce(Sum("quality_score"), 0.0),
-            qn=Count("quality_score"),
+            **usage_sums(),
+            prompt_tokens_sum=Coalesce(Sum("prompt_tokens"), 0),
+            completion_tokens_sum=Coalesce(Sum("completion_tokens"), 0),
+            latency_ms_sum=Coalesce(Sum("latency_ms"), 0),
+            quality_sum=Coalesce(Sum("quality_score"), 0.0),
+            quality_n=Count("quality_score"),
             **_latency_histogram(),
         )
     )
-    return [
-        HourlyUsage(
-            tenant_id=tenant_id,
-            hour=g["bucket"],
-            model=g["model"],
-            draft_model=g["draft"],
-            profile=g["profile"],
-            domain=g["domain"],
-            requests=g["n"],
-            errors=g["errors"],
-            escalated=g["escalated"],
-            cost_nanos=g["cost"],
-            baseline_cost_nanos=g["baseline"],
-            prompt_tokens=g["pt"],
-            completion_tokens=g["ct"],
-            latency_ms_sum=g["lat"],
-            latency_hist=[g[f"h{i}"] for i in range(len(_BUCKETS))],
-            quality_sum=g["qs"],
-            quality_n=g["qn"],
+    rows = []
+    for g in groups:
+        hist = [g.pop(f"h{i}") for i in range(len(_BUCKETS))]
+        rows.append(
+            HourlyUsage(
+                tenant_id=tenant_id,
+                hour=g.pop("hour_bucket"),
+                draft_model=g.pop("draft"),
+                prompt_tokens=g.pop("prompt_tokens_sum"),
+                completion_tokens=g.pop("completion_tokens_sum"),
+                latency_hist=hist,
+                **g,
+            )
         )
-        for g in groups
-    ]
+    return rows
 
 
 def daily_rows(tenant_id: int, time_zone: str, start: date, end: date) -> list[DailyUsage]:
@@ -114,21 +108,10 @@ def daily_rows(tenant_id: int, time_zone: str, start: date, end: date) -> list[D
         .order_by()
         .annotate(local_day=TruncDate("created_at", tzinfo=tz), user=Coalesce("end_user_id", 0))
         .values("local_day", "user", "model", "profile")
-        .annotate(**_sums())
+        .annotate(**usage_sums())
     )
     return [
-        DailyUsage(
-            tenant_id=tenant_id,
-            day=g["local_day"],
-            end_user_id=g["user"],
-            model=g["model"],
-            profile=g["profile"],
-            requests=g["n"],
-            errors=g["errors"],
-            escalated=g["escalated"],
-            cost_nanos=g["cost"],
-            baseline_cost_nanos=g["baseline"],
-        )
+        DailyUsage(tenant_id=tenant_id, day=g.pop("local_day"), end_user_id=g.pop("user"), **g)
         for g in groups
     ]
 

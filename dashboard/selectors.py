@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from django.db.models import BigIntegerField, Count, Q, Sum
+from django.db.models import BigIntegerField, Sum
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast, Coalesce, TruncMinute
 
@@ -22,8 +22,7 @@ from dashboard.models import (
     RollupState,
     SpendForecastSnapshot,
 )
-from dashboard.rollups import daily_rows, hour_floor, hourly_rows
-from routing.enums import UsageStatus
+from dashboard.rollups import daily_rows, hour_floor, hourly_rows, usage_sums
 from routing.models import UsageEvent
 from tenants.budgets import period_bounds
 from tenants.enums import BudgetPeriod, BudgetScope
@@ -213,13 +212,7 @@ def minute_points(tenant: Tenant, now: datetime, minutes: int = 60) -> list[Poin
         .order_by()
         .annotate(minute=TruncMinute("created_at", tzinfo=UTC))
         .values("minute")
-        .annotate(
-            requests=Count("id"),
-            errors=Count("id", filter=~Q(status=UsageStatus.OK)),
-            escalated=Count("id", filter=Q(escalated=True)),
-            cost_nanos=Coalesce(Sum("cost_nanos"), 0),
-            baseline_cost_nanos=Coalesce(Sum("baseline_cost_nanos"), 0),
-        )
+        .annotate(**usage_sums())
     }
     out = []
     for i in range(minutes):
