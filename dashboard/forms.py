@@ -69,7 +69,7 @@ class TokenCreateForm(forms.Form):
 
 
 class ThresholdsMixin(forms.Form):
-    """The same rule as ``tenants.services.budget_create``: given thresholds are ordered."""
+    """Limit and thresholds; their order is checked by the budget services (one rule)."""
 
     limit_usd = forms.DecimalField(
         label="Limit (USD)", min_value=Decimal(0), max_digits=18, decimal_places=9
@@ -81,17 +81,6 @@ class ThresholdsMixin(forms.Form):
         required=False, min_value=1, max_value=1000, label="Degrade at %"
     )
     block_pct = forms.IntegerField(required=False, min_value=1, max_value=1000, label="Block at %")
-
-    def clean(self):
-        cleaned = super().clean()
-        given = [
-            cleaned.get(name)
-            for name in ("warn_pct", "degrade_pct", "block_pct")
-            if cleaned.get(name) is not None
-        ]
-        if given != sorted(given):
-            self.add_error(None, "Thresholds must be ordered warn ≤ degrade ≤ block.")
-        return cleaned
 
     def values(self) -> dict:
         data = self.cleaned_data

@@ -97,13 +97,9 @@ class BudgetOutput(serializers.ModelSerializer):
         return str(nanos_to_usd(obj.limit_nanos))
 
 
-class BudgetInput(serializers.Serializer):
-    scope = serializers.ChoiceField(choices=BudgetScope.choices)
-    period = serializers.ChoiceField(choices=BudgetPeriod.choices)
-    limit_nanos = serializers.IntegerField(min_value=0)
-    tier = serializers.IntegerField(required=False, allow_null=True)
-    end_user = serializers.IntegerField(required=False, allow_null=True)
-    token = serializers.IntegerField(required=False, allow_null=True)
+class BudgetThresholds(serializers.Serializer):
+    """Percent of the limit at which to warn, degrade and block (ordered: the services check)."""
+
     warn_pct = serializers.IntegerField(
         required=False, allow_null=True, min_value=1, max_value=1000
     )
@@ -113,6 +109,15 @@ class BudgetInput(serializers.Serializer):
     block_pct = serializers.IntegerField(
         required=False, allow_null=True, min_value=1, max_value=1000
     )
+
+
+class BudgetInput(BudgetThresholds):
+    scope = serializers.ChoiceField(choices=BudgetScope.choices)
+    period = serializers.ChoiceField(choices=BudgetPeriod.choices)
+    limit_nanos = serializers.IntegerField(min_value=0)
+    tier = serializers.IntegerField(required=False, allow_null=True)
+    end_user = serializers.IntegerField(required=False, allow_null=True)
+    token = serializers.IntegerField(required=False, allow_null=True)
 
 
 class BudgetListCreateApi(TenantAPIView):
@@ -149,17 +154,8 @@ class BudgetDetailApi(TenantAPIView):
     serializer_class = BudgetOutput
     read_scope, write_scope = Scope.USAGE_READ, Scope.BUDGETS_WRITE
 
-    class PatchSerializer(serializers.Serializer):
+    class PatchSerializer(BudgetThresholds):
         limit_nanos = serializers.IntegerField(min_value=0, required=False)
-        warn_pct = serializers.IntegerField(
-            required=False, allow_null=True, min_value=1, max_value=1000
-        )
-        degrade_pct = serializers.IntegerField(
-            required=False, allow_null=True, min_value=1, max_value=1000
-        )
-        block_pct = serializers.IntegerField(
-            required=False, allow_null=True, min_value=1, max_value=1000
-        )
 
     def get(self, request, pk):
         return Response(BudgetOutput(self.tenant_object(pk)).data)
