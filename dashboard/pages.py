@@ -1,17 +1,23 @@
 """What each dashboard page shows: selectors in, numbers and figures out."""
 
+import logging
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from itertools import accumulate
 from zoneinfo import ZoneInfo
 
-from dashboard import charts, selectors, services
+from django.core.cache import cache
+
+from dashboard import charts, selectors, tasks
 from dashboard.charts import Band, Series, label, usd
 from dashboard.models import SpendForecastSnapshot
 from dashboard.selectors import Usage
 from tenants.models import Tenant
 
+logger = logging.getLogger(__name__)
+
 FORECAST_MAX_AGE = timedelta(hours=1)
+FORECAST_REQUEUE = 300  # seconds before a page may queue the same tenant's forecast again
 FORECAST_LEVEL = 0.8  # forecasting.forecast_spend's default
 RECENT_HOURS = 48
 
@@ -29,12 +35,19 @@ class Overview:
     has_data: bool
 
 
-def _fresh_forecast(tenant: Tenant, now: datetime, start: datetime) -> SpendForecastSnapshot | None:
+def _forecast(tenant: Tenant, now: datetime, start: datetime) -> SpendForecastSnapshot | None:
+    """This period's stored forecast. Fitting one is a worker's job, not the page's: a
+    missing or stale one is queued (once per tenant per FORECAST_REQUEUE) and the page
+    shows what there is meanwhile."""
     snap = selectors.forecast_snapshot(tenant)
-    if snap is None or snap.period_start != start or now - snap.computed_at > FORECAST_MAX_AGE:
-        services.forecasts_refresh(tenant, now, end_users=False)
-        snap = selectors.forecast_snapshot(tenant)
-    return snap
+    stale = snap is None or snap.period_start != start or now - snap.computed_at > FORECAST_MAX_AGE
+    if stale and cache.add(f"dashboard:forecast-queued:{tenant.pk}", 1, FORECAST_REQUEUE):
+        try:
+            tasks.tenant_forecast_refresh.apply_async((tenant.pk,), retry=False)
+        except Exception:  # a broker outage must not take the dashboard down with it
+            logger.warning("Could not queue the forecast of tenant %s", tenant.slug, exc_info=True)
+        snap = selectors.forecast_snapshot(tenant)  # already fresh when tasks run in-process
+    return snap if snap is not None and snap.period_start == start else None
 
 
 def overview(tenant: Tenant, now: datetime) -> Overview:
@@ -49,7 +62,7 @@ def overview(tenant: Tenant, now: datetime) -> Overview:
     days = selectors.daily_points(in_period, tenant.time_zone)
     minutes = selectors.minute_points(tenant, now)
     gauges = selectors.budget_gauges(tenant, now)
-    snap = _fresh_forecast(tenant, now, start)
+    snap = _forecast(tenant, now, start)
 
     hx = [label(p.at, tz) for p in recent]
     figures = {

@@ -27,3 +27,10 @@ def forecasts_refresh() -> int:
         except Exception:  # one tenant's failure must not stop the others
             logger.exception("Forecast failed for tenant %s", tenant.slug)
     return count
+
+
+@shared_task(name="dashboard.tasks.tenant_forecast_refresh", time_limit=120, soft_time_limit=100)
+def tenant_forecast_refresh(tenant_id: int) -> int:
+    """The tenant's own forecast, asked for by a page that found it missing or stale."""
+    tenant = Tenant.objects.filter(pk=tenant_id, is_active=True).first()
+    return services.forecasts_refresh(tenant, timezone.now(), end_users=False) if tenant else 0

@@ -220,3 +220,24 @@ def test_end_users_show_their_tier_budget_use_and_forecast_limit(member_client, 
     )
     assert line.forecast.limit_nanos == 100_000_000
     assert "25% of $0.10" in response.content.decode()
+
+
+def test_the_page_queues_a_missing_forecast_once_instead_of_fitting_it(
+    member_client, tenant, monkeypatch
+):
+    from dashboard import tasks
+
+    seed(tenant, days=10)
+    rollup_all()
+    queued = []
+    monkeypatch.setattr(
+        tasks.tenant_forecast_refresh, "apply_async", lambda args, **kw: queued.append(args)
+    )
+
+    first = member_client.get(f"/dashboard/t/{tenant.slug}/")
+    second = member_client.get(f"/dashboard/t/{tenant.slug}/")
+
+    assert queued == [(tenant.pk,)]  # once, however many views
+    assert not SpendForecastSnapshot.objects.filter(tenant=tenant).exists()
+    assert first.context["page"].forecast is None
+    assert b"the forecast is being computed" in second.content
