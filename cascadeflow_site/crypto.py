@@ -4,6 +4,12 @@ Fernet (AES-128-CBC + HMAC-SHA256) from ``cryptography``. Keys come from
 ``CASCADEFLOW_ENCRYPTION_KEYS`` (comma-separated Fernet keys, newest first, so
 keys can be rotated: old ciphertexts still decrypt); without it, one key is
 derived from ``SECRET_KEY``.
+
+Invariant: the derived key is as secret as ``SECRET_KEY``, which is never a
+constant of the code: production refuses to start without ``DJANGO_SECRET_KEY``
+and development generates one per install (``cascadeflow_site.settings``). Changing
+``SECRET_KEY`` without ``CASCADEFLOW_ENCRYPTION_KEYS`` makes stored secrets
+unreadable: set the old derived key there first to keep them.
 """
 
 import base64

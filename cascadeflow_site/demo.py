@@ -4,6 +4,10 @@ Runs on the embedded defaults (SQLite, in-memory channel layer, a filesystem
 Celery broker, offline demo models) unless ``DATABASE_URL`` / ``REDIS_URL``
 say otherwise. Ctrl-C stops everything it started.
 
+The demo is development: it sets ``DJANGO_DEBUG=true`` (unless told otherwise)
+for every process it starts, so the settings generate this install's own secret
+key in ``var/secret_key`` instead of requiring ``DJANGO_SECRET_KEY``.
+
 Once the server answers, a traffic simulator (``cascadeflow_site.traffic``)
 sends demo requests through the API in a background thread so the dashboard
 moves: ``CASCADEFLOW_DEMO_TRAFFIC=0`` turns it off,
@@ -27,6 +31,10 @@ PY = sys.executable
 # Requests per second of the simulated traffic. Each request costs ~$0.0004 on the demo
 # models, so the demo tenant's monthly budget (sized to its history) fills within hours.
 DEFAULT_TRAFFIC_RATE = 0.1
+# What ``make demo`` opts into; each can still be overridden from the environment.
+DEVELOPMENT_ENV = {
+    "DJANGO_DEBUG": "true",
+}
 
 
 def run(*args: str, echo: bool = False) -> str:
@@ -85,6 +93,8 @@ def banner(port: int, token: str) -> str:
 def main() -> None:
     os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cascadeflow_site.settings")
+    for name, value in DEVELOPMENT_ENV.items():
+        os.environ.setdefault(name, value)
     port = int(os.environ.get("PORT", "8000"))
     run("migrate", "--no-input")
     print(

@@ -2,12 +2,19 @@
 
 Everything comes from the environment through one reader, with embedded
 defaults that run on a laptop (SQLite, in-memory channel layer, a filesystem
-Celery broker, offline demo models). Production is switched on by environment:
-``DJANGO_DEBUG=false`` plus a real ``DJANGO_SECRET_KEY`` and
-``DJANGO_ALLOWED_HOSTS`` turn on every hardening setting below.
+Celery broker, offline demo models).
+
+Production is the default: without ``DJANGO_DEBUG`` every hardening setting
+below is on and ``DJANGO_SECRET_KEY`` is required (start-up stops with
+``ImproperlyConfigured`` otherwise). Development is opted into explicitly with
+``DJANGO_DEBUG=true`` (``make demo`` and the test suite do); only then, and only
+without ``DJANGO_SECRET_KEY``, a key is generated for this install and kept in
+``var/secret_key`` (mode 0600). No key is ever a constant of the code: export
+links are signed and tenants' secrets encrypted with it.
 """
 
 import os
+import secrets
 from pathlib import Path
 
 import environ
@@ -24,12 +31,41 @@ VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 env = environ.Env()
 
-DEBUG = env.bool("DJANGO_DEBUG", default=True)
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
 
-_INSECURE_DEV_KEY = "django-insecure-cascadeflow-local-development-only-0123456789abcdef"
-SECRET_KEY = env.str("DJANGO_SECRET_KEY", default=_INSECURE_DEV_KEY if DEBUG else "")
+
+def development_secret_key(path: Path) -> str:
+    """This install's own development key: made once with ``secrets``, readable by its owner only.
+
+    Concurrent first starts (web server, worker, manage.py) agree on one key: each
+    writes a private temporary file and links it into place; the first link wins.
+    """
+    if not path.exists():
+        candidate = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(50))
+        try:
+            os.link(candidate, path)
+        except FileExistsError:
+            pass
+        finally:
+            candidate.unlink()
+    key = path.read_text().strip()
+    if not key:
+        raise ImproperlyConfigured(f"{path} is empty: delete it to generate a new key.")
+    return key
+
+
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="")
 if not SECRET_KEY:
-    raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is false.")
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY must be set: settings are production ones unless "
+            "DJANGO_DEBUG=true (for local development only, where a key is generated for "
+            "this install in var/secret_key)."
+        )
+    SECRET_KEY = development_secret_key(VAR_DIR / "secret_key")
 
 ALLOWED_HOSTS = env.list(
     "DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"]

@@ -1,0 +1,20 @@
+"""Settings of the test suite: development mode, chosen explicitly.
+
+``cascadeflow_site.settings`` defaults to production. pytest selects this module
+(``DJANGO_SETTINGS_MODULE`` in pyproject.toml), which opts into development
+through the environment rather than by overriding settings, so that every process
+the suite starts (uvicorn, manage.py, a Celery worker) makes the same choice.
+Variables already set win: ``DJANGO_DEBUG=false pytest`` runs the suite as production.
+"""
+
+import os
+
+DEVELOPMENT_ENV = {
+    # A key generated for this install (var/secret_key), debug-only conveniences.
+    "DJANGO_DEBUG": "true",
+}
+
+for _name, _value in DEVELOPMENT_ENV.items():
+    os.environ.setdefault(_name, _value)
+
+from cascadeflow_site.settings import *  # noqa: E402, F403
