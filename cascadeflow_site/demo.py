@@ -63,6 +63,31 @@ def wait_http(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
     raise SystemExit(f"The web server did not answer {url} within {seconds:.0f}s.")
 
 
+def worker_command() -> list[str]:
+    """One process: the worker and, embedded (-B), the beat that schedules the periodic
+    tasks (reclaiming expired budget reservations, rollups, forecasts…).
+
+    Beat keeps its state at the settings' ``CELERY_BEAT_SCHEDULE_FILENAME`` (under
+    ``var/celery``, made by the settings whatever the broker)."""
+    return [
+        PY,
+        "-m",
+        "celery",
+        "-A",
+        "cascadeflow_site",
+        "worker",
+        "-B",
+        "--loglevel",
+        "INFO",
+        "--concurrency",
+        "1",
+        "--hostname",
+        "demo@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+
+
 def banner(port: int, token: str) -> str:
     base = f"http://127.0.0.1:{port}"
     return f"""
@@ -135,31 +160,7 @@ def main() -> None:
         cwd=ROOT,
     )
     procs.append(web)
-    # One process: the worker and, embedded (-B), the beat that schedules the
-    # periodic tasks (reclaiming expired budget reservations…).
-    schedule = ROOT / "var" / "celery" / "beat-schedule"
-    worker = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "celery",
-            "-A",
-            "cascadeflow_site",
-            "worker",
-            "-B",
-            "--schedule",
-            str(schedule),
-            "--loglevel",
-            "INFO",
-            "--concurrency",
-            "1",
-            "--hostname",
-            "demo@%h",
-            "--without-gossip",
-            "--without-mingle",
-        ],
-        cwd=ROOT,
-    )
+    worker = subprocess.Popen(worker_command(), cwd=ROOT)
     procs.append(worker)
     wait_http(f"http://127.0.0.1:{port}/healthz", web)
     print(banner(port, token), flush=True)

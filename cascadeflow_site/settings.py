@@ -166,6 +166,12 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 _CELERY_DIR = VAR_DIR / "celery"
+# Beat keeps its schedule state here whatever the broker (Redis or files): its
+# directory is made here, not by the broker set-up below, which only runs without Redis.
+CELERY_BEAT_SCHEDULE_FILENAME = env.str(
+    "CELERY_BEAT_SCHEDULE_FILENAME", default=str(_CELERY_DIR / "beat-schedule")
+)
+Path(CELERY_BEAT_SCHEDULE_FILENAME).parent.mkdir(parents=True, exist_ok=True)
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
     # A broker that needs no server: messages are files under var/celery.
