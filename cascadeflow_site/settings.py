@@ -320,6 +320,11 @@ CASCADEFLOW_EXPORT_LINK_SECONDS = env.int("CASCADEFLOW_EXPORT_LINK_SECONDS", def
 CASCADEFLOW_ENCRYPTION_KEYS = env.list("CASCADEFLOW_ENCRYPTION_KEYS", default=[])
 # Budget callbacks and alert webhooks must be HTTPS unless this is on (local development, tests).
 CASCADEFLOW_ALLOW_HTTP_CALLBACKS = env.bool("CASCADEFLOW_ALLOW_HTTP_CALLBACKS", default=DEBUG)
+# ... and must reach public addresses (cascadeflow_site.netguard), when saved and when
+# called. On only for local fake servers (the test suite): never in production.
+CASCADEFLOW_ALLOW_PRIVATE_CALLBACKS = env.bool(
+    "CASCADEFLOW_ALLOW_PRIVATE_CALLBACKS", default=False
+)
 # A budget reservation not settled within this many seconds (its worker died)
 # is reclaimed by the tenants.reservations_reclaim task.
 CASCADEFLOW_RESERVATION_TTL = env.int("CASCADEFLOW_RESERVATION_TTL", default=900)

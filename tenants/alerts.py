@@ -16,6 +16,7 @@ from django.core.mail import send_mail
 from django.utils import timezone
 
 from cascadeflow_site.crypto import decrypt
+from cascadeflow_site.netguard import guarded_client
 from routing.engine.pricing import nanos_to_usd
 from tenants.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, url_allowed
 from tenants.enums import MemberRole
@@ -73,9 +74,9 @@ def _post_webhook(alert: BudgetAlert) -> None:
         SIGNATURE_HEADER: sign(secret, timestamp, body),
     }
     try:
-        response = httpx.post(
-            alert.tenant.alert_webhook_url, content=body, timeout=5, headers=headers
-        )
+        # Connects only to a public address the name resolves to now (not when saved).
+        with guarded_client(timeout=5) as client:
+            response = client.post(alert.tenant.alert_webhook_url, content=body, headers=headers)
     except httpx.HTTPError as exc:
         raise DeliveryError(f"webhook unreachable: {exc}") from exc
     if response.status_code >= 300:

@@ -8,6 +8,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from cascadeflow_site.netguard import public_url_validator
 from tenants.enums import BudgetPeriod, BudgetScope, MemberRole, Scope
 
 
@@ -58,13 +59,14 @@ class Tenant(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     # The tenant's own budget decision (see tenants.callbacks): an HTTPS endpoint
     # answering allow / degrade / block, signed both ways with the shared secret.
-    budget_callback_url = models.URLField(blank=True)
+    # Callback and webhook URLs must reach public addresses (checked again when called).
+    budget_callback_url = models.URLField(blank=True, validators=[public_url_validator])
     budget_callback_secret = models.TextField(blank=True)  # Fernet-encrypted
     budget_callback_timeout_ms = models.PositiveIntegerField(default=300)
     budget_callback_fallback = models.CharField(max_length=8, default="allow")  # when it is down
     budget_callback_cache_seconds = models.PositiveIntegerField(default=30)
     # Budget alerts are also POSTed here, signed with the same kind of secret.
-    alert_webhook_url = models.URLField(blank=True)
+    alert_webhook_url = models.URLField(blank=True, validators=[public_url_validator])
     alert_webhook_secret = models.TextField(blank=True)  # Fernet-encrypted
 
     def __str__(self) -> str:

@@ -12,6 +12,8 @@ import os
 DEVELOPMENT_ENV = {
     # A key generated for this install (var/secret_key), debug-only conveniences.
     "DJANGO_DEBUG": "true",
+    # Fake budget-callback and webhook servers listen on 127.0.0.1.
+    "CASCADEFLOW_ALLOW_PRIVATE_CALLBACKS": "true",
 }
 
 for _name, _value in DEVELOPMENT_ENV.items():
