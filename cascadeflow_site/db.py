@@ -9,13 +9,15 @@ adaptation (``Field.get_db_prep_save``) but build each statement once.
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, ParamSpec, TypeVar
 
 from asgiref.sync import sync_to_async
-from django.db import close_old_connections, connections, models
+from django.db import OperationalError, close_old_connections, connections, models
 from django.utils.dateparse import parse_datetime
 
 P = ParamSpec("P")
@@ -92,3 +94,34 @@ def as_datetime(value: Any) -> datetime | None:
         return value
     parsed = parse_datetime(value) if isinstance(value, str) else value
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+
+
+# SQLSTATEs of a transaction that lost a race and may simply run again.
+_TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})  # deadlock_detected, serialization_failure
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A deadlock, a serialization failure or SQLite's busy lock: safe to retry whole."""
+    if not isinstance(exc, OperationalError):
+        return False
+    cause = exc.__cause__
+    return getattr(cause, "sqlstate", None) in _TRANSIENT_SQLSTATES or "database is locked" in str(
+        exc
+    )
+
+
+def retry_transient(fn: Callable[[], R], *, attempts: int = 4, using: str = "default") -> R:
+    """Run ``fn`` (one whole transaction) again, a bounded number of times, if it fails transiently.
+
+    Only a transaction that starts and ends inside ``fn`` can be retried: inside
+    an outer ``atomic`` the failed statement has already doomed the caller's
+    transaction, so the error is raised as it is.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except OperationalError as exc:
+            if attempt == attempts or not is_transient(exc) or connections[using].in_atomic_block:
+                raise
+            time.sleep(random.uniform(0, 0.01 * 2**attempt))  # noqa: S311 - jitter, not secrets
+    raise AssertionError("unreachable")

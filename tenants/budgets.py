@@ -4,10 +4,18 @@ Invariants (PostgreSQL is the truth; every process and machine shares it):
 
 - A request is admitted only if, for every budget that applies to it,
   ``spent + reserved + worst_case <= limit * block_pct / 100`` holds at the
-  moment its reservation is written. Counters are locked in id order inside
-  one transaction, so concurrent requests on any number of workers serialise
-  on the rows they share and can never jointly overshoot: settled spend
-  exceeds a limit only by what a call cost beyond its worst-case estimate.
+  moment its reservation is written. Concurrent requests on any number of
+  workers serialise on the counters they share and can never jointly
+  overshoot: settled spend exceeds a limit only by what a call cost beyond
+  its worst-case estimate.
+- One lock order, everywhere: a statement that changes counters locks them
+  by key ``(budget_id, subject_id, period_start)`` — admission's upsert in
+  its VALUES order, settlement, give-back and reclaim through
+  ``_locked_update_sql`` — and a transaction that touches a reservation row
+  takes it before its counters. Two requests sharing several budgets
+  therefore wait on each other, never for each other. A deadlock or
+  serialization failure that happens anyway (an operator's own statement)
+  is retried a bounded number of times (``retry_transient``).
 - Settlement moves the reservation to ``spent`` at the actual cost, in the
   same transaction as the ledger row, so the counters and the ledger agree to
   the nano-dollar.
@@ -23,7 +31,6 @@ compilation alone would cost more than the check's budget (bench/budget.py).
 from __future__ import annotations
 
 import calendar
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache, partial
@@ -31,7 +38,7 @@ from zoneinfo import ZoneInfo
 
 from django.db import connection, transaction
 
-from cascadeflow_site.db import as_datetime, insert_row
+from cascadeflow_site.db import as_datetime, as_json, insert_row, retry_transient
 from routing.engine.pricing import nanos_to_usd
 from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import (
@@ -287,17 +294,42 @@ def _upsert_sql(vendor: str, rows: int) -> str:
 
 
 @lru_cache(maxsize=64)
-def _counters_sql(vendor: str, rows: int) -> tuple[str, str, str]:
+def _locked_update_sql(vendor: str, rows: int, assignments: str, returning: str = "") -> str:
+    """``UPDATE counters SET <assignments> WHERE id IN (...)``, taking the row locks in key order.
+
+    A plain ``UPDATE ... WHERE id IN`` locks rows in whatever order its scan
+    meets them (physical order, which every update changes), while admission
+    locks them in key order: two requests sharing two counters could then
+    wait on each other forever. On PostgreSQL every statement that changes
+    counters first locks them ``ORDER BY budget_id, subject_id, period_start``
+    (the admission upsert's order). SQLite locks the whole database instead.
+    """
     counters, _ = _quoted()
     ids = ", ".join(["%s"] * rows)
-    reserve = f"UPDATE {counters} SET reserved_nanos = reserved_nanos - %s WHERE id IN ({ids})"  # noqa: S608
-    settle = (
-        f"UPDATE {counters} SET spent_nanos = spent_nanos + %s, "  # noqa: S608
-        f"reserved_nanos = reserved_nanos - %s WHERE id IN ({ids}) "
-        f"RETURNING budget_id, subject_id, period_start, spent_nanos"
+    tail = f" RETURNING {returning}" if returning else ""
+    if vendor != "postgresql":
+        return f"UPDATE {counters} SET {assignments} WHERE id IN ({ids}){tail}"  # noqa: S608
+    qualified = ", ".join(f"{counters}.{name.strip()}" for name in returning.split(",") if name)
+    return (
+        f"UPDATE {counters} SET {assignments} FROM (SELECT id FROM {counters} "  # noqa: S608 - identifiers from model metadata
+        f"WHERE id IN ({ids}) ORDER BY budget_id, subject_id, period_start FOR UPDATE) locked "
+        f"WHERE {counters}.id = locked.id" + (f" RETURNING {qualified}" if returning else "")
     )
-    release = f"UPDATE {counters} SET reserved_nanos = reserved_nanos - %s WHERE id IN ({ids})"  # noqa: S608
-    return reserve, settle, release
+
+
+def _release_sql(rows: int) -> str:
+    """Take ``%s`` nano-dollars of reservation off the counters (give-back, reclaim)."""
+    return _locked_update_sql(connection.vendor, rows, "reserved_nanos = reserved_nanos - %s")
+
+
+def _settle_sql(rows: int) -> str:
+    """Add ``%s`` spent and take ``%s`` reserved off the counters; return their new spend."""
+    return _locked_update_sql(
+        connection.vendor,
+        rows,
+        "spent_nanos = spent_nanos + %s, reserved_nanos = reserved_nanos - %s",
+        "budget_id, subject_id, period_start, spent_nanos",
+    )
 
 
 @lru_cache(maxsize=4)
@@ -375,18 +407,25 @@ def budget_admit(
         # One statement, atomic on its own: lock-and-reserve every counter and
         # record the reservation. If the process dies before a give-back below,
         # the reservation holds the full amount until it expires and is reclaimed.
-        with connection.cursor() as cursor:
-            cursor.execute(
-                _admit_one_sql(len(ordered)),
-                [*params, *_reservation_params(reservation)],
-            )
-            return decide(cursor.fetchall())
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(_upsert_sql(connection.vendor, len(ordered)), params)
-        rows = cursor.fetchall()
-        counter_ids = sorted(r[0] for r in rows)
-        insert_row(BudgetReservation, {**reservation, "counter_ids": counter_ids})
-        return decide(rows)
+        def reserve() -> list:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    _admit_one_sql(len(ordered)),
+                    [*params, *_reservation_params(reservation)],
+                )
+                return cursor.fetchall()
+
+        return decide(retry_transient(reserve))
+
+    def reserve_in_transaction() -> list:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(_upsert_sql(connection.vendor, len(ordered)), params)
+            rows = cursor.fetchall()
+            counter_ids = sorted(r[0] for r in rows)
+            insert_row(BudgetReservation, {**reservation, "counter_ids": counter_ids})
+            return rows
+
+    return decide(retry_transient(reserve_in_transaction))
 
 
 def _reservation_params(reservation: dict) -> list:
@@ -423,20 +462,27 @@ def _admission_after(
     amount = degraded if decision == "degrade" else full
     if decision == "block" or amount != full:
         counter_ids = sorted(state.counter_id for state in states)
-        give_back_sql, _, _ = _counters_sql(connection.vendor, len(counter_ids))
         _, reservations = _quoted()
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(
-                give_back_sql, [full - (0 if decision == "block" else amount), *counter_ids]
-            )
-            cursor.execute(
-                f"UPDATE {reservations} SET amount_nanos = %s, state = %s WHERE request_id = %s",  # noqa: S608
-                [
-                    0 if decision == "block" else amount,
-                    "released" if decision == "block" else "held",
-                    request_id,
-                ],
-            )
+
+        def give_back() -> None:
+            # The reservation row first, then the counters: the order settlement and
+            # reclaim take them in too.
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(
+                    f"UPDATE {reservations} SET amount_nanos = %s, state = %s "  # noqa: S608
+                    f"WHERE request_id = %s",
+                    [
+                        0 if decision == "block" else amount,
+                        "released" if decision == "block" else "held",
+                        request_id,
+                    ],
+                )
+                cursor.execute(
+                    _release_sql(len(counter_ids)),
+                    [full - (0 if decision == "block" else amount), *counter_ids],
+                )
+
+        retry_transient(give_back)
     if decision == "block":
         return admission
     admission.reservation_key = request_id
@@ -502,13 +548,12 @@ def budget_settle(
             released = False
             if row is None:
                 return []
-        amount, counter_ids = int(row[0]), row[1]
-        if isinstance(counter_ids, str):
-            counter_ids = json.loads(counter_ids)
+        amount, counter_ids = int(row[0]), as_json(row[1])
         if not counter_ids:
             return []
-        _, settle, _ = _counters_sql(connection.vendor, len(counter_ids))
-        cursor.execute(settle, [actual_nanos, amount if released else 0, *counter_ids])
+        cursor.execute(
+            _settle_sql(len(counter_ids)), [actual_nanos, amount if released else 0, *counter_ids]
+        )
         return _crossings(cursor.fetchall(), by_budget, actual_nanos)
 
 
@@ -517,16 +562,20 @@ def _settle_one_sql(rows: int) -> str:
     """PostgreSQL: claim the held reservation and settle its counters in one statement.
 
     A reservation already reclaimed (expired) releases nothing: the claim CTE
-    returns no row and the COALESCE gives 0.
+    returns no row and the COALESCE gives 0. The counters are locked in key
+    order (see ``_locked_update_sql``).
     """
-    counters, reservations = _quoted()
-    ids = ", ".join(["%s"] * rows)
-    return (
+    _, reservations = _quoted()
+    claim = (
         f"WITH claimed AS (UPDATE {reservations} SET state = 'settled' "  # noqa: S608 - identifiers from model metadata
         f"WHERE request_id = %s AND state = 'held' RETURNING amount_nanos) "
-        f"UPDATE {counters} SET spent_nanos = spent_nanos + %s, reserved_nanos = reserved_nanos - "
-        f"COALESCE((SELECT amount_nanos FROM claimed), 0) WHERE id IN ({ids}) "
-        f"RETURNING budget_id, subject_id, period_start, spent_nanos"
+    )
+    return claim + _locked_update_sql(
+        "postgresql",
+        rows,
+        "spent_nanos = spent_nanos + %s, reserved_nanos = reserved_nanos - "
+        "COALESCE((SELECT amount_nanos FROM claimed), 0)",
+        "budget_id, subject_id, period_start, spent_nanos",
     )
 
 
@@ -571,17 +620,21 @@ def reservations_reclaim(*, now: datetime) -> int:
         )[:1000]
     )
     reclaimed = 0
-    for reservation_id in expired:
+    stamp = connection.ops.adapt_datetimefield_value(now)
+
+    def reclaim(reservation_id: int) -> bool:
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(expire, [reservation_id, connection.ops.adapt_datetimefield_value(now)])
+            cursor.execute(expire, [reservation_id, stamp])
             row = cursor.fetchone()
             if row is None:
-                continue
-            amount, counter_ids = int(row[0]), row[1]
-            counter_ids = json.loads(counter_ids) if isinstance(counter_ids, str) else counter_ids
-            _, _, release = _counters_sql(connection.vendor, len(counter_ids))
-            cursor.execute(release, [amount, *counter_ids])
-            reclaimed += 1
+                return False
+            amount, counter_ids = int(row[0]), as_json(row[1])
+            if counter_ids:
+                cursor.execute(_release_sql(len(counter_ids)), [amount, *counter_ids])
+            return True
+
+    for reservation_id in expired:
+        reclaimed += retry_transient(partial(reclaim, reservation_id))
     return reclaimed
 
 
