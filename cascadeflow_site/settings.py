@@ -15,6 +15,7 @@ links are signed and tenants' secrets encrypted with it.
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -79,6 +80,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "axes",
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -99,6 +101,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last: turns a login refused for too many failures into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 # The OpenAI-compatible API (/v1/) needs none of the session, CSRF, auth or
@@ -221,6 +225,35 @@ LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/dashboard/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
 
+# Login throttling (django-axes), for the dashboard's and the admin's login alike.
+# AXES_FAILURE_LIMIT failed logins to one account from one client address lock that
+# pair out; CASCADEFLOW_LOGIN_ADDRESS_FAILURE_LIMIT failures from one address, whatever
+# the accounts, lock the address out (dashboard.accounts.LoginThrottle). Both last
+# the cool-off from the latest failure. Failures are kept in the database, shared by
+# every worker, and each is logged in axes' access-failure log.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesBackend",  # refuses a locked-out login; a ModelBackend for the rest
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_HANDLER = "dashboard.accounts.LoginThrottle"
+AXES_FAILURE_LIMIT = env.int("CASCADEFLOW_LOGIN_FAILURE_LIMIT", default=5)
+CASCADEFLOW_LOGIN_ADDRESS_FAILURE_LIMIT = env.int(
+    "CASCADEFLOW_LOGIN_ADDRESS_FAILURE_LIMIT", default=20
+)
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_COOLOFF_TIME = timedelta(minutes=env.int("CASCADEFLOW_LOGIN_COOLOFF_MINUTES", default=15))
+AXES_USERNAME_CALLABLE = "dashboard.accounts.login_username"
+AXES_LOCKOUT_CALLABLE = "dashboard.accounts.login_locked_out"
+AXES_ENABLE_ACCESS_FAILURE_LOG = True
+AXES_VERBOSE = False
+# The client address (dashboard.accounts.client_address; sign-up limits use it too) is
+# REMOTE_ADDR: no header is trusted by default, since any client can send one. Behind
+# N reverse proxies that each append to X-Forwarded-For, set the count: the address
+# the outermost proxy saw is then the N-th entry from the right. (uvicorn already
+# rewrites REMOTE_ADDR for a proxy on 127.0.0.1, its --forwarded-allow-ips default.)
+AXES_CLIENT_IP_CALLABLE = "dashboard.accounts.client_address"
+CASCADEFLOW_TRUSTED_PROXY_COUNT = env.int("CASCADEFLOW_TRUSTED_PROXY_COUNT", default=0)
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
@@ -322,9 +355,7 @@ CASCADEFLOW_ENCRYPTION_KEYS = env.list("CASCADEFLOW_ENCRYPTION_KEYS", default=[]
 CASCADEFLOW_ALLOW_HTTP_CALLBACKS = env.bool("CASCADEFLOW_ALLOW_HTTP_CALLBACKS", default=DEBUG)
 # ... and must reach public addresses (cascadeflow_site.netguard), when saved and when
 # called. On only for local fake servers (the test suite): never in production.
-CASCADEFLOW_ALLOW_PRIVATE_CALLBACKS = env.bool(
-    "CASCADEFLOW_ALLOW_PRIVATE_CALLBACKS", default=False
-)
+CASCADEFLOW_ALLOW_PRIVATE_CALLBACKS = env.bool("CASCADEFLOW_ALLOW_PRIVATE_CALLBACKS", default=False)
 # A budget reservation not settled within this many seconds (its worker died)
 # is reclaimed by the tenants.reservations_reclaim task.
 CASCADEFLOW_RESERVATION_TTL = env.int("CASCADEFLOW_RESERVATION_TTL", default=900)

@@ -13,14 +13,22 @@ Invariants:
 - User, tenant, owner membership, plan and audit rows commit together or not at all.
 """
 
+import ipaddress
+import logging
+import math
 from dataclasses import dataclass
 
+from axes.handlers.database import AxesDatabaseHandler
+from axes.helpers import get_cool_off
+from axes.models import AccessAttempt
 from django import forms
+from django.conf import settings
 from django.contrib.auth import get_user_model, login
+from django.contrib.auth.forms import AuthenticationForm
 from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.auth.password_validation import validate_password
 from django.db import IntegrityError, transaction
-from django.db.models import Case, Q, QuerySet, When
+from django.db.models import Case, Q, QuerySet, Sum, When
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils.text import slugify
@@ -34,6 +42,10 @@ SLUG_MAX_LENGTH = Tenant._meta.get_field("slug").max_length
 NAME_MAX_LENGTH = Tenant._meta.get_field("name").max_length
 USERNAME_MAX_LENGTH = get_user_model()._meta.get_field("username").max_length
 SLUG_ATTEMPTS = 3
+
+logger = logging.getLogger(__name__)
+# Sign-up logs the new user in itself; two backends are configured (axes' and Django's).
+LOGIN_BACKEND = "django.contrib.auth.backends.ModelBackend"
 
 EMAIL_TAKEN = "An account with this email already exists. Log in to create another organisation."
 NAME_UNUSABLE = "Use at least one letter or digit (a-z, 0-9) in the organisation name."
@@ -201,7 +213,7 @@ def signup(request: HttpRequest) -> HttpResponse:
             form.add_error("email", str(error))
         else:
             if done.new_user:
-                login(request, done.user)
+                login(request, done.user, backend=LOGIN_BACKEND)
             # The tenant's first API token, shown once on the tokens page.
             request.session[NEW_TOKEN_SESSION_KEY] = {
                 "tenant_id": done.tenant.pk,
@@ -210,3 +222,99 @@ def signup(request: HttpRequest) -> HttpResponse:
             }
             return redirect("dashboard:tokens", done.tenant.slug)
     return render(request, "registration/signup.html", {"form": form})
+
+
+# --- login throttling (django-axes; see the AXES_* settings) -------------------------------
+
+
+def client_address(request: HttpRequest) -> str:
+    """The client's address, from a trusted source only (``CASCADEFLOW_TRUSTED_PROXY_COUNT``).
+
+    ``REMOTE_ADDR`` by default. Behind N proxies that each append the address they
+    saw to ``X-Forwarded-For``, the N-th entry from the right is the one the
+    outermost proxy saw; entries further left are the client's own claims. A
+    header too short for the configured proxies falls back to ``REMOTE_ADDR``.
+    """
+    remote = request.META.get("REMOTE_ADDR", "")
+    count = settings.CASCADEFLOW_TRUSTED_PROXY_COUNT
+    if count > 0:
+        hops = [h.strip() for h in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")]
+        hops = [h for h in hops if h]
+        if len(hops) >= count:
+            try:
+                return str(ipaddress.ip_address(hops[-count]))
+            except ValueError:
+                pass
+    return remote
+
+
+def login_username(request: HttpRequest, credentials: dict | None) -> str | None:
+    """The username failures are counted under: usernames are lower-cased emails, so
+    ``Boss@X`` and ``boss@x`` are one account to the throttle as to the login."""
+    field = settings.AXES_USERNAME_FORM_FIELD
+    raw = credentials.get(field) if credentials else request.POST.get(field)
+    return raw.strip().lower() if isinstance(raw, str) else raw
+
+
+class LoginThrottle(AxesDatabaseHandler):
+    """Two limits over the cool-off window, from the failures axes records.
+
+    - ``AXES_FAILURE_LIMIT`` failures for one account from one client address lock
+      that pair out (``AXES_LOCKOUT_PARAMETERS``): guessing one password is stopped,
+      and the owner can still log in from elsewhere.
+    - ``CASCADEFLOW_LOGIN_ADDRESS_FAILURE_LIMIT`` failures from one address, over any
+      accounts, lock the address out: spraying many accounts is stopped too.
+
+    Lockouts are not audit events: ``AuditEvent`` rows belong to a tenant and a login
+    has none (one user may be a member of several tenants, or of none). Each failure
+    is in axes' access-failure log (``AXES_ENABLE_ACCESS_FAILURE_LOG``, in the admin),
+    and a lockout is logged as a warning by ``dashboard.accounts`` for alerting.
+    """
+
+    def get_failures(self, request, credentials: dict | None = None) -> int:
+        account = max(
+            (
+                attempts.aggregate(n=Sum("failures_since_start"))["n"] or 0
+                for attempts in self.get_user_attempts(request, credentials)
+            ),
+            default=0,
+        )
+        threshold = request.axes_attempt_time - get_cool_off(request)
+        address = (
+            AccessAttempt.objects.filter(
+                ip_address=request.axes_ip_address, attempt_time__gte=threshold
+            ).aggregate(n=Sum("failures_since_start"))["n"]
+            or 0
+        )
+        if address >= settings.CASCADEFLOW_LOGIN_ADDRESS_FAILURE_LIMIT:
+            return max(account, settings.AXES_FAILURE_LIMIT)
+        return account
+
+    def user_login_failed(self, sender, credentials: dict, request=None, **kwargs):
+        super().user_login_failed(sender, credentials, request=request, **kwargs)
+        if request is not None and getattr(request, "axes_locked_out", False):
+            logger.warning(
+                "Login locked out: account %r from %s after %s failures",
+                login_username(request, credentials),
+                request.axes_ip_address,
+                getattr(request, "axes_failures_since_start", "repeated"),
+            )
+
+
+def lockout_message() -> str:
+    minutes = math.ceil(settings.AXES_COOLOFF_TIME.total_seconds() / 60)
+    return f"Too many failed attempts; try again in {minutes} minutes."
+
+
+def login_locked_out(request: HttpRequest, *args: object) -> HttpResponse:
+    """The login page again, saying why and for how long (HTTP 429)."""
+    return render(
+        request,
+        "registration/login.html",
+        {
+            "form": AuthenticationForm(request),
+            "locked_out": lockout_message(),
+            "next": request.POST.get("next", "") or request.GET.get("next", ""),
+        },
+        status=429,
+    )

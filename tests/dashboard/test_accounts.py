@@ -1,10 +1,12 @@
+import logging
 import re
+from datetime import timedelta
 
 import pytest
 from django.contrib.auth import SESSION_KEY, get_user_model
 from django.utils import timezone
 
-from dashboard.accounts import slug_unique
+from dashboard.accounts import client_address, slug_unique
 from tenants.enums import MemberRole
 from tenants.models import AuditEvent, Member, Tenant, Tier
 from tests.factories import MemberFactory, TenantFactory, UserFactory
@@ -234,3 +236,190 @@ def test_password_change_pages_render_for_a_logged_in_user(client):
     assert page.status_code == 200
     assert b'name="old_password"' in page.content
     assert b"Change your password" in page.content
+
+
+# --- login throttling ----------------------------------------------------------------------
+
+LOGIN = "/accounts/login/"
+LOCKED = "Too many failed attempts; try again in 15 minutes."
+
+
+def log_in(client, username, password, address="203.0.113.7", **extra):
+    return client.post(
+        LOGIN, {"username": username, "password": password}, REMOTE_ADDR=address, **extra
+    )
+
+
+@pytest.fixture
+def owner():
+    return UserFactory(username="owner@example.test", email="owner@example.test")
+
+
+def test_six_wrong_passwords_then_the_right_one_is_refused(client, owner):
+    answers = [log_in(client, "owner@example.test", "wrong-guess").status_code for _ in range(6)]
+
+    response = log_in(client, "owner@example.test", "correct-horse-battery")
+
+    assert answers == [200, 200, 200, 200, 429, 429]
+    assert response.status_code == 429
+    assert LOCKED in response.content.decode()
+    assert SESSION_KEY not in client.session
+
+
+def test_the_lockout_counts_the_account_whatever_its_case(client, owner):
+    for username in ["Owner@Example.test", "OWNER@example.test", "owner@EXAMPLE.test"] * 2:
+        log_in(client, username, "wrong-guess")
+
+    assert log_in(client, "owner@example.test", "correct-horse-battery").status_code == 429
+
+
+def test_another_account_from_another_address_is_unaffected(client, owner):
+    other = UserFactory(username="other@example.test", email="other@example.test")
+    for _ in range(6):
+        log_in(client, "owner@example.test", "wrong-guess")
+
+    response = log_in(client, "other@example.test", "correct-horse-battery", "198.51.100.9")
+
+    assert response.status_code == 302
+    assert int(client.session[SESSION_KEY]) == other.pk
+
+
+def test_the_owner_can_still_log_in_from_another_address(client, owner):
+    for _ in range(6):
+        log_in(client, "owner@example.test", "wrong-guess")
+
+    response = log_in(client, "owner@example.test", "correct-horse-battery", "198.51.100.9")
+
+    assert response.status_code == 302
+
+
+def test_one_address_failing_on_many_accounts_is_locked_out_for_every_account(client, settings):
+    settings.CASCADEFLOW_LOGIN_ADDRESS_FAILURE_LIMIT = 8
+    UserFactory(username="victim@example.test", email="victim@example.test")
+    for n in range(8):  # never more than 4 per account: under the per-account limit
+        log_in(client, f"user{n % 2}@example.test", "wrong-guess")
+
+    refused = log_in(client, "victim@example.test", "correct-horse-battery")
+    elsewhere = log_in(client, "victim@example.test", "correct-horse-battery", "198.51.100.9")
+
+    assert refused.status_code == 429
+    assert elsewhere.status_code == 302
+
+
+def test_a_forwarded_for_header_is_not_trusted_by_default(client, owner):
+    for n in range(6):
+        log_in(client, "owner@example.test", "wrong-guess", HTTP_X_FORWARDED_FOR=f"192.0.2.{n}")
+
+    response = log_in(
+        client, "owner@example.test", "correct-horse-battery", HTTP_X_FORWARDED_FOR="192.0.2.99"
+    )
+
+    assert response.status_code == 429
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "client"),
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        ("6.6.6.6, 192.0.2.1", "192.0.2.1"),  # what the client claimed is ignored
+        ("", "10.0.0.2"),  # no header: the proxy itself
+        ("not-an-address", "10.0.0.2"),
+    ],
+)
+def test_behind_a_configured_proxy_the_address_it_saw_is_the_client(
+    rf, settings, forwarded, client
+):
+    settings.CASCADEFLOW_TRUSTED_PROXY_COUNT = 1
+    request = rf.post(LOGIN, REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR=forwarded)
+
+    assert client_address(request) == client
+
+
+def test_behind_two_proxies_the_outer_one_names_the_client(rf, settings):
+    settings.CASCADEFLOW_TRUSTED_PROXY_COUNT = 2
+    request = rf.post(
+        LOGIN, REMOTE_ADDR="10.0.0.2", HTTP_X_FORWARDED_FOR="6.6.6.6, 192.0.2.1, 10.0.0.9"
+    )
+
+    assert client_address(request) == "192.0.2.1"
+
+
+def test_a_configured_proxy_header_separates_clients_behind_the_proxy(client, owner, settings):
+    settings.CASCADEFLOW_TRUSTED_PROXY_COUNT = 1
+    proxy = "10.0.0.2"
+    for n in range(6):  # the attacker varies what it claims; the proxy appends what it saw
+        log_in(
+            client,
+            "owner@example.test",
+            "wrong-guess",
+            proxy,
+            HTTP_X_FORWARDED_FOR=f"6.6.6.{n}, 192.0.2.1",
+        )
+
+    locked = log_in(
+        client,
+        "owner@example.test",
+        "correct-horse-battery",
+        proxy,
+        HTTP_X_FORWARDED_FOR="192.0.2.1",
+    )
+    other_client = log_in(
+        client,
+        "owner@example.test",
+        "correct-horse-battery",
+        proxy,
+        HTTP_X_FORWARDED_FOR="198.51.100.20",
+    )
+
+    assert locked.status_code == 429
+    assert other_client.status_code == 302
+
+
+def test_after_the_cool_off_the_right_password_works_again(client, owner):
+    from axes.models import AccessAttempt
+
+    for _ in range(6):
+        log_in(client, "owner@example.test", "wrong-guess")
+    assert log_in(client, "owner@example.test", "correct-horse-battery").status_code == 429
+
+    AccessAttempt.objects.update(attempt_time=timezone.now() - timedelta(minutes=16))
+    response = log_in(client, "owner@example.test", "correct-horse-battery")
+
+    assert response.status_code == 302
+    assert int(client.session[SESSION_KEY]) == owner.pk
+
+
+def test_failures_are_kept_in_the_failure_log_and_a_lockout_is_logged(client, owner, caplog):
+    from axes.models import AccessFailureLog
+
+    with caplog.at_level(logging.WARNING, logger="dashboard.accounts"):
+        for _ in range(5):
+            log_in(client, "owner@example.test", "wrong-guess")
+
+    assert AccessFailureLog.objects.filter(username="owner@example.test").count() == 5
+    assert AccessFailureLog.objects.filter(locked_out=True).count() == 1
+    [record] = [r for r in caplog.records if r.name == "dashboard.accounts"]
+    assert "locked out" in record.getMessage()
+    assert "'owner@example.test' from 203.0.113.7" in record.getMessage()
+
+
+def test_the_admin_login_is_throttled_too(client):
+    get_user_model().objects.create_superuser(
+        "root@example.test", "root@example.test", "Adm1n-pass-42"
+    )
+    for _ in range(6):
+        client.post(
+            "/admin/login/?next=/admin/",
+            {"username": "root@example.test", "password": "wrong-guess"},
+            REMOTE_ADDR="203.0.113.7",
+        )
+
+    response = client.post(
+        "/admin/login/?next=/admin/",
+        {"username": "root@example.test", "password": "Adm1n-pass-42"},
+        REMOTE_ADDR="203.0.113.7",
+    )
+
+    assert response.status_code == 429
+    assert LOCKED in response.content.decode()
+    assert SESSION_KEY not in client.session
