@@ -1,6 +1,9 @@
 """Stripe webhooks and plans, applied to tenants.
 
 Invariants:
+- Only a well-formed event is stored: signed by Stripe, a JSON object with a
+  string ``id`` and ``type``, an integer ``created`` and an object
+  ``data.object``. Anything else is refused (400) and leaves no row.
 - An event is stored once (unique ``event_id``) and its effects applied once
   (``processed_at``, set under a row lock).
 - A subscription never moves back to an older state: every change records the
@@ -12,6 +15,8 @@ Invariants:
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
@@ -30,23 +35,84 @@ ENDED_STATUSES = {"canceled", "unpaid", "incomplete_expired"}
 
 
 class WebhookRejected(Exception):
-    pass
+    code = "invalid_signature"
+
+
+class WebhookMalformed(WebhookRejected):
+    """Signed by Stripe, but not an event CascadeFlow can store and apply."""
+
+    code = "invalid_payload"
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _event_shape(text: str) -> dict:
+    """The event as a dict if it has the shape every handler relies on, else raise."""
+    try:
+        event = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise WebhookMalformed("the body is not JSON") from None
+    if not isinstance(event, dict):
+        raise WebhookMalformed("the body is not a JSON object")
+    fields = {"id": 255, "type": 100}
+    for name, max_length in fields.items():
+        value = event.get(name)
+        if not isinstance(value, str) or not value.strip() or len(value) > max_length:
+            raise WebhookMalformed(f"'{name}' must be a string of 1 to {max_length} characters")
+    created = event.get("created")
+    if not isinstance(created, int) or isinstance(created, bool) or not 0 <= created < 2**53:
+        raise WebhookMalformed("'created' must be a Unix timestamp")
+    data = event.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        raise WebhookMalformed("'data.object' must be an object")
+    if not all(_storable(string) for string in _strings(event)):
+        raise WebhookMalformed("the body contains a NUL character or a lone surrogate")
+    return event
+
+
+def _strings(value: object) -> Iterator[str]:
+    """Every key and string value of parsed JSON, without recursion (nesting may be deep)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _storable(text: str) -> bool:
+    """JSON may escape a NUL or a lone surrogate; a database JSON column holds neither."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def webhook_verify(*, payload: bytes, signature: str | None) -> dict:
-    """The event if Stripe signed it with our secret within the tolerance, else raise."""
+    """The event if Stripe signed it with our secret within the tolerance and it is
+    well formed (see the module's invariants), else raise ``WebhookRejected``."""
     if not settings.STRIPE_WEBHOOK_SECRET:
         raise WebhookRejected("Stripe webhooks are not configured (STRIPE_WEBHOOK_SECRET).")
     try:
-        event = stripe.Webhook.construct_event(
-            payload.decode(),
+        text = payload.decode()
+        stripe.WebhookSignature.verify_header(
+            text,
             signature or "",
             settings.STRIPE_WEBHOOK_SECRET,
             tolerance=settings.STRIPE_WEBHOOK_TOLERANCE,
         )
     except (ValueError, stripe.SignatureVerificationError) as exc:
         raise WebhookRejected(str(exc) or exc.__class__.__name__) from None
-    return event.to_dict() if hasattr(event, "to_dict") else dict(event)
+    return _event_shape(text)
 
 
 def event_store(*, event: dict) -> StripeEvent | None:

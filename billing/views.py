@@ -35,8 +35,7 @@ def stripe_webhook(request: HttpRequest) -> JsonResponse:
         )
     except WebhookRejected as exc:
         return JsonResponse(
-            {"error": {"message": f"Invalid webhook: {exc}", "code": "invalid_signature"}},
-            status=400,
+            {"error": {"message": f"Invalid webhook: {exc}", "code": exc.code}}, status=400
         )
     stored = event_store(event=event)
     if stored is not None:
