@@ -2,15 +2,18 @@
 
 Columns are stable (documented in docs/exports.md). ``format=focus`` names
 them as the FinOps FOCUS specification does so cost tools ingest the file.
-Cells starting with ``=``, ``+``, ``-`` or ``@`` (or tab / carriage return)
-are prefixed with a quote so no spreadsheet evaluates them (CSV injection);
-numbers are written by us and never start with those characters except a
-minus sign, which costs never have.
+A text cell starting with ``=``, ``+``, ``-`` or ``@`` (also after leading
+whitespace: spaces, tabs, line breaks), or with a tab or carriage return, is
+prefixed with a quote so no spreadsheet evaluates it (CSV injection, as
+OWASP describes it); numbers are written by us and never start with those
+characters except a minus sign, which costs never have. FOCUS ``Tags`` is a
+JSON object written by a JSON encoder, so no value can add a key or break it.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from itertools import islice
@@ -54,7 +57,8 @@ FOCUS_COLUMNS = [
     "ConsumedUnit",
     "Tags",
 ]
-_DANGEROUS = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA = ("=", "+", "-", "@")
+_CONTROL = ("\t", "\r")
 
 
 class _Echo:
@@ -63,8 +67,16 @@ class _Echo:
 
 
 def safe(value: object) -> str:
+    """A text cell no spreadsheet evaluates as a formula."""
     text = "" if value is None else str(value)
-    return "'" + text if text.startswith(_DANGEROUS) else text
+    if text.startswith(_CONTROL) or text.lstrip().startswith(_FORMULA):
+        return "'" + text
+    return text
+
+
+def focus_tags(*, end_user: str | None, profile: str | None) -> str:
+    """FOCUS ``Tags``: a JSON object with exactly these keys, whatever the values hold."""
+    return json.dumps({"end_user": end_user or "", "profile": profile or ""}, sort_keys=True)
 
 
 def _usd(nanos: int) -> str:
@@ -116,7 +128,7 @@ def rows(*, tenant_id: int, start: datetime, end: datetime, focus: bool) -> Iter
                     safe(f"{requested} via {'/'.join(called or [])}"),
                     prompt + completion,
                     "Tokens",
-                    safe(f'{{"end_user": "{end_user or ""}", "profile": "{profile}"}}'),
+                    focus_tags(end_user=end_user, profile=profile),  # an object: starts with {
                 ]
             )
         else:
