@@ -89,6 +89,7 @@ class ExportJobOutput(serializers.ModelSerializer):
             "end",
             "focus",
             "status",
+            "error",
             "total_rows",
             "rows_written",
             "created_at",

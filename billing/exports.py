@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from itertools import islice
@@ -21,8 +22,11 @@ from itertools import islice
 from asgiref.sync import sync_to_async
 from django.db import models
 
+from cascadeflow_site import outbox
 from routing.engine.pricing import nanos_to_usd
 from routing.models import UsageEvent
+
+logger = logging.getLogger(__name__)
 
 COLUMNS = [
     "timestamp_utc",
@@ -59,6 +63,8 @@ FOCUS_COLUMNS = [
 ]
 _FORMULA = ("=", "+", "-", "@")
 _CONTROL = ("\t", "\r")
+# The task's hard time limit; a job still running after it (and a grace) has lost its worker.
+EXPORT_TIME_LIMIT_S = 3600
 
 
 class _Echo:
@@ -166,7 +172,12 @@ def parse_range(start: str | None, end: str | None) -> tuple[datetime, datetime]
 
 
 def export_job_run(*, job_id: int) -> str:
-    """Write the job's CSV to a file under var/exports, recording progress as it goes."""
+    """Write the job's CSV to a file under var/exports, recording progress as it goes.
+
+    Only the run that moves the job from ``queued`` to ``running`` builds it, so
+    a job sent twice is built once. A crash ends the job ``failed`` with a
+    one-line reason (the traceback goes to the log, not to the user).
+    """
     from pathlib import Path
 
     from django.conf import settings
@@ -174,16 +185,36 @@ def export_job_run(*, job_id: int) -> str:
 
     from billing.models import ExportJob
 
+    claimed = ExportJob.objects.filter(pk=job_id, status="queued").update(
+        status="running", started_at=timezone.now(), total_rows=0, rows_written=0, error=""
+    )
+    if not claimed:
+        return ExportJob.objects.filter(pk=job_id).values_list("status", flat=True).first() or ""
     job = ExportJob.objects.get(pk=job_id)
-    if job.status == "done":
-        return job.file_path
-    directory = Path(settings.VAR_DIR) / "exports"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"export-{job.pk}.csv"
+    path = Path(settings.VAR_DIR) / "exports" / f"export-{job.pk}.csv"
+    try:
+        written = _export_write(job, path)
+    except Exception as exc:
+        logger.exception("Export job %s failed", job.pk)
+        path.unlink(missing_ok=True)
+        ExportJob.objects.filter(pk=job.pk, status="running").update(
+            status="failed", error=_failure_text(exc), finished_at=timezone.now()
+        )
+        return "failed"
+    ExportJob.objects.filter(pk=job.pk, status="running").update(
+        status="done", rows_written=written, file_path=str(path), finished_at=timezone.now()
+    )
+    return "done"
+
+
+def _export_write(job, path) -> int:
+    from billing.models import ExportJob
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     total = UsageEvent.objects.filter(
         tenant_id=job.tenant_id, created_at__gte=job.start, created_at__lt=job.end
     ).count()
-    ExportJob.objects.filter(pk=job.pk).update(status="running", total_rows=total, rows_written=0)
+    ExportJob.objects.filter(pk=job.pk).update(total_rows=total)
     written = 0
     with open(path, "w", encoding="utf-8", newline="") as out:
         for index, line in enumerate(
@@ -194,10 +225,47 @@ def export_job_run(*, job_id: int) -> str:
                 written = index
                 ExportJob.objects.filter(pk=job.pk).update(rows_written=written)
         written = max(index, 0)
-    ExportJob.objects.filter(pk=job.pk).update(
-        status="done", rows_written=written, file_path=str(path), finished_at=timezone.now()
+    return written
+
+
+def _failure_text(exc: BaseException) -> str:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return "The export took longer than its time limit; try a shorter range."
+    return outbox.error_text(exc)
+
+
+def export_jobs_due(*, now: datetime) -> list[int]:
+    """Settle the jobs no worker will finish, and return those to send again.
+
+    A job still ``running`` after the task's time limit lost its worker; a job
+    still ``queued`` after its last attempt was never picked up: both end
+    ``failed``, so the page stops waiting. Jobs ``queued`` a grace period after
+    they were created get an attempt counted, and their ids are returned.
+    """
+    from datetime import timedelta
+
+    from billing.models import ExportJob
+
+    stale = now - timedelta(seconds=EXPORT_TIME_LIMIT_S) - outbox.GRACE
+    ExportJob.objects.filter(status="running").filter(
+        models.Q(started_at__lt=stale) | models.Q(started_at__isnull=True, created_at__lt=stale)
+    ).update(
+        status="failed",
+        error="The export stopped before it finished (its worker was lost); try again.",
+        finished_at=now,
     )
-    return str(path)
+    ExportJob.objects.filter(
+        status="queued", attempts__gte=outbox.MAX_ATTEMPTS, next_attempt_at__lte=now
+    ).update(
+        status="failed",
+        error="The export could not be started (no worker took it); try again later.",
+        finished_at=now,
+    )
+    return outbox.claim_due(
+        ExportJob.objects.filter(status="queued", created_at__lt=now - outbox.GRACE), now=now
+    )
 
 
 def download_token(job_id: int) -> str:
@@ -290,14 +358,18 @@ def grouped_rows(
 
 
 def export_job_queue(*, tenant_id: int, start: datetime, end: datetime, focus: bool):
-    """Create an export job; the Celery task starts once the job row is committed."""
+    """Create an export job; the Celery task is sent once the job row is committed.
+
+    The job row is durable: when the broker refuses the task the caller still
+    gets the queued job, and the outbox sweeper sends it later.
+    """
     from django.db import transaction
 
     from billing.models import ExportJob
     from billing.tasks import export_job_run
 
     job = ExportJob.objects.create(tenant_id=tenant_id, start=start, end=end, focus=focus)
-    transaction.on_commit(lambda: export_job_run.delay(job.pk), robust=True)
+    transaction.on_commit(lambda: outbox.send(export_job_run, job.pk), robust=True)
     return job
 
 

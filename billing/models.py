@@ -6,7 +6,13 @@ from tenants.models import Tenant, Tier
 
 
 class StripeEvent(models.Model):
-    """A verified webhook event, stored once (unique ``event_id``), applied by a task."""
+    """A verified webhook event, stored once (unique ``event_id``), applied by a task.
+
+    The row is the durable record: Stripe was answered 200 once it was stored,
+    so an event whose task never ran (the broker was down) or failed is sent
+    again by the outbox sweeper (``attempts``, ``next_attempt_at``,
+    ``last_error``; see ``cascadeflow_site.outbox``) until ``processed_at``.
+    """
 
     event_id = models.CharField(max_length=255, unique=True)
     type = models.CharField(max_length=100)
@@ -15,9 +21,19 @@ class StripeEvent(models.Model):
     received_at = models.DateTimeField(auto_now_add=True)
     processed_at = models.DateTimeField(null=True, blank=True)
     outcome = models.CharField(max_length=200, blank=True)
+    attempts = models.PositiveIntegerField(default=0)  # sends by the sweeper
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=300, blank=True)
 
     class Meta:
-        indexes = [models.Index(fields=["type", "-created"], name="stripe_event_type")]
+        indexes = [
+            models.Index(fields=["type", "-created"], name="stripe_event_type"),
+            models.Index(
+                fields=["received_at"],
+                name="stripe_event_pending",
+                condition=models.Q(processed_at__isnull=True),
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.event_id} {self.type}"
@@ -81,7 +97,15 @@ class UsageReport(models.Model):
 
 
 class ExportJob(models.Model):
-    """A large CSV export built by a Celery task; downloaded through an expiring signed link."""
+    """A large CSV export built by a Celery task; downloaded through an expiring signed link.
+
+    A job leaves ``queued`` only by one task claiming it (a conditional update
+    to ``running``), so a job sent twice is built once. The outbox sweeper
+    sends a job still ``queued`` again (``attempts``, ``next_attempt_at``),
+    fails it once it has used its attempts, and fails a ``running`` job that
+    outlived the task's time limit (its worker died): every job ends ``done``
+    or ``failed``, and ``error`` says why in one line.
+    """
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="export_jobs")
     start = models.DateTimeField()
@@ -93,10 +117,20 @@ class ExportJob(models.Model):
     file_path = models.CharField(max_length=500, blank=True)
     error = models.CharField(max_length=300, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)  # sends by the sweeper
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        indexes = [models.Index(fields=["tenant", "-created_at"], name="export_tenant_created")]
+        indexes = [
+            models.Index(fields=["tenant", "-created_at"], name="export_tenant_created"),
+            models.Index(
+                fields=["created_at"],
+                name="export_job_unfinished",
+                condition=models.Q(status__in=["queued", "running"]),
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"export {self.pk} {self.status} {self.rows_written}/{self.total_rows}"

@@ -5,7 +5,8 @@ Invariants:
   string ``id`` and ``type``, an integer ``created`` and an object
   ``data.object``. Anything else is refused (400) and leaves no row.
 - An event is stored once (unique ``event_id``) and its effects applied once
-  (``processed_at``, set under a row lock).
+  (``processed_at``, set under a row lock), however many times its task is
+  sent: by the webhook, then by the outbox sweeper while it is not processed.
 - A subscription never moves back to an older state: every change records the
   Stripe timestamp of the event that made it (``state_at``), and events older
   than that are ignored, whatever order deliveries arrive in.
@@ -26,6 +27,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from billing.models import StripeEvent, TenantSubscription
+from cascadeflow_site import outbox
 from routing.engine.pricing import usd_to_nanos
 from tenants.models import Tenant, Tier
 from tenants.services import plan_apply
@@ -130,17 +132,44 @@ def event_store(*, event: dict) -> StripeEvent | None:
 
 
 def event_process(*, event_pk: int, now: datetime | None = None) -> str:
-    """Apply one stored event, once. Returns what it did (kept on the event row)."""
+    """Apply one stored event, once. Returns what it did (kept on the event row).
+
+    A failure rolls the event's effects back, keeps its one-line reason in
+    ``last_error`` and re-raises; the sweeper sends the event again later.
+    """
     now = now or timezone.now()
-    with transaction.atomic():
-        event = StripeEvent.objects.select_for_update().get(pk=event_pk)
-        if event.processed_at is not None:
-            return event.outcome
-        outcome = _dispatch(event, now)
-        event.processed_at = now
-        event.outcome = outcome[:200]
-        event.save(update_fields=["processed_at", "outcome"])
+    try:
+        with transaction.atomic():
+            event = StripeEvent.objects.select_for_update().get(pk=event_pk)
+            if event.processed_at is not None:
+                return event.outcome
+            outcome = _dispatch(event, now)
+            event.processed_at = now
+            event.outcome = outcome[:200]
+            event.last_error = ""
+            event.save(update_fields=["processed_at", "outcome", "last_error"])
+    except Exception as exc:
+        StripeEvent.objects.filter(pk=event_pk, processed_at__isnull=True).update(
+            last_error=outbox.error_text(exc)
+        )
+        raise
     return outcome
+
+
+def events_due(*, now: datetime) -> list[int]:
+    """Stored events still not processed a grace period after they arrived, with attempts
+    left: an attempt is counted on each and their ids are returned, to be sent again."""
+    return outbox.claim_due(
+        StripeEvent.objects.filter(processed_at__isnull=True, received_at__lt=now - outbox.GRACE),
+        now=now,
+    )
+
+
+def events_given_up() -> int:
+    """Events the sweeper has stopped sending: an operator must look at their ``last_error``."""
+    return StripeEvent.objects.filter(
+        processed_at__isnull=True, attempts__gte=outbox.MAX_ATTEMPTS
+    ).count()
 
 
 def _dispatch(event: StripeEvent, now: datetime) -> str:

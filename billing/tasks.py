@@ -1,14 +1,35 @@
 """Celery entry points of billing: thin, idempotent."""
 
+import logging
+
 from celery import shared_task
 from django.utils import timezone
 
-from billing import services
+from billing import exports, services
+from cascadeflow_site import outbox
+
+logger = logging.getLogger(__name__)
 
 
 @shared_task(name="billing.tasks.stripe_event_process", time_limit=60, soft_time_limit=50)
 def stripe_event_process(event_pk: int) -> str:
     return services.event_process(event_pk=event_pk)
+
+
+@shared_task(name="billing.tasks.stripe_events_sweep", time_limit=60, soft_time_limit=50)
+def stripe_events_sweep() -> int:
+    """Send again the stored Stripe events a lost or failed task left unprocessed."""
+    ids = services.events_due(now=timezone.now())
+    for event_pk in ids:
+        if not outbox.send(stripe_event_process, event_pk):
+            break
+    if given_up := services.events_given_up():
+        logger.warning(
+            "%d Stripe events are still not applied after %d attempts (see last_error)",
+            given_up,
+            outbox.MAX_ATTEMPTS,
+        )
+    return len(ids)
 
 
 @shared_task(name="billing.tasks.grace_expire", time_limit=120, soft_time_limit=100)
@@ -44,8 +65,20 @@ def usage_report_all() -> int:
     return len(ids)
 
 
-@shared_task(name="billing.tasks.export_job_run", time_limit=3600, soft_time_limit=3500)
+@shared_task(
+    name="billing.tasks.export_job_run",
+    time_limit=exports.EXPORT_TIME_LIMIT_S,
+    soft_time_limit=exports.EXPORT_TIME_LIMIT_S - 100,
+)
 def export_job_run(job_id: int) -> str:
-    from billing.exports import export_job_run as run
+    return exports.export_job_run(job_id=job_id)
 
-    return run(job_id=job_id)
+
+@shared_task(name="billing.tasks.export_jobs_sweep", time_limit=60, soft_time_limit=50)
+def export_jobs_sweep() -> int:
+    """Send again the export jobs no worker took; fail those no worker will finish."""
+    ids = exports.export_jobs_due(now=timezone.now())
+    for job_id in ids:
+        if not outbox.send(export_job_run, job_id):
+            break
+    return len(ids)

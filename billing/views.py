@@ -21,6 +21,7 @@ from billing.services import (
     webhook_verify,
 )
 from billing.tasks import stripe_event_process
+from cascadeflow_site import outbox
 from tenants.enums import MemberRole
 from tenants.models import Tier
 
@@ -28,7 +29,11 @@ from tenants.models import Tier
 @csrf_exempt
 @require_POST
 def stripe_webhook(request: HttpRequest) -> JsonResponse:
-    """Verify, store once, acknowledge; a Celery task applies the event."""
+    """Verify, store once, acknowledge; a Celery task applies the event.
+
+    The stored row is durable: Stripe gets its 200 even when the broker
+    refuses the task, and the outbox sweeper sends it later.
+    """
     try:
         event = webhook_verify(
             payload=request.body, signature=request.headers.get("Stripe-Signature")
@@ -39,7 +44,7 @@ def stripe_webhook(request: HttpRequest) -> JsonResponse:
         )
     stored = event_store(event=event)
     if stored is not None:
-        transaction.on_commit(lambda: stripe_event_process.delay(stored.pk), robust=True)
+        transaction.on_commit(lambda: outbox.send(stripe_event_process, stored.pk), robust=True)
     return JsonResponse({"received": True, "duplicate": stored is None})
 
 
