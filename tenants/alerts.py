@@ -4,17 +4,23 @@ Every alert is also a ``BudgetAlert`` row, which the dashboard shows.
 
 Deduplication lives in the database (``BudgetAlert``'s unique constraint);
 delivery is idempotent: each channel's timestamp is set once it succeeded, so a
-retried task never sends twice.
+retried task never sends twice, and a run holds the alert's lease while it
+sends, so two runs never send at once. Delivery is an outbox: an alert whose
+task was lost (the broker was down) or failed is sent again by the sweeper.
 """
 
 import json
+import logging
 import time
+from datetime import datetime, timedelta
 
 import httpx
 from django.conf import settings
 from django.core.mail import send_mail
+from django.db.models import Q
 from django.utils import timezone
 
+from cascadeflow_site import outbox
 from cascadeflow_site.crypto import decrypt
 from cascadeflow_site.netguard import guarded_client
 from routing.engine.pricing import nanos_to_usd
@@ -28,6 +34,11 @@ LEVEL_TEXT = {
     "block": "is exhausted: requests are refused until it resets",
     "forecast": "is forecast to run out before the period ends",
 }
+
+
+logger = logging.getLogger(__name__)
+LEASE = timedelta(minutes=2)  # longer than the delivery task's time limit
+MAX_AGE = timedelta(days=1)  # an older undelivered alert is history, not news: not sent late
 
 
 class DeliveryError(Exception):
@@ -102,18 +113,73 @@ def _email(alert: BudgetAlert) -> bool:
 def alerts_deliver(*, alert_ids: list[int]) -> int:
     """Email each alert to the tenant's owners and admins and POST it to the tenant's webhook.
 
-    Each channel is marked done once it succeeded; a retry resends only what
-    failed. Returns how many alerts went out on at least one channel now.
+    Each channel is marked done once it succeeded, and the alert delivered once
+    every channel is; a retry resends only what failed. An alert another run
+    holds (its lease) is left to that run. Every alert is tried; then, if one
+    failed, DeliveryError is raised for the task to retry. Returns how many
+    alerts went out on at least one channel now.
     """
-    sent = 0
-    for alert in BudgetAlert.objects.filter(pk__in=alert_ids).select_related("tenant", "budget"):
-        delivered = False
+    sent, failed = 0, []
+    for alert_id in alert_ids:
+        now = timezone.now()
+        if (
+            not BudgetAlert.objects.filter(pk=alert_id, delivered_at__isnull=True)
+            .filter(Q(delivering_until__isnull=True) | Q(delivering_until__lt=now))
+            .update(delivering_until=now + LEASE)
+        ):
+            continue
+        alert = BudgetAlert.objects.select_related("tenant", "budget").get(pk=alert_id)
+        delivered, errors = False, []
         if alert.tenant.alert_webhook_url and alert.webhook_at is None:
-            _post_webhook(alert)
-            BudgetAlert.objects.filter(pk=alert.pk).update(webhook_at=timezone.now())
-            delivered = True
+            try:
+                _post_webhook(alert)
+            except Exception as exc:
+                errors.append(_failure(alert, "webhook", exc))
+            else:
+                BudgetAlert.objects.filter(pk=alert.pk).update(webhook_at=timezone.now())
+                delivered = True
         if alert.emailed_at is None:
-            delivered = _email(alert) or delivered
-            BudgetAlert.objects.filter(pk=alert.pk).update(emailed_at=timezone.now())
+            try:
+                delivered = _email(alert) or delivered
+            except Exception as exc:
+                errors.append(_failure(alert, "email", exc))
+            else:
+                BudgetAlert.objects.filter(pk=alert.pk).update(emailed_at=timezone.now())
+        BudgetAlert.objects.filter(pk=alert.pk).update(
+            delivering_until=None,
+            delivered_at=None if errors else timezone.now(),
+            last_error="; ".join(errors)[:300],
+        )
         sent += delivered
+        failed += errors
+    if failed:
+        raise DeliveryError("; ".join(failed))
     return sent
+
+
+def _failure(alert: BudgetAlert, channel: str, exc: Exception) -> str:
+    if not isinstance(exc, DeliveryError):
+        logger.exception("Budget alert %s: %s delivery failed", alert.pk, channel)
+    return f"{channel}: {outbox.error_text(exc)}"
+
+
+def alerts_due(*, now: datetime) -> list[int]:
+    """Undelivered alerts a grace period old (and younger than ``MAX_AGE``) that no run
+    holds, with attempts left: an attempt is counted on each and their ids returned."""
+    return outbox.claim_due(
+        BudgetAlert.objects.filter(
+            delivered_at__isnull=True,
+            created_at__lt=now - outbox.GRACE,
+            created_at__gte=now - MAX_AGE,
+        ).filter(Q(delivering_until__isnull=True) | Q(delivering_until__lt=now)),
+        now=now,
+    )
+
+
+def alerts_given_up(*, now: datetime) -> int:
+    """Recent alerts the sweeper has stopped sending: their ``last_error`` says why."""
+    return BudgetAlert.objects.filter(
+        delivered_at__isnull=True,
+        created_at__gte=now - MAX_AGE,
+        attempts__gte=outbox.MAX_ATTEMPTS,
+    ).count()

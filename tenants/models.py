@@ -57,6 +57,9 @@ class Tenant(models.Model):
     allowed_models = models.JSONField(default=list, blank=True)
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Self-serve tenants' API tokens work only once the owner's email is verified
+    # (tenants.selectors.token_context_for_raw); operators' tenants are verified at creation.
+    email_verified_at = models.DateTimeField(null=True, blank=True)
     # The tenant's own budget decision (see tenants.callbacks): an HTTPS endpoint
     # answering allow / degrade / block, signed both ways with the shared secret.
     # Callback and webhook URLs must reach public addresses (checked again when called).
@@ -331,7 +334,15 @@ class BudgetReservation(models.Model):
 
 
 class BudgetAlert(models.Model):
-    """A budget crossing a threshold; unique per budget, subject, period and level."""
+    """A budget crossing a threshold; unique per budget, subject, period and level.
+
+    Delivery is an outbox (``cascadeflow_site.outbox``): each channel's
+    timestamp (``emailed_at``, ``webhook_at``) is set once it went out, and
+    ``delivered_at`` once every channel did. A delivery run holds a short lease
+    (``delivering_until``) so two runs never send the same alert at once; the
+    sweeper sends undelivered alerts again (``attempts``, ``next_attempt_at``,
+    ``last_error``).
+    """
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="budget_alerts")
     budget = models.ForeignKey(Budget, on_delete=models.CASCADE, related_name="alerts")
@@ -343,6 +354,11 @@ class BudgetAlert(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     emailed_at = models.DateTimeField(null=True, blank=True)
     webhook_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    delivering_until = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)  # sends by the sweeper
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=300, blank=True)
 
     class Meta:
         constraints = [
@@ -350,7 +366,14 @@ class BudgetAlert(models.Model):
                 fields=["budget", "subject_id", "period_start", "level"], name="budget_alert_once"
             )
         ]
-        indexes = [models.Index(fields=["tenant", "-created_at"], name="alert_tenant_created")]
+        indexes = [
+            models.Index(fields=["tenant", "-created_at"], name="alert_tenant_created"),
+            models.Index(
+                fields=["created_at"],
+                name="alert_undelivered",
+                condition=models.Q(delivered_at__isnull=True),
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"budget {self.budget_id} {self.level} at {self.created_at:%Y-%m-%d %H:%M}"
