@@ -42,21 +42,28 @@ def db(fn: Callable[P, R]) -> Callable[P, Any]:
 
 
 @lru_cache(maxsize=64)
-def _insert_sql(model: type[models.Model], names: tuple[str, ...], vendor: str) -> str:
+def _insert_sql(
+    model: type[models.Model], names: tuple[str, ...], vendor: str, ignore_conflicts: bool
+) -> str:
     connection = connections["default"]
     quote = connection.ops.quote_name
     columns = ", ".join(quote(model._meta.get_field(n).column) for n in names)
     placeholders = ", ".join(["%s"] * len(names))
-    return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ({placeholders})"  # noqa: S608 - identifiers from model metadata
+    tail = " ON CONFLICT DO NOTHING" if ignore_conflicts else ""
+    return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ({placeholders}){tail}"  # noqa: S608 - identifiers from model metadata
 
 
 def insert_statement(
-    model: type[models.Model], values: dict[str, Any], using: str = "default"
+    model: type[models.Model],
+    values: dict[str, Any],
+    using: str = "default",
+    *,
+    ignore_conflicts: bool = False,
 ) -> tuple[str, list[Any]]:
     """The INSERT of one row and its parameters, each adapted by its field."""
     connection = connections[using]
     names = tuple(values)
-    sql = _insert_sql(model, names, connection.vendor)
+    sql = _insert_sql(model, names, connection.vendor, ignore_conflicts)
     params = [
         model._meta.get_field(name).get_db_prep_save(value, connection)
         for name, value in values.items()
@@ -64,11 +71,18 @@ def insert_statement(
     return sql, params
 
 
-def insert_row(model: type[models.Model], values: dict[str, Any], using: str = "default") -> None:
-    """INSERT one row (no RETURNING, no model instance)."""
-    sql, params = insert_statement(model, values, using)
+def insert_row(
+    model: type[models.Model],
+    values: dict[str, Any],
+    using: str = "default",
+    *,
+    ignore_conflicts: bool = False,
+) -> bool:
+    """INSERT one row (no RETURNING, no model instance); False if a unique key already had it."""
+    sql, params = insert_statement(model, values, using, ignore_conflicts=ignore_conflicts)
     with connections[using].cursor() as cursor:
         cursor.execute(sql, params)
+        return cursor.rowcount != 0
 
 
 def select_sql(queryset: models.QuerySet, placeholder: Any) -> tuple[str, int]:

@@ -16,6 +16,7 @@ links are signed and tenants' secrets encrypted with it.
 import os
 import secrets
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import environ
@@ -200,6 +201,7 @@ CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
     "roll-up-usage": {"task": "dashboard.tasks.usage_rollup", "schedule": 300.0},
     "refresh-spend-forecasts": {"task": "dashboard.tasks.forecasts_refresh", "schedule": 900.0},
+    "replay-ledger-spool": {"task": "routing.tasks.ledger_spool_replay", "schedule": 60.0},
     "reclaim-expired-budget-reservations": {
         "task": "tenants.tasks.reservations_reclaim",
         "schedule": 60.0,
@@ -253,6 +255,31 @@ AXES_VERBOSE = False
 # rewrites REMOTE_ADDR for a proxy on 127.0.0.1, its --forwarded-allow-ips default.)
 AXES_CLIENT_IP_CALLABLE = "dashboard.accounts.client_address"
 CASCADEFLOW_TRUSTED_PROXY_COUNT = env.int("CASCADEFLOW_TRUSTED_PROXY_COUNT", default=0)
+
+# Self-serve sign-up: organisations created per client address (``limits`` notation,
+# counted where rate limits are: Redis, or process memory); empty = no limit. A new
+# tenant's API tokens work once the owner opened the emailed link (valid this long).
+CASCADEFLOW_SIGNUP_RATE = env.str("CASCADEFLOW_SIGNUP_RATE", default="5/hour")
+CASCADEFLOW_EMAIL_VERIFICATION_SECONDS = env.int(
+    "CASCADEFLOW_EMAIL_VERIFICATION_SECONDS", default=3 * 24 * 3600
+)
+
+
+def _optional(value: str, cast):
+    return cast(value) if value.strip() else None
+
+
+# The free tier (the default plan of self-serve tenants) gets these limits when it is
+# created (tenants.services.tier_ensure_defaults); Stripe's plan sync can change them
+# like any plan's. Empty = no limit; models: an allow-list (empty = every model).
+CASCADEFLOW_FREE_TIER_MONTHLY_BUDGET_NANOS = _optional(
+    env.str("CASCADEFLOW_FREE_TIER_MONTHLY_BUDGET_USD", default="1"),
+    lambda usd: int(Decimal(usd) * 10**9),
+)
+CASCADEFLOW_FREE_TIER_RPM = _optional(env.str("CASCADEFLOW_FREE_TIER_RPM", default="20"), int)
+CASCADEFLOW_FREE_TIER_MODELS = env.list(
+    "CASCADEFLOW_FREE_TIER_MODELS", default=["demo/small", "demo/medium", "demo/large"]
+)
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -361,6 +388,11 @@ CASCADEFLOW_ALLOW_PRIVATE_CALLBACKS = env.bool("CASCADEFLOW_ALLOW_PRIVATE_CALLBA
 CASCADEFLOW_RESERVATION_TTL = env.int("CASCADEFLOW_RESERVATION_TTL", default=900)
 # How stale ApiToken.last_used_at may get before a request rewrites it.
 CASCADEFLOW_TOKEN_TOUCH_SECONDS = env.int("CASCADEFLOW_TOKEN_TOUCH_SECONDS", default=60)
+# Ledger rows the database could not take when a request ended are appended here
+# (fsync'd) and replayed when it is back; keep it on a persistent volume.
+CASCADEFLOW_SPOOL_DIR = env.str("CASCADEFLOW_SPOOL_DIR", default=str(VAR_DIR / "spool"))
+# Retry-After (seconds) of the 503 answered while the database is unreachable.
+CASCADEFLOW_RETRY_AFTER_SECONDS = env.int("CASCADEFLOW_RETRY_AFTER_SECONDS", default=5)
 
 LOGGING = {
     "version": 1,

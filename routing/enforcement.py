@@ -17,6 +17,7 @@ import litellm
 from django.conf import settings
 from django.db import transaction
 
+from cascadeflow_site.db import as_datetime
 from routing.engine.policy import PRESETS
 from routing.engine.pricing import nanos_to_usd
 from routing.engine.types import ModelSpec
@@ -280,34 +281,83 @@ def blocked_error(enforcement: Enforcement) -> GatewayError:
     )
 
 
-def settle(*, tenant_id: int, enforcement: Enforcement, actual_nanos: int) -> list[int]:
-    """Settle the request's reservation; return the ids of new alerts.
+@dataclass(frozen=True)
+class Settlement:
+    """What settling one request needs, as plain data: it is spooled with the ledger row
+    when the database cannot take it, and applied when it can."""
 
-    Call inside the ledger row's transaction.
-    """
-    admission = enforcement.admission
-    if admission is None or admission.reservation_key is None:
-        return []
-    crossings = budget_settle(
-        request_id=admission.reservation_key,
-        actual_nanos=actual_nanos,
-        lines=enforcement.lines,
-        counter_ids_hint=[state.counter_id for state in admission.states],
-    )
-    if admission.decision in {"warn", "degrade"} and admission.tripped is not None:
-        # The request ran while past a threshold: make sure that threshold has its alert.
-        state = admission.tripped
-        crossings.append(
-            Crossing(
+    tenant_id: int
+    reservation_key: str | None = None
+    counter_ids: tuple[int, ...] = ()
+    lines: tuple[BudgetLine, ...] = ()
+    # The threshold the request was admitted past (warn / degrade), which must have its alert.
+    tripped: Crossing | None = None
+
+    @classmethod
+    def of(cls, *, tenant_id: int, enforcement: Enforcement) -> Settlement:
+        admission = enforcement.admission
+        if admission is None or admission.reservation_key is None:
+            return cls(tenant_id)
+        tripped = None
+        if admission.decision in {"warn", "degrade"} and admission.tripped is not None:
+            state = admission.tripped
+            tripped = Crossing(
                 state.line.budget_id,
                 state.line.subject_id,
                 state.period_start,
                 admission.decision,
-                state.spent_nanos + actual_nanos,
+                state.spent_nanos,  # before this request; its cost is added when settled
                 state.line.limit_nanos,
             )
+        return cls(
+            tenant_id,
+            admission.reservation_key,
+            tuple(state.counter_id for state in admission.states),
+            tuple(enforcement.lines),
+            tripped,
         )
-    alert_ids = alerts_record(tenant_id=tenant_id, crossings=crossings)
+
+    def as_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        if self.tripped is not None:
+            data["tripped"]["period_start"] = self.tripped.period_start.isoformat()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Settlement:
+        tripped = data.get("tripped")
+        return cls(
+            tenant_id=data["tenant_id"],
+            reservation_key=data.get("reservation_key"),
+            counter_ids=tuple(data.get("counter_ids") or ()),
+            lines=tuple(BudgetLine(**line) for line in data.get("lines") or ()),
+            tripped=Crossing(**{**tripped, "period_start": as_datetime(tripped["period_start"])})
+            if tripped
+            else None,
+        )
+
+
+def settle(*, settlement: Settlement, actual_nanos: int) -> list[int]:
+    """Settle the request's reservation; return the ids of new alerts.
+
+    Call inside the ledger row's transaction.
+    """
+    if settlement.reservation_key is None:
+        return []
+    crossings = budget_settle(
+        request_id=settlement.reservation_key,
+        actual_nanos=actual_nanos,
+        lines=list(settlement.lines),
+        counter_ids_hint=list(settlement.counter_ids),
+    )
+    if settlement.tripped is not None:
+        # The request ran while past a threshold: make sure that threshold has its alert.
+        crossings.append(
+            dataclasses.replace(
+                settlement.tripped, spent_nanos=settlement.tripped.spent_nanos + actual_nanos
+            )
+        )
+    alert_ids = alerts_record(tenant_id=settlement.tenant_id, crossings=crossings)
     if alert_ids:
         from tenants.tasks import budget_alerts_deliver
 

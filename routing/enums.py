@@ -7,6 +7,7 @@ class UsageStatus(models.TextChoices):
     CLIENT_CLOSED = "client_closed", "Client disconnected mid-stream"
     BLOCKED = "blocked", "Refused by a budget"
     RATE_LIMITED = "rate_limited", "Refused by a rate limit"
+    INTERNAL_ERROR = "internal_error", "Failed inside CascadeFlow"
 
 
 class Preset(models.TextChoices):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,17 +23,17 @@ from functools import lru_cache
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, InterfaceError, OperationalError
 from django.utils import timezone
 
 from cascadeflow_site.db import db
 from dashboard import live
 from routing.enforcement import (
     Enforcement,
+    Settlement,
     admit,
     blocked_error,
     rate_limited_error,
-    settle,
 )
 from routing.engine.agent import CascadeAgent, CascadeStream, clean_payload
 from routing.engine.pricing import nanos_to_usd
@@ -48,13 +49,26 @@ from routing.engine.types import Attempt, CascadeResult
 from routing.enums import UsageStatus
 from routing.errors import GatewayError, forbidden, unauthorized
 from routing.schemas import ChatRequest
-from routing.services import LedgerEntry, usage_event_record
+from routing.services import (
+    LedgerEntry,
+    ledger_replay,
+    ledger_write,
+    spooled_record,
+    usage_event_record,
+    usage_event_values,
+)
+from routing.spool import ledger_spool
 from routing.targets import Target, resolve_target, target_names
 from tenants.enums import Scope
 from tenants.models import Tenant
 from tenants.ratelimits import RateLimited, charge_completion
 from tenants.selectors import TokenContext, TokenInvalid, token_context_for_raw
 from tenants.services import end_user_get_or_create, token_touch
+
+logger = logging.getLogger(__name__)
+
+# The database is unreachable (down, failing over, connect timeout): a 503 the client retries.
+DATABASE_DOWN = (OperationalError, InterfaceError)
 
 
 @lru_cache(maxsize=1)
@@ -89,6 +103,7 @@ class GatewayRequest:
     received_at: datetime
     started: float
     enforcement: Enforcement = field(default_factory=Enforcement)
+    recorded: bool = False  # its ledger row is written (or spooled): exactly once
 
     def agent(self) -> CascadeAgent:
         from routing.engine.policy import PRESETS, Policy
@@ -133,6 +148,25 @@ def cascade_headers(
 
 
 EMPTY_CASCADE_HEADERS = cascade_headers(model="", escalated=False, cost_nanos=0, savings_nanos=0)
+
+
+def database_unavailable() -> GatewayError:
+    return GatewayError(
+        503,
+        "CascadeFlow cannot reach its database right now; retry shortly.",
+        type="api_error",
+        code="service_unavailable",
+        headers={"Retry-After": str(settings.CASCADEFLOW_RETRY_AFTER_SECONDS)},
+    )
+
+
+def internal_error(request_id: str) -> GatewayError:
+    return GatewayError(
+        500,
+        f"CascadeFlow failed to handle request {request_id}.",
+        type="api_error",
+        code="internal_error",
+    )
 
 
 def bearer_token(authorization: str | None) -> str:
@@ -222,14 +256,18 @@ async def prepare(
 ) -> GatewayRequest:
     """Authenticate first (401 beats 400), then resolve the target, end user and budgets."""
     live.publisher.bind()
-    return await _prepare_sync(
-        bearer_token(authorization),
-        chat,
-        parse_error,
-        request_id,
-        timezone.now(),
-        time.perf_counter(),
-    )
+    try:
+        return await _prepare_sync(
+            bearer_token(authorization),
+            chat,
+            parse_error,
+            request_id,
+            timezone.now(),
+            time.perf_counter(),
+        )
+    except DATABASE_DOWN:
+        logger.warning("Database unreachable while admitting %s", request_id, exc_info=True)
+        raise database_unavailable() from None
 
 
 @db
@@ -283,20 +321,59 @@ def ledger_fill(entry: LedgerEntry, result: CascadeResult) -> None:
 
 @db
 def _record_sync(entry: LedgerEntry, ctx: TokenContext, enforcement: Enforcement) -> None:
-    # The ledger row and the budget settlement commit together: counters and
-    # ledger agree to the nano-dollar.
-    with transaction.atomic():
-        usage_event_record(entry=entry)
-        settle(tenant_id=ctx.tenant_id, enforcement=enforcement, actual_nanos=entry.cost_nanos)
+    """Write the ledger row and settle the budgets, or spool both; never raises.
+
+    The row and the settlement commit together, so counters and ledger agree
+    to the nano-dollar. A request that reaches this point has been answered
+    (or has failed for good): if the database cannot take the row now, it is
+    spooled to disk and written as soon as the database is back.
+    """
+    values = usage_event_values(entry)
+    settlement = Settlement.of(tenant_id=ctx.tenant_id, enforcement=enforcement)
+    try:
+        ledger_write(values=values, settlement=settlement)
+    except Exception:
+        logger.exception("Ledger write failed for %s; spooling it", entry.request_id)
+        _spool(values, settlement)
+        return
+    spool = ledger_spool()
+    if spool.dirty:  # the database is back: write what this process spooled
+        try:
+            spool.replay(ledger_replay)
+        except Exception:
+            logger.exception("Ledger spool replay failed")
     if enforcement.limits:
-        charge_completion(enforcement.limits, completion_tokens=entry.completion_tokens)
+        try:
+            charge_completion(enforcement.limits, completion_tokens=entry.completion_tokens)
+        except Exception:  # token accounting is best effort; the answer is delivered
+            logger.warning("Could not charge completion tokens of %s", entry.request_id)
     now = timezone.now()
     stale_before = now - timedelta(seconds=settings.CASCADEFLOW_TOKEN_TOUCH_SECONDS)
     if ctx.last_used_at is None or ctx.last_used_at < stale_before:
-        token_touch(token_id=ctx.token_id, now=now, stale_before=stale_before)
+        try:
+            token_touch(token_id=ctx.token_id, now=now, stale_before=stale_before)
+        except DatabaseError:
+            logger.warning("Could not record the last use of token %s", ctx.token_id)
+
+
+def _spool(values: dict[str, Any], settlement: Settlement) -> None:
+    record = spooled_record(values, settlement)
+    try:
+        ledger_spool().append(record)
+    except Exception:
+        # Last resort: the record in the log, where an operator can replay it from.
+        logger.critical(
+            "Ledger row of %s could not be spooled: %s",
+            values["request_id"],
+            json.dumps(record, default=str),
+            exc_info=True,
+        )
 
 
 async def record(gw: GatewayRequest, entry: LedgerEntry) -> None:
+    if gw.recorded:
+        return
+    gw.recorded = True
     entry.latency_ms = int((time.perf_counter() - gw.started) * 1000)
     # Shielded: a client that disconnects must not cancel its own ledger row.
     await asyncio.shield(_record_sync(entry, gw.ctx, gw.enforcement))
@@ -331,6 +408,18 @@ async def _fail(
     return error
 
 
+async def _crashed(gw: GatewayRequest, entry: LedgerEntry, attempts: list[Attempt]) -> GatewayError:
+    """An unexpected failure after admission: the row (with what was paid) is still written."""
+    logger.exception("Unhandled error in request %s", gw.request_id)
+    error = internal_error(gw.request_id)
+    entry.attempts = list(attempts)
+    entry.status = UsageStatus.INTERNAL_ERROR
+    entry.http_status = error.status
+    entry.error_code = error.code or ""
+    await record(gw, entry)
+    return error
+
+
 def upstream_params(gw: GatewayRequest) -> dict[str, Any]:
     return dict(gw.chat.params)
 
@@ -343,11 +432,16 @@ async def complete(gw: GatewayRequest) -> CompletionOutcome:
     agent = gw.agent()
     try:
         result = await agent.run(gw.chat.messages, upstream_params(gw))
+        ledger_fill(entry, result)
+        await record(gw, entry)
+        body = clean_payload(result.response.model_dump())
     except UpstreamError as exc:
         raise await _fail(gw, entry, exc, list(exc.attempts)) from None
-    ledger_fill(entry, result)
-    await record(gw, entry)
-    body = clean_payload(result.response.model_dump())
+    except Exception:
+        if gw.recorded:
+            logger.exception("Unhandled error in request %s", gw.request_id)
+            raise internal_error(gw.request_id) from None
+        raise await _crashed(gw, entry, agent.attempts) from None
     body["model"] = result.model.name
     return CompletionOutcome(
         body=body,
@@ -386,6 +480,8 @@ async def stream(gw: GatewayRequest) -> StreamOutcome:
         cascade = await agent.stream(gw.chat.messages, upstream_params(gw))
     except UpstreamError as exc:
         raise await _fail(gw, entry, exc, list(exc.attempts)) from None
+    except Exception:
+        raise await _crashed(gw, entry, agent.attempts) from None
     headers = gw.enforcement.headers() | cascade_headers(
         model=cascade.model.name,
         escalated=cascade.escalated or bool(cascade.buffered and cascade.buffered.escalated),
@@ -399,14 +495,16 @@ async def stream(gw: GatewayRequest) -> StreamOutcome:
 async def _relay(
     gw: GatewayRequest, entry: LedgerEntry, cascade: CascadeStream
 ) -> AsyncIterator[str]:
+    chunks = cascade.chunks()
     try:
-        async for data in cascade.chunks():
+        async for data in chunks:
             if not gw.chat.include_usage:
                 data.pop("usage", None)
                 if _is_empty(data):
                     continue
             yield _sse(data)
     except (asyncio.CancelledError, GeneratorExit):
+        await chunks.aclose()  # the engine counts what the upstream streamed so far
         if cascade.result is not None:
             ledger_fill(entry, cascade.result)
         entry.attempts = cascade.attempts
@@ -414,6 +512,14 @@ async def _relay(
         entry.http_status = 499
         await record(gw, entry)
         raise
+    except Exception:
+        # The status line is sent: the stream ends with an error event, never cut short.
+        await chunks.aclose()
+        if cascade.result is not None:
+            ledger_fill(entry, cascade.result)
+        error = await _crashed(gw, entry, cascade.attempts)
+        yield _sse(error.payload())
+        return
     assert cascade.result is not None
     ledger_fill(entry, cascade.result)
     if cascade.failure is not None:

@@ -2,8 +2,12 @@
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from cascadeflow_site.db import insert_row
+from django.db import transaction
+
+from cascadeflow_site.db import as_datetime, insert_row, retry_transient
+from routing.enforcement import Settlement, settle
 from routing.engine.types import Attempt, models_called
 from routing.enums import UsageStatus
 from routing.models import UsageEvent
@@ -48,36 +52,68 @@ class LedgerEntry:
         return models_called(self.attempts)
 
 
+def usage_event_values(entry: LedgerEntry) -> dict[str, Any]:
+    """The ledger row of ``entry`` as column values (plain data: it may be spooled as JSON)."""
+    return dict(
+        tenant=entry.tenant_id,
+        token=entry.token_id,
+        end_user=entry.end_user_id,
+        request_id=entry.request_id,
+        created_at=entry.created_at,
+        requested_model=entry.requested_model,
+        model=entry.model,
+        models_called=entry.models_called,
+        attempts=[a.as_dict() for a in entry.attempts],
+        prompt_tokens=entry.prompt_tokens,
+        completion_tokens=entry.completion_tokens,
+        cost_nanos=entry.cost_nanos,
+        baseline_cost_nanos=entry.baseline_cost_nanos,
+        escalated=entry.escalated,
+        stream=entry.stream,
+        latency_ms=entry.latency_ms,
+        status=entry.status,
+        http_status=entry.http_status,
+        error_code=entry.error_code,
+        profile=entry.profile,
+        domain=entry.domain,
+        complexity=entry.complexity,
+        quality_score=entry.quality_score,
+        baseline_method=entry.baseline_method,
+        degraded=entry.degraded,
+        budget_status=entry.budget_status,
+    )
+
+
 def usage_event_record(*, entry: LedgerEntry) -> None:
     """Insert the request's ledger row: one INSERT, built once, no read back."""
-    insert_row(
-        UsageEvent,
-        dict(
-            tenant=entry.tenant_id,
-            token=entry.token_id,
-            end_user=entry.end_user_id,
-            request_id=entry.request_id,
-            created_at=entry.created_at,
-            requested_model=entry.requested_model,
-            model=entry.model,
-            models_called=entry.models_called,
-            attempts=[a.as_dict() for a in entry.attempts],
-            prompt_tokens=entry.prompt_tokens,
-            completion_tokens=entry.completion_tokens,
-            cost_nanos=entry.cost_nanos,
-            baseline_cost_nanos=entry.baseline_cost_nanos,
-            escalated=entry.escalated,
-            stream=entry.stream,
-            latency_ms=entry.latency_ms,
-            status=entry.status,
-            http_status=entry.http_status,
-            error_code=entry.error_code,
-            profile=entry.profile,
-            domain=entry.domain,
-            complexity=entry.complexity,
-            quality_score=entry.quality_score,
-            baseline_method=entry.baseline_method,
-            degraded=entry.degraded,
-            budget_status=entry.budget_status,
-        ),
-    )
+    insert_row(UsageEvent, usage_event_values(entry))
+
+
+def ledger_write(*, values: dict[str, Any], settlement: Settlement) -> list[int]:
+    """Write a ledger row and settle its reservation in one transaction; return new alert ids.
+
+    Idempotent by ``request_id``: a row that is already there (a spooled row
+    replayed twice, or a write whose commit succeeded but whose answer was
+    lost) is left as it is and settles nothing. Deadlocks and serialization
+    failures are retried whole.
+    """
+
+    def write() -> list[int]:
+        with transaction.atomic():
+            if not insert_row(UsageEvent, values, ignore_conflicts=True):
+                return []
+            return settle(settlement=settlement, actual_nanos=values["cost_nanos"])
+
+    return retry_transient(write)
+
+
+def spooled_record(values: dict[str, Any], settlement: Settlement) -> dict[str, Any]:
+    row = {**values, "created_at": values["created_at"].isoformat()}
+    return {"v": 1, "row": row, "settlement": settlement.as_dict()}
+
+
+def ledger_replay(record: dict[str, Any]) -> None:
+    """Apply one spooled ledger record (see ``routing.spool``)."""
+    values = dict(record["row"])
+    values["created_at"] = as_datetime(values["created_at"])
+    ledger_write(values=values, settlement=Settlement.from_dict(record["settlement"]))

@@ -114,6 +114,9 @@ class CascadeAgent:
         self.verifier = verifier or self.chain[0]
         self.domain_routes = domain_routes or {}
         self.profile = profile
+        # The upstream calls of the latest run or stream, kept even when it raises:
+        # what was paid for is recorded whatever happens next.
+        self.attempts: list[Attempt] = []
 
     # --- planning ----------------------------------------------------------------
 
@@ -298,6 +301,7 @@ class CascadeAgent:
     async def run(self, messages: list[dict], params: dict[str, Any]) -> CascadeResult:
         plan = self.plan(messages, params)
         attempts: list[Attempt] = []
+        self.attempts = attempts
         rejected: list[tuple[Check, Any, ModelSpec, Attempt]] = []
         last_error: UpstreamError | None = None
         for index, spec in enumerate(plan.chain):
@@ -379,6 +383,7 @@ class CascadeAgent:
         """
         plan = self.plan(messages, params)
         attempts: list[Attempt] = []
+        self.attempts = attempts
         rejected: list[tuple[Check, Any, ModelSpec, Attempt]] = []
         last_error: UpstreamError | None = None
         for index, spec in enumerate(plan.chain):
@@ -500,8 +505,12 @@ class CascadeStream:
                 yield chunk
             self.result = self.buffered
             return
-        async for chunk in self._relay():
-            yield chunk
+        relay = self._relay()
+        try:
+            async for chunk in relay:
+                yield chunk
+        finally:
+            await relay.aclose()  # a consumer that stops early still settles the attempt
 
     def _chunk(
         self, delta: dict[str, Any], finish_reason: str | None = None, **extra: Any

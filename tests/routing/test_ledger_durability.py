@@ -1,0 +1,244 @@
+"""An answer that was paid for is never lost: ledger writes that fail are spooled and replayed.
+
+The fault is real: a trigger makes the database refuse every ledger insert
+(on PostgreSQL and on SQLite alike), as a failover or a full disk would.
+"""
+
+import json
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connection
+from django.test import AsyncClient
+
+from routing.engine.agent import CascadeAgent
+from routing.models import UsageEvent
+from routing.spool import ledger_spool
+from routing.tasks import ledger_spool_replay as replay_task
+from tenants.enums import BudgetPeriod, BudgetScope
+from tenants.models import BudgetCounter, BudgetReservation
+from tenants.services import budget_create
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+USD = 10**9
+CASES = [
+    pytest.param("demo/small", False, id="plain"),
+    pytest.param("demo/small", True, id="plain-stream"),
+    pytest.param("cascade/balanced", False, id="cascade"),
+    pytest.param("cascade/balanced", True, id="cascade-stream"),
+]
+
+
+@pytest.fixture(autouse=True)
+def spool_dir(tmp_path, settings):
+    settings.CASCADEFLOW_SPOOL_DIR = str(tmp_path / "spool")
+    ledger_spool.cache_clear()
+    yield tmp_path / "spool"
+    ledger_spool.cache_clear()
+
+
+@sync_to_async
+def refuse_ledger_inserts(on: bool) -> None:
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            if on:
+                cursor.execute(
+                    "CREATE OR REPLACE FUNCTION cf_refuse() RETURNS trigger AS $$ BEGIN "
+                    "RAISE EXCEPTION 'ledger unavailable'; END $$ LANGUAGE plpgsql"
+                )
+                cursor.execute(
+                    "CREATE TRIGGER cf_refuse BEFORE INSERT ON routing_usageevent "
+                    "FOR EACH ROW EXECUTE FUNCTION cf_refuse()"
+                )
+            else:
+                cursor.execute("DROP TRIGGER IF EXISTS cf_refuse ON routing_usageevent")
+        elif on:
+            cursor.execute(
+                "CREATE TRIGGER cf_refuse BEFORE INSERT ON routing_usageevent "
+                "BEGIN SELECT RAISE(ABORT, 'ledger unavailable'); END"
+            )
+        else:
+            cursor.execute("DROP TRIGGER IF EXISTS cf_refuse")
+
+
+async def post(token, model, stream, content="What is 12 * (3 + 4)?"):
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "stream": stream}
+    return await AsyncClient().post(
+        "/v1/chat/completions",
+        data=json.dumps(body),
+        content_type="application/json",
+        headers={"Authorization": f"Bearer {token}"},
+    )
+
+
+async def read(response) -> str:
+    if response.streaming:
+        return b"".join([chunk async for chunk in response.streaming_content]).decode()
+    return response.content.decode()
+
+
+replay = sync_to_async(replay_task)
+
+
+@sync_to_async
+def budget_state(budget):
+    counter = BudgetCounter.objects.get(budget=budget)
+    states = sorted(BudgetReservation.objects.values_list("state", flat=True))
+    return counter.spent_nanos, counter.reserved_nanos, states
+
+
+@sync_to_async
+def ledger_rows():
+    return list(UsageEvent.objects.order_by("id"))
+
+
+@sync_to_async
+def tenant_budget(tenant):
+    return budget_create(
+        tenant=tenant, scope=BudgetScope.TENANT, period=BudgetPeriod.MONTH, limit_nanos=USD
+    )
+
+
+@pytest.mark.parametrize(("model", "stream"), CASES)
+async def test_paid_answer_survives_a_failed_ledger_write(api_token, tenant, model, stream):
+    budget = await tenant_budget(tenant)
+    await refuse_ledger_inserts(True)
+    try:
+        response = await post(api_token.raw, model, stream)
+        text = await read(response)
+    finally:
+        await refuse_ledger_inserts(False)
+
+    # The client has its whole answer.
+    assert response.status_code == 200
+    if stream:
+        assert text.rstrip().endswith("data: [DONE]")
+        assert '"error"' not in text
+        assert "84" in "".join(
+            json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+            for line in text.splitlines()
+            if line.startswith("data: {") and json.loads(line[6:])["choices"]
+        )
+    else:
+        assert "84" in json.loads(text)["choices"][0]["message"]["content"]
+    # Nothing reached the ledger; the row waits in the spool, its reservation still held.
+    assert await ledger_rows() == []
+    [spooled] = list(ledger_spool().records())
+    assert spooled["row"]["request_id"] == response["x-request-id"]
+    assert (await budget_state(budget))[2] == ["held"]
+
+    # The database takes writes again: the beat task writes the row and settles it, once.
+    assert await replay() == {"applied": 1, "pending": 0, "files": 1}
+    assert await replay() == {"applied": 0, "pending": 0, "files": 0}
+    [event] = await ledger_rows()
+    assert event.request_id == response["x-request-id"]
+    assert event.cost_nanos == spooled["row"]["cost_nanos"] > 0
+    assert event.status == "ok" and event.stream is stream
+    assert await budget_state(budget) == (event.cost_nanos, 0, ["settled"])
+    assert list(ledger_spool().records()) == []
+
+
+async def test_the_next_successful_write_drains_what_this_process_spooled(api_token, tenant):
+    budget = await tenant_budget(tenant)
+    await refuse_ledger_inserts(True)
+    try:
+        failed = [await post(api_token.raw, "demo/small", False) for _ in range(3)]
+    finally:
+        await refuse_ledger_inserts(False)
+    assert len(list(ledger_spool().records())) == 3
+
+    ok = await post(api_token.raw, "demo/small", False)
+
+    rows = await ledger_rows()
+    assert sorted(e.request_id for e in rows) == sorted(
+        r["x-request-id"] for r in [*failed, ok]
+    )
+    spent, reserved, states = await budget_state(budget)
+    assert (spent, reserved) == (sum(e.cost_nanos for e in rows), 0)
+    assert states == ["settled"] * 4
+    assert list(ledger_spool().records()) == []
+
+
+async def test_a_replay_interrupted_half_way_applies_nothing_twice(api_token, tenant):
+    budget = await tenant_budget(tenant)
+    await refuse_ledger_inserts(True)
+    try:
+        for _ in range(2):
+            await post(api_token.raw, "demo/small", False)
+        from routing.services import ledger_replay
+
+        calls = []
+
+        def fail_second(record):
+            calls.append(record)
+            if len(calls) == 2:
+                raise RuntimeError("database gone again")
+            with connection.cursor() as cursor:  # the first one gets through
+                cursor.execute(
+                    "DROP TRIGGER IF EXISTS cf_refuse"
+                    + (" ON routing_usageevent" if connection.vendor == "postgresql" else "")
+                )
+            ledger_replay(record)
+
+        report = await sync_to_async(ledger_spool().replay)(fail_second)
+    finally:
+        await refuse_ledger_inserts(False)
+    assert (report.applied, report.pending) == (1, 1)
+
+    # The claimed file still holds both; the first is skipped by its request id.
+    assert await replay() == {"applied": 2, "pending": 0, "files": 1}
+    rows = await ledger_rows()
+    assert len(rows) == 2
+    assert await budget_state(budget) == (sum(e.cost_nanos for e in rows), 0, ["settled"] * 2)
+
+
+async def test_an_unexpected_failure_mid_stream_ends_with_an_error_event(
+    api_token, tenant, monkeypatch
+):
+    budget = await tenant_budget(tenant)
+    from routing import gateway
+
+    original, calls = gateway._sse, []
+
+    def broken(data):
+        calls.append(data)
+        if len(calls) == 3:  # a few chunks are out when something breaks
+            raise RuntimeError("boom")
+        return original(data)
+
+    monkeypatch.setattr(gateway, "_sse", broken)
+    response = await post(api_token.raw, "demo/small", True)
+    text = await read(response)
+
+    assert response.status_code == 200
+    last = [line for line in text.splitlines() if line.startswith("data: ")][-1]
+    error = json.loads(last[6:])["error"]
+    assert error["code"] == "internal_error" and error["type"] == "api_error"
+    assert "Traceback" not in text and "boom" not in text
+    [event] = await ledger_rows()
+    assert event.status == "internal_error" and event.http_status == 500
+    assert event.cost_nanos > 0  # the upstream call was paid for, and is counted
+    assert await budget_state(budget) == (event.cost_nanos, 0, ["settled"])
+
+
+async def test_an_unexpected_failure_after_an_upstream_call_is_recorded_and_settled(
+    api_token, tenant, monkeypatch
+):
+    budget = await tenant_budget(tenant)
+    original = CascadeAgent._result
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(CascadeAgent, "_result", broken)
+    response = await post(api_token.raw, "demo/small", False)
+    monkeypatch.setattr(CascadeAgent, "_result", original)
+
+    assert response.status_code == 500
+    error = json.loads(response.content)["error"]
+    assert error["code"] == "internal_error" and "boom" not in error["message"]
+    [event] = await ledger_rows()
+    assert event.status == "internal_error"
+    assert event.cost_nanos > 0 and event.models_called == ["demo/small"]
+    assert await budget_state(budget) == (event.cost_nanos, 0, ["settled"])
