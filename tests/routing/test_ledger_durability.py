@@ -151,9 +151,7 @@ async def test_the_next_successful_write_drains_what_this_process_spooled(api_to
     ok = await post(api_token.raw, "demo/small", False)
 
     rows = await ledger_rows()
-    assert sorted(e.request_id for e in rows) == sorted(
-        r["x-request-id"] for r in [*failed, ok]
-    )
+    assert sorted(e.request_id for e in rows) == sorted(r["x-request-id"] for r in [*failed, ok])
     spent, reserved, states = await budget_state(budget)
     assert (spent, reserved) == (sum(e.cost_nanos for e in rows), 0)
     assert states == ["settled"] * 4
