@@ -3,14 +3,19 @@
 ``Caller`` tries a model's deployments in order. Provider trouble (5xx,
 timeouts, rate limits, connection errors, malformed answers) is retried with
 exponential backoff and jitter, then moves to the next deployment; a client
-mistake (a 400 the provider returns) is not retried. Each call is one
-``Attempt``.
+mistake (a 400, 413 or 422 the provider returns, or a request that cannot even
+be encoded) is not retried. Each call is one ``Attempt``.
 
 A per-deployment circuit breaker skips a deployment that keeps failing: after
 ``failure_threshold`` failures within ``window_s`` it opens for
 ``cooldown_s``; the first call after that is a trial whose failure re-opens it
 at once. Its state lives in a ``BreakerStore``: Redis when configured, so every
 process and machine sees the same state, or process memory otherwise.
+
+The breaker is shared by every tenant, so only the deployment's own failures
+count toward it (``Failure.counts_against_deployment``): a request that is at
+fault itself fails the same way on any deployment, and counting it would let
+one client's bad input switch a model off for everyone.
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ class Failure:
     code: str
     message: str
 
+    @property
+    def counts_against_deployment(self) -> bool:
+        """Whether this failure says something about the deployment (and feeds its breaker).
+
+        Failures that are not retryable are the request's own (a provider's 400,
+        413 or 422, text that cannot be encoded): any deployment would fail them.
+        """
+        return self.retryable
+
 
 class UpstreamError(Exception):
     """Every deployment of a model failed (or the provider rejected the request)."""
@@ -58,8 +72,33 @@ class UpstreamError(Exception):
         super().__init__(prefix + failure.message)
 
 
+def _message(exc: BaseException) -> str:
+    """The error's own text for the client: no provider banner, no traceback (no server paths)."""
+    text = _PREFIX.sub("", str(exc)).split("Traceback (most recent call last)", 1)[0]
+    return text.strip()[:500] or exc.__class__.__name__
+
+
+def _cannot_encode(exc: BaseException) -> bool:
+    """The request's text could not be encoded (a lone surrogate), however the SDK wrapped it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, UnicodeError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return "surrogates not allowed" in str(exc)
+
+
 def classify(exc: BaseException) -> Failure:
-    message = _PREFIX.sub("", str(exc)).strip()[:500] or exc.__class__.__name__
+    message = _message(exc)
+    if _cannot_encode(exc):
+        return Failure(
+            False,
+            400,
+            "invalid_request",
+            "The request holds text that cannot be encoded as UTF-8 (a lone surrogate).",
+        )
     if isinstance(exc, CircuitOpen):
         return Failure(True, 503, "circuit_open", message)
     if isinstance(exc, ProviderHTTPError):
@@ -79,12 +118,16 @@ def classify(exc: BaseException) -> Failure:
         return Failure(True, 502, "upstream_timeout", message)
     if isinstance(exc, litellm.ServiceUnavailableError):
         return Failure(True, 503, "upstream_unavailable", message)
+    if getattr(exc, "status_code", None) in {400, 413, 422}:
+        return _classify_status(exc.status_code, message)
     return Failure(True, 502, "upstream_error", message)
 
 
 def _classify_status(status: int, message: str) -> Failure:
     if status in {400, 422}:
         return Failure(False, 400, "upstream_bad_request", message)
+    if status == 413:
+        return Failure(False, 413, "request_too_large", message)
     if status == 429:
         return Failure(True, 503, "upstream_rate_limited", message)
     if status == 503:
@@ -343,10 +386,10 @@ class Caller:
         """Record a failed call; raise unless another deployment could help."""
         failure = classify(exc)
         attempts.append(_failed(spec, deployment, started, failure, role))
+        if self.breaker and failure.counts_against_deployment:
+            await self.breaker.failed(deployment)
         if not failure.retryable:
             raise UpstreamError(spec.name, failure) from None
-        if self.breaker:
-            await self.breaker.failed(deployment)
         return failure
 
     async def _backoff(self, n: int) -> None:
