@@ -1,6 +1,6 @@
 """The management API, /api/v1/."""
 
-from django.urls import path
+from django.urls import path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from billing.api import (
@@ -19,6 +19,7 @@ from tenants.api import (
     TokenListCreateApi,
     TokenRevokeApi,
 )
+from tenants.api_base import not_found
 
 urlpatterns = [
     path("tokens/", TokenListCreateApi.as_view(), name="api-tokens"),
@@ -42,4 +43,6 @@ urlpatterns = [
     path("alerts/", AlertListApi.as_view(), name="api-alerts"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    # Last: any other path under /api/v1/ is a JSON 404, not Django's HTML page.
+    re_path(r"^(?P<unknown>.*)$", not_found, name="api-not-found"),
 ]
