@@ -23,6 +23,8 @@ from routing.models import UsageEvent
 from tenants.api_base import TenantAPIView
 from tenants.enums import Scope
 
+LAST_DAY = "end must be before 9999-12-31."
+
 
 class UsageExportCsvApi(TenantAPIView):
     model = UsageEvent
@@ -45,6 +47,8 @@ class UsageExportCsvApi(TenantAPIView):
             )
         except ValueError as exc:
             raise ValidationError({"range": [str(exc)]}) from None
+        except OverflowError:  # the day after 9999-12-31
+            raise ValidationError({"range": [LAST_DAY]}) from None
         focus = request.query_params.get("format") == "focus"
         count = UsageEvent.objects.filter(
             tenant_id=request.auth.tenant_id, created_at__gte=start, created_at__lt=end
@@ -121,6 +125,8 @@ class ExportJobCreateApi(TenantAPIView):
             start, end = parse_range(values["start"].isoformat(), values["end"].isoformat())
         except ValueError as exc:
             raise ValidationError({"range": [str(exc)]}) from None
+        except OverflowError:  # the day after 9999-12-31
+            raise ValidationError({"range": [LAST_DAY]}) from None
         job = export_job_queue(
             tenant_id=request.auth.tenant_id,
             start=start,

@@ -6,13 +6,14 @@ from django.db.models import Count, F, Q, Sum
 from django.db.models.functions import TruncDay, TruncHour
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
+from rest_framework.exceptions import NotFound
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
 from routing.catalog import model_catalog
 from routing.engine.policy import PRESETS
 from routing.models import RoutingProfile, UsageEvent
-from tenants.api_base import TenantAPIView, envelope
+from tenants.api_base import BIGINT_MAX, ApiError, TenantAPIView, envelope
 from tenants.enums import Scope
 
 
@@ -93,15 +94,37 @@ class ProfileDetailApi(TenantAPIView):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+def parse_instant(name: str, value: str) -> datetime:
+    """An ISO 8601 date or time as an aware UTC datetime (no offset given: UTC)."""
+    try:
+        moment = datetime.fromisoformat(value)
+        if moment.tzinfo is None:
+            return moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: 9999-12-31T23:00-14:00 is past year 9999
+        raise serializers.ValidationError(
+            {name: ["An ISO 8601 date or time between years 1 and 9999 (UTC)."]}
+        ) from None
+
+
 def time_range(rows, params):
     """``start`` (inclusive) and ``end`` (exclusive) ISO 8601 filters on ``created_at``."""
     for name, field in (("start", "created_at__gte"), ("end", "created_at__lt")):
         if params.get(name):
-            try:
-                rows = rows.filter(**{field: datetime.fromisoformat(params[name])})
-            except ValueError:
-                raise serializers.ValidationError({name: ["An ISO 8601 date or time."]}) from None
+            rows = rows.filter(**{field: parse_instant(name, params[name])})
     return rows
+
+
+def id_param(params, name: str) -> int | None:
+    """A query parameter naming an object id: a positive integer a bigint holds."""
+    value = params.get(name)
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit() and len(value) <= 19) or not (
+        1 <= int(value) <= BIGINT_MAX
+    ):
+        raise serializers.ValidationError({name: ["An object id (a positive integer)."]})
+    return int(value)
 
 
 class UsageCursor(CursorPagination):
@@ -109,6 +132,23 @@ class UsageCursor(CursorPagination):
     page_size = 100
     max_page_size = 1000
     page_size_query_param = "limit"
+
+    def decode_cursor(self, request):
+        """A cursor this API did not hand out is the client's error (400), whatever it holds."""
+        invalid = ApiError(
+            "Not a cursor of this list: follow the 'next' and 'previous' links.",
+            code="invalid_cursor",
+        )
+        try:
+            cursor = super().decode_cursor(request)
+        except NotFound:
+            raise invalid from None
+        position = cursor.position if cursor else None
+        if position is not None and not (
+            position.isascii() and position.isdigit() and int(position[:20]) <= BIGINT_MAX
+        ):
+            raise invalid
+        return cursor
 
 
 class UsageOutput(serializers.ModelSerializer):
@@ -172,8 +212,9 @@ class UsageListApi(TenantAPIView):
         for name in ("model", "profile"):
             if params.get(name):
                 rows = rows.filter(**{name: params[name]})
-        if params.get("token"):
-            rows = rows.filter(token_id=params["token"])
+        token_id = id_param(params, "token")
+        if token_id is not None:
+            rows = rows.filter(token_id=token_id)
         paginator = UsageCursor()
         page = paginator.paginate_queryset(rows, request, view=self)
         return paginator.get_paginated_response(UsageOutput(page, many=True).data)

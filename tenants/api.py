@@ -8,7 +8,7 @@ from rest_framework.response import Response
 
 from routing.engine.pricing import nanos_to_usd
 from tenants import services
-from tenants.api_base import TenantAPIView, envelope
+from tenants.api_base import BIGINT_MAX, TenantAPIView, envelope
 from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope, Scope
 from tenants.models import ApiToken, Budget, BudgetAlert, EndUser, EndUserTier
 
@@ -111,13 +111,44 @@ class BudgetThresholds(serializers.Serializer):
     )
 
 
+def object_id(**kwargs) -> serializers.IntegerField:
+    """An id field: a positive integer a BigAutoField can hold (no database error on lookup)."""
+    return serializers.IntegerField(min_value=1, max_value=BIGINT_MAX, **kwargs)
+
+
+def limit_nanos(**kwargs) -> serializers.IntegerField:
+    """Nano-dollars as the BigIntegerField stores them: 0 to 2^63 - 1."""
+    return serializers.IntegerField(min_value=0, max_value=BIGINT_MAX, **kwargs)
+
+
+BUDGET_TARGETS = {
+    BudgetScope.TIER: "tier",
+    BudgetScope.END_USER: "end_user",
+    BudgetScope.TOKEN: "token",
+}
+
+
 class BudgetInput(BudgetThresholds):
     scope = serializers.ChoiceField(choices=BudgetScope.choices)
     period = serializers.ChoiceField(choices=BudgetPeriod.choices)
-    limit_nanos = serializers.IntegerField(min_value=0)
-    tier = serializers.IntegerField(required=False, allow_null=True)
-    end_user = serializers.IntegerField(required=False, allow_null=True)
-    token = serializers.IntegerField(required=False, allow_null=True)
+    limit_nanos = limit_nanos()
+    tier = object_id(required=False, allow_null=True)
+    end_user = object_id(required=False, allow_null=True)
+    token = object_id(required=False, allow_null=True)
+
+    def validate(self, attrs):
+        """Exactly the target matching the scope (the database's rule, said in the API's words)."""
+        wanted = BUDGET_TARGETS.get(attrs["scope"])
+        errors = {}
+        for field in BUDGET_TARGETS.values():
+            given = attrs.get(field) is not None
+            if field == wanted and not given:
+                errors[field] = [f"Required for scope '{attrs['scope']}'."]
+            elif field != wanted and given:
+                errors[field] = [f"Not allowed for scope '{attrs['scope']}'."]
+        if errors:
+            raise serializers.ValidationError(errors)
+        return attrs
 
 
 class BudgetListCreateApi(TenantAPIView):
@@ -142,9 +173,7 @@ class BudgetListCreateApi(TenantAPIView):
                 values[field] = get_object_or_404(model, pk=values[field], tenant_id=tenant_id)
         try:
             budget = services.budget_create(tenant=self.tenant, **values)
-        except (ValueError, Exception) as exc:
-            from rest_framework.exceptions import ValidationError
-
+        except ValueError as exc:  # the service's own checks; database errors: the handler
             raise ValidationError({"budget": [str(exc)]}) from None
         return Response(BudgetOutput(budget).data, status=status.HTTP_201_CREATED)
 
@@ -155,7 +184,7 @@ class BudgetDetailApi(TenantAPIView):
     read_scope, write_scope = Scope.USAGE_READ, Scope.BUDGETS_WRITE
 
     class PatchSerializer(BudgetThresholds):
-        limit_nanos = serializers.IntegerField(min_value=0, required=False)
+        limit_nanos = limit_nanos(required=False)
 
     def get(self, request, pk):
         return Response(BudgetOutput(self.tenant_object(pk)).data)
@@ -209,7 +238,7 @@ class EndUserDetailApi(TenantAPIView):
     read_scope, write_scope = Scope.USAGE_READ, Scope.BUDGETS_WRITE
 
     class PatchSerializer(serializers.Serializer):
-        tier = serializers.IntegerField(allow_null=True)
+        tier = serializers.IntegerField(min_value=0, max_value=BIGINT_MAX, allow_null=True)
 
     def get(self, request, pk):
         return Response(EndUserOutput(self.tenant_object(pk)).data)
