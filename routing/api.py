@@ -10,14 +10,15 @@ from rest_framework.exceptions import NotFound
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
-from routing.catalog import model_catalog
-from routing.engine.policy import PRESETS
+from routing import profiles
 from routing.models import RoutingProfile, UsageEvent
 from tenants.api_base import BIGINT_MAX, ApiError, TenantAPIView, envelope
 from tenants.enums import Scope
 
 
 class ProfileSerializer(serializers.ModelSerializer):
+    """A profile's fields; what makes a profile valid is ``routing.profiles``' rule."""
+
     class Meta:
         model = RoutingProfile
         fields = [
@@ -31,27 +32,16 @@ class ProfileSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = ["id", "created_at", "updated_at"]
-        extra_kwargs = {"threshold_offset": {"min_value": -0.5, "max_value": 0.5}}
-
-    def validate_chain(self, chain):
-        if not isinstance(chain, list) or not chain or not all(isinstance(m, str) for m in chain):
-            raise serializers.ValidationError("A non-empty list of model names, cheapest first.")
-        unknown = [m for m in chain if model_catalog().get(m) is None]
-        if unknown:
-            raise serializers.ValidationError(f"Unknown models: {', '.join(unknown)}.")
-        return chain
-
-    def validate_preset(self, preset):
-        if preset not in PRESETS:
-            raise serializers.ValidationError(f"One of {', '.join(PRESETS)}.")
-        return preset
-
-    def validate_domain_routes(self, routes):
-        if not isinstance(routes, dict):
-            raise serializers.ValidationError("An object of domain -> {chain, threshold_offset}.")
-        for route in routes.values():
-            self.validate_chain((route or {}).get("chain"))
-        return routes
+        extra_kwargs = {
+            "threshold_offset": {
+                "min_value": -profiles.MAX_THRESHOLD_OFFSET,
+                "max_value": profiles.MAX_THRESHOLD_OFFSET,
+            },
+            "chain": {
+                "required": True,
+                "help_text": f"Model names, cheapest first (at most {profiles.MAX_CHAIN_LENGTH}).",
+            },
+        }
 
 
 class ProfileListCreateApi(TenantAPIView):
@@ -70,9 +60,10 @@ class ProfileListCreateApi(TenantAPIView):
     def post(self, request):
         data = ProfileSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        if self.tenant_queryset().filter(name=data.validated_data["name"]).exists():
-            raise serializers.ValidationError({"name": ["A profile with this name exists."]})
-        profile = data.save(tenant_id=request.auth.tenant_id)
+        try:
+            profile = profiles.profile_create(tenant=self.tenant, **data.validated_data)
+        except profiles.ProfileInvalid as exc:
+            raise serializers.ValidationError(exc.errors) from None
         return Response(ProfileSerializer(profile).data, status=status.HTTP_201_CREATED)
 
 
@@ -85,12 +76,17 @@ class ProfileDetailApi(TenantAPIView):
         return Response(ProfileSerializer(self.tenant_object(pk)).data)
 
     def patch(self, request, pk):
-        data = ProfileSerializer(self.tenant_object(pk), data=request.data, partial=True)
+        profile = self.tenant_object(pk)
+        data = ProfileSerializer(profile, data=request.data, partial=True)
         data.is_valid(raise_exception=True)
-        return Response(ProfileSerializer(data.save()).data)
+        try:
+            profiles.profile_update(profile=profile, **data.validated_data)
+        except profiles.ProfileInvalid as exc:
+            raise serializers.ValidationError(exc.errors) from None
+        return Response(ProfileSerializer(profile).data)
 
     def delete(self, request, pk):
-        self.tenant_object(pk).delete()
+        profiles.profile_delete(profile=self.tenant_object(pk))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 

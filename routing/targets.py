@@ -6,6 +6,10 @@ preset; ``cascade/<name>`` runs the tenant's ``RoutingProfile`` of that name
 (which wins over a built-in of the same name); anything else is a model of
 the catalog, called alone (a one-model chain: no judging, same resilience
 and accounting).
+
+A stored profile is checked against ``routing.profiles``' rule each time it is
+resolved: one that breaks it (written before the rule, or naming a model the
+catalog has lost) is a 400 ``profile_misconfigured``, never a server error.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from routing.engine.policy import PRESETS, Calibration
 from routing.engine.types import ModelSpec
 from routing.errors import GatewayError, forbidden
 from routing.models import RoutingProfile
+from routing.profiles import profile_problems
 from tenants.selectors import TokenContext
 
 PROFILE_PREFIX = "cascade/"
@@ -48,7 +53,7 @@ def _allowed(ctx: TokenContext) -> dict[str, ModelSpec]:
 def _chain(names: list[str], allowed: dict[str, ModelSpec], profile: str) -> tuple[ModelSpec, ...]:
     catalog = model_catalog()
     unknown = [n for n in names if catalog.get(n) is None]
-    if unknown:
+    if unknown:  # the operator's default chain (tenant profiles are checked before)
         raise GatewayError(
             500,
             f"Profile '{profile}' names unknown models: {', '.join(unknown)}.",
@@ -63,6 +68,45 @@ def _chain(names: list[str], allowed: dict[str, ModelSpec], profile: str) -> tup
     return chain
 
 
+def _misconfigured(profile: str, problem: str) -> GatewayError:
+    """A stored profile that cannot run: the tenant's to fix (a 400), not a server error."""
+    return GatewayError(
+        400,
+        f"The routing profile '{profile}' cannot be used: {problem}. "
+        "Fix it with PATCH /api/v1/profiles/<id>/.",
+        param="model",
+        code="profile_misconfigured",
+    )
+
+
+def _profile_target(profile: RoutingProfile, allowed: dict[str, ModelSpec], name: str) -> Target:
+    problems = profile_problems(
+        chain=profile.chain,
+        preset=profile.preset,
+        threshold_offset=profile.threshold_offset,
+        domain_routes=profile.domain_routes or {},
+    )
+    if problems:
+        field, messages = next(iter(problems.items()))
+        raise _misconfigured(name, f"{field}: {messages[0]}")
+    routes = {
+        domain: Route(
+            chain=_chain(route["chain"], allowed, name),
+            threshold_offset=float(route.get("threshold_offset") or 0.0),
+        )
+        for domain, route in (profile.domain_routes or {}).items()
+    }
+    return Target(
+        name=name,
+        chain=_chain(list(profile.chain), allowed, name),
+        preset=profile.preset,
+        calibration=Calibration.from_json(profile.calibration),
+        threshold_offset=profile.threshold_offset,
+        domain_routes=routes,
+        profile=name,
+    )
+
+
 def resolve_target(ctx: TokenContext, name: str) -> Target:
     allowed = _allowed(ctx)
     if name.startswith(PROFILE_PREFIX):
@@ -70,23 +114,7 @@ def resolve_target(ctx: TokenContext, name: str) -> Target:
         if short_profile := RoutingProfile.objects.filter(
             tenant_id=ctx.tenant_id, name=short
         ).first():
-            routes = {
-                domain: Route(
-                    chain=_chain(list(route.get("chain") or []), allowed, name),
-                    threshold_offset=float(route.get("threshold_offset", 0.0)),
-                )
-                for domain, route in (short_profile.domain_routes or {}).items()
-                if route.get("chain")
-            }
-            return Target(
-                name=name,
-                chain=_chain(list(short_profile.chain), allowed, name),
-                preset=short_profile.preset,
-                calibration=Calibration.from_json(short_profile.calibration),
-                threshold_offset=short_profile.threshold_offset,
-                domain_routes=routes,
-                profile=name,
-            )
+            return _profile_target(short_profile, allowed, name)
         if short in PRESETS:
             return Target(
                 name=name,

@@ -1,0 +1,217 @@
+"""Routing profiles: the one check of their shape, and their writes.
+
+A profile is read on every request that names it (``cascade/<name>``), so what
+is stored must be runnable. A valid profile has:
+
+- ``chain``: 1 to ``MAX_CHAIN_LENGTH`` distinct model names of the catalog,
+  cheapest first (every model of a chain may be called for one request, each
+  with its retries and fallbacks, so the length bounds a request's upstream calls);
+- ``preset``: one of the engine's presets;
+- ``threshold_offset``: a number in ``[-MAX_THRESHOLD_OFFSET, MAX_THRESHOLD_OFFSET]``;
+- ``domain_routes``: ``{domain: {"chain": [...], "threshold_offset": 0.05}}`` where
+  ``domain`` is one the engine detects (``DOMAINS``), ``chain`` follows the rule
+  above, and ``threshold_offset`` (optional) the same bound.
+
+``profile_problems`` is that rule. The services below apply it before every
+write (and write the audit event in the same transaction); the gateway applies it
+again when a request resolves a profile (``routing.targets``), because rows
+written before the rule existed, by the admin site or by hand may not follow it,
+and the catalog may have lost a model since.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+
+from routing.catalog import model_catalog
+from routing.engine.complexity import DOMAINS
+from routing.engine.policy import PRESETS
+from routing.models import RoutingProfile
+from tenants.models import Tenant
+from tenants.services import audit_record
+
+MAX_CHAIN_LENGTH = 8
+NAME = re.compile(r"[-a-zA-Z0-9_]{1,64}")
+MAX_THRESHOLD_OFFSET = 0.5
+ROUTE_KEYS = frozenset({"chain", "threshold_offset"})
+EDITABLE = ("name", "preset", "chain", "threshold_offset", "domain_routes")
+
+
+class ProfileInvalid(ValueError):
+    """A profile that breaks the rule; ``errors`` maps each field to its problems."""
+
+    def __init__(self, errors: dict[str, list[str]]):
+        self.errors = errors
+        super().__init__(
+            "; ".join(f"{field}: {' '.join(problems)}" for field, problems in errors.items())
+        )
+
+
+def _chain_problems(chain: Any) -> list[str]:
+    if not isinstance(chain, list) or not chain or not all(isinstance(m, str) for m in chain):
+        return ["A non-empty list of model names, cheapest first."]
+    problems = []
+    if len(chain) > MAX_CHAIN_LENGTH:
+        problems.append(f"At most {MAX_CHAIN_LENGTH} models.")
+    if len(set(chain)) != len(chain):
+        problems.append("Each model at most once.")
+    catalog = model_catalog()
+    unknown = [m for m in dict.fromkeys(chain) if catalog.get(m) is None]
+    if unknown:
+        problems.append(f"Unknown models: {', '.join(unknown[:MAX_CHAIN_LENGTH])}.")
+    return problems
+
+
+def _offset_problems(offset: Any) -> list[str]:
+    if (
+        isinstance(offset, bool)
+        or not isinstance(offset, int | float)
+        or not math.isfinite(offset)
+        or not -MAX_THRESHOLD_OFFSET <= offset <= MAX_THRESHOLD_OFFSET
+    ):
+        return [f"A number between -{MAX_THRESHOLD_OFFSET} and {MAX_THRESHOLD_OFFSET}."]
+    return []
+
+
+def _routes_problems(routes: Any) -> list[str]:
+    shape = f"An object of domain ({', '.join(DOMAINS)}) -> {{chain, threshold_offset}}."
+    if not isinstance(routes, dict):
+        return [shape]
+    problems = []
+    for domain, route in routes.items():
+        if domain not in DOMAINS:
+            problems.append(f"Unknown domain '{domain}': one of {', '.join(DOMAINS)}.")
+            continue
+        if not isinstance(route, dict) or not set(route) <= ROUTE_KEYS:
+            problems.append(f'\'{domain}\': {{"chain": [...], "threshold_offset": number}}.')
+            continue
+        problems += [f"'{domain}' chain: {p}" for p in _chain_problems(route.get("chain"))]
+        if route.get("threshold_offset") is not None:
+            problems += [
+                f"'{domain}' threshold_offset: {p}"
+                for p in _offset_problems(route["threshold_offset"])
+            ]
+    return problems
+
+
+def profile_problems(
+    *, chain: Any, preset: Any, threshold_offset: Any, domain_routes: Any
+) -> dict[str, list[str]]:
+    """Everything wrong with a profile, by field (empty: it is valid)."""
+    problems = {
+        "chain": _chain_problems(chain),
+        "preset": [] if preset in PRESETS else [f"One of {', '.join(PRESETS)}."],
+        "threshold_offset": _offset_problems(threshold_offset),
+        "domain_routes": _routes_problems(domain_routes),
+    }
+    return {field: p for field, p in problems.items() if p}
+
+
+def profile_check(values: Mapping[str, Any]) -> None:
+    """Raise :class:`ProfileInvalid` unless ``values`` (every field) make a valid profile."""
+    problems = profile_problems(
+        chain=values.get("chain"),
+        preset=values.get("preset"),
+        threshold_offset=values.get("threshold_offset"),
+        domain_routes=values.get("domain_routes"),
+    )
+    name = values.get("name")
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        problems["name"] = ["Letters, digits, '-' and '_', at most 64 characters."]
+    if problems:
+        raise ProfileInvalid(problems)
+
+
+def _name_taken(tenant_id: int, name: str, exclude: int | None = None) -> bool:
+    rows = RoutingProfile.objects.filter(tenant_id=tenant_id, name=name)
+    if exclude is not None:
+        rows = rows.exclude(pk=exclude)
+    return rows.exists()
+
+
+NAME_TAKEN = {"name": ["A profile with this name exists."]}
+
+
+@transaction.atomic
+def profile_create(
+    *,
+    tenant: Tenant,
+    name: str,
+    chain: list[str],
+    preset: str = "balanced",
+    threshold_offset: float = 0.0,
+    domain_routes: dict[str, Any] | None = None,
+    acting_user: AbstractBaseUser | None = None,
+) -> RoutingProfile:
+    values = {
+        "name": name,
+        "chain": chain,
+        "preset": preset,
+        "threshold_offset": threshold_offset,
+        "domain_routes": domain_routes or {},
+    }
+    profile_check(values)
+    if _name_taken(tenant.pk, name):
+        raise ProfileInvalid(NAME_TAKEN)
+    try:
+        with transaction.atomic():
+            profile = RoutingProfile.objects.create(tenant=tenant, **values)
+    except IntegrityError:  # created concurrently under the same name
+        raise ProfileInvalid(NAME_TAKEN) from None
+    audit_record(
+        tenant=tenant,
+        action="profile.create",
+        target=name,
+        acting_user=acting_user,
+        data={k: v for k, v in values.items() if k != "name"},
+    )
+    return profile
+
+
+@transaction.atomic
+def profile_update(
+    *, profile: RoutingProfile, acting_user: AbstractBaseUser | None = None, **changes: Any
+) -> dict[str, Any]:
+    """Change a profile's fields; the result must be valid as a whole. Returns what changed."""
+    unknown = set(changes) - set(EDITABLE)
+    if unknown:
+        raise ProfileInvalid({field: ["Not editable."] for field in sorted(unknown)})
+    merged = {f: changes.get(f, getattr(profile, f)) for f in EDITABLE}
+    profile_check(merged)
+    if "name" in changes and _name_taken(profile.tenant_id, changes["name"], exclude=profile.pk):
+        raise ProfileInvalid(NAME_TAKEN)
+    changed = {f: v for f, v in changes.items() if getattr(profile, f) != v}
+    if changed:
+        for field, value in changed.items():
+            setattr(profile, field, value)
+        try:
+            with transaction.atomic():
+                profile.save(update_fields=[*changed, "updated_at"])
+        except IntegrityError:
+            raise ProfileInvalid(NAME_TAKEN) from None
+        audit_record(
+            tenant=profile.tenant,
+            action="profile.update",
+            target=profile.name,
+            acting_user=acting_user,
+            data=changed,
+        )
+    return changed
+
+
+@transaction.atomic
+def profile_delete(*, profile: RoutingProfile, acting_user: AbstractBaseUser | None = None) -> None:
+    audit_record(
+        tenant=profile.tenant,
+        action="profile.delete",
+        target=profile.name,
+        acting_user=acting_user,
+        data={"chain": profile.chain},
+    )
+    profile.delete()
