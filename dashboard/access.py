@@ -15,8 +15,9 @@ from django.shortcuts import render
 
 from tenants.enums import MemberRole
 from tenants.models import Member, Tenant
+from tenants.services import ROLE_ORDER
 
-ROLE_RANK = {MemberRole.VIEWER: 0, MemberRole.ADMIN: 1, MemberRole.OWNER: 2}
+ROLE_RANK = {role: rank for rank, role in enumerate(ROLE_ORDER)}
 SESSION_TENANT_KEY = "dashboard_tenant"
 
 

@@ -68,20 +68,25 @@ def tokens(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         form = TokenCreateForm(request.POST, tenant=tenant)
         if form.is_valid():
-            issued = services.token_create(
-                tenant=tenant,
-                name=form.cleaned_data["name"],
-                scopes=form.cleaned_data["scopes"],
-                expires_at=form.expires_at(),
-                acting_user=request.user,
-            )
-            request.session[NEW_TOKEN_SESSION_KEY] = {
-                "tenant_id": tenant.pk,
-                "token_id": issued.token.pk,
-                "raw": issued.raw,
-            }
-            messages.success(request, f"Token “{issued.token.name}” created.")
-            return redirect("dashboard:tokens", tenant.slug)
+            try:
+                issued = services.token_create(
+                    tenant=tenant,
+                    name=form.cleaned_data["name"],
+                    scopes=form.cleaned_data["scopes"],
+                    expires_at=form.expires_at(),
+                    acting_user=request.user,
+                    granted_by=services.role_scopes(request.access.role),
+                )
+            except services.GrantExceedsHolder as exc:
+                form.add_error("scopes", str(exc))
+            else:
+                request.session[NEW_TOKEN_SESSION_KEY] = {
+                    "tenant_id": tenant.pk,
+                    "token_id": issued.token.pk,
+                    "raw": issued.raw,
+                }
+                messages.success(request, f"Token “{issued.token.name}” created.")
+                return redirect("dashboard:tokens", tenant.slug)
     else:
         form = TokenCreateForm(tenant=tenant)
     # Popped whatever tenant it was made for: the raw value is never shown twice.

@@ -12,6 +12,9 @@ Invariants:
   user must still be an owner at that point, too.
 - Every change writes an audit event (``member.add``, ``member.role``,
   ``member.remove``) in the same transaction.
+- Nobody gives a member more than they have: the role given, on invitation or
+  change, is at most the acting member's own (``tenants.services.role_grant_check``,
+  the rule API tokens follow too).
 """
 
 from django import forms
@@ -29,7 +32,7 @@ from dashboard.access import ROLE_RANK, render_page, tenant_view
 from dashboard.accounts import users_with_email
 from tenants.enums import MemberRole
 from tenants.models import Member, Tenant
-from tenants.services import audit_record
+from tenants.services import GrantExceedsHolder, audit_record, role_grant_check
 
 USERNAME_MAX_LENGTH = get_user_model()._meta.get_field("username").max_length
 ALREADY_MEMBER = "This person is already a member of this tenant."
@@ -116,6 +119,15 @@ def _lock_owners(request: HttpRequest, tenant: Tenant) -> list[Member]:
     return owners
 
 
+def _grant_check(request: HttpRequest, tenant: Tenant, role: str) -> None:
+    """The acting member's role, read under the transaction's locks, bounds the role given."""
+    acting = Member.objects.get(tenant=tenant, user=request.user)
+    try:
+        role_grant_check(acting_role=acting.role, role=role)
+    except GrantExceedsHolder as exc:
+        raise PermissionDenied(str(exc)) from None
+
+
 def _label(member: Member) -> str:
     return member.user.email or member.user.get_username()
 
@@ -132,6 +144,7 @@ def members(request: HttpRequest) -> HttpResponse:
             try:
                 with transaction.atomic():
                     _lock_owners(request, tenant)
+                    _grant_check(request, tenant, role)
                     user, created = _user_get_or_create(email)
                     with transaction.atomic():
                         Member.objects.create(tenant=tenant, user=user, role=role)
@@ -190,6 +203,7 @@ def member_role(request: HttpRequest, member_id: int) -> HttpResponse:
     role = form.cleaned_data["role"]
     with transaction.atomic():
         owners = _lock_owners(request, tenant)
+        _grant_check(request, tenant, role)
         member = get_object_or_404(
             Member.objects.select_for_update().select_related("user"), pk=member_id, tenant=tenant
         )

@@ -8,7 +8,7 @@ from rest_framework.response import Response
 
 from routing.engine.pricing import nanos_to_usd
 from tenants import services
-from tenants.api_base import BIGINT_MAX, TenantAPIView, envelope
+from tenants.api_base import BIGINT_MAX, ApiError, TenantAPIView, envelope
 from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope, Scope
 from tenants.models import ApiToken, Budget, BudgetAlert, EndUser, EndUserTier
 
@@ -55,7 +55,12 @@ class TokenListCreateApi(TenantAPIView):
     def post(self, request):
         data = self.InputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        issued = services.token_create(tenant=self.tenant, **data.validated_data)
+        try:
+            issued = services.token_create(
+                tenant=self.tenant, granted_by=request.auth.scopes, **data.validated_data
+            )
+        except services.GrantExceedsHolder as exc:
+            raise ApiError(str(exc), code="scope_not_held", status_code=403) from None
         body = self.OutputSerializer(issued.token).data
         body["token"] = issued.raw  # shown once
         return Response(body, status=status.HTTP_201_CREATED)

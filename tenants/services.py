@@ -2,6 +2,7 @@
 
 import hashlib
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -11,7 +12,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope, MemberRole
+from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope, MemberRole, Scope
 from tenants.models import (
     ApiToken,
     AuditEvent,
@@ -53,6 +54,60 @@ def audit_record(
     )
 
 
+# --- grants: nobody gives more power than they hold ----------------------------------
+
+# What each dashboard role may do through the API. Admins and owners manage every
+# API resource (owners also billing and members, which no token reaches).
+ROLE_SCOPES: dict[str, frozenset[str]] = {
+    MemberRole.OWNER: frozenset(ALL_SCOPES),
+    MemberRole.ADMIN: frozenset(ALL_SCOPES),
+    MemberRole.VIEWER: frozenset({Scope.USAGE_READ}),
+}
+# Roles from least to most power.
+ROLE_ORDER: tuple[str, ...] = (MemberRole.VIEWER, MemberRole.ADMIN, MemberRole.OWNER)
+
+
+class GrantExceedsHolder(PermissionError):
+    """Asked to give a token or a member more power than the one giving it holds."""
+
+
+def scopes_beyond(*, held: Iterable[str], requested: Iterable[str]) -> frozenset[str]:
+    """The requested scopes the holder cannot grant (empty: the grant is allowed).
+
+    The one rule for every way a token comes to exist: a holder grants only
+    scopes it holds itself, and ``admin`` (which implies every scope) grants
+    anything; so only ``admin`` grants ``admin``.
+    """
+    held = frozenset(held)
+    if Scope.ADMIN in held:
+        return frozenset()
+    return frozenset(requested) - held
+
+
+def grant_check(*, held: Iterable[str], requested: Iterable[str]) -> None:
+    """Raise :class:`GrantExceedsHolder` naming the scopes ``held`` cannot grant."""
+    beyond = scopes_beyond(held=held, requested=requested)
+    if beyond:
+        raise GrantExceedsHolder(
+            f"You can only grant scopes you hold yourself; not held: {', '.join(sorted(beyond))}."
+        )
+
+
+def role_scopes(role: str) -> frozenset[str]:
+    """The API scopes a member of ``role`` holds (for tokens they create)."""
+    return ROLE_SCOPES.get(role, frozenset())
+
+
+def role_grant_check(*, acting_role: str, role: str) -> None:
+    """A member gives another member at most their own role."""
+    if role not in ROLE_ORDER or acting_role not in ROLE_ORDER:
+        raise GrantExceedsHolder("Unknown role.")
+    if ROLE_ORDER.index(role) > ROLE_ORDER.index(acting_role):
+        raise GrantExceedsHolder(
+            f"You can only give a role up to your own ({MemberRole(acting_role).label.lower()})."
+        )
+
+
 @transaction.atomic
 def token_create(
     *,
@@ -61,10 +116,20 @@ def token_create(
     scopes: list[str] | tuple[str, ...] = ALL_SCOPES,
     expires_at: datetime | None = None,
     acting_user: AbstractBaseUser | None = None,
+    granted_by: Iterable[str] | None = None,
 ) -> IssuedToken:
+    """Issue a token; the raw value is in the result, once.
+
+    ``granted_by`` is the scopes of whoever asks (the calling token's, or
+    :func:`role_scopes` of the member's role): the new token may not exceed
+    them (:class:`GrantExceedsHolder`). ``None`` is CascadeFlow itself
+    (tenant creation, management commands), which may issue any scope.
+    """
     unknown = set(scopes) - set(ALL_SCOPES)
     if unknown:
         raise ValueError(f"Unknown scopes: {', '.join(sorted(unknown))}")
+    if granted_by is not None:
+        grant_check(held=granted_by, requested=scopes)
     raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken.objects.create(
         tenant=tenant,
