@@ -6,7 +6,8 @@ say otherwise. Ctrl-C stops everything it started.
 
 The demo is development: it sets ``DJANGO_DEBUG=true`` (unless told otherwise)
 for every process it starts, so the settings generate this install's own secret
-key in ``var/secret_key`` instead of requiring ``DJANGO_SECRET_KEY``.
+key in ``var/secret_key`` instead of requiring ``DJANGO_SECRET_KEY``, and it lifts
+the free tier's limits for the demo tenant (see ``DEVELOPMENT_ENV``).
 
 Once the server answers, a traffic simulator (``cascadeflow_site.traffic``)
 sends demo requests through the API in a background thread so the dashboard
@@ -34,6 +35,11 @@ DEFAULT_TRAFFIC_RATE = 0.1
 # What ``make demo`` opts into; each can still be overridden from the environment.
 DEVELOPMENT_ENV = {
     "DJANGO_DEBUG": "true",
+    # The demo tenant is on the default (free) plan, and its 30 days of history alone
+    # spend more than the free tier's production budget.
+    "CASCADEFLOW_FREE_TIER_MONTHLY_BUDGET_USD": "",
+    "CASCADEFLOW_FREE_TIER_RPM": "",
+    "CASCADEFLOW_FREE_TIER_MODELS": "",
 }
 
 

@@ -15,6 +15,8 @@ urlpatterns = [
     path("billing/", include("billing.urls")),
     path("api/v1/", include("cascadeflow_site.api_urls")),
     path("accounts/signup/", accounts.signup, name="signup"),
+    path("accounts/verify/", accounts.verify_pending, name="verify_pending"),
+    path("accounts/verify/<str:token>/", accounts.verify_email, name="verify_email"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),

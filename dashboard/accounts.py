@@ -11,11 +11,19 @@ Invariants:
 - An existing account is never touched: sign-up refuses a taken email rather than
   going through ``user_get_or_create``, which would reset that user's password.
 - User, tenant, owner membership, plan and audit rows commit together or not at all.
+- A self-serve tenant's API tokens work only once its owner opened the verification
+  link emailed to them (signed, expiring; ``tenants.selectors`` refuses the tokens
+  until then). The dashboard works meanwhile.
+- Sign-ups are limited per client address (``CASCADEFLOW_SIGNUP_RATE``), and the
+  free tier they land on has its own limits (``CASCADEFLOW_FREE_TIER_*``).
+
+Logins are throttled here too (django-axes; see ``LoginThrottle``).
 """
 
 import ipaddress
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 from axes.handlers.database import AxesDatabaseHandler
@@ -23,20 +31,35 @@ from axes.helpers import get_cool_off
 from axes.models import AccessAttempt
 from django import forms
 from django.conf import settings
+from django.contrib import messages
 from django.contrib.auth import get_user_model, login
+from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import AuthenticationForm
 from django.contrib.auth.models import AbstractBaseUser
 from django.contrib.auth.password_validation import validate_password
+from django.core import signing
+from django.core.exceptions import ObjectDoesNotExist
+from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.db.models import Case, Q, QuerySet, Sum, When
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
+from django.urls import reverse
 from django.utils.text import slugify
+from limits import parse as parse_rate
 
 from dashboard.manage_views import NEW_TOKEN_SESSION_KEY
 from tenants.enums import MemberRole
 from tenants.models import Member, Tenant
-from tenants.services import IssuedToken, audit_record, tenant_create, tier_ensure_defaults
+from tenants.ratelimits import limiter
+from tenants.services import (
+    IssuedToken,
+    audit_record,
+    tenant_create,
+    tenant_email_verify,
+    tier_ensure_defaults,
+)
 
 SLUG_MAX_LENGTH = Tenant._meta.get_field("slug").max_length
 NAME_MAX_LENGTH = Tenant._meta.get_field("name").max_length
@@ -49,6 +72,7 @@ LOGIN_BACKEND = "django.contrib.auth.backends.ModelBackend"
 
 EMAIL_TAKEN = "An account with this email already exists. Log in to create another organisation."
 NAME_UNUSABLE = "Use at least one letter or digit (a-z, 0-9) in the organisation name."
+VERIFY_SALT = "cascadeflow.accounts.verify-email"
 
 
 class EmailTakenError(ValueError):
@@ -130,7 +154,11 @@ def organisation_signup(
         try:
             with transaction.atomic():
                 created = tenant_create(
-                    slug=slug_unique(base), name=name, tier=free, acting_user=acting_user
+                    slug=slug_unique(base),
+                    name=name,
+                    tier=free,
+                    acting_user=acting_user,
+                    email_verified=False,
                 )
                 tenant = created.tenant
             break
@@ -197,9 +225,100 @@ class SignupForm(forms.Form):
         return cleaned
 
 
+# --- sign-up limit and email verification -------------------------------------------------
+
+
+def signup_wait_minutes(request: HttpRequest) -> int:
+    """0 if this client address may sign up now, else the minutes until it may."""
+    if not settings.CASCADEFLOW_SIGNUP_RATE:
+        return 0
+    item = parse_rate(settings.CASCADEFLOW_SIGNUP_RATE)
+    address = client_address(request)
+    if limiter().test(item, "signup", address):
+        return 0
+    reset = limiter().get_window_stats(item, "signup", address).reset_time
+    return max(1, math.ceil((reset - time.time()) / 60))
+
+
+def signup_count(request: HttpRequest) -> None:
+    if settings.CASCADEFLOW_SIGNUP_RATE:
+        limiter().hit(
+            parse_rate(settings.CASCADEFLOW_SIGNUP_RATE), "signup", client_address(request)
+        )
+
+
+def verification_token(*, tenant: Tenant, user: AbstractBaseUser) -> str:
+    """Signed (SECRET_KEY) and timestamped; names the tenant, the owner and their email."""
+    return signing.dumps(
+        {"t": tenant.pk, "u": user.pk, "e": user.email.lower()}, salt=VERIFY_SALT, compress=True
+    )
+
+
+def verification_send(request: HttpRequest, *, tenant: Tenant, user: AbstractBaseUser) -> None:
+    """Email the owner the link that activates the tenant's API tokens."""
+    link = request.build_absolute_uri(
+        reverse("verify_email", args=[verification_token(tenant=tenant, user=user)])
+    )
+    context = {
+        "tenant": tenant,
+        "link": link,
+        "hours": settings.CASCADEFLOW_EMAIL_VERIFICATION_SECONDS // 3600,
+    }
+    send_mail(
+        render_to_string("registration/verify_email_subject.txt", context).strip(),
+        render_to_string("registration/verify_email_email.txt", context),
+        settings.DEFAULT_FROM_EMAIL,
+        [user.email],
+    )
+
+
+def verify_email(request: HttpRequest, token: str) -> HttpResponse:
+    """The emailed link: a valid, unexpired one verifies the tenant (no login needed)."""
+    try:
+        claim = signing.loads(
+            token, salt=VERIFY_SALT, max_age=settings.CASCADEFLOW_EMAIL_VERIFICATION_SECONDS
+        )
+        tenant = Tenant.objects.get(pk=claim["t"])
+        user = get_user_model().objects.get(pk=claim["u"], email__iexact=claim["e"])
+        if not Member.objects.filter(tenant=tenant, user=user, role=MemberRole.OWNER).exists():
+            raise Member.DoesNotExist
+    except (signing.BadSignature, KeyError, TypeError, ObjectDoesNotExist):
+        return render(request, "registration/verify_email.html", {"invalid": True}, status=400)
+    tenant_email_verify(tenant=tenant, email=claim["e"], acting_user=user)
+    return render(request, "registration/verify_email.html", {"verified": tenant})
+
+
+def unverified_tenants(user: AbstractBaseUser) -> QuerySet:
+    return Tenant.objects.filter(
+        members__user=user, members__role=MemberRole.OWNER, email_verified_at__isnull=True
+    ).order_by("name")
+
+
+@login_required
+def verify_pending(request: HttpRequest) -> HttpResponse:
+    """The owner's organisations still waiting for verification; POST sends the links again
+    (counted like sign-ups, so it cannot be used to send mail in bulk)."""
+    pending = list(unverified_tenants(request.user))
+    if request.method == "POST" and pending:
+        wait = signup_wait_minutes(request)
+        if wait:
+            messages.error(request, f"Too many emails sent; try again in {wait} minutes.")
+        else:
+            signup_count(request)
+            for tenant in pending:
+                verification_send(request, tenant=tenant, user=request.user)
+            messages.info(request, f"We sent a new verification link to {request.user.email}.")
+        return redirect("verify_pending")
+    return render(request, "registration/verify_pending.html", {"pending": pending})
+
+
 def signup(request: HttpRequest) -> HttpResponse:
     user = request.user if request.user.is_authenticated else None
     form = SignupForm(request.POST or None, user=user)
+    if request.method == "POST" and (wait := signup_wait_minutes(request)):
+        form.is_valid()
+        form.add_error(None, f"Too many sign-ups from your address; try again in {wait} minutes.")
+        return render(request, "registration/signup.html", {"form": form}, status=429)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
@@ -212,6 +331,13 @@ def signup(request: HttpRequest) -> HttpResponse:
         except EmailTakenError as error:
             form.add_error("email", str(error))
         else:
+            signup_count(request)
+            verification_send(request, tenant=done.tenant, user=done.user)
+            messages.info(
+                request,
+                f"We sent a link to {done.user.email}: open it to activate "
+                f"{done.tenant.name}'s API keys.",
+            )
             if done.new_user:
                 login(request, done.user, backend=LOGIN_BACKEND)
             # The tenant's first API token, shown once on the tokens page.

@@ -37,6 +37,12 @@ class TokenContext:
         return "admin" in self.scopes or scope in self.scopes
 
 
+EMAIL_UNVERIFIED = (
+    "Verify your email to activate this API key: open the link we sent to the "
+    "organisation owner's address (or send a new one from /accounts/verify/)."
+)
+
+
 class TokenInvalid(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -63,6 +69,7 @@ _TOKEN_COLUMNS = (
     "requests_per_minute",
     "tokens_per_minute",
     "tenant__budget_callback_url",
+    "tenant__email_verified_at",
 )
 _HASH_PLACEHOLDER = "\x00token-hash\x00"
 
@@ -85,7 +92,8 @@ def _token_query(vendor: str) -> tuple[str, int, int]:
 def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
     """Resolve a raw bearer token; raise ``TokenInvalid`` with a user-facing reason.
 
-    Unknown, revoked and expired tokens, and tokens of inactive tenants, are all
+    Unknown, revoked and expired tokens, and tokens of inactive tenants or of
+    self-serve tenants whose owner has not verified their email yet, are all
     refused; the reason never reveals whether another tenant's token exists.
     """
     if not raw:
@@ -98,7 +106,7 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
         raise TokenInvalid("Incorrect API key provided.")
     (token_id, tenant_id, scopes, expires_at, revoked_at, last_used_at, slug, tenant_active,
      tenant_models, tier_models, mask, time_zone, has_budgets, has_tiers,
-     tenant_rpm, tenant_tpm, token_rpm, token_tpm, callback_url) = row  # fmt: skip
+     tenant_rpm, tenant_tpm, token_rpm, token_tpm, callback_url, verified_at) = row  # fmt: skip
     if revoked_at is not None:
         raise TokenInvalid("This API key has been revoked.")
     expires_at = as_datetime(expires_at)
@@ -106,6 +114,8 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
         raise TokenInvalid("This API key has expired.")
     if not tenant_active:
         raise TokenInvalid("This API key belongs to a deactivated account.")
+    if verified_at is None:
+        raise TokenInvalid(EMAIL_UNVERIFIED)
     return TokenContext(
         token_id=token_id,
         tenant_id=tenant_id,

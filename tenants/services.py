@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
@@ -203,11 +204,22 @@ def tenant_create(
     owner_password: str | None = None,
     monthly_budget_nanos: int | None = None,
     acting_user: AbstractBaseUser | None = None,
+    email_verified: bool = True,
 ) -> CreatedTenant:
-    """Create a tenant, optionally its owner, and a first token with every scope."""
+    """Create a tenant, optionally its owner, and a first token with every scope.
+
+    Tenants an operator creates are trusted (``email_verified``); a self-serve sign-up
+    passes False, and the tenant's tokens work once :func:`tenant_email_verify` ran.
+    """
     if tier is None:
         tier = Tier.objects.filter(is_default=True).first()
-    tenant = Tenant.objects.create(slug=slug, name=name or slug, tier=tier, time_zone=time_zone)
+    tenant = Tenant.objects.create(
+        slug=slug,
+        name=name or slug,
+        tier=tier,
+        time_zone=time_zone,
+        email_verified_at=timezone.now() if email_verified else None,
+    )
     owner = None
     if owner_email:
         owner = user_get_or_create(email=owner_email, password=owner_password)
@@ -233,6 +245,26 @@ def tenant_create(
     return CreatedTenant(tenant=tenant, issued=issued, owner=owner)
 
 
+@transaction.atomic
+def tenant_email_verify(
+    *, tenant: Tenant, email: str, acting_user: AbstractBaseUser | None = None
+) -> bool:
+    """Record that the owner proved ``email`` is theirs: the tenant's tokens now work.
+
+    Idempotent: a second verification changes nothing and returns False."""
+    updated = Tenant.objects.filter(pk=tenant.pk, email_verified_at__isnull=True).update(
+        email_verified_at=timezone.now()
+    )
+    if updated:
+        audit_record(
+            tenant=tenant,
+            action="tenant.email_verify",
+            target=email,
+            acting_user=acting_user,
+        )
+    return bool(updated)
+
+
 def user_get_or_create(*, email: str, password: str | None) -> AbstractBaseUser:
     User = get_user_model()
     user = User.objects.filter(username__iexact=email).first()
@@ -249,9 +281,26 @@ def user_get_or_create(*, email: str, password: str | None) -> AbstractBaseUser:
     return user
 
 
+def free_tier_limits() -> dict:
+    """The free tier's limits from the settings (``CASCADEFLOW_FREE_TIER_*``).
+
+    Self-serve sign-ups land on the free tier: without limits it would spend the
+    platform's provider keys for anyone with an email address."""
+    return {
+        "monthly_budget_nanos": settings.CASCADEFLOW_FREE_TIER_MONTHLY_BUDGET_NANOS,
+        "requests_per_minute": settings.CASCADEFLOW_FREE_TIER_RPM,
+        "allowed_models": list(settings.CASCADEFLOW_FREE_TIER_MODELS),
+    }
+
+
 def tier_ensure_defaults() -> Tier:
-    """The free tier every tenant starts on until Stripe says otherwise."""
-    free, _ = Tier.objects.get_or_create(slug="free", defaults={"name": "Free", "is_default": True})
+    """The free tier every tenant starts on until Stripe says otherwise.
+
+    Created with :func:`free_tier_limits`; an existing free tier is left as it is
+    (an operator or Stripe's plan sync may have changed it since)."""
+    free, _ = Tier.objects.get_or_create(
+        slug="free", defaults={"name": "Free", "is_default": True, **free_tier_limits()}
+    )
     return free
 
 

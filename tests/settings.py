@@ -14,6 +14,12 @@ DEVELOPMENT_ENV = {
     "DJANGO_DEBUG": "true",
     # Fake budget-callback and webhook servers listen on 127.0.0.1.
     "CASCADEFLOW_ALLOW_PRIVATE_CALLBACKS": "true",
+    # Tenants the suite's servers create (manage.py create_tenant) are on the free plan
+    # and call the fake upstream's models at load: no free-tier limits. The limits'
+    # own tests set them explicitly.
+    "CASCADEFLOW_FREE_TIER_MONTHLY_BUDGET_USD": "",
+    "CASCADEFLOW_FREE_TIER_RPM": "",
+    "CASCADEFLOW_FREE_TIER_MODELS": "",
 }
 
 for _name, _value in DEVELOPMENT_ENV.items():

@@ -9,6 +9,7 @@ from django.utils import timezone
 from dashboard.accounts import client_address, slug_unique
 from tenants.enums import MemberRole
 from tenants.models import AuditEvent, Member, Tenant, Tier
+from tenants.selectors import TokenInvalid, token_context_for_raw
 from tests.factories import MemberFactory, TenantFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -61,13 +62,13 @@ def test_signup_creates_user_tenant_owner_and_free_plan_and_logs_in(client):
     actions = set(AuditEvent.objects.filter(tenant=tenant).values_list("action", flat=True))
     assert {"tenant.create", "member.add"} <= actions
     assert AuditEvent.objects.get(tenant=tenant, action="tenant.create").actor == user
-    # The first API token is shown once, on the tokens page, and works.
-    from tenants.selectors import token_context_for_raw
-
+    # The first API token is shown once, on the tokens page; it works once the email is verified.
     page = client.get(response["Location"]).content.decode()
     raw = re.search(r"cf_[A-Za-z0-9_\-]{20,}", page).group(0)
-    assert token_context_for_raw(raw=raw, now=timezone.now()).tenant_id == tenant.pk
+    assert "We sent a link to wile.e@example.test" in page
     assert raw not in client.get(response["Location"]).content.decode()
+    with pytest.raises(TokenInvalid, match="Verify your email"):
+        token_context_for_raw(raw=raw, now=timezone.now())
 
 
 def test_signup_logs_the_new_user_in_with_their_email(client):
@@ -423,3 +424,141 @@ def test_the_admin_login_is_throttled_too(client):
     assert response.status_code == 429
     assert LOCKED in response.content.decode()
     assert SESSION_KEY not in client.session
+
+
+# --- email verification and the sign-up limit ----------------------------------------------
+
+
+def verification_link(message) -> str:
+    return re.search(r"http://testserver(/accounts/verify/\S+/)", message.body).group(1)
+
+
+def signed_up_token(client) -> str:
+    response = client.post("/accounts/signup/", signup_data())
+    page = client.get(response["Location"]).content.decode()
+    return re.search(r"cf_[A-Za-z0-9_\-]{20,}", page).group(0)
+
+
+def test_signup_emails_a_link_that_activates_the_tenants_tokens(client, mailoutbox):
+    raw = signed_up_token(client)
+    tenant = Tenant.objects.get()
+    assert tenant.email_verified_at is None
+    [message] = mailoutbox
+    assert message.to == ["wile.e@example.test"]
+    assert message.subject == "Verify your email to activate CascadeFlow"
+    client.logout()  # the link works from any browser
+
+    page = client.get(verification_link(message))
+
+    assert page.status_code == 200
+    assert b"Email verified" in page.content
+    tenant.refresh_from_db()
+    assert tenant.email_verified_at is not None
+    assert token_context_for_raw(raw=raw, now=timezone.now()).tenant_id == tenant.pk
+    event = AuditEvent.objects.get(tenant=tenant, action="tenant.email_verify")
+    assert (event.target, event.actor.username) == ("wile.e@example.test", "wile.e@example.test")
+
+
+def test_a_verification_link_works_once_in_effect(client, mailoutbox):
+    signed_up_token(client)
+    link = verification_link(mailoutbox[0])
+    client.get(link)
+
+    again = client.get(link)
+
+    assert again.status_code == 200
+    assert AuditEvent.objects.filter(action="tenant.email_verify").count() == 1
+
+
+def test_an_expired_or_tampered_link_verifies_nothing(client, mailoutbox, settings):
+    signed_up_token(client)
+    link = verification_link(mailoutbox[0])
+    settings.CASCADEFLOW_EMAIL_VERIFICATION_SECONDS = -1
+
+    expired = client.get(link)
+    settings.CASCADEFLOW_EMAIL_VERIFICATION_SECONDS = 3600
+    tampered = client.get(link[:-3] + "xx/")
+
+    assert expired.status_code == tampered.status_code == 400
+    assert b"invalid or has expired" in expired.content
+    assert Tenant.objects.get().email_verified_at is None
+
+
+def test_a_link_for_an_email_the_owner_no_longer_has_verifies_nothing(client, mailoutbox):
+    signed_up_token(client)
+    User.objects.update(email="someone-else@example.test")
+
+    response = client.get(verification_link(mailoutbox[0]))
+
+    assert response.status_code == 400
+    assert Tenant.objects.get().email_verified_at is None
+
+
+def test_an_owner_can_have_the_link_sent_again(client, mailoutbox):
+    signed_up_token(client)
+
+    page = client.get("/accounts/verify/")
+    sent = client.post("/accounts/verify/", follow=True)
+
+    assert b"Acme Rockets" in page.content
+    assert b"We sent a new verification link to wile.e@example.test" in sent.content
+    assert len(mailoutbox) == 2
+    client.get(verification_link(mailoutbox[1]))
+    assert client.get("/accounts/verify/").content.count(b"Acme Rockets") == 0
+
+
+def test_a_logged_in_user_creating_another_organisation_verifies_it_too(client, mailoutbox):
+    user = UserFactory(username="boss@example.test", email="boss@example.test")
+    client.force_login(user)
+
+    client.post("/accounts/signup/", {"organisation": "Second Org"})
+
+    tenant = Tenant.objects.get(slug="second-org")
+    assert tenant.email_verified_at is None
+    assert mailoutbox[0].to == ["boss@example.test"]
+    client.get(verification_link(mailoutbox[0]))
+    tenant.refresh_from_db()
+    assert tenant.email_verified_at is not None
+
+
+def test_sign_ups_are_limited_per_client_address(client):
+    for n in range(5):
+        response = client.post(
+            "/accounts/signup/",
+            signup_data(organisation=f"Org {n}", email=f"user{n}@example.test"),
+            REMOTE_ADDR="203.0.113.7",
+        )
+        assert response.status_code == 302, n
+        client.logout()
+
+    refused = client.post(
+        "/accounts/signup/",
+        signup_data(organisation="Org 5", email="user5@example.test"),
+        REMOTE_ADDR="203.0.113.7",
+    )
+    elsewhere = client.post(
+        "/accounts/signup/",
+        signup_data(organisation="Org 6", email="user6@example.test"),
+        REMOTE_ADDR="198.51.100.9",
+    )
+
+    assert refused.status_code == 429
+    assert "Too many sign-ups from your address; try again in" in refused.content.decode()
+    assert elsewhere.status_code == 302
+    assert sorted(Tenant.objects.values_list("slug", flat=True)) == [
+        "org-0",
+        "org-1",
+        "org-2",
+        "org-3",
+        "org-4",
+        "org-6",
+    ]
+
+
+def test_refused_or_invalid_sign_ups_do_not_count(client, settings):
+    settings.CASCADEFLOW_SIGNUP_RATE = "1/hour"
+    client.post("/accounts/signup/", signup_data(password2="mismatch"))
+
+    response = client.post("/accounts/signup/", signup_data())
+
+    assert response.status_code == 302
