@@ -383,6 +383,10 @@ CASCADEFLOW_ALLOW_HTTP_CALLBACKS = env.bool("CASCADEFLOW_ALLOW_HTTP_CALLBACKS", 
 # ... and must reach public addresses (cascadeflow_site.netguard), when saved and when
 # called. On only for local fake servers (the test suite): never in production.
 CASCADEFLOW_ALLOW_PRIVATE_CALLBACKS = env.bool("CASCADEFLOW_ALLOW_PRIVATE_CALLBACKS", default=False)
+# A budget callback gets one total deadline (its tenant's timeout, at most this),
+# and at most this many calls per tenant in flight per process; then its fallback.
+CASCADEFLOW_CALLBACK_MAX_TIMEOUT_MS = env.int("CASCADEFLOW_CALLBACK_MAX_TIMEOUT_MS", default=2000)
+CASCADEFLOW_CALLBACK_MAX_IN_FLIGHT = env.int("CASCADEFLOW_CALLBACK_MAX_IN_FLIGHT", default=8)
 # A budget reservation not settled within this many seconds (its worker died)
 # is reclaimed by the tenants.reservations_reclaim task.
 CASCADEFLOW_RESERVATION_TTL = env.int("CASCADEFLOW_RESERVATION_TTL", default=900)

@@ -17,6 +17,7 @@ import litellm
 from django.conf import settings
 from django.db import transaction
 
+from cascadeflow_site.crypto import decrypt
 from cascadeflow_site.db import as_datetime
 from routing.engine.policy import PRESETS
 from routing.engine.pricing import nanos_to_usd
@@ -35,7 +36,7 @@ from tenants.budgets import (
     budget_settle,
     end_user_tier,
 )
-from tenants.callbacks import CallbackDecision
+from tenants.callbacks import CallbackDecision, CallbackQuestion, cached_decision
 from tenants.models import EndUser
 from tenants.ratelimits import Limit, RateLimited, check_and_hit
 from tenants.selectors import TokenContext
@@ -50,6 +51,7 @@ class Enforcement:
     admission: Admission | None = None
     limits: list[Limit] = field(default_factory=list)
     callback: CallbackDecision | None = None
+    question: CallbackQuestion | None = None  # the tenant's callback, still to be asked
 
     @property
     def decision(self) -> str:
@@ -150,26 +152,28 @@ def admit(
     )
     enforcement.admission = admission
     if ctx.budget_callback_url and admission.decision != "block":
-        _ask_tenant(ctx, enforcement, target, end_user, request_id)
+        question = _callback_question(ctx, enforcement, target, end_user, request_id)
+        answer = cached_decision(question.cache_key)
+        if answer is not None:
+            apply_callback(enforcement, answer)
+        else:
+            enforcement.question = question  # asked by the gateway, on the event loop
     if admission.decision == "degrade":
-        # Cheap models only, no escalation, no domain detours to stronger chains.
-        target = dataclasses.replace(target, chain=target.chain[:1], domain_routes={})
+        target = degraded(target)
     return target, enforcement
 
 
 _ORDER = ("allow", "warn", "degrade", "block")
 
 
-def _ask_tenant(
+def _callback_question(
     ctx: TokenContext,
     enforcement: Enforcement,
     target: Target,
     end_user: EndUser | None,
     request_id: str,
-) -> None:
-    """Let the tenant's callback make the decision stricter (never looser)."""
-    from tenants.budgets import budget_release
-    from tenants.callbacks import ask
+) -> CallbackQuestion:
+    """What to ask the tenant's callback about this request (read here, asked on the loop)."""
     from tenants.models import Tenant
 
     admission = enforcement.admission
@@ -197,9 +201,10 @@ def _ask_tenant(
             for s in admission.states
         ],
     }
-    answer = ask(
+    return CallbackQuestion(
+        tenant_id=ctx.tenant_id,
         url=tenant.budget_callback_url,
-        encrypted_secret=tenant.budget_callback_secret,
+        secret=decrypt(tenant.budget_callback_secret),
         timeout_ms=tenant.budget_callback_timeout_ms,
         fallback=tenant.budget_callback_fallback,
         cache_seconds=tenant.budget_callback_cache_seconds,
@@ -213,16 +218,26 @@ def _ask_tenant(
         ),
         context=context,
     )
+
+
+def apply_callback(enforcement: Enforcement, answer: CallbackDecision) -> None:
+    """Let the tenant's answer make the decision stricter (never looser).
+
+    A block leaves the reservation held: the caller settles it at zero with
+    the request's ledger row, in one transaction.
+    """
+    admission = enforcement.admission
+    assert admission is not None
     enforcement.callback = answer
+    enforcement.question = None
     if _ORDER.index(answer.decision) > _ORDER.index(admission.decision):
-        if answer.decision == "block" and admission.reservation_key:
-            budget_release(
-                request_id=admission.reservation_key,
-                counter_ids=[s.counter_id for s in admission.states],
-            )
-            admission.reservation_key = None
         admission.decision = answer.decision
         admission.override_message = answer.message or "Refused by the account's budget policy."
+
+
+def degraded(target: Target) -> Target:
+    """Cheap models only, no escalation, no domain detours to stronger chains."""
+    return dataclasses.replace(target, chain=target.chain[:1], domain_routes={})
 
 
 def rate_limits(

@@ -32,7 +32,9 @@ from routing.enforcement import (
     Enforcement,
     Settlement,
     admit,
+    apply_callback,
     blocked_error,
+    degraded,
     rate_limited_error,
 )
 from routing.engine.agent import CascadeAgent, CascadeStream, clean_payload
@@ -59,6 +61,7 @@ from routing.services import (
 )
 from routing.spool import ledger_spool
 from routing.targets import Target, resolve_target, target_names
+from tenants import callbacks
 from tenants.enums import Scope
 from tenants.models import Tenant
 from tenants.ratelimits import RateLimited, charge_completion
@@ -236,15 +239,35 @@ def _prepare_sync(
         enforcement,
     )
     if enforcement.decision == "block":
-        entry = ledger_entry(gw)
-        entry.status = UsageStatus.BLOCKED
-        entry.http_status = 402
-        entry.error_code = "budget_exceeded"
-        entry.latency_ms = int((time.perf_counter() - started) * 1000)
-        usage_event_record(entry=entry)
-        live.publish(entry)
-        raise blocked_error(enforcement)
+        _refuse_blocked(gw)
     return gw
+
+
+def _refuse_blocked(gw: GatewayRequest) -> None:
+    """Record the refusal and free whatever is still held for it, in one transaction; 402."""
+    entry = ledger_entry(gw)
+    entry.status = UsageStatus.BLOCKED
+    entry.http_status = 402
+    entry.error_code = "budget_exceeded"
+    entry.latency_ms = int((time.perf_counter() - gw.started) * 1000)
+    ledger_write(
+        values=usage_event_values(entry),
+        settlement=Settlement.of(tenant_id=gw.ctx.tenant_id, enforcement=gw.enforcement),
+    )
+    gw.recorded = True
+    live.publish(entry)
+    raise blocked_error(gw.enforcement)
+
+
+async def _ask_tenant(gw: GatewayRequest) -> None:
+    """The tenant's budget callback, asked on the event loop (never on the database pool)."""
+    question = gw.enforcement.question
+    assert question is not None
+    apply_callback(gw.enforcement, await callbacks.ask(question))
+    if gw.enforcement.decision == "block":
+        await db(_refuse_blocked)(gw)
+    if gw.enforcement.decision == "degrade":
+        gw.target = degraded(gw.target)
 
 
 async def prepare(
@@ -257,7 +280,7 @@ async def prepare(
     """Authenticate first (401 beats 400), then resolve the target, end user and budgets."""
     live.publisher.bind()
     try:
-        return await _prepare_sync(
+        gw = await _prepare_sync(
             bearer_token(authorization),
             chat,
             parse_error,
@@ -265,9 +288,17 @@ async def prepare(
             timezone.now(),
             time.perf_counter(),
         )
+        if gw.enforcement.question is not None:
+            try:
+                await _ask_tenant(gw)
+            except GatewayError:
+                raise
+            except Exception:  # nothing must stay reserved for a request that ends here
+                raise await _crashed(gw, ledger_entry(gw), []) from None
     except DATABASE_DOWN:
         logger.warning("Database unreachable while admitting %s", request_id, exc_info=True)
         raise database_unavailable() from None
+    return gw
 
 
 @db

@@ -12,20 +12,37 @@ never waits longer than the timeout on a tenant's server.
 A callback can make a decision stricter, never looser: budgets that are
 exhausted block whatever it answers. Decisions are cached per end user and
 CascadeFlow's own decision for the tenant's cache period.
+
+One tenant's slow server never slows another tenant: the call is made on the
+event loop (an async client, not the database thread pool), under one total
+deadline (the tenant's ``timeout_ms``, capped by
+``CASCADEFLOW_CALLBACK_MAX_TIMEOUT_MS``) that covers connecting, sending and a
+server that drips its answer byte by byte; and at most
+``CASCADEFLOW_CALLBACK_MAX_IN_FLIGHT`` calls per tenant are in flight in a
+process — past that the fallback applies at once. Connections go to public
+addresses only (``cascadeflow_site.netguard``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import time
+import weakref
+from collections import defaultdict
 from dataclasses import dataclass
 
 import httpx
+from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.core.cache import cache
 
-from cascadeflow_site.crypto import decrypt
+from cascadeflow_site.netguard import async_guarded_client
+
+logger = logging.getLogger(__name__)
 
 DECISIONS = ("allow", "degrade", "block")
 MAX_SKEW_S = 300
@@ -35,8 +52,6 @@ TIMESTAMP_HEADER = "X-CascadeFlow-Timestamp"
 
 def url_allowed(url: str) -> bool:
     """HTTPS only, unless plain HTTP is allowed (local development and tests)."""
-    from django.conf import settings
-
     return url.startswith("https://") or (
         settings.CASCADEFLOW_ALLOW_HTTP_CALLBACKS and url.startswith("http://")
     )
@@ -68,31 +83,98 @@ class CallbackDecision:
     detail: str = ""
 
 
-def ask(
-    *,
-    url: str,
-    encrypted_secret: str,
-    timeout_ms: int,
-    fallback: str,
-    cache_seconds: int,
-    cache_key: str,
-    context: dict,
-) -> CallbackDecision:
-    if not url_allowed(url):
-        return CallbackDecision(fallback, "", "fallback", "callback URL must be HTTPS")
-    cached = cache.get(cache_key)
+@dataclass(frozen=True)
+class CallbackQuestion:
+    """One call to a tenant's callback, prepared (and its cache looked up) off the event loop."""
+
+    tenant_id: int
+    url: str
+    secret: str
+    timeout_ms: int
+    fallback: str
+    cache_seconds: int
+    cache_key: str
+    context: dict
+
+
+def cached_decision(cache_key: str) -> CallbackDecision | None:
+    try:
+        cached = cache.get(cache_key)
+    except Exception:  # a cache outage costs a callback, never the request
+        logger.warning("Budget callback cache unavailable", exc_info=True)
+        return None
     if cached:
         return CallbackDecision(cached["decision"], cached["message"], "cache")
-    secret = decrypt(encrypted_secret)
-    body = json.dumps(context, separators=(",", ":"), sort_keys=True).encode()
+    return None
+
+
+def _remember(question: CallbackQuestion, decision: CallbackDecision) -> None:
+    try:
+        cache.set(
+            question.cache_key,
+            {"decision": decision.decision, "message": decision.message},
+            question.cache_seconds,
+        )
+    except Exception:
+        logger.warning("Budget callback cache unavailable", exc_info=True)
+
+
+_in_flight: dict[int, int] = defaultdict(int)
+_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _client() -> httpx.AsyncClient:
+    """One pooled client per event loop (connections are bound to their loop)."""
+    loop = asyncio.get_running_loop()
+    client = _clients.get(loop)
+    if client is None:
+        client = _clients[loop] = async_guarded_client()
+    return client
+
+
+def deadline_s(timeout_ms: int) -> float:
+    return max(1, min(timeout_ms, settings.CASCADEFLOW_CALLBACK_MAX_TIMEOUT_MS)) / 1000
+
+
+async def ask(question: CallbackQuestion) -> CallbackDecision:
+    """The tenant's decision, or its fallback; returns within ``deadline_s`` whatever happens."""
+    fallback = question.fallback
+    if not url_allowed(question.url):
+        return CallbackDecision(fallback, "", "fallback", "callback URL must be HTTPS")
+    limit = settings.CASCADEFLOW_CALLBACK_MAX_IN_FLIGHT
+    if _in_flight[question.tenant_id] >= limit:
+        return CallbackDecision(
+            fallback, "", "fallback", f"{limit} callbacks already in flight for this tenant"
+        )
+    _in_flight[question.tenant_id] += 1
+    try:
+        decision = await _call(question)
+    finally:
+        _in_flight[question.tenant_id] -= 1
+        if not _in_flight[question.tenant_id]:
+            del _in_flight[question.tenant_id]
+    if decision.source == "callback" and question.cache_seconds:
+        await sync_to_async(_remember, thread_sensitive=False)(question, decision)
+    return decision
+
+
+async def _call(question: CallbackQuestion) -> CallbackDecision:
+    fallback, secret = question.fallback, question.secret
+    body = json.dumps(question.context, separators=(",", ":"), sort_keys=True).encode()
     timestamp = str(int(time.time()))
     headers = {
         "Content-Type": "application/json",
         TIMESTAMP_HEADER: timestamp,
         SIGNATURE_HEADER: sign(secret, timestamp, body),
     }
+    deadline = deadline_s(question.timeout_ms)
     try:
-        response = httpx.post(url, content=body, headers=headers, timeout=timeout_ms / 1000)
+        async with asyncio.timeout(deadline):
+            response = await _client().post(question.url, content=body, headers=headers)
+    except TimeoutError:
+        return CallbackDecision(
+            fallback, "", "fallback", f"callback took longer than {deadline * 1000:.0f} ms"
+        )
     except httpx.HTTPError as exc:
         return CallbackDecision(
             fallback, "", "fallback", f"callback unreachable: {exc.__class__.__name__}"
@@ -120,6 +202,4 @@ def ask(
         return CallbackDecision(
             fallback, "", "fallback", f"callback answered unknown decision {decision!r}"
         )
-    if cache_seconds:
-        cache.set(cache_key, {"decision": decision, "message": message}, cache_seconds)
     return CallbackDecision(decision, message, "callback")
