@@ -202,6 +202,10 @@ CELERY_BEAT_SCHEDULE = {
     "roll-up-usage": {"task": "dashboard.tasks.usage_rollup", "schedule": 300.0},
     "refresh-spend-forecasts": {"task": "dashboard.tasks.forecasts_refresh", "schedule": 900.0},
     "replay-ledger-spool": {"task": "routing.tasks.ledger_spool_replay", "schedule": 60.0},
+    # The outbox: work stored while the broker was down is picked up again.
+    "sweep-stripe-events": {"task": "billing.tasks.stripe_events_sweep", "schedule": 60.0},
+    "sweep-export-jobs": {"task": "billing.tasks.export_jobs_sweep", "schedule": 60.0},
+    "sweep-budget-alerts": {"task": "tenants.tasks.budget_alerts_sweep", "schedule": 60.0},
     "reclaim-expired-budget-reservations": {
         "task": "tenants.tasks.reservations_reclaim",
         "schedule": 60.0,
