@@ -23,7 +23,6 @@ Logins are throttled here too (django-axes; see ``LoginThrottle``).
 import ipaddress
 import logging
 import math
-import time
 from dataclasses import dataclass
 
 from axes.handlers.database import AxesDatabaseHandler
@@ -52,7 +51,7 @@ from limits import parse as parse_rate
 from dashboard.manage_views import NEW_TOKEN_SESSION_KEY
 from tenants.enums import MemberRole
 from tenants.models import Member, Tenant
-from tenants.ratelimits import limiter
+from tenants.ratelimits import COUNT, PEEK, Window, limiter
 from tenants.services import (
     IssuedToken,
     audit_record,
@@ -228,23 +227,23 @@ class SignupForm(forms.Form):
 # --- sign-up limit and email verification -------------------------------------------------
 
 
+def _signup_window(request: HttpRequest) -> Window:
+    item = parse_rate(settings.CASCADEFLOW_SIGNUP_RATE)
+    name = f"signup:{client_address(request)}"
+    return Window(name, item.amount, 1, item.get_expiry())
+
+
 def signup_wait_minutes(request: HttpRequest) -> int:
     """0 if this client address may sign up now, else the minutes until it may."""
     if not settings.CASCADEFLOW_SIGNUP_RATE:
         return 0
-    item = parse_rate(settings.CASCADEFLOW_SIGNUP_RATE)
-    address = client_address(request)
-    if limiter().test(item, "signup", address):
-        return 0
-    reset = limiter().get_window_stats(item, "signup", address).reset_time
-    return max(1, math.ceil((reset - time.time()) / 60))
+    refused, retry_after = limiter().acquire([_signup_window(request)], mode=PEEK)
+    return max(1, math.ceil(retry_after / 60)) if refused else 0
 
 
 def signup_count(request: HttpRequest) -> None:
     if settings.CASCADEFLOW_SIGNUP_RATE:
-        limiter().hit(
-            parse_rate(settings.CASCADEFLOW_SIGNUP_RATE), "signup", client_address(request)
-        )
+        limiter().acquire([_signup_window(request)], mode=COUNT)
 
 
 def verification_token(*, tenant: Tenant, user: AbstractBaseUser) -> str:

@@ -1,24 +1,46 @@
 """Requests and tokens per minute, per tenant, API token and end user.
 
-Counting is the ``limits`` library's sliding-window counter, stored in Redis
-when ``REDIS_URL`` is set (shared by every process and machine) and in
-process memory otherwise (exact for one process). A request first *tests*
-every applicable limit and only then *hits* them, so a request refused by one
-limit is not counted against the others. Tokens are charged in two steps: the
-prompt at admission, the completion once the answer is known.
+Counting is a sliding-window counter (the current minute's count plus the
+previous minute's, weighted by how much of it still lies in the last 60 s),
+kept in Redis when ``REDIS_URL`` is set (shared by every process and machine)
+and in process memory otherwise.
+
+Invariants:
+
+- **Check and hit are one atomic step, across every limit of the request.**
+  In Redis one Lua script reads every window, and either refuses (counting
+  nothing anywhere) or counts the request in all of them; in memory the same
+  happens under one lock. A burst of 150 concurrent requests against 20 rpm
+  lets exactly 20 through, on any number of processes. (The ``limits``
+  library acquires one limit atomically, but not several together, and a
+  request refused by one limit must not use up the others.)
+- Windows are timed by the Redis server's clock (``TIME`` in the script), so
+  application servers with skewed clocks agree.
+- **Redis down fails open, never closed and never a 500**: a request that
+  cannot reach Redis is counted by a per-process limiter instead (exact for
+  that process, so N processes admit at most N times the limit), a warning is
+  logged at most once a minute, and Redis is retried after a short pause.
+  Budgets, unlike rate limits, stay exact: they live in PostgreSQL.
+- Tokens are charged in two steps: the prompt at admission (checked), the
+  completion once the answer is known (counted, never refused).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
 
+import redis
 from django.conf import settings
-from limits import RateLimitItemPerMinute
-from limits.storage import storage_from_string
-from limits.strategies import SlidingWindowCounterRateLimiter
+
+logger = logging.getLogger(__name__)
+
+WINDOW_S = 60
+REDIS_PAUSE_S = 5.0  # after a Redis failure, count in memory this long before trying again
 
 
 @dataclass(frozen=True)
@@ -43,52 +65,173 @@ class RateLimited(Exception):
         )
 
 
+@dataclass(frozen=True)
+class Window:
+    """One counter: ``allowance`` per ``seconds``, and what this request costs in it."""
+
+    name: str
+    allowance: int
+    cost: int
+    seconds: int = WINDOW_S
+
+
+# What ``acquire`` does: check every window and count in all of them (or none); count
+# without checking (a completion's tokens); check without counting (may I?).
+CHECK_AND_COUNT, COUNT, PEEK = "check", "count", "peek"
+
+# KEYS: window names. ARGV: the mode, then allowance, cost and seconds per key.
+# Returns {0, 0} when allowed, else {index of the refusing window, seconds to wait}.
+_ACQUIRE = """
+local now = redis.call('TIME')
+local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
+local mode = ARGV[1]
+local function at(i)
+  local seconds = tonumber(ARGV[4 + 3 * (i - 1)])
+  local index = math.floor(t / seconds)
+  return seconds, index, t - index * seconds
+end
+if mode ~= 'count' then
+  for i = 1, #KEYS do
+    local seconds, index, elapsed = at(i)
+    local allowance = tonumber(ARGV[2 + 3 * (i - 1)])
+    local cost = tonumber(ARGV[3 + 3 * (i - 1)])
+    local current = tonumber(redis.call('GET', KEYS[i] .. ':' .. index) or '0')
+    local previous = tonumber(redis.call('GET', KEYS[i] .. ':' .. (index - 1)) or '0')
+    if previous * (1 - elapsed / seconds) + current + cost > allowance then
+      return {i, math.ceil(seconds - elapsed)}
+    end
+  end
+end
+if mode ~= 'peek' then
+  for i = 1, #KEYS do
+    local seconds, index = at(i)
+    local key = KEYS[i] .. ':' .. index
+    redis.call('INCRBY', key, tonumber(ARGV[3 + 3 * (i - 1)]))
+    redis.call('EXPIRE', key, 2 * seconds)
+  end
+end
+return {0, 0}
+"""
+
+
+class RedisWindows:
+    """Every process's counters, in Redis (see ``_ACQUIRE``)."""
+
+    def __init__(self, url: str, prefix: str):
+        # Threads wait briefly for a pooled connection rather than fail over to memory.
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=64,
+            timeout=1.0,
+            socket_connect_timeout=0.25,
+            socket_timeout=0.5,
+            health_check_interval=30,
+        )
+        client = redis.Redis(connection_pool=pool)
+        self._script = client.register_script(_ACQUIRE)
+        self._prefix = prefix
+
+    def acquire(self, windows: list[Window], *, mode: str) -> tuple[int, int]:
+        keys = [f"{self._prefix}:{w.name}" for w in windows]
+        args: list[str | int] = [mode]
+        for w in windows:
+            args += [w.allowance, w.cost, w.seconds]
+        refused, retry_after = self._script(keys=keys, args=args)
+        return int(refused), int(retry_after)
+
+
+class MemoryWindows:
+    """This process's counters: the same algorithm under one lock."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, int, int], int] = {}  # (name, seconds, index) -> count
+        self._lock = threading.Lock()
+
+    def acquire(self, windows: list[Window], *, mode: str) -> tuple[int, int]:
+        t = time.time()
+        with self._lock:
+            if mode != COUNT:
+                for i, w in enumerate(windows, start=1):
+                    index = math.floor(t / w.seconds)
+                    elapsed = t - index * w.seconds
+                    current = self._counts.get((w.name, w.seconds, index), 0)
+                    previous = self._counts.get((w.name, w.seconds, index - 1), 0)
+                    if previous * (1 - elapsed / w.seconds) + current + w.cost > w.allowance:
+                        return i, math.ceil(w.seconds - elapsed)
+            if mode != PEEK:
+                for w in windows:
+                    key = (w.name, w.seconds, math.floor(t / w.seconds))
+                    self._counts[key] = self._counts.get(key, 0) + w.cost
+                if len(self._counts) > 10_000:
+                    for key in [k for k in self._counts if k[2] < math.floor(t / k[1]) - 1]:
+                        del self._counts[key]
+        return 0, 0
+
+
+class Limiter:
+    """Redis when configured and reachable; this process's memory otherwise."""
+
+    def __init__(self, url: str, prefix: str):
+        self.redis = RedisWindows(url, prefix) if url else None
+        self.memory = MemoryWindows()
+        self._redis_paused_until = 0.0
+        self._last_warning = 0.0
+
+    def acquire(self, windows: list[Window], *, mode: str = CHECK_AND_COUNT) -> tuple[int, int]:
+        """Apply ``mode`` to every window at once; ``(0, 0)``, or the refusing window (1-based)
+        and the seconds until it may allow."""
+        if self.redis is not None and time.monotonic() >= self._redis_paused_until:
+            try:
+                return self.redis.acquire(windows, mode=mode)
+            except redis.RedisError as exc:
+                self._redis_paused_until = time.monotonic() + REDIS_PAUSE_S
+                if time.monotonic() - self._last_warning > 60:
+                    self._last_warning = time.monotonic()
+                    logger.warning(
+                        "Rate limits: Redis unreachable (%s); counting per process until it "
+                        "answers again",
+                        exc.__class__.__name__,
+                    )
+        return self.memory.acquire(windows, mode=mode)
+
+
 @lru_cache(maxsize=1)
-def limiter() -> SlidingWindowCounterRateLimiter:
-    uri = settings.REDIS_URL or "memory://"
-    return SlidingWindowCounterRateLimiter(
-        storage_from_string(uri, key_prefix=settings.CASCADEFLOW_RATELIMIT_PREFIX)
-    )
+def limiter() -> Limiter:
+    return Limiter(settings.REDIS_URL, settings.CASCADEFLOW_RATELIMIT_PREFIX)
 
 
-def _retry_after(item: RateLimitItemPerMinute, *identifiers: str) -> int:
-    stats = limiter().get_window_stats(item, *identifiers)
-    return max(1, math.ceil(stats.reset_time - time.time()))
+def _windows(limits: list[Limit], *, prompt_tokens: int) -> list[tuple[Limit, str, Window]]:
+    windows = []
+    for limit in limits:
+        if limit.requests_per_minute:
+            windows.append((limit, "rpm", Window(f"{limit.key}:rpm", limit.requests_per_minute, 1)))
+        if limit.tokens_per_minute:
+            cost = max(prompt_tokens, 1)
+            windows.append(
+                (limit, "tpm", Window(f"{limit.key}:tpm", limit.tokens_per_minute, cost))
+            )
+    return windows
 
 
 def check_and_hit(limits: list[Limit], *, prompt_tokens: int) -> None:
-    """Refuse (``RateLimited``) if any limit is reached; otherwise count this request."""
-    checks: list[tuple[Limit, str, RateLimitItemPerMinute, int]] = []
-    for limit in limits:
-        if limit.requests_per_minute:
-            checks.append((limit, "rpm", RateLimitItemPerMinute(limit.requests_per_minute), 1))
-        if limit.tokens_per_minute:
-            checks.append(
-                (
-                    limit,
-                    "tpm",
-                    RateLimitItemPerMinute(limit.tokens_per_minute),
-                    max(prompt_tokens, 1),
-                )
-            )
-    rl = limiter()
-    for limit, kind, item, cost in checks:
-        if not rl.test(item, limit.key, kind, cost=cost):
-            raise RateLimited(limit, kind, _retry_after(item, limit.key, kind))
-    for limit, kind, item, cost in checks:
-        rl.hit(item, limit.key, kind, cost=cost)
+    """Count this request against every limit, or refuse it (``RateLimited``) counting nothing."""
+    windows = _windows(limits, prompt_tokens=prompt_tokens)
+    if not windows:
+        return
+    refused, retry_after = limiter().acquire([w for _, _, w in windows])
+    if refused:
+        limit, kind, _ = windows[refused - 1]
+        raise RateLimited(limit, kind, max(1, retry_after))
 
 
 def charge_completion(limits: list[Limit], *, completion_tokens: int) -> None:
     """Add the answer's tokens to the per-minute token windows (never refuses)."""
     if completion_tokens <= 0:
         return
-    rl = limiter()
-    for limit in limits:
-        if limit.tokens_per_minute:
-            rl.hit(
-                RateLimitItemPerMinute(limit.tokens_per_minute),
-                limit.key,
-                "tpm",
-                cost=completion_tokens,
-            )
+    windows = [
+        Window(f"{limit.key}:tpm", limit.tokens_per_minute, completion_tokens)
+        for limit in limits
+        if limit.tokens_per_minute
+    ]
+    if windows:
+        limiter().acquire(windows, mode=COUNT)

@@ -186,7 +186,8 @@ class RedisBreakerStore:
     def __init__(self, url: str, prefix: str = "cf:cb:"):
         import redis.asyncio as aioredis
 
-        self._redis = aioredis.Redis.from_url(url)
+        # Short timeouts: with Redis away the breaker fails open (allow) quickly.
+        self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.5)
         self._prefix = prefix
 
     async def is_open(self, key: str) -> bool:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -10,6 +12,7 @@ from tenants.models import EndUserTier, Tier
 from tenants.ratelimits import Limit, RateLimited, check_and_hit
 from tests.conftest import skip_or_fail
 from tests.routing.test_gateway import error_of, post
+from tests.threaded_asgi import free_port
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -82,28 +85,126 @@ async def test_tenant_tokens_per_minute(api_token, tenant):
     assert "tokens per minute" in error_of(await post(api_token.raw, chat()))["message"]
 
 
-def test_limits_are_shared_through_redis(settings):
+def redis_url() -> str:
     url = os.environ.get("REDIS_URL")
     if not url:
         skip_or_fail("REDIS_URL is not set")
-    from limits.storage import storage_from_string
-    from limits.strategies import SlidingWindowCounterRateLimiter
+    return url
 
+
+def test_limits_are_shared_through_redis(settings):
+    url = redis_url()
     from tenants import ratelimits
 
     settings.REDIS_URL = url
     ratelimits.limiter.cache_clear()
     limit = Limit("token", "k-shared", 2, None, "API key cf_…test")
     # Another process's limiter: its own client on the same Redis and prefix.
-    other = SlidingWindowCounterRateLimiter(
-        storage_from_string(url, key_prefix=settings.CASCADEFLOW_RATELIMIT_PREFIX)
-    )
-    from limits import RateLimitItemPerMinute
-
-    other.hit(RateLimitItemPerMinute(2), "k-shared", "rpm")
+    other = ratelimits.Limiter(url, settings.CASCADEFLOW_RATELIMIT_PREFIX)
+    assert other.acquire([ratelimits.Window("k-shared:rpm", 2, 1)]) == (0, 0)
     check_and_hit([limit], prompt_tokens=0)
 
     with pytest.raises(RateLimited) as caught:
         check_and_hit([limit], prompt_tokens=0)
-    assert caught.value.retry_after >= 1
+    assert 1 <= caught.value.retry_after <= 60
     ratelimits.limiter.cache_clear()
+
+
+@pytest.mark.parametrize("backend", ["redis", "memory"])
+def test_rate_limit_burst_of_150_lets_exactly_20_through(settings, backend):
+    """Check and count are one atomic step: 150 concurrent requests, 20 rpm, 20 admitted."""
+    from tenants import ratelimits
+
+    settings.REDIS_URL = redis_url() if backend == "redis" else ""
+    ratelimits.limiter.cache_clear()
+    limits = [
+        Limit("tenant", "t-burst", 1000, None, "the tenant"),
+        Limit("token", "k-burst", 20, None, "API key cf_…test"),
+    ]
+    barrier = threading.Barrier(150)
+
+    def one(_):
+        barrier.wait()
+        try:
+            check_and_hit(limits, prompt_tokens=5)
+            return True
+        except RateLimited:
+            return False
+
+    with ThreadPoolExecutor(max_workers=150) as pool:
+        admitted = sum(pool.map(one, range(150)))
+
+    assert admitted == 20
+    # The 130 refused by the token's limit were not counted against the tenant's.
+    tenant_only = [Limit("tenant", "t-burst", 21, None, "the tenant")]
+    check_and_hit(tenant_only, prompt_tokens=0)
+    with pytest.raises(RateLimited):
+        check_and_hit(tenant_only, prompt_tokens=0)
+    ratelimits.limiter.cache_clear()
+
+
+async def test_rate_limit_with_redis_down_fails_open_to_a_per_process_limit(
+    api_token, settings, caplog
+):
+    from routing.gateway import caller
+    from tenants import ratelimits
+
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    ratelimits.limiter.cache_clear()
+    caller.cache_clear()  # the circuit breaker's store is on the same Redis
+    api_token.token.requests_per_minute = 2
+    await api_token.token.asave(update_fields=["requests_per_minute"])
+
+    statuses = [(await post(api_token.raw, chat())).status_code for _ in range(3)]
+
+    assert statuses == [200, 200, 429]  # counted in this process, never a 500
+    assert "Redis unreachable" in caplog.text
+    assert await UsageEvent.objects.filter(status="ok").acount() == 2
+    ratelimits.limiter.cache_clear()
+    caller.cache_clear()
+
+
+def test_rate_limit_burst_of_150_on_two_processes_lets_exactly_20_through(fake_upstream):
+    """The same through HTTP: two server processes sharing Redis, 150 requests at once."""
+    import asyncio
+
+    import httpx
+
+    from tests.conftest import fake_models_config
+    from tests.live_server import LiveServer, postgres_available
+
+    redis_url()
+    if not postgres_available():
+        skip_or_fail("PostgreSQL is not reachable for the rate-limit burst test")
+    server = LiveServer(backend="postgresql", models=fake_models_config(fake_upstream.api_base))
+    server.start()
+    try:
+        second = server.another_process()
+        server.manage(
+            "shell",
+            "-c",
+            "from tenants.models import ApiToken; ApiToken.objects.update(requests_per_minute=20)",
+        )
+
+        async def burst():
+            limits = httpx.Limits(max_connections=150)
+            async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+                return await asyncio.gather(
+                    *(
+                        client.post(
+                            f"{(server.base_url, second)[i % 2]}/v1/chat/completions",
+                            content=chat(),
+                            headers={
+                                "Authorization": f"Bearer {server.token}",
+                                "Content-Type": "application/json",
+                            },
+                        )
+                        for i in range(150)
+                    )
+                )
+
+        statuses = [r.status_code for r in asyncio.run(burst())]
+    finally:
+        server.stop()
+    assert statuses.count(200) == 20
+    assert statuses.count(429) == 130
