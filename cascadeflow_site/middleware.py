@@ -1,10 +1,15 @@
-"""Request id on every response, and an ASGI guard for oversized bodies."""
+"""Request id on every response, database outages as 503s, an ASGI guard for oversized bodies."""
 
 import json
+import logging
 import uuid
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
+from django.http import HttpResponse, JsonResponse
+
+logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -45,6 +50,47 @@ class RequestIdMiddleware:
         client_id = request.headers.get(REQUEST_ID_HEADER)
         if client_id and len(client_id) <= 128 and client_id.isprintable():
             response["x-client-request-id"] = client_id
+        return response
+
+
+class DatabaseUnavailableMiddleware:
+    """A view that cannot reach the database answers 503 with ``Retry-After``, never a 500 page.
+
+    In each caller's own language: OpenAI's error shape on ``/v1/``, the
+    management API's on ``/api/``, a short page elsewhere. (The gateway's
+    chat path and the management API's views turn the outage into the same
+    answers themselves; this catches every other view.)
+    """
+
+    async_capable = True
+    sync_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        if iscoroutinefunction(get_response):
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        if not isinstance(exception, OperationalError | InterfaceError):
+            return None
+        logger.warning("Database unreachable serving %s", request.path)
+        message = "CascadeFlow cannot reach its database right now; retry shortly."
+        if request.path.startswith("/v1/"):
+            error = {"message": message, "type": "api_error", "param": None}
+            response = JsonResponse({"error": {**error, "code": "service_unavailable"}}, status=503)
+        elif request.path.startswith("/api/"):
+            response = JsonResponse(
+                {"error": {"code": "service_unavailable", "message": message}}, status=503
+            )
+        else:
+            response = HttpResponse(
+                f"<!doctype html><title>Unavailable</title><h1>Back shortly</h1><p>{message}</p>",
+                status=503,
+            )
+        response["Retry-After"] = str(settings.CASCADEFLOW_RETRY_AFTER_SECONDS)
         return response
 
 

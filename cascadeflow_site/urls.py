@@ -1,13 +1,8 @@
 from django.contrib import admin
-from django.http import JsonResponse
 from django.urls import include, path
 
+from cascadeflow_site.health import healthz, readyz
 from dashboard import accounts
-
-
-def healthz(request):
-    return JsonResponse({"status": "ok"})
-
 
 urlpatterns = [
     path("v1/", include("routing.urls")),
@@ -20,4 +15,5 @@ urlpatterns = [
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
+    path("readyz", readyz, name="readyz"),
 ]

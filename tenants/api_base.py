@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
 from django.db import DataError, IntegrityError, InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponsePermanentRedirect
@@ -82,7 +83,6 @@ class HasScope(BasePermission):
 
 # The largest value a BigIntegerField (and a BigAutoField id) holds.
 BIGINT_MAX = 2**63 - 1
-RETRY_AFTER_SECONDS = 5
 
 
 class ApiError(exceptions.APIException):
@@ -181,7 +181,7 @@ def _database_error(exc: Exception) -> ApiError | None:
             "The service is briefly unavailable; retry shortly.",
             code="service_unavailable",
             status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            headers={"Retry-After": str(settings.CASCADEFLOW_RETRY_AFTER_SECONDS)},
         )
     if isinstance(exc, IntegrityError):
         if _is_unique_violation(exc):

@@ -108,13 +108,17 @@ class LiveServer:
         self._wait(self._process, self.base_url)
         return self
 
-    def _spawn(self, port: int) -> subprocess.Popen:
+    def _spawn(self, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
         assert self._tmp is not None
         log = open(Path(self._tmp.name) / "server.log", "a")
         command = [sys.executable, "-m", "uvicorn", "cascadeflow_site.asgi:application"]
         command += ["--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
         return subprocess.Popen(
-            command, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT
+            command,
+            cwd=ROOT,
+            env={**self.env(), **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
     def _wait(self, process: subprocess.Popen, base_url: str) -> None:
@@ -129,10 +133,13 @@ class LiveServer:
                 time.sleep(0.1)
         raise RuntimeError(f"server did not start:\n{self.log()}")
 
-    def another_process(self) -> str:
-        """Start a second server process on the same database; returns its base URL."""
+    def another_process(self, env: dict[str, str] | None = None) -> str:
+        """Start a second server process on the same database; returns its base URL.
+
+        ``env`` overrides the environment of that process alone (a database it
+        cannot reach, say)."""
         port = free_port()
-        process = self._spawn(port)
+        process = self._spawn(port, env)
         self._others.append(process)
         self._wait(process, f"http://127.0.0.1:{port}")
         return f"http://127.0.0.1:{port}"

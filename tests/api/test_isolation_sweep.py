@@ -166,7 +166,8 @@ NOT_TENANT_OBJECTS = (
     "/v1/",  # the OpenAI-compatible gateway: token-scoped, covered by tests/routing
     "/admin/",  # operators only (staff)
     "/accounts/",  # login, logout, password reset
-    "/healthz",
+    "/healthz",  # liveness
+    "/readyz",  # readiness: reports dependencies, no tenant data
     "/billing/stripe/webhook/",  # Stripe's signature, not a tenant's
     "/static/",
 )
