@@ -56,6 +56,7 @@ from routing.services import (
     ledger_replay,
     ledger_write,
     spooled_record,
+    spooled_release,
     usage_event_record,
     usage_event_values,
 )
@@ -215,6 +216,13 @@ def _prepare_sync(
             request_id=request_id,
             now=received_at,
         )
+    except DATABASE_DOWN:
+        if ctx.has_budgets:
+            # The reservation may have committed before the connection was lost: free it
+            # (if it is there) as soon as the database is back, not at its expiry.
+            settlement = Settlement(ctx.tenant_id, reservation_key=request_id)
+            _spool(spooled_release(settlement), request_id)
+        raise
     except RateLimited as exc:
         refused = GatewayRequest(
             request_id, ctx, chat, target, end_user.pk if end_user else None, received_at, started
@@ -250,10 +258,13 @@ def _refuse_blocked(gw: GatewayRequest) -> None:
     entry.http_status = 402
     entry.error_code = "budget_exceeded"
     entry.latency_ms = int((time.perf_counter() - gw.started) * 1000)
-    ledger_write(
-        values=usage_event_values(entry),
-        settlement=Settlement.of(tenant_id=gw.ctx.tenant_id, enforcement=gw.enforcement),
-    )
+    values = usage_event_values(entry)
+    settlement = Settlement.of(tenant_id=gw.ctx.tenant_id, enforcement=gw.enforcement)
+    try:
+        ledger_write(values=values, settlement=settlement)
+    except Exception:
+        logger.exception("Ledger write failed for %s; spooling it", gw.request_id)
+        _spool(spooled_record(values, settlement), gw.request_id)
     gw.recorded = True
     live.publish(entry)
     raise blocked_error(gw.enforcement)
@@ -365,7 +376,7 @@ def _record_sync(entry: LedgerEntry, ctx: TokenContext, enforcement: Enforcement
         ledger_write(values=values, settlement=settlement)
     except Exception:
         logger.exception("Ledger write failed for %s; spooling it", entry.request_id)
-        _spool(values, settlement)
+        _spool(spooled_record(values, settlement), entry.request_id)
         return
     spool = ledger_spool()
     if spool.dirty:  # the database is back: write what this process spooled
@@ -387,15 +398,14 @@ def _record_sync(entry: LedgerEntry, ctx: TokenContext, enforcement: Enforcement
             logger.warning("Could not record the last use of token %s", ctx.token_id)
 
 
-def _spool(values: dict[str, Any], settlement: Settlement) -> None:
-    record = spooled_record(values, settlement)
+def _spool(record: dict[str, Any], request_id: str) -> None:
     try:
         ledger_spool().append(record)
     except Exception:
         # Last resort: the record in the log, where an operator can replay it from.
         logger.critical(
-            "Ledger row of %s could not be spooled: %s",
-            values["request_id"],
+            "Spool record of %s could not be written: %s",
+            request_id,
             json.dumps(record, default=str),
             exc_info=True,
         )

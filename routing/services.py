@@ -112,8 +112,26 @@ def spooled_record(values: dict[str, Any], settlement: Settlement) -> dict[str, 
     return {"v": 1, "row": row, "settlement": settlement.as_dict()}
 
 
+def spooled_release(settlement: Settlement) -> dict[str, Any]:
+    """A reservation to free, of a request that ended before it had a ledger row to write."""
+    return {"v": 1, "release": settlement.as_dict()}
+
+
+def reservation_release(*, settlement: Settlement) -> None:
+    """Free the request's reservation if it is still held (idempotent: a no-op otherwise)."""
+
+    def release() -> None:
+        with transaction.atomic():
+            settle(settlement=settlement, actual_nanos=0)
+
+    retry_transient(release)
+
+
 def ledger_replay(record: dict[str, Any]) -> None:
-    """Apply one spooled ledger record (see ``routing.spool``)."""
+    """Apply one spooled record (see ``routing.spool``): a ledger row, or a release."""
+    if "release" in record:
+        reservation_release(settlement=Settlement.from_dict(record["release"]))
+        return
     values = dict(record["row"])
     values["created_at"] = as_datetime(values["created_at"])
     ledger_write(values=values, settlement=Settlement.from_dict(record["settlement"]))

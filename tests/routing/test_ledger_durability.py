@@ -240,3 +240,34 @@ async def test_an_unexpected_failure_after_an_upstream_call_is_recorded_and_sett
     assert event.status == "internal_error"
     assert event.cost_nanos > 0 and event.models_called == ["demo/small"]
     assert await budget_state(budget) == (event.cost_nanos, 0, ["settled"])
+
+
+async def test_a_reservation_made_just_before_the_database_went_away_is_freed_when_it_is_back(
+    api_token, tenant, monkeypatch
+):
+    """Admission committed, then the connection was lost: a 503, and no reservation left held."""
+    from django.db import OperationalError
+
+    from routing import enforcement
+
+    budget = await tenant_budget(tenant)
+    tenant.budget_callback_url = "https://decide.example/"
+    await tenant.asave(update_fields=["budget_callback_url"])
+
+    def lost(*args, **kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(enforcement, "_callback_question", lost)
+    response = await post(api_token.raw, "demo/small", False)
+
+    assert response.status_code == 503
+    assert json.loads(response.content)["error"]["code"] == "service_unavailable"
+    assert int(response["Retry-After"]) > 0
+    spent, reserved, states = await budget_state(budget)
+    assert (spent, states) == (0, ["held"]) and reserved > 0
+    [spooled] = list(ledger_spool().records())
+    assert spooled["release"]["reservation_key"] == response["x-request-id"]
+
+    assert await replay() == {"applied": 1, "pending": 0, "files": 1}
+    assert await budget_state(budget) == (0, 0, ["settled"])
+    assert await ledger_rows() == []
