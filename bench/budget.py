@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchenv import FREE_TIER_UNLIMITED
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
@@ -64,6 +66,7 @@ def main() -> None:
     os.environ["DJANGO_DEBUG"] = "false"
     os.environ.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
     os.environ.pop("REDIS_URL", None)
+    os.environ.update(FREE_TIER_UNLIMITED)
     try:
         result = run(args)
     finally:

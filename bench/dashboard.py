@@ -50,6 +50,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from benchenv import FREE_TIER_UNLIMITED
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -226,6 +228,7 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
     os.environ["DJANGO_STATIC_ROOT"] = static_root
     os.environ.pop("REDIS_URL", None)
+    os.environ.update(FREE_TIER_UNLIMITED)
     try:
         result = run(args)
     finally:

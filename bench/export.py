@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
+from benchenv import FREE_TIER_UNLIMITED
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -68,6 +69,7 @@ def run_size(rows: int) -> dict:
         "DJANGO_SECURE_SSL_REDIRECT": "false",
         "LITELLM_LOCAL_MODEL_COST_MAP": "True",
         "REDIS_URL": "",
+        **FREE_TIER_UNLIMITED,
     }
     process = None
     try:

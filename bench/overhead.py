@@ -71,6 +71,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchenv import FREE_TIER_UNLIMITED
+
 REPO = Path(__file__).resolve().parent.parent
 PROJECT_PYTHON = REPO / ".venv" / "bin" / "python"
 PROXY_VENV = REPO / "bench" / ".litellm-proxy-venv"
@@ -544,6 +546,7 @@ def cascadeflow_env(
             "CASCADEFLOW_VAR_DIR": str(tmp / "cascadeflow-var"),
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
             "PYTHONUNBUFFERED": "1",
+            **FREE_TIER_UNLIMITED,
         }
     )
     if redis_url:
