@@ -35,6 +35,7 @@ from tenants.models import Tier
 from tenants.services import tier_ensure_defaults
 from tests.billing.test_webhooks import SECRET, deliver, event, product
 from tests.broker import broker_down
+from tests.conftest import skip_or_fail
 from tests.factories import member_login
 from tests.live_server import LiveServer, free_port
 
@@ -60,6 +61,14 @@ def dispatches(monkeypatch):
 
     monkeypatch.setattr(services, "_dispatch", counting)
     return applied
+
+
+@pytest.fixture
+def row_locks():
+    """Two workers racing for a row: PostgreSQL's row locks (SQLite's in-memory test
+    database refuses concurrent writers instead of queueing them)."""
+    if connection.vendor != "postgresql":
+        skip_or_fail("this race needs PostgreSQL's row locks")
 
 
 def grace_passed(model, field):
@@ -105,7 +114,7 @@ def test_an_event_sent_twice_is_applied_once(client, dispatches):
     assert dispatches == ["evt_twice"]
 
 
-def test_an_event_processed_by_two_workers_at_once_is_applied_once(client, monkeypatch):
+def test_an_event_processed_by_two_workers_at_once_is_applied_once(client, monkeypatch, row_locks):
     with broker_down():
         deliver(client, event("product.created", product(), event_id="evt_race"))
     stored = StripeEvent.objects.get(event_id="evt_race")
@@ -136,7 +145,7 @@ def test_an_event_processed_by_two_workers_at_once_is_applied_once(client, monke
     assert outcomes == ["created tier pro", "created tier pro"]
 
 
-def test_the_sweeper_skips_an_event_a_worker_holds(client):
+def test_the_sweeper_skips_an_event_a_worker_holds(client, row_locks):
     with broker_down():
         deliver(client, event("product.created", product(), event_id="evt_held"))
     grace_passed(StripeEvent, "received_at")
