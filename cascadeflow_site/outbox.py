@@ -20,6 +20,8 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -65,13 +67,41 @@ def claim_due(queryset: models.QuerySet, *, now: datetime, limit: int = BATCH) -
 
 
 def send(task: Any, *args: Any) -> bool:
-    """Send a task message; False, logged, when the broker is unreachable."""
+    """Send a task message once (no publish retries); False, logged, when the broker
+    is unreachable: the row waits for the next sweep."""
     try:
-        task.delay(*args)
-    except (OperationalError, ConnectionError) as exc:
+        task.apply_async(args, retry=False)
+    except (OperationalError, ConnectionError, OSError) as exc:
         logger.warning("%s%r not sent, a sweeper will send it again: %s", task.name, args, exc)
         return False
     return True
+
+
+_sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-send")
+_backlog = threading.BoundedSemaphore(1000)
+
+
+def send_soon(task: Any, *args: Any) -> None:
+    """``send`` from a background thread: a request never waits on the broker.
+
+    For work whose row is its durable record (what a sweeper picks up): a
+    message that is dropped here (a backlog of 1,000 unsent) or refused by
+    the broker is sent again by the sweeper.
+    """
+    if task.app.conf.task_always_eager:  # no broker to wait on: the task runs here
+        send(task, *args)
+        return
+    if not _backlog.acquire(blocking=False):
+        logger.warning("%s%r not sent (backlog full), a sweeper will send it", task.name, args)
+        return
+
+    def run() -> None:
+        try:
+            send(task, *args)
+        finally:
+            _backlog.release()
+
+    _sender.submit(run)
 
 
 def error_text(exc: BaseException) -> str:

@@ -198,6 +198,10 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "control_folder": str(_CELERY_DIR / "control"),
         "store_processed": False,
     }
+elif CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    # A broker that stops answering fails a publish within seconds instead of holding
+    # its caller; the worker's own polling (1 s BRPOP) stays well inside the timeout.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default=None)
 CELERY_TASK_ALWAYS_EAGER = False
 CELERY_TASK_ACKS_LATE = True

@@ -9,6 +9,7 @@ from django.db import transaction
 from django.db.models import Sum
 from django.utils import timezone
 
+from cascadeflow_site import outbox
 from dashboard.forecasting import SpendForecast, forecast_spend
 from dashboard.models import DailyUsage, SpendForecastSnapshot
 from dashboard.rollups import daily_rows
@@ -183,5 +184,5 @@ def forecast_alerts_record(
     if ids:
         from tenants.tasks import budget_alerts_deliver
 
-        transaction.on_commit(lambda: budget_alerts_deliver.delay(ids), robust=True)
+        transaction.on_commit(lambda: outbox.send(budget_alerts_deliver, ids))
     return ids

@@ -17,6 +17,7 @@ import litellm
 from django.conf import settings
 from django.db import transaction
 
+from cascadeflow_site import outbox
 from cascadeflow_site.crypto import decrypt
 from cascadeflow_site.db import as_datetime
 from routing.engine.policy import PRESETS
@@ -376,6 +377,7 @@ def settle(*, settlement: Settlement, actual_nanos: int) -> list[int]:
     if alert_ids:
         from tenants.tasks import budget_alerts_deliver
 
-        # robust: a broker outage must not fail a request whose ledger row is written.
-        transaction.on_commit(lambda: budget_alerts_deliver.delay(alert_ids), robust=True)
+        # Off the request's thread: a broker that is down or silent must not hold an
+        # answered request; undelivered alerts are swept up by beat.
+        transaction.on_commit(lambda: outbox.send_soon(budget_alerts_deliver, alert_ids))
     return alert_ids

@@ -306,8 +306,9 @@ async def prepare(
                 raise
             except Exception:  # nothing must stay reserved for a request that ends here
                 raise await _crashed(gw, ledger_entry(gw), []) from None
-    except DATABASE_DOWN:
-        logger.warning("Database unreachable while admitting %s", request_id, exc_info=True)
+    except DATABASE_DOWN as exc:
+        # One line per refused request: an outage must not flood the log with tracebacks.
+        logger.warning("Database unreachable while admitting %s: %r", request_id, exc)
         raise database_unavailable() from None
     return gw
 

@@ -97,26 +97,34 @@ class CallbackQuestion:
     context: dict
 
 
-def cached_decision(cache_key: str) -> CallbackDecision | None:
+# A cache outage costs a callback, never the request: after a cache error the cache
+# is left alone for CACHE_PAUSE_S, so a silent Redis costs one timeout per pause.
+CACHE_PAUSE_S = 5.0
+_cache_paused_until = 0.0
+
+
+def _cache_call(fn, *args):
+    global _cache_paused_until
+    if time.monotonic() < _cache_paused_until:
+        return None
     try:
-        cached = cache.get(cache_key)
-    except Exception:  # a cache outage costs a callback, never the request
+        return fn(*args)
+    except Exception:
+        _cache_paused_until = time.monotonic() + CACHE_PAUSE_S
         logger.warning("Budget callback cache unavailable", exc_info=True)
         return None
+
+
+def cached_decision(cache_key: str) -> CallbackDecision | None:
+    cached = _cache_call(cache.get, cache_key)
     if cached:
         return CallbackDecision(cached["decision"], cached["message"], "cache")
     return None
 
 
 def _remember(question: CallbackQuestion, decision: CallbackDecision) -> None:
-    try:
-        cache.set(
-            question.cache_key,
-            {"decision": decision.decision, "message": decision.message},
-            question.cache_seconds,
-        )
-    except Exception:
-        logger.warning("Budget callback cache unavailable", exc_info=True)
+    value = {"decision": decision.decision, "message": decision.message}
+    _cache_call(cache.set, question.cache_key, value, question.cache_seconds)
 
 
 _in_flight: dict[int, int] = defaultdict(int)

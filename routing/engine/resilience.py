@@ -25,7 +25,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
@@ -212,20 +212,45 @@ class RedisBreakerStore:
 
 @dataclass
 class CircuitBreaker:
+    """Opens a deployment's circuit after repeated failures; state in ``store``.
+
+    The store is shared (Redis) but never a dependency: when it fails, this
+    process keeps a breaker of its own (``fallback``) for ``store_pause_s``
+    before trying the store again, so a Redis that is down or silent costs
+    one timeout per pause, not one per call.
+    """
+
     store: BreakerStore
     failure_threshold: int = 5
     window_s: float = 60.0
     cooldown_s: float = 30.0
+    store_pause_s: float = 5.0
+    fallback: BreakerStore = field(default_factory=MemoryBreakerStore)
+    _paused_until: float = 0.0
+
+    def _store(self) -> BreakerStore:
+        return self.fallback if time.monotonic() < self._paused_until else self.store
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        store = self._store()
+        try:
+            return await getattr(store, method)(*args, **kwargs)
+        except Exception:
+            if store is self.fallback:
+                raise
+            self._paused_until = time.monotonic() + self.store_pause_s
+            return await getattr(self.fallback, method)(*args, **kwargs)
 
     async def allow(self, deployment: Deployment) -> bool:
         try:
-            return not await self.store.is_open(deployment.label)
+            return not await self._call("is_open", deployment.label)
         except Exception:
             return True
 
     async def failed(self, deployment: Deployment) -> None:
         try:
-            await self.store.record_failure(
+            await self._call(
+                "record_failure",
                 deployment.label,
                 threshold=self.failure_threshold,
                 window_s=self.window_s,
@@ -236,7 +261,7 @@ class CircuitBreaker:
 
     async def succeeded(self, deployment: Deployment) -> None:
         try:
-            await self.store.record_success(deployment.label)
+            await self._call("record_success", deployment.label)
         except Exception:  # noqa: S110
             pass
 

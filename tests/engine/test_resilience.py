@@ -114,3 +114,33 @@ def test_an_encoding_error_wrapped_by_an_sdk_is_still_the_requests_fault():
 
     assert (failure.retryable, failure.status) == (False, 400)
     assert not failure.counts_against_deployment
+
+
+class SilentStore:
+    """A shared breaker store that stops answering (a Redis gone silent)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def _hang(self, *args, **kwargs):
+        self.calls += 1
+        raise TimeoutError("Timeout reading from socket")
+
+    is_open = record_failure = record_success = _hang
+
+
+async def test_a_silent_breaker_store_costs_one_timeout_per_pause_and_the_breaker_still_works():
+    silent = SilentStore()
+    breaker = CircuitBreaker(silent, failure_threshold=2, window_s=60, cooldown_s=60)
+    deployment = SMALL.deployments[0]
+
+    assert await breaker.allow(deployment)  # fails open
+    for _ in range(2):
+        await breaker.failed(deployment)
+    allowed = await breaker.allow(deployment)
+
+    assert silent.calls == 1  # the store is left alone for the pause
+    assert allowed is False  # this process's own breaker opened meanwhile
+    breaker._paused_until = 0.0  # the pause is over: the shared store is tried again
+    assert await breaker.allow(deployment) is False  # still silent: the local breaker answers
+    assert silent.calls == 2
