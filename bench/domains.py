@@ -15,7 +15,6 @@ Three labelled sets, reported separately:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import Counter
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from routing.engine.complexity import profile_query  # noqa: E402
+from routing.engine.jsonl import read_jsonl  # noqa: E402
 
 MT_BENCH = {range(111, 121): "math", range(121, 131): "code"}
 
@@ -50,22 +50,19 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     args = parser.parse_args()
     sets: dict[str, list[tuple[str, str]]] = {}
-    hand = [
-        json.loads(line)
-        for line in (ROOT / "bench" / "data" / "domains.jsonl").read_text().splitlines()
-    ]
+    hand = read_jsonl(ROOT / "bench" / "data" / "domains.jsonl")
     sets["hand-written (90)"] = [(r["domain"], profile_query(r["query"]).domain) for r in hand]
     data = Path(args.data_dir)
     mt = data / "routellm_mt_bench.jsonl"
     if mt.exists():
-        rows = [json.loads(line) for line in mt.read_text().splitlines()]
+        rows = read_jsonl(mt)
         sets[f"MT-Bench categories ({len(rows)})"] = [
             (mt_bench_label(r["id"]), profile_query(r["messages"][0]["content"]).domain)
             for r in rows
         ]
     gsm = data / "routellm_gsm8k.jsonl"
     if gsm.exists():
-        rows = [json.loads(line) for line in gsm.read_text().splitlines()]
+        rows = read_jsonl(gsm)
         sets[f"GSM8K ({len(rows)})"] = [
             ("math", profile_query(r["messages"][0]["content"]).domain) for r in rows
         ]

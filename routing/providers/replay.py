@@ -38,6 +38,7 @@ from routing.engine.agent import VERIFY_SYSTEM_PROMPT, CascadeAgent
 from routing.engine.agent import _draft_of as draft_of
 from routing.engine.calibrate import RowObservation, StepObservation, calibrate_chain
 from routing.engine.complexity import query_text
+from routing.engine.jsonl import read_jsonl
 from routing.engine.policy import Calibration, Policy
 from routing.engine.pricing import ModelPrice, usd_to_nanos
 from routing.engine.resilience import Caller
@@ -57,11 +58,7 @@ class ReplayFile:
     @classmethod
     def load(cls, path: str | Path) -> ReplayFile:
         path = Path(path)
-        rows = [
-            json.loads(line)
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
+        rows = read_jsonl(path)
         sidecar = path.with_name(path.name.removesuffix(".jsonl") + ".models.json")
         prices = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.exists() else {}
         by_text: dict[str, list[dict[str, Any]]] = {}

@@ -109,3 +109,22 @@ def test_benchmark_reports_a_stable_json_shape(tiny, tmp_path):
     )
     assert result["engine"]["auroc"] > 0.6  # the fixture's logprob and confidence are informative
     assert "CascadeFlow engine" in done.stdout
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"], ids=repr)
+def test_jsonl_records_split_on_newline_only(tmp_path, separator):
+    """Characters str.splitlines() treats as line ends, and JSON allows unescaped in a
+    string, stay inside their record."""
+    path = replay_fixture.write(tmp_path)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+    text = f"first part{separator}second part"
+    rows[0]["responses"][replay_fixture.CHEAP]["text"] = text
+    path.write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8"
+    )
+    assert separator in path.read_text(encoding="utf-8")  # written raw, not escaped
+
+    file = replay.ReplayFile.load(path)
+
+    assert len(file.rows) == len(rows)
+    assert file.rows[0]["responses"][replay_fixture.CHEAP]["text"] == text
