@@ -31,6 +31,7 @@ import litellm
 from routing.engine import signals
 from routing.engine.calibration import Scorer
 from routing.engine.complexity import QueryProfile, profile_query, query_text
+from routing.engine.learning import pre_features
 from routing.engine.policy import PRESETS, Calibration, Policy, StepCalibration
 from routing.engine.resilience import Caller, Stream, UpstreamError
 from routing.engine.types import Attempt, CascadeResult, Check, ModelSpec, PaidCheck
@@ -59,6 +60,7 @@ class Plan:
     offset: float
     full_chain: tuple[ModelSpec, ...]  # the route's chain before any shortening
     strongest: ModelSpec  # the baseline: the strongest model of the route's full chain
+    routed_past_draft: bool = False  # the calibration's router skipped the first model
 
 
 def _draft_of(response: Any) -> signals.Draft:
@@ -147,7 +149,12 @@ class CascadeAgent:
             chain = chain[-1:]
         elif self.policy.first_and_last_only and len(chain) > 2:
             chain = (chain[0], chain[-1])
-        return Plan(query, chain, calibration, offset, full_chain, strongest)
+        routed = False
+        router = calibration.router
+        if router is not None and len(chain) > 1 and chain[0] is full_chain[0]:
+            if router.skips(pre_features(query)):
+                chain, routed = chain[1:], True  # its draft would most likely be thrown away
+        return Plan(query, chain, calibration, offset, full_chain, strongest, routed)
 
     @staticmethod
     def _step_index(plan: Plan, spec: ModelSpec) -> int:
@@ -170,7 +177,9 @@ class CascadeAgent:
         draft = _draft_of(response)
         report = signals.extract(draft, plan.query, params)
         features = dict(report.features)
-        margin = self.policy.margin(plan.query.domain) + plan.offset
+        # A calibration learned from audits measured each domain's risk: no blanket margin.
+        learned = bool(plan.calibration.meta.get("learned"))
+        margin = (0.0 if learned else self.policy.margin(plan.query.domain)) + plan.offset
         base = step.threshold if step.threshold is not None else self.policy.default_threshold
         scorer: Scorer = step.scorer
         probability = scorer.probability(features)
@@ -371,6 +380,7 @@ class CascadeAgent:
             quality_score=check.probability if check else None,
             profile=self.profile,
             degraded=degraded,
+            routed_past_draft=plan.routed_past_draft,
         )
 
     # --- streaming ---------------------------------------------------------------------
@@ -625,6 +635,7 @@ class CascadeStream:
             baseline_method=method,
             quality_score=None,
             profile=self.agent.profile,
+            routed_past_draft=self.plan.routed_past_draft,
         )
 
 

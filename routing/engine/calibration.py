@@ -23,6 +23,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from routing.engine.signals import FEATURES
 
 PAID_FEATURES: tuple[str, ...] = ("has_verify", "verify_p", "has_agree", "agree")
@@ -92,23 +94,6 @@ class Scorer:
         return cls(weights=dict(data.get("weights", {})), bias=float(data.get("bias", PRIOR_BIAS)))
 
 
-def _solve(matrix: list[list[float]], vector: list[float]) -> list[float]:
-    """Gaussian elimination with partial pivoting (the systems here are ~20x20)."""
-    n = len(vector)
-    a = [[*row, v] for row, v in zip(matrix, vector, strict=True)]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
-        a[col], a[pivot] = a[pivot], a[col]
-        if abs(a[col][col]) < 1e-12:
-            continue
-        for row in range(n):
-            if row != col and a[row][col]:
-                factor = a[row][col] / a[col][col]
-                for k in range(col, n + 1):
-                    a[row][k] -= factor * a[col][k]
-    return [a[i][n] / a[i][i] if abs(a[i][i]) > 1e-12 else 0.0 for i in range(n)]
-
-
 def fit_scorer(
     rows: Sequence[dict[str, float]],
     labels: Sequence[float],
@@ -118,55 +103,39 @@ def fit_scorer(
     l2: float = 1.0,
     iterations: int = 25,
 ) -> Scorer:
-    """Penalised logistic regression, shrunk towards ``prior`` (standardised features)."""
+    """Penalised logistic regression, shrunk towards ``prior`` (standardised features).
+
+    Newton steps (IRLS) on the penalised likelihood; the penalty pulls each
+    standardised weight towards the prior's, and leaves the bias free.
+    """
     prior = prior or Scorer()
     names = [f for f in features if any(r.get(f) for r in rows)]
     if not rows or not names:
         return Scorer(weights=dict(prior.weights), bias=prior.bias)
-    columns = [[centred(f, r.get(f, 0.0)) for r in rows] for f in names]
-    means = [sum(c) / len(c) for c in columns]
-    stds = [
-        max(math.sqrt(sum((x - m) ** 2 for x in c) / len(c)), 1e-3)
-        for c, m in zip(columns, means, strict=True)
-    ]
-    xs = [
-        [1.0] + [(columns[j][i] - means[j]) / stds[j] for j in range(len(names))]
-        for i in range(len(rows))
-    ]
-    # Prior weights in standardised units; the bias is left free.
-    w0 = [0.0] + [prior.weights.get(f, 0.0) * stds[j] for j, f in enumerate(names)]
-    w = w0[:]
-    w[0] = prior.bias + sum(prior.weights.get(f, 0.0) * means[j] for j, f in enumerate(names))
-    k = len(w)
+    raw = np.array([[centred(f, r.get(f, 0.0)) for f in names] for r in rows], dtype=float)
+    means = raw.mean(axis=0)
+    stds = np.maximum(raw.std(axis=0), 1e-3)
+    x = np.hstack([np.ones((len(rows), 1)), (raw - means) / stds])
+    y = np.asarray(labels, dtype=float)
+    prior_w = np.array([prior.weights.get(f, 0.0) for f in names])
+    w0 = np.concatenate([[0.0], prior_w * stds])
+    w = w0.copy()
+    w[0] = prior.bias + float(prior_w @ means)
+    penalty = np.full(len(w), l2)
+    penalty[0] = 1e-6
     for _ in range(iterations):
-        grad = [0.0] * k
-        hess = [[0.0] * k for _ in range(k)]
-        for x, y in zip(xs, labels, strict=True):
-            p = sigmoid(sum(a * b for a, b in zip(w, x, strict=True)))
-            r = p - y
-            s = p * (1 - p)
-            for i in range(k):
-                grad[i] += r * x[i]
-                si = s * x[i]
-                row = hess[i]
-                for j in range(i, k):
-                    row[j] += si * x[j]
-        for i in range(k):
-            for j in range(i):
-                hess[i][j] = hess[j][i]
-        for i in range(1, k):
-            grad[i] += l2 * (w[i] - w0[i])
-            hess[i][i] += l2
-        hess[0][0] += 1e-6
-        step = _solve(hess, grad)
-        w = [a - b for a, b in zip(w, step, strict=True)]
-        if max(abs(s) for s in step) < 1e-7:
+        p = 1 / (1 + np.exp(-np.clip(x @ w, -30, 30)))
+        grad = x.T @ (p - y) + penalty * (w - w0) * (np.arange(len(w)) > 0)
+        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty)
+        step = np.linalg.solve(hess, grad)
+        w = w - step
+        if np.max(np.abs(step)) < 1e-7:
             break
     weights = {f: 0.0 for f in prior.weights}
-    bias = w[0]
+    bias = float(w[0])
     for j, f in enumerate(names):
-        weights[f] = w[j + 1] / stds[j]
-        bias -= weights[f] * means[j]
+        weights[f] = float(w[j + 1] / stds[j])
+        bias -= weights[f] * float(means[j])
     return Scorer(weights=weights, bias=bias)
 
 

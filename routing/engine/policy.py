@@ -90,10 +90,37 @@ class StepCalibration:
         )
 
 
+@dataclass(frozen=True)
+class Router:
+    """Route past the first model when its draft is unlikely to be accepted.
+
+    ``scorer`` predicts, from features known before generation
+    (``learning.pre_features``), the chance that the first model's draft
+    passes its check; below ``skip_below`` (the break-even chance) the
+    request starts at the second model.
+    """
+
+    scorer: Scorer
+    skip_below: float
+
+    def skips(self, pre: dict[str, float]) -> bool:
+        return self.scorer.probability(dict(pre)) < self.skip_below
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scorer": self.scorer.to_json(), "skip_below": self.skip_below}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Router | None:
+        if not data:
+            return None
+        return cls(Scorer.from_json(data["scorer"]), float(data["skip_below"]))
+
+
 @dataclass
 class Calibration:
     steps: list[StepCalibration] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    router: Router | None = None
 
     def step(self, index: int) -> StepCalibration:
         if index < len(self.steps):
@@ -101,7 +128,14 @@ class Calibration:
         return StepCalibration()
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": 1, "steps": [s.to_json() for s in self.steps], "meta": self.meta}
+        data: dict[str, Any] = {
+            "version": 1,
+            "steps": [s.to_json() for s in self.steps],
+            "meta": self.meta,
+        }
+        if self.router is not None:
+            data["router"] = self.router.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> Calibration:
@@ -110,4 +144,5 @@ class Calibration:
         return cls(
             steps=[StepCalibration.from_json(s) for s in data.get("steps", [])],
             meta=dict(data.get("meta") or {}),
+            router=Router.from_json(data.get("router")),
         )

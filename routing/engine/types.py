@@ -127,6 +127,7 @@ class CascadeResult:
     quality_score: float | None
     profile: str = ""
     degraded: bool = False  # returned a rejected draft because every stronger model failed
+    routed_past_draft: bool = False  # the first model was skipped: its draft would be rejected
 
     @property
     def cost_nanos(self) -> int:

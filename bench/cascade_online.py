@@ -1,0 +1,327 @@
+"""Online benchmark: a brand-new profile learns from live traffic, audits as in production.
+
+    python bench/cascade_online.py FILE.jsonl --chain CHEAP[,MID...],STRONG \
+        [--audit-rate-floor 0.03] [--seed 0] [--judge-error 0.1] [--target-retention 0.95] \
+        [--confidence 0.9] [--refit-every 25] [--json OUT]
+
+Every row of a replay file (both splits), in a seeded random order, is one
+request through the real engine (``CascadeAgent`` -> LiteLLM -> the replay
+provider), for a profile that starts with no calibration. Audits run as in
+production (``routing.engine.learning``, ``routing.engine.audit``):
+
+- a uniform share of requests is audited (every one while labels are few,
+  then ``--audit-rate-floor``); an audit asks every chain model that did not
+  answer (the reference included; it costs what the file says it costs) and
+  labels each draft against the reference's answer with the production
+  labeller: agreement of the extracted answers is "as good"; a disagreement,
+  or answers with nothing to compare, go to the judge, modelled by the file's
+  recorded grades (worse / as good / better than the reference, 0.05 apart
+  for graded scores) replaced by a wrong verdict at ``--judge-error``, and
+  charged two calls at the reference model's price;
+- requests that escalated anyway are labelled by agreement alone, for
+  training only;
+- every ``--refit-every`` requests the profile is refitted and the new
+  calibration promoted if its bound holds (``learning.refit``).
+
+Retention is always scored against the file's ground truth (``correct``),
+never against the audits' labels. Saving is net of every draft, audit and
+judge call. Printed per window of 200 requests, and for the whole stream and
+its second half (the steady state); ``--json`` has ``retention``, ``saving``,
+``steady_retention``, ``steady_saving``, ``audits``, ``audit_cost_share`` and
+``routed_past_draft`` (fractions), and the history of promotions.
+
+Beside it, in the same run, for context: the best single threshold of the
+final scorers picked in hindsight on the whole stream (the most saving at the
+target), which no online method can know in advance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from routing.engine import learning
+from routing.engine.agent import CascadeAgent
+from routing.engine.agent import _draft_of as draft_of
+from routing.engine.audit import extraction_verdict, judge_cost_tokens
+from routing.engine.calibration import Scorer
+from routing.engine.learning import Observation, StepLabel, Verdict
+from routing.engine.policy import PRESETS, Policy
+from routing.engine.resilience import Caller
+from routing.engine.signals import extract
+from routing.providers import replay
+
+WINDOW = 200
+
+
+@dataclass
+class Served:
+    quality: float
+    reference_quality: float
+    cost: int  # the request's own calls
+    reference_cost: int  # what the strongest model alone would have cost
+    audit_cost: int
+    escalated: bool
+    audited: bool
+    routed: bool
+
+
+def simulated_judge(draft_q: float, reference_q: float, graded: bool, rng, error: float) -> Verdict:
+    tolerance = 0.05 if graded else 0.0
+    if draft_q > reference_q + tolerance:
+        verdict = Verdict.BETTER
+    elif draft_q < reference_q - tolerance:
+        verdict = Verdict.WORSE
+    else:
+        verdict = Verdict.AS_GOOD
+    if rng.random() < error:
+        verdict = rng.choice([v for v in Verdict if v != verdict])
+    return verdict
+
+
+async def run(args) -> dict[str, Any]:
+    file = replay.ReplayFile.load(args.file)
+    replay.register(file)
+    chain = [m.strip() for m in args.chain.split(",") if m.strip()]
+    rows, _ = replay.load_rows(file, chain)
+    if not rows:
+        raise SystemExit(f"No row of {args.file} has answers from every model of the chain.")
+    specs = [file.spec(m) for m in chain]
+    graded = any(0 < r.quality(m) < 1 for r in rows for m in chain)
+    base = PRESETS["balanced"]
+    policy = Policy(
+        **{
+            **base.__dict__,
+            "target_retention": args.target_retention,
+            "paid_checks": "never",
+            "first_and_last_only": False,
+            "direct_when_hard": False,
+        }
+    )
+    strict = learning.Rule(tuple(Scorer() for _ in specs[:-1]), learning.NEVER)
+    agent = CascadeAgent(
+        specs,
+        policy=policy,
+        calibration=strict.calibration({}),
+        caller=Caller(retries=0),
+    )
+    rng = random.Random(args.seed)
+    order = list(rows)
+    rng.shuffle(order)
+    prices = {m: file.prices.get(m) or {} for m in chain}
+    observations: list[Observation] = []
+    served: list[Served] = []
+    promotions: list[dict[str, Any]] = []
+    uniform_labels = 0
+
+    async def answer(spec, row) -> tuple[Any, int]:
+        response, attempt = await agent.caller.complete(
+            spec, {"messages": row.messages, "metadata": {"replay_id": row.id}}, [], role="draft"
+        )
+        return response, attempt.cost_nanos
+
+    for index, row in enumerate(order):
+        result = await agent.run(row.messages, {"metadata": {"replay_id": row.id}})
+        plan = agent.plan(row.messages, {"metadata": {"replay_id": row.id}})
+        answered = result.model.name
+        cost = result.cost_nanos
+        reference_cost = replay.answer_cost_nanos(
+            row.raw["responses"][chain[-1]], prices[chain[-1]]
+        )
+        outputs = {
+            a.model: None for a in result.attempts if a.status == "ok" and a.role != "verify"
+        }
+        audited = rng.random() < learning.audit_rate(
+            uniform_labels, floor=args.audit_rate_floor, warm=args.warm
+        )
+        audit_cost = 0
+        if audited or answered == chain[-1]:
+            # The chain's answers to this request: produced already, or asked now (audits).
+            responses: dict[str, tuple[Any, int]] = {}
+            for spec in specs:
+                if spec.name in outputs:
+                    responses[spec.name] = await answer(spec, row)  # replayed: same answer, free
+                    responses[spec.name] = (responses[spec.name][0], 0)
+                elif audited:
+                    responses[spec.name] = await answer(spec, row)
+                    audit_cost += responses[spec.name][1]
+            if chain[-1] in responses:
+                reference = draft_of(responses[chain[-1]][0])
+                steps = []
+                for spec in specs[:-1]:
+                    if spec.name not in responses:
+                        steps.append(StepLabel({}, None))
+                        continue
+                    draft = draft_of(responses[spec.name][0])
+                    report = extract(draft, plan.query, {})
+                    verdict, comparable = extraction_verdict(draft, reference, {}, plan.query)
+                    if verdict is None and audited:
+                        verdict = simulated_judge(
+                            row.quality(spec.name),
+                            row.quality(chain[-1]),
+                            graded,
+                            rng,
+                            args.judge_error,
+                        )
+                        tokens = judge_cost_tokens(row.messages, draft.content, reference.content)
+                        judge_price = prices[chain[-1]]
+                        audit_cost += 2 * int(
+                            tokens * float(judge_price.get("input_usd_per_mtok", 0)) * 1000
+                            + 2 * float(judge_price.get("output_usd_per_mtok", 0)) * 1000
+                        )
+                    elif verdict is None and comparable:
+                        verdict = Verdict.WORSE  # escalated anyway, no judge: disagreement
+                    steps.append(
+                        StepLabel(
+                            report.features,
+                            verdict,
+                            report.hard_fail is not None,
+                            replay.answer_cost_nanos(
+                                row.raw["responses"][spec.name], prices[spec.name]
+                            ),
+                        )
+                    )
+                next_costs = tuple(
+                    replay.answer_cost_nanos(row.raw["responses"][m], prices[m]) for m in chain[1:]
+                )
+                if audited or any(s.verdict is not None for s in steps):
+                    observations.append(
+                        Observation(
+                            key=f"{args.seed}:{row.id}",
+                            steps=tuple(steps),
+                            pre=learning.pre_features(plan.query),
+                            reference_cost_nanos=reference_cost,
+                            next_cost_nanos=next_costs,
+                            uniform=audited,
+                        )
+                    )
+                    uniform_labels += audited
+        served.append(
+            Served(
+                quality=row.quality(answered),
+                reference_quality=row.quality(chain[-1]),
+                cost=cost,
+                reference_cost=reference_cost,
+                audit_cost=audit_cost,
+                escalated=answered != chain[0],
+                audited=audited,
+                routed=result.routed_past_draft,
+            )
+        )
+        if (index + 1) % args.refit_every == 0:
+            refit = learning.refit(
+                observations,
+                chain_length=len(chain),
+                target_retention=args.target_retention,
+                confidence=args.confidence,
+                route=not args.no_route,
+            )
+            agent.calibration = refit.rule.calibration(refit.evidence)
+            if refit.certified:
+                promotions.append({"after": index + 1, **refit.evidence})
+    return summarise(args, chain, served, promotions, len(observations))
+
+
+def figures(rows: list[Served]) -> dict[str, float]:
+    quality = sum(r.quality for r in rows)
+    reference = sum(r.reference_quality for r in rows)
+    spent = sum(r.cost + r.audit_cost for r in rows)
+    baseline = sum(r.reference_cost for r in rows)
+    n = len(rows)
+    return {
+        "retention": quality / reference if reference else 1.0,
+        "saving": 1 - spent / baseline if baseline else 0.0,
+        "escalation": sum(r.escalated for r in rows) / n,
+        "audit_rate": sum(r.audited for r in rows) / n,
+        "audit_cost_share": sum(r.audit_cost for r in rows) / baseline if baseline else 0.0,
+        "routed_past_draft": sum(r.routed for r in rows) / n,
+    }
+
+
+def summarise(args, chain, served, promotions, labels) -> dict[str, Any]:
+    print(f"\n{Path(args.file).name}  chain: {' -> '.join(chain)}  seed {args.seed}")
+    print(
+        f"target retention {args.target_retention:.0%} at {args.confidence:.0%} confidence, "
+        f"audit floor {args.audit_rate_floor:.0%}, judge error {args.judge_error:.0%}, "
+        f"{len(served)} requests"
+    )
+    header = f"{'requests':>12} {'retention':>10} {'saving':>8} {'escalated':>10} {'audited':>8} {'routed':>7}"
+    print(header)
+    for start in range(0, len(served), WINDOW):
+        window = figures(served[start : start + WINDOW])
+        label = f"{start + 1}-{min(start + WINDOW, len(served))}"
+        print(
+            f"{label:>12} {window['retention']:>10.1%} {window['saving']:>8.1%} "
+            f"{window['escalation']:>10.1%} {window['audit_rate']:>8.1%} "
+            f"{window['routed_past_draft']:>7.1%}"
+        )
+    whole = figures(served)
+    steady = figures(served[len(served) // 2 :])
+    print(
+        f"\nwhole stream: retention {whole['retention']:.1%}, net saving {whole['saving']:.1%} "
+        f"(audits {whole['audit_cost_share']:.1%} of the baseline), "
+        f"escalated {whole['escalation']:.1%}, routed past the draft {whole['routed_past_draft']:.1%}"
+    )
+    print(
+        f"second half:  retention {steady['retention']:.1%}, net saving {steady['saving']:.1%} "
+        f"(audits {steady['audit_cost_share']:.1%}), escalated {steady['escalation']:.1%}"
+    )
+    first = promotions[0]["after"] if promotions else None
+    last = promotions[-1] if promotions else {}
+    print(
+        f"labels {labels} ({sum(s.audited for s in served)} audits); first certified after "
+        f"{first} requests; last: threshold {last.get('threshold')}, held-out loss "
+        f"{last.get('held_out_loss')} (upper bound {last.get('held_out_loss_upper_bound')})"
+    )
+    return {
+        "file": Path(args.file).name,
+        "chain": chain,
+        "seed": args.seed,
+        "requests": len(served),
+        "retention": whole["retention"],
+        "saving": whole["saving"],
+        "steady_retention": steady["retention"],
+        "steady_saving": steady["saving"],
+        "audits": sum(s.audited for s in served),
+        "audit_cost_share": whole["audit_cost_share"],
+        "steady_audit_cost_share": steady["audit_cost_share"],
+        "routed_past_draft": whole["routed_past_draft"],
+        "escalation": whole["escalation"],
+        "labels": labels,
+        "promotions": promotions,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("file")
+    parser.add_argument("--chain", required=True, help="comma-separated, cheapest first")
+    parser.add_argument("--audit-rate-floor", type=float, default=0.03)
+    parser.add_argument("--warm", type=int, default=400, help="audit everything until this many")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judge-error", type=float, default=0.1)
+    parser.add_argument("--target-retention", type=float, default=0.95)
+    parser.add_argument("--confidence", type=float, default=0.9)
+    parser.add_argument("--refit-every", type=int, default=25)
+    parser.add_argument("--no-route", action="store_true", help="never route past the draft")
+    parser.add_argument("--json", dest="json_out")
+    args = parser.parse_args()
+    result = asyncio.run(run(args))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""A cascade that learns from its own traffic: audits, a retention guarantee, routing past drafts.
+
+A profile's cascade calibrates itself from **audits**: a uniform random share
+of its requests is answered again by the chain's reference model (the
+strongest; free when the request escalated to it anyway), every model of the
+chain that did not answer is asked too, and each draft is labelled against the
+reference's answer (``Verdict``: worse, as good, better; see ``audit.label``).
+
+**What is guaranteed.** Write ``loss`` for a request's served answer compared
+with the reference: +1 when it is worse, -1 when better, 0 when as good (or
+when the reference answered). A promoted calibration satisfies, with
+probability at least ``confidence`` over the audit sample::
+
+    mean loss  <=  1 - target_retention
+
+i.e. the share of requests answered worse than the reference would have
+answered them, net of those answered better, stays within the retention
+budget. (Against a ground truth, retention is at least ``1 - budget / q`` for a
+reference of accuracy ``q``; gains usually make it better than that.)
+
+**How.** Learn then Test (Angelopoulos, Bates et al., 2021): labels are split
+by a hash of the request id into a *fit* part (30 %) and a *held-out* part
+(70 %). Scorers (one per escalation step) and the pre-generation router are
+fitted on the fit part only. Candidate policies are ordered from strict to
+permissive (one acceptance threshold shared by every step, each with its
+router) and tested in that fixed order on the held-out part; each test rejects
+"this policy's mean loss exceeds the budget" with a finite-sample,
+distribution-free upper confidence bound (Waudby-Smith & Ramdas' hedged
+betting bound, tight when most losses are 0); the most permissive policy
+reached before the first failure is promoted. Fixed-sequence testing needs no
+multiplicity correction, the bound holds at any sample size, and the policy is
+evaluated end to end on the whole chain (three or more models included, the
+router included), so a step cannot pass on its own and fail as part of the
+chain. No held-out label ever influences a fit.
+
+**Cold start.** Until a policy passes, the calibration escalates every draft
+(the threshold is above any probability): retention is the reference's, and
+every request is audited at almost no cost (its reference answer exists
+already). Scorers start from a prior fitted on public labelled data. The first
+certification usually comes after a few hundred requests; the threshold then
+loosens as labels accumulate and the bound tightens.
+
+**Routing past the draft.** A draft that will be rejected is paid for and
+thrown away. A logistic model of features known before generation (domain,
+complexity, length, numbers) predicts the chance that the first model's draft
+is accepted under the candidate threshold; below the break-even chance (the
+draft's cost over the next model's), the request goes straight to the next
+model. The router is part of the tested policy.
+
+No Django here: the gateway's tasks, tests and benchmarks use it alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+from scipy.stats import beta, binom
+
+from routing.engine.calibration import Scorer, fit_scorer
+from routing.engine.complexity import QueryProfile
+from routing.engine.policy import Calibration, Router, StepCalibration
+
+HELD_OUT_SHARE = 0.7
+GAMMA = 0.005  # the share of the test's error spent on its nuisance parameter
+MIN_HELD_OUT = 60  # below this, no policy is tested (nothing but escalation is promoted)
+NEVER = 1.01  # a threshold above every probability: escalate every draft
+
+
+class Verdict(IntEnum):
+    """A draft compared with the reference model's answer to the same request."""
+
+    WORSE = -1
+    AS_GOOD = 0
+    BETTER = 1
+
+
+@dataclass(frozen=True)
+class StepLabel:
+    """One chain position's draft on an audited request, and its verdict."""
+
+    features: Mapping[str, float]  # the quality check's free signals on the draft
+    verdict: Verdict | None  # None: the draft could not be produced or labelled
+    hard_fail: bool = False
+    cost_nanos: int = 0
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One audited request: every draft of the chain labelled against the reference."""
+
+    key: str  # the request id; decides fit / held-out
+    steps: tuple[StepLabel, ...]  # one per non-final chain position
+    pre: Mapping[str, float] = field(default_factory=dict)  # known before generation
+    reference_cost_nanos: int = 0
+    next_cost_nanos: tuple[int, ...] = ()  # per step: the cost of the model after it
+    # Drawn by the uniform audit sample. Labels found otherwise (a request that escalated
+    # anyway, labelled by agreement alone) only ever train the scorers.
+    uniform: bool = True
+
+    @property
+    def held_out(self) -> bool:
+        return self.uniform and held_out(self.key)
+
+
+def observation_to_json(obs: Observation) -> dict[str, Any]:
+    return {
+        "key": obs.key,
+        "steps": [
+            {
+                "features": dict(s.features),
+                "verdict": None if s.verdict is None else int(s.verdict),
+                "hard_fail": s.hard_fail,
+                "cost_nanos": s.cost_nanos,
+            }
+            for s in obs.steps
+        ],
+        "pre": dict(obs.pre),
+        "reference_cost_nanos": obs.reference_cost_nanos,
+        "next_cost_nanos": list(obs.next_cost_nanos),
+        "uniform": obs.uniform,
+    }
+
+
+def observation_from_json(data: Mapping[str, Any]) -> Observation:
+    return Observation(
+        key=data["key"],
+        steps=tuple(
+            StepLabel(
+                s.get("features") or {},
+                None if s.get("verdict") is None else Verdict(int(s["verdict"])),
+                bool(s.get("hard_fail")),
+                int(s.get("cost_nanos") or 0),
+            )
+            for s in data.get("steps") or ()
+        ),
+        pre=data.get("pre") or {},
+        reference_cost_nanos=int(data.get("reference_cost_nanos") or 0),
+        next_cost_nanos=tuple(data.get("next_cost_nanos") or ()),
+        uniform=bool(data.get("uniform", True)),
+    )
+
+
+def held_out(key: str, share: float = HELD_OUT_SHARE) -> bool:
+    digest = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)
+    return digest % 1000 < share * 1000
+
+
+def pre_features(query: QueryProfile) -> dict[str, float]:
+    """What the router may use: known before any model answers."""
+    out = {
+        "complexity": query.complexity,
+        "log_words": query.log_words,
+        "q_numbers": min(len(query.numbers), 12) / 12,
+        "expects_integer": float(query.expects_integer),
+        "choices": float(bool(query.choices)),
+    }
+    if query.domain:
+        out[f"domain_{query.domain}"] = 1.0
+    return out
+
+
+def audit_rate(labels: int, *, floor: float, warm: int = 400) -> float:
+    """The share of requests to audit: every one until ``warm`` labels, then ``floor``.
+
+    Early audits are nearly free (the calibration escalates every draft, so the
+    reference answer exists) and they are what the first certified thresholds
+    rest on; once drafts are served, an audit costs a reference call, and the
+    floor keeps the labels (and the drift checks) flowing at a small cost.
+    """
+    return 1.0 if labels < warm else floor
+
+
+# --- the guarantee -----------------------------------------------------------------------
+
+
+def _tail(n: int, d: int, worse: float, better: float) -> float:
+    """P(#worse - #better <= d) for n requests with those two probabilities (exact)."""
+    j = np.arange(n + 1)
+    p_better = binom.pmf(j, n, better)
+    rest = np.maximum(1 - better, 1e-300)
+    return float(np.sum(p_better * binom.cdf(d + j, n - j, min(1.0, worse / rest))))
+
+
+def net_loss_p_value(worse: int, better: int, n: int, budget: float, gamma: float) -> float:
+    """Exact p-value of "the mean loss is at least ``budget``" (losses +1 / 0 / -1).
+
+    The statistic is ``#worse - #better``; under the null its tail is largest
+    on the boundary ``P(worse) - P(better) = budget``, where one nuisance
+    parameter (``P(better)``) remains. Berger & Boos (1994): take the supremum
+    over a ``1 - gamma`` Clopper-Pearson interval of it and add ``gamma``. Valid
+    at every sample size, and nearly as tight as a normal approximation.
+    """
+    if n == 0:
+        return 1.0
+    lo = beta.ppf(gamma / 2, better, n - better + 1) if better > 0 else 0.0
+    hi = beta.ppf(1 - gamma / 2, better + 1, n - better) if better < n else 1.0
+    lo, hi = max(lo, -budget, 0.0), min(hi, (1 - budget) / 2)
+    if lo > hi:
+        return gamma
+    observed = worse - better
+    grid = np.linspace(lo, hi, 24)
+    return min(1.0, max(_tail(n, observed, budget + t, t) for t in grid) + gamma)
+
+
+def net_loss_upper_bound(
+    worse: int, better: int, n: int, *, delta: float, gamma: float = 0.005
+) -> float:
+    """The smallest budget the exact test would certify (bisection on ``budget``)."""
+    if n == 0:
+        return 1.0
+    low, high = (worse - better) / n, 1.0
+    if net_loss_p_value(worse, better, n, high - 1e-9, gamma) > delta:
+        return 1.0
+    for _ in range(30):
+        middle = (low + high) / 2
+        if net_loss_p_value(worse, better, n, middle, gamma) <= delta:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+# --- policies ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Step scorers, one shared threshold, an optional router: what a request is decided by."""
+
+    scorers: tuple[Scorer, ...]
+    threshold: float
+    router: Router | None = None
+
+    def served_step(self, obs: Observation) -> int | None:
+        """The chain position whose draft this policy serves (None: the reference answers)."""
+        start = 1 if self.router is not None and self.router.skips(obs.pre) else 0
+        for index in range(start, len(obs.steps)):
+            step = obs.steps[index]
+            if step.hard_fail:
+                continue
+            if self.scorers[index].probability(dict(step.features)) >= self.threshold:
+                return index
+        return None
+
+    def calibration(self, evidence: Mapping[str, Any]) -> Calibration:
+        """The engine's calibration for this rule (free signals only, learned: no margins)."""
+        return Calibration(
+            steps=[StepCalibration(scorer=s, threshold=self.threshold) for s in self.scorers],
+            meta={"learned": True, **evidence},
+            router=self.router,
+        )
+
+    def loss(self, obs: Observation) -> float:
+        index = self.served_step(obs)
+        if index is None:
+            return 0.0
+        verdict = obs.steps[index].verdict
+        return 1.0 if verdict is None else float(-verdict)  # unlabelled: counted as worse
+
+
+def _acceptable(verdict: Verdict | None) -> float:
+    return 1.0 if verdict is not None and verdict >= Verdict.AS_GOOD else 0.0
+
+
+def fit_scorers(
+    observations: Sequence[Observation], steps: int, priors: Sequence[Scorer] | None = None
+) -> tuple[Scorer, ...]:
+    """One scorer per escalation step: P(draft as good as the reference), shrunk to the prior."""
+    scorers = []
+    for index in range(steps):
+        prior = priors[index] if priors and index < len(priors) else Scorer()
+        rows = [
+            o.steps[index]
+            for o in observations
+            if index < len(o.steps)
+            and o.steps[index].verdict is not None
+            and not o.steps[index].hard_fail
+        ]
+        labels = [_acceptable(s.verdict) for s in rows]
+        if len(rows) < 20 or len(set(labels)) < 2:
+            scorers.append(prior)
+            continue
+        scorers.append(fit_scorer([dict(s.features) for s in rows], labels, prior=prior))
+    return tuple(scorers)
+
+
+def fit_router(
+    observations: Sequence[Observation], scorers: Sequence[Scorer], threshold: float
+) -> Router | None:
+    """Predict, before generation, whether the first draft would be accepted at ``threshold``.
+
+    Skips below the break-even chance: drafting pays ``draft cost`` always and
+    saves ``next model's cost`` only when accepted.
+    """
+    rows = [o for o in observations if o.steps and o.steps[0].verdict is not None and o.pre]
+    if len(rows) < 50:
+        return None
+    labels = [
+        0.0
+        if o.steps[0].hard_fail
+        else float(scorers[0].probability(dict(o.steps[0].features)) >= threshold)
+        for o in rows
+    ]
+    if len(set(labels)) < 2:
+        return None
+    names = sorted({name for o in rows for name in o.pre})
+    scorer = fit_scorer(
+        [dict(o.pre) for o in rows],
+        labels,
+        features=names,
+        prior=Scorer(weights={}, bias=0.0),
+        l2=3.0,
+    )
+    draft = sum(o.steps[0].cost_nanos for o in rows)
+    saved = sum(o.next_cost_nanos[0] for o in rows if o.next_cost_nanos)
+    if not saved:
+        return None
+    return Router(scorer, skip_below=min(0.5, draft / saved))
+
+
+def cold_start_calibration(
+    chain_length: int, priors: Sequence[Scorer] | None = None
+) -> Calibration:
+    """What a profile runs before its first certified calibration: the prior scorers and a
+    threshold above every probability (every draft escalates; retention is the reference's)."""
+    scorers = tuple(
+        (priors[i] if priors and i < len(priors) else Scorer()) for i in range(chain_length - 1)
+    )
+    return Rule(scorers, NEVER).calibration({"cold_start": True})
+
+
+# --- refitting ---------------------------------------------------------------------------
+
+
+@dataclass
+class Refit:
+    """A candidate calibration and the evidence for (or against) promoting it."""
+
+    rule: Rule
+    certified: bool  # a permissive policy passed; otherwise ``policy`` escalates every draft
+    evidence: dict[str, Any]
+
+
+def candidate_thresholds(
+    scorers: Sequence[Scorer], observations: Sequence[Observation], count: int = 40
+) -> list[float]:
+    """Thresholds from strict to permissive: quantiles of the drafts' probabilities."""
+    probabilities = sorted(
+        {
+            round(scorers[i].probability(dict(s.features)), 6)
+            for o in observations
+            for i, s in enumerate(o.steps)
+            if not s.hard_fail and s.features
+        },
+        reverse=True,
+    )
+    if not probabilities:
+        return []
+    picks = np.unique(
+        np.quantile(probabilities, np.linspace(0, 1, min(count, len(probabilities))))
+    )[::-1]
+    return [float(p) for p in picks]
+
+
+def refit(
+    observations: Sequence[Observation],
+    *,
+    chain_length: int,
+    target_retention: float,
+    confidence: float = 0.9,
+    priors: Sequence[Scorer] | None = None,
+    route: bool = True,
+) -> Refit:
+    """Fit on the fit part, test permissive-ward on the held-out part, return what passed."""
+    steps = chain_length - 1
+    usable = [o for o in observations if len(o.steps) == steps]
+    fit = [o for o in usable if not o.held_out]
+    test = [o for o in usable if o.held_out]
+    scorers = fit_scorers(fit, steps, priors)
+    budget = 1 - target_retention
+    delta = 1 - confidence
+    strict = Rule(scorers, NEVER)
+    evidence: dict[str, Any] = {
+        "method": "learn-then-test, fixed sequence, exact test of the net loss",
+        "target_retention": target_retention,
+        "confidence": confidence,
+        "n_fit": len(fit),
+        "n_held_out": len(test),
+        "loss_budget": round(budget, 4),
+    }
+    if steps < 1 or len(test) < MIN_HELD_OUT:
+        evidence["reason"] = f"{len(test)} held-out labels; {MIN_HELD_OUT} needed to test"
+        return Refit(strict, False, evidence)
+    best: tuple[Rule, float, float] | None = None
+    tested = 0
+    for threshold in candidate_thresholds(scorers, test):
+        router = fit_router(fit, scorers, threshold) if route else None
+        rule = Rule(scorers, threshold, router)
+        losses = [rule.loss(o) for o in test]
+        worse, better = losses.count(1.0), losses.count(-1.0)
+        tested += 1
+        if net_loss_p_value(worse, better, len(test), budget, GAMMA) > delta:
+            break
+        best = (rule, (worse - better) / len(test), worse)
+    evidence["candidates_tested"] = tested
+    if best is None:
+        evidence["reason"] = "no permissive policy met the bound yet"
+        return Refit(strict, False, evidence)
+    policy, mean, _ = best
+    losses = [policy.loss(o) for o in test]
+    bound = net_loss_upper_bound(
+        losses.count(1.0), losses.count(-1.0), len(test), delta=delta, gamma=GAMMA
+    )
+    served = [policy.served_step(o) for o in test]
+    evidence.update(
+        {
+            "threshold": round(policy.threshold, 6),
+            "held_out_loss": round(mean, 4),
+            "held_out_loss_upper_bound": round(bound, 4),
+            "retention_lower_bound": round(1 - bound, 4),
+            "held_out_acceptance": round(sum(s is not None for s in served) / len(test), 4),
+            "held_out_routed_past_draft": round(
+                sum(1 for o in test if policy.router and policy.router.skips(o.pre)) / len(test),
+                4,
+            ),
+        }
+    )
+    return Refit(policy, True, evidence)
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measured:
+    """Audited retention of what was served: 1 - mean loss, with a two-sided interval."""
+
+    retention: float
+    lower: float
+    upper: float
+    n: int
+
+
+def measured_retention(losses: Sequence[float], confidence: float = 0.9) -> Measured | None:
+    """From the losses of the *served* answers of uniformly audited requests."""
+    if not losses:
+        return None
+    n, worse, better = len(losses), losses.count(1.0), losses.count(-1.0)
+    delta = (1 - confidence) / 2
+    upper_loss = net_loss_upper_bound(worse, better, n, delta=delta)
+    lower_loss = -net_loss_upper_bound(better, worse, n, delta=delta)
+    return Measured(1 - (worse - better) / n, 1 - upper_loss, 1 - lower_loss, n)
+
+
+def population_stability(reference: Sequence[float], recent: Sequence[float]) -> float:
+    """PSI of two score samples over the reference's deciles (0.2 and above: a shift)."""
+    if len(reference) < 20 or len(recent) < 20:
+        return 0.0
+    edges = np.quantile(np.asarray(reference), np.linspace(0, 1, 11))
+    edges[0], edges[-1] = -np.inf, np.inf
+    ref = np.histogram(reference, edges)[0] / len(reference)
+    now = np.histogram(recent, edges)[0] / len(recent)
+    ref, now = np.clip(ref, 1e-4, None), np.clip(now, 1e-4, None)
+    return float(np.sum((now - ref) * np.log(now / ref)))
