@@ -51,14 +51,13 @@ os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from routing.engine import learning
-from routing.engine.agent import CascadeAgent
+from routing.engine.agent import CascadeAgent, draft_params, draft_signals
 from routing.engine.agent import _draft_of as draft_of
 from routing.engine.audit import extraction_verdict, judge_cost_tokens
 from routing.engine.calibration import Scorer
 from routing.engine.learning import Observation, StepLabel, Verdict
 from routing.engine.policy import PRESETS, Policy
 from routing.engine.resilience import Caller
-from routing.engine.signals import extract
 from routing.providers import replay
 
 WINDOW = 200
@@ -125,8 +124,9 @@ async def run(args) -> dict[str, Any]:
     uniform_labels = 0
 
     async def answer(spec, row) -> tuple[Any, int]:
+        params = draft_params(spec, {"metadata": {"replay_id": row.id}})
         response, attempt = await agent.caller.complete(
-            spec, {"messages": row.messages, "metadata": {"replay_id": row.id}}, [], role="draft"
+            spec, {**params, "messages": row.messages}, [], role="draft"
         )
         return response, attempt.cost_nanos
 
@@ -138,8 +138,11 @@ async def run(args) -> dict[str, Any]:
         reference_cost = replay.answer_cost_nanos(
             row.raw["responses"][chain[-1]], prices[chain[-1]]
         )
+        # The features each draft was judged on when it was served (None: not judged).
         outputs = {
-            a.model: None for a in result.attempts if a.status == "ok" and a.role != "verify"
+            a.model: (dict(a.check.features), a.check.hard_fail is not None) if a.check else None
+            for a in result.attempts
+            if a.status == "ok" and a.role in {"draft", "final"}
         }
         audited = rng.random() < learning.audit_rate(
             uniform_labels, floor=args.audit_rate_floor, warm=args.warm
@@ -163,7 +166,11 @@ async def run(args) -> dict[str, Any]:
                         steps.append(StepLabel({}, None))
                         continue
                     draft = draft_of(responses[spec.name][0])
-                    report = extract(draft, plan.query, {})
+                    if outputs.get(spec.name):
+                        features, hard_fail = outputs[spec.name]
+                    else:  # asked by the audit: the same signals the check would compute
+                        report = draft_signals(responses[spec.name][0], plan.query, {})
+                        features, hard_fail = report.features, report.hard_fail is not None
                     verdict, comparable = extraction_verdict(draft, reference, {}, plan.query)
                     if verdict is None and audited:
                         verdict = simulated_judge(
@@ -183,9 +190,9 @@ async def run(args) -> dict[str, Any]:
                         verdict = Verdict.WORSE  # escalated anyway, no judge: disagreement
                     steps.append(
                         StepLabel(
-                            report.features,
+                            features,
                             verdict,
-                            report.hard_fail is not None,
+                            hard_fail,
                             replay.answer_cost_nanos(
                                 row.raw["responses"][spec.name], prices[spec.name]
                             ),

@@ -272,7 +272,7 @@ class CascadeAgent:
 
     async def _agreement(self, spec, messages, params, answer) -> PaidCheck:
         k = self.policy.agreement_samples
-        kwargs = {**_draft_params(spec, params), "messages": messages, "temperature": 0.8}
+        kwargs = {**draft_params(spec, params), "messages": messages, "temperature": 0.8}
         kwargs.pop("logprobs", None)
         kwargs.pop("top_logprobs", None)
 
@@ -315,7 +315,7 @@ class CascadeAgent:
         last_error: UpstreamError | None = None
         for index, spec in enumerate(plan.chain):
             is_last = index == len(plan.chain) - 1
-            kwargs = {**_draft_params(spec, params), "messages": messages}
+            kwargs = {**draft_params(spec, params), "messages": messages}
             try:
                 response, attempt = await self.caller.complete(
                     spec, kwargs, attempts, role="final" if is_last else "draft"
@@ -398,7 +398,7 @@ class CascadeAgent:
         last_error: UpstreamError | None = None
         for index, spec in enumerate(plan.chain):
             is_last = index == len(plan.chain) - 1
-            kwargs = {**_draft_params(spec, params), "messages": messages}
+            kwargs = {**draft_params(spec, params), "messages": messages}
             if is_last:
                 try:
                     upstream = await self.caller.open_stream(spec, kwargs, attempts, role="final")
@@ -449,7 +449,8 @@ def _model_specific(exc: UpstreamError) -> bool:
     return "context" in exc.failure.message.lower() and "window" in exc.failure.message.lower()
 
 
-def _draft_params(spec: ModelSpec, params: dict[str, Any]) -> dict[str, Any]:
+def draft_params(spec: ModelSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a draft of ``spec`` is asked with (logprobs on where supported)."""
     kwargs = dict(params)
     kwargs.pop("stream", None)
     kwargs.pop("stream_options", None)
@@ -459,6 +460,13 @@ def _draft_params(spec: ModelSpec, params: dict[str, Any]) -> dict[str, Any]:
         kwargs.pop("logprobs", None)
         kwargs.pop("top_logprobs", None)
     return kwargs
+
+
+def draft_signals(
+    response: Any, query: QueryProfile, params: dict[str, Any]
+) -> signals.SignalReport:
+    """The free signals of a model's answer, as the quality check computes them."""
+    return signals.extract(_draft_of(response), query, params)
 
 
 def baseline_cost(strongest: ModelSpec, answered: ModelSpec, attempt: Attempt) -> tuple[int, str]:
