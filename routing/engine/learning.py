@@ -216,7 +216,7 @@ def net_loss_upper_bound(
     low, high = (worse - better) / n, 1.0
     if net_loss_p_value(worse, better, n, high - 1e-9, gamma) > delta:
         return 1.0
-    for _ in range(30):
+    while high - low > 1e-4:
         middle = (low + high) / 2
         if net_loss_p_value(worse, better, n, middle, gamma) <= delta:
             high = middle

@@ -128,3 +128,32 @@ def test_jsonl_records_split_on_newline_only(tmp_path, separator):
 
     assert len(file.rows) == len(rows)
     assert file.rows[0]["responses"][replay_fixture.CHEAP]["text"] == text
+
+
+def test_online_benchmark_learns_a_three_model_chain_from_zero_labels(tmp_path):
+    """Live traffic for a new profile: certified from its own audits, at target on the stream."""
+    path = replay_fixture.write(tmp_path, n=700)
+    out = tmp_path / "online.json"
+    chain = ",".join([replay_fixture.CHEAP, replay_fixture.MID, replay_fixture.STRONG])
+
+    done = subprocess.run(
+        [sys.executable, "bench/cascade_online.py", str(path), "--chain", chain]
+        + ["--seed", "3", "--warm", "300", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    keys = {"retention", "saving", "steady_retention", "steady_saving", "audits"}
+    assert keys | {"audit_cost_share", "routed_past_draft"} <= set(result)
+    assert result["retention"] >= 0.95  # cold start included
+    assert result["steady_retention"] >= 0.95
+    assert result["steady_saving"] > 0.3  # the fixture's logprobs are informative
+    assert result["promotions"], "never certified"
+    first = result["promotions"][0]
+    assert first["held_out_loss_upper_bound"] <= 0.05
+    assert 0 < result["audits"] < result["requests"]
