@@ -136,9 +136,9 @@ def test_online_benchmark_learns_a_three_model_chain_from_zero_labels(tmp_path):
     out = tmp_path / "online.json"
     chain = ",".join([replay_fixture.CHEAP, replay_fixture.MID, replay_fixture.STRONG])
 
+    arguments = ["--chain", chain, "--seed", "3", "--warm", "300", "--json", str(out)]
     done = subprocess.run(
-        [sys.executable, "bench/cascade_online.py", str(path), "--chain", chain]
-        + ["--seed", "3", "--warm", "300", "--json", str(out)],
+        [sys.executable, "bench/cascade_online.py", str(path), *arguments],
         cwd=ROOT,
         capture_output=True,
         text=True,
