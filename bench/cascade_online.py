@@ -1,7 +1,8 @@
 """Online benchmark: a brand-new profile learns from live traffic, audits as in production.
 
     python bench/cascade_online.py FILE.jsonl --chain CHEAP[,MID...],STRONG \
-        [--audit-rate-floor 0.03] [--seed 0] [--judge-error 0.1] [--target-retention 0.95] \
+        [--audit-rate-floor 0.03] [--audit-cap 0.1] [--seed 0] [--judge-error 0.1] \
+        [--target-retention 0.95] [--prior public|hand] [--no-route] \
         [--confidence 0.9] [--refit-every 25] [--json OUT]
 
 Every row of a replay file (both splits), in a seeded random order, is one
@@ -10,7 +11,9 @@ provider), for a profile that starts with no calibration. Audits run as in
 production (``routing.engine.learning``, ``routing.engine.audit``):
 
 - a uniform share of requests is audited (every one while labels are few,
-  then ``--audit-rate-floor``); an audit asks every chain model that did not
+  then ``--audit-rate-floor``), within an audit budget (``--audit-cap``, a
+  share of what the traffic so far would cost on the reference model, as a
+  tenant's monthly cap bounds it); an audit asks every chain model that did not
   answer (the reference included; it costs what the file says it costs) and
   labels each draft against the reference's answer with the production
   labeller: agreement of the extracted answers is "as good"; a disagreement,
@@ -107,11 +110,19 @@ async def run(args) -> dict[str, Any]:
             "direct_when_hard": False,
         }
     )
-    strict = learning.Rule(tuple(Scorer() for _ in specs[:-1]), learning.NEVER)
+    # The cold-start prior is fitted on public labelled answers; a file it was fitted on is
+    # scored with the hand-set weights instead, so no figure rests on its own rows.
+    _, sources = learning.public_prior()
+    held_back = Path(args.file).name in sources
+    priors = (
+        tuple(Scorer() for _ in specs[:-1])
+        if held_back or args.prior == "hand"
+        else learning.prior_scorers(len(specs))
+    )
     agent = CascadeAgent(
         specs,
         policy=policy,
-        calibration=strict.calibration({}),
+        calibration=learning.cold_start_calibration(len(specs), priors),
         caller=Caller(retries=0),
     )
     rng = random.Random(args.seed)
@@ -144,8 +155,14 @@ async def run(args) -> dict[str, Any]:
             for a in result.attempts
             if a.status == "ok" and a.role in {"draft", "final"}
         }
-        audited = rng.random() < learning.audit_rate(
-            uniform_labels, floor=args.audit_rate_floor, warm=args.warm
+        # The audit budget (a tenant's monthly cap, here a share of the traffic's cost so far)
+        # depends on past requests only: the sample stays uniform.
+        spent_on_audits = sum(s.audit_cost for s in served)
+        baseline_so_far = sum(s.reference_cost for s in served) + reference_cost
+        audited = (
+            spent_on_audits < args.audit_cap * baseline_so_far
+            and rng.random()
+            < learning.audit_rate(uniform_labels, floor=args.audit_rate_floor, warm=args.warm)
         )
         audit_cost = 0
         if audited or answered == chain[-1]:
@@ -231,11 +248,13 @@ async def run(args) -> dict[str, Any]:
                 chain_length=len(chain),
                 target_retention=args.target_retention,
                 confidence=args.confidence,
+                priors=priors,
                 route=not args.no_route,
             )
             agent.calibration = refit.rule.calibration(refit.evidence)
             if refit.certified:
                 promotions.append({"after": index + 1, **refit.evidence})
+    args.prior_used = "hand-set" if held_back or args.prior == "hand" else "public"
     return summarise(args, chain, served, promotions, len(observations))
 
 
@@ -259,8 +278,9 @@ def summarise(args, chain, served, promotions, labels) -> dict[str, Any]:
     print(f"\n{Path(args.file).name}  chain: {' -> '.join(chain)}  seed {args.seed}")
     print(
         f"target retention {args.target_retention:.0%} at {args.confidence:.0%} confidence, "
-        f"audit floor {args.audit_rate_floor:.0%}, judge error {args.judge_error:.0%}, "
-        f"{len(served)} requests"
+        f"audit floor {args.audit_rate_floor:.0%}, cap {args.audit_cap:.0%}, "
+        f"judge error {args.judge_error:.0%}, "
+        f"{len(served)} requests, {args.prior_used} prior"
     )
     header = f"{'requests':>12} {'retention':>10} {'saving':>8} {'escalated':>10} {'audited':>8} {'routed':>7}"
     print(header)
@@ -305,6 +325,7 @@ def summarise(args, chain, served, promotions, labels) -> dict[str, Any]:
         "routed_past_draft": whole["routed_past_draft"],
         "escalation": whole["escalation"],
         "labels": labels,
+        "prior": args.prior_used,
         "promotions": promotions,
     }
 
@@ -317,12 +338,24 @@ def main() -> None:
     parser.add_argument("--chain", required=True, help="comma-separated, cheapest first")
     parser.add_argument("--audit-rate-floor", type=float, default=0.03)
     parser.add_argument("--warm", type=int, default=400, help="audit everything until this many")
+    parser.add_argument(
+        "--audit-cap",
+        type=float,
+        default=0.1,
+        help="audit spend cap, as a share of what the traffic so far would cost on the reference",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--judge-error", type=float, default=0.1)
     parser.add_argument("--target-retention", type=float, default=0.95)
     parser.add_argument("--confidence", type=float, default=0.9)
     parser.add_argument("--refit-every", type=int, default=25)
     parser.add_argument("--no-route", action="store_true", help="never route past the draft")
+    parser.add_argument(
+        "--prior",
+        choices=["public", "hand"],
+        default="public",
+        help="cold-start scorers: fitted on public data (never on this file), or hand-set",
+    )
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args()
     result = asyncio.run(run(args))

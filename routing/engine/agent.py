@@ -153,7 +153,8 @@ class CascadeAgent:
         router = calibration.router
         if router is not None and len(chain) > 1 and chain[0] is full_chain[0]:
             if router.skips(pre_features(query)):
-                chain, routed = chain[1:], True  # its draft would most likely be thrown away
+                # Its draft would most likely be thrown away.
+                chain, routed = chain[min(router.skip_to, len(chain) - 1) :], True
         return Plan(query, chain, calibration, offset, full_chain, strongest, routed)
 
     @staticmethod

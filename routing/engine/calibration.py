@@ -101,7 +101,7 @@ def fit_scorer(
     features: Sequence[str] = ALL_FEATURES,
     prior: Scorer | None = None,
     l2: float = 1.0,
-    iterations: int = 25,
+    iterations: int = 50,
 ) -> Scorer:
     """Penalised logistic regression, shrunk towards ``prior`` (standardised features).
 
@@ -128,6 +128,9 @@ def fit_scorer(
         grad = x.T @ (p - y) + penalty * (w - w0) * (np.arange(len(w)) > 0)
         hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty)
         step = np.linalg.solve(hess, grad)
+        largest = np.max(np.abs(step))
+        if largest > 4.0:  # damped: a start far from the optimum must not overshoot
+            step *= 4.0 / largest
         w = w - step
         if np.max(np.abs(step)) < 1e-7:
             break

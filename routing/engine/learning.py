@@ -53,9 +53,12 @@ No Django here: the gateway's tasks, tests and benchmarks use it alone.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -238,7 +241,8 @@ class Rule:
 
     def served_step(self, obs: Observation) -> int | None:
         """The chain position whose draft this policy serves (None: the reference answers)."""
-        start = 1 if self.router is not None and self.router.skips(obs.pre) else 0
+        routed = self.router is not None and self.router.skips(obs.pre)
+        start = self.router.skip_to if routed and self.router else 0
         for index in range(start, len(obs.steps)):
             step = obs.steps[index]
             if step.hard_fail:
@@ -323,15 +327,40 @@ def fit_router(
     return Router(scorer, skip_below=min(0.5, draft / saved))
 
 
+PRIOR_PATH = Path(__file__).with_name("prior.json")
+
+
+@lru_cache(maxsize=1)
+def public_prior() -> tuple[Scorer, tuple[str, ...]]:
+    """The scorer fitted on public labelled answers (``bench/fit_prior.py``) and its sources;
+    the hand-set weights when none is shipped."""
+    try:
+        data = json.loads(PRIOR_PATH.read_text())
+    except (OSError, ValueError):
+        return Scorer(), ()
+    sources = tuple(s["file"].split(":", 1)[0] for s in data.get("sources", ()))
+    return Scorer.from_json(data["scorer"]), sources
+
+
+def prior_scorers(chain_length: int) -> tuple[Scorer, ...]:
+    prior, _ = public_prior()
+    return tuple(prior for _ in range(chain_length - 1))
+
+
 def cold_start_calibration(
     chain_length: int, priors: Sequence[Scorer] | None = None
 ) -> Calibration:
-    """What a profile runs before its first certified calibration: the prior scorers and a
-    threshold above every probability (every draft escalates; retention is the reference's)."""
-    scorers = tuple(
-        (priors[i] if priors and i < len(priors) else Scorer()) for i in range(chain_length - 1)
-    )
-    return Rule(scorers, NEVER).calibration({"cold_start": True})
+    """What a profile runs before its first certified calibration (``escalate_all``)."""
+    return escalate_all(chain_length, priors).calibration({"cold_start": True})
+
+
+def escalate_all(chain_length: int, priors: Sequence[Scorer] | None = None) -> Rule:
+    """The rule before any certification: the reference answers every request, without the
+    drafts that would all be thrown away (audits ask the draft models themselves), and the
+    prior scorers stand ready for the first candidate rules."""
+    priors = priors or prior_scorers(chain_length)
+    scorers = tuple((priors[i] if i < len(priors) else Scorer()) for i in range(chain_length - 1))
+    return Rule(scorers, NEVER, Router.always(skip_to=chain_length - 1))
 
 
 # --- refitting ---------------------------------------------------------------------------
@@ -378,13 +407,14 @@ def refit(
 ) -> Refit:
     """Fit on the fit part, test permissive-ward on the held-out part, return what passed."""
     steps = chain_length - 1
+    priors = priors or prior_scorers(chain_length)
     usable = [o for o in observations if len(o.steps) == steps]
     fit = [o for o in usable if not o.held_out]
     test = [o for o in usable if o.held_out]
     scorers = fit_scorers(fit, steps, priors)
     budget = 1 - target_retention
     delta = 1 - confidence
-    strict = Rule(scorers, NEVER)
+    strict = escalate_all(chain_length, scorers)
     evidence: dict[str, Any] = {
         "method": "learn-then-test, fixed sequence, exact test of the net loss",
         "target_retention": target_retention,

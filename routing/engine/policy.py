@@ -92,28 +92,39 @@ class StepCalibration:
 
 @dataclass(frozen=True)
 class Router:
-    """Route past the first model when its draft is unlikely to be accepted.
+    """Route past drafts that would be thrown away.
 
     ``scorer`` predicts, from features known before generation
     (``learning.pre_features``), the chance that the first model's draft
     passes its check; below ``skip_below`` (the break-even chance) the
-    request starts at the second model.
+    request starts at position ``skip_to`` of the chain instead (the second
+    model; the last one while a calibration escalates every draft).
     """
 
     scorer: Scorer
     skip_below: float
+    skip_to: int = 1
 
     def skips(self, pre: dict[str, float]) -> bool:
         return self.scorer.probability(dict(pre)) < self.skip_below
 
+    @classmethod
+    def always(cls, skip_to: int) -> Router:
+        return cls(Scorer(weights={}, bias=-50.0), 0.5, skip_to)
+
     def to_json(self) -> dict[str, Any]:
-        return {"scorer": self.scorer.to_json(), "skip_below": self.skip_below}
+        data = {"scorer": self.scorer.to_json(), "skip_below": self.skip_below}
+        return data | ({"skip_to": self.skip_to} if self.skip_to != 1 else {})
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> Router | None:
         if not data:
             return None
-        return cls(Scorer.from_json(data["scorer"]), float(data["skip_below"]))
+        return cls(
+            Scorer.from_json(data["scorer"]),
+            float(data["skip_below"]),
+            int(data.get("skip_to", 1)),
+        )
 
 
 @dataclass
