@@ -355,12 +355,12 @@ def cold_start_calibration(
 
 
 def escalate_all(chain_length: int, priors: Sequence[Scorer] | None = None) -> Rule:
-    """The rule before any certification: the reference answers every request, without the
-    drafts that would all be thrown away (audits ask the draft models themselves), and the
-    prior scorers stand ready for the first candidate rules."""
+    """The rule before any certification: every draft escalates, so the reference answers
+    every request. The drafts are not wasted: each one, with the reference's answer beside
+    it, is a label for the scorers at no further cost (an audit then only pays its judge)."""
     priors = priors or prior_scorers(chain_length)
     scorers = tuple((priors[i] if i < len(priors) else Scorer()) for i in range(chain_length - 1))
-    return Rule(scorers, NEVER, Router.always(skip_to=chain_length - 1))
+    return Rule(scorers, NEVER)
 
 
 # --- refitting ---------------------------------------------------------------------------
