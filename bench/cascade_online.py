@@ -1,7 +1,7 @@
 """Online benchmark: a brand-new profile learns from live traffic, audits as in production.
 
     python bench/cascade_online.py FILE.jsonl --chain CHEAP[,MID...],STRONG \
-        [--audit-rate-floor 0.03] [--audit-cap 0.2] [--seed 0] [--judge-error 0.1] \
+        [--audit-rate-floor 0.03] [--audit-cap 0.1] [--seed 0] [--judge-error 0.1] \
         [--target-retention 0.95] [--prior public|hand] [--no-route] \
         [--confidence 0.9] [--refit-every 25] [--json OUT]
 
@@ -377,7 +377,7 @@ def main() -> None:
     parser.add_argument(
         "--audit-cap",
         type=float,
-        default=0.2,
+        default=0.1,
         help="audit spend cap, as a share of what the traffic so far would cost on the reference",
     )
     parser.add_argument("--seed", type=int, default=0)
