@@ -1,6 +1,6 @@
 """The management API, /api/v1/."""
 
-from django.urls import path, re_path
+from django.urls import path, re_path, register_converter
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from billing.api import (
@@ -9,7 +9,17 @@ from billing.api import (
     ExportJobDownloadApi,
     UsageExportCsvApi,
 )
-from routing.api import ProfileDetailApi, ProfileListCreateApi, UsageListApi, UsageSummaryApi
+from routing.api import (
+    AuditListApi,
+    CalibrationListApi,
+    CalibrationRollbackApi,
+    ProfileDetailApi,
+    ProfileListCreateApi,
+    ProfileNameConverter,
+    ProfileQualityApi,
+    UsageListApi,
+    UsageSummaryApi,
+)
 from tenants.api import (
     AlertListApi,
     BudgetDetailApi,
@@ -21,6 +31,9 @@ from tenants.api import (
 )
 from tenants.api_base import not_found
 
+# A profile named as requests name it: a preset or a tenant's profile, ``cascade/`` optional.
+register_converter(ProfileNameConverter, "profile")
+
 urlpatterns = [
     path("tokens/", TokenListCreateApi.as_view(), name="api-tokens"),
     path("tokens/<int:pk>/revoke/", TokenRevokeApi.as_view(), name="api-token-revoke"),
@@ -30,6 +43,20 @@ urlpatterns = [
     path("end-users/<int:pk>/", EndUserDetailApi.as_view(), name="api-end-user"),
     path("profiles/", ProfileListCreateApi.as_view(), name="api-profiles"),
     path("profiles/<int:pk>/", ProfileDetailApi.as_view(), name="api-profile"),
+    path(
+        "profiles/<profile:name>/quality/", ProfileQualityApi.as_view(), name="api-profile-quality"
+    ),
+    path(
+        "profiles/<profile:name>/calibrations/",
+        CalibrationListApi.as_view(),
+        name="api-profile-calibrations",
+    ),
+    path(
+        "profiles/<profile:name>/calibrations/<int:version>/rollback/",
+        CalibrationRollbackApi.as_view(),
+        name="api-profile-calibration-rollback",
+    ),
+    path("audits/", AuditListApi.as_view(), name="api-audits"),
     path("usage/", UsageListApi.as_view(), name="api-usage"),
     path("usage/summary/", UsageSummaryApi.as_view(), name="api-usage-summary"),
     path("usage/export.csv", UsageExportCsvApi.as_view(), name="api-usage-export"),

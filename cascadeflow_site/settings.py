@@ -219,6 +219,10 @@ CELERY_BEAT_SCHEDULE = {
     "sweep-stripe-events": {"task": "billing.tasks.stripe_events_sweep", "schedule": 60.0},
     "sweep-export-jobs": {"task": "billing.tasks.export_jobs_sweep", "schedule": 60.0},
     "sweep-budget-alerts": {"task": "tenants.tasks.budget_alerts_sweep", "schedule": 60.0},
+    "sweep-audits": {"task": "routing.tasks.audits_sweep", "schedule": 60.0},
+    "sweep-quality-alerts": {"task": "routing.tasks.quality_alerts_sweep", "schedule": 60.0},
+    # Refits profiles with new labels and checks every learned calibration for drift.
+    "sweep-profile-learning": {"task": "routing.tasks.profiles_learning_sweep", "schedule": 600.0},
     "reclaim-expired-budget-reservations": {
         "task": "tenants.tasks.reservations_reclaim",
         "schedule": 60.0,
@@ -414,6 +418,11 @@ CASCADEFLOW_TOKEN_TOUCH_SECONDS = env.int("CASCADEFLOW_TOKEN_TOUCH_SECONDS", def
 CASCADEFLOW_SPOOL_DIR = env.str("CASCADEFLOW_SPOOL_DIR", default=str(VAR_DIR / "spool"))
 # Retry-After (seconds) of the 503 answered while the database is unreachable.
 CASCADEFLOW_RETRY_AFTER_SECONDS = env.int("CASCADEFLOW_RETRY_AFTER_SECONDS", default=5)
+# Audits (routing.audits): what a new tenant may spend on them a month, at most (the
+# tenant's own ``audit_monthly_cap_nanos`` is set from this when it is created).
+CASCADEFLOW_AUDIT_MONTHLY_CAP_NANOS = int(
+    Decimal(env.str("CASCADEFLOW_AUDIT_MONTHLY_CAP_USD", default="5")) * 10**9
+)
 
 LOGGING = {
     "version": 1,

@@ -1,19 +1,41 @@
-"""Management API: routing profiles and the usage ledger."""
+"""Management API: routing profiles, the usage ledger, and what audits measured and learned.
 
-from datetime import UTC, datetime
+Profiles' quality and calibrations are addressed by name, as requests name them:
+``/api/v1/profiles/<name>/quality/`` where ``<name>`` is a built-in preset
+(``balanced``) or one of the tenant's profiles, with or without its ``cascade/``
+prefix (``/api/v1/profiles/cascade/balanced/quality/`` works too).
+"""
+
+from datetime import UTC, datetime, timedelta
 
 from django.db.models import Count, F, Q, Sum
 from django.db.models.functions import TruncDay, TruncHour
+from django.http import Http404
+from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
-from routing import profiles
-from routing.models import RoutingProfile, UsageEvent
+from routing import calibrations, profiles, selectors
+from routing.enums import AuditStatus, UsageKind
+from routing.models import Audit, CalibrationVersion, RoutingProfile, UsageEvent
 from tenants.api_base import BIGINT_MAX, ApiError, TenantAPIView, envelope
 from tenants.enums import Scope
+
+
+class ProfileNameConverter:
+    """A profile's name in a URL: ``balanced``, ``support``, or with its prefix
+    (``cascade/balanced``); the view gets the name without the prefix."""
+
+    regex = r"(?:cascade/)?[-a-zA-Z0-9_]{1,64}"
+
+    def to_python(self, value: str) -> str:
+        return value.removeprefix("cascade/")
+
+    def to_url(self, value: str) -> str:
+        return value.removeprefix("cascade/")
 
 
 class ProfileSerializer(serializers.ModelSerializer):
@@ -28,6 +50,10 @@ class ProfileSerializer(serializers.ModelSerializer):
             "chain",
             "threshold_offset",
             "domain_routes",
+            "audits_enabled",
+            "audit_rate_floor",
+            "judge_model",
+            "reference_model",
             "created_at",
             "updated_at",
         ]
@@ -37,6 +63,12 @@ class ProfileSerializer(serializers.ModelSerializer):
                 "min_value": -profiles.MAX_THRESHOLD_OFFSET,
                 "max_value": profiles.MAX_THRESHOLD_OFFSET,
             },
+            "audit_rate_floor": {"min_value": 0.0, "max_value": 1.0},
+            "judge_model": {
+                "help_text": "Empty: the chain's last model; 'none': no judge (a disagreement "
+                "counts as worse); or a model of the catalog."
+            },
+            "reference_model": {"help_text": "Empty: the chain's last model; or a catalog model."},
             "chain": {
                 "required": True,
                 "help_text": f"Model names, cheapest first (at most {profiles.MAX_CHAIN_LENGTH}).",
@@ -169,6 +201,7 @@ class UsageOutput(serializers.ModelSerializer):
             "http_status",
             "domain",
             "budget_status",
+            "kind",
         ]
 
 
@@ -187,6 +220,7 @@ class UsageListApi(TenantAPIView):
             OpenApiParameter("model", str),
             OpenApiParameter("profile", str),
             OpenApiParameter("token", int),
+            OpenApiParameter("kind", str, enum=UsageKind.values),
             OpenApiParameter("cursor", str),
             OpenApiParameter("limit", int),
         ],
@@ -208,6 +242,10 @@ class UsageListApi(TenantAPIView):
         for name in ("model", "profile"):
             if params.get(name):
                 rows = rows.filter(**{name: params[name]})
+        if params.get("kind"):
+            if params["kind"] not in UsageKind.values:
+                raise serializers.ValidationError({"kind": [", ".join(UsageKind.values)]})
+            rows = rows.filter(kind=params["kind"])
         token_id = id_param(params, "token")
         if token_id is not None:
             rows = rows.filter(token_id=token_id)
@@ -220,13 +258,22 @@ class SummaryRow(serializers.Serializer):
     period = serializers.DateTimeField()
     key = serializers.CharField(allow_null=True)
     requests = serializers.IntegerField()
-    cost_nanos = serializers.IntegerField()
+    cost_nanos = serializers.IntegerField(help_text="What the requests cost.")
     baseline_cost_nanos = serializers.IntegerField()
     escalated = serializers.IntegerField()
+    audit_cost_nanos = serializers.IntegerField(help_text="What auditing requests cost.")
+    saved_nanos = serializers.IntegerField(
+        help_text="Baseline minus the requests' cost minus the audits' cost."
+    )
 
 
 class UsageSummaryApi(TenantAPIView):
-    """Requests, cost, baseline and escalations by hour or day, per model, end user or profile."""
+    """Requests, cost, baseline and escalations by hour or day, per model, end user or profile.
+
+    Audits are spend but not requests: their cost is ``audit_cost_nanos`` (in the
+    group of their profile; they have no model or end user of their own), and
+    ``saved_nanos`` is net of it.
+    """
 
     model = UsageEvent
     serializer_class = SummaryRow
@@ -267,15 +314,286 @@ class UsageSummaryApi(TenantAPIView):
         key = self.GROUP_KEYS[by]
         fields = ["period", *(["key"] if key else [])]
         annotated = rows.annotate(period=trunc, **({"key": F(key)} if key else {}))
+        request = Q(kind=UsageKind.REQUEST)
         summary = (
             annotated.values(*fields)
             .annotate(
-                requests=Count("id"),
-                cost_nanos=Sum("cost_nanos"),
-                baseline_cost_nanos=Sum("baseline_cost_nanos"),
-                escalated=Count("id", filter=Q(escalated=True)),
+                # First: the names below shadow the columns they sum.
+                audit_cost_nanos=Sum("cost_nanos", filter=Q(kind=UsageKind.AUDIT)),
+                requests=Count("id", filter=request),
+                cost_nanos=Sum("cost_nanos", filter=request),
+                baseline_cost_nanos=Sum("baseline_cost_nanos", filter=request),
+                escalated=Count("id", filter=request & Q(escalated=True)),
             )
             .order_by("period", *(["key"] if key else []))
         )
-        data = [{"key": None, **row} for row in summary[:5000]]
+        data = []
+        for row in summary[:5000]:
+            figures = {
+                name: row[name] or 0
+                for name in ("cost_nanos", "baseline_cost_nanos", "audit_cost_nanos")
+            }
+            saved = (
+                figures["baseline_cost_nanos"] - figures["cost_nanos"] - figures["audit_cost_nanos"]
+            )
+            data.append({"key": None, **row, **figures, "saved_nanos": saved})
         return Response({"bucket": bucket, "by": by, "data": SummaryRow(data, many=True).data})
+
+
+# --- what audits measured and what profiles learned -------------------------------------
+
+
+class Interval(serializers.Serializer):
+    retention = serializers.FloatField()
+    lower = serializers.FloatField()
+    upper = serializers.FloatField()
+    n = serializers.IntegerField(help_text="Uniform audits it rests on.")
+
+
+class QualityRowOutput(serializers.Serializer):
+    key = serializers.CharField(allow_null=True)
+    requests = serializers.IntegerField()
+    engine_estimate = serializers.FloatField(
+        allow_null=True,
+        help_text="Mean quality score of what was served (answers of the last model count as 1).",
+    )
+    measured_retention = Interval(
+        allow_null=True,
+        source="measured",
+        help_text="Served answers against the reference on uniform audits (90% interval).",
+    )
+    audits = serializers.IntegerField()
+    audit_cost_nanos = serializers.IntegerField()
+
+
+class LearningOutput(serializers.Serializer):
+    audits_enabled = serializers.BooleanField()
+    uniform_labels = serializers.IntegerField()
+    nonuniform_labels = serializers.IntegerField()
+    active_version = serializers.IntegerField(allow_null=True)
+    cold_start = serializers.BooleanField()
+    last_refit_at = serializers.DateTimeField(allow_null=True)
+    target_retention = serializers.FloatField()
+
+
+class QualityOutput(serializers.Serializer):
+    profile = serializers.CharField()
+    start = serializers.DateTimeField()
+    end = serializers.DateTimeField()
+    learning = LearningOutput()
+    overall = QualityRowOutput()
+    by_domain = QualityRowOutput(many=True)
+    by_draft_model = QualityRowOutput(many=True)
+
+
+QUALITY_DAYS = 30
+
+
+class ProfileApiMixin:
+    """Views of one profile by name: a preset or one of the tenant's profiles; else a 404."""
+
+    def known_profile(self, name: str) -> str:
+        if not selectors.profile_known(tenant_id=self.request.auth.tenant_id, name=name):
+            raise Http404
+        return selectors.profile_full_name(name)
+
+
+class ProfileQualityApi(ProfileApiMixin, TenantAPIView):
+    """Quality of what a profile served: measured by audits, estimated by the engine."""
+
+    model = Audit
+    serializer_class = QualityOutput
+    read_scope = write_scope = Scope.USAGE_READ
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("start", str, description="ISO 8601 (default: 30 days ago)"),
+            OpenApiParameter("end", str, description="ISO 8601 (default: now)"),
+        ],
+        responses=QualityOutput,
+    )
+    def get(self, request, name):
+        self.known_profile(name)
+        params = request.query_params
+        end = parse_instant("end", params["end"]) if params.get("end") else timezone.now()
+        if params.get("start"):
+            start = parse_instant("start", params["start"])
+        else:
+            try:
+                start = end - timedelta(days=QUALITY_DAYS)
+            except OverflowError:  # an end in the first days of year 1
+                start = datetime.min.replace(tzinfo=UTC)
+        quality = selectors.profile_quality(
+            tenant_id=request.auth.tenant_id,
+            tenant_audits=request.auth.audits_enabled,
+            name=name,
+            start=start,
+            end=end,
+        )
+        state = quality.learning
+        data = {
+            "profile": quality.profile,
+            "start": quality.start,
+            "end": quality.end,
+            "learning": {**state.__dict__, "cold_start": state.cold_start},
+            "overall": quality.overall.__dict__,
+            "by_domain": [row.__dict__ for row in quality.by_domain],
+            "by_draft_model": [row.__dict__ for row in quality.by_draft_model],
+        }
+        return Response(QualityOutput(data).data)
+
+
+class VersionOutput(serializers.ModelSerializer):
+    evidence = serializers.SerializerMethodField()
+
+    class Meta:
+        model = CalibrationVersion
+        fields = [
+            "id",
+            "profile",
+            "version",
+            "chain",
+            "certified",
+            "active",
+            "uniform_labels",
+            "nonuniform_labels",
+            "created_at",
+            "promoted_at",
+            "evidence",
+        ]
+
+    def get_evidence(self, version) -> dict:
+        """What the refit found; the held-out scores kept for drift are summarised."""
+        evidence = dict(version.evidence or {})
+        scores = evidence.pop("score_reference", None) or []
+        evidence["score_reference_size"] = len(scores)
+        return evidence
+
+
+class VersionCursor(UsageCursor):
+    ordering = "-version"  # unique per profile
+    page_size = 50
+    max_page_size = 500
+
+
+class CalibrationListApi(ProfileApiMixin, TenantAPIView):
+    """A profile's calibration versions, newest first, with the evidence of each."""
+
+    model = CalibrationVersion
+    serializer_class = VersionOutput
+    read_scope = write_scope = Scope.USAGE_READ
+
+    @extend_schema(
+        parameters=[OpenApiParameter("cursor", str), OpenApiParameter("limit", int)],
+        responses=inline_serializer(
+            name="CalibrationPage",
+            fields={
+                "next": serializers.CharField(allow_null=True),
+                "previous": serializers.CharField(allow_null=True),
+                "results": VersionOutput(many=True),
+            },
+        ),
+    )
+    def get(self, request, name):
+        profile = self.known_profile(name)
+        rows = self.tenant_queryset().filter(profile=profile)
+        paginator = VersionCursor()
+        page = paginator.paginate_queryset(rows, request, view=self)
+        return paginator.get_paginated_response(VersionOutput(page, many=True).data)
+
+
+class CalibrationRollbackApi(ProfileApiMixin, TenantAPIView):
+    """Serve an earlier certified version again (the next certified refit replaces it)."""
+
+    model = CalibrationVersion
+    serializer_class = VersionOutput
+    read_scope, write_scope = Scope.USAGE_READ, Scope.ROUTING_WRITE
+
+    @extend_schema(request=None, responses=VersionOutput)
+    def post(self, request, name, version):
+        profile = self.known_profile(name)
+        if not self.tenant_queryset().filter(profile=profile, version=version).exists():
+            raise Http404
+        try:
+            promoted = calibrations.calibration_rollback(
+                tenant=self.tenant, profile=profile, version=version
+            )
+        except calibrations.CalibrationNotCertified as exc:
+            raise ApiError(str(exc), code="not_certified") from None
+        return Response(VersionOutput(promoted).data)
+
+
+class AuditOutput(serializers.ModelSerializer):
+    """An audit without its texts (which only a pending audit holds, and never shows)."""
+
+    calibration_version = serializers.IntegerField(
+        source="calibration_version.version", allow_null=True, default=None
+    )
+
+    class Meta:
+        model = Audit
+        fields = [
+            "id",
+            "request_id",
+            "profile",
+            "created_at",
+            "uniform",
+            "status",
+            "skip_reason",
+            "chain",
+            "reference_model",
+            "judge_model",
+            "calibration_version",
+            "domain",
+            "served_model",
+            "served_verdict",
+            "served_loss",
+            "cost_nanos",
+            "finished_at",
+        ]
+
+
+class AuditListApi(TenantAPIView):
+    """The tenant's audits, newest first; cursor-paginated."""
+
+    model = Audit
+    serializer_class = AuditOutput
+    read_scope = write_scope = Scope.USAGE_READ
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("start", str, description="ISO 8601"),
+            OpenApiParameter("end", str, description="ISO 8601"),
+            OpenApiParameter("profile", str, description="cascade/<name>, or the name"),
+            OpenApiParameter("status", str, enum=AuditStatus.values),
+            OpenApiParameter("uniform", bool),
+            OpenApiParameter("cursor", str),
+            OpenApiParameter("limit", int),
+        ],
+        responses=inline_serializer(
+            name="AuditPage",
+            fields={
+                "next": serializers.CharField(allow_null=True),
+                "previous": serializers.CharField(allow_null=True),
+                "results": AuditOutput(many=True),
+            },
+        ),
+    )
+    def get(self, request):
+        rows = time_range(self.tenant_queryset(), request.query_params)
+        params = request.query_params
+        if params.get("profile"):
+            rows = rows.filter(profile=selectors.profile_full_name(params["profile"]))
+        if params.get("status"):
+            if params["status"] not in AuditStatus.values:
+                raise serializers.ValidationError({"status": [", ".join(AuditStatus.values)]})
+            rows = rows.filter(status=params["status"])
+        if params.get("uniform"):
+            if params["uniform"] not in ("true", "false"):
+                raise serializers.ValidationError({"uniform": ["true or false"]})
+            rows = rows.filter(uniform=params["uniform"] == "true")
+        paginator = UsageCursor()
+        page = paginator.paginate_queryset(
+            rows.select_related("calibration_version"), request, view=self
+        )
+        return paginator.get_paginated_response(AuditOutput(page, many=True).data)

@@ -237,8 +237,8 @@ def apply_callback(enforcement: Enforcement, answer: CallbackDecision) -> None:
 
 
 def degraded(target: Target) -> Target:
-    """Cheap models only, no escalation, no domain detours to stronger chains."""
-    return dataclasses.replace(target, chain=target.chain[:1], domain_routes={})
+    """Cheap models only, no escalation, no domain detours to stronger chains (nor audits)."""
+    return dataclasses.replace(target, chain=target.chain[:1], domain_routes={}, learning=None)
 
 
 def rate_limits(

@@ -8,6 +8,10 @@ views only translate HTTP to these calls and back.
 Database work runs in a thread pool (``db``) with the connection lifecycle
 Django gives a request: two round trips per request, one before the upstream
 call (auth, target, end user) and one after (the ledger insert).
+
+A cascade that learns from audits keeps the answers its models gave (drafts
+and the final answer) until its ledger row is written; then ``routing.audits``
+decides whether to audit it (``X-CascadeFlow-Audit: off`` opts a request out).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from django.utils import timezone
 
 from cascadeflow_site.db import db
 from dashboard import live
+from routing import audits
 from routing.enforcement import (
     Enforcement,
     Settlement,
@@ -37,17 +42,19 @@ from routing.enforcement import (
     degraded,
     rate_limited_error,
 )
-from routing.engine.agent import CascadeAgent, CascadeStream, clean_payload
+from routing.engine.agent import CascadeAgent, CascadeStream, _draft_of, clean_payload
 from routing.engine.pricing import nanos_to_usd
 from routing.engine.resilience import (
     Caller,
     CircuitBreaker,
     MemoryBreakerStore,
     RedisBreakerStore,
+    Stream,
     UpstreamError,
     classify,
 )
-from routing.engine.types import Attempt, CascadeResult
+from routing.engine.signals import Draft
+from routing.engine.types import Attempt, CascadeResult, ModelSpec
 from routing.enums import UsageStatus
 from routing.errors import GatewayError, forbidden, unauthorized
 from routing.schemas import ChatRequest
@@ -98,6 +105,59 @@ def caller() -> Caller:
 
 
 @dataclass
+class RecordingCaller:
+    """The process's caller, keeping each model's answer to one request (for its audit)."""
+
+    inner: Caller
+    answers: dict[str, Any]
+
+    async def complete(
+        self, spec: ModelSpec, kwargs: dict[str, Any], attempts: list[Attempt], *, role: str
+    ) -> tuple[Any, Attempt]:
+        response, attempt = await self.inner.complete(spec, kwargs, attempts, role=role)
+        if role in ("draft", "final"):
+            self.answers[spec.name] = response
+        return response, attempt
+
+    async def open_stream(
+        self, spec: ModelSpec, kwargs: dict[str, Any], attempts: list[Attempt], *, role: str
+    ) -> Stream:
+        return await self.inner.open_stream(spec, kwargs, attempts, role=role)
+
+
+@dataclass
+class StreamedAnswer:
+    """The streamed answer, put together from its chunks (content and tool calls)."""
+
+    model: str = ""
+    content: list[str] = field(default_factory=list)
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    finish_reason: str | None = None
+
+    def add(self, data: dict[str, Any]) -> None:
+        self.model = data.get("model") or self.model
+        for choice in data.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            self.content.append(delta.get("content") or "")
+            for call in delta.get("tool_calls") or []:
+                slot = self.tool_calls.setdefault(
+                    int(call.get("index") or 0),
+                    {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+                )
+                slot["id"] = call.get("id") or slot["id"]
+                function = call.get("function") or {}
+                slot["function"]["name"] += function.get("name") or ""
+                slot["function"]["arguments"] += function.get("arguments") or ""
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+
+    def draft(self) -> Draft:
+        calls = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return Draft("".join(self.content), self.finish_reason, calls)
+
+
+@dataclass
 class GatewayRequest:
     request_id: str
     ctx: TokenContext
@@ -108,6 +168,10 @@ class GatewayRequest:
     started: float
     enforcement: Enforcement = field(default_factory=Enforcement)
     recorded: bool = False  # its ledger row is written (or spooled): exactly once
+    audit_opt_out: bool = False  # X-CascadeFlow-Audit: off
+    end_user_audit_excluded: bool = False
+    answers: dict[str, Any] = field(default_factory=dict)  # model -> its response (learning only)
+    streamed: StreamedAnswer | None = None
 
     def agent(self) -> CascadeAgent:
         from routing.engine.policy import PRESETS, Policy
@@ -121,11 +185,14 @@ class GatewayRequest:
                     "default_threshold": base.default_threshold + self.target.threshold_offset,
                 }
             )
+        shared = caller()
         return CascadeAgent(
             self.target.chain,
             policy=policy,
             calibration=self.target.calibration,
-            caller=caller(),
+            caller=RecordingCaller(shared, self.answers)  # type: ignore[arg-type]
+            if self.target.learning is not None
+            else shared,
             domain_routes=self.target.domain_routes,
             profile=self.target.profile,
         )
@@ -198,6 +265,7 @@ def _prepare_sync(
     request_id: str,
     received_at: datetime,
     started: float,
+    audit_opt_out: bool = False,
 ) -> GatewayRequest:
     ctx = _authenticate(raw_token, Scope.COMPLETIONS)
     if parse_error is not None:
@@ -245,6 +313,8 @@ def _prepare_sync(
         received_at,
         started,
         enforcement,
+        audit_opt_out=audit_opt_out,
+        end_user_audit_excluded=bool(end_user and end_user.audit_excluded),
     )
     if enforcement.decision == "block":
         _refuse_blocked(gw)
@@ -287,6 +357,7 @@ async def prepare(
     authorization: str | None,
     chat: ChatRequest | None,
     parse_error: GatewayError | None,
+    audit_opt_out: bool = False,
 ) -> GatewayRequest:
     """Authenticate first (401 beats 400), then resolve the target, end user and budgets."""
     live.publisher.bind()
@@ -298,6 +369,7 @@ async def prepare(
             request_id,
             timezone.now(),
             time.perf_counter(),
+            audit_opt_out,
         )
         if gw.enforcement.question is not None:
             try:
@@ -363,13 +435,20 @@ def ledger_fill(entry: LedgerEntry, result: CascadeResult) -> None:
 
 
 @db
-def _record_sync(entry: LedgerEntry, ctx: TokenContext, enforcement: Enforcement) -> None:
+def _record_sync(
+    entry: LedgerEntry,
+    ctx: TokenContext,
+    enforcement: Enforcement,
+    audit: audits.AuditCandidate | None = None,
+) -> None:
     """Write the ledger row and settle the budgets, or spool both; never raises.
 
     The row and the settlement commit together, so counters and ledger agree
     to the nano-dollar. A request that reaches this point has been answered
     (or has failed for good): if the database cannot take the row now, it is
-    spooled to disk and written as soon as the database is back.
+    spooled to disk and written as soon as the database is back (and the
+    request is not audited). Then, for a cascade that learns, the audit sample
+    is decided; whatever happens there is logged, never raised.
     """
     values = usage_event_values(entry)
     settlement = Settlement.of(tenant_id=ctx.tenant_id, enforcement=enforcement)
@@ -397,6 +476,11 @@ def _record_sync(entry: LedgerEntry, ctx: TokenContext, enforcement: Enforcement
             token_touch(token_id=ctx.token_id, now=now, stale_before=stale_before)
         except DatabaseError:
             logger.warning("Could not record the last use of token %s", ctx.token_id)
+    if audit is not None:
+        try:
+            audits.audit_consider(candidate=audit)
+        except Exception:
+            logger.exception("Audit sampling failed for %s", entry.request_id)
 
 
 def _spool(record: dict[str, Any], request_id: str) -> None:
@@ -412,13 +496,46 @@ def _spool(record: dict[str, Any], request_id: str) -> None:
         )
 
 
+def audit_candidate(gw: GatewayRequest, entry: LedgerEntry) -> audits.AuditCandidate | None:
+    """What sampling needs of a request of a cascade that learns (None otherwise)."""
+    learning = gw.target.learning
+    if learning is None:
+        return None
+    responses = {name: _draft_of(response) for name, response in gw.answers.items()}
+    if gw.streamed is not None and gw.streamed.model:
+        responses[gw.streamed.model] = gw.streamed.draft()
+    return audits.AuditCandidate(
+        tenant_id=gw.ctx.tenant_id,
+        request_id=gw.request_id,
+        learning=learning,
+        messages=gw.chat.messages,
+        params=upstream_params(gw),
+        responses=responses,
+        attempts=list(entry.attempts),
+        served_model=entry.model,
+        domain=entry.domain,
+        status=entry.status,
+        time_zone=gw.ctx.time_zone,
+        audit_cap_nanos=gw.ctx.audit_cap_nanos,
+        degraded=entry.degraded,
+        domain_routed=entry.domain in gw.target.domain_routes,
+        opted_out=gw.audit_opt_out,
+        end_user_excluded=gw.end_user_audit_excluded,
+    )
+
+
 async def record(gw: GatewayRequest, entry: LedgerEntry) -> None:
     if gw.recorded:
         return
     gw.recorded = True
     entry.latency_ms = int((time.perf_counter() - gw.started) * 1000)
+    try:
+        candidate = audit_candidate(gw, entry)
+    except Exception:  # the request's own row comes first
+        logger.exception("Could not prepare the audit sample of %s", gw.request_id)
+        candidate = None
     # Shielded: a client that disconnects must not cancel its own ledger row.
-    await asyncio.shield(_record_sync(entry, gw.ctx, gw.enforcement))
+    await asyncio.shield(_record_sync(entry, gw.ctx, gw.enforcement, candidate))
     live.publish(entry)
 
 
@@ -538,8 +655,12 @@ async def _relay(
     gw: GatewayRequest, entry: LedgerEntry, cascade: CascadeStream
 ) -> AsyncIterator[str]:
     chunks = cascade.chunks()
+    if gw.target.learning is not None:
+        gw.streamed = StreamedAnswer()
     try:
         async for data in chunks:
+            if gw.streamed is not None:
+                gw.streamed.add(data)
             if not gw.chat.include_usage:
                 data.pop("usage", None)
                 if _is_empty(data):

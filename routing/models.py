@@ -1,19 +1,33 @@
-"""The ledger: one ``UsageEvent`` per request to the OpenAI-compatible API."""
+"""The ledger (one ``UsageEvent`` per request or audit), routing profiles, and what the
+profiles learn from audits: ``Audit``, ``ProfileLearning``, ``CalibrationVersion``,
+``QualityAlert``."""
 
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
-from routing.enums import Preset, UsageStatus
-from tenants.models import ApiToken, EndUser, Tenant
+from routing.enums import (
+    AuditSkip,
+    AuditStatus,
+    Preset,
+    QualityAlertKind,
+    UsageKind,
+    UsageStatus,
+)
+from tenants.models import AlertDelivery, ApiToken, EndUser, Tenant
 
 
 class UsageEvent(models.Model):
-    """What one request cost, and why.
+    """What one request (or one audit of a request) cost, and why.
 
     Money invariant: ``cost_nanos`` and ``baseline_cost_nanos`` are integer
     nano-dollars (1 USD = 10**9) and never negative. ``cost_nanos`` is the sum
     of every attempt's cost in ``attempts`` (failed attempts cost what the
     provider billed for them: nothing, unless it returned usage).
+
+    ``kind`` is ``audit`` for the row of an audit's model and judge calls
+    (``request_id`` ``audit_<id>``, no baseline, no token or end user): spend
+    like any other, but not a request, and what every "saved" figure is net of.
     """
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="usage_events")
@@ -44,12 +58,21 @@ class UsageEvent(models.Model):
     degraded = models.BooleanField(default=False)
     # allow | warn | degrade | block: what the budgets decided for this request.
     budget_status = models.CharField(max_length=10, blank=True)
+    kind = models.CharField(
+        max_length=8, choices=UsageKind.choices, default=UsageKind.REQUEST, db_default="request"
+    )
 
     class Meta:
         indexes = [
             models.Index(fields=["tenant", "created_at"], name="usage_tenant_time"),
             models.Index(
                 fields=["tenant", "end_user", "created_at"], name="usage_tenant_user_time"
+            ),
+            # The monthly audit cap and "saved, net of audits" sum these rows only.
+            models.Index(
+                fields=["tenant", "created_at"],
+                name="usage_tenant_audit_time",
+                condition=Q(kind="audit"),
             ),
         ]
         constraints = [
@@ -80,6 +103,14 @@ class RoutingProfile(models.Model):
     threshold_offset = models.FloatField(default=0.0)
     domain_routes = models.JSONField(default=dict, blank=True)
     calibration = models.JSONField(default=dict, blank=True)
+    # Learning from audits (routing.audits). Off: the uploaded ``calibration`` (or the
+    # preset's defaults) decides, as it did before. The floor is the share of requests
+    # audited once the first labels are in; judge and reference default to the chain's
+    # last model (judge "none": no judge, a disagreement counts as worse).
+    audits_enabled = models.BooleanField(default=True, db_default=True)
+    audit_rate_floor = models.FloatField(default=0.03, db_default=0.03)
+    judge_model = models.CharField(max_length=200, blank=True, default="", db_default="")
+    reference_model = models.CharField(max_length=200, blank=True, default="", db_default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -90,7 +121,188 @@ class RoutingProfile(models.Model):
                 condition=Q(threshold_offset__gte=-0.5) & Q(threshold_offset__lte=0.5),
                 name="profile_offset_in_range",
             ),
+            models.CheckConstraint(
+                condition=Q(audit_rate_floor__gte=0) & Q(audit_rate_floor__lte=1),
+                name="profile_audit_floor_in_range",
+            ),
         ]
 
     def __str__(self) -> str:
         return f"cascade/{self.name}"
+
+
+class CalibrationVersion(models.Model):
+    """One refit of a profile's calibration (``routing.engine.learning.refit``).
+
+    ``profile`` is the name requests use (``cascade/<name>``: a preset or a tenant
+    profile), ``chain`` the model names it was fitted for: a version whose chain is
+    no longer the profile's never serves. ``calibration`` is the engine's JSON
+    (``Calibration.to_json``), ``evidence`` what the refit found (the test, its
+    bound, the held-out scores drift is measured against). Invariant: at most one
+    version per (tenant, profile) is active, and only a certified one; it is the one
+    ``ProfileLearning.active_version`` names. Versions are never edited.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    profile = models.CharField(max_length=120)
+    version = models.PositiveIntegerField()
+    chain = models.JSONField(default=list)
+    calibration = models.JSONField(default=dict)
+    evidence = models.JSONField(default=dict)
+    uniform_labels = models.PositiveIntegerField(default=0)
+    nonuniform_labels = models.PositiveIntegerField(default=0)
+    certified = models.BooleanField(default=False)
+    active = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    promoted_at = models.DateTimeField(null=True, blank=True)  # latest activation
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "profile", "version"], name="calibration_version_unique"
+            ),
+            models.UniqueConstraint(
+                fields=["tenant", "profile"],
+                condition=Q(active=True),
+                name="calibration_one_active",
+            ),
+            models.CheckConstraint(
+                condition=Q(active=False) | Q(certified=True),
+                name="calibration_active_is_certified",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.profile} v{self.version}"
+
+
+class ProfileLearning(models.Model):
+    """What one (tenant, profile) has learned so far, read with the profile on every request.
+
+    Label counts are those of the profile's current chain as audits completed;
+    ``labels_since_refit`` counts uniform labels since the last refit (which
+    decides when the next one runs). ``refitting_until`` is the lease of a refit
+    in progress, so two never run at once.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    profile = models.CharField(max_length=120)
+    uniform_labels = models.PositiveIntegerField(default=0)
+    nonuniform_labels = models.PositiveIntegerField(default=0)
+    labels_since_refit = models.PositiveIntegerField(default=0)
+    labels_at_refit = models.PositiveIntegerField(default=0)
+    # The chain the counts are of: a label of another chain completed later starts them over.
+    chain_key = models.CharField(max_length=16, blank=True)
+    chain_since = models.DateTimeField(null=True, blank=True)
+    last_refit_at = models.DateTimeField(null=True, blank=True)
+    refitting_until = models.DateTimeField(null=True, blank=True)
+    active_version = models.ForeignKey(
+        CalibrationVersion, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "profile"], name="learning_unique_profile")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.profile}: {self.uniform_labels} labels"
+
+
+class Audit(models.Model):
+    """One request answered again by its chain, each draft labelled against the reference.
+
+    A row is written when a cascade request is sampled (``uniform``: a uniform coin,
+    what measured quality and certification rest on) or, for a request that
+    escalated to the reference anyway, labelled on the spot by agreement alone
+    (not uniform: only ever used to fit scorers). At most one per request.
+
+    Privacy: ``payload`` holds the request's messages, parameters and the answers
+    already produced while the audit is pending; it is emptied in every final
+    state. ``observation`` (``learning.observation_to_json``) holds no text.
+
+    Outbox (``cascadeflow_site.outbox``): the row is the durable record of the
+    work; ``attempts`` / ``next_attempt_at`` are the sweeper's sends, ``runs``
+    the task's starts, ``running_until`` the lease of the run that holds it.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    request_id = models.CharField(max_length=64)  # the audited ledger row's
+    profile = models.CharField(max_length=120)
+    created_at = models.DateTimeField(default=timezone.now)
+    uniform = models.BooleanField(default=True)
+    status = models.CharField(
+        max_length=10, choices=AuditStatus.choices, default=AuditStatus.PENDING
+    )
+    skip_reason = models.CharField(max_length=20, choices=AuditSkip.choices, blank=True)
+    chain = models.JSONField(default=list)
+    chain_key = models.CharField(max_length=16)  # routing.audits.chain_key(chain)
+    reference_model = models.CharField(max_length=200)
+    judge_model = models.CharField(max_length=200, blank=True)
+    calibration_version = models.ForeignKey(
+        CalibrationVersion, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    payload = models.JSONField(default=dict, blank=True)
+    observation = models.JSONField(null=True, blank=True)
+    domain = models.CharField(max_length=32, blank=True)
+    served_model = models.CharField(max_length=200, blank=True)
+    served_verdict = models.SmallIntegerField(null=True, blank=True)  # learning.Verdict
+    served_loss = models.FloatField(null=True, blank=True)  # +1 worse, -1 better, 0
+    cost_nanos = models.BigIntegerField(default=0)  # mirrors its ledger row
+    runs = models.PositiveSmallIntegerField(default=0)
+    running_until = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=300, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "request_id"], name="audit_once_per_request"),
+            models.CheckConstraint(condition=Q(cost_nanos__gte=0), name="audit_cost_non_negative"),
+        ]
+        indexes = [
+            models.Index(fields=["tenant", "profile", "created_at"], name="audit_tenant_profile"),
+            models.Index(fields=["tenant", "-id"], name="audit_tenant_recent"),
+            models.Index(
+                fields=["created_at"],
+                name="audit_unfinished",
+                condition=Q(status__in=["pending", "running"]),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"audit {self.pk} of {self.request_id} ({self.status})"
+
+
+class QualityAlert(AlertDelivery):
+    """A learned calibration that no longer holds: at most one per version and kind.
+
+    ``retention``: the retention measured on uniform audits since the version was
+    promoted has an upper bound below the target. ``drift``: the drafts' scores or
+    the share of accepted drafts moved away from what the version was certified on.
+    Delivered like budget alerts (``AlertDelivery``, ``tenants.alerts``).
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="quality_alerts")
+    profile = models.CharField(max_length=120)
+    version = models.ForeignKey(CalibrationVersion, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=10, choices=QualityAlertKind.choices)
+    details = models.JSONField(default=dict)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["version", "kind"], name="quality_alert_once")
+        ]
+        indexes = [
+            models.Index(fields=["tenant", "-created_at"], name="quality_alert_tenant"),
+            models.Index(
+                fields=["created_at"],
+                name="quality_alert_undelivered",
+                condition=Q(delivered_at__isnull=True),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.profile} v{self.version_id} {self.kind}"

@@ -10,7 +10,13 @@ is stored must be runnable. A valid profile has:
 - ``threshold_offset``: a number in ``[-MAX_THRESHOLD_OFFSET, MAX_THRESHOLD_OFFSET]``;
 - ``domain_routes``: ``{domain: {"chain": [...], "threshold_offset": 0.05}}`` where
   ``domain`` is one the engine detects (``DOMAINS``), ``chain`` follows the rule
-  above, and ``threshold_offset`` (optional) the same bound.
+  above, and ``threshold_offset`` (optional) the same bound;
+- its audit settings (``routing.audits``): ``audits_enabled`` a boolean,
+  ``audit_rate_floor`` a number in ``[0, 1]``, ``judge_model`` empty (the chain's
+  last model), ``"none"`` (no judge) or a model of the catalog, ``reference_model``
+  empty (the chain's last model) or a model of the catalog. They never stop a
+  request, so only writes check them; an audit whose model the catalog has lost
+  is skipped.
 
 ``profile_problems`` is that rule. The services below apply it before every
 write (and write the audit event in the same transaction); the gateway applies it
@@ -40,7 +46,24 @@ MAX_CHAIN_LENGTH = 8
 NAME = re.compile(r"[-a-zA-Z0-9_]{1,64}")
 MAX_THRESHOLD_OFFSET = 0.5
 ROUTE_KEYS = frozenset({"chain", "threshold_offset"})
-EDITABLE = ("name", "preset", "chain", "threshold_offset", "domain_routes")
+EDITABLE = (
+    "name",
+    "preset",
+    "chain",
+    "threshold_offset",
+    "domain_routes",
+    "audits_enabled",
+    "audit_rate_floor",
+    "judge_model",
+    "reference_model",
+)
+NO_JUDGE = "none"
+AUDIT_DEFAULTS = {
+    "audits_enabled": True,
+    "audit_rate_floor": 0.03,
+    "judge_model": "",
+    "reference_model": "",
+}
 
 
 class ProfileInvalid(ValueError):
@@ -113,6 +136,34 @@ def profile_problems(
     return {field: p for field, p in problems.items() if p}
 
 
+def _model_problems(name: Any, *, no_judge: bool = False) -> list[str]:
+    if name == "" or (no_judge and name == NO_JUDGE):
+        return []
+    if not isinstance(name, str) or model_catalog().get(name) is None:
+        extra = f", '{NO_JUDGE}'" if no_judge else ""
+        return [f"Empty (the chain's last model){extra} or a model of the catalog."]
+    return []
+
+
+def audit_problems(
+    *, audits_enabled: Any, audit_rate_floor: Any, judge_model: Any, reference_model: Any
+) -> dict[str, list[str]]:
+    """Everything wrong with a profile's audit settings, by field (empty: they are valid)."""
+    floor_ok = (
+        not isinstance(audit_rate_floor, bool)
+        and isinstance(audit_rate_floor, int | float)
+        and math.isfinite(audit_rate_floor)
+        and 0 <= audit_rate_floor <= 1
+    )
+    problems = {
+        "audits_enabled": [] if isinstance(audits_enabled, bool) else ["true or false."],
+        "audit_rate_floor": [] if floor_ok else ["A number between 0 and 1."],
+        "judge_model": _model_problems(judge_model, no_judge=True),
+        "reference_model": _model_problems(reference_model),
+    }
+    return {field: p for field, p in problems.items() if p}
+
+
 def profile_check(values: Mapping[str, Any]) -> None:
     """Raise :class:`ProfileInvalid` unless ``values`` (every field) make a valid profile."""
     problems = profile_problems(
@@ -120,6 +171,9 @@ def profile_check(values: Mapping[str, Any]) -> None:
         preset=values.get("preset"),
         threshold_offset=values.get("threshold_offset"),
         domain_routes=values.get("domain_routes"),
+    )
+    problems |= audit_problems(
+        **{name: values.get(name, default) for name, default in AUDIT_DEFAULTS.items()}
     )
     name = values.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
@@ -147,6 +201,10 @@ def profile_create(
     preset: str = "balanced",
     threshold_offset: float = 0.0,
     domain_routes: dict[str, Any] | None = None,
+    audits_enabled: bool = True,
+    audit_rate_floor: float = 0.03,
+    judge_model: str = "",
+    reference_model: str = "",
     acting_user: AbstractBaseUser | None = None,
 ) -> RoutingProfile:
     values = {
@@ -155,6 +213,10 @@ def profile_create(
         "preset": preset,
         "threshold_offset": threshold_offset,
         "domain_routes": domain_routes or {},
+        "audits_enabled": audits_enabled,
+        "audit_rate_floor": audit_rate_floor,
+        "judge_model": judge_model,
+        "reference_model": reference_model,
     }
     profile_check(values)
     if _name_taken(tenant.pk, name):

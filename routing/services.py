@@ -1,4 +1,4 @@
-"""Writes of the routing app: the ledger."""
+"""Writes of the routing app: the ledger (requests and audits alike)."""
 
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -9,7 +9,7 @@ from django.db import transaction
 from cascadeflow_site.db import as_datetime, insert_row, retry_transient
 from routing.enforcement import Settlement, settle
 from routing.engine.types import Attempt, models_called
-from routing.enums import UsageStatus
+from routing.enums import UsageKind, UsageStatus
 from routing.models import UsageEvent
 
 
@@ -42,6 +42,7 @@ class LedgerEntry:
     degraded: bool = False
     paid_cost_nanos: int = 0  # self-verification and sampling calls
     budget_status: str = ""
+    kind: str = UsageKind.REQUEST
 
     @property
     def cost_nanos(self) -> int:
@@ -81,6 +82,7 @@ def usage_event_values(entry: LedgerEntry) -> dict[str, Any]:
         baseline_method=entry.baseline_method,
         degraded=entry.degraded,
         budget_status=entry.budget_status,
+        kind=str(entry.kind),
     )
 
 

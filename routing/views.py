@@ -35,6 +35,14 @@ def _method_not_allowed(allowed: str) -> HttpResponse:
     return response
 
 
+AUDIT_HEADER = "X-CascadeFlow-Audit"
+
+
+def audit_opted_out(request: HttpRequest) -> bool:
+    """``X-CascadeFlow-Audit: off``: this request is never audited (routing.audits)."""
+    return request.headers.get(AUDIT_HEADER, "").strip().lower() == "off"
+
+
 @csrf_exempt
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
@@ -52,6 +60,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
             authorization=request.headers.get("Authorization"),
             chat=chat,
             parse_error=parse_error,
+            audit_opt_out=audit_opted_out(request),
         )
         if gw.chat.stream:
             outcome = await gateway.stream(gw)

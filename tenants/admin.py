@@ -24,8 +24,8 @@ class TenantAdmin(admin.ModelAdmin):
 
 @admin.register(EndUser)
 class EndUserAdmin(admin.ModelAdmin):
-    list_display = ("external_id", "tenant", "created_at")
-    list_filter = ("tenant",)
+    list_display = ("external_id", "tenant", "audit_excluded", "created_at")
+    list_filter = ("tenant", "audit_excluded")
     search_fields = ("external_id",)
 
 

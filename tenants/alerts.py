@@ -1,18 +1,26 @@
-"""Budget alerts: one per threshold per period, by email and a signed webhook.
+"""Alerts by email and a signed webhook: budget alerts here, and any other kind of alert.
 
-Every alert is also a ``BudgetAlert`` row, which the dashboard shows.
+Budget alerts: one per threshold per period, and every alert is also a
+``BudgetAlert`` row, which the dashboard shows. Other apps deliver their own
+alerts (rows of an ``AlertDelivery`` model) through the same code, described by
+an ``AlertKind``: what the email and the webhook say.
 
-Deduplication lives in the database (``BudgetAlert``'s unique constraint);
+Deduplication lives in the database (each alert model's unique constraint);
 delivery is idempotent: each channel's timestamp is set once it succeeded, so a
 retried task never sends twice, and a run holds the alert's lease while it
 sends, so two runs never send at once. Delivery is an outbox: an alert whose
 task was lost (the broker was down) or failed is sent again by the sweeper.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import httpx
 from django.conf import settings
@@ -26,7 +34,7 @@ from cascadeflow_site.netguard import guarded_client
 from routing.engine.pricing import nanos_to_usd
 from tenants.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, url_allowed
 from tenants.enums import MemberRole
-from tenants.models import BudgetAlert, Member
+from tenants.models import AlertDelivery, BudgetAlert, Member, Tenant
 
 LEVEL_TEXT = {
     "warn": "has passed its warning threshold",
@@ -73,12 +81,28 @@ def webhook_payload(alert: BudgetAlert) -> dict:
     }
 
 
-def _post_webhook(alert: BudgetAlert) -> None:
-    if not url_allowed(alert.tenant.alert_webhook_url):
+@dataclass(frozen=True)
+class AlertKind:
+    """One kind of alert: its rows (an ``AlertDelivery`` model with a ``tenant``) and words."""
+
+    model: type[AlertDelivery]
+    text: Callable[[Any], tuple[str, str]]  # (email subject, body)
+    payload: Callable[[Any], dict]  # the webhook's JSON body
+    label: str  # in logs
+    related: tuple[str, ...] = ("tenant",)
+
+
+BUDGET_ALERTS = AlertKind(
+    BudgetAlert, alert_text, webhook_payload, "Budget alert", ("tenant", "budget")
+)
+
+
+def _post_webhook(tenant: Tenant, payload: dict) -> None:
+    if not url_allowed(tenant.alert_webhook_url):
         raise DeliveryError("the alert webhook URL must be HTTPS")
-    body = json.dumps(webhook_payload(alert), separators=(",", ":"), sort_keys=True).encode()
+    body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
     timestamp = str(int(time.time()))
-    secret = decrypt(alert.tenant.alert_webhook_secret)
+    secret = decrypt(tenant.alert_webhook_secret)
     headers = {
         "Content-Type": "application/json",
         TIMESTAMP_HEADER: timestamp,
@@ -87,22 +111,21 @@ def _post_webhook(alert: BudgetAlert) -> None:
     try:
         # Connects only to a public address the name resolves to now (not when saved).
         with guarded_client(timeout=5) as client:
-            response = client.post(alert.tenant.alert_webhook_url, content=body, headers=headers)
+            response = client.post(tenant.alert_webhook_url, content=body, headers=headers)
     except httpx.HTTPError as exc:
         raise DeliveryError(f"webhook unreachable: {exc}") from exc
     if response.status_code >= 300:
         raise DeliveryError(f"webhook answered {response.status_code}")
 
 
-def _email(alert: BudgetAlert) -> bool:
+def _email(tenant: Tenant, subject: str, body: str) -> bool:
     recipients = list(
-        Member.objects.filter(tenant=alert.tenant, role__in=[MemberRole.OWNER, MemberRole.ADMIN])
+        Member.objects.filter(tenant=tenant, role__in=[MemberRole.OWNER, MemberRole.ADMIN])
         .exclude(user__email="")
         .values_list("user__email", flat=True)
     )
     if not recipients:
         return False
-    subject, body = alert_text(alert)
     try:
         send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, recipients)
     except OSError as exc:
@@ -110,7 +133,7 @@ def _email(alert: BudgetAlert) -> bool:
     return True
 
 
-def alerts_deliver(*, alert_ids: list[int]) -> int:
+def deliver(kind: AlertKind, *, alert_ids: list[int]) -> int:
     """Email each alert to the tenant's owners and admins and POST it to the tenant's webhook.
 
     Each channel is marked done once it succeeded, and the alert delivered once
@@ -119,33 +142,35 @@ def alerts_deliver(*, alert_ids: list[int]) -> int:
     failed, DeliveryError is raised for the task to retry. Returns how many
     alerts went out on at least one channel now.
     """
+    rows = kind.model._default_manager
     sent, failed = 0, []
     for alert_id in alert_ids:
         now = timezone.now()
         if (
-            not BudgetAlert.objects.filter(pk=alert_id, delivered_at__isnull=True)
+            not rows.filter(pk=alert_id, delivered_at__isnull=True)
             .filter(Q(delivering_until__isnull=True) | Q(delivering_until__lt=now))
             .update(delivering_until=now + LEASE)
         ):
             continue
-        alert = BudgetAlert.objects.select_related("tenant", "budget").get(pk=alert_id)
+        alert = rows.select_related(*kind.related).get(pk=alert_id)
+        tenant = alert.tenant  # type: ignore[attr-defined]
         delivered, errors = False, []
-        if alert.tenant.alert_webhook_url and alert.webhook_at is None:
+        if tenant.alert_webhook_url and alert.webhook_at is None:
             try:
-                _post_webhook(alert)
+                _post_webhook(tenant, kind.payload(alert))
             except Exception as exc:
-                errors.append(_failure(alert, "webhook", exc))
+                errors.append(_failure(kind, alert, "webhook", exc))
             else:
-                BudgetAlert.objects.filter(pk=alert.pk).update(webhook_at=timezone.now())
+                rows.filter(pk=alert.pk).update(webhook_at=timezone.now())
                 delivered = True
         if alert.emailed_at is None:
             try:
-                delivered = _email(alert) or delivered
+                delivered = _email(tenant, *kind.text(alert)) or delivered
             except Exception as exc:
-                errors.append(_failure(alert, "email", exc))
+                errors.append(_failure(kind, alert, "email", exc))
             else:
-                BudgetAlert.objects.filter(pk=alert.pk).update(emailed_at=timezone.now())
-        BudgetAlert.objects.filter(pk=alert.pk).update(
+                rows.filter(pk=alert.pk).update(emailed_at=timezone.now())
+        rows.filter(pk=alert.pk).update(
             delivering_until=None,
             delivered_at=None if errors else timezone.now(),
             last_error="; ".join(errors)[:300],
@@ -157,17 +182,17 @@ def alerts_deliver(*, alert_ids: list[int]) -> int:
     return sent
 
 
-def _failure(alert: BudgetAlert, channel: str, exc: Exception) -> str:
+def _failure(kind: AlertKind, alert: AlertDelivery, channel: str, exc: Exception) -> str:
     if not isinstance(exc, DeliveryError):
-        logger.exception("Budget alert %s: %s delivery failed", alert.pk, channel)
+        logger.exception("%s %s: %s delivery failed", kind.label, alert.pk, channel)
     return f"{channel}: {outbox.error_text(exc)}"
 
 
-def alerts_due(*, now: datetime) -> list[int]:
+def due(kind: AlertKind, *, now: datetime) -> list[int]:
     """Undelivered alerts a grace period old (and younger than ``MAX_AGE``) that no run
     holds, with attempts left: an attempt is counted on each and their ids returned."""
     return outbox.claim_due(
-        BudgetAlert.objects.filter(
+        kind.model._default_manager.filter(
             delivered_at__isnull=True,
             created_at__lt=now - outbox.GRACE,
             created_at__gte=now - MAX_AGE,
@@ -176,10 +201,22 @@ def alerts_due(*, now: datetime) -> list[int]:
     )
 
 
-def alerts_given_up(*, now: datetime) -> int:
+def given_up(kind: AlertKind, *, now: datetime) -> int:
     """Recent alerts the sweeper has stopped sending: their ``last_error`` says why."""
-    return BudgetAlert.objects.filter(
+    return kind.model._default_manager.filter(
         delivered_at__isnull=True,
         created_at__gte=now - MAX_AGE,
         attempts__gte=outbox.MAX_ATTEMPTS,
     ).count()
+
+
+def alerts_deliver(*, alert_ids: list[int]) -> int:
+    return deliver(BUDGET_ALERTS, alert_ids=alert_ids)
+
+
+def alerts_due(*, now: datetime) -> list[int]:
+    return due(BUDGET_ALERTS, now=now)
+
+
+def alerts_given_up(*, now: datetime) -> int:
+    return given_up(BUDGET_ALERTS, now=now)

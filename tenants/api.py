@@ -218,7 +218,7 @@ class BudgetDetailApi(TenantAPIView):
 class EndUserOutput(serializers.ModelSerializer):
     class Meta:
         model = EndUser
-        fields = ["id", "external_id", "tier", "created_at"]
+        fields = ["id", "external_id", "tier", "audit_excluded", "created_at"]
 
 
 class EndUserListApi(TenantAPIView):
@@ -243,7 +243,17 @@ class EndUserDetailApi(TenantAPIView):
     read_scope, write_scope = Scope.USAGE_READ, Scope.BUDGETS_WRITE
 
     class PatchSerializer(serializers.Serializer):
-        tier = serializers.IntegerField(min_value=0, max_value=BIGINT_MAX, allow_null=True)
+        tier = serializers.IntegerField(
+            min_value=0, max_value=BIGINT_MAX, allow_null=True, required=False
+        )
+        audit_excluded = serializers.BooleanField(
+            required=False, help_text="Never audit this end user's requests (privacy)."
+        )
+
+        def validate(self, attrs):
+            if not attrs:
+                raise serializers.ValidationError("Give tier, audit_excluded or both.")
+            return attrs
 
     def get(self, request, pk):
         return Response(EndUserOutput(self.tenant_object(pk)).data)
@@ -252,13 +262,18 @@ class EndUserDetailApi(TenantAPIView):
         end_user = self.tenant_object(pk)
         data = self.PatchSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        tier_id = data.validated_data["tier"]
-        tier = (
-            get_object_or_404(EndUserTier, pk=tier_id, tenant_id=request.auth.tenant_id)
-            if tier_id
-            else None
-        )
-        services.end_user_tier_set(end_user=end_user, tier=tier)
+        if "tier" in data.validated_data:
+            tier_id = data.validated_data["tier"]
+            tier = (
+                get_object_or_404(EndUserTier, pk=tier_id, tenant_id=request.auth.tenant_id)
+                if tier_id
+                else None
+            )
+            services.end_user_tier_set(end_user=end_user, tier=tier)
+        if "audit_excluded" in data.validated_data:
+            services.end_user_audit_exclusion_set(
+                end_user=end_user, excluded=data.validated_data["audit_excluded"]
+            )
         return Response(EndUserOutput(end_user).data)
 
 

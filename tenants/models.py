@@ -48,6 +48,10 @@ class Tier(models.Model):
         return self.name
 
 
+def default_audit_cap_nanos() -> int:
+    return settings.CASCADEFLOW_AUDIT_MONTHLY_CAP_NANOS
+
+
 class Tenant(models.Model):
     slug = models.SlugField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
@@ -71,6 +75,19 @@ class Tenant(models.Model):
     # Budget alerts are also POSTed here, signed with the same kind of secret.
     alert_webhook_url = models.URLField(blank=True, validators=[public_url_validator])
     alert_webhook_secret = models.TextField(blank=True)  # Fernet-encrypted
+    # Audits (routing.audits): a sampled share of cascade requests is answered again by
+    # the chain's reference model, to measure quality and calibrate the tenant's profiles.
+    # They cost model calls, charged to the tenant's budgets like requests and never
+    # more than ``audit_monthly_cap_nanos`` a calendar month (the tenant's time zone).
+    audits_enabled = models.BooleanField(default=True, db_default=True)
+    audit_monthly_cap_nanos = models.BigIntegerField(default=default_audit_cap_nanos)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(audit_monthly_cap_nanos__gte=0), name="tenant_audit_cap_non_negative"
+            )
+        ]
 
     def __str__(self) -> str:
         return self.slug
@@ -139,6 +156,8 @@ class EndUser(models.Model):
     tier = models.ForeignKey(
         EndUserTier, on_delete=models.SET_NULL, null=True, blank=True, related_name="end_users"
     )
+    # Privacy: this end user's requests are never audited (nor labelled from their texts).
+    audit_excluded = models.BooleanField(default=False, db_default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -333,15 +352,34 @@ class BudgetReservation(models.Model):
         return f"{self.request_id} {self.amount_nanos}n {self.state}"
 
 
-class BudgetAlert(models.Model):
-    """A budget crossing a threshold; unique per budget, subject, period and level.
+class AlertDelivery(models.Model):
+    """An alert's delivery to the tenant's owners and admins (email) and webhook.
 
-    Delivery is an outbox (``cascadeflow_site.outbox``): each channel's
-    timestamp (``emailed_at``, ``webhook_at``) is set once it went out, and
-    ``delivered_at`` once every channel did. A delivery run holds a short lease
+    Delivery is an outbox (``cascadeflow_site.outbox``, ``tenants.alerts``): each
+    channel's timestamp (``emailed_at``, ``webhook_at``) is set once it went out,
+    and ``delivered_at`` once every channel did. A delivery run holds a short lease
     (``delivering_until``) so two runs never send the same alert at once; the
     sweeper sends undelivered alerts again (``attempts``, ``next_attempt_at``,
-    ``last_error``).
+    ``last_error``). Concrete alerts add a non-null ``tenant`` FK.
+    """
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    emailed_at = models.DateTimeField(null=True, blank=True)
+    webhook_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    delivering_until = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)  # sends by the sweeper
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class BudgetAlert(AlertDelivery):
+    """A budget crossing a threshold; unique per budget, subject, period and level.
+
+    Delivered as every alert is (``AlertDelivery``).
     """
 
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="budget_alerts")
@@ -351,14 +389,6 @@ class BudgetAlert(models.Model):
     level = models.CharField(max_length=10)  # warn | degrade | block | forecast
     spent_nanos = models.BigIntegerField()
     limit_nanos = models.BigIntegerField()
-    created_at = models.DateTimeField(auto_now_add=True)
-    emailed_at = models.DateTimeField(null=True, blank=True)
-    webhook_at = models.DateTimeField(null=True, blank=True)
-    delivered_at = models.DateTimeField(null=True, blank=True)
-    delivering_until = models.DateTimeField(null=True, blank=True)
-    attempts = models.PositiveIntegerField(default=0)  # sends by the sweeper
-    next_attempt_at = models.DateTimeField(null=True, blank=True)
-    last_error = models.CharField(max_length=300, blank=True)
 
     class Meta:
         constraints = [

@@ -32,6 +32,9 @@ class TokenContext:
     token_rpm: int | None = None
     token_tpm: int | None = None
     budget_callback_url: str = ""
+    # Audits (routing.audits): off unless the tenant has them on.
+    audits_enabled: bool = False
+    audit_cap_nanos: int = 0
 
     def has_scope(self, scope: str) -> bool:
         return "admin" in self.scopes or scope in self.scopes
@@ -70,6 +73,8 @@ _TOKEN_COLUMNS = (
     "tokens_per_minute",
     "tenant__budget_callback_url",
     "tenant__email_verified_at",
+    "tenant__audits_enabled",
+    "tenant__audit_monthly_cap_nanos",
 )
 _HASH_PLACEHOLDER = "\x00token-hash\x00"
 
@@ -106,7 +111,8 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
         raise TokenInvalid("Incorrect API key provided.")
     (token_id, tenant_id, scopes, expires_at, revoked_at, last_used_at, slug, tenant_active,
      tenant_models, tier_models, mask, time_zone, has_budgets, has_tiers,
-     tenant_rpm, tenant_tpm, token_rpm, token_tpm, callback_url, verified_at) = row  # fmt: skip
+     tenant_rpm, tenant_tpm, token_rpm, token_tpm, callback_url, verified_at,
+     audits_enabled, audit_cap_nanos) = row  # fmt: skip
     if revoked_at is not None:
         raise TokenInvalid("This API key has been revoked.")
     expires_at = as_datetime(expires_at)
@@ -133,4 +139,6 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
         token_rpm=token_rpm,
         token_tpm=token_tpm,
         budget_callback_url=callback_url or "",
+        audits_enabled=bool(audits_enabled),
+        audit_cap_nanos=int(audit_cap_nanos or 0),
     )

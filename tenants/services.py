@@ -392,6 +392,57 @@ def end_user_tier_set(
 
 
 @transaction.atomic
+def end_user_audit_exclusion_set(
+    *, end_user: EndUser, excluded: bool, acting_user: AbstractBaseUser | None = None
+) -> bool:
+    """Exclude an end user's requests from audits (privacy), or include them again. True if
+    changed; audited."""
+    if end_user.audit_excluded == excluded:
+        return False
+    end_user.audit_excluded = excluded
+    end_user.save(update_fields=["audit_excluded"])
+    audit_record(
+        tenant=end_user.tenant,
+        action="end_user.audit_excluded",
+        target=end_user.external_id,
+        acting_user=acting_user,
+        data={"excluded": excluded},
+    )
+    return True
+
+
+class AuditSettingsInvalid(ValueError):
+    pass
+
+
+@transaction.atomic
+def tenant_audits_update(
+    *,
+    tenant: Tenant,
+    audits_enabled: bool | None = None,
+    audit_monthly_cap_nanos: int | None = None,
+    acting_user: AbstractBaseUser | None = None,
+) -> dict:
+    """Turn the tenant's audits on or off and set their monthly cap; returns what changed."""
+    if audit_monthly_cap_nanos is not None and not 0 <= audit_monthly_cap_nanos <= 2**63 - 1:
+        raise AuditSettingsInvalid("The monthly audit cap is a non-negative number of nanos.")
+    changes = {
+        name: value
+        for name, value in (
+            ("audits_enabled", audits_enabled),
+            ("audit_monthly_cap_nanos", audit_monthly_cap_nanos),
+        )
+        if value is not None and getattr(tenant, name) != value
+    }
+    if changes:
+        Tenant.objects.filter(pk=tenant.pk).update(**changes)
+        for name, value in changes.items():
+            setattr(tenant, name, value)
+        audit_record(tenant=tenant, action="tenant.audits", acting_user=acting_user, data=changes)
+    return changes
+
+
+@transaction.atomic
 def budget_create(
     *,
     tenant: Tenant,

@@ -3,7 +3,8 @@
 Tests point LiteLLM at it through ``api_base`` so the real OpenAI client path
 (HTTP, JSON, SSE, error mapping) runs end to end with no network. Behaviour is
 set per model name: latency, an HTTP error status for the next N calls, a
-malformed body, a stream that dies half-way. Every request body is kept for
+malformed body, a stream that dies half-way, an answer computed from the
+request (a judge that reads its prompt). Every request body is kept for
 assertions.
 
 Also runs standalone for benchmarks: ``python -m tests.fake_upstream --port 9100``.
@@ -17,7 +18,8 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import uvicorn
@@ -37,6 +39,8 @@ class Behaviour:
     completion_tokens: int | None = None  # default: words in content
     tool_calls: list[dict] | None = None
     logprob: float = -0.05
+    # The content as a function of the request body (a judge that reads its prompt).
+    reply: Callable[[dict], str] | None = None
 
 
 @dataclass
@@ -88,6 +92,8 @@ class FakeUpstream:
             )
         if b.malformed:
             return await _json(send, 200, {"unexpected": True})
+        if b.reply is not None:
+            b = replace(b, content=b.reply(payload), reply=None)
         if payload.get("stream"):
             return await self._stream(send, payload, b)
         return await _json(send, 200, _completion(payload, b))

@@ -19,7 +19,12 @@ from routing.models import RoutingProfile, UsageEvent
 from tenants.budgets import period_bounds
 from tenants.enums import BudgetScope
 from tenants.models import Budget, BudgetCounter, EndUser, Tenant
-from tenants.services import tenant_create, tier_ensure_defaults, token_create
+from tenants.services import (
+    tenant_audits_update,
+    tenant_create,
+    tier_ensure_defaults,
+    token_create,
+)
 from tests.live_server import free_port
 
 NOW = datetime(2025, 3, 20, 15, 30, tzinfo=UTC)  # a Thursday afternoon
@@ -173,6 +178,8 @@ async def test_history_rows_match_the_same_requests_sent_live():
     issued = await sync_to_async(token_create)(tenant=tenant, name="check")
     # Budgets decide admission, not the cascade; a month-end budget could degrade a request.
     await Budget.objects.filter(tenant=tenant).adelete()
+    # The history is the cascade before any audit: a tenant that does not audit runs it so.
+    await sync_to_async(tenant_audits_update)(tenant=tenant, audits_enabled=False)
     rows = {
         r.request_id: r
         async for r in UsageEvent.objects.filter(

@@ -69,8 +69,9 @@ def routes(prefix: str) -> list[tuple[str, object]]:
 
 
 def concrete(route: str) -> str:
-    """A URL for a route: ids are 1, a catch-all names no endpoint."""
+    """A URL for a route: ids are 1, profiles a preset, a catch-all names no endpoint."""
     url = re.sub(r"<int:\w+>", "1", route)
+    url = re.sub(r"<profile:\w+>", "balanced", url)
     return re.sub(r"<path:\w+>|\^\(\?P<\w+>\.\*\)\$", "no-such-endpoint", url)
 
 
@@ -448,6 +449,11 @@ def test_unreadable_bodies_on_every_api_route(api_token, name):
 
 
 API_QUERIES = [
+    "end=0001-01-05",
+    "start=0001-01-01&end=0001-01-02",
+    "status=%00",
+    "uniform=%00",
+    "kind=%00",
     "cursor=garbage",
     "cursor=" + base64.b64encode(b"p=abc").decode(),
     "cursor=" + base64.b64encode(b"p=99999999999999999999999").decode(),
@@ -503,6 +509,13 @@ READ_ERRORS = [
     ("/api/v1/usage/?token=abc", "invalid_request"),
     ("/api/v1/usage/?token=99999999999999999999999", "invalid_request"),
     ("/api/v1/usage/summary/?start=0001-01-01T00:00:00%2B14:00", "invalid_request"),
+    ("/api/v1/profiles/balanced/quality/?end=0001-01-01T00:00:00%2B14:00", "invalid_request"),
+    ("/api/v1/profiles/balanced/quality/?start=2026-13-01", "invalid_request"),
+    ("/api/v1/profiles/balanced/calibrations/?cursor=garbage", "invalid_cursor"),
+    ("/api/v1/audits/?cursor=garbage", "invalid_cursor"),
+    ("/api/v1/audits/?status=%00", "invalid_request"),
+    ("/api/v1/audits/?uniform=yes", "invalid_request"),
+    ("/api/v1/usage/?kind=refund", "invalid_request"),
     ("/api/v1/usage/export.csv?start=9999-12-31&end=9999-12-31", "invalid_request"),
     ("/api/v1/usage/export.csv?start=2026-01-01&end=2026-01-01%00", "invalid_request"),
 ]
@@ -523,6 +536,10 @@ def test_reads_with_bad_filters_are_400_with_a_stable_code(api_token, url, code)
         ("post", "/api/v1/nope"),
         ("delete", "/api/v1/budgets/abc/"),
         ("get", "/api/v1/budgets/99999999999999999999999/"),
+        ("get", "/api/v1/profiles/no-such-profile/quality/"),
+        ("get", "/api/v1/profiles/cascade/no-such-profile/calibrations/"),
+        ("post", "/api/v1/profiles/balanced/calibrations/99999999999999999999999/rollback/"),
+        ("post", "/api/v1/profiles/balanced/calibrations/1/rollback/"),
         ("patch", "/api/v1/budgets/99999999999999999999999/"),
         ("get", "/api/v1/end-users/-1/"),
         ("get", "/api/v1/usage/exports/99999999999999999999/download/?token=x"),

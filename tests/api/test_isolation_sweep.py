@@ -15,7 +15,7 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from rest_framework.test import APIClient
 
 from billing.models import ExportJob
-from routing.models import RoutingProfile, UsageEvent
+from routing.models import Audit, CalibrationVersion, RoutingProfile, UsageEvent
 from tenants.api_base import not_found
 from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import ApiToken, Budget, BudgetAlert, EndUser
@@ -37,6 +37,17 @@ def _export_job(tenant):
         tenant=tenant,
         start=datetime(2026, 11, 1, tzinfo=UTC),
         end=datetime(2026, 11, 2, tzinfo=UTC),
+    )
+
+
+def _audit(tenant):
+    return Audit.objects.create(
+        tenant=tenant,
+        request_id=f"req_theirs_audit_{tenant.pk}",
+        profile="cascade/balanced",
+        chain=["demo/small", "demo/large"],
+        chain_key="theirs",
+        reference_model="demo/large",
     )
 
 
@@ -63,6 +74,11 @@ MAKERS = {
         spent_nanos=1,
         limit_nanos=1,
     ),
+    # A version of a preset every tenant has: its number means nothing to another tenant.
+    CalibrationVersion: lambda t: CalibrationVersion.objects.create(
+        tenant=t, profile="cascade/balanced", version=1, chain=["demo/small"], certified=True
+    ),
+    Audit: _audit,
 }
 
 
@@ -100,7 +116,9 @@ def test_another_tenants_objects_are_404_and_never_listed(tenant, other_tenant):
         if model is None:
             continue
         obj = theirs[model]
-        if "<int:pk>" in route:
+        if "<profile:name>" in route:
+            checked += _profile_routes_are_isolated(mine, route, view, theirs)
+        elif "<int:pk>" in route:
             url = route.replace("<int:pk>", str(obj.pk))
             for method in ("get", "patch", "delete", "post"):
                 if not hasattr(view, method):
@@ -136,6 +154,32 @@ def test_another_tenants_objects_are_404_and_never_listed(tenant, other_tenant):
     for model, obj in theirs.items():
         assert model.objects.filter(pk=obj.pk).exists()
     assert ApiToken.objects.get(pk=theirs[ApiToken].pk).revoked_at is None
+
+
+def _profile_routes_are_isolated(mine, route, view, theirs) -> int:
+    """Routes of a profile by name: another tenant's profile (``theirs``) is a 404, and a
+    preset both tenants have (``balanced``) shows only the caller's own rows."""
+    checked = 0
+    version = str(theirs[CalibrationVersion].version)
+    for name in ("theirs", "cascade/theirs", "balanced"):
+        url = route.replace("<profile:name>", name).replace("<int:version>", version)
+        for method in ("get", "patch", "delete", "post"):
+            if not hasattr(view, method):
+                continue
+            response = getattr(mine, method)(url, {}, format="json")
+            if name.endswith("theirs") or method != "get":
+                assert response.status_code == 404, (
+                    f"{method.upper()} {url} -> {response.status_code}"
+                )
+            else:
+                assert response.status_code == 200, f"GET {url} -> {response.status_code}"
+                body = response.json()
+                assert theirs[Audit].request_id.encode() not in response.content
+                assert theirs[CalibrationVersion].pk not in {
+                    r.get("id") for r in body.get("results") or []
+                }, f"GET {url} lists another tenant's version"
+            checked += 1
+    return checked
 
 
 # Routes outside /api/v1/ and how the sweep treats them. A new route fails

@@ -6,10 +6,18 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from routing.models import RoutingProfile, UsageEvent
+from tenants.services import tenant_audits_update
 from tests.engine.test_agent import HARD
 from tests.routing.test_gateway import error_of, post, read_stream
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def _uncalibrated(tenant):
+    """The presets as they run with no calibration: a tenant that does not audit (a tenant
+    that does runs the learned calibration, or the cold start: tests/routing/test_audits.py)."""
+    tenant_audits_update(tenant=tenant, audits_enabled=False)
 
 
 def chat(model, messages, **extra):

@@ -35,6 +35,15 @@ INVALID = [
     ({"domain_routes": {"code": {**ROUTE, "calibrate": "yes"}}}, "domain_routes"),
     ({"domain_routes": {"code": {"chain": []}}}, "domain_routes"),
     ({"name": "has space"}, "name"),
+    ({"audit_rate_floor": 1.5}, "audit_rate_floor"),
+    ({"audit_rate_floor": -0.01}, "audit_rate_floor"),
+    ({"audit_rate_floor": "abc"}, "audit_rate_floor"),
+    ({"audits_enabled": "maybe"}, "audits_enabled"),
+    ({"judge_model": "nope/model"}, "judge_model"),
+    ({"judge_model": 5}, "judge_model"),
+    ({"reference_model": "nope/model"}, "reference_model"),
+    ({"reference_model": "none"}, "reference_model"),
+    ({"reference_model": "x" * 300}, "reference_model"),
 ]
 IDS = [f"{field}-{i}" for i, (_, field) in enumerate(INVALID)]
 
@@ -93,6 +102,28 @@ def test_update_and_delete_are_audited_and_a_no_op_is_not(tenant):
     )
     assert actions == ["profile.create", "profile.update", "profile.delete"]
     assert not RoutingProfile.objects.exists()
+
+
+@pytest.mark.django_db
+def test_audit_settings_are_saved_and_audited(tenant):
+    settings = {
+        "audits_enabled": False,
+        "audit_rate_floor": 0.1,
+        "judge_model": "none",
+        "reference_model": "demo/large",
+    }
+
+    profile = profiles.profile_create(tenant=tenant, **VALID, **settings)
+    changed = profiles.profile_update(profile=profile, judge_model="demo/medium")
+
+    profile.refresh_from_db()
+    assert {name: getattr(profile, name) for name in settings} == {
+        **settings,
+        "judge_model": "demo/medium",
+    }
+    assert changed == {"judge_model": "demo/medium"}
+    created = AuditEvent.objects.get(tenant=tenant, action="profile.create")
+    assert {name: created.data[name] for name in settings} == settings
 
 
 @pytest.mark.django_db

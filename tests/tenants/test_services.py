@@ -5,9 +5,15 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope, MemberRole
-from tenants.models import ApiToken, AuditEvent, Budget, Member, Tenant
+from tenants.models import ApiToken, AuditEvent, Budget, EndUser, Member, Tenant
 from tenants.selectors import TokenInvalid, token_context_for_raw
-from tenants.services import token_create, token_revoke
+from tenants.services import (
+    AuditSettingsInvalid,
+    end_user_audit_exclusion_set,
+    tenant_audits_update,
+    token_create,
+    token_revoke,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -127,3 +133,59 @@ def test_seed_demo_is_repeatable_and_revokes_the_previous_demo_token(capsys):
     with pytest.raises(TokenInvalid):
         token_context_for_raw(raw=first, now=timezone.now())
     assert token_context_for_raw(raw=second, now=timezone.now()).tenant_slug == "demo"
+
+
+# --- audit settings --------------------------------------------------------------------
+
+
+def test_a_new_tenant_audits_up_to_the_configured_cap(settings):
+    settings.CASCADEFLOW_AUDIT_MONTHLY_CAP_NANOS = 7 * 10**9
+
+    tenant = Tenant.objects.create(slug="fresh", name="Fresh")
+
+    assert (tenant.audits_enabled, tenant.audit_monthly_cap_nanos) == (True, 7 * 10**9)
+
+
+def test_the_token_context_carries_the_tenants_audit_settings(tenant):
+    issued = token_create(tenant=tenant, name="ci")
+    tenant_audits_update(tenant=tenant, audits_enabled=False, audit_monthly_cap_nanos=123)
+
+    ctx = token_context_for_raw(raw=issued.raw, now=timezone.now())
+
+    assert (ctx.audits_enabled, ctx.audit_cap_nanos) == (False, 123)
+
+
+@pytest.mark.parametrize(
+    ("changes", "recorded"),
+    [
+        ({"audits_enabled": False}, {"audits_enabled": False}),
+        ({"audit_monthly_cap_nanos": 0}, {"audit_monthly_cap_nanos": 0}),
+        ({"audits_enabled": True}, None),  # already on: no change, no event
+        ({}, None),
+    ],
+)
+def test_tenant_audit_settings_are_audited(tenant, changes, recorded):
+    assert tenant_audits_update(tenant=tenant, **changes) == (recorded or {})
+
+    tenant.refresh_from_db()
+    for name, value in changes.items():
+        assert getattr(tenant, name) == value
+    events = list(AuditEvent.objects.filter(action="tenant.audits").values_list("data", flat=True))
+    assert events == ([recorded] if recorded else [])
+
+
+@pytest.mark.parametrize("cap", [-1, 2**63])
+def test_a_cap_out_of_range_is_refused(tenant, cap):
+    with pytest.raises(AuditSettingsInvalid):
+        tenant_audits_update(tenant=tenant, audit_monthly_cap_nanos=cap)
+
+
+def test_excluding_an_end_user_from_audits_is_audited_once(tenant):
+    end_user = EndUser.objects.create(tenant=tenant, external_id="alice")
+
+    assert end_user_audit_exclusion_set(end_user=end_user, excluded=True) is True
+    assert end_user_audit_exclusion_set(end_user=end_user, excluded=True) is False
+
+    end_user.refresh_from_db()
+    assert end_user.audit_excluded is True
+    assert AuditEvent.objects.filter(action="end_user.audit_excluded").count() == 1
