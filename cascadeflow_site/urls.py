@@ -3,6 +3,7 @@ from django.urls import include, path
 
 from cascadeflow_site.health import healthz, readyz
 from dashboard import accounts
+from dashboard.views import favicon
 
 urlpatterns = [
     path("v1/", include("routing.urls")),
@@ -16,4 +17,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),
+    path("favicon.ico", favicon, name="favicon"),
 ]

@@ -18,7 +18,7 @@ from tenants.enums import BudgetPeriod, BudgetScope, Scope
 from tenants.models import ApiToken, EndUser, EndUserTier, Tenant
 
 MAX_EXPORT_DAYS = 366
-PCT_HELP = "Percent of the limit; empty = the end user's tier, else 80 / 90 / 100."
+PCT_HELP = "Percent of the limit. Empty: the end user's tier's thresholds, else 80 / 90 / 100."
 
 
 def tenant_zone(tenant: Tenant) -> ZoneInfo:
@@ -36,7 +36,15 @@ def local_today(tenant: Tenant) -> date:
     return timezone.now().astimezone(tenant_zone(tenant)).date()
 
 
-class TokenCreateForm(forms.Form):
+class DashboardForm(forms.Form):
+    """Labels without a trailing colon, as the rest of the dashboard writes them."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("label_suffix", "")
+        super().__init__(*args, **kwargs)
+
+
+class TokenCreateForm(DashboardForm):
     name = forms.CharField(max_length=128)
     scopes = forms.MultipleChoiceField(
         choices=Scope.choices,
@@ -68,19 +76,21 @@ class TokenCreateForm(forms.Form):
         return local_midnight(day + timedelta(days=1), tenant_zone(self.tenant))
 
 
-class ThresholdsMixin(forms.Form):
+class ThresholdsMixin(DashboardForm):
     """Limit and thresholds; their order is checked by the budget services (one rule)."""
 
     limit_usd = forms.DecimalField(
         label="Limit (USD)", min_value=Decimal(0), max_digits=18, decimal_places=9
     )
-    warn_pct = forms.IntegerField(
-        required=False, min_value=1, max_value=1000, label="Warn at %", help_text=PCT_HELP
-    )
+    warn_pct = forms.IntegerField(required=False, min_value=1, max_value=1000, label="Warn at (%)")
     degrade_pct = forms.IntegerField(
-        required=False, min_value=1, max_value=1000, label="Degrade at %"
+        required=False, min_value=1, max_value=1000, label="Degrade at (%)"
     )
-    block_pct = forms.IntegerField(required=False, min_value=1, max_value=1000, label="Block at %")
+    block_pct = forms.IntegerField(
+        required=False, min_value=1, max_value=1000, label="Block at (%)"
+    )
+
+    thresholds_help = PCT_HELP
 
     def values(self) -> dict:
         data = self.cleaned_data
@@ -93,17 +103,39 @@ class ThresholdsMixin(forms.Form):
 
 
 class BudgetCreateForm(ThresholdsMixin):
-    scope = forms.ChoiceField(choices=BudgetScope.choices)
+    """A new budget. The page shows the one target field its scope needs
+    (``data-scope-field``); without JavaScript all are shown and the others ignored."""
+
+    scope = forms.ChoiceField(
+        choices=BudgetScope.choices, widget=forms.Select(attrs={"data-scope-select": ""})
+    )
     period = forms.ChoiceField(choices=BudgetPeriod.choices, initial=BudgetPeriod.MONTH)
     tier = forms.ModelChoiceField(
-        queryset=EndUserTier.objects.none(), required=False, label="End-user tier"
+        queryset=EndUserTier.objects.none(),
+        required=False,
+        label="End-user tier",
+        empty_label="Choose a tier…",
+        help_text="The limit applies to each end user of the tier separately.",
     )
     end_user = forms.CharField(
-        required=False, max_length=256, label="End user", help_text="Its id, as sent in `user`."
+        required=False,
+        max_length=256,
+        label="End user",
+        help_text="Their id, as your requests send it in <code>user</code>.",
     )
-    token = forms.ModelChoiceField(queryset=ApiToken.objects.none(), required=False)
+    token = forms.ModelChoiceField(
+        queryset=ApiToken.objects.none(),
+        required=False,
+        label="API token",
+        empty_label="Choose an API token…",
+    )
 
     field_order = ["scope", "period", "tier", "end_user", "token", "limit_usd"]
+    TARGETS = {
+        BudgetScope.TIER: "tier",
+        BudgetScope.END_USER: "end_user",
+        BudgetScope.TOKEN: "token",
+    }
 
     def __init__(self, *args, tenant: Tenant, **kwargs):
         super().__init__(*args, **kwargs)
@@ -125,12 +157,7 @@ class BudgetCreateForm(ThresholdsMixin):
     def clean(self):
         cleaned = super().clean()
         scope = cleaned.get("scope")
-        targets = {
-            BudgetScope.TIER: "tier",
-            BudgetScope.END_USER: "end_user",
-            BudgetScope.TOKEN: "token",
-        }
-        for target_scope, field in targets.items():
+        for target_scope, field in self.TARGETS.items():
             if scope == target_scope:
                 if cleaned.get(field) is None and field not in self.errors:
                     self.add_error(field, "Required for this scope.")
@@ -154,7 +181,7 @@ class BudgetEditForm(ThresholdsMixin):
     pass
 
 
-class EndUserTierForm(forms.Form):
+class EndUserTierForm(DashboardForm):
     """Only parses the id: the view resolves it within the tenant (404 otherwise)."""
 
     tier = forms.IntegerField(required=False, min_value=1)
@@ -165,7 +192,7 @@ GROUP_CHOICES = [("", "No grouping: one row per request")] + [
 ]
 
 
-class ExportForm(forms.Form):
+class ExportForm(DashboardForm):
     start = forms.DateField(widget=forms.DateInput(attrs={"type": "date"}))
     end = forms.DateField(widget=forms.DateInput(attrs={"type": "date"}), help_text="Inclusive.")
     group_by = forms.ChoiceField(choices=GROUP_CHOICES, required=False, label="Group")

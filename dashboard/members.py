@@ -30,6 +30,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from dashboard.access import ROLE_RANK, render_page, tenant_view
 from dashboard.accounts import users_with_email
+from dashboard.forms import DashboardForm
 from tenants.enums import MemberRole
 from tenants.models import Member, Tenant
 from tenants.services import GrantExceedsHolder, audit_record, role_grant_check
@@ -39,7 +40,7 @@ ALREADY_MEMBER = "This person is already a member of this tenant."
 LAST_OWNER = "A tenant needs at least one owner: make someone else an owner first."
 
 
-class MemberAddForm(forms.Form):
+class MemberAddForm(DashboardForm):
     email = forms.EmailField(max_length=USERNAME_MAX_LENGTH)
     role = forms.ChoiceField(choices=MemberRole.choices, initial=MemberRole.VIEWER)
 
@@ -55,7 +56,7 @@ class MemberAddForm(forms.Form):
         return email
 
 
-class MemberRoleForm(forms.Form):
+class MemberRoleForm(DashboardForm):
     role = forms.ChoiceField(choices=MemberRole.choices)
 
 

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 from django.core.cache import cache
 
 from dashboard import charts, selectors, tasks
-from dashboard.charts import Band, Series, label, usd
+from dashboard.charts import Band, Ratio, Series, label, usd
 from dashboard.models import SpendForecastSnapshot
 from dashboard.selectors import Usage
 from tenants.models import Tenant
@@ -33,6 +33,8 @@ class Overview:
     forecast: SpendForecastSnapshot | None
     figures_json: str
     has_data: bool
+    rate_window_hours: int = charts.RATE_WINDOW_HOURS
+    rate_min_requests: int = charts.RATE_MIN_REQUESTS
 
 
 def _forecast(tenant: Tenant, now: datetime, start: datetime) -> SpendForecastSnapshot | None:
@@ -65,6 +67,7 @@ def overview(tenant: Tenant, now: datetime) -> Overview:
     snap = _forecast(tenant, now, start)
 
     hx = [label(p.at, tz) for p in recent]
+    dx = [label(p.at, tz, False) for p in days]
     figures = {
         "spend_hourly": charts.spend_bars(
             title="Spend per hour",
@@ -75,23 +78,29 @@ def overview(tenant: Tenant, now: datetime) -> Overview:
         ),
         "spend_daily": charts.spend_bars(
             title="Spend per day (this period)",
-            spend=Series(
-                "Paid",
-                [label(p.at, tz, False) for p in days],
-                [usd(p.usage.cost_nanos) for p in days],
-            ),
+            spend=Series("Paid", dx, [usd(p.usage.cost_nanos) for p in days]),
             baseline=Series(
-                "All on the strongest model",
-                [label(p.at, tz, False) for p in days],
-                [usd(p.usage.baseline_cost_nanos) for p in days],
+                "All on the strongest model", dx, [usd(p.usage.baseline_cost_nanos) for p in days]
             ),
+            dates=charts.DAY_TICKS,
         ),
         "forecast": _forecast_figure(days, snap, tz),
         "escalation": charts.rate(
-            title="Escalation rate and estimated quality per hour",
-            series=Series("Escalated", hx, [p.usage.escalation_pct for p in recent]),
+            title="Escalation rate and estimated quality",
+            short_title="Escalation and quality",
+            rate=Ratio(
+                "Escalated",
+                hx,
+                [p.usage.escalated for p in recent],
+                [p.usage.answered for p in recent],
+            ),
             volume=Series("Requests", hx, [p.usage.requests for p in recent]),
-            quality=Series("Estimated quality", hx, [p.usage.quality_pct for p in recent]),
+            quality=Ratio(
+                "Estimated quality",
+                hx,
+                [p.usage.quality_sum for p in recent],
+                [p.usage.quality_n for p in recent],
+            ),
         ),
         "rpm": charts.counts(
             title="Requests per minute (last hour)",
@@ -105,11 +114,8 @@ def overview(tenant: Tenant, now: datetime) -> Overview:
             name=g.label,
             spent_nanos=g.spent_nanos,
             limit_nanos=g.limit_nanos,
-            thresholds={
-                "warn": g.budget.warn_pct,
-                "degrade": g.budget.degrade_pct,
-                "block": g.budget.block_pct,
-            },
+            thresholds=g.thresholds,
+            level=g.level,
         )
     return Overview(
         period_start=start,

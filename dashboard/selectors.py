@@ -24,7 +24,7 @@ from dashboard.models import (
 )
 from dashboard.rollups import daily_rows, hour_floor, hourly_rows, usage_sums
 from routing.models import UsageEvent
-from tenants.budgets import period_bounds
+from tenants.budgets import effective_thresholds, period_bounds, threshold_level
 from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import Budget, BudgetCounter, EndUser, Tenant
 
@@ -239,6 +239,23 @@ class Gauge:
     @property
     def used_pct(self) -> float:
         return 100.0 * self.spent_nanos / self.limit_nanos if self.limit_nanos else 0.0
+
+    @property
+    def thresholds(self) -> tuple[int, int, int]:
+        b = self.budget
+        return effective_thresholds(
+            scope=b.scope, given=(b.warn_pct, b.degrade_pct, b.block_pct), tier=None
+        )
+
+    @property
+    def level(self) -> str:
+        """allow / warn / degrade / block, from what is spent (as the budgets page shows it)."""
+        return threshold_level(self.spent_nanos, self.limit_nanos, self.thresholds)
+
+    @property
+    def state(self) -> str:
+        """The level as the dashboard names it: ok / warn / degrade / block."""
+        return "ok" if self.level == "allow" else self.level
 
 
 def budget_gauges(tenant: Tenant, now: datetime) -> list[Gauge]:

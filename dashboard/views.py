@@ -1,7 +1,9 @@
 from django.contrib.auth.decorators import login_required
 from django.http import JsonResponse
 from django.shortcuts import redirect, render
+from django.templatetags.static import static
 from django.utils import timezone
+from django.views.decorators.cache import cache_control
 
 from dashboard import pages, selectors
 from dashboard.access import (
@@ -11,6 +13,12 @@ from dashboard.access import (
     tenant_view,
 )
 from tenants.models import EndUserTier
+
+
+@cache_control(max_age=86400, public=True)
+def favicon(request):
+    """Browsers ask for /favicon.ico on pages that name no icon (JSON, the admin)."""
+    return redirect(static("dashboard/favicon.svg"), permanent=True)
 
 
 @login_required
@@ -42,6 +50,9 @@ def overview_data(request):
             "baseline_cost_nanos": t.baseline_cost_nanos,
             "savings_nanos": t.savings_nanos,
             "escalated": t.escalated,
+            "answered": t.answered,
+            "errors": t.errors,
+            "gauges": [{"limit_nanos": g.limit_nanos} for g in page.gauges],
             "figures": page.figures_json,
         }
     )

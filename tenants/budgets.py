@@ -102,16 +102,24 @@ class BudgetLine:
         return self.limit_nanos * self.block_pct // 100
 
     def level(self, used_nanos: int) -> str:
-        if self.limit_nanos <= 0:
-            return "block"
-        pct = used_nanos * 100 / self.limit_nanos
-        if pct >= self.block_pct:
-            return "block"
-        if pct >= self.degrade_pct:
-            return "degrade"
-        if pct >= self.warn_pct:
-            return "warn"
-        return "allow"
+        return threshold_level(
+            used_nanos, self.limit_nanos, (self.warn_pct, self.degrade_pct, self.block_pct)
+        )
+
+
+def threshold_level(used_nanos: int, limit_nanos: int, thresholds: tuple[int, int, int]) -> str:
+    """allow / warn / degrade / block: the highest threshold ``used_nanos`` has reached."""
+    if limit_nanos <= 0:
+        return "block"
+    pct = used_nanos * 100 / limit_nanos
+    warn, degrade, block = thresholds
+    if pct >= block:
+        return "block"
+    if pct >= degrade:
+        return "degrade"
+    if pct >= warn:
+        return "warn"
+    return "allow"
 
 
 @dataclass
@@ -203,15 +211,12 @@ def applicable_budgets(
         )
         rows = cursor.fetchall()
     own_periods = {r[2] for r in rows if r[1] == BudgetScope.END_USER}
-    tier_thresholds = tier.thresholds if tier else DEFAULT_THRESHOLDS
     lines = []
     for bid, scope, period, limit, _tier_id, _eu, _tok, warn, degrade, block in rows:
         if scope == BudgetScope.TIER and (end_user_id is None or period in own_periods):
             continue
-        defaults = (
-            tier_thresholds
-            if scope in (BudgetScope.TIER, BudgetScope.END_USER)
-            else DEFAULT_THRESHOLDS
+        thresholds = effective_thresholds(
+            scope=scope, given=(warn, degrade, block), tier=tier.thresholds if tier else None
         )
         label = {
             BudgetScope.TENANT: "the tenant",
@@ -226,13 +231,28 @@ def applicable_budgets(
                 period=period,
                 limit_nanos=int(limit),
                 subject_id=int(end_user_id or 0) if scope == BudgetScope.TIER else 0,
-                warn_pct=warn if warn is not None else defaults[0],
-                degrade_pct=degrade if degrade is not None else defaults[1],
-                block_pct=block if block is not None else defaults[2],
+                warn_pct=thresholds[0],
+                degrade_pct=thresholds[1],
+                block_pct=thresholds[2],
                 label=label,
             )
         )
     return lines
+
+
+def effective_thresholds(
+    *,
+    scope: str,
+    given: tuple[int | None, int | None, int | None],
+    tier: tuple[int, int, int] | None,
+) -> tuple[int, int, int]:
+    """The warn / degrade / block percents in force: the budget's own, else (for tier and
+    end-user budgets) the end user's tier's, else 80 / 90 / 100. The one rule admission,
+    alerts and every page that shows thresholds use."""
+    defaults = (
+        tier if tier and scope in (BudgetScope.TIER, BudgetScope.END_USER) else DEFAULT_THRESHOLDS
+    )
+    return tuple(g if g is not None else d for g, d in zip(given, defaults, strict=True))  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

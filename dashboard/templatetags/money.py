@@ -18,6 +18,12 @@ def usd(nanos: int | None) -> str:
 
 
 @register.filter
+def count(value: int | None) -> str:
+    """A whole number with thousands separators (4,131), as the live view writes it."""
+    return f"{int(value or 0):,}"
+
+
+@register.filter
 def latency(usage, q: float) -> float | None:
     """A latency percentile (ms) of a selectors.Usage, from its histogram."""
     return usage.latency_pct(float(q))

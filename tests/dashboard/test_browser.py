@@ -1,10 +1,14 @@
 """The dashboard in a real headless Chromium, against CascadeFlow under uvicorn.
 
 Log in, see the overview's charts drawn by plotly.js, send a request through
-/v1/chat/completions and watch the counter and the spend chart change without a
-reload (the ledger event arrives over the /ws/dashboard/ socket). Roles and
-tenant isolation are checked through the browser too. A screenshot of the live
-overview is saved under var/screenshots/ (CASCADEFLOW_SCREENSHOT_DIR).
+/v1/chat/completions and watch the counter, the spend chart and the budget
+gauge change without a reload (the ledger event arrives over the
+/ws/dashboard/ socket). Every page is laid out at a desktop and a phone width
+and measured: each chart's tick labels, titles, legend entries and
+annotations lie inside the chart and never overlap, nothing runs off the page,
+and no page logs a console error. Roles and tenant isolation are checked
+through the browser too. Screenshots of every page at both widths are saved
+under var/screenshots/ (CASCADEFLOW_SCREENSHOT_DIR).
 """
 
 import os
@@ -20,10 +24,57 @@ from tests.conftest import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "correct-horse-battery-staple"
+WIDTHS = (1280, 390)
+DEMO_EMAIL, DEMO_PASSWORD = "demo@cascadeflow.local", "cascadeflow-demo"
+
+# Boxes of every text a chart draws, checked against the chart and each other.
+# Tolerance: half a pixel (anti-aliasing), never a visible overlap.
+MEASURE_CHARTS = """() => {
+  const kinds = {
+    title: '.g-gtitle .gtitle', 'axis title': '.g-xtitle text, .g-ytitle text, .g-y2title text',
+    'x tick': '.xtick text', 'y tick': '.ytick text', 'y2 tick': '.y2tick text',
+    legend: '.legend .traces', annotation: '.annotation-text', number: '.numbers text',
+    'gauge tick': '.xangularaxistick text', toolbar: '.modebar-container .modebar',
+  };
+  const tol = 0.5, report = [];
+  document.querySelectorAll('[data-figure]').forEach(function (el) {
+    const chart = el.getBoundingClientRect(), items = [];
+    for (const [kind, selector] of Object.entries(kinds)) {
+      el.querySelectorAll(selector).forEach(function (node) {
+        const r = node.getBoundingClientRect();
+        const text = kind === 'toolbar' ? 'toolbar' : (node.textContent || '').trim();
+        if (r.width >= 0.5 && r.height >= 0.5 && text) items.push({kind, text, r});
+      });
+    }
+    const problems = [];
+    if (el.dataset.rendered !== '1') problems.push('not drawn');
+    items.forEach(function (a) {
+      if (a.r.left < chart.left - tol || a.r.right > chart.right + tol ||
+          a.r.top < chart.top - tol || a.r.bottom > chart.bottom + tol)
+        problems.push(a.kind + " '" + a.text + "' runs outside the chart");
+    });
+    for (let i = 0; i < items.length; i++) for (let j = i + 1; j < items.length; j++) {
+      const a = items[i].r, b = items[j].r;
+      const w = Math.min(a.right, b.right) - Math.max(a.left, b.left);
+      const h = Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top);
+      if (w > tol && h > tol)
+        problems.push(items[i].kind + " '" + items[i].text + "' overlaps " + items[j].kind + " '" + items[j].text + "'");
+    }
+    report.push({name: el.dataset.figure, items: items.length, problems: problems,
+                 narrow: el.dataset.narrow === '1'});
+  });
+  return {charts: report, pageWidth: document.documentElement.scrollWidth, viewport: window.innerWidth};
+}"""
 
 
 def chromium_path() -> str | None:
     return os.environ.get("CASCADEFLOW_CHROMIUM") or shutil.which("chromium")
+
+
+def screenshots_dir() -> Path:
+    shots = Path(os.environ.get("CASCADEFLOW_SCREENSHOT_DIR", ROOT / "var" / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    return shots
 
 
 @pytest.fixture
@@ -41,6 +92,19 @@ async def browser():
         await browser.close()
 
 
+_seeded: set[str] = set()
+
+
+@pytest.fixture
+def demo_tenant(cascadeflow_server):
+    """The demo tenant (three days of history through the demo models), once per server."""
+    server = cascadeflow_server
+    if server.database_url not in _seeded:
+        server.manage("seed_demo", "--history-days", "3", "--history-requests", "150")
+        _seeded.add(server.database_url)
+    return "demo"
+
+
 def add_member(server, tenant_slug: str, role: str) -> str:
     email = f"{role}-{secrets.token_hex(3)}@example.com"
     server.manage(
@@ -53,12 +117,56 @@ def add_member(server, tenant_slug: str, role: str) -> str:
     return email
 
 
-async def log_in(page, server, email: str) -> None:
+async def log_in(page, server, email: str, password: str = PASSWORD) -> None:
     await page.goto(f"{server.base_url}/accounts/login/")
     await page.fill("#id_username", email)
-    await page.fill("#id_password", PASSWORD)
+    await page.fill("#id_password", password)
     await page.click("button[type=submit]")
     await page.wait_for_url(re.compile(r".*/dashboard/t/.*"))
+
+
+def watch_console(page) -> list[str]:
+    """Console errors (a failed resource load is one) and uncaught exceptions."""
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
+    page.on(
+        "console",
+        lambda msg: (
+            errors.append(f"console: {msg.text} ({msg.location.get('url', '')})")
+            if msg.type == "error"
+            else None
+        ),
+    )
+    return errors
+
+
+async def charts_drawn(page) -> None:
+    await page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-figure]')]"
+        ".every(e => e.dataset.rendered === '1')",
+        timeout=15_000,
+    )
+
+
+async def layout_problems(page, where: str, width: int) -> list[str]:
+    """What is clipped, overlapping or off the page, as readable lines."""
+    await charts_drawn(page)
+    result = await page.evaluate(MEASURE_CHARTS)
+    problems = [
+        f"{where} @{width}px, chart {c['name']}: {p}"
+        for c in result["charts"]
+        for p in c["problems"]
+    ]
+    if result["pageWidth"] > result["viewport"] + 1:
+        problems.append(f"{where} @{width}px: the page is {result['pageWidth']}px wide")
+    wrong = [
+        c["name"]
+        for c in result["charts"]
+        if not c["name"].startswith("gauge") and c["narrow"] != (width < 600)
+    ]
+    if wrong:
+        problems.append(f"{where} @{width}px: charts {wrong} did not pick their layout")
+    return problems
 
 
 def number(text: str) -> int:
@@ -75,8 +183,7 @@ async def test_the_overview_updates_live_and_roles_hold(browser, cascadeflow_ser
 
     context = await browser.new_context(viewport={"width": 1280, "height": 1000})
     page = await context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    errors = watch_console(page)
     await log_in(page, server, owner)
     await page.goto(f"{server.base_url}/dashboard/t/{slug}/")
 
@@ -110,15 +217,14 @@ async def test_the_overview_updates_live_and_roles_hold(browser, cascadeflow_ser
     )
     assert paid > 0
     assert page.url.endswith(f"/dashboard/t/{slug}/")  # no reload happened
-    shots = Path(os.environ.get("CASCADEFLOW_SCREENSHOT_DIR", ROOT / "var" / "screenshots"))
-    shots.mkdir(parents=True, exist_ok=True)
-    shot = shots / f"overview-{server.backend}.png"
+    shot = screenshots_dir() / f"overview-live-{server.backend}.png"
     await page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
 
     # A member of this tenant gets 404 on another tenant's pages.
     for path in ("", "tokens/", "end-users/"):
         assert (await page.goto(f"{server.base_url}/dashboard/t/{other}/{path}")).status == 404
+    errors = [e for e in errors if "404" not in e]  # the pages just asked for
     assert errors == []
     await context.close()
 
@@ -130,4 +236,130 @@ async def test_the_overview_updates_live_and_roles_hold(browser, cascadeflow_ser
     response = await page.goto(f"{server.base_url}/dashboard/t/{slug}/tokens/")
     assert response.status == 403
     assert "Not allowed" in await page.inner_text("main")
+    await context.close()
+
+
+async def test_every_page_fits_at_desktop_and_phone_widths(
+    browser, cascadeflow_server, demo_tenant
+):
+    """Every page of a tenant with history, and the chart pages of a tenant with one
+    request (sub-cent money, counts of one), at 1280 and 390 px: no clipped or
+    overlapping label on any chart, nothing off the page, no console error."""
+    server = cascadeflow_server
+    budget_id = server.query(
+        "SELECT b.id FROM tenants_budget b JOIN tenants_tenant t ON t.id = b.tenant_id "
+        "WHERE t.slug = %s ORDER BY b.id LIMIT 1",
+        (demo_tenant,),
+    )[0][0]
+    pages = {
+        "overview": "",
+        "models": "models/",
+        "end-users": "end-users/",
+        "tokens": "tokens/",
+        "budgets": "budgets/",
+        "budget-edit": f"budgets/{budget_id}/",
+        "exports": "exports/",
+        "billing": "billing/",
+        "members": "members/",
+    }
+    fresh = f"fresh-{secrets.token_hex(3)}"
+    token = server.manage("create_tenant", fresh).strip().splitlines()[-1]
+    response = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"model": "fake/gpt", "messages": [{"role": "user", "content": "Hi"}]},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    fresh_owner = add_member(server, fresh, "owner")
+
+    shots = screenshots_dir()
+    problems: list[str] = []
+    for width in WIDTHS:
+        context = await browser.new_context(viewport={"width": width, "height": 900})
+        page = await context.new_page()
+        errors = watch_console(page)
+        await page.goto(f"{server.base_url}/accounts/login/")
+        await page.screenshot(path=str(shots / f"login-{width}-{server.backend}.png"))
+        await log_in(page, server, DEMO_EMAIL, DEMO_PASSWORD)
+        for name, path in pages.items():
+            response = await page.goto(f"{server.base_url}/dashboard/t/{demo_tenant}/{path}")
+            assert response.status == 200, (name, response.status)
+            problems += await layout_problems(page, name, width)
+            await page.screenshot(
+                path=str(shots / f"{name}-{width}-{server.backend}.png"), full_page=True
+            )
+        problems += [f"{width}px: {e}" for e in errors]
+        await context.close()
+
+        context = await browser.new_context(viewport={"width": width, "height": 900})
+        page = await context.new_page()
+        errors = watch_console(page)
+        await log_in(page, server, fresh_owner)
+        for name, path in (("overview", ""), ("models", "models/")):
+            await page.goto(f"{server.base_url}/dashboard/t/{fresh}/{path}")
+            problems += await layout_problems(page, f"new tenant {name}", width)
+            await page.screenshot(
+                path=str(shots / f"new-tenant-{name}-{width}-{server.backend}.png"),
+                full_page=True,
+            )
+        ticks = await page.evaluate(
+            "() => [...document.querySelectorAll('[data-figure] .ytick text')]"
+            ".map(t => t.textContent)"
+        )
+        problems += [f"{width}px: SI-prefixed money tick {t!r}" for t in ticks if "µ" in t]
+        problems += [f"{width}px: {e}" for e in errors]
+        await context.close()
+
+    assert problems == []
+
+
+async def test_the_budget_gauge_changes_colour_across_a_threshold(browser, cascadeflow_server):
+    """A tenant budget just below its warn threshold: one request crosses it, and the
+    gauge turns from the ok colour to the warn colour without a reload."""
+    server = cascadeflow_server
+    slug = f"gauge-{secrets.token_hex(3)}"
+    token = server.manage("create_tenant", slug).strip().splitlines()[-1]
+    owner = add_member(server, slug, "owner")
+    server.manage(
+        "shell",
+        "-c",
+        "from django.utils import timezone; from tenants.budgets import period_bounds; "
+        "from tenants.models import Budget, BudgetCounter, Tenant; "
+        f"t = Tenant.objects.get(slug='{slug}'); "
+        "Budget.objects.filter(tenant=t).delete(); "
+        "b = Budget.objects.create(tenant=t, scope='tenant', period='month', "
+        "limit_nanos=10**9, warn_pct=80, degrade_pct=90, block_pct=100); "
+        "s, e = period_bounds('month', timezone.now(), t.time_zone); "
+        "BudgetCounter.objects.create(tenant=t, budget=b, subject_id=0, period_start=s, "
+        "period_end=e, spent_nanos=8 * 10**8 - 10)",
+    )
+    context = await browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = await context.new_page()
+    errors = watch_console(page)
+    await log_in(page, server, owner)
+    await page.goto(f"{server.base_url}/dashboard/t/{slug}/")
+    await charts_drawn(page)
+    await page.wait_for_selector("#live-status.on", timeout=10_000)
+    colour = "() => getComputedStyle(document.querySelector('[data-figure=gauge_0] .value-arc path')).fill"
+    before = await page.evaluate(colour)
+    assert await page.inner_text("[data-gauge-state]") == "ok"
+
+    response = httpx.post(
+        f"{server.base_url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {token}"},
+        json={"model": "fake/gpt", "messages": [{"role": "user", "content": "Over the line"}]},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+
+    await page.wait_for_function(
+        "() => document.querySelector('[data-gauge-state]').textContent === 'warn'",
+        timeout=5_000,
+    )
+    after = await page.evaluate(colour)
+    assert after != before
+    assert (before, after) == ("rgb(18, 128, 92)", "rgb(220, 104, 3)")  # ok green, warn amber
+    await page.screenshot(path=str(screenshots_dir() / f"gauge-warn-{server.backend}.png"))
+    assert errors == []
     await context.close()

@@ -223,6 +223,30 @@ def test_budget_for_an_end_user_by_their_id(client, tenant):
     assert Budget.objects.get(tenant=tenant).end_user == end_user
 
 
+def test_the_budget_form_names_its_choices_and_ties_each_target_to_its_scope(client, tenant):
+    login(client, tenant, MemberRole.ADMIN)
+
+    body = client.get(url(tenant, "budgets/")).content.decode()
+
+    assert "---------" not in body and "`" not in body
+    assert "Choose a tier…" in body and "Choose an API token…" in body
+    assert "<code>user</code>" in body
+    assert "data-scope-select" in body
+    for scope, field in (("tier", "tier"), ("end_user", "end_user"), ("token", "token")):
+        assert f'data-scope-field="{scope}"' in body and f'id="id_{field}"' in body
+    assert "dashboard/forms.js" in body
+    assert "Scope:" not in body  # labels without a trailing colon
+
+
+def test_dates_in_tables_never_break_inside_a_value(client, tenant):
+    login(client, tenant, MemberRole.ADMIN)
+    token_create(tenant=tenant, name="ci")
+
+    body = client.get(url(tenant, "tokens/")).content.decode()
+
+    assert '<time datetime="' in body and '<span class="nowrap">' in body
+
+
 def test_viewer_reads_budgets_but_cannot_change_them(client, tenant):
     login(client, tenant, MemberRole.VIEWER)
     existing = budget(tenant)

@@ -50,7 +50,7 @@ def seed(tenant, days=10, per_day=6, end_user=None):
 
 
 def test_overview_shows_totals_figures_and_gauges(member_client, tenant, other_tenant):
-    seed(tenant)
+    seed(tenant, per_day=12)
     seed(other_tenant, days=2)
     rollup_all()
     budget = Budget.objects.create(
@@ -80,15 +80,14 @@ def test_overview_shows_totals_figures_and_gauges(member_client, tenant, other_t
             tenant=tenant, created_at__gte=timezone.now() - timedelta(minutes=60)
         ).count()
     )
+    # Quality and escalation pooled over trailing hours: every drawn point lies between
+    # the seed's per-request extremes (0.6 and 0.9 quality; a third escalated).
     escalation = {t["name"]: t for t in figures["escalation"]["data"]}
-    pairs = [
-        (q, n)
-        for q, n in zip(
-            escalation["Estimated quality"]["y"], escalation["Requests"]["y"], strict=True
-        )
-        if q is not None
-    ]
-    assert pairs and sum(q * n for q, n in pairs) / sum(n for _, n in pairs) == pytest.approx(80.0)
+    quality = [q for q in escalation["Estimated quality"]["y"] if q is not None]
+    escalated = [e for e in escalation["Escalated"]["y"] if e is not None]
+    assert quality and all(60 <= q <= 90 for q in quality)
+    assert escalated and all(0 <= e <= 100 for e in escalated)
+    assert figures["gauge_0"]["state"] == "ok"
     snap = SpendForecastSnapshot.objects.get(tenant=tenant, end_user_id=0)
     traces = {t.get("name"): t for t in figures["forecast"]["data"]}
     assert traces["Forecast"]["y"][-1] == pytest.approx(snap.expected_nanos / 1e9)

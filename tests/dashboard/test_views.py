@@ -57,3 +57,23 @@ def test_money_is_formatted_as_dollars(nanos, text):
     from dashboard.templatetags.money import usd
 
     assert usd(nanos) == text
+
+
+def test_favicon_is_served_for_pages_that_name_none(client):
+    response = client.get("/favicon.ico")
+
+    assert response.status_code == 301
+    assert response["Location"].endswith("dashboard/favicon.svg")
+
+
+def test_every_page_names_its_icon(client):
+    page = client.get("/accounts/login/")
+
+    assert b'rel="icon"' in page.content and b"favicon.svg" in page.content
+
+
+@pytest.mark.parametrize(("value", "text"), [(0, "0"), (4131, "4,131"), (1_234_567, "1,234,567")])
+def test_counts_are_written_as_the_live_view_writes_them(value, text):
+    from dashboard.templatetags.money import count
+
+    assert count(value) == text
