@@ -33,13 +33,13 @@ from __future__ import annotations
 import calendar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_UP, Decimal
 from functools import lru_cache, partial
 from zoneinfo import ZoneInfo
 
 from django.db import connection, transaction
 
 from cascadeflow_site.db import as_datetime, as_json, insert_row, retry_transient
-from routing.engine.pricing import nanos_to_usd
 from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import (
     Budget,
@@ -145,9 +145,21 @@ class Admission:
     tripped: BudgetState | None = None  # the budget that decided degrade / block
     time_zone: str = "UTC"
     override_message: str = ""  # the tenant callback's own words, when it decided
+    worst_case_nanos: int = 0  # the most this request may cost on its whole chain
+    degraded_worst_case_nanos: int = 0  # ... and on its cheapest model alone
+
+    @property
+    def threshold_level(self) -> str:
+        """The threshold the deciding budget has reached (allow / warn / degrade / block),
+        which is less than the decision when a worst case, not a threshold, did not fit."""
+        if self.tripped is None:
+            return "allow"
+        return self.tripped.line.level(self.tripped.used_nanos)
 
     @property
     def message(self) -> str:
+        """What the deciding budget says, in words and dollars that agree: the percent
+        counts what is spent and what requests in progress hold, and both are stated."""
         if self.override_message:
             return self.override_message
         state = self.tripped
@@ -155,24 +167,63 @@ class Admission:
             return ""
         line = state.line
         period = PERIOD_ADJECTIVE[line.period]
-        used = _pct(state.used_nanos, line.limit_nanos)
-        spent, limit = nanos_to_usd(state.spent_nanos), nanos_to_usd(line.limit_nanos)
-        text = f"The {period} budget of {line.label} is {used} used"
-        text += f" (${spent:.2f} spent of ${limit:.2f})"
+        held = f" + {usd_text(state.reserved_nanos)} held by requests in progress"
+        usage = (
+            f"{_pct(state.used_nanos, line.limit_nanos)} used: "
+            f"{usd_text(state.spent_nanos)} spent{held if state.reserved_nanos > 0 else ''}, "
+            f"of {usd_text(line.limit_nanos, exact=True)}"
+        )
+        left = usd_text(max(line.cap_nanos - state.used_nanos, 0))
+        budget = f"the {period} budget of {line.label}"
+        reached = self.threshold_level
         if self.decision == "block":
+            text = f"Budget exceeded: {budget} is {usage}"
+            if reached == "block":
+                text += f", at its block threshold ({line.block_pct}%)"
+            else:
+                text += (
+                    f"; the {left} left is less than this request may cost on its cheapest "
+                    f"model ({usd_text(self.degraded_worst_case_nanos)})"
+                )
+        elif self.decision == "degrade" and reached != "degrade":
             text = (
-                f"Budget exceeded: the {period} budget of {line.label} "
-                f"(${nanos_to_usd(line.limit_nanos):.2f}) has "
-                f"${nanos_to_usd(max(line.cap_nanos - state.used_nanos, 0)):.6f} left"
+                f"{budget[0].upper()}{budget[1:]} is {usage}; this request may cost up to "
+                f"{usd_text(self.worst_case_nanos)} on its whole chain, more than the {left} "
+                f"left, so only its cheapest model answers"
             )
+        elif self.decision == "degrade":
+            text = (
+                f"{budget[0].upper()}{budget[1:]} is {usage}, past its degrade threshold "
+                f"({line.degrade_pct}%), so only the cheapest model answers"
+            )
+        else:
+            text = f"{budget[0].upper()}{budget[1:]} is {usage}"
         if state.period_end is not None:
             reset = state.period_end.astimezone(ZoneInfo(self.time_zone or "UTC"))
-            text += f"; it resets at {reset.isoformat()}"
+            text += f". It resets at {reset.isoformat()}"
         return text + "."
 
 
 def _pct(used: int, limit: int) -> str:
     return f"{used * 100 / limit:.0f}%" if limit else "100%"
+
+
+def usd_text(nanos: int, *, exact: bool = False) -> str:
+    """Dollars at the precision that keeps a message true: cents from a cent up, three
+    significant digits below ($0.00002, never "$0.00" for what is not zero); ``exact``
+    (a limit someone set) keeps every digit it has ($2.105, $0.00002)."""
+    value = Decimal(nanos) / 10**9
+    sign, value = ("-" if value < 0 else ""), abs(value)
+    if value == 0:
+        return "$0.00"
+    if exact:
+        text = f"{value:,.9f}".rstrip("0")
+        whole, _, cents = text.partition(".")
+        return f"{sign}${whole}.{cents.ljust(2, '0')}"
+    if value >= Decimal("0.01"):
+        return f"{sign}${value.quantize(Decimal('0.01'), ROUND_HALF_UP):,}"
+    step = Decimal(1).scaleb(value.adjusted() - 2)  # three significant digits
+    return f"{sign}${value.quantize(step, ROUND_HALF_UP):f}".rstrip("0")
 
 
 # --- which budgets apply ------------------------------------------------------------
@@ -478,7 +529,14 @@ def _admission_after(
         counter_id, _, _, spent, reserved = by_key[(line.budget_id, line.subject_id)]
         states.append(BudgetState(line, counter_id, start, end, int(spent), int(reserved) - full))
     decision, tripped = _decide(states, full, degraded)
-    admission = Admission(decision, states=states, tripped=tripped, time_zone=time_zone)
+    admission = Admission(
+        decision,
+        states=states,
+        tripped=tripped,
+        time_zone=time_zone,
+        worst_case_nanos=full,
+        degraded_worst_case_nanos=degraded,
+    )
     amount = degraded if decision == "degrade" else full
     if decision == "block" or amount != full:
         counter_ids = sorted(state.counter_id for state in states)

@@ -132,6 +132,104 @@ def test_full_cost_not_fitting_degrades_and_nothing_fitting_blocks(tenant):
     assert BudgetCounter.objects.get(budget=budget).reserved_nanos == 7 * USD
 
 
+def admit_message(
+    tenant, *, limit, spent, reserved=0, full, cheap, period=BudgetPeriod.MONTH, request_id="msg"
+):
+    """The message of one admission against a budget with ``spent`` and ``reserved`` held."""
+    budget = budget_create(
+        tenant=tenant, scope=BudgetScope.TENANT, period=period, limit_nanos=limit
+    )
+    now = timezone.now()
+    start, end = period_bounds(period, now, "UTC")
+    BudgetCounter.objects.create(
+        tenant=tenant,
+        budget=budget,
+        period_start=start,
+        period_end=end,
+        spent_nanos=spent,
+        reserved_nanos=reserved,
+    )
+    admission = budget_admit(
+        tenant_id=tenant.pk,
+        time_zone="UTC",
+        lines=[line(budget, limit=limit)],
+        request_id=request_id,
+        worst_case_nanos=full,
+        degraded_worst_case_nanos=cheap,
+        now=now,
+        ttl=timedelta(minutes=5),
+    )
+    return admission.decision, admission.message
+
+
+@pytest.mark.django_db
+def test_the_message_states_what_is_spent_and_what_requests_in_progress_hold(tenant):
+    decision, message = admit_message(
+        tenant, limit=2_100_000_000, spent=1_760_000_000, reserved=88_000_000, full=1, cheap=1
+    )
+
+    # 88% counts both, and both are stated: 1.76 + 0.088 = 1.848 of 2.10.
+    assert decision == "warn"
+    assert message.startswith(
+        "The monthly budget of the tenant is 88% used: $1.76 spent + $0.09 held by requests "
+        "in progress, of $2.10. It resets at "
+    )
+
+
+@pytest.mark.django_db
+def test_money_in_a_block_message_is_shown_at_the_precision_that_keeps_it_true(tenant):
+    decision, message = admit_message(
+        tenant, limit=20_000, spent=0, full=2_500_000, cheap=2_500_000, period=BudgetPeriod.DAY
+    )
+
+    assert decision == "block"
+    assert message.startswith(
+        "Budget exceeded: the daily budget of the tenant is 0% used: $0.00 spent, of $0.00002; "
+        "the $0.00002 left is less than this request may cost on its cheapest model ($0.0025)."
+    )
+    assert "$0.00)" not in message and "$0.00 " not in message.replace("$0.00 spent", "")
+
+
+@pytest.mark.django_db
+def test_a_degrade_says_whether_a_threshold_or_the_worst_case_decided(tenant):
+    _, worst_case = admit_message(tenant, limit=10 * USD, spent=5 * USD, full=6 * USD, cheap=USD)
+    BudgetCounter.objects.all().delete()
+    _, threshold = admit_message(
+        tenant,
+        limit=10 * USD,
+        spent=int(9.2 * USD),
+        full=USD // 10,
+        cheap=USD // 100,
+        request_id="msg-2",
+    )
+
+    assert "50% used" in worst_case and "may cost up to $6.00 on its whole chain" in worst_case
+    assert "more than the $5.00 left, so only its cheapest model answers" in worst_case
+    assert "past its degrade threshold" not in worst_case
+    assert "92% used" in threshold and "past its degrade threshold (90%)" in threshold
+
+
+@pytest.mark.parametrize(
+    ("nanos", "exact", "text"),
+    [
+        (0, False, "$0.00"),
+        (20_000, False, "$0.00002"),
+        (2_640_000, False, "$0.00264"),
+        (9_999_999, False, "$0.01"),
+        (1_763_412_345, False, "$1.76"),
+        (2_105_000_000, False, "$2.11"),
+        (2_105_000_000, True, "$2.105"),
+        (2_100_000_000, True, "$2.10"),
+        (1_234_567_000_000, False, "$1,234.57"),
+        (1, True, "$0.000000001"),
+    ],
+)
+def test_message_money_is_true_at_every_scale(nanos, exact, text):
+    from tenants.budgets import usd_text
+
+    assert usd_text(nanos, exact=exact) == text
+
+
 @pytest.mark.django_db
 def test_reservation_of_a_crashed_worker_expires_and_is_reclaimed(tenant):
     budget = budget_create(
@@ -231,6 +329,23 @@ async def test_warn_sets_the_header_and_sends_one_alert(
     assert len(mailoutbox) == 1
     assert "warning threshold" in mailoutbox[0].body
     assert mailoutbox[0].to == ["owner@acme.test"]
+
+
+@pytestmark_gateway
+async def test_the_budget_header_counts_and_states_what_requests_in_progress_hold(
+    api_token, tenant
+):
+    budget = await tenant_budget(tenant)
+    await spend(budget, int(0.80 * USD))
+    await BudgetCounter.objects.filter(budget=budget).aupdate(reserved_nanos=int(0.05 * USD))
+
+    response = await post(api_token.raw, chat())
+
+    assert response["x-cascade-budget"] == "warn"
+    assert response["x-cascade-budget-message"].startswith(
+        "The monthly budget of the tenant is 85% used: $0.80 spent + $0.05 held by requests "
+        "in progress, of $1.00. It resets at "
+    )
 
 
 @pytestmark_gateway
