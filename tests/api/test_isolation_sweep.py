@@ -214,6 +214,7 @@ NOT_TENANT_OBJECTS = (
     "/readyz",  # readiness: reports dependencies, no tenant data
     "/billing/stripe/webhook/",  # Stripe's signature, not a tenant's
     "/static/",
+    "/favicon.ico",  # a redirect to the static icon
 )
 
 
