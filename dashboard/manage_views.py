@@ -5,7 +5,6 @@ another tenant's id is a 404, the same as a missing one. Roles come from
 :func:`dashboard.access.tenant_view`: viewers read, admins manage, owners bill.
 """
 
-from collections import defaultdict
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
@@ -40,18 +39,17 @@ from dashboard.forms import (
 from routing.engine.pricing import nanos_to_usd
 from routing.models import UsageEvent
 from tenants import services
-from tenants.budgets import DEFAULT_THRESHOLDS, period_bounds
 from tenants.enums import BudgetScope, MemberRole
 from tenants.models import (
     ApiToken,
     Budget,
     BudgetAlert,
-    BudgetCounter,
     EndUser,
     EndUserTier,
     Tenant,
     Tier,
 )
+from tenants.selectors import BudgetStatus, budget_statuses
 
 NEW_TOKEN_SESSION_KEY = "dashboard_new_token"  # noqa: S105 - a session key, not a secret
 ALERTS_PER_PAGE = 50
@@ -124,12 +122,12 @@ def token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
 
 @dataclass(frozen=True)
 class BudgetRow:
-    budget: Budget
+    status: BudgetStatus
     subject: str
-    spent_nanos: int
-    per_subject: bool  # a tier budget: spent is the highest end user's, not a total
-    used_pct: int | None
-    thresholds: tuple[int, int, int]
+
+    @property
+    def budget(self) -> Budget:
+        return self.status.budget
 
 
 def _subject(budget: Budget) -> str:
@@ -143,45 +141,16 @@ def _subject(budget: Budget) -> str:
 
 
 def _budget_rows(tenant: Tenant) -> list[BudgetRow]:
-    """Budgets with this period's spend, from the counters (one query for all of them)."""
+    """Budgets where they stand this period, as the API shows them (one rule, one query)."""
     budgets = list(
         Budget.objects.filter(tenant=tenant)
-        .select_related("tier", "end_user", "token")
+        .select_related("tier", "end_user__tier", "token")
         .order_by("scope", "period", "id")
     )
-    now = timezone.now()
-    zone = tenant_zone(tenant).key
-    starts = {b.pk: period_bounds(b.period, now, zone)[0] for b in budgets}
-    spent: dict[int, list[int]] = defaultdict(list)
-    counters = BudgetCounter.objects.filter(
-        tenant=tenant, budget_id__in=starts, period_start__in=set(starts.values())
-    ).values_list("budget_id", "period_start", "spent_nanos")
-    for budget_id, period_start, amount in counters:
-        if period_start == starts[budget_id]:
-            spent[budget_id].append(amount)
-    result = []
-    for budget in budgets:
-        per_subject = budget.scope == BudgetScope.TIER
-        amounts = spent.get(budget.pk, [])
-        amount = (max(amounts) if per_subject else sum(amounts)) if amounts else 0
-        defaults = (
-            (budget.tier.warn_pct, budget.tier.degrade_pct, budget.tier.block_pct)
-            if budget.tier
-            else DEFAULT_THRESHOLDS
-        )
-        given = (budget.warn_pct, budget.degrade_pct, budget.block_pct)
-        thresholds = tuple(g if g is not None else d for g, d in zip(given, defaults, strict=True))
-        result.append(
-            BudgetRow(
-                budget=budget,
-                subject=_subject(budget),
-                spent_nanos=amount,
-                per_subject=per_subject,
-                used_pct=amount * 100 // budget.limit_nanos if budget.limit_nanos else None,
-                thresholds=thresholds,
-            )
-        )
-    return result
+    statuses = budget_statuses(
+        tenant_id=tenant.pk, time_zone=tenant_zone(tenant).key, now=timezone.now(), budgets=budgets
+    )
+    return [BudgetRow(statuses[b.pk], _subject(b)) for b in budgets]
 
 
 def _alerts_page(request: HttpRequest, tenant: Tenant):

@@ -1,13 +1,17 @@
 """Management API: API tokens, budgets, end users, alerts."""
 
+from datetime import datetime
+from decimal import Decimal
+
 from django.shortcuts import get_object_or_404
+from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.response import Response
 
-from routing.engine.pricing import nanos_to_usd
-from tenants import services
+from routing.engine.pricing import nanos_to_usd, usd_to_nanos
+from tenants import selectors, services
 from tenants.api_base import BIGINT_MAX, ApiError, TenantAPIView, envelope
 from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope, Scope
 from tenants.models import ApiToken, Budget, BudgetAlert, EndUser, EndUserTier
@@ -78,7 +82,37 @@ class TokenRevokeApi(TenantAPIView):
 
 
 class BudgetOutput(serializers.ModelSerializer):
+    """A budget and where it stands this period (``context["statuses"]``: id -> status)."""
+
     limit_usd = serializers.SerializerMethodField()
+    period_start = serializers.SerializerMethodField(help_text="Start of the current period.")
+    resets_at = serializers.SerializerMethodField(
+        help_text="End of the current period (null: a lifetime budget never resets)."
+    )
+    spent_nanos = serializers.SerializerMethodField(help_text="Settled spend this period.")
+    spent_usd = serializers.SerializerMethodField()
+    reserved_nanos = serializers.SerializerMethodField(
+        help_text="Held by requests in progress (their worst case), until they settle."
+    )
+    reserved_usd = serializers.SerializerMethodField()
+    remaining_nanos = serializers.SerializerMethodField(
+        help_text="What may still be spent before the block threshold: limit x block_pct "
+        "minus spent and reserved, at least 0."
+    )
+    remaining_usd = serializers.SerializerMethodField()
+    thresholds_pct = serializers.SerializerMethodField(
+        help_text="warn, degrade and block percent in force (the budget's own, else its "
+        "tier's, else 80 / 90 / 100)."
+    )
+    state = serializers.SerializerMethodField(
+        help_text="ok, warn, degrade or block: the highest threshold this period's spend has "
+        "crossed (the crossings budget alerts record)."
+    )
+    counted_per_end_user = serializers.SerializerMethodField(
+        help_text="A tier budget counts each end user apart; its figures are those of the "
+        "end user closest to the limit (end_user_counted)."
+    )
+    end_user_counted = serializers.SerializerMethodField()
 
     class Meta:
         model = Budget
@@ -96,10 +130,74 @@ class BudgetOutput(serializers.ModelSerializer):
             "block_pct",
             "from_plan",
             "created_at",
+            "period_start",
+            "resets_at",
+            "spent_nanos",
+            "spent_usd",
+            "reserved_nanos",
+            "reserved_usd",
+            "remaining_nanos",
+            "remaining_usd",
+            "thresholds_pct",
+            "state",
+            "counted_per_end_user",
+            "end_user_counted",
         ]
+
+    def _status(self, obj) -> selectors.BudgetStatus:
+        return self.context["statuses"][obj.pk]
 
     def get_limit_usd(self, obj) -> str:
         return str(nanos_to_usd(obj.limit_nanos))
+
+    def get_period_start(self, obj) -> datetime:
+        return self._status(obj).period_start
+
+    def get_resets_at(self, obj) -> datetime | None:
+        return self._status(obj).resets_at
+
+    def get_spent_nanos(self, obj) -> int:
+        return self._status(obj).spent_nanos
+
+    def get_spent_usd(self, obj) -> str:
+        return str(nanos_to_usd(self._status(obj).spent_nanos))
+
+    def get_reserved_nanos(self, obj) -> int:
+        return self._status(obj).reserved_nanos
+
+    def get_reserved_usd(self, obj) -> str:
+        return str(nanos_to_usd(self._status(obj).reserved_nanos))
+
+    def get_remaining_nanos(self, obj) -> int:
+        return self._status(obj).remaining_nanos
+
+    def get_remaining_usd(self, obj) -> str:
+        return str(nanos_to_usd(self._status(obj).remaining_nanos))
+
+    def get_thresholds_pct(self, obj) -> list[int]:
+        return list(self._status(obj).thresholds)
+
+    def get_state(self, obj) -> str:
+        return self._status(obj).state
+
+    def get_counted_per_end_user(self, obj) -> bool:
+        return self._status(obj).per_end_user
+
+    def get_end_user_counted(self, obj) -> int | None:
+        return self._status(obj).end_user_id
+
+
+def budgets_out(request, budgets, *, many: bool = False) -> dict | list:
+    """Budgets serialized with where each stands this period (one query for all)."""
+    rows = list(budgets) if many else [budgets]
+    statuses = selectors.budget_statuses(
+        tenant_id=request.auth.tenant_id,
+        time_zone=request.auth.time_zone,
+        now=timezone.now(),
+        budgets=rows,
+    )
+    data = BudgetOutput(rows, many=True, context={"statuses": statuses}).data
+    return data if many else data[0]
 
 
 class BudgetThresholds(serializers.Serializer):
@@ -126,6 +224,32 @@ def limit_nanos(**kwargs) -> serializers.IntegerField:
     return serializers.IntegerField(min_value=0, max_value=BIGINT_MAX, **kwargs)
 
 
+def limit_usd(**kwargs) -> serializers.DecimalField:
+    """Dollars as a decimal string, as GET returns them ("12.5"): at most 9 decimals."""
+    return serializers.DecimalField(
+        max_digits=19,
+        decimal_places=9,
+        min_value=Decimal(0),
+        max_value=nanos_to_usd(BIGINT_MAX),
+        help_text="The limit in dollars (a decimal string); or give limit_nanos.",
+        **kwargs,
+    )
+
+
+def one_limit(attrs: dict, *, required: bool) -> dict:
+    """``limit_usd`` or ``limit_nanos`` (not both) becomes ``limit_nanos``."""
+    usd = attrs.pop("limit_usd", None)
+    if usd is not None and attrs.get("limit_nanos") is not None:
+        raise serializers.ValidationError(
+            {"limit_usd": ["Give limit_usd or limit_nanos, not both."]}
+        )
+    if usd is not None:
+        attrs["limit_nanos"] = usd_to_nanos(usd)
+    elif required and attrs.get("limit_nanos") is None:
+        raise serializers.ValidationError({"limit_usd": ["Give limit_usd or limit_nanos."]})
+    return attrs
+
+
 BUDGET_TARGETS = {
     BudgetScope.TIER: "tier",
     BudgetScope.END_USER: "end_user",
@@ -136,13 +260,16 @@ BUDGET_TARGETS = {
 class BudgetInput(BudgetThresholds):
     scope = serializers.ChoiceField(choices=BudgetScope.choices)
     period = serializers.ChoiceField(choices=BudgetPeriod.choices)
-    limit_nanos = limit_nanos()
+    limit_nanos = limit_nanos(required=False)
+    limit_usd = limit_usd(required=False)
     tier = object_id(required=False, allow_null=True)
     end_user = object_id(required=False, allow_null=True)
     token = object_id(required=False, allow_null=True)
 
     def validate(self, attrs):
-        """Exactly the target matching the scope (the database's rule, said in the API's words)."""
+        """A limit, and exactly the target matching the scope (the database's rule, said in
+        the API's words)."""
+        attrs = one_limit(attrs, required=True)
         wanted = BUDGET_TARGETS.get(attrs["scope"])
         errors = {}
         for field in BUDGET_TARGETS.values():
@@ -163,10 +290,10 @@ class BudgetListCreateApi(TenantAPIView):
 
     @extend_schema(responses=envelope("BudgetList", BudgetOutput), operation_id="budgets_list")
     def get(self, request):
-        return Response(
-            {"data": BudgetOutput(self.tenant_queryset().order_by("id"), many=True).data}
-        )
+        budgets = self.tenant_queryset().select_related("tier", "end_user__tier").order_by("id")
+        return Response({"data": budgets_out(request, budgets, many=True)})
 
+    @extend_schema(request=BudgetInput, responses={201: BudgetOutput})
     def post(self, request):
         data = BudgetInput(data=request.data)
         data.is_valid(raise_exception=True)
@@ -180,7 +307,7 @@ class BudgetListCreateApi(TenantAPIView):
             budget = services.budget_create(tenant=self.tenant, **values)
         except ValueError as exc:  # the service's own checks; database errors: the handler
             raise ValidationError({"budget": [str(exc)]}) from None
-        return Response(BudgetOutput(budget).data, status=status.HTTP_201_CREATED)
+        return Response(budgets_out(request, budget), status=status.HTTP_201_CREATED)
 
 
 class BudgetDetailApi(TenantAPIView):
@@ -190,10 +317,15 @@ class BudgetDetailApi(TenantAPIView):
 
     class PatchSerializer(BudgetThresholds):
         limit_nanos = limit_nanos(required=False)
+        limit_usd = limit_usd(required=False)
+
+        def validate(self, attrs):
+            return one_limit(attrs, required=False)
 
     def get(self, request, pk):
-        return Response(BudgetOutput(self.tenant_object(pk)).data)
+        return Response(budgets_out(request, self.tenant_object(pk)))
 
+    @extend_schema(request=PatchSerializer, responses=BudgetOutput)
     def patch(self, request, pk):
         budget = self.tenant_object(pk)
         data = self.PatchSerializer(data=request.data, partial=True)
@@ -204,7 +336,7 @@ class BudgetDetailApi(TenantAPIView):
             raise PermissionDenied(str(exc)) from None
         except ValueError as exc:
             raise ValidationError({"non_field_errors": [str(exc)]}) from None
-        return Response(BudgetOutput(budget).data)
+        return Response(budgets_out(request, budget))
 
     def delete(self, request, pk):
         budget = self.tenant_object(pk)

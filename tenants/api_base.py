@@ -17,9 +17,10 @@ may not carry NUL, and a database that cannot be reached is a 503 with
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from django.conf import settings
-from django.db import DataError, IntegrityError, InterfaceError, OperationalError
+from django.db import DatabaseError, DataError, IntegrityError, InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponsePermanentRedirect
 from django.urls import Resolver404, resolve
@@ -37,6 +38,7 @@ from cascadeflow_site import strictjson
 from tenants.enums import Scope
 from tenants.models import Tenant
 from tenants.selectors import TokenContext, TokenInvalid, token_context_for_raw
+from tenants.services import token_touch
 
 logger = logging.getLogger(__name__)
 
@@ -56,14 +58,28 @@ class TenantTokenAuthentication(BaseAuthentication):
         scheme, _, raw = header.partition(" ")
         if scheme.lower() != "bearer" or not raw.strip():
             return None
+        now = timezone.now()
         try:
-            ctx = token_context_for_raw(raw=raw.strip(), now=timezone.now())
+            ctx = token_context_for_raw(raw=raw.strip(), now=now)
         except TokenInvalid as exc:
             raise exceptions.AuthenticationFailed(exc.reason) from None
+        touch_last_used(ctx, now)
         return TokenPrincipal(ctx), ctx
 
     def authenticate_header(self, request) -> str:
         return 'Bearer realm="cascadeflow"'
+
+
+def touch_last_used(ctx: TokenContext, now) -> None:
+    """Record the token's use (at most one write per staleness window), as the gateway
+    does: a key used only on the management API is in use too."""
+    stale_before = now - timedelta(seconds=settings.CASCADEFLOW_TOKEN_TOUCH_SECONDS)
+    if ctx.last_used_at is not None and ctx.last_used_at >= stale_before:
+        return
+    try:
+        token_touch(token_id=ctx.token_id, now=now, stale_before=stale_before)
+    except DatabaseError:  # bookkeeping: never the reason a request fails
+        logger.warning("Could not record the last use of token %s", ctx.token_id)
 
 
 class HasScope(BasePermission):

@@ -8,7 +8,9 @@ from django.db import connection
 from django.db.models import Exists, OuterRef
 
 from cascadeflow_site.db import as_datetime, as_json, fetch_one, select_sql
-from tenants.models import ApiToken, Budget, EndUserTier
+from tenants.budgets import effective_thresholds, period_bounds, threshold_level
+from tenants.enums import BudgetScope
+from tenants.models import ApiToken, Budget, BudgetCounter, EndUserTier
 from tenants.services import token_hash
 
 
@@ -142,3 +144,95 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
         audits_enabled=bool(audits_enabled),
         audit_cap_nanos=int(audit_cap_nanos or 0),
     )
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """A budget in its current period, from its counters (what admission reads).
+
+    A tier budget counts each end user of the tier apart: its figures are those
+    of the end user closest to the limit (``end_user_id``).
+    """
+
+    budget: Budget
+    period_start: datetime
+    resets_at: datetime | None
+    spent_nanos: int
+    reserved_nanos: int  # held by requests in progress
+    thresholds: tuple[int, int, int]  # warn / degrade / block percent in force
+    end_user_id: int | None = None
+
+    @property
+    def per_end_user(self) -> bool:
+        return self.budget.scope == BudgetScope.TIER
+
+    @property
+    def cap_nanos(self) -> int:
+        return self.budget.limit_nanos * self.thresholds[2] // 100
+
+    @property
+    def remaining_nanos(self) -> int:
+        """What may still be spent before the block threshold, requests in progress aside."""
+        return max(self.cap_nanos - self.spent_nanos - self.reserved_nanos, 0)
+
+    @property
+    def used_pct(self) -> float | None:
+        limit = self.budget.limit_nanos
+        return 100.0 * self.spent_nanos / limit if limit else None
+
+    @property
+    def state(self) -> str:
+        """ok / warn / degrade / block: the highest threshold this period's spend has
+        crossed, the crossings the alert history records."""
+        level = threshold_level(self.spent_nanos, self.budget.limit_nanos, self.thresholds)
+        return "ok" if level == "allow" else level
+
+
+def budget_statuses(
+    *, tenant_id: int, time_zone: str, now: datetime, budgets: list[Budget] | None = None
+) -> dict[int, BudgetStatus]:
+    """Each budget of the tenant (or ``budgets``) in its current period, by budget id.
+
+    Thresholds are the ones in force (``effective_thresholds``): an end user's own
+    budget and a tier budget default to the tier's, the others to 80 / 90 / 100.
+    """
+    if budgets is None:
+        budgets = list(
+            Budget.objects.filter(tenant_id=tenant_id).select_related("tier", "end_user__tier")
+        )
+    if not budgets:
+        return {}
+    default_tier = EndUserTier.objects.filter(tenant_id=tenant_id, is_default=True).first()
+    bounds = {b.pk: period_bounds(b.period, now, time_zone) for b in budgets}
+    counters: dict[int, tuple[int, int, int]] = {}
+    for budget_id, subject_id, start, spent, reserved in BudgetCounter.objects.filter(
+        tenant_id=tenant_id,
+        budget_id__in=bounds,
+        period_start__in={start for start, _ in bounds.values()},
+    ).values_list("budget_id", "subject_id", "period_start", "spent_nanos", "reserved_nanos"):
+        if as_datetime(start) != bounds[budget_id][0]:
+            continue
+        best = counters.get(budget_id)
+        if best is None or spent + reserved > best[1] + best[2]:
+            counters[budget_id] = (subject_id, spent, reserved)
+    statuses = {}
+    for budget in budgets:
+        tier = budget.tier if budget.scope == BudgetScope.TIER else None
+        if budget.scope == BudgetScope.END_USER:
+            tier = (budget.end_user.tier if budget.end_user else None) or default_tier
+        subject_id, spent, reserved = counters.get(budget.pk, (0, 0, 0))
+        start, end = bounds[budget.pk]
+        statuses[budget.pk] = BudgetStatus(
+            budget=budget,
+            period_start=start,
+            resets_at=end,
+            spent_nanos=int(spent),
+            reserved_nanos=int(reserved),
+            thresholds=effective_thresholds(
+                scope=budget.scope,
+                given=(budget.warn_pct, budget.degrade_pct, budget.block_pct),
+                tier=(tier.warn_pct, tier.degrade_pct, tier.block_pct) if tier else None,
+            ),
+            end_user_id=subject_id or None if budget.scope == BudgetScope.TIER else None,
+        )
+    return statuses

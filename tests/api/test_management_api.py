@@ -93,6 +93,118 @@ def test_budgets_crud_and_validation(api_token, tenant):
     assert not Budget.objects.filter(pk=budget_id).exists()
 
 
+def test_a_budget_is_set_in_dollars_as_get_returns_them(api_token, tenant):
+    client = api(api_token.raw)
+
+    created = client.post(
+        "/api/v1/budgets/",
+        {"scope": "tenant", "period": "month", "limit_usd": "12.5"},
+        format="json",
+    )
+    assert created.status_code == 201, created.json()
+    assert (created.json()["limit_nanos"], created.json()["limit_usd"]) == (12_500_000_000, "12.5")
+    budget_id = created.json()["id"]
+
+    # What GET returns can be sent back as it is.
+    again = client.post(
+        "/api/v1/budgets/",
+        {"scope": "tenant", "period": "day", "limit_usd": created.json()["limit_usd"]},
+        format="json",
+    )
+    assert again.json()["limit_nanos"] == 12_500_000_000
+    patched = client.patch(
+        f"/api/v1/budgets/{budget_id}/", {"limit_usd": "0.000000001"}, format="json"
+    )
+    assert patched.json()["limit_nanos"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"limit_usd": "1", "limit_nanos": 10**9}, "limit_usd"),
+        ({}, "limit_usd"),
+        ({"limit_usd": "0.0000000001"}, "limit_usd"),  # finer than a nano-dollar
+        ({"limit_usd": "-1"}, "limit_usd"),
+        ({"limit_usd": "ten"}, "limit_usd"),
+        ({"limit_usd": "1e30"}, "limit_usd"),
+    ],
+)
+def test_a_budget_limit_is_one_valid_amount(api_token, tenant, body, field):
+    response = api(api_token.raw).post(
+        "/api/v1/budgets/", {"scope": "tenant", "period": "month", **body}, format="json"
+    )
+
+    assert response.status_code == 400
+    assert field in response.json()["error"]["detail"]
+    assert not Budget.objects.filter(tenant=tenant).exists()
+
+
+def test_each_budget_shows_where_it_stands_this_period(api_token, tenant):
+    from django.utils import timezone
+
+    from tenants.budgets import period_bounds
+    from tenants.models import BudgetCounter
+
+    now = timezone.now()
+    month = Budget.objects.create(
+        tenant=tenant, scope="tenant", period="month", limit_nanos=2 * 10**9
+    )
+    start, end = period_bounds("month", now, tenant.time_zone)
+    BudgetCounter.objects.create(
+        tenant=tenant, budget=month, period_start=start, period_end=end,
+        spent_nanos=1_500_000_000, reserved_nanos=100_000_000,
+    )  # fmt: skip
+    # A counter of last month does not count.
+    BudgetCounter.objects.create(
+        tenant=tenant, budget=month, period_start=start - timedelta(days=40),
+        period_end=start - timedelta(days=10), spent_nanos=7 * 10**9,
+    )  # fmt: skip
+    free = EndUserTier.objects.create(tenant=tenant, slug="free", name="Free", warn_pct=50)
+    ana, bo = (EndUser.objects.create(tenant=tenant, external_id=n, tier=free) for n in "ab")
+    per_user = Budget.objects.create(
+        tenant=tenant, scope="tier", tier=free, period="lifetime", limit_nanos=10**9
+    )
+    for user, spent in ((ana, 100_000_000), (bo, 600_000_000)):
+        BudgetCounter.objects.create(
+            tenant=tenant, budget=per_user, subject_id=user.pk,
+            period_start=period_bounds("lifetime", now, "UTC")[0], spent_nanos=spent,
+        )  # fmt: skip
+
+    rows = {b["id"]: b for b in api(api_token.raw).get("/api/v1/budgets/").json()["data"]}
+
+    monthly = rows[month.pk]
+    assert (monthly["spent_nanos"], monthly["reserved_nanos"]) == (1_500_000_000, 100_000_000)
+    assert (monthly["spent_usd"], monthly["reserved_usd"]) == ("1.5", "0.1")
+    assert (monthly["remaining_nanos"], monthly["remaining_usd"]) == (400_000_000, "0.4")
+    assert monthly["resets_at"] == end.isoformat().replace("+00:00", "Z")
+    assert monthly["period_start"] == start.isoformat().replace("+00:00", "Z")
+    assert (monthly["thresholds_pct"], monthly["state"]) == ([80, 90, 100], "ok")
+    assert monthly["counted_per_end_user"] is False and monthly["end_user_counted"] is None
+    tier = rows[per_user.pk]
+    assert tier["resets_at"] is None  # a lifetime budget never resets
+    assert tier["counted_per_end_user"] is True and tier["end_user_counted"] == bo.pk
+    assert (tier["spent_nanos"], tier["thresholds_pct"]) == (600_000_000, [50, 90, 100])
+    assert tier["state"] == "warn"
+    detail = api(api_token.raw).get(f"/api/v1/budgets/{month.pk}/").json()
+    assert detail["spent_nanos"] == 1_500_000_000
+
+
+def test_a_token_used_only_on_the_management_api_records_its_last_use(tenant, settings):
+    from tenants.models import ApiToken
+
+    settings.CASCADEFLOW_TOKEN_TOUCH_SECONDS = 60
+    issued = token_create(tenant=tenant, name="ops", scopes=[Scope.USAGE_READ])
+    assert issued.token.last_used_at is None
+
+    assert api(issued.raw).get("/api/v1/budgets/").status_code == 200
+    first = ApiToken.objects.get(pk=issued.token.pk).last_used_at
+    assert api(issued.raw).get("/api/v1/usage/").status_code == 200
+
+    assert first is not None
+    assert ApiToken.objects.get(pk=issued.token.pk).last_used_at == first  # once per window
+    assert api("cf_unknown").get("/api/v1/budgets/").status_code == 401
+
+
 def test_end_user_tier_and_profiles(api_token, tenant):
     client = api(api_token.raw)
     tier = EndUserTier.objects.create(tenant=tenant, slug="pro", name="Pro")

@@ -378,7 +378,7 @@ def test_budgets_show_this_periods_spend_and_the_alert_history(client, tenant, o
     page = client.get(url(tenant, "budgets/"))
 
     (row,) = page.context["rows"]
-    assert (row.spent_nanos, row.used_pct) == (4 * 10**9, 40)
+    assert (row.status.spent_nanos, row.status.used_pct, row.status.state) == (4 * 10**9, 40, "ok")
     assert [a.pk for a in page.context["alerts"]] == [newer.pk, older.pk]
     assert b"$4.00" in page.content
     assert b"$123,456.00" not in page.content
