@@ -257,6 +257,11 @@ class UsageListApi(TenantAPIView):
 class SummaryRow(serializers.Serializer):
     period = serializers.DateTimeField()
     key = serializers.CharField(allow_null=True)
+    label = serializers.CharField(
+        help_text="The key for people: the model, end user or profile, or what an empty key "
+        "groups (requests refused or failed before a model answered, direct model calls, "
+        "requests without an end user)."
+    )
     requests = serializers.IntegerField()
     cost_nanos = serializers.IntegerField(help_text="What the requests cost.")
     baseline_cost_nanos = serializers.IntegerField()
@@ -283,6 +288,13 @@ class UsageSummaryApi(TenantAPIView):
         "end_user": "end_user__external_id",
         "profile": "profile",
         "none": None,
+    }
+    # What a row without a key holds, said in words (its key is "" or null).
+    EMPTY_KEY_LABELS = {
+        "model": "(no answering model: refused or failed requests, audits)",
+        "end_user": "(no end user)",
+        "profile": "(no profile: models called directly)",
+        "none": "(all requests)",
     }
 
     @extend_schema(
@@ -336,7 +348,9 @@ class UsageSummaryApi(TenantAPIView):
             saved = (
                 figures["baseline_cost_nanos"] - figures["cost_nanos"] - figures["audit_cost_nanos"]
             )
-            data.append({"key": None, **row, **figures, "saved_nanos": saved})
+            row = {"key": None, **row, **figures, "saved_nanos": saved}
+            row["label"] = row["key"] or self.EMPTY_KEY_LABELS[by]
+            data.append(row)
         return Response({"bucket": bucket, "by": by, "data": SummaryRow(data, many=True).data})
 
 

@@ -335,6 +335,21 @@ def test_schema_is_served(api_token):
     assert b"/api/v1/budgets/" in response.content
 
 
+def test_usage_summary_labels_the_rows_without_a_key(api_token, tenant):
+    ledger(tenant, n=2)
+    ledger(tenant, n=1, requested_model="refused", model="")
+
+    body = api(api_token.raw).get("/api/v1/usage/summary/?by=model").json()
+    by_profile = api(api_token.raw).get("/api/v1/usage/summary/?by=profile").json()
+
+    labels = {r["key"]: r["label"] for r in body["data"]}
+    assert labels == {
+        "demo/small": "demo/small",
+        "": "(no answering model: refused or failed requests, audits)",
+    }
+    assert [r["label"] for r in by_profile["data"]] == ["(no profile: models called directly)"]
+
+
 def test_usage_summary_by_day_and_model(api_token, tenant):
     ledger(tenant, n=3)
     ledger(tenant, n=2, requested_model="demo/large", model="demo/large")
