@@ -12,11 +12,21 @@ the free tier's limits for the demo tenant (see ``DEVELOPMENT_ENV``).
 Once the server answers, a traffic simulator (``cascadeflow_site.traffic``)
 sends demo requests through the API in a background thread so the dashboard
 moves: ``CASCADEFLOW_DEMO_TRAFFIC=0`` turns it off,
-``CASCADEFLOW_DEMO_TRAFFIC_RATE`` sets its mean requests per second.
+``CASCADEFLOW_DEMO_TRAFFIC_RATE`` sets its mean requests per second. The
+demo's budgets leave room for it to run for weeks; one trial end user's
+small daily budget is crossed, then refuses, every day.
+
+The demo API token is kept across restarts (snippets pasted earlier keep
+working): ``--rotate-token`` or ``CASCADEFLOW_DEMO_ROTATE_TOKEN=1`` revokes
+it and prints a new one.
+
+The log says what happened, once: the seeding (only when it seeds), the
+banner, the simulator's totals, and warnings or errors of the processes.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -29,9 +39,15 @@ from cascadeflow_site import traffic
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-# Requests per second of the simulated traffic. Each request costs ~$0.0004 on the demo
-# models, so the demo tenant's monthly budget (sized to its history) fills within hours.
-DEFAULT_TRAFFIC_RATE = 0.1
+# Requests per second of the simulated traffic (each costs ~$0.0004 on the demo models);
+# seed_demo sizes the demo's budgets for it.
+DEFAULT_TRAFFIC_RATE = traffic.DEFAULT_RATE
+# Python warnings that say nothing about the demo: Celery's about running as root (a
+# container's user), Django's about serving static files under ASGI in development.
+QUIET_WARNINGS = (
+    "ignore:You're running the worker with superuser privileges",
+    "ignore:StreamingHttpResponse must consume synchronous iterators",
+)
 # What ``make demo`` opts into; each can still be overridden from the environment.
 DEVELOPMENT_ENV = {
     "DJANGO_DEBUG": "true",
@@ -44,16 +60,26 @@ DEVELOPMENT_ENV = {
 
 
 def run(*args: str, echo: bool = False) -> str:
-    """Run a management command; return its stdout (``echo``: show its stderr notes)."""
+    """Run a management command; return its stdout (``echo``: its notes on stderr go to
+    ours as they are written, else they are shown only if it fails)."""
     result = subprocess.run(
-        [PY, "manage.py", *args], cwd=ROOT, capture_output=True, text=True, check=False
+        [PY, "manage.py", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=None if echo else subprocess.PIPE,
+        text=True,
+        check=False,
     )
     if result.returncode != 0:
-        sys.stderr.write(result.stdout + result.stderr)
+        sys.stderr.write(result.stdout + (result.stderr or ""))
         raise SystemExit(f"manage.py {' '.join(args)} failed")
-    if echo:
-        sys.stderr.write(result.stderr)
     return result.stdout
+
+
+def quiet(*command: str) -> list[str]:
+    """A Python command with the warnings that say nothing about the demo silenced."""
+    flags = [arg for warning in QUIET_WARNINGS for arg in ("-W", warning)]
+    return [PY, *flags, *command]
 
 
 def wait_http(url: str, proc: subprocess.Popen, seconds: float = 60) -> None:
@@ -74,24 +100,41 @@ def worker_command() -> list[str]:
     tasks (reclaiming expired budget reservations, rollups, forecasts…).
 
     Beat keeps its state at the settings' ``CELERY_BEAT_SCHEDULE_FILENAME`` (under
-    ``var/celery``, made by the settings whatever the broker)."""
-    return [
-        PY,
+    ``var/celery``, made by the settings whatever the broker). It logs warnings
+    and errors only: no banner, no line per periodic task."""
+    return quiet(
         "-m",
         "celery",
         "-A",
         "cascadeflow_site",
+        "--quiet",
         "worker",
         "-B",
         "--loglevel",
-        "INFO",
+        "WARNING",
         "--concurrency",
         "1",
         "--hostname",
         "demo@%h",
         "--without-gossip",
         "--without-mingle",
-    ]
+    )
+
+
+def web_command(port: int) -> list[str]:
+    """The web server, logging warnings and errors only (the banner says where it is)."""
+    return quiet(
+        "-m",
+        "uvicorn",
+        "cascadeflow_site.asgi:application",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    )
 
 
 def banner(port: int, token: str) -> str:
@@ -101,7 +144,11 @@ def banner(port: int, token: str) -> str:
  CascadeFlow demo is running: {base}/dashboard/
  Dashboard login: demo@cascadeflow.local / cascadeflow-demo
  Demo API token : {token}
+                  (kept across restarts; --rotate-token issues a new one)
  Models         : demo/small, demo/medium, demo/large (offline demo models)
+ Budgets        : the end user '{traffic.TRIAL_USER}' has a small daily budget: the
+                  simulator crosses its warn and degrade thresholds, then gets 402s,
+                  every day (Budgets & alerts, End users)
 
  curl:
    curl {base}/v1/chat/completions \\
@@ -121,17 +168,32 @@ def banner(port: int, token: str) -> str:
 """
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the CascadeFlow demo.")
+    parser.add_argument(
+        "--rotate-token",
+        action="store_true",
+        default=os.environ.get("CASCADEFLOW_DEMO_ROTATE_TOKEN", "").strip().lower()
+        in {"1", "true", "yes"},
+        help="revoke the demo API token and issue a new one (else it is kept across restarts)",
+    )
+    args = parser.parse_args(argv)
     os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cascadeflow_site.settings")
     for name, value in DEVELOPMENT_ENV.items():
         os.environ.setdefault(name, value)
     port = int(os.environ.get("PORT", "8000"))
+    traffic_on = os.environ.get("CASCADEFLOW_DEMO_TRAFFIC", "1").strip().lower() not in {
+        "0",
+        "false",
+        "no",
+    }
+    rate = float(os.environ.get("CASCADEFLOW_DEMO_TRAFFIC_RATE") or DEFAULT_TRAFFIC_RATE)
     run("migrate", "--no-input")
-    print(
-        "Seeding the demo tenant (the first time: 30 days of usage history, ~30 s)...", flush=True
-    )
-    token = run("seed_demo", echo=True).strip().splitlines()[-1]
+    seed = ["seed_demo", "--traffic-rate", str(rate if traffic_on else 0)]
+    if not args.rotate_token:
+        seed.append("--keep-token")
+    token = run(*seed, echo=True).strip().splitlines()[-1]
 
     procs: list[subprocess.Popen] = []
     traffic_stop: list = []
@@ -151,29 +213,15 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    web = subprocess.Popen(
-        [
-            PY,
-            "-m",
-            "uvicorn",
-            "cascadeflow_site.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-        ],
-        cwd=ROOT,
-    )
+    web = subprocess.Popen(web_command(port), cwd=ROOT)
     procs.append(web)
     worker = subprocess.Popen(worker_command(), cwd=ROOT)
     procs.append(worker)
     wait_http(f"http://127.0.0.1:{port}/healthz", web)
     print(banner(port, token), flush=True)
-    if os.environ.get("CASCADEFLOW_DEMO_TRAFFIC", "1").strip().lower() in {"0", "false", "no"}:
+    if not traffic_on:
         print("Simulated traffic is off (CASCADEFLOW_DEMO_TRAFFIC=0).", flush=True)
     else:
-        rate = float(os.environ.get("CASCADEFLOW_DEMO_TRAFFIC_RATE") or DEFAULT_TRAFFIC_RATE)
         # A daemon thread: it never holds up the exit; stop() also tells it to finish.
         _, event = traffic.start_in_background(
             f"http://127.0.0.1:{port}", token, rate, log_every=50
@@ -188,7 +236,8 @@ def main() -> None:
     while True:
         for proc in procs:
             if proc.poll() is not None:
-                print(f"A demo process exited ({proc.args[2]}); stopping.", file=sys.stderr)
+                name = proc.args[proc.args.index("-m") + 1]
+                print(f"A demo process exited ({name}); stopping.", file=sys.stderr)
                 stop()
         time.sleep(1)
 

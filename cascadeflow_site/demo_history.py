@@ -27,6 +27,7 @@ import math
 import random
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -45,7 +46,14 @@ from routing.providers import demo
 from routing.schemas import parse_chat_request
 from routing.services import LedgerEntry, usage_event_record
 from routing.targets import Target, resolve_target
-from tenants.budgets import LEVELS, BudgetLine, Crossing, alerts_record, period_bounds
+from tenants.budgets import (
+    LEVELS,
+    BudgetLine,
+    Crossing,
+    alerts_record,
+    effective_thresholds,
+    period_bounds,
+)
 from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope
 from tenants.models import (
     ApiToken,
@@ -96,6 +104,14 @@ PROFILES: dict[str, dict] = {
 TENANT_PACE = 0.95
 MAX_USED_NOW = 0.85
 FREE_USER_PEAK = 0.85
+# Room for the live simulator (``generate``'s ``traffic_rate``): it may run non-stop this
+# many days without the tenant or a free end user reaching this share of their budget
+# (the default warn threshold), and the trial user's daily budget is about this many
+# hours of their simulated traffic, and at least this many of their worst cases.
+SIMULATOR_DAYS = 31
+WARN_SHARE = 0.8
+TRIAL_HOURS = 1.25
+TRIAL_WORST_CASES = 4
 
 # Requests per hour of the day (tenant's local time), relative to the busiest hours.
 _HOURLY = (
@@ -131,6 +147,7 @@ class HistoryReport:
     by_domain: dict[str, int] = field(default_factory=dict)
     tenant_budget_nanos: int = 0
     free_user_budget_nanos: int = 0
+    trial_budget_nanos: int = 0
 
     @property
     def escalation_rate(self) -> float:
@@ -138,7 +155,7 @@ class HistoryReport:
 
     def summary(self) -> str:
         if self.skipped:
-            return f"Demo history is fresh ({self.events} rows); kept as it is."
+            return f"Demo history is fresh ({self.events} requests); kept as it is."
         return (
             f"Demo history: {self.events} requests over {self.start:%Y-%m-%d} .. "
             f"{self.end:%Y-%m-%d}, {self.escalation_rate:.0%} escalated, "
@@ -300,12 +317,13 @@ def _run_cascades(
     tenant: Tenant,
     setup: DemoSetup,
     seed: int,
-) -> tuple[list[LedgerEntry], int]:
-    """Run every planned request; also return the largest worst case admission would reserve."""
+) -> tuple[list[LedgerEntry], dict[str, int]]:
+    """Run every planned request; also return the largest worst case admission would
+    reserve, overall and per end user."""
     contexts = {name: _context(tenant, token) for name, token in setup.tokens.items()}
     targets: dict[tuple[str, str], Target] = {}
     jobs = []
-    worst = 0
+    worst: dict[str, int] = defaultdict(int)
     for item in planned:
         request = item.request
         ctx = contexts[request.token_name]
@@ -314,7 +332,9 @@ def _run_cascades(
         if key not in targets:
             targets[key] = resolve_target(ctx, chat.model)
         target = targets[key]
-        worst = max(worst, worst_case_nanos(target.chain, chat, target.preset))
+        worst[request.user] = max(
+            worst[request.user], worst_case_nanos(target.chain, chat, target.preset)
+        )
         end_user = setup.end_users[request.user]
         gw = gateway.GatewayRequest(
             request_id=history_request_id(tenant, item.index),
@@ -377,14 +397,23 @@ def _size_budgets(
     tenant: Tenant,
     setup: DemoSetup,
     now: datetime,
-    worst: int,
-) -> tuple[Budget, Budget]:
-    """Create or resize the tenant's monthly budget and the free tier's per-user budget.
+    worst: dict[str, int],
+    traffic_rate: float,
+) -> tuple[Budget, Budget, Budget]:
+    """Create or resize the tenant's monthly budget, the free tier's per-user budget and
+    the trial user's own daily budget.
 
     The tenant's month is on pace for ~95 % of its budget. Admission reserves a
     request's worst case (every model of the chain at its output cap), so each
     limit also leaves room for the largest worst case (``worst``) above the
     highest spend of any period: no history request would have been degraded.
+
+    ``traffic_rate``: the requests per second the live simulator sends. The
+    tenant's budget and each free end user's leave room for it to run non-stop
+    for ``SIMULATOR_DAYS`` without crossing a warn threshold, so the demo's API
+    snippets never meet a 402; the trial user's daily budget is about
+    ``TRIAL_HOURS`` of their simulated traffic, so it is crossed, then refuses,
+    every day the demo runs.
     """
     tz = tenant.time_zone
     month_start, month_end = period_bounds(BudgetPeriod.MONTH, now, tz)
@@ -393,6 +422,8 @@ def _size_budgets(
     free_by_user_month: dict[tuple[int, datetime], int] = defaultdict(int)
     week_ago = now - timedelta(days=7)
     last_week = 0
+    trial = setup.end_users[traffic.TRIAL_USER]
+    trial_costs: list[int] = []
     for entry in entries:
         key = _period_key(BudgetPeriod.MONTH, entry.created_at, tz)
         spend_by_month[key] += entry.cost_nanos
@@ -400,6 +431,27 @@ def _size_budgets(
             free_by_user_month[(entry.end_user_id, key)] += entry.cost_nanos
         if entry.created_at >= week_ago:
             last_week += entry.cost_nanos
+        if entry.end_user_id == trial.pk and entry.status == UsageStatus.OK:
+            trial_costs.append(entry.cost_nanos)
+    all_worst = max(worst.values(), default=0)
+    # What the simulator spends a day, in all and as each end user.
+    mean_cost = sum(e.cost_nanos for e in entries) / len(entries) if entries else 0
+    simulated = traffic_rate * 86_400 * mean_cost
+    trial_mean = sum(trial_costs) / len(trial_costs) if trial_costs else mean_cost
+    trial_hourly = traffic_rate * 3_600 * traffic.user_share(traffic.TRIAL_USER) * trial_mean
+    trial_limit = _nice_up(max(TRIAL_WORST_CASES * worst.get(traffic.TRIAL_USER, 0),
+                               TRIAL_HOURS * trial_hourly))  # fmt: skip
+    per_free_user = max(
+        (
+            min(trial_limit, simulated * traffic.user_share(user))
+            if user == traffic.TRIAL_USER
+            else simulated * traffic.user_share(user)
+            for user, tier in traffic.END_USERS
+            if tier == "free"
+        ),
+        default=0,
+    )
+
     to_date = spend_by_month.get(month_start, 0)
     remaining_days = (month_end - now).total_seconds() / 86400
     projected = to_date + last_week / 7 * remaining_days
@@ -409,7 +461,8 @@ def _size_budgets(
             projected / TENANT_PACE,
             to_date / MAX_USED_NOW,
             earlier / MAX_USED_NOW,
-            max(to_date, earlier) + worst,
+            max(to_date, earlier) + all_worst,
+            (to_date + simulated * SIMULATOR_DAYS) / WARN_SHARE,
         )
     )
     tenant_budget = (
@@ -430,7 +483,13 @@ def _size_budgets(
         Budget.objects.filter(pk=tenant_budget.pk).update(limit_nanos=tenant_limit)
         tenant_budget.limit_nanos = tenant_limit
     peak = max(free_by_user_month.values(), default=0)
-    free_limit = _nice_up(max(peak / FREE_USER_PEAK, peak + worst))
+    free_limit = _nice_up(
+        max(
+            peak / FREE_USER_PEAK,
+            peak + all_worst,
+            (peak + per_free_user * SIMULATOR_DAYS) / WARN_SHARE,
+        )
+    )
     free_budget = Budget.objects.filter(
         tenant=tenant,
         scope=BudgetScope.TIER,
@@ -448,14 +507,28 @@ def _size_budgets(
     else:
         Budget.objects.filter(pk=free_budget.pk).update(limit_nanos=free_limit)
         free_budget.limit_nanos = free_limit
-    return tenant_budget, free_budget
+    trial_budget = Budget.objects.filter(
+        tenant=tenant, scope=BudgetScope.END_USER, end_user=trial, period=BudgetPeriod.DAY
+    ).first()
+    if trial_budget is None:
+        trial_budget = budget_create(
+            tenant=tenant,
+            scope=BudgetScope.END_USER,
+            period=BudgetPeriod.DAY,
+            limit_nanos=trial_limit,
+            end_user=trial,
+        )
+    else:
+        Budget.objects.filter(pk=trial_budget.pk).update(limit_nanos=trial_limit)
+        trial_budget.limit_nanos = trial_limit
+    return tenant_budget, free_budget, trial_budget
 
 
-def _line(budget: Budget, subject_id: int, thresholds: tuple[int, int, int]) -> BudgetLine:
-    warn, degrade, block = (
-        budget.warn_pct if budget.warn_pct is not None else thresholds[0],
-        budget.degrade_pct if budget.degrade_pct is not None else thresholds[1],
-        budget.block_pct if budget.block_pct is not None else thresholds[2],
+def _line(budget: Budget, subject_id: int, tier: EndUserTier | None) -> BudgetLine:
+    warn, degrade, block = effective_thresholds(
+        scope=budget.scope,
+        given=(budget.warn_pct, budget.degrade_pct, budget.block_pct),
+        tier=(tier.warn_pct, tier.degrade_pct, tier.block_pct) if tier else None,
     )
     return BudgetLine(
         budget.pk, budget.scope, budget.period, budget.limit_nanos, subject_id,
@@ -468,23 +541,25 @@ def _replay_budget_status(
     *,
     tenant: Tenant,
     setup: DemoSetup,
-    budgets: tuple[Budget, Budget],
+    budgets: tuple[Budget, Budget, Budget],
 ) -> list[tuple[Crossing, datetime]]:
     """Set each row's ``budget_status`` as admission would have, and collect threshold crossings.
 
     Replays spend in time order over the budgets sized above (the tenant's
-    month, each free end user's month).
+    month, each free end user's month, the trial user's days).
     """
-    tenant_budget, free_budget = budgets
+    tenant_budget, free_budget, trial_budget = budgets
     free = setup.tiers["free"]
     free_ids = {eu.pk for eu in setup.end_users.values() if eu.tier_id == free.pk}
-    tier_thresholds = (free.warn_pct, free.degrade_pct, free.block_pct)
+    trial_id = setup.end_users[traffic.TRIAL_USER].pk
     spent: dict[tuple[int, int, datetime], int] = defaultdict(int)
     crossings: list[tuple[Crossing, datetime]] = []
     for entry in entries:
-        lines = [_line(tenant_budget, 0, (80, 90, 100))]
+        lines = [_line(tenant_budget, 0, None)]
         if entry.end_user_id in free_ids:
-            lines.append(_line(free_budget, entry.end_user_id or 0, tier_thresholds))
+            lines.append(_line(free_budget, entry.end_user_id or 0, free))
+        if entry.end_user_id == trial_id:
+            lines.append(_line(trial_budget, 0, free))
         decision = "allow"
         for line in lines:
             start = _period_key(line.period, entry.created_at, tenant.time_zone)
@@ -627,12 +702,17 @@ def generate(
     seed: int = DEFAULT_SEED,
     now: datetime | None = None,
     force: bool = False,
+    traffic_rate: float = 0.0,
+    announce: Callable[[str], None] | None = None,
 ) -> HistoryReport:
     """Write ``requests`` requests of history over the ``days`` days ending ``now``.
 
     Skipped when the tenant's history is fresh (its newest row younger than
     ``FRESH_FOR``) unless ``force``; otherwise the previous history rows are
-    replaced (live rows are never touched).
+    replaced (live rows are never touched). ``traffic_rate``: the live
+    simulator's requests per second, which the budgets are sized for (see
+    ``_size_budgets``). ``announce`` is told, once, when a history is about to
+    be written (it takes a while).
     """
     started = time.perf_counter()
     now = now or timezone.now()
@@ -640,6 +720,11 @@ def generate(
     newest = existing.aggregate(m=Max("created_at"))["m"]
     if newest is not None and not force and newest >= now - FRESH_FOR:
         return HistoryReport(skipped=True, events=existing.count())
+    if announce is not None:
+        announce(
+            f"Seeding the demo tenant's history: {requests} requests over {days} days, "
+            "run through the demo models..."
+        )
     start = now - timedelta(days=days)
     with transaction.atomic():
         setup = ensure_demo_setup(tenant, since=start - timedelta(days=1))
@@ -660,7 +745,9 @@ def generate(
         engine_seconds = time.perf_counter() - engine_started
 
         existing.delete()
-        budgets = _size_budgets(entries, tenant=tenant, setup=setup, now=now, worst=worst)
+        budgets = _size_budgets(
+            entries, tenant=tenant, setup=setup, now=now, worst=worst, traffic_rate=traffic_rate
+        )
         crossings = _replay_budget_status(entries, tenant=tenant, setup=setup, budgets=budgets)
         for entry in entries:
             usage_event_record(entry=entry)
@@ -682,6 +769,7 @@ def generate(
         end=now,
         tenant_budget_nanos=budgets[0].limit_nanos,
         free_user_budget_nanos=budgets[1].limit_nanos,
+        trial_budget_nanos=budgets[2].limit_nanos,
     )
     by_profile: dict[str, int] = defaultdict(int)
     by_domain: dict[str, int] = defaultdict(int)

@@ -186,7 +186,8 @@ CELERY_BEAT_SCHEDULE_FILENAME = env.str(
     "CELERY_BEAT_SCHEDULE_FILENAME", default=str(_CELERY_DIR / "beat-schedule")
 )
 Path(CELERY_BEAT_SCHEDULE_FILENAME).parent.mkdir(parents=True, exist_ok=True)
-CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://")
+# The files broker ignores the host; naming one keeps kombu from warning it is missing.
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://localhost/")
 if CELERY_BROKER_URL.startswith("filesystem://"):
     # A broker that needs no server: messages are files under var/celery.
     for _sub in ("queue", "processed", "control"):
@@ -431,6 +432,8 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("DJANGO_LOG_LEVEL", default="INFO")},
     "loggers": {
+        # Django's own handler would print each record a second time (DEBUG), beside root's.
+        "django": {"handlers": ["console"], "level": "INFO", "propagate": False},
         "LiteLLM": {"level": "WARNING", "propagate": False},
         "httpx": {"level": "WARNING"},
     },

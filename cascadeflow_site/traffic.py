@@ -57,8 +57,17 @@ END_USERS: tuple[tuple[str, str], ...] = (
     ("rosa.diaz", "free"),
     ("sami.laine", "free"),
     ("tomas.kral", "free"),
+    ("yuki.sato", "free"),
 )
 USER_WEIGHT = {"pro": 3.0, "free": 1.0}
+# An end user trying the product hard: a busy user whose answers are short (max_tokens)
+# and who has a small daily budget of their own (``demo_history``), so the live demo
+# crosses its warn and degrade thresholds, then refuses with a 402, every day.
+TRIAL_USER = "yuki.sato"
+TRIAL_WEIGHT = 4.0
+TRIAL_MAX_TOKENS = 128
+# Requests per second ``make demo`` sends (each costs about $0.0004 on the demo models).
+DEFAULT_RATE = 0.1
 
 SUPPORT_SYSTEM = (
     "You are the support assistant of Northwind Cloud. Answer customers briefly and politely."
@@ -349,7 +358,7 @@ def sample_request(
     if app.system:
         messages.append({"role": "system", "content": app.system})
     messages.append({"role": "user", "content": prompt})
-    user = _weighted(rng, tuple((u, USER_WEIGHT.get(t, 1.0)) for u, t in users))
+    user = _weighted(rng, tuple((u, user_weight(u, t)) for u, t in users))
     body: dict[str, Any] = {"model": app.model, "messages": messages, "user": user}
     if rng.random() < app.json_share:
         body["response_format"] = {"type": "json_object"}
@@ -361,7 +370,20 @@ def sample_request(
         body["max_tokens"] = rng.choice((400, 800, 1024))
     if rng.random() < 0.25:
         body["temperature"] = rng.choice((0.2, 0.7))
+    if user == TRIAL_USER:
+        body["max_tokens"] = TRIAL_MAX_TOKENS
     return DemoRequest(app.name, app.token_name, user, body)
+
+
+def user_weight(user: str, tier: str) -> float:
+    """How often an end user sends a request, relative to the others."""
+    return TRIAL_WEIGHT if user == TRIAL_USER else USER_WEIGHT.get(tier, 1.0)
+
+
+def user_share(user: str, users: tuple[tuple[str, str], ...] = END_USERS) -> float:
+    """The share of the mix's requests sent as ``user``."""
+    weights = {u: user_weight(u, t) for u, t in users}
+    return weights.get(user, 0.0) / sum(weights.values())
 
 
 # --- the live simulator ------------------------------------------------------------------

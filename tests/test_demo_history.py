@@ -1,6 +1,7 @@
 """The demo's past (30 days of real cascades) and its present (the traffic simulator)."""
 
 import json
+import random
 import threading
 import time
 from collections import Counter
@@ -18,7 +19,7 @@ from routing.enums import UsageStatus
 from routing.models import RoutingProfile, UsageEvent
 from tenants.budgets import period_bounds
 from tenants.enums import BudgetScope
-from tenants.models import Budget, BudgetCounter, EndUser, Tenant
+from tenants.models import ApiToken, Budget, BudgetCounter, EndUser, EndUserTier, Tenant
 from tenants.services import (
     tenant_audits_update,
     tenant_create,
@@ -119,7 +120,7 @@ def test_live_rows_survive_a_history_refresh(history):
 def test_budget_counters_equal_the_ledger_for_the_current_period(history):
     tenant, report = history
     budgets = {b.scope: b for b in Budget.objects.filter(tenant=tenant)}
-    assert set(budgets) == {BudgetScope.TENANT, BudgetScope.TIER}
+    assert set(budgets) == {BudgetScope.TENANT, BudgetScope.TIER, BudgetScope.END_USER}
     tenant_budget, free_budget = budgets[BudgetScope.TENANT], budgets[BudgetScope.TIER]
     assert free_budget.tier.slug == "free"
     start, end = period_bounds(tenant_budget.period, NOW, tenant.time_zone)
@@ -151,6 +152,113 @@ def test_budget_counters_equal_the_ledger_for_the_current_period(history):
     # A live request settled later keeps them equal; a recompute changes nothing.
     demo_history.budget_counters_recompute(tenant=tenant, now=NOW)
     assert BudgetCounter.objects.get(pk=counter.pk).spent_nanos == spent
+
+
+def test_budgets_leave_the_simulator_a_month_and_give_the_trial_user_a_day(db):
+    rate = 0.1
+    tenant = make_tenant()
+    report = demo_history.generate(tenant, days=DAYS, requests=REQUESTS, now=NOW, traffic_rate=rate)
+    rows = UsageEvent.objects.filter(tenant=tenant)
+    mean = rows.aggregate(s=Sum("cost_nanos"))["s"] / rows.count()
+    simulated_day = rate * 86_400 * mean
+    start, _ = period_bounds("month", NOW, tenant.time_zone)
+    in_month = rows.filter(created_at__gte=start)
+
+    # A month of the simulator, non-stop, stays under every warn threshold: the banner's
+    # snippets never meet a 402 from the tenant's budget or a free end user's.
+    tenant_budget = Budget.objects.get(tenant=tenant, scope=BudgetScope.TENANT)
+    to_date = in_month.aggregate(s=Sum("cost_nanos"))["s"]
+    assert to_date + 31 * simulated_day <= 0.8 * tenant_budget.limit_nanos
+    free_budget = Budget.objects.get(tenant=tenant, scope=BudgetScope.TIER)
+    for user, tier in traffic.END_USERS:
+        if tier != "free" or user == traffic.TRIAL_USER:
+            continue
+        spent = in_month.filter(end_user__external_id=user).aggregate(s=Sum("cost_nanos"))["s"]
+        month = (spent or 0) + 31 * simulated_day * traffic.user_share(user)
+        assert month <= 0.8 * free_budget.limit_nanos, user
+    # The trial user's own daily budget is a couple of hours of their simulated traffic.
+    trial = Budget.objects.get(tenant=tenant, scope=BudgetScope.END_USER)
+    assert (trial.end_user.external_id, trial.period) == (traffic.TRIAL_USER, "day")
+    trial_hour = rate * 3_600 * traffic.user_share(traffic.TRIAL_USER) * mean
+    assert trial_hour <= trial.limit_nanos <= 3 * trial_hour
+    assert report.trial_budget_nanos == trial.limit_nanos
+
+    # Without a simulator, the budgets fit the history alone.
+    quiet = make_tenant("demo-history-quiet")
+    demo_history.generate(quiet, days=DAYS, requests=REQUESTS, now=NOW)
+    alone = Budget.objects.get(tenant=quiet, scope=BudgetScope.TENANT)
+    assert alone.limit_nanos < tenant_budget.limit_nanos / 10
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_trial_user_crosses_warn_and_degrade_then_is_refused():
+    """What the live demo shows every day: the simulator's requests as the trial user
+    (sent here back to back) cross the warn and degrade thresholds of their daily budget,
+    each recorded once, then get 402s; the tenant's budget never objects."""
+    from tenants.models import BudgetAlert
+
+    tenant = await sync_to_async(make_tenant)()
+    await sync_to_async(demo_history.generate)(tenant, days=2, requests=120, traffic_rate=0.1)
+    await sync_to_async(tenant_audits_update)(tenant=tenant, audits_enabled=False)
+    # Back to back here, ~40 an hour in the demo: the tier's rate limit stays out of it.
+    await EndUserTier.objects.filter(tenant=tenant).aupdate(
+        requests_per_minute=None, tokens_per_minute=None
+    )
+    issued = await sync_to_async(token_create)(tenant=tenant, name="check")
+    trial = await Budget.objects.aget(tenant=tenant, scope=BudgetScope.END_USER)
+    rng = random.Random(7)
+    client = AsyncClient()
+    statuses: list[str] = []
+    for _ in range(400):
+        request = traffic.sample_request(rng, users=((traffic.TRIAL_USER, "free"),))
+        body = {**request.body, "stream": False}
+        body.pop("stream_options", None)
+        response = await client.post(
+            "/v1/chat/completions",
+            data=json.dumps(body),
+            content_type="application/json",
+            headers={"Authorization": f"Bearer {issued.raw}"},
+        )
+        if response.status_code == 402:
+            statuses.append("402")
+            break
+        assert response.status_code == 200, response.content
+        statuses.append(response.headers.get("x-cascade-budget", "allow"))
+        message = response.headers.get("x-cascade-budget-message", "")
+        assert "tenant" not in message  # only the trial user's daily budget speaks
+
+    assert statuses[-1] == "402", statuses
+    assert statuses[0] == "allow" and "warn" in statuses and "degrade" in statuses
+    assert 10 <= len(statuses) <= 200
+    alerts = [a async for a in BudgetAlert.objects.filter(budget=trial).order_by("pk")]
+    assert [a.level for a in alerts] == ["warn", "degrade"]
+    # Each recorded when spend crossed it, as the budgets table counts it.
+    for alert, pct in zip(alerts, (80, 90), strict=True):
+        assert alert.spent_nanos * 100 >= pct * alert.limit_nanos, alert.level
+
+
+def test_seed_demo_keeps_its_token_across_runs_until_told_to_rotate(db, capsys, settings, tmp_path):
+    settings.VAR_DIR = tmp_path
+    args = ["--history-days", "1", "--history-requests", "20", "--keep-token"]
+
+    def seed(*extra) -> str:
+        call_command("seed_demo", *args, *extra)
+        return capsys.readouterr().out.strip().splitlines()[-1]
+
+    first = seed()
+    assert first.startswith("cf_") and seed() == first
+    assert (tmp_path / "demo-token").read_text().strip() == first
+    assert (tmp_path / "demo-token").stat().st_mode & 0o777 == 0o600
+
+    # Without --keep-token (or once the saved token is revoked) a new one replaces it.
+    call_command("seed_demo", "--history-days", "1", "--history-requests", "20")
+    rotated = capsys.readouterr().out.strip().splitlines()[-1]
+    assert rotated != first
+    replaced = seed()
+    assert replaced not in (first, rotated)
+    tenant = Tenant.objects.get(slug="demo")
+    active = ApiToken.objects.filter(tenant=tenant, name="make-demo", revoked_at__isnull=True)
+    assert active.count() == 1
 
 
 def test_seed_demo_prints_the_token_last_and_keeps_a_fresh_history(db, capsys):
@@ -221,8 +329,6 @@ async def test_history_rows_match_the_same_requests_sent_live():
 
 
 def test_the_mix_spans_profiles_users_and_domains():
-    import random
-
     rng = random.Random(3)
     requests = [traffic.sample_request(rng) for _ in range(400)]
     assert {r.model for r in requests} == set(traffic.PROFILE_MODELS)
