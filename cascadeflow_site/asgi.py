@@ -10,6 +10,10 @@ from django.core.asgi import get_asgi_application
 
 django_asgi_app = get_asgi_application()
 
+from routing import telemetry  # noqa: E402
+
+telemetry.configure()  # OpenTelemetry traces when OTEL_* asks for them; nothing otherwise
+
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402

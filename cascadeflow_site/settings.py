@@ -94,6 +94,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "cascadeflow_site.middleware.RequestIdMiddleware",
+    "routing.metrics.HttpMetricsMiddleware",
     "cascadeflow_site.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -111,7 +112,7 @@ MIDDLEWARE = [
 # message middleware; cascadeflow_site.handlers serves it with this stack.
 CASCADEFLOW_GATEWAY_MIDDLEWARE = [
     "cascadeflow_site.middleware.RequestIdMiddleware",
-    "cascadeflow_site.middleware.DatabaseUnavailableMiddleware",
+    "routing.metrics.HttpMetricsMiddleware",
     "cascadeflow_site.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
 ]
@@ -342,7 +343,7 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG
 SECURE_HSTS_PRELOAD = not DEBUG
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 
 # --- REST framework (management API) ----------------------------------------
 REST_FRAMEWORK = {
@@ -419,6 +420,12 @@ CASCADEFLOW_TOKEN_TOUCH_SECONDS = env.int("CASCADEFLOW_TOKEN_TOUCH_SECONDS", def
 CASCADEFLOW_SPOOL_DIR = env.str("CASCADEFLOW_SPOOL_DIR", default=str(VAR_DIR / "spool"))
 # Retry-After (seconds) of the 503 answered while the database is unreachable.
 CASCADEFLOW_RETRY_AFTER_SECONDS = env.int("CASCADEFLOW_RETRY_AFTER_SECONDS", default=5)
+# Prometheus: /metrics answers this bearer token (unset: loopback clients only). Every
+# worker writes its samples under PROMETHEUS_MULTIPROC_DIR (read by prometheus-client,
+# so it is set here, before anything imports it); empty it when the fleet starts.
+CASCADEFLOW_METRICS_TOKEN = env.str("CASCADEFLOW_METRICS_TOKEN", default="")
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(VAR_DIR / "prometheus"))
+Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 # Audits (routing.audits): what a new tenant may spend on them a month, at most (the
 # tenant's own ``audit_monthly_cap_nanos`` is set from this when it is created).
 CASCADEFLOW_AUDIT_MONTHLY_CAP_NANOS = int(

@@ -4,6 +4,7 @@ from django.urls import include, path
 from cascadeflow_site.health import healthz, readyz
 from dashboard import accounts
 from dashboard.views import favicon
+from routing.metrics import metrics_view
 
 urlpatterns = [
     path("v1/", include("routing.urls")),
@@ -17,5 +18,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),
+    path("metrics", metrics_view, name="metrics"),
     path("favicon.ico", favicon, name="favicon"),
 ]

@@ -32,7 +32,7 @@ from django.utils import timezone
 
 from cascadeflow_site.db import db
 from dashboard import live
-from routing import audits
+from routing import audits, metrics, telemetry
 from routing.enforcement import (
     Enforcement,
     Settlement,
@@ -42,6 +42,7 @@ from routing.enforcement import (
     degraded,
     rate_limited_error,
 )
+from routing.engine import tracing
 from routing.engine.agent import CascadeAgent, CascadeStream, _draft_of, clean_payload
 from routing.engine.pricing import nanos_to_usd
 from routing.engine.resilience import (
@@ -92,6 +93,7 @@ def caller() -> Caller:
     )
     breaker = CircuitBreaker(
         store,
+        observe=metrics.breaker_observed,
         failure_threshold=settings.CASCADEFLOW_BREAKER_FAILURES,
         window_s=settings.CASCADEFLOW_BREAKER_WINDOW,
         cooldown_s=settings.CASCADEFLOW_BREAKER_COOLDOWN,
@@ -172,6 +174,7 @@ class GatewayRequest:
     end_user_audit_excluded: bool = False
     answers: dict[str, Any] = field(default_factory=dict)  # model -> its response (learning only)
     streamed: StreamedAnswer | None = None
+    span: telemetry.RequestSpan = telemetry.OFF  # the request's trace span (tracing on)
 
     def agent(self) -> CascadeAgent:
         from routing.engine.policy import PRESETS, Policy
@@ -303,6 +306,8 @@ def _prepare_sync(
         )
         usage_event_record(entry=entry)
         live.publish(entry)
+        metrics.RATE_LIMITED.labels(exc.limit.scope).inc()
+        metrics.ledger_recorded(entry)
         raise rate_limited_error(exc) from None
     gw = GatewayRequest(
         request_id,
@@ -337,6 +342,7 @@ def _refuse_blocked(gw: GatewayRequest) -> None:
         _spool(spooled_record(values, settlement), gw.request_id)
     gw.recorded = True
     live.publish(entry)
+    metrics.ledger_recorded(entry)
     raise blocked_error(gw.enforcement)
 
 
@@ -358,26 +364,29 @@ async def prepare(
     chat: ChatRequest | None,
     parse_error: GatewayError | None,
     audit_opt_out: bool = False,
+    span: telemetry.RequestSpan = telemetry.OFF,
 ) -> GatewayRequest:
     """Authenticate first (401 beats 400), then resolve the target, end user and budgets."""
     live.publisher.bind()
     try:
-        gw = await _prepare_sync(
-            bearer_token(authorization),
-            chat,
-            parse_error,
-            request_id,
-            timezone.now(),
-            time.perf_counter(),
-            audit_opt_out,
-        )
-        if gw.enforcement.question is not None:
-            try:
-                await _ask_tenant(gw)
-            except GatewayError:
-                raise
-            except Exception:  # nothing must stay reserved for a request that ends here
-                raise await _crashed(gw, ledger_entry(gw), []) from None
+        with tracing.span("admission"):
+            gw = await _prepare_sync(
+                bearer_token(authorization),
+                chat,
+                parse_error,
+                request_id,
+                timezone.now(),
+                time.perf_counter(),
+                audit_opt_out,
+            )
+            gw.span = span
+            if gw.enforcement.question is not None:
+                try:
+                    await _ask_tenant(gw)
+                except GatewayError:
+                    raise
+                except Exception:  # nothing must stay reserved for a request that ends here
+                    raise await _crashed(gw, ledger_entry(gw), []) from None
     except DATABASE_DOWN as exc:
         # One line per refused request: an outage must not flood the log with tracebacks.
         logger.warning("Database unreachable while admitting %s: %r", request_id, exc)
@@ -535,8 +544,43 @@ async def record(gw: GatewayRequest, entry: LedgerEntry) -> None:
         logger.exception("Could not prepare the audit sample of %s", gw.request_id)
         candidate = None
     # Shielded: a client that disconnects must not cancel its own ledger row.
-    await asyncio.shield(_record_sync(entry, gw.ctx, gw.enforcement, candidate))
+    with tracing.span("ledger write"):
+        await asyncio.shield(_record_sync(entry, gw.ctx, gw.enforcement, candidate))
     live.publish(entry)
+    metrics.ledger_recorded(entry)
+    gw.span.finish(
+        span_attributes(gw, entry),
+        error=entry.error_code or None if entry.status != UsageStatus.OK else None,
+    )
+
+
+def span_attributes(gw: GatewayRequest, entry: LedgerEntry) -> dict[str, Any]:
+    """The request span's story: GenAI conventions, then CascadeFlow's own decisions."""
+    if not tracing.enabled():
+        return {}
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": gw.chat.model,
+        "gen_ai.response.model": entry.model or None,
+        "gen_ai.usage.input_tokens": sum(a.prompt_tokens for a in entry.attempts),
+        "gen_ai.usage.output_tokens": sum(a.completion_tokens for a in entry.attempts),
+        "gen_ai.request.max_tokens": gw.chat.max_output_tokens,
+        "http.response.status_code": entry.http_status,
+        "cascadeflow.request_id": gw.request_id,
+        "cascadeflow.status": entry.status,
+        "cascadeflow.escalated": entry.escalated,
+        "cascadeflow.cost_usd": entry.cost_nanos / 1e9,
+        "cascadeflow.saving_usd": max(entry.baseline_cost_nanos - entry.cost_nanos, 0) / 1e9
+        if entry.status == UsageStatus.OK
+        else 0.0,
+        "cascadeflow.profile": entry.profile or None,
+        "cascadeflow.domain": entry.domain or None,
+        "cascadeflow.budget": entry.budget_status or None,
+        "cascadeflow.models_called": entry.models_called,
+    }
+    if gw.ctx.trace_content:  # the tenant turned content capture on
+        attributes["gen_ai.prompt"] = json.dumps(gw.chat.messages, default=str)[:16_000]
+    return attributes
 
 
 def gateway_error_of(exc: UpstreamError) -> GatewayError:
@@ -657,8 +701,14 @@ async def _relay(
     chunks = cascade.chunks()
     if gw.target.learning is not None:
         gw.streamed = StreamedAnswer()
+    first = True
     try:
         async for data in chunks:
+            if first:
+                first = False
+                metrics.FIRST_TOKEN.labels(cascade.model.name).observe(
+                    time.perf_counter() - gw.started
+                )
             if gw.streamed is not None:
                 gw.streamed.add(data)
             if not gw.chat.include_usage:
@@ -707,6 +757,7 @@ async def _relay(
     # An SSE comment: ignored by clients, readable by anyone tailing the stream.
     yield f": cascade {json.dumps(summary, separators=(',', ':'))}\n\n"
     yield "data: [DONE]\n\n"
+    metrics.HTTP_DURATION.labels("chat-completions").observe(time.perf_counter() - gw.started)
 
 
 def _is_empty(data: dict[str, Any]) -> bool:

@@ -7,7 +7,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from routing import gateway
+from routing import gateway, metrics, telemetry
 from routing.errors import GatewayError, too_large
 from routing.schemas import parse_chat_request
 
@@ -20,7 +20,9 @@ def _with_headers(response: HttpResponse, headers: dict[str, str]) -> HttpRespon
     return response
 
 
-def _error(exc: GatewayError) -> HttpResponse:
+def _error(exc: GatewayError, route: str = "") -> HttpResponse:
+    if route:
+        metrics.ERRORS.labels(route, exc.code or str(exc.status)).inc()
     response = exc.response()
     for name, value in gateway.EMPTY_CASCADE_HEADERS.items():
         if name not in response:
@@ -48,39 +50,47 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
         return _method_not_allowed("POST")
     chat, parse_error = None, None
+    span = telemetry.request_span(
+        "chat", request.headers, {"cascadeflow.request_id": request.request_id}
+    )
     try:
-        try:
-            chat = parse_chat_request(request.body)
-        except RequestDataTooBig:
-            parse_error = too_large(settings.CASCADEFLOW_MAX_REQUEST_BYTES)
-        except GatewayError as exc:
-            parse_error = exc
-        gw = await gateway.prepare(
-            request_id=request.request_id,
-            authorization=request.headers.get("Authorization"),
-            chat=chat,
-            parse_error=parse_error,
-            audit_opt_out=audit_opted_out(request),
-        )
-        if gw.chat.stream:
-            outcome = await gateway.stream(gw)
-            response = StreamingHttpResponse(outcome.events, content_type="text/event-stream")
-            response["Cache-Control"] = "no-cache"
-            response["X-Accel-Buffering"] = "no"
-            return _with_headers(response, outcome.headers)
-        result = await gateway.complete(gw)
-        return _with_headers(JsonResponse(result.body), result.headers)
+        with span.activate():
+            try:
+                chat = parse_chat_request(request.body)
+            except RequestDataTooBig:
+                parse_error = too_large(settings.CASCADEFLOW_MAX_REQUEST_BYTES)
+            except GatewayError as exc:
+                parse_error = exc
+            gw = await gateway.prepare(
+                request_id=request.request_id,
+                authorization=request.headers.get("Authorization"),
+                chat=chat,
+                parse_error=parse_error,
+                audit_opt_out=audit_opted_out(request),
+                span=span,
+            )
+            if gw.chat.stream:
+                outcome = await gateway.stream(gw)
+                response = StreamingHttpResponse(outcome.events, content_type="text/event-stream")
+                response["Cache-Control"] = "no-cache"
+                response["X-Accel-Buffering"] = "no"
+                return _with_headers(response, outcome.headers)
+            result = await gateway.complete(gw)
+            return _with_headers(JsonResponse(result.body), result.headers)
     except GatewayError as exc:
-        return _error(exc)
+        span.finish({"http.response.status_code": exc.status}, error=exc.code or "error")
+        return _error(exc, "chat-completions")
     except Exception:
         logger.exception("Unhandled error in chat completion %s", request.request_id)
+        span.finish({"http.response.status_code": 500}, error="internal_error")
         return _error(
             GatewayError(
                 500,
                 f"CascadeFlow failed to handle request {request.request_id}.",
                 type="api_error",
                 code="internal_error",
-            )
+            ),
+            "chat-completions",
         )
 
 
@@ -91,7 +101,7 @@ async def models(request: HttpRequest) -> HttpResponse:
     try:
         ctx = await gateway.authenticate(request.headers.get("Authorization"))
     except GatewayError as exc:
-        return _error(exc)
+        return _error(exc, "models")
     return _with_headers(
         JsonResponse(await gateway.list_models(ctx)), gateway.EMPTY_CASCADE_HEADERS
     )

@@ -80,6 +80,8 @@ class Tenant(models.Model):
     # They cost model calls, charged to the tenant's budgets like requests and never
     # more than ``audit_monthly_cap_nanos`` a calendar month (the tenant's time zone).
     audits_enabled = models.BooleanField(default=True, db_default=True)
+    # Traces carry prompt and completion text only when the tenant turns this on.
+    trace_content = models.BooleanField(default=False, db_default=False)
     audit_monthly_cap_nanos = models.BigIntegerField(default=default_audit_cap_nanos)
 
     class Meta:

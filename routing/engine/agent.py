@@ -28,7 +28,7 @@ from typing import Any
 
 import litellm
 
-from routing.engine import signals
+from routing.engine import signals, tracing
 from routing.engine.calibration import Scorer
 from routing.engine.complexity import QueryProfile, profile_query, query_text
 from routing.engine.learning import pre_features
@@ -174,6 +174,28 @@ class CascadeAgent:
         params: dict[str, Any],
     ) -> Check:
         """Decide whether ``response`` (a draft of ``spec``) is good enough to return."""
+        with tracing.span("quality check", {"gen_ai.request.model": spec.name}) as span:
+            check = await self._judge(plan, spec, response, messages, params)
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "cascadeflow.check.score": check.probability,
+                        "cascadeflow.check.threshold": check.threshold,
+                        "cascadeflow.check.accepted": check.accepted,
+                        "cascadeflow.check.hard_fail": check.hard_fail or "",
+                        "cascadeflow.domain": plan.query.domain,
+                    }
+                )
+            return check
+
+    async def _judge(
+        self,
+        plan: Plan,
+        spec: ModelSpec,
+        response: Any,
+        messages: list[dict],
+        params: dict[str, Any],
+    ) -> Check:
         step: StepCalibration = plan.calibration.step(self._step_index(plan, spec))
         draft = _draft_of(response)
         report = signals.extract(draft, plan.query, params)
@@ -632,6 +654,14 @@ class CascadeStream:
         attempt.completion_tokens = completion
         attempt.cost_nanos = upstream.spec.price.cost_nanos(prompt, completion)
         attempt.latency_ms = int((time.perf_counter() - upstream.started) * 1000)
+        upstream.span.set_attributes(
+            {
+                "gen_ai.usage.input_tokens": prompt,
+                "gen_ai.usage.output_tokens": completion,
+                "cascadeflow.cost_usd": attempt.cost_nanos / 1e9,
+            }
+        )
+        upstream.span.end()
         baseline, method = baseline_cost(self.plan.strongest, upstream.spec, attempt)
         self.result = CascadeResult(
             response=None,

@@ -24,14 +24,14 @@ import asyncio
 import random
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
 import litellm
 
-from routing.engine import openai_wire
+from routing.engine import openai_wire, tracing
 from routing.engine.openai_wire import ProviderHTTPError
 from routing.engine.types import Attempt, Deployment, ModelSpec
 
@@ -227,6 +227,8 @@ class CircuitBreaker:
     store_pause_s: float = 5.0
     fallback: BreakerStore = field(default_factory=MemoryBreakerStore)
     _paused_until: float = 0.0
+    # Told each deployment's state as it is checked (metrics): (deployment label, is open).
+    observe: Callable[[str, bool], None] | None = None
 
     def _store(self) -> BreakerStore:
         return self.fallback if time.monotonic() < self._paused_until else self.store
@@ -243,9 +245,12 @@ class CircuitBreaker:
 
     async def allow(self, deployment: Deployment) -> bool:
         try:
-            return not await self._call("is_open", deployment.label)
+            is_open = bool(await self._call("is_open", deployment.label))
         except Exception:
-            return True
+            is_open = False
+        if self.observe is not None:
+            self.observe(deployment.label, is_open)
+        return not is_open
 
     async def failed(self, deployment: Deployment) -> None:
         try:
@@ -279,6 +284,7 @@ class Stream:
     rest: AsyncIterator[Any]
     started: float
     attempt: Attempt
+    span: Any = tracing.NOTHING  # the call's span, ended once its usage is known
 
 
 def response_cost_nanos(spec: ModelSpec, response: Any, prompt: int, completion: int) -> int:
@@ -329,37 +335,44 @@ class Caller:
             if n:
                 await self._backoff(n)
             started = time.perf_counter()
-            try:
-                call = self._kwargs(deployment, kwargs)
-                if openai_wire.handles(deployment.litellm_model, deployment.params):
-                    response = await openai_wire.acompletion(deployment.litellm_model, call)
-                else:
-                    response = await litellm.acompletion(**call)
-                if not getattr(response, "choices", None):
-                    raise litellm.APIError(
-                        status_code=502,
-                        message="Malformed response: no choices.",
-                        llm_provider="",
-                        model=deployment.litellm_model,
+            with tracing.span(
+                f"chat {spec.name}", _call_attributes(spec, deployment, kwargs, role), client=True
+            ) as span:
+                try:
+                    call = self._kwargs(deployment, kwargs)
+                    if openai_wire.handles(deployment.litellm_model, deployment.params):
+                        response = await openai_wire.acompletion(deployment.litellm_model, call)
+                    else:
+                        response = await litellm.acompletion(**call)
+                    if not getattr(response, "choices", None):
+                        raise litellm.APIError(
+                            status_code=502,
+                            message="Malformed response: no choices.",
+                            llm_provider="",
+                            model=deployment.litellm_model,
+                        )
+                except Exception as exc:
+                    failure = await self._failed_call(
+                        exc, spec, deployment, started, attempts, role
                     )
-            except Exception as exc:
-                failure = await self._failed_call(exc, spec, deployment, started, attempts, role)
-                continue
-            if self.breaker:
-                await self.breaker.succeeded(deployment)
-            usage = getattr(response, "usage", None)
-            prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
-            completion = int(getattr(usage, "completion_tokens", 0) or 0)
-            attempt = Attempt(
-                model=spec.name,
-                deployment=deployment.label,
-                role=role,
-                status="ok",
-                prompt_tokens=prompt,
-                completion_tokens=completion,
-                cost_nanos=response_cost_nanos(spec, response, prompt, completion),
-                latency_ms=_ms_since(started),
-            )
+                    span.set_attribute("error.type", failure.code)
+                    continue
+                if self.breaker:
+                    await self.breaker.succeeded(deployment)
+                usage = getattr(response, "usage", None)
+                prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
+                completion = int(getattr(usage, "completion_tokens", 0) or 0)
+                attempt = Attempt(
+                    model=spec.name,
+                    deployment=deployment.label,
+                    role=role,
+                    status="ok",
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    cost_nanos=response_cost_nanos(spec, response, prompt, completion),
+                    latency_ms=_ms_since(started),
+                )
+                span.set_attributes(_response_attributes(response, attempt))
             attempts.append(attempt)
             return response, attempt
         raise UpstreamError(
@@ -395,7 +408,11 @@ class Caller:
                 await self.breaker.succeeded(deployment)
             attempt = Attempt(model=spec.name, deployment=deployment.label, role=role, status="ok")
             attempts.append(attempt)
-            return Stream(spec, deployment, first, iterator, started, attempt)
+            # Ended when the stream is settled (its usage known): see CascadeStream.
+            span = tracing.start(
+                f"chat {spec.name}", _call_attributes(spec, deployment, call, role), client=True
+            )
+            return Stream(spec, deployment, first, iterator, started, attempt, span)
         raise UpstreamError(
             spec.name, failure or Failure(True, 503, "no_deployment", "No deployment available.")
         )
@@ -435,6 +452,39 @@ def _failed(
         error_code=failure.code,
         error_message=failure.message,
     )
+
+
+def _call_attributes(
+    spec: ModelSpec, deployment: Deployment, kwargs: dict[str, Any], role: str
+) -> dict[str, Any]:
+    if not tracing.enabled():
+        return {}
+    return {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.system": tracing.provider_of(deployment.litellm_model),
+        "gen_ai.request.model": spec.name,
+        "gen_ai.request.max_tokens": kwargs.get("max_completion_tokens")
+        or kwargs.get("max_tokens"),
+        "gen_ai.request.temperature": kwargs.get("temperature"),
+        "cascadeflow.deployment": deployment.label,
+        "cascadeflow.role": role,
+    }
+
+
+def _response_attributes(response: Any, attempt: Attempt) -> dict[str, Any]:
+    if not tracing.enabled():
+        return {}
+    reasons = [
+        str(c.finish_reason) for c in getattr(response, "choices", None) or [] if c.finish_reason
+    ]
+    return {
+        "gen_ai.response.model": getattr(response, "model", None),
+        "gen_ai.response.id": getattr(response, "id", None),
+        "gen_ai.response.finish_reasons": reasons,
+        "gen_ai.usage.input_tokens": attempt.prompt_tokens,
+        "gen_ai.usage.output_tokens": attempt.completion_tokens,
+        "cascadeflow.cost_usd": attempt.cost_nanos / 1e9,
+    }
 
 
 def _ms_since(started: float) -> int:

@@ -212,6 +212,7 @@ NOT_TENANT_OBJECTS = (
     "/accounts/",  # login, logout, password reset
     "/healthz",  # liveness
     "/readyz",  # readiness: reports dependencies, no tenant data
+    "/metrics",  # Prometheus: aggregate series, a bearer token or loopback only
     "/billing/stripe/webhook/",  # Stripe's signature, not a tenant's
     "/static/",
     "/favicon.ico",  # a redirect to the static icon
