@@ -92,9 +92,13 @@ INSTALLED_APPS = [
     "dashboard",
 ]
 
+# Prometheus metrics (routing.metrics): on unless CASCADEFLOW_METRICS=false.
+CASCADEFLOW_METRICS = env.bool("CASCADEFLOW_METRICS", default=True)
+_METRICS_MIDDLEWARE = ["routing.metrics.HttpMetricsMiddleware"] if CASCADEFLOW_METRICS else []
+
 MIDDLEWARE = [
     "cascadeflow_site.middleware.RequestIdMiddleware",
-    "routing.metrics.HttpMetricsMiddleware",
+    *_METRICS_MIDDLEWARE,
     "cascadeflow_site.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -112,7 +116,7 @@ MIDDLEWARE = [
 # message middleware; cascadeflow_site.handlers serves it with this stack.
 CASCADEFLOW_GATEWAY_MIDDLEWARE = [
     "cascadeflow_site.middleware.RequestIdMiddleware",
-    "routing.metrics.HttpMetricsMiddleware",
+    *_METRICS_MIDDLEWARE,
     "cascadeflow_site.middleware.DatabaseUnavailableMiddleware",
     "django.middleware.security.SecurityMiddleware",
 ]

@@ -306,7 +306,7 @@ def _prepare_sync(
         )
         usage_event_record(entry=entry)
         live.publish(entry)
-        metrics.RATE_LIMITED.labels(exc.limit.scope).inc()
+        metrics.rate_limited(exc.limit.scope)
         metrics.ledger_recorded(entry)
         raise rate_limited_error(exc) from None
     gw = GatewayRequest(
@@ -706,9 +706,7 @@ async def _relay(
         async for data in chunks:
             if first:
                 first = False
-                metrics.FIRST_TOKEN.labels(cascade.model.name).observe(
-                    time.perf_counter() - gw.started
-                )
+                metrics.first_token(cascade.model.name, time.perf_counter() - gw.started)
             if gw.streamed is not None:
                 gw.streamed.add(data)
             if not gw.chat.include_usage:
@@ -757,7 +755,7 @@ async def _relay(
     # An SSE comment: ignored by clients, readable by anyone tailing the stream.
     yield f": cascade {json.dumps(summary, separators=(',', ':'))}\n\n"
     yield "data: [DONE]\n\n"
-    metrics.HTTP_DURATION.labels("chat-completions").observe(time.perf_counter() - gw.started)
+    metrics.stream_finished("chat-completions", time.perf_counter() - gw.started)
 
 
 def _is_empty(data: dict[str, Any]) -> bool:

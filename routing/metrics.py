@@ -6,6 +6,9 @@ settings, ``var/prometheus`` by default; empty it when the server fleet
 starts), and a scrape of ``/metrics`` on any worker reads them all. Money is
 counted in integer nano-dollars, like the ledger.
 
+``CASCADEFLOW_METRICS=false`` turns collection off (no middleware, every
+recording function returns at once, ``/metrics`` is a 404).
+
 ``/metrics`` answers a bearer token equal to ``CASCADEFLOW_METRICS_TOKEN``;
 with none configured it answers loopback clients only. Labels never carry a
 tenant, a user or a prompt: their values are routes, statuses, catalog model
@@ -22,7 +25,7 @@ from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -118,12 +121,40 @@ class HttpMetricsMiddleware:
         return response
 
 
+def on() -> bool:
+    return settings.CASCADEFLOW_METRICS
+
+
 def breaker_observed(deployment: str, is_open: bool) -> None:
-    BREAKER_OPEN.labels(deployment).set(1 if is_open else 0)
+    if on():
+        BREAKER_OPEN.labels(deployment).set(1 if is_open else 0)
+
+
+def error(route: str, code: str) -> None:
+    if on():
+        ERRORS.labels(route, code).inc()
+
+
+def rate_limited(scope: str) -> None:
+    if on():
+        RATE_LIMITED.labels(scope).inc()
+
+
+def first_token(model: str, seconds: float) -> None:
+    if on():
+        FIRST_TOKEN.labels(model).observe(seconds)
+
+
+def stream_finished(route: str, seconds: float) -> None:
+    """A stream's duration, to its last byte (the middleware saw only its headers)."""
+    if on():
+        HTTP_DURATION.labels(route).observe(seconds)
 
 
 def ledger_recorded(entry: Any) -> None:
     """Everything a ledger entry says about one request."""
+    if not on():
+        return
     profile = entry.profile or "-"
     model = entry.model or "-"
     COMPLETIONS.labels(model, profile, entry.status).inc()
@@ -201,10 +232,16 @@ def allowed(request: HttpRequest) -> bool:
     if token:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), token)
+    # A request relayed by a proxy on this host arrives from loopback too: it is not a
+    # loopback client (set a token to scrape through a proxy).
+    if any(h in request.headers for h in ("X-Forwarded-For", "Forwarded", "X-Real-Ip")):
+        return False
     return request.META.get("REMOTE_ADDR") in {"127.0.0.1", "::1"}
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:
+    if not on():
+        raise Http404
     if not allowed(request):
         response = HttpResponse("Forbidden: a metrics token is required.\n", status=403)
         response["Content-Type"] = "text/plain"

@@ -22,7 +22,7 @@ def _with_headers(response: HttpResponse, headers: dict[str, str]) -> HttpRespon
 
 def _error(exc: GatewayError, route: str = "") -> HttpResponse:
     if route:
-        metrics.ERRORS.labels(route, exc.code or str(exc.status)).inc()
+        metrics.error(route, exc.code or str(exc.status))
     response = exc.response()
     for name, value in gateway.EMPTY_CASCADE_HEADERS.items():
         if name not in response:

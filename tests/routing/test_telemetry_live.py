@@ -29,9 +29,9 @@ class Receiver:
     def add(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
         with self.lock:
             for resource in request.resource_spans:
-                service = {
-                    a.key: a.value.string_value for a in resource.resource.attributes
-                }.get("service.name")
+                service = {a.key: a.value.string_value for a in resource.resource.attributes}.get(
+                    "service.name"
+                )
                 for scope in resource.scope_spans:
                     for span in scope.spans:
                         self.spans.append((service, span))
@@ -49,7 +49,7 @@ class Receiver:
 
 def http_receiver(receiver: Receiver):
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
+        def do_POST(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
             if self.path == "/v1/traces":
                 request = trace_service_pb2.ExportTraceServiceRequest()
@@ -72,7 +72,7 @@ def grpc_receiver(receiver: Receiver):
     import grpc
 
     class Service(trace_service_pb2_grpc.TraceServiceServicer):
-        def Export(self, request, context):  # noqa: N802 - the protocol's name
+        def Export(self, request, context):
             receiver.add(request)
             return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -196,9 +196,15 @@ def test_two_workers_add_up_on_metrics(fake_upstream, tmp_path):
             samples = scrape(base_url, Authorization="Bearer s3")
             completed = total(samples, "cascadeflow_completions_total", model="demo/small")
             assert completed == 5, samples
-            assert total(
-                samples, "cascadeflow_http_requests_total", route="chat-completions", status="200"
-            ) == 5
+            assert (
+                total(
+                    samples,
+                    "cascadeflow_http_requests_total",
+                    route="chat-completions",
+                    status="200",
+                )
+                == 5
+            )
             assert total(samples, "cascadeflow_errors_total", code="invalid_api_key") == 1
             assert total(samples, "cascadeflow_cost_nanodollars_total") == sum(
                 row[0] for row in server.query("SELECT cost_nanos FROM routing_usageevent")

@@ -4,13 +4,13 @@ no prompt text unless the tenant asks, and nothing at all while tracing is off."
 import json
 
 import pytest
-from django.test import AsyncClient
+from django.test import AsyncClient, RequestFactory
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from routing import telemetry
+from routing import metrics, telemetry
 from routing.engine import tracing
 from tenants.models import Tenant
 
@@ -115,7 +115,9 @@ async def test_a_cascade_is_one_trace_inside_the_callers(spans, api_token):
         assert 0.0 <= check.attributes["cascadeflow.check.score"] <= 1.0
         assert isinstance(check.attributes["cascadeflow.check.accepted"], bool)
     # A draft that was escalated failed its check; one that was served passed it.
-    assert checks[-1].attributes["cascadeflow.check.accepted"] != attributes["cascadeflow.escalated"]
+    assert (
+        checks[-1].attributes["cascadeflow.check.accepted"] != attributes["cascadeflow.escalated"]
+    )
     # The prompt is never exported unless the tenant turned content capture on.
     assert SECRET not in every_value(finished)
 
@@ -206,3 +208,27 @@ def test_configure_reads_only_the_standard_variables(monkeypatch):
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     assert not telemetry.wanted()
 
+
+async def test_metrics_guard_and_switch(api_token, settings):
+    """/metrics: loopback only without a token; the token when set; a 404 when metrics are off."""
+    client = AsyncClient()
+    assert (await client.get("/metrics")).status_code == 200  # the test client is 127.0.0.1
+    outside = RequestFactory().get("/metrics", REMOTE_ADDR="203.0.113.9")
+    assert metrics.metrics_view(outside).status_code == 403
+    for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):  # relayed by a local proxy
+        relayed = await client.get("/metrics", headers={header: "203.0.113.9"})
+        assert relayed.status_code == 403, header
+    settings.CASCADEFLOW_METRICS_TOKEN = "t0ken"
+    assert (await client.get("/metrics")).status_code == 403
+    wrong = await client.get("/metrics", headers={"Authorization": "Bearer t0ke"})
+    assert wrong.status_code == 403
+    right = await client.get("/metrics", headers={"Authorization": "Bearer t0ken"})
+    assert right.status_code == 200
+    outside = RequestFactory().get(
+        "/metrics", REMOTE_ADDR="203.0.113.9", headers={"Authorization": "Bearer t0ken"}
+    )
+    assert metrics.metrics_view(outside).status_code == 200
+    assert b"cascadeflow_http_requests_total" in right.content
+    settings.CASCADEFLOW_METRICS = False
+    off = await client.get("/metrics", headers={"Authorization": "Bearer t0ken"})
+    assert off.status_code == 404
