@@ -26,6 +26,7 @@ from tenants.api import (
     BudgetListCreateApi,
     EndUserDetailApi,
     EndUserListApi,
+    TenantSettingsApi,
     TokenListCreateApi,
     TokenRevokeApi,
 )
@@ -35,6 +36,7 @@ from tenants.api_base import not_found
 register_converter(ProfileNameConverter, "profile")
 
 urlpatterns = [
+    path("settings/", TenantSettingsApi.as_view(), name="api-settings"),
     path("tokens/", TokenListCreateApi.as_view(), name="api-tokens"),
     path("tokens/<int:pk>/revoke/", TokenRevokeApi.as_view(), name="api-token-revoke"),
     path("budgets/", BudgetListCreateApi.as_view(), name="api-budgets"),

@@ -14,7 +14,7 @@ from routing.engine.pricing import nanos_to_usd, usd_to_nanos
 from tenants import selectors, services
 from tenants.api_base import BIGINT_MAX, ApiError, TenantAPIView, envelope
 from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope, Scope
-from tenants.models import ApiToken, Budget, BudgetAlert, EndUser, EndUserTier
+from tenants.models import ApiToken, Budget, BudgetAlert, EndUser, EndUserTier, Tenant
 
 
 class TokenOutput(serializers.ModelSerializer):
@@ -433,3 +433,52 @@ class AlertListApi(TenantAPIView):
     def get(self, request):
         alerts = self.tenant_queryset().order_by("-created_at")[:500]
         return Response({"data": AlertOutput(alerts, many=True).data})
+
+
+class TenantSettingsOutput(serializers.Serializer):
+    audits_enabled = serializers.BooleanField(
+        help_text="Audit a share of requests to measure and calibrate the cascade."
+    )
+    audit_monthly_cap_nanos = serializers.IntegerField(
+        help_text="What audits may spend a month (nano-dollars)."
+    )
+    trace_content = serializers.BooleanField(
+        help_text="Export prompt text on request traces (OpenTelemetry); off by default."
+    )
+
+
+class TenantSettingsApi(TenantAPIView):
+    """The tenant's own switches: audits and their monthly cap, content capture in traces."""
+
+    model = Tenant
+    serializer_class = TenantSettingsOutput
+    read_scope, write_scope = Scope.USAGE_READ, Scope.ADMIN
+
+    class PatchSerializer(serializers.Serializer):
+        audits_enabled = serializers.BooleanField(required=False)
+        audit_monthly_cap_nanos = serializers.IntegerField(
+            min_value=0, max_value=BIGINT_MAX, required=False
+        )
+        trace_content = serializers.BooleanField(required=False)
+
+        def validate(self, attrs):
+            if not attrs:
+                raise serializers.ValidationError(
+                    "Give audits_enabled, audit_monthly_cap_nanos or trace_content."
+                )
+            return attrs
+
+    def current(self) -> Tenant:
+        return Tenant.objects.get(pk=self.request.auth.tenant_id)
+
+    @extend_schema(responses=TenantSettingsOutput)
+    def get(self, request):
+        return Response(TenantSettingsOutput(self.current()).data)
+
+    @extend_schema(request=PatchSerializer, responses=TenantSettingsOutput)
+    def patch(self, request):
+        data = self.PatchSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        tenant = self.current()
+        services.tenant_settings_update(tenant=tenant, **data.validated_data)
+        return Response(TenantSettingsOutput(tenant).data)

@@ -416,14 +416,16 @@ class AuditSettingsInvalid(ValueError):
 
 
 @transaction.atomic
-def tenant_audits_update(
+def tenant_settings_update(
     *,
     tenant: Tenant,
     audits_enabled: bool | None = None,
     audit_monthly_cap_nanos: int | None = None,
+    trace_content: bool | None = None,
     acting_user: AbstractBaseUser | None = None,
 ) -> dict:
-    """Turn the tenant's audits on or off and set their monthly cap; returns what changed."""
+    """Turn the tenant's audits on or off, set their monthly cap, and turn on or off the
+    export of prompt text in traces (``trace_content``); returns what changed."""
     if audit_monthly_cap_nanos is not None and not 0 <= audit_monthly_cap_nanos <= 2**63 - 1:
         raise AuditSettingsInvalid("The monthly audit cap is a non-negative number of nanos.")
     changes = {
@@ -431,6 +433,7 @@ def tenant_audits_update(
         for name, value in (
             ("audits_enabled", audits_enabled),
             ("audit_monthly_cap_nanos", audit_monthly_cap_nanos),
+            ("trace_content", trace_content),
         )
         if value is not None and getattr(tenant, name) != value
     }
@@ -438,7 +441,7 @@ def tenant_audits_update(
         Tenant.objects.filter(pk=tenant.pk).update(**changes)
         for name, value in changes.items():
             setattr(tenant, name, value)
-        audit_record(tenant=tenant, action="tenant.audits", acting_user=acting_user, data=changes)
+        audit_record(tenant=tenant, action="tenant.settings", acting_user=acting_user, data=changes)
     return changes
 
 

@@ -21,7 +21,7 @@ from tenants.budgets import period_bounds
 from tenants.enums import BudgetScope
 from tenants.models import ApiToken, Budget, BudgetCounter, EndUser, EndUserTier, Tenant
 from tenants.services import (
-    tenant_audits_update,
+    tenant_settings_update,
     tenant_create,
     tier_ensure_defaults,
     token_create,
@@ -199,7 +199,7 @@ async def test_the_trial_user_crosses_warn_and_degrade_then_is_refused():
 
     tenant = await sync_to_async(make_tenant)()
     await sync_to_async(demo_history.generate)(tenant, days=2, requests=120, traffic_rate=0.1)
-    await sync_to_async(tenant_audits_update)(tenant=tenant, audits_enabled=False)
+    await sync_to_async(tenant_settings_update)(tenant=tenant, audits_enabled=False)
     # Back to back here, ~40 an hour in the demo: the tier's rate limit stays out of it.
     await EndUserTier.objects.filter(tenant=tenant).aupdate(
         requests_per_minute=None, tokens_per_minute=None
@@ -287,7 +287,7 @@ async def test_history_rows_match_the_same_requests_sent_live():
     # Budgets decide admission, not the cascade; a month-end budget could degrade a request.
     await Budget.objects.filter(tenant=tenant).adelete()
     # The history is the cascade before any audit: a tenant that does not audit runs it so.
-    await sync_to_async(tenant_audits_update)(tenant=tenant, audits_enabled=False)
+    await sync_to_async(tenant_settings_update)(tenant=tenant, audits_enabled=False)
     rows = {
         r.request_id: r
         async for r in UsageEvent.objects.filter(

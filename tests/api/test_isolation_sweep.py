@@ -18,7 +18,7 @@ from billing.models import ExportJob
 from routing.models import Audit, CalibrationVersion, RoutingProfile, UsageEvent
 from tenants.api_base import not_found
 from tenants.enums import BudgetPeriod, BudgetScope
-from tenants.models import ApiToken, Budget, BudgetAlert, EndUser
+from tenants.models import ApiToken, Budget, BudgetAlert, EndUser, Tenant
 from tenants.services import token_create
 
 pytestmark = pytest.mark.django_db
@@ -51,7 +51,14 @@ def _audit(tenant):
     )
 
 
+def _their_settings(t):
+    """Their settings, distinctive: a tenant's own settings view must never show them."""
+    Tenant.objects.filter(pk=t.pk).update(audit_monthly_cap_nanos=987_654_321, trace_content=True)
+    return t
+
+
 MAKERS = {
+    Tenant: _their_settings,
     ApiToken: lambda t: token_create(tenant=t, name="theirs").token,
     Budget: _budget,
     EndUser: lambda t: EndUser.objects.create(tenant=t, external_id="their-user"),

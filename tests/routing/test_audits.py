@@ -25,7 +25,7 @@ from routing.targets import Learning
 from routing.tasks import audit_run, audits_sweep
 from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import Budget, BudgetCounter, BudgetReservation, EndUser
-from tenants.services import end_user_audit_exclusion_set, tenant_audits_update
+from tenants.services import end_user_audit_exclusion_set, tenant_settings_update
 from tests.broker import broker_down
 from tests.fake_upstream import Behaviour
 from tests.routing.learning_fixtures import (
@@ -264,7 +264,7 @@ def test_a_non_uniform_label_is_agreement_only(tenant):
 
 
 def _tenant_off(tenant, token):
-    tenant_audits_update(tenant=tenant, audits_enabled=False)
+    tenant_settings_update(tenant=tenant, audits_enabled=False)
 
 
 def _profile_off(tenant, token):
@@ -277,7 +277,7 @@ def _end_user_excluded(tenant, token):
 
 
 def _cap_reached(tenant, token):
-    tenant_audits_update(tenant=tenant, audit_monthly_cap_nanos=0)
+    tenant_settings_update(tenant=tenant, audit_monthly_cap_nanos=0)
 
 
 def _nothing(tenant, token):
@@ -550,7 +550,7 @@ async def test_the_monthly_cap_is_checked_again_from_the_ledger_before_spending(
     api_token, tenant, models
 ):
     audit = await _pending(api_token, tenant, models)
-    await sync_to_async(tenant_audits_update)(tenant=tenant, audit_monthly_cap_nanos=1000)
+    await sync_to_async(tenant_settings_update)(tenant=tenant, audit_monthly_cap_nanos=1000)
 
     await sync_to_async(audit_run.delay)(audit.pk)
 
@@ -565,7 +565,7 @@ async def test_the_monthly_cap_is_checked_again_from_the_ledger_before_spending(
 
 async def test_audits_turned_off_meanwhile_are_skipped(api_token, tenant, models):
     audit = await _pending(api_token, tenant, models)
-    await sync_to_async(tenant_audits_update)(tenant=tenant, audits_enabled=False)
+    await sync_to_async(tenant_settings_update)(tenant=tenant, audits_enabled=False)
 
     await sync_to_async(audit_run.delay)(audit.pk)
 

@@ -30,7 +30,7 @@ from routing.targets import chain_key, resolve_target
 from tenants.enums import MemberRole
 from tenants.models import AuditEvent, Member
 from tenants.selectors import token_context_for_raw
-from tenants.services import tenant_audits_update, user_get_or_create
+from tenants.services import tenant_settings_update, user_get_or_create
 from tests.broker import broker_down
 from tests.routing.learning_fixtures import (
     BAD,
@@ -90,7 +90,7 @@ def test_what_a_profile_runs(api_token, tenant, case):
     RoutingProfile.objects.create(
         tenant=tenant, name="geo", chain=TWO, calibration=uploaded, audits_enabled=profile_on
     )
-    tenant_audits_update(tenant=tenant, audits_enabled=tenant_on)
+    tenant_settings_update(tenant=tenant, audits_enabled=tenant_on)
     if version:
         accepting_version(tenant, chain=TWO if version == "same" else DEMO)
 

@@ -6,7 +6,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from routing.models import RoutingProfile, UsageEvent
-from tenants.services import tenant_audits_update
+from tenants.services import tenant_settings_update
 from tests.engine.test_agent import HARD
 from tests.routing.test_gateway import error_of, post, read_stream
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def _uncalibrated(tenant):
     """The presets as they run with no calibration: a tenant that does not audit (a tenant
     that does runs the learned calibration, or the cold start: tests/routing/test_audits.py)."""
-    tenant_audits_update(tenant=tenant, audits_enabled=False)
+    tenant_settings_update(tenant=tenant, audits_enabled=False)
 
 
 def chat(model, messages, **extra):

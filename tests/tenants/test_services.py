@@ -10,7 +10,7 @@ from tenants.selectors import TokenInvalid, token_context_for_raw
 from tenants.services import (
     AuditSettingsInvalid,
     end_user_audit_exclusion_set,
-    tenant_audits_update,
+    tenant_settings_update,
     token_create,
     token_revoke,
 )
@@ -148,7 +148,7 @@ def test_a_new_tenant_audits_up_to_the_configured_cap(settings):
 
 def test_the_token_context_carries_the_tenants_audit_settings(tenant):
     issued = token_create(tenant=tenant, name="ci")
-    tenant_audits_update(tenant=tenant, audits_enabled=False, audit_monthly_cap_nanos=123)
+    tenant_settings_update(tenant=tenant, audits_enabled=False, audit_monthly_cap_nanos=123)
 
     ctx = token_context_for_raw(raw=issued.raw, now=timezone.now())
 
@@ -165,19 +165,19 @@ def test_the_token_context_carries_the_tenants_audit_settings(tenant):
     ],
 )
 def test_tenant_audit_settings_are_audited(tenant, changes, recorded):
-    assert tenant_audits_update(tenant=tenant, **changes) == (recorded or {})
+    assert tenant_settings_update(tenant=tenant, **changes) == (recorded or {})
 
     tenant.refresh_from_db()
     for name, value in changes.items():
         assert getattr(tenant, name) == value
-    events = list(AuditEvent.objects.filter(action="tenant.audits").values_list("data", flat=True))
+    events = list(AuditEvent.objects.filter(action="tenant.settings").values_list("data", flat=True))
     assert events == ([recorded] if recorded else [])
 
 
 @pytest.mark.parametrize("cap", [-1, 2**63])
 def test_a_cap_out_of_range_is_refused(tenant, cap):
     with pytest.raises(AuditSettingsInvalid):
-        tenant_audits_update(tenant=tenant, audit_monthly_cap_nanos=cap)
+        tenant_settings_update(tenant=tenant, audit_monthly_cap_nanos=cap)
 
 
 def test_excluding_an_end_user_from_audits_is_audited_once(tenant):
