@@ -42,6 +42,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import math
@@ -64,7 +65,7 @@ from cascadeflow_site import outbox
 from cascadeflow_site.db import retry_transient
 from routing.catalog import model_catalog
 from routing.enforcement import DEFAULT_OUTPUT_CAP, Enforcement, Settlement, settle
-from routing.engine import learning
+from routing.engine import learning, tracing
 from routing.engine.agent import _draft_of, draft_params
 from routing.engine.audit import (
     combine,
@@ -405,11 +406,23 @@ class Labelled:
 
 
 def audit_run(*, audit_id: int, caller: Caller, now: datetime | None = None) -> str:
-    """Run one audit: claim it, check it may spend, ask, label, record. Returns its outcome."""
-    now = now or timezone.now()
+    """Run one audit: claim it, check it may spend, ask, label, record. Returns its outcome.
+
+    Traced (tracing on) as its own ``audit`` span, with the audited request's id: the
+    reference's and the judge's calls are its children."""
+    with tracing.span("audit", {"cascadeflow.audit_id": audit_id}) as span:
+        outcome = _audit_run(audit_id, caller, now or timezone.now(), span)
+        span.set_attribute("cascadeflow.audit.outcome", str(outcome))
+        return outcome
+
+
+def _audit_run(audit_id: int, caller: Caller, now: datetime, span: Any) -> str:
     audit = _claim(audit_id, now)
     if audit is None:
         return "not claimed"
+    span.set_attributes(
+        {"cascadeflow.request_id": audit.request_id, "cascadeflow.profile": audit.profile}
+    )
     plan = _plan(audit)
     if isinstance(plan, AuditSkip):
         return _skip(audit, plan, now)
@@ -581,7 +594,8 @@ def run_async(fn: Callable[..., Any], *args: Any) -> Any:
     runner = getattr(_local, "runner", None)
     if runner is None:
         runner = _local.runner = asyncio.Runner()
-    return runner.run(fn(*args))
+    # The caller's context (its trace span, say), not the one the runner was made in.
+    return runner.run(fn(*args), context=contextvars.copy_context())
 
 
 async def label(audit: Audit, plan: AuditPlan, caller: Caller) -> Labelled:

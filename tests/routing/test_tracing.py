@@ -120,6 +120,10 @@ async def test_a_cascade_is_one_trace_inside_the_callers(spans, api_token):
     )
     # The prompt is never exported unless the tenant turned content capture on.
     assert SECRET not in every_value(finished)
+    # The cold start audits this request (run in process here): its own span, by request id.
+    [audit] = names["audit"]
+    assert audit.attributes["cascadeflow.request_id"] == response["x-request-id"]
+    assert audit.attributes["cascadeflow.audit.outcome"]
 
 
 async def test_content_is_exported_only_when_the_tenant_turns_it_on(spans, api_token):
