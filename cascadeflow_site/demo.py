@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +75,17 @@ def run(*args: str, echo: bool = False) -> str:
         sys.stderr.write(result.stdout + (result.stderr or ""))
         raise SystemExit(f"manage.py {' '.join(args)} failed")
     return result.stdout
+
+
+def fresh_metrics_dir() -> Path:
+    """An empty folder for this run's Prometheus samples (every process of the demo writes
+    there; files of an earlier run would add to this run's counters)."""
+    var = Path(os.environ.get("CASCADEFLOW_VAR_DIR") or ROOT / "var")
+    folder = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or var / "prometheus")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    return folder
 
 
 def quiet(*command: str) -> list[str]:
@@ -146,6 +158,7 @@ def banner(port: int, token: str) -> str:
  Demo API token : {token}
                   (kept across restarts; --rotate-token issues a new one)
  Models         : demo/small, demo/medium, demo/large (offline demo models)
+ Metrics        : {base}/metrics (Prometheus, from this machine; docs/grafana/ has a board)
  Budgets        : the end user '{traffic.TRIAL_USER}' has a small daily budget: the
                   simulator crosses its warn and degrade thresholds, then gets 402s,
                   every day (Budgets & alerts, End users)
@@ -189,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         "no",
     }
     rate = float(os.environ.get("CASCADEFLOW_DEMO_TRAFFIC_RATE") or DEFAULT_TRAFFIC_RATE)
+    fresh_metrics_dir()
     run("migrate", "--no-input")
     seed = ["seed_demo", "--traffic-rate", str(rate if traffic_on else 0)]
     if not args.rotate_token:

@@ -66,3 +66,13 @@ def test_demo_worker_starts_its_beat_whatever_the_broker(tmp_path, broker):
             process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+def test_each_demo_run_starts_its_metrics_from_zero(tmp_path, monkeypatch):
+    folder = tmp_path / "prometheus"
+    folder.mkdir()
+    (folder / "counter_1234.db").write_bytes(b"an earlier run's samples")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(folder))
+    assert demo.fresh_metrics_dir() == folder
+    assert folder.is_dir() and not list(folder.iterdir())
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(folder)
