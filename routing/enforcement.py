@@ -315,13 +315,16 @@ class Settlement:
         if admission is None or admission.reservation_key is None:
             return cls(tenant_id)
         tripped = None
-        if admission.decision in {"warn", "degrade"} and admission.tripped is not None:
+        # The alert names the threshold spend reached, which is less than the decision when
+        # a worst case that did not fit decided it (a degrade at 84 % is no degrade alert).
+        level = admission.threshold_level
+        if admission.decision in {"warn", "degrade"} and level in {"warn", "degrade"}:
             state = admission.tripped
             tripped = Crossing(
                 state.line.budget_id,
                 state.line.subject_id,
                 state.period_start,
-                admission.decision,
+                level,
                 state.spent_nanos,  # before this request; its cost is added when settled
                 state.line.limit_nanos,
             )

@@ -17,6 +17,7 @@ from tenants.budgets import (
 )
 from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import (
+    Budget,
     BudgetAlert,
     BudgetCounter,
     BudgetReservation,
@@ -467,3 +468,45 @@ async def test_alert_goes_to_the_signed_webhook_once(api_token, tenant):
         assert hook.received[0]["limit_usd"] == "1"
     finally:
         hook.stop()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("spent_pct", "decision", "alert"),
+    [
+        (70, "degrade", None),  # a worst case that does not fit: no threshold was reached
+        (84, "degrade", "warn"),  # the warn threshold was reached; the degrade one was not
+        (92, "degrade", "degrade"),  # past the degrade threshold
+        (85, "warn", "warn"),  # a plain warn (everything fits)
+    ],
+)
+def test_the_alert_names_the_threshold_reached_not_the_decision(tenant, spent_pct, decision, alert):
+    from routing.enforcement import Enforcement, Settlement
+
+    limit = 10 * USD
+    budget = Budget.objects.create(
+        tenant=tenant, scope=BudgetScope.TENANT, period=BudgetPeriod.MONTH, limit_nanos=limit
+    )
+    now = timezone.now()
+    start, end = period_bounds(BudgetPeriod.MONTH, now, "UTC")
+    spent = limit * spent_pct // 100
+    BudgetCounter.objects.create(
+        tenant=tenant, budget=budget, period_start=start, period_end=end, spent_nanos=spent
+    )
+    full = 5 * USD if decision == "degrade" else USD // 100
+    lines = [line(budget, limit=limit)]
+    admission = budget_admit(
+        tenant_id=tenant.pk,
+        time_zone="UTC",
+        lines=lines,
+        request_id=f"r{spent_pct}",
+        worst_case_nanos=full,
+        degraded_worst_case_nanos=USD // 100,
+        now=now,
+        ttl=timedelta(minutes=5),
+    )
+    assert admission.decision == decision
+    settlement = Settlement.of(
+        tenant_id=tenant.pk, enforcement=Enforcement(lines=lines, admission=admission)
+    )
+    assert (settlement.tripped.level if settlement.tripped else None) == alert
