@@ -24,7 +24,7 @@ from django.db.models.functions import Coalesce, TruncDate, TruncHour
 from django.utils import timezone
 
 from dashboard.models import LATENCY_BOUNDS_MS, DailyUsage, HourlyUsage, RollupState
-from routing.enums import UsageStatus
+from routing.enums import UsageKind, UsageStatus
 from routing.models import UsageEvent
 from tenants.models import Tenant
 
@@ -39,9 +39,12 @@ def hour_floor(moment: datetime) -> datetime:
 
 
 def usage_sums() -> dict:
-    """Aggregates of ledger rows, named as the Usage / rollup fields they fill."""
+    """Aggregates of ledger rows, named as the Usage / rollup fields they fill.
+
+    Requests are the tenant's requests (an audit's row is not one); cost and baseline
+    sum every row, so the saving they give is net of what audits cost."""
     return {
-        "requests": Count("id"),
+        "requests": Count("id", filter=Q(kind=UsageKind.REQUEST)),
         "errors": Count("id", filter=~Q(status=UsageStatus.OK)),
         "escalated": Count("id", filter=Q(escalated=True)),
         "cost_nanos": Coalesce(Sum("cost_nanos"), 0),
@@ -53,7 +56,8 @@ def _latency_histogram() -> dict:
     return {
         f"h{i}": Count(
             "id",
-            filter=Q(latency_ms__gte=lo) & (Q(latency_ms__lt=hi) if hi is not None else Q()),
+            filter=Q(kind=UsageKind.REQUEST, latency_ms__gte=lo)
+            & (Q(latency_ms__lt=hi) if hi is not None else Q()),
         )
         for i, (lo, hi) in enumerate(_BUCKETS)
     }
@@ -73,7 +77,7 @@ def hourly_rows(tenant_id: int, start: datetime, end: datetime) -> list[HourlyUs
             **usage_sums(),
             prompt_tokens_sum=Coalesce(Sum("prompt_tokens"), 0),
             completion_tokens_sum=Coalesce(Sum("completion_tokens"), 0),
-            latency_ms_sum=Coalesce(Sum("latency_ms"), 0),
+            latency_ms_sum=Coalesce(Sum("latency_ms", filter=Q(kind=UsageKind.REQUEST)), 0),
             quality_sum=Coalesce(Sum("quality_score"), 0.0),
             quality_n=Count("quality_score"),
             **_latency_histogram(),

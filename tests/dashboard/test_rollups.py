@@ -138,3 +138,29 @@ def test_requests_per_minute(tenant):
 
     assert len(points) == 10
     assert points[-1].usage.requests == 2 and points[-6].usage.requests == 1
+
+
+def test_audits_are_not_requests_and_their_cost_comes_off_the_saving(tenant):
+    at = NOW - timedelta(hours=2, minutes=10)
+    event(tenant, at, cost=1_000)  # baseline 10,000: saved 9,000
+    event(
+        tenant,
+        at,
+        cost=2_500,
+        baseline_cost_nanos=0,
+        kind="audit",
+        requested_model="",
+        model="demo/large",
+        latency_ms=9_000,
+    )
+    rollup_tenant(tenant, NOW)
+    rows = list(HourlyUsage.objects.filter(tenant=tenant))
+    assert sum(r.requests for r in rows) == 1
+    assert sum(r.cost_nanos for r in rows) == 3_500
+    assert sum(r.baseline_cost_nanos - r.cost_nanos for r in rows) == 6_500  # net of the audit
+    # The audit's latency is not a request's.
+    assert sum(sum(r.latency_hist) for r in rows) == 1
+    assert sum(r.latency_ms_sum for r in rows) == 120
+    points = hourly_points(tenant, NOW - timedelta(hours=6), NOW)
+    assert sum(p.usage.requests for p in points) == 1
+    assert sum(p.usage.savings_nanos for p in points) == 6_500
