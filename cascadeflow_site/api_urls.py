@@ -17,6 +17,8 @@ from routing.api import (
     ProfileListCreateApi,
     ProfileNameConverter,
     ProfileQualityApi,
+    ProviderModelDetailApi,
+    ProviderModelListCreateApi,
     UsageListApi,
     UsageSummaryApi,
 )
@@ -44,6 +46,12 @@ urlpatterns = [
     path("end-users/", EndUserListApi.as_view(), name="api-end-users"),
     path("end-users/<int:pk>/", EndUserDetailApi.as_view(), name="api-end-user"),
     path("profiles/", ProfileListCreateApi.as_view(), name="api-profiles"),
+    path("provider-models/", ProviderModelListCreateApi.as_view(), name="api-provider-models"),
+    path(
+        "provider-models/<int:pk>/",
+        ProviderModelDetailApi.as_view(),
+        name="api-provider-model",
+    ),
     path("profiles/<int:pk>/", ProfileDetailApi.as_view(), name="api-profile"),
     path(
         "profiles/<profile:name>/quality/", ProfileQualityApi.as_view(), name="api-profile-quality"

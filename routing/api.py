@@ -18,11 +18,18 @@ from rest_framework.exceptions import NotFound
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
-from routing import calibrations, profiles, selectors
+from routing import calibrations, profiles, selectors, tenant_models
 from routing.enums import AuditStatus, UsageKind
-from routing.models import Audit, CalibrationVersion, RoutingProfile, UsageEvent
+from routing.models import (
+    Audit,
+    CalibrationVersion,
+    RoutingProfile,
+    TenantProviderModel,
+    UsageEvent,
+)
 from tenants.api_base import BIGINT_MAX, ApiError, TenantAPIView, envelope
 from tenants.enums import Scope
+from tenants.models import Tenant
 
 
 class ProfileNameConverter:
@@ -611,3 +618,83 @@ class AuditListApi(TenantAPIView):
             rows.select_related("calibration_version"), request, view=self
         )
         return paginator.get_paginated_response(AuditOutput(page, many=True).data)
+
+
+class ProviderModelOutput(serializers.ModelSerializer):
+    class Meta:
+        model = TenantProviderModel
+        fields = [
+            "id",
+            "name",
+            "litellm_model",
+            "api_base",
+            "api_version",
+            "credentials_mask",
+            "input_usd_per_mtok",
+            "output_usd_per_mtok",
+            "validated_at",
+            "created_at",
+        ]
+
+
+class ProviderModelInput(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+    litellm_model = serializers.CharField(max_length=200)
+    credentials = serializers.DictField(
+        child=serializers.CharField(max_length=20_000, trim_whitespace=False),
+        help_text="Write-only: api_key, or aws_* / vertex_* fields. Never shown again.",
+    )
+    api_base = serializers.CharField(max_length=200, required=False, allow_blank=True)
+    api_version = serializers.CharField(max_length=40, required=False, allow_blank=True)
+    input_usd_per_mtok = serializers.DecimalField(
+        max_digits=12, decimal_places=6, required=False, allow_null=True
+    )
+    output_usd_per_mtok = serializers.DecimalField(
+        max_digits=12, decimal_places=6, required=False, allow_null=True
+    )
+
+    def validate_credentials(self, value):
+        raw = self.initial_data.get("credentials")
+        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+            raise serializers.ValidationError("Each credential is a string.")
+        return value
+
+
+class ProviderModelListCreateApi(TenantAPIView):
+    """The tenant's own provider models (bring your own key). Saving validates the
+    credentials with one cheap call; they are encrypted and never shown again."""
+
+    model = TenantProviderModel
+    serializer_class = ProviderModelOutput
+    read_scope, write_scope = Scope.USAGE_READ, Scope.ROUTING_WRITE
+
+    @extend_schema(responses=envelope("ProviderModelList", ProviderModelOutput))
+    def get(self, request):
+        rows = self.tenant_queryset().order_by("name")
+        return Response({"data": ProviderModelOutput(rows, many=True).data})
+
+    @extend_schema(request=ProviderModelInput, responses=ProviderModelOutput)
+    def post(self, request):
+        data = ProviderModelInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        tenant = Tenant.objects.get(pk=request.auth.tenant_id)
+        try:
+            row = tenant_models.provider_model_create(tenant=tenant, **data.validated_data)
+        except tenant_models.ProviderModelInvalid as exc:
+            raise serializers.ValidationError(
+                {exc.field or "non_field_errors": [str(exc)]}
+            ) from None
+        return Response(ProviderModelOutput(row).data, status=status.HTTP_201_CREATED)
+
+
+class ProviderModelDetailApi(TenantAPIView):
+    model = TenantProviderModel
+    serializer_class = ProviderModelOutput
+    read_scope, write_scope = Scope.USAGE_READ, Scope.ROUTING_WRITE
+
+    def get(self, request, pk):
+        return Response(ProviderModelOutput(self.tenant_object(pk)).data)
+
+    def delete(self, request, pk):
+        tenant_models.provider_model_delete(row=self.tenant_object(pk))
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -32,7 +32,7 @@ from django.utils import timezone
 
 from cascadeflow_site.db import db
 from dashboard import live
-from routing import audits, metrics, telemetry
+from routing import audits, metrics, telemetry, tenant_models
 from routing.enforcement import (
     Enforcement,
     Settlement,
@@ -99,6 +99,7 @@ def caller() -> Caller:
         cooldown_s=settings.CASCADEFLOW_BREAKER_COOLDOWN,
     )
     return Caller(
+        vet=tenant_models.vet,
         breaker=breaker,
         retries=settings.CASCADEFLOW_UPSTREAM_RETRIES,
         backoff_s=settings.CASCADEFLOW_UPSTREAM_BACKOFF,
@@ -425,6 +426,15 @@ def ledger_entry(gw: GatewayRequest) -> LedgerEntry:
         stream=gw.chat.stream,
         profile=gw.target.profile,
         budget_status=gw.enforcement.decision,
+        own_models=own_models(gw.target),
+    )
+
+
+def own_models(target: Target) -> frozenset[str]:
+    """The tenant's own models among those ``target`` may call."""
+    chains = [target.chain, *(route.chain for route in target.domain_routes.values())]
+    return frozenset(
+        spec.name for chain in chains for spec in chain if tenant_models.is_tenant_model(spec)
     )
 
 

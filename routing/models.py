@@ -42,6 +42,8 @@ class UsageEvent(models.Model):
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     cost_nanos = models.BigIntegerField(default=0)
+    # The part of cost_nanos paid with the tenant's own provider keys (not the platform's).
+    byok_cost_nanos = models.BigIntegerField(default=0, db_default=0)
     baseline_cost_nanos = models.BigIntegerField(default=0)
     escalated = models.BooleanField(default=False)
     stream = models.BooleanField(default=False)
@@ -306,3 +308,34 @@ class QualityAlert(AlertDelivery):
 
     def __str__(self) -> str:
         return f"{self.profile} v{self.version_id} {self.kind}"
+
+
+class TenantProviderModel(models.Model):
+    """A model the tenant calls with its own provider credentials (bring your own key).
+
+    Requested by its ``name`` like a catalog model, and usable in the tenant's profiles
+    and allow-lists; only this tenant's requests ever use it. ``credentials_encrypted`` is
+    a Fernet token (``cascadeflow_site.crypto``) of a JSON object of LiteLLM parameters
+    (``api_key``, or ``aws_*`` / ``vertex_*`` for Bedrock and Vertex); it is write-only:
+    the API shows ``credentials_mask`` alone.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="provider_models")
+    name = models.CharField(max_length=100)
+    litellm_model = models.CharField(max_length=200)
+    api_base = models.URLField(blank=True)
+    api_version = models.CharField(max_length=40, blank=True)
+    credentials_encrypted = models.TextField()
+    credentials_mask = models.JSONField(default=dict)
+    input_usd_per_mtok = models.DecimalField(max_digits=12, decimal_places=6)
+    output_usd_per_mtok = models.DecimalField(max_digits=12, decimal_places=6)
+    validated_at = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="uniq_provider_model_name")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.litellm_model})"

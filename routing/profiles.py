@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -76,7 +76,7 @@ class ProfileInvalid(ValueError):
         )
 
 
-def _chain_problems(chain: Any) -> list[str]:
+def _chain_problems(chain: Any, known: Collection[str] = ()) -> list[str]:
     if not isinstance(chain, list) or not chain or not all(isinstance(m, str) for m in chain):
         return ["A non-empty list of model names, cheapest first."]
     problems = []
@@ -85,7 +85,7 @@ def _chain_problems(chain: Any) -> list[str]:
     if len(set(chain)) != len(chain):
         problems.append("Each model at most once.")
     catalog = model_catalog()
-    unknown = [m for m in dict.fromkeys(chain) if catalog.get(m) is None]
+    unknown = [m for m in dict.fromkeys(chain) if catalog.get(m) is None and m not in known]
     if unknown:
         problems.append(f"Unknown models: {', '.join(unknown[:MAX_CHAIN_LENGTH])}.")
     return problems
@@ -102,7 +102,7 @@ def _offset_problems(offset: Any) -> list[str]:
     return []
 
 
-def _routes_problems(routes: Any) -> list[str]:
+def _routes_problems(routes: Any, known: Collection[str] = ()) -> list[str]:
     shape = f"An object of domain ({', '.join(DOMAINS)}) -> {{chain, threshold_offset}}."
     if not isinstance(routes, dict):
         return [shape]
@@ -114,7 +114,7 @@ def _routes_problems(routes: Any) -> list[str]:
         if not isinstance(route, dict) or not set(route) <= ROUTE_KEYS:
             problems.append(f'\'{domain}\': {{"chain": [...], "threshold_offset": number}}.')
             continue
-        problems += [f"'{domain}' chain: {p}" for p in _chain_problems(route.get("chain"))]
+        problems += [f"'{domain}' chain: {p}" for p in _chain_problems(route.get("chain"), known)]
         if route.get("threshold_offset") is not None:
             problems += [
                 f"'{domain}' threshold_offset: {p}"
@@ -124,14 +124,20 @@ def _routes_problems(routes: Any) -> list[str]:
 
 
 def profile_problems(
-    *, chain: Any, preset: Any, threshold_offset: Any, domain_routes: Any
+    *,
+    chain: Any,
+    preset: Any,
+    threshold_offset: Any,
+    domain_routes: Any,
+    known: Collection[str] = (),
 ) -> dict[str, list[str]]:
-    """Everything wrong with a profile, by field (empty: it is valid)."""
+    """Everything wrong with a profile, by field (empty: it is valid). ``known``: the
+    tenant's own model names, valid beside the catalog's."""
     problems = {
-        "chain": _chain_problems(chain),
+        "chain": _chain_problems(chain, known),
         "preset": [] if preset in PRESETS else [f"One of {', '.join(PRESETS)}."],
         "threshold_offset": _offset_problems(threshold_offset),
-        "domain_routes": _routes_problems(domain_routes),
+        "domain_routes": _routes_problems(domain_routes, known),
     }
     return {field: p for field, p in problems.items() if p}
 
@@ -164,13 +170,14 @@ def audit_problems(
     return {field: p for field, p in problems.items() if p}
 
 
-def profile_check(values: Mapping[str, Any]) -> None:
+def profile_check(values: Mapping[str, Any], known: Collection[str] = ()) -> None:
     """Raise :class:`ProfileInvalid` unless ``values`` (every field) make a valid profile."""
     problems = profile_problems(
         chain=values.get("chain"),
         preset=values.get("preset"),
         threshold_offset=values.get("threshold_offset"),
         domain_routes=values.get("domain_routes"),
+        known=known,
     )
     problems |= audit_problems(
         **{name: values.get(name, default) for name, default in AUDIT_DEFAULTS.items()}
@@ -180,6 +187,14 @@ def profile_check(values: Mapping[str, Any]) -> None:
         problems["name"] = ["Letters, digits, '-' and '_', at most 64 characters."]
     if problems:
         raise ProfileInvalid(problems)
+
+
+def _own_models(tenant_id: int) -> set[str]:
+    from routing.models import TenantProviderModel
+
+    return set(
+        TenantProviderModel.objects.filter(tenant_id=tenant_id).values_list("name", flat=True)
+    )
 
 
 def _name_taken(tenant_id: int, name: str, exclude: int | None = None) -> bool:
@@ -218,7 +233,7 @@ def profile_create(
         "judge_model": judge_model,
         "reference_model": reference_model,
     }
-    profile_check(values)
+    profile_check(values, _own_models(tenant.pk))
     if _name_taken(tenant.pk, name):
         raise ProfileInvalid(NAME_TAKEN)
     try:
@@ -245,7 +260,7 @@ def profile_update(
     if unknown:
         raise ProfileInvalid({field: ["Not editable."] for field in sorted(unknown)})
     merged = {f: changes.get(f, getattr(profile, f)) for f in EDITABLE}
-    profile_check(merged)
+    profile_check(merged, _own_models(profile.tenant_id))
     if "name" in changes and _name_taken(profile.tenant_id, changes["name"], exclude=profile.pk):
         raise ProfileInvalid(NAME_TAKEN)
     changed = {f: v for f, v in changes.items() if getattr(profile, f) != v}

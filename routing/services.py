@@ -43,10 +43,16 @@ class LedgerEntry:
     paid_cost_nanos: int = 0  # self-verification and sampling calls
     budget_status: str = ""
     kind: str = UsageKind.REQUEST
+    own_models: frozenset[str] = frozenset()  # the tenant's own models (its keys paid)
 
     @property
     def cost_nanos(self) -> int:
         return sum(a.cost_nanos for a in self.attempts) + self.paid_cost_nanos
+
+    @property
+    def byok_cost_nanos(self) -> int:
+        """What the tenant's own provider keys paid of ``cost_nanos``."""
+        return sum(a.cost_nanos for a in self.attempts if a.model in self.own_models)
 
     @property
     def models_called(self) -> list[str]:
@@ -68,6 +74,7 @@ def usage_event_values(entry: LedgerEntry) -> dict[str, Any]:
         prompt_tokens=entry.prompt_tokens,
         completion_tokens=entry.completion_tokens,
         cost_nanos=entry.cost_nanos,
+        byok_cost_nanos=entry.byok_cost_nanos,
         baseline_cost_nanos=entry.baseline_cost_nanos,
         escalated=entry.escalated,
         stream=entry.stream,

@@ -45,6 +45,7 @@ from routing.engine.types import ModelSpec
 from routing.errors import GatewayError, forbidden
 from routing.models import CalibrationVersion, ProfileLearning, RoutingProfile
 from routing.profiles import AUDIT_DEFAULTS, NO_JUDGE, profile_problems
+from routing.tenant_models import is_tenant_model, tenant_specs
 from tenants.selectors import TokenContext
 
 PROFILE_PREFIX = "cascade/"
@@ -82,9 +83,16 @@ class Target:
 
 
 def _allowed(ctx: TokenContext) -> dict[str, ModelSpec]:
-    return allowed_models(
+    allowed = allowed_models(
         tenant_allowed=ctx.tenant_allowed_models, tier_allowed=ctx.tier_allowed_models
     )
+    # The tenant's own models: its allow-list and its end users' tier may restrict them too.
+    for name, spec in tenant_specs(ctx.tenant_id, ctx.models_version).items():
+        if (not ctx.tenant_allowed_models or name in ctx.tenant_allowed_models) and (
+            not ctx.tier_allowed_models or name in ctx.tier_allowed_models
+        ):
+            allowed[name] = spec
+    return allowed
 
 
 def allowed_models(
@@ -97,7 +105,7 @@ def allowed_models(
 
 def _chain(names: list[str], allowed: dict[str, ModelSpec], profile: str) -> tuple[ModelSpec, ...]:
     catalog = model_catalog()
-    unknown = [n for n in names if catalog.get(n) is None]
+    unknown = [n for n in names if catalog.get(n) is None and not _own(allowed.get(n))]
     if unknown:  # the operator's default chain (tenant profiles are checked before)
         raise GatewayError(
             500,
@@ -111,6 +119,10 @@ def _chain(names: list[str], allowed: dict[str, ModelSpec], profile: str) -> tup
             f"Your plan allows none of the models of '{profile}'.", code="model_not_allowed"
         )
     return chain
+
+
+def _own(spec: ModelSpec | None) -> bool:
+    return spec is not None and is_tenant_model(spec)
 
 
 def _misconfigured(profile: str, problem: str) -> GatewayError:
@@ -130,6 +142,7 @@ def _profile_target(profile: RoutingProfile, allowed: dict[str, ModelSpec], name
         preset=profile.preset,
         threshold_offset=profile.threshold_offset,
         domain_routes=profile.domain_routes or {},
+        known={n for n, spec in allowed.items() if is_tenant_model(spec)},
     )
     if problems:
         field, messages = next(iter(problems.items()))
@@ -302,6 +315,10 @@ def resolve_target(ctx: TokenContext, name: str) -> Target:
             )
             return _learning(target, ctx, found)
     model = model_catalog().get(name)
+    if model is None and _own(allowed.get(name)):
+        return Target(name=name, chain=(allowed[name],))
+    if model is None and name in tenant_specs(ctx.tenant_id, ctx.models_version):
+        raise forbidden(f"Your plan does not allow the model '{name}'.", code="model_not_allowed")
     if model is None:
         raise GatewayError(
             404,

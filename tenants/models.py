@@ -82,6 +82,9 @@ class Tenant(models.Model):
     audits_enabled = models.BooleanField(default=True, db_default=True)
     # Traces carry prompt and completion text only when the tenant turns this on.
     trace_content = models.BooleanField(default=False, db_default=False)
+    # Bumped whenever the tenant's own provider models change (routing.tenant_models): the
+    # gateway reads it with the token and rebuilds its cached specs when it moves.
+    models_version = models.PositiveIntegerField(default=0, db_default=0)
     audit_monthly_cap_nanos = models.BigIntegerField(default=default_audit_cap_nanos)
 
     class Meta:

@@ -38,6 +38,7 @@ class TokenContext:
     audits_enabled: bool = False
     audit_cap_nanos: int = 0
     trace_content: bool = False  # traces may carry prompt and completion text
+    models_version: int = 0  # of the tenant's own provider models (0: it has none)
 
     def has_scope(self, scope: str) -> bool:
         return "admin" in self.scopes or scope in self.scopes
@@ -79,6 +80,7 @@ _TOKEN_COLUMNS = (
     "tenant__audits_enabled",
     "tenant__audit_monthly_cap_nanos",
     "tenant__trace_content",
+    "tenant__models_version",
 )
 _HASH_PLACEHOLDER = "\x00token-hash\x00"
 
@@ -116,7 +118,7 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
     (token_id, tenant_id, scopes, expires_at, revoked_at, last_used_at, slug, tenant_active,
      tenant_models, tier_models, mask, time_zone, has_budgets, has_tiers,
      tenant_rpm, tenant_tpm, token_rpm, token_tpm, callback_url, verified_at,
-     audits_enabled, audit_cap_nanos, trace_content) = row  # fmt: skip
+     audits_enabled, audit_cap_nanos, trace_content, models_version) = row  # fmt: skip
     if revoked_at is not None:
         raise TokenInvalid("This API key has been revoked.")
     expires_at = as_datetime(expires_at)
@@ -146,6 +148,7 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
         audits_enabled=bool(audits_enabled),
         audit_cap_nanos=int(audit_cap_nanos or 0),
         trace_content=bool(trace_content),
+        models_version=int(models_version or 0),
     )
 
 

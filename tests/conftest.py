@@ -118,9 +118,13 @@ def upstream(fake_upstream):
     """The shared fake upstream, with behaviours and request log reset for this test."""
     fake_upstream.behaviours.clear()
     fake_upstream.requests.clear()
+    fake_upstream.keys.clear()
+    fake_upstream.keys_accepted = None
     yield fake_upstream
     fake_upstream.behaviours.clear()
     fake_upstream.requests.clear()
+    fake_upstream.keys.clear()
+    fake_upstream.keys_accepted = None
 
 
 def fake_models_config(api_base: str) -> dict:

@@ -48,6 +48,10 @@ class FakeUpstream:
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
     default: Behaviour = field(default_factory=Behaviour)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    # The bearer key of each request, in order; with ``keys_accepted`` set, any other key
+    # gets a 401 as a provider answers a wrong key.
+    keys: list[str] = field(default_factory=list)
+    keys_accepted: set[str] | None = None
     host: str = "127.0.0.1"
     port: int = 0
     _server: uvicorn.Server | None = None
@@ -79,6 +83,11 @@ class FakeUpstream:
         except json.JSONDecodeError:
             return await _json(send, 400, _error("Invalid JSON", "invalid_json"))
         self.requests.append(payload)
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode()
+        key = auth.removeprefix("Bearer ").strip()
+        self.keys.append(key)
+        if self.keys_accepted is not None and key not in self.keys_accepted:
+            return await _json(send, 401, _error("Incorrect API key provided", "invalid_api_key"))
         model = payload.get("model", "")
         b = self.behaviour(model)
         if b.latency_s:

@@ -21,10 +21,11 @@ one client's bad input switch a model off for everyone.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -46,6 +47,7 @@ class Failure:
     status: int
     code: str
     message: str
+    provider_status: int = 0  # the status the provider answered (0: none, or not HTTP)
 
     @property
     def counts_against_deployment(self) -> bool:
@@ -91,6 +93,14 @@ def _cannot_encode(exc: BaseException) -> bool:
 
 
 def classify(exc: BaseException) -> Failure:
+    failure = _classify(exc)
+    status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+    if isinstance(status, int) and 100 <= status <= 599:
+        return dataclasses.replace(failure, provider_status=status)
+    return failure
+
+
+def _classify(exc: BaseException) -> Failure:
     message = _message(exc)
     if _cannot_encode(exc):
         return Failure(
@@ -302,6 +312,9 @@ class Caller:
     retries: int = 1  # per deployment, for retryable errors
     backoff_s: float = 0.2
     timeout_s: float = 120.0
+    # Checked before a model's first call (raises UpstreamError to refuse it): the gateway
+    # re-vets a tenant's own server address here.
+    vet: Callable[[ModelSpec], Awaitable[None]] | None = None
 
     def _kwargs(self, deployment: Deployment, kwargs: dict[str, Any]) -> dict[str, Any]:
         call = {**kwargs, **deployment.params, "model": deployment.litellm_model, "num_retries": 0}
@@ -314,6 +327,8 @@ class Caller:
 
     async def _attempts(self, spec: ModelSpec):
         """Yield (deployment, try number) in the order calls should be made."""
+        if self.vet is not None:
+            await self.vet(spec)
         skipped = []
         for deployment in spec.deployments:
             if self.breaker and not await self.breaker.allow(deployment):

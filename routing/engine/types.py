@@ -20,11 +20,15 @@ class Deployment:
 
     litellm_model: str
     params: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    # Whose credentials it calls with ("": the platform's; "tenant:<id>": a tenant's own). Part
+    # of the label, so one tenant's failing key never opens a breaker another relies on.
+    owner: str = ""
 
     @property
     def label(self) -> str:
         base = self.params.get("api_base")
-        return f"{self.litellm_model}@{base}" if base else self.litellm_model
+        label = f"{self.litellm_model}@{base}" if base else self.litellm_model
+        return f"{self.owner}:{label}" if self.owner else label
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,13 @@ from django.urls import URLPattern, URLResolver, get_resolver
 from rest_framework.test import APIClient
 
 from billing.models import ExportJob
-from routing.models import Audit, CalibrationVersion, RoutingProfile, UsageEvent
+from routing.models import (
+    Audit,
+    CalibrationVersion,
+    RoutingProfile,
+    TenantProviderModel,
+    UsageEvent,
+)
 from tenants.api_base import not_found
 from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import ApiToken, Budget, BudgetAlert, EndUser, Tenant
@@ -57,8 +63,22 @@ def _their_settings(t):
     return t
 
 
+def _their_provider_model(t):
+    return TenantProviderModel.objects.create(
+        tenant=t,
+        name="theirs/own-model",
+        litellm_model="openai/gpt-4o-mini",
+        credentials_encrypted="x",
+        credentials_mask={"api_key": "…zzzz"},
+        input_usd_per_mtok=1,
+        output_usd_per_mtok=2,
+        validated_at=datetime(2026, 11, 20, tzinfo=UTC),
+    )
+
+
 MAKERS = {
     Tenant: _their_settings,
+    TenantProviderModel: _their_provider_model,
     ApiToken: lambda t: token_create(tenant=t, name="theirs").token,
     Budget: _budget,
     EndUser: lambda t: EndUser.objects.create(tenant=t, external_id="their-user"),
