@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from django.db import IntegrityError, transaction
-from django.db.models import Sum
+from django.db.models import F, Sum
 
 from billing import stripe_api
 from billing.models import TenantSubscription, UsageReport
 from routing.models import UsageEvent
+from tenants.models import Tenant
 
 NANOS_PER_CENT = 10**7
 SETTLE_DELAY = timedelta(minutes=5)
@@ -27,10 +28,17 @@ def _hour(dt: datetime) -> datetime:
     return dt.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
+def _metered(tenant_id: int):
+    """What is billed of a ledger row: its cost, less what the tenant's own provider keys
+    paid unless its plan meters that too (``Tier.meters_byok``)."""
+    meters_byok = Tenant.objects.filter(pk=tenant_id, tier__meters_byok=True).exists()
+    return Sum("cost_nanos") if meters_byok else Sum(F("cost_nanos") - F("byok_cost_nanos"))
+
+
 def _window_cost(tenant_id: int, start: datetime, end: datetime) -> int:
     total = UsageEvent.objects.filter(
         tenant_id=tenant_id, created_at__gte=start, created_at__lt=end
-    ).aggregate(total=Sum("cost_nanos"))["total"]
+    ).aggregate(total=_metered(tenant_id))["total"]
     return int(total or 0)
 
 
@@ -127,7 +135,7 @@ class Reconciliation:
 def reconcile(*, tenant_id: int, now: datetime) -> Reconciliation:
     """Compare the ledger with what was reported to Stripe (in whole cents)."""
     ledger = int(
-        UsageEvent.objects.filter(tenant_id=tenant_id).aggregate(t=Sum("cost_nanos"))["t"] or 0
+        UsageEvent.objects.filter(tenant_id=tenant_id).aggregate(t=_metered(tenant_id))["t"] or 0
     )
     reports = UsageReport.objects.filter(tenant_id=tenant_id)
     reported = int(reports.filter(reported_at__isnull=False).aggregate(c=Sum("cents"))["c"] or 0)

@@ -27,6 +27,8 @@ class Tier(models.Model):
     # Public model names (or routing profiles) the plan allows; empty = all.
     allowed_models = models.JSONField(default=list, blank=True)
     is_default = models.BooleanField(default=False)
+    # Whether usage billed to Stripe includes what tenants' own provider keys paid.
+    meters_byok = models.BooleanField(default=False, db_default=False)
     # Set by billing's plan sync: the Stripe product behind this plan and its prices.
     stripe_product_id = models.CharField(max_length=255, blank=True)
     stripe_price_ids = models.JSONField(default=list, blank=True)

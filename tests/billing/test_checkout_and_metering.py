@@ -142,3 +142,32 @@ def test_reconciliation_reports_no_difference(tenant, fake_stripe, capsys):
     assert result.difference_cents == 0
     assert result.reported_cents == 3 * 12_345_678 // NANOS_PER_CENT
     assert tenant.slug in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("meters_byok", [False, True])
+def test_what_the_tenants_own_keys_paid_is_billed_only_if_its_plan_says(
+    tenant, fake_stripe, meters_byok
+):
+    from tenants.models import Tenant, Tier
+
+    plan = Tier.objects.create(slug=f"byok-{meters_byok}", name="BYOK", meters_byok=meters_byok)
+    Tenant.objects.filter(pk=tenant.pk).update(tier=plan)
+    TenantSubscription.objects.create(tenant=tenant, stripe_customer_id="cus_byok")
+    fake_stripe.customers["cus_byok"] = {"id": "cus_byok", "metadata": {}}
+    events(tenant, hours_ago=3, nanos=50 * NANOS_PER_CENT)  # 3 x 50 cents on the platform
+    when = timezone.now() - timedelta(hours=3)
+    for i in range(2):  # 2 x 80 cents, of which the tenant's own key paid 60
+        UsageEvent.objects.create(
+            tenant=tenant,
+            request_id=f"req_byok_{i}",
+            created_at=when,
+            requested_model="acme/own",
+            status="ok",
+            cost_nanos=80 * NANOS_PER_CENT,
+            byok_cost_nanos=60 * NANOS_PER_CENT,
+        )
+    usage_report.apply(args=[tenant.pk], throw=True)
+
+    expected = 150 + 160 if meters_byok else 150 + 40
+    assert fake_stripe.billed_cents("cus_byok") == expected
+    assert reconcile(tenant_id=tenant.pk, now=timezone.now()).difference_cents == 0
