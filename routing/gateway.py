@@ -176,6 +176,8 @@ class GatewayRequest:
     answers: dict[str, Any] = field(default_factory=dict)  # model -> its response (learning only)
     streamed: StreamedAnswer | None = None
     span: telemetry.RequestSpan = telemetry.OFF  # the request's trace span (tracing on)
+    route: str = "chat-completions"  # the API it came in by (metrics)
+    ledger: LedgerEntry | None = None  # its ledger row, once written (or spooled)
 
     def agent(self) -> CascadeAgent:
         from routing.engine.policy import PRESETS, Policy
@@ -547,6 +549,7 @@ async def record(gw: GatewayRequest, entry: LedgerEntry) -> None:
     if gw.recorded:
         return
     gw.recorded = True
+    gw.ledger = entry
     entry.latency_ms = int((time.perf_counter() - gw.started) * 1000)
     try:
         candidate = audit_candidate(gw, entry)
@@ -765,7 +768,7 @@ async def _relay(
     # An SSE comment: ignored by clients, readable by anyone tailing the stream.
     yield f": cascade {json.dumps(summary, separators=(',', ':'))}\n\n"
     yield "data: [DONE]\n\n"
-    metrics.stream_finished("chat-completions", time.perf_counter() - gw.started)
+    metrics.stream_finished(gw.route, time.perf_counter() - gw.started)
 
 
 def _is_empty(data: dict[str, Any]) -> bool:

@@ -7,5 +7,6 @@ app_name = "routing"
 urlpatterns = [
     path("chat/completions", views.chat_completions, name="chat-completions"),
     path("models", views.models, name="models"),
+    path("responses", views.create_response, name="responses"),
     re_path(r"^(?P<path>.*)$", views.not_found, name="not-found"),
 ]

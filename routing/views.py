@@ -7,7 +7,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from routing import gateway, metrics, telemetry
+from routing import gateway, metrics, responses, telemetry
 from routing.errors import GatewayError, too_large
 from routing.schemas import parse_chat_request
 
@@ -92,6 +92,63 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
             ),
             "chat-completions",
         )
+
+
+@csrf_exempt
+async def create_response(request: HttpRequest) -> HttpResponse:
+    """``POST /v1/responses``: the Responses API on the chat path (``routing.responses``)."""
+    if request.method != "POST":
+        return _method_not_allowed("POST")
+    parsed, parse_error = None, None
+    span = telemetry.request_span(
+        "responses", request.headers, {"cascadeflow.request_id": request.request_id}
+    )
+    try:
+        with span.activate():
+            try:
+                parsed = responses.parse_responses_request(request.body)
+            except RequestDataTooBig:
+                parse_error = too_large(settings.CASCADEFLOW_MAX_REQUEST_BYTES)
+            except GatewayError as exc:
+                parse_error = exc
+            gw = await gateway.prepare(
+                request_id=request.request_id,
+                authorization=request.headers.get("Authorization"),
+                chat=parsed.chat if parsed else None,
+                parse_error=parse_error,
+                audit_opt_out=audit_opted_out(request),
+                span=span,
+            )
+            assert parsed is not None
+            gw.route = "responses"
+            if gw.chat.stream:
+                outcome = await gateway.stream(gw)
+                events = responses.stream_events(
+                    parsed,
+                    outcome.events,
+                    request_id=request.request_id,
+                    model=outcome.headers.get("x-cascade-model", gw.chat.model),
+                    tokens=lambda: responses.ledger_tokens(gw.ledger),
+                )
+                response = StreamingHttpResponse(events, content_type="text/event-stream")
+                response["Cache-Control"] = "no-cache"
+                response["X-Accel-Buffering"] = "no"
+                return _with_headers(response, outcome.headers)
+            result = await gateway.complete(gw)
+            body = responses.response_from_completion(
+                parsed,
+                result.body,
+                request_id=request.request_id,
+                tokens=responses.ledger_tokens(gw.ledger),
+            )
+            return _with_headers(JsonResponse(body), result.headers)
+    except GatewayError as exc:
+        span.finish({"http.response.status_code": exc.status}, error=exc.code or "error")
+        return _error(exc, "responses")
+    except Exception:
+        logger.exception("Unhandled error in response %s", request.request_id)
+        span.finish({"http.response.status_code": 500}, error="internal_error")
+        return _error(gateway.internal_error(request.request_id), "responses")
 
 
 @csrf_exempt

@@ -41,6 +41,9 @@ class Behaviour:
     logprob: float = -0.05
     # The content as a function of the request body (a judge that reads its prompt).
     reply: Callable[[dict], str] | None = None
+    # The tool calls as a function of the request body (None: answer with content), e.g. a
+    # model that calls a tool, then answers once the tool's result is in the conversation.
+    calls: Callable[[dict], list[dict] | None] | None = None
 
 
 @dataclass
@@ -103,6 +106,8 @@ class FakeUpstream:
             return await _json(send, 200, {"unexpected": True})
         if b.reply is not None:
             b = replace(b, content=b.reply(payload), reply=None)
+        if b.calls is not None:
+            b = replace(b, tool_calls=b.calls(payload), calls=None)
         if payload.get("stream"):
             return await self._stream(send, payload, b)
         return await _json(send, 200, _completion(payload, b))
@@ -122,6 +127,10 @@ class FakeUpstream:
             "created": int(time.time()),
             "model": payload.get("model"),
         }
+        if b.tool_calls:
+            await self._stream_tool_calls(send, base, b.tool_calls)
+            await self._stream_end(send, payload, b, base, "tool_calls")
+            return
         words = b.content.split(" ")
         for i, word in enumerate(words):
             delta = {"content": word if i == 0 else " " + word}
@@ -132,7 +141,36 @@ class FakeUpstream:
             if b.die_mid_stream:
                 # Abort the connection mid-body, as a crashing provider would.
                 raise ConnectionAbortedError("fake upstream died mid-stream")
-        final = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        await self._stream_end(send, payload, b, base, "stop")
+
+    @staticmethod
+    async def _stream_tool_calls(send, base: dict, calls: list[dict]) -> None:
+        """Each call as OpenAI streams it: id and name first, then its arguments in two pieces."""
+        for index, call in enumerate(calls):
+            function = call.get("function") or {}
+            arguments = function.get("arguments") or ""
+            half = len(arguments) // 2
+            opening = {
+                "index": index,
+                "id": call.get("id"),
+                "type": "function",
+                "function": {"name": function.get("name"), "arguments": ""},
+            }
+            deltas = [opening] + [
+                {"index": index, "function": {"arguments": piece}}
+                for piece in (arguments[:half], arguments[half:])
+                if piece
+            ]
+            for i, delta in enumerate(deltas):
+                message = {"tool_calls": [delta]}
+                if index == 0 and i == 0:
+                    message = {"role": "assistant", "content": None, **message}
+                chunk = {**base, "choices": [{"index": 0, "delta": message, "finish_reason": None}]}
+                await send({"type": "http.response.body", "body": _sse(chunk), "more_body": True})
+
+    @staticmethod
+    async def _stream_end(send, payload: dict, b: Behaviour, base: dict, finish: str) -> None:
+        final = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
         await send({"type": "http.response.body", "body": _sse(final), "more_body": True})
         if (payload.get("stream_options") or {}).get("include_usage"):
             usage_chunk = {**base, "choices": [], "usage": _usage(b)}
