@@ -1,4 +1,5 @@
-"""Admin pages of the dashboard: tokens, budgets and alerts, end-user tiers, billing, exports.
+"""Admin pages of the dashboard: tokens, budgets and alerts, end-user tiers, billing, exports,
+calibration rollback.
 
 Tenancy: every object is looked up with ``tenant=request.access.tenant``, so
 another tenant's id is a 404, the same as a missing one. Roles come from
@@ -12,7 +13,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Paginator
 from django.db.models import F
-from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.urls import reverse
 from django.utils import timezone
@@ -36,8 +37,10 @@ from dashboard.forms import (
     TokenCreateForm,
     tenant_zone,
 )
+from routing import calibrations
+from routing import selectors as routing_selectors
 from routing.engine.pricing import nanos_to_usd
-from routing.models import UsageEvent
+from routing.models import CalibrationVersion, UsageEvent
 from tenants import services
 from tenants.enums import BudgetScope, MemberRole
 from tenants.models import (
@@ -53,6 +56,7 @@ from tenants.selectors import BudgetStatus, budget_statuses
 
 NEW_TOKEN_SESSION_KEY = "dashboard_new_token"  # noqa: S105 - a session key, not a secret
 ALERTS_PER_PAGE = 50
+MAX_VERSION = 2**31 - 1  # a version number the database can hold; beyond it, a 404
 
 
 # --- API tokens ------------------------------------------------------------------------
@@ -285,6 +289,30 @@ def end_user_set_tier(request: HttpRequest, end_user_id: int) -> HttpResponse:
     label = f"tier “{tier.name}”" if tier else "the default tier"
     messages.success(request, f"{end_user.external_id} is now on {label}.")
     return redirect("dashboard:end_users", tenant.slug)
+
+
+# --- calibrations ----------------------------------------------------------------------
+
+
+@tenant_view(MemberRole.ADMIN)
+@require_POST
+def calibration_rollback(request: HttpRequest, name: str, version: int) -> HttpResponse:
+    """Serve an earlier certified calibration again: the API's service, audited there."""
+    tenant = request.access.tenant
+    if version > MAX_VERSION or not routing_selectors.profile_known(tenant_id=tenant.pk, name=name):
+        raise Http404("No such profile or version.")
+    profile = routing_selectors.profile_full_name(name)
+    try:
+        promoted = calibrations.calibration_rollback(
+            tenant=tenant, profile=profile, version=version, acting_user=request.user
+        )
+    except CalibrationVersion.DoesNotExist:
+        raise Http404("No such calibration version.") from None
+    except calibrations.CalibrationNotCertified as exc:
+        messages.error(request, f"{exc} Only a certified calibration can serve requests.")
+    else:
+        messages.success(request, f"{profile} now runs calibration version {promoted.version}.")
+    return redirect("dashboard:profile", tenant.slug, name)
 
 
 # --- billing ---------------------------------------------------------------------------

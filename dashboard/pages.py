@@ -1,5 +1,6 @@
 """What each dashboard page shows: selectors in, numbers and figures out."""
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -12,6 +13,9 @@ from dashboard import charts, selectors, tasks
 from dashboard.charts import Band, Ratio, Series, label, usd
 from dashboard.models import SpendForecastSnapshot
 from dashboard.selectors import Usage
+from routing import selectors as routing_selectors
+from routing.engine.policy import PRESETS
+from routing.models import CalibrationVersion, RoutingProfile
 from tenants.models import Tenant
 
 logger = logging.getLogger(__name__)
@@ -164,15 +168,74 @@ class Breakdowns:
     by_profile: list[tuple[str, Usage]]
     by_domain: list[tuple[str, Usage]]
     figures_json: str
+    quality: tuple[routing_selectors.ProfileQuality, ...] = ()
+
+
+def _range_start(tenant: Tenant, now: datetime, range_: str) -> tuple[str, datetime]:
+    if range_ in RANGES:
+        return range_, now - RANGES[range_]
+    return "period", selectors.forecast_period(tenant, now)[0]
+
+
+def profile_names(tenant: Tenant, served: list[str]) -> list[str]:
+    """The cascades worth a quality line: the tenant's own profiles and every built-in
+    preset requests named (``served``: full names from the usage breakdown)."""
+    own = RoutingProfile.objects.filter(tenant=tenant).values_list("name", flat=True)
+    names = {routing_selectors.profile_full_name(n) for n in own}
+    for name in served:
+        short = (name or "").removeprefix(routing_selectors.PROFILE_PREFIX)
+        if name.startswith(routing_selectors.PROFILE_PREFIX) and short in PRESETS:
+            names.add(name)
+    return sorted(names)
+
+
+def profile_quality(
+    tenant: Tenant, name: str, start: datetime, now: datetime
+) -> routing_selectors.ProfileQuality:
+    """What the management API's quality endpoint returns, for the same window."""
+    return routing_selectors.profile_quality(
+        tenant_id=tenant.pk,
+        tenant_audits=tenant.audits_enabled,
+        name=name,
+        start=start,
+        end=now,
+    )
+
+
+@dataclass(frozen=True)
+class ProfilePage:
+    name: str  # cascade/<name>
+    short: str
+    range: str
+    start: datetime
+    quality: routing_selectors.ProfileQuality
+    versions: list[CalibrationVersion]  # newest first
+    active: CalibrationVersion | None
+
+    @property
+    def overall_rows(self) -> list[routing_selectors.QualityRow]:
+        return [dataclasses.replace(self.quality.overall, key=self.name)]
+
+
+def profile(tenant: Tenant, name: str, now: datetime, range_: str) -> ProfilePage:
+    """One profile's measured quality and calibration history (``name`` must be known)."""
+    range_, start = _range_start(tenant, now, range_)
+    versions = list(routing_selectors.calibration_versions(tenant_id=tenant.pk, name=name))
+    full = routing_selectors.profile_full_name(name)
+    return ProfilePage(
+        name=full,
+        short=full.removeprefix(routing_selectors.PROFILE_PREFIX),
+        range=range_,
+        start=start,
+        quality=profile_quality(tenant, name, start, now),
+        versions=versions,
+        active=next((v for v in versions if v.active), None),
+    )
 
 
 def models(tenant: Tenant, now: datetime, range_: str) -> Breakdowns:
     """Spend, volume, latency and acceptance per model, draft model, profile and domain."""
-    if range_ in RANGES:
-        start = now - RANGES[range_]
-    else:
-        range_ = "period"
-        start, _ = selectors.forecast_period(tenant, now)
+    range_, start = _range_start(tenant, now, range_)
     rows = selectors.hourly_usage_grouped(tenant, selectors.hour_floor(start), now)
     by_model = selectors.breakdown(rows, "model")
     by_profile = selectors.breakdown(rows, "profile")
@@ -198,4 +261,8 @@ def models(tenant: Tenant, now: datetime, range_: str) -> Breakdowns:
         by_profile=by_profile,
         by_domain=selectors.breakdown(rows, "domain"),
         figures_json=charts.to_json(figures),
+        quality=tuple(
+            profile_quality(tenant, name, start, now)
+            for name in profile_names(tenant, [name for name, _ in by_profile])
+        ),
     )

@@ -8,6 +8,12 @@ tenant_patterns = [
     path("", views.overview, name="overview"),
     path("overview.json", views.overview_data, name="overview_data"),
     path("models/", views.models_page, name="models"),
+    path("profiles/<slug:name>/", views.profile_page, name="profile"),
+    path(
+        "profiles/<slug:name>/calibrations/<int:version>/rollback/",
+        manage_views.calibration_rollback,
+        name="calibration_rollback",
+    ),
     path("end-users/", views.end_users, name="end_users"),
     path("end-users/<int:end_user_id>/tier/", manage_views.end_user_set_tier, name="end_user_tier"),
     path("tokens/", manage_views.tokens, name="tokens"),

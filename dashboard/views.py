@@ -1,5 +1,5 @@
 from django.contrib.auth.decorators import login_required
-from django.http import JsonResponse
+from django.http import Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.templatetags.static import static
 from django.utils import timezone
@@ -12,6 +12,7 @@ from dashboard.access import (
     render_page,
     tenant_view,
 )
+from routing import selectors as routing_selectors
 from tenants.models import EndUserTier
 
 
@@ -63,6 +64,18 @@ def models_page(request):
     page = pages.models(request.access.tenant, timezone.now(), request.GET.get("range", "period"))
     return render_page(
         request, "models.html", "models", {"page": page, "ranges": pages.RANGE_CHOICES}
+    )
+
+
+@tenant_view()
+def profile_page(request, name: str):
+    """A profile's measured quality and its calibration history; admins may roll back."""
+    tenant = request.access.tenant
+    if not routing_selectors.profile_known(tenant_id=tenant.pk, name=name):
+        raise Http404("No such profile.")
+    page = pages.profile(tenant, name, timezone.now(), request.GET.get("range", "period"))
+    return render_page(
+        request, "profile.html", "models", {"page": page, "ranges": pages.RANGE_CHOICES}
     )
 
 

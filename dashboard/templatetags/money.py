@@ -27,3 +27,12 @@ def count(value: int | None) -> str:
 def latency(usage, q: float) -> float | None:
     """A latency percentile (ms) of a selectors.Usage, from its histogram."""
     return usage.latency_pct(float(q))
+
+
+@register.filter
+def percent(share: float | None) -> str:
+    """A share (0..1) as a percentage with one decimal (97.3%), as the tables write rates;
+    an en dash when there is none (or it is not a number)."""
+    if not isinstance(share, int | float) or isinstance(share, bool):
+        return "\u2013"
+    return f"{100 * share:.1f}%"

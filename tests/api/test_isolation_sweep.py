@@ -218,6 +218,8 @@ SESSION_TENANT_ROUTES = {
     "/dashboard/t/<slug:tenant_slug>/": "get",
     "/dashboard/t/<slug:tenant_slug>/overview.json": "get",
     "/dashboard/t/<slug:tenant_slug>/models/": "get",
+    "/dashboard/t/<slug:tenant_slug>/profiles/<slug:name>/": "get",
+    "/dashboard/t/<slug:tenant_slug>/profiles/<slug:name>/calibrations/<int:version>/rollback/": "post",
     "/dashboard/t/<slug:tenant_slug>/end-users/": "get",
     "/dashboard/t/<slug:tenant_slug>/end-users/<int:end_user_id>/tier/": "post",
     "/dashboard/t/<slug:tenant_slug>/tokens/": "get",
@@ -291,8 +293,8 @@ def test_session_routes_of_another_tenant_are_404(client, tenant, other_tenant):
         url = re.sub(
             r"<int:\w+>",
             "1",
-            route.replace("<slug:tenant_slug>", other_tenant.slug).replace(
-                "<slug:tier_slug>", "free"
-            ),
+            route.replace("<slug:tenant_slug>", other_tenant.slug)
+            .replace("<slug:tier_slug>", "free")
+            .replace("<slug:name>", "balanced"),
         )
         assert getattr(client, method)(url).status_code == 404, url

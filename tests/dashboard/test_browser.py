@@ -254,6 +254,7 @@ async def test_every_page_fits_at_desktop_and_phone_widths(
     pages = {
         "overview": "",
         "models": "models/",
+        "profile": "profiles/support/",
         "end-users": "end-users/",
         "tokens": "tokens/",
         "budgets": "budgets/",
