@@ -125,10 +125,12 @@ def request_span(name: str, headers: Mapping[str, str], attributes: dict[str, An
     from opentelemetry import trace
     from opentelemetry.propagate import extract
 
+    # The W3C headers only (and only when the caller sent one): not every header copied.
+    carrier = {k: headers[k] for k in ("traceparent", "tracestate", "baggage") if k in headers}
     return RequestSpan(
         tracing._tracer.start_span(
             name,
-            context=extract({k.lower(): v for k, v in headers.items()}),
+            context=extract(carrier) if "traceparent" in carrier else None,
             kind=trace.SpanKind.SERVER,
             attributes={k: v for k, v in attributes.items() if v is not None},
         )
