@@ -17,31 +17,53 @@ Deterministic: the same seed gives the same requests, answers and totals
 prefix; a fresh history is kept, a stale one (or ``force``) is replaced,
 never duplicated. Afterwards the budget counters are recomputed from the
 ledger, so gauges and ledger agree to the nano-dollar.
+
+Audits: the requests of cascades that learn (``routing.targets``: the tenant's
+and the profile's audits on) are sampled as ``routing.audits`` samples live ones
+(every auditable request until a profile has its first labels, then the
+profile's floor), each labelled by ``routing.audits.label`` on the demo models
+(the reference asked now, the judge where extraction cannot tell) and written
+as the audit task writes it: a done ``Audit`` and its ledger row of kind
+``audit``, a few seconds after its request, so every saving shown is net of
+audits. As the labels come in, the profile is refitted by
+``routing.calibrations.profile_refit`` (a certified refit is promoted), giving
+its calibration history. The history's requests themselves ran before any
+audit, as a tenant without audits runs them: the learned calibrations serve
+live traffic from now on. A replaced history replaces its audits and the
+tenant's calibration history with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from django.db import transaction
-from django.db.models import Max, Q, Sum
+from django.db.models import F, Max, Q, Sum
 from django.utils import timezone
 
 from cascadeflow_site import traffic
-from routing import gateway
+from routing import audits, calibrations, gateway
 from routing.enforcement import worst_case_nanos
+from routing.engine import learning
 from routing.engine.resilience import UpstreamError, classify
-from routing.enums import UsageStatus
-from routing.models import RoutingProfile, UsageEvent
+from routing.enums import AuditStatus, UsageKind, UsageStatus
+from routing.models import (
+    Audit,
+    CalibrationVersion,
+    ProfileLearning,
+    RoutingProfile,
+    UsageEvent,
+)
 from routing.providers import demo
 from routing.schemas import parse_chat_request
 from routing.services import LedgerEntry, usage_event_record
@@ -57,6 +79,7 @@ from tenants.budgets import (
 from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope
 from tenants.models import (
     ApiToken,
+    AuditEvent,
     Budget,
     BudgetAlert,
     BudgetCounter,
@@ -73,7 +96,7 @@ DEFAULT_REQUESTS = 4000
 DEFAULT_SEED = 20_250_601
 # A history whose newest row is younger than this is kept as it is on re-runs.
 FRESH_FOR = timedelta(hours=24)
-CONCURRENCY = 8  # cascades in flight while seeding
+CONCURRENCY = 8  # cascades (and audits) in flight while seeding
 RATE_LIMITED_SHARE = 0.006  # of free-tier requests: refused with a 429, as the gateway records them
 
 END_USER_TIERS: dict[str, dict] = {
@@ -97,6 +120,7 @@ PROFILES: dict[str, dict] = {
         "preset": "quality_first",
         "chain": ["demo/small", "demo/medium", "demo/large"],
         "threshold_offset": -0.1,
+        "judge_model": "demo/medium",  # audits judged by the medium model: a fifth of the price
     },
 }
 # Budget sizing (see _size_budgets): the tenant's month is on pace for ~95 % of its
@@ -112,6 +136,17 @@ SIMULATOR_DAYS = 31
 WARN_SHARE = 0.8
 TRIAL_HOURS = 1.25
 TRIAL_WORST_CASES = 4
+
+# Audits: every auditable request of a profile until it has AUDIT_WARM labels, then its
+# floor (``learning.audit_rate``; live traffic warms up on 400: a month of a small app
+# cannot pay for that many judged audits and still save). An audit runs in a worker
+# seconds after its request. A profile is refitted when its labels reach each mark (the
+# gateway refits every ``audits.REFIT_EVERY`` labels; the history keeps a short
+# calibration history) and once more with the history's last labels.
+AUDIT_WARM = 150
+AUDIT_DELAY_S = (3.0, 45.0)
+REFIT_MARKS = (100,)
+REFIT_DELAY = timedelta(minutes=2)
 
 # Requests per hour of the day (tenant's local time), relative to the busiest hours.
 _HOURLY = (
@@ -148,6 +183,9 @@ class HistoryReport:
     tenant_budget_nanos: int = 0
     free_user_budget_nanos: int = 0
     trial_budget_nanos: int = 0
+    audits: int = 0
+    audit_cost_nanos: int = 0
+    calibration_versions: int = 0
 
     @property
     def escalation_rate(self) -> float:
@@ -160,7 +198,8 @@ class HistoryReport:
             f"Demo history: {self.events} requests over {self.start:%Y-%m-%d} .. "
             f"{self.end:%Y-%m-%d}, {self.escalation_rate:.0%} escalated, "
             f"${self.cost_nanos / 1e9:.2f} spent (${self.baseline_nanos / 1e9:.2f} on the "
-            f"strongest models), seeded in {self.seconds:.1f}s "
+            f"strongest models), {self.audits} audits (${self.audit_cost_nanos / 1e9:.2f}), "
+            f"{self.calibration_versions} calibration versions, seeded in {self.seconds:.1f}s "
             f"(cascades {self.engine_seconds:.1f}s)."
         )
 
@@ -293,8 +332,11 @@ async def _cascade(gw: gateway.GatewayRequest, entry: LedgerEntry) -> None:
     try:
         if gw.chat.stream:
             cascade = await agent.stream(gw.chat.messages, gateway.upstream_params(gw))
-            async for _ in cascade.chunks():
-                pass
+            if gw.target.learning is not None:
+                gw.streamed = gateway.StreamedAnswer()
+            async for data in cascade.chunks():
+                if gw.streamed is not None:
+                    gw.streamed.add(data)
             assert cascade.result is not None
             gateway.ledger_fill(entry, cascade.result)
             if cascade.failure is not None:
@@ -311,15 +353,30 @@ async def _cascade(gw: gateway.GatewayRequest, entry: LedgerEntry) -> None:
         entry.error_code = error.code or ""
 
 
+def _target(ctx: TokenContext, tenant: Tenant, model: str) -> Target:
+    """The target as a tenant without audits runs it, carrying what sampling its requests
+    for audits needs when the tenant's cascade learns (answers are then kept, as the
+    gateway keeps them; the calibration that runs is unchanged)."""
+    target = resolve_target(ctx, model)
+    learns = resolve_target(dataclasses.replace(ctx, audits_enabled=tenant.audits_enabled), model)
+    if learns.learning is None:
+        return target
+    fresh = dataclasses.replace(
+        learns.learning, uniform_labels=0, nonuniform_labels=0, version_id=None
+    )
+    return dataclasses.replace(target, learning=fresh)
+
+
 def _run_cascades(
     planned: list[_Planned],
     *,
     tenant: Tenant,
     setup: DemoSetup,
     seed: int,
-) -> tuple[list[LedgerEntry], dict[str, int]]:
+) -> tuple[list[LedgerEntry], dict[str, int], list[audits.AuditCandidate | None]]:
     """Run every planned request; also return the largest worst case admission would
-    reserve, overall and per end user."""
+    reserve, overall and per end user, and each request's audit candidate (None: its
+    cascade does not learn)."""
     contexts = {name: _context(tenant, token) for name, token in setup.tokens.items()}
     targets: dict[tuple[str, str], Target] = {}
     jobs = []
@@ -330,7 +387,7 @@ def _run_cascades(
         chat = parse_chat_request(json.dumps(request.body).encode())
         key = (request.token_name, chat.model)
         if key not in targets:
-            targets[key] = resolve_target(ctx, chat.model)
+            targets[key] = _target(ctx, tenant, chat.model)
         target = targets[key]
         worst[request.user] = max(
             worst[request.user], worst_case_nanos(target.chain, chat, target.preset)
@@ -374,7 +431,11 @@ def _run_cascades(
     for entry in entries:
         if entry.status != UsageStatus.RATE_LIMITED:
             entry.latency_ms = _simulated_latency(entry, latency_rng)
-    return entries, worst
+    candidates = [
+        gateway.audit_candidate(gw, entry) if entry.status != UsageStatus.RATE_LIMITED else None
+        for (_, gw), entry in zip(jobs, entries, strict=True)
+    ]
+    return entries, worst, candidates
 
 
 # --- budgets ---------------------------------------------------------------------------
@@ -399,6 +460,7 @@ def _size_budgets(
     now: datetime,
     worst: dict[str, int],
     traffic_rate: float,
+    audit_spend: Sequence[tuple[datetime, int]] = (),
 ) -> tuple[Budget, Budget, Budget]:
     """Create or resize the tenant's monthly budget, the free tier's per-user budget and
     the trial user's own daily budget.
@@ -413,7 +475,8 @@ def _size_budgets(
     for ``SIMULATOR_DAYS`` without crossing a warn threshold, so the demo's API
     snippets never meet a 402; the trial user's daily budget is about
     ``TRIAL_HOURS`` of their simulated traffic, so it is crossed, then refuses,
-    every day the demo runs.
+    every day the demo runs. ``audit_spend``: (when, cost) of each audit, spend of the
+    tenant's month like any other.
     """
     tz = tenant.time_zone
     month_start, month_end = period_bounds(BudgetPeriod.MONTH, now, tz)
@@ -433,6 +496,10 @@ def _size_budgets(
             last_week += entry.cost_nanos
         if entry.end_user_id == trial.pk and entry.status == UsageStatus.OK:
             trial_costs.append(entry.cost_nanos)
+    for at, cost in audit_spend:  # tenant-wide spend, like any other
+        spend_by_month[_period_key(BudgetPeriod.MONTH, at, tz)] += cost
+        if at >= week_ago:
+            last_week += cost
     all_worst = max(worst.values(), default=0)
     # What the simulator spends a day, in all and as each end user.
     mean_cost = sum(e.cost_nanos for e in entries) / len(entries) if entries else 0
@@ -542,11 +609,14 @@ def _replay_budget_status(
     tenant: Tenant,
     setup: DemoSetup,
     budgets: tuple[Budget, Budget, Budget],
+    audit_spend: Sequence[tuple[datetime, int]] = (),
 ) -> list[tuple[Crossing, datetime]]:
     """Set each row's ``budget_status`` as admission would have, and collect threshold crossings.
 
     Replays spend in time order over the budgets sized above (the tenant's
-    month, each free end user's month, the trial user's days).
+    month, each free end user's month, the trial user's days). Audits (``audit_spend``)
+    are charged to the tenant's budget alone, as they are admitted; their rows carry
+    no budget status.
     """
     tenant_budget, free_budget, trial_budget = budgets
     free = setup.tiers["free"]
@@ -554,29 +624,35 @@ def _replay_budget_status(
     trial_id = setup.end_users[traffic.TRIAL_USER].pk
     spent: dict[tuple[int, int, datetime], int] = defaultdict(int)
     crossings: list[tuple[Crossing, datetime]] = []
-    for entry in entries:
+    moments: list[tuple[datetime, int, LedgerEntry | None, int]] = [
+        (entry.created_at, 0, entry, entry.cost_nanos) for entry in entries
+    ]
+    moments += [(at, 1, None, cost) for at, cost in audit_spend]
+    moments.sort(key=lambda m: (m[0], m[1]))
+    for at, _, entry, cost in moments:
         lines = [_line(tenant_budget, 0, None)]
-        if entry.end_user_id in free_ids:
+        if entry is not None and entry.end_user_id in free_ids:
             lines.append(_line(free_budget, entry.end_user_id or 0, free))
-        if entry.end_user_id == trial_id:
+        if entry is not None and entry.end_user_id == trial_id:
             lines.append(_line(trial_budget, 0, free))
         decision = "allow"
         for line in lines:
-            start = _period_key(line.period, entry.created_at, tenant.time_zone)
+            start = _period_key(line.period, at, tenant.time_zone)
             key = (line.budget_id, line.subject_id, start)
             before = spent[key]
             level = line.level(before)
             if LEVELS.index(level) > LEVELS.index(decision):
                 decision = level
-            after = before + entry.cost_nanos
+            after = before + cost
             spent[key] = after
             for name, pct in (("warn", line.warn_pct), ("degrade", line.degrade_pct)):
                 if before < line.limit_nanos * pct / 100 <= after:
                     crossing = Crossing(
                         line.budget_id, line.subject_id, start, name, after, line.limit_nanos
                     )
-                    crossings.append((crossing, entry.created_at))
-        entry.budget_status = decision
+                    crossings.append((crossing, at))
+        if entry is not None:
+            entry.budget_status = decision
     return crossings
 
 
@@ -662,6 +738,199 @@ def _record_alerts(
         BudgetAlert.objects.filter(pk__in=ids).update(created_at=at, emailed_at=at, webhook_at=None)
 
 
+# --- audits ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Audited:
+    audit: Audit
+    labelled: audits.Labelled
+
+
+def _sample_audits(
+    entries: list[LedgerEntry], candidates: list[audits.AuditCandidate | None], *, seed: int
+) -> list[Audit]:
+    """The requests sampling would have audited, in time order: ``audits.audit_consider``'s
+    rule (auditable requests of a cascade that learns, with ``learning.audit_rate``'s
+    probability given the profile's labels so far), each as its pending row."""
+    rng = random.Random(seed + 3)  # noqa: S311 - demo data, not security
+    labels: dict[str, int] = defaultdict(int)
+    sampled = []
+    for entry, candidate in zip(entries, candidates, strict=True):
+        if candidate is None or candidate.opted_out or candidate.end_user_excluded:
+            continue
+        if not candidate.auditable():
+            continue
+        state = candidate.learning
+        rate = learning.audit_rate(labels[state.profile], floor=state.floor, warm=AUDIT_WARM)
+        if rng.random() >= rate:
+            continue
+        labels[state.profile] += 1
+        sampled.append(
+            audits.audit_row(
+                candidate,
+                entry.created_at,
+                uniform=True,
+                status=AuditStatus.RUNNING,
+                runs=1,
+                payload=audits.audit_payload(candidate),
+            )
+        )
+    return sampled
+
+
+def _label_audits(tenant: Tenant, sampled: list[Audit]) -> list[_Audited]:
+    """Label each sampled request as the audit task does (``audits.label``: the reference
+    and the missing models asked, the judge where extraction cannot tell), on the demo
+    models, a few at a time. An audit whose models are not available is not run."""
+    plans: dict[tuple[str, str], audits.AuditPlan | audits.AuditSkip] = {}
+    jobs = []
+    for audit in sampled:
+        audit.tenant = tenant
+        key = (audit.profile, audit.chain_key)
+        if key not in plans:
+            plans[key] = audits.audit_plan(audit)
+        plan = plans[key]
+        if isinstance(plan, audits.AuditPlan):
+            jobs.append((audit, plan))
+
+    async def run_all() -> list[audits.Labelled | None]:
+        slots = asyncio.Semaphore(CONCURRENCY)
+        caller = gateway.caller()
+
+        async def one(audit: Audit, plan: audits.AuditPlan) -> audits.Labelled | None:
+            async with slots:
+                try:
+                    return await audits.label(audit, plan, caller)
+                except audits.ReferenceFailed:
+                    return None
+
+        return list(await asyncio.gather(*(one(audit, plan) for audit, plan in jobs)))
+
+    previous = demo.latency_scale
+    demo.latency_scale = 0.0
+    try:
+        results = asyncio.run(run_all())
+    finally:
+        demo.latency_scale = previous
+    return [
+        _Audited(audit, labelled)
+        for (audit, _), labelled in zip(jobs, results, strict=True)
+        if labelled is not None
+    ]
+
+
+def _finish_audits(
+    audited: list[_Audited], *, tenant: Tenant, now: datetime, seed: int
+) -> list[_Audited]:
+    """Each audit done as the task finishes it (labels, cost, texts dropped), seconds
+    after its request; those past the tenant's monthly audit cap are not run."""
+    rng = random.Random(seed + 4)  # noqa: S311 - demo data, not security
+    spent: dict[datetime, int] = defaultdict(int)
+    done = []
+    for item in audited:
+        audit, labelled = item.audit, item.labelled
+        month = _period_key(BudgetPeriod.MONTH, audit.created_at, tenant.time_zone)
+        if spent[month] >= tenant.audit_monthly_cap_nanos:
+            continue
+        audit.cost_nanos = sum(a.cost_nanos for a in labelled.attempts)
+        spent[month] += audit.cost_nanos
+        audit.status = AuditStatus.DONE
+        audit.observation = learning.observation_to_json(labelled.observation)
+        audit.served_verdict = (
+            None if labelled.served_verdict is None else int(labelled.served_verdict)
+        )
+        audit.served_loss = labelled.served_loss
+        audit.payload = {}
+        audit.finished_at = min(
+            audit.created_at + timedelta(seconds=rng.uniform(*AUDIT_DELAY_S)), now
+        )
+        done.append(item)
+    done.sort(key=lambda item: item.audit.finished_at)
+    return done
+
+
+def _insert_audits(tenant: Tenant, batch: list[_Audited], latency_rng: random.Random) -> None:
+    """Write done audits, count their labels on their profiles, and write their ledger rows
+    (``audits.audit_ledger_entry``: kind audit, ``audit_<id>``, no baseline)."""
+    if not batch:
+        return
+    Audit.objects.bulk_create([item.audit for item in batch])
+    by_profile: dict[str, list[Audit]] = defaultdict(list)
+    for item in batch:
+        by_profile[item.audit.profile].append(item.audit)
+    for profile, rows in by_profile.items():
+        state, _ = ProfileLearning.objects.get_or_create(
+            tenant=tenant,
+            profile=profile,
+            defaults={"chain_key": rows[0].chain_key, "chain_since": rows[0].created_at},
+        )
+        ProfileLearning.objects.filter(pk=state.pk).update(
+            uniform_labels=F("uniform_labels") + len(rows),
+            labels_since_refit=F("labels_since_refit") + len(rows),
+        )
+    for item in batch:
+        audit = item.audit
+        entry = audits.audit_ledger_entry(audit, item.labelled.attempts, audit.finished_at)
+        entry.latency_ms = _simulated_latency(entry, latency_rng)
+        usage_event_record(entry=entry)
+
+
+def _write_audits(tenant: Tenant, done: list[_Audited], *, now: datetime, seed: int) -> None:
+    """Write the audits in the order they finished, refitting each profile (and promoting
+    what is certified: ``calibrations.profile_refit``) when its labels reach a mark of
+    ``REFIT_MARKS`` and after its last one; each refit sees only the labels before it."""
+    latency_rng = random.Random(seed + 5)  # noqa: S311 - demo data, not security
+    refits: list[tuple[datetime, str]] = []
+    seen: dict[str, int] = defaultdict(int)
+    last: dict[str, datetime] = {}
+    for item in done:
+        profile = item.audit.profile
+        seen[profile] += 1
+        last[profile] = item.audit.finished_at
+        if seen[profile] in REFIT_MARKS:
+            refits.append((min(item.audit.finished_at + REFIT_DELAY, now), profile))
+    for profile, labels in seen.items():
+        if labels >= audits.REFIT_EVERY and labels not in REFIT_MARKS:
+            refits.append((min(last[profile] + REFIT_DELAY, now), profile))
+    refits.sort()
+    written = 0
+    for at, profile in refits:
+        batch = []
+        while written < len(done) and done[written].audit.finished_at <= at:
+            batch.append(done[written])
+            written += 1
+        _insert_audits(tenant, batch, latency_rng)
+        calibrations.profile_refit(tenant_id=tenant.pk, profile=profile, now=at)
+    _insert_audits(tenant, done[written:], latency_rng)
+    # Promotions happened when their refit did, and the audit log says so.
+    for version in CalibrationVersion.objects.filter(tenant=tenant, promoted_at__isnull=False):
+        CalibrationVersion.objects.filter(pk=version.pk).update(promoted_at=version.created_at)
+        for event in AuditEvent.objects.filter(
+            tenant=tenant, action="calibration.promote", target=version.profile
+        ):
+            if (event.data or {}).get("version") == version.version:
+                AuditEvent.objects.filter(pk=event.pk).update(created_at=version.created_at)
+
+
+def _audits_delete(tenant: Tenant) -> None:
+    """The history's audits with their ledger rows, and the tenant's calibration history
+    (fitted on labels about to be replaced)."""
+    old = Audit.objects.filter(tenant=tenant, request_id__startswith=HISTORY_PREFIX)
+    ids = [f"audit_{pk}" for pk in old.values_list("pk", flat=True)]
+    for i in range(0, len(ids), 500):
+        UsageEvent.objects.filter(
+            tenant=tenant, kind=UsageKind.AUDIT, request_id__in=ids[i : i + 500]
+        ).delete()
+    old.delete()
+    CalibrationVersion.objects.filter(tenant=tenant).delete()
+    ProfileLearning.objects.filter(tenant=tenant).delete()
+
+
+def history_audits(tenant: Tenant):
+    return Audit.objects.filter(tenant=tenant, request_id__startswith=HISTORY_PREFIX)
+
+
 # --- the generator ------------------------------------------------------------------------
 
 
@@ -741,16 +1010,33 @@ def generate(
             for i, (at, (request, limited)) in enumerate(zip(times, mix, strict=True))
         ]
         engine_started = time.perf_counter()
-        entries, worst = _run_cascades(planned, tenant=tenant, setup=setup, seed=seed)
+        entries, worst, candidates = _run_cascades(planned, tenant=tenant, setup=setup, seed=seed)
+        audited = _finish_audits(
+            _label_audits(tenant, _sample_audits(entries, candidates, seed=seed)),
+            tenant=tenant,
+            now=now,
+            seed=seed,
+        )
         engine_seconds = time.perf_counter() - engine_started
 
+        _audits_delete(tenant)
         existing.delete()
+        audit_spend = [(a.audit.finished_at, a.audit.cost_nanos) for a in audited]
         budgets = _size_budgets(
-            entries, tenant=tenant, setup=setup, now=now, worst=worst, traffic_rate=traffic_rate
+            entries,
+            tenant=tenant,
+            setup=setup,
+            now=now,
+            worst=worst,
+            traffic_rate=traffic_rate,
+            audit_spend=audit_spend,
         )
-        crossings = _replay_budget_status(entries, tenant=tenant, setup=setup, budgets=budgets)
+        crossings = _replay_budget_status(
+            entries, tenant=tenant, setup=setup, budgets=budgets, audit_spend=audit_spend
+        )
         for entry in entries:
             usage_event_record(entry=entry)
+        _write_audits(tenant, audited, now=now, seed=seed)
         last_used: dict[int, datetime] = {}
         for entry in entries:
             if entry.token_id is not None:
@@ -770,6 +1056,9 @@ def generate(
         tenant_budget_nanos=budgets[0].limit_nanos,
         free_user_budget_nanos=budgets[1].limit_nanos,
         trial_budget_nanos=budgets[2].limit_nanos,
+        audits=len(audited),
+        audit_cost_nanos=sum(a.audit.cost_nanos for a in audited),
+        calibration_versions=CalibrationVersion.objects.filter(tenant=tenant).count(),
     )
     by_profile: dict[str, int] = defaultdict(int)
     by_domain: dict[str, int] = defaultdict(int)

@@ -251,7 +251,8 @@ def audit_consider(
     return decision
 
 
-def _audit_row(candidate: AuditCandidate, now: datetime, **values: Any) -> Audit:
+def audit_row(candidate: AuditCandidate, now: datetime, **values: Any) -> Audit:
+    """The audit row of a sampled (or agreement-labelled) request, not saved."""
     state = candidate.learning
     return Audit(
         tenant_id=candidate.tenant_id,
@@ -269,24 +270,26 @@ def _audit_row(candidate: AuditCandidate, now: datetime, **values: Any) -> Audit
     )
 
 
+def audit_payload(candidate: AuditCandidate) -> dict[str, Any]:
+    """What a pending audit keeps of its request: messages, parameters, the answers
+    already produced (with what each cost) and each draft's quality check."""
+    costs = candidate.costs()
+    return {
+        "messages": candidate.messages,
+        "params": candidate.params,
+        "answers": {
+            name: answer_json(draft, costs.get(name, 0))
+            for name, draft in candidate.responses.items()
+        },
+        "drafts": candidate.checks(),
+    }
+
+
 def _audit_create(candidate: AuditCandidate, now: datetime) -> Audit | None:
     from routing.tasks import audit_run
 
-    costs = candidate.costs()
-    audit = _audit_row(
-        candidate,
-        now,
-        uniform=True,
-        status=AuditStatus.PENDING,
-        payload={
-            "messages": candidate.messages,
-            "params": candidate.params,
-            "answers": {
-                name: answer_json(draft, costs.get(name, 0))
-                for name, draft in candidate.responses.items()
-            },
-            "drafts": candidate.checks(),
-        },
+    audit = audit_row(
+        candidate, now, uniform=True, status=AuditStatus.PENDING, payload=audit_payload(candidate)
     )
     try:
         with transaction.atomic():
@@ -325,7 +328,7 @@ def _label_by_agreement(candidate: AuditCandidate, now: datetime) -> bool:
         next_cost_nanos=tuple(costs.get(name, 0) for name in chain[1:]),
         uniform=False,
     )
-    audit = _audit_row(
+    audit = audit_row(
         candidate,
         now,
         uniform=False,
@@ -423,7 +426,7 @@ def _audit_run(audit_id: int, caller: Caller, now: datetime, span: Any) -> str:
     span.set_attributes(
         {"cascadeflow.request_id": audit.request_id, "cascadeflow.profile": audit.profile}
     )
-    plan = _plan(audit)
+    plan = audit_plan(audit)
     if isinstance(plan, AuditSkip):
         return _skip(audit, plan, now)
     tenant = audit.tenant
@@ -464,7 +467,8 @@ def _claim(audit_id: int, now: datetime) -> Audit | None:
     return Audit.objects.select_related("tenant", "tenant__tier").get(pk=audit_id)
 
 
-def _plan(audit: Audit) -> AuditPlan | AuditSkip:
+def audit_plan(audit: Audit) -> AuditPlan | AuditSkip:
+    """The models an audit asks, or why it cannot run (audits off, a profile or model gone)."""
     tenant = audit.tenant
     if not tenant.audits_enabled:
         return AuditSkip.AUDITS_OFF
@@ -708,13 +712,9 @@ def _features(
     return dict(report.features), report.hard_fail is not None
 
 
-def _finish(audit: Audit, labelled: Labelled, settlement: Settlement, now: datetime) -> None:
-    """Record the labels, the audit's ledger row and its settlement, in one transaction."""
-    from routing.tasks import profile_refit
-
-    attempts = labelled.attempts
-    cost = sum(a.cost_nanos for a in attempts)
-    entry = LedgerEntry(
+def audit_ledger_entry(audit: Audit, attempts: list[Attempt], now: datetime) -> LedgerEntry:
+    """An audit's ledger row: its model and judge calls, spend that is not a request."""
+    return LedgerEntry(
         tenant_id=audit.tenant_id,
         token_id=None,
         end_user_id=None,
@@ -730,6 +730,15 @@ def _finish(audit: Audit, labelled: Labelled, settlement: Settlement, now: datet
         baseline_method="none",
         kind=UsageKind.AUDIT,
     )
+
+
+def _finish(audit: Audit, labelled: Labelled, settlement: Settlement, now: datetime) -> None:
+    """Record the labels, the audit's ledger row and its settlement, in one transaction."""
+    from routing.tasks import profile_refit
+
+    attempts = labelled.attempts
+    cost = sum(a.cost_nanos for a in attempts)
+    entry = audit_ledger_entry(audit, attempts, now)
 
     def write() -> None:
         with transaction.atomic():

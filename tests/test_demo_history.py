@@ -15,14 +15,21 @@ from django.db.models import Sum
 from django.test import AsyncClient
 
 from cascadeflow_site import demo_history, traffic
-from routing.enums import UsageStatus
-from routing.models import RoutingProfile, UsageEvent
+from routing.enums import AuditStatus, UsageKind, UsageStatus
+from routing.models import (
+    Audit,
+    CalibrationVersion,
+    ProfileLearning,
+    RoutingProfile,
+    UsageEvent,
+)
+from routing.selectors import audit_spend_total, profile_quality
 from tenants.budgets import period_bounds
 from tenants.enums import BudgetScope
-from tenants.models import ApiToken, Budget, BudgetCounter, EndUser, EndUserTier, Tenant
+from tenants.models import ApiToken, AuditEvent, Budget, BudgetCounter, EndUser, EndUserTier, Tenant
 from tenants.services import (
-    tenant_settings_update,
     tenant_create,
+    tenant_settings_update,
     tier_ensure_defaults,
     token_create,
 )
@@ -59,7 +66,7 @@ def totals(tenant):
 
 def test_history_is_cascades_spread_over_the_days(history):
     tenant, report = history
-    rows = UsageEvent.objects.filter(tenant=tenant)
+    rows = UsageEvent.objects.filter(tenant=tenant, kind=UsageKind.REQUEST)
     assert rows.count() == REQUESTS == report.events
     times = list(rows.values_list("created_at", flat=True))
     assert min(times) >= NOW - timedelta(days=DAYS) and max(times) < NOW
@@ -114,7 +121,8 @@ def test_live_rows_survive_a_history_refresh(history):
     UsageEvent.objects.filter(pk=live.pk).update(request_id="req_live")
     demo_history.generate(tenant, days=DAYS, requests=REQUESTS, now=NOW, force=True)
     assert UsageEvent.objects.filter(tenant=tenant, request_id="req_live").exists()
-    assert UsageEvent.objects.filter(tenant=tenant).count() == REQUESTS + 1
+    requests = UsageEvent.objects.filter(tenant=tenant, kind=UsageKind.REQUEST)
+    assert requests.count() == REQUESTS + 1
 
 
 def test_budget_counters_equal_the_ledger_for_the_current_period(history):
@@ -158,8 +166,9 @@ def test_budgets_leave_the_simulator_a_month_and_give_the_trial_user_a_day(db):
     rate = 0.1
     tenant = make_tenant()
     report = demo_history.generate(tenant, days=DAYS, requests=REQUESTS, now=NOW, traffic_rate=rate)
-    rows = UsageEvent.objects.filter(tenant=tenant)
-    mean = rows.aggregate(s=Sum("cost_nanos"))["s"] / rows.count()
+    rows = UsageEvent.objects.filter(tenant=tenant)  # audits are spend too
+    requests = rows.filter(kind=UsageKind.REQUEST)
+    mean = requests.aggregate(s=Sum("cost_nanos"))["s"] / requests.count()
     simulated_day = rate * 86_400 * mean
     start, _ = period_bounds("month", NOW, tenant.time_zone)
     in_month = rows.filter(created_at__gte=start)
@@ -266,12 +275,170 @@ def test_seed_demo_prints_the_token_last_and_keeps_a_fresh_history(db, capsys):
     call_command("seed_demo", *args)
     first = capsys.readouterr().out.strip().splitlines()[-1]
     tenant = Tenant.objects.get(slug="demo")
-    count = UsageEvent.objects.filter(tenant=tenant).count()
-    assert first.startswith("cf_") and count == 30
+    rows = UsageEvent.objects.filter(tenant=tenant)
+    count = rows.count()  # requests and the audits of some
+    assert first.startswith("cf_") and rows.filter(kind=UsageKind.REQUEST).count() == 30
 
     call_command("seed_demo", *args)
     assert capsys.readouterr().out.strip().splitlines()[-1] != first
     assert UsageEvent.objects.filter(tenant=tenant).count() == count
+
+
+# --- audits and calibrations ----------------------------------------------------------------
+
+
+def audit_state(tenant):
+    """What the history's audits left: rows, ledger rows, label counts, versions."""
+    audits = Audit.objects.filter(tenant=tenant).order_by("request_id")
+    return (
+        [  # by the request's index in the history (its id names the tenant)
+            (request_id.rsplit("_", 1)[-1], *rest)
+            for request_id, *rest in audits.values_list(
+                "request_id", "profile", "status", "served_model", "served_loss", "cost_nanos"
+            )
+        ],
+        sorted(
+            UsageEvent.objects.filter(tenant=tenant, kind=UsageKind.AUDIT).values_list(
+                "cost_nanos", flat=True
+            )
+        ),
+        sorted(
+            ProfileLearning.objects.filter(tenant=tenant).values_list(
+                "profile", "uniform_labels", "chain_key"
+            )
+        ),
+        sorted(
+            CalibrationVersion.objects.filter(tenant=tenant).values_list(
+                "profile", "version", "certified", "active", "uniform_labels"
+            )
+        ),
+    )
+
+
+def test_history_audits_are_what_the_audit_task_writes(history):
+    tenant, report = history
+    audits = Audit.objects.filter(tenant=tenant)
+    requests = {
+        r.request_id: r for r in UsageEvent.objects.filter(tenant=tenant, kind=UsageKind.REQUEST)
+    }
+
+    assert audits.count() == report.audits > 0
+    for audit in audits:
+        request = requests[audit.request_id]  # an audit is of a history request
+        assert audit.profile == request.profile and audit.profile.startswith("cascade/")
+        assert audit.served_model == request.model and audit.domain == request.domain
+        assert audit.created_at == request.created_at < audit.finished_at <= NOW
+        assert (audit.status, audit.uniform, audit.payload) == (AuditStatus.DONE, True, {})
+        assert audit.observation and audit.observation["uniform"] is True
+        assert audit.reference_model == audit.chain[-1]
+        assert audit.chain[0] == request.models_called[0]  # the chain that ran
+    # Not auditable: refused, failed, or routed by domain to another chain.
+    audited = set(audits.values_list("request_id", flat=True))
+    for request_id, request in requests.items():
+        if request.status != UsageStatus.OK or (
+            request.profile == "cascade/support" and request.domain == "medical"
+        ):
+            assert request_id not in audited
+    # Labels: most served answers are measured against the reference.
+    assert audits.exclude(served_loss=None).count() >= 0.8 * audits.count()
+    assert {a.profile for a in audits} >= {"cascade/support", "cascade/balanced"}
+
+
+def test_audit_ledger_rows_cost_what_the_audits_cost(history):
+    tenant, report = history
+    audits = {f"audit_{a.pk}": a for a in Audit.objects.filter(tenant=tenant)}
+    rows = UsageEvent.objects.filter(tenant=tenant, kind=UsageKind.AUDIT)
+
+    assert rows.count() == len(audits)
+    for row in rows:
+        audit = audits[row.request_id]  # audit_<id>: one row per audit, no other
+        assert row.cost_nanos == audit.cost_nanos > 0
+        assert row.created_at == audit.finished_at
+        assert (row.token_id, row.end_user_id, row.baseline_cost_nanos) == (None, None, 0)
+        assert (row.profile, row.status, row.baseline_method) == (audit.profile, "ok", "none")
+        assert sum(a["cost_nanos"] for a in row.attempts) == row.cost_nanos
+        assert {a["role"] for a in row.attempts} <= {"audit", "judge"}
+    total = sum(a.cost_nanos for a in audits.values())
+    assert total == report.audit_cost_nanos
+    assert audit_spend_total(tenant_id=tenant.pk, start=None, end=None) == total
+    # Budgets count audits as spend: the tenant's counter is the whole ledger's sum.
+    tenant_budget = Budget.objects.get(tenant=tenant, scope=BudgetScope.TENANT)
+    start, _ = period_bounds("month", NOW, tenant.time_zone)
+    counter = BudgetCounter.objects.get(budget=tenant_budget, period_start=start)
+    in_month = UsageEvent.objects.filter(tenant=tenant, created_at__gte=start)
+    assert counter.spent_nanos == in_month.aggregate(s=Sum("cost_nanos"))["s"]
+    # Labels counted on each profile's learning state, one per audit.
+    counted = dict(
+        ProfileLearning.objects.filter(tenant=tenant).values_list("profile", "uniform_labels")
+    )
+    assert counted == dict(Counter(a.profile for a in audits.values()))
+
+
+def test_audits_and_calibrations_are_replaced_never_duplicated(history):
+    tenant, _ = history
+    first = audit_state(tenant)
+    live_audit = Audit.objects.create(
+        tenant=tenant, request_id="req_live", profile="cascade/balanced", chain_key="x"
+    )
+
+    assert demo_history.generate(tenant, days=DAYS, requests=REQUESTS, now=NOW).skipped
+    demo_history.generate(tenant, days=DAYS, requests=REQUESTS, now=NOW, force=True)
+    Audit.objects.filter(pk=live_audit.pk).delete()  # a live audit survives the refresh
+    assert audit_state(tenant) == first
+
+    other = make_tenant("demo-history-2")
+    demo_history.generate(other, days=DAYS, requests=REQUESTS, now=NOW)
+    assert audit_state(other) == first  # deterministic
+
+
+@pytest.fixture
+def long_history(db):
+    tenant = make_tenant("demo-history-long")
+    report = demo_history.generate(tenant, days=12, requests=1300, now=NOW)
+    return tenant, report
+
+
+def test_profiles_have_a_calibration_history_with_a_certified_active_version(long_history):
+    tenant, report = long_history
+    versions = CalibrationVersion.objects.filter(tenant=tenant).order_by("profile", "version")
+
+    assert report.calibration_versions == versions.count()
+    by_profile = Counter(versions.values_list("profile", flat=True))
+    assert max(by_profile.values()) >= 2  # a history, not one fit
+    active = list(versions.filter(active=True))
+    assert active and all(v.certified for v in active)
+    assert len({v.profile for v in active}) == len(active)  # at most one per profile
+    for version in versions:
+        labels = Audit.objects.filter(
+            tenant=tenant, profile=version.profile, finished_at__lte=version.created_at
+        ).count()
+        assert version.uniform_labels == labels  # fitted on the labels before it only
+        assert version.created_at <= NOW
+        assert version.evidence["target_retention"] > 0
+        assert version.certified == ("retention_lower_bound" in version.evidence)
+    for version in active:
+        state = ProfileLearning.objects.get(tenant=tenant, profile=version.profile)
+        assert state.active_version_id == version.pk
+        assert version.promoted_at == version.created_at  # promoted when it was fitted
+        event = AuditEvent.objects.get(
+            tenant=tenant,
+            action="calibration.promote",
+            target=version.profile,
+            data__version=version.version,
+        )
+        assert event.created_at == version.created_at
+
+    # The quality page's numbers: measured retention beside the engine's estimate.
+    quality = profile_quality(
+        tenant_id=tenant.pk,
+        tenant_audits=True,
+        name=active[0].profile,
+        start=NOW - timedelta(days=30),
+        end=NOW,
+    )
+    assert quality.learning.active_version == active[0].version
+    assert quality.overall.measured is not None and quality.overall.audits > 0
+    assert quality.overall.audit_cost_nanos > 0 and quality.overall.engine_estimate
 
 
 # --- the history is what the gateway would have done -------------------------------------

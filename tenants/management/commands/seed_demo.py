@@ -32,7 +32,8 @@ class Command(BaseCommand):
     help = (
         "Seed the demo tenant (owner login demo@cascadeflow.local / cascadeflow-demo) with "
         "end users, routing profiles, budgets and 30 days of usage history (real cascades "
-        "through the demo models), and print a demo API token alone on the last line. "
+        "through the demo models, a sample of them audited, and the calibrations fitted on "
+        "those audits), and print a demo API token alone on the last line. "
         "Earlier demo tokens are revoked, unless --keep-token finds the one it saved last "
         "time still active (make demo: snippets pasted earlier keep working). A history less "
         "than a day old is kept; an older one is replaced, never duplicated."
