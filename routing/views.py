@@ -1,6 +1,8 @@
 """The OpenAI-compatible API: HTTP in, ``routing.gateway`` calls, HTTP out."""
 
 import logging
+from collections.abc import Callable
+from typing import TypeVar
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -12,6 +14,7 @@ from routing.errors import GatewayError, too_large
 from routing.schemas import parse_chat_request
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _with_headers(response: HttpResponse, headers: dict[str, str]) -> HttpResponse:
@@ -45,53 +48,63 @@ def audit_opted_out(request: HttpRequest) -> bool:
     return request.headers.get(AUDIT_HEADER, "").strip().lower() == "off"
 
 
+def _parse(
+    parse: Callable[[bytes], T], request: HttpRequest
+) -> tuple[T | None, GatewayError | None]:
+    """The body parsed, or the error it gets once the token is checked (401 beats 400)."""
+    try:
+        return parse(request.body), None
+    except RequestDataTooBig:
+        return None, too_large(settings.CASCADEFLOW_MAX_REQUEST_BYTES)
+    except GatewayError as exc:
+        return None, exc
+
+
+async def _prepare(request: HttpRequest, chat, parse_error, span) -> gateway.GatewayRequest:
+    return await gateway.prepare(
+        request_id=request.request_id,
+        authorization=request.headers.get("Authorization"),
+        chat=chat,
+        parse_error=parse_error,
+        audit_opt_out=audit_opted_out(request),
+        span=span,
+    )
+
+
+def _event_stream(events, headers: dict[str, str]) -> HttpResponse:
+    response = StreamingHttpResponse(events, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return _with_headers(response, headers)
+
+
+def _failed(exc: Exception, request: HttpRequest, span, route: str) -> HttpResponse:
+    """The answer to a request that ended in an error: its span ended, the error counted."""
+    if not isinstance(exc, GatewayError):
+        logger.exception("Unhandled error in %s %s", route, request.request_id, exc_info=exc)
+        exc = gateway.internal_error(request.request_id)
+    span.finish({"http.response.status_code": exc.status}, error=exc.code or "error")
+    return _error(exc, route)
+
+
 @csrf_exempt
 async def chat_completions(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
         return _method_not_allowed("POST")
-    chat, parse_error = None, None
     span = telemetry.request_span(
         "chat", request.headers, {"cascadeflow.request_id": request.request_id}
     )
     try:
         with span.activate():
-            try:
-                chat = parse_chat_request(request.body)
-            except RequestDataTooBig:
-                parse_error = too_large(settings.CASCADEFLOW_MAX_REQUEST_BYTES)
-            except GatewayError as exc:
-                parse_error = exc
-            gw = await gateway.prepare(
-                request_id=request.request_id,
-                authorization=request.headers.get("Authorization"),
-                chat=chat,
-                parse_error=parse_error,
-                audit_opt_out=audit_opted_out(request),
-                span=span,
-            )
+            chat, parse_error = _parse(parse_chat_request, request)
+            gw = await _prepare(request, chat, parse_error, span)
             if gw.chat.stream:
                 outcome = await gateway.stream(gw)
-                response = StreamingHttpResponse(outcome.events, content_type="text/event-stream")
-                response["Cache-Control"] = "no-cache"
-                response["X-Accel-Buffering"] = "no"
-                return _with_headers(response, outcome.headers)
+                return _event_stream(outcome.events, outcome.headers)
             result = await gateway.complete(gw)
             return _with_headers(JsonResponse(result.body), result.headers)
-    except GatewayError as exc:
-        span.finish({"http.response.status_code": exc.status}, error=exc.code or "error")
-        return _error(exc, "chat-completions")
-    except Exception:
-        logger.exception("Unhandled error in chat completion %s", request.request_id)
-        span.finish({"http.response.status_code": 500}, error="internal_error")
-        return _error(
-            GatewayError(
-                500,
-                f"CascadeFlow failed to handle request {request.request_id}.",
-                type="api_error",
-                code="internal_error",
-            ),
-            "chat-completions",
-        )
+    except Exception as exc:
+        return _failed(exc, request, span, "chat-completions")
 
 
 @csrf_exempt
@@ -99,26 +112,13 @@ async def create_response(request: HttpRequest) -> HttpResponse:
     """``POST /v1/responses``: the Responses API on the chat path (``routing.responses``)."""
     if request.method != "POST":
         return _method_not_allowed("POST")
-    parsed, parse_error = None, None
     span = telemetry.request_span(
         "responses", request.headers, {"cascadeflow.request_id": request.request_id}
     )
     try:
         with span.activate():
-            try:
-                parsed = responses.parse_responses_request(request.body)
-            except RequestDataTooBig:
-                parse_error = too_large(settings.CASCADEFLOW_MAX_REQUEST_BYTES)
-            except GatewayError as exc:
-                parse_error = exc
-            gw = await gateway.prepare(
-                request_id=request.request_id,
-                authorization=request.headers.get("Authorization"),
-                chat=parsed.chat if parsed else None,
-                parse_error=parse_error,
-                audit_opt_out=audit_opted_out(request),
-                span=span,
-            )
+            parsed, parse_error = _parse(responses.parse_responses_request, request)
+            gw = await _prepare(request, parsed.chat if parsed else None, parse_error, span)
             assert parsed is not None
             gw.route = "responses"
             if gw.chat.stream:
@@ -130,10 +130,7 @@ async def create_response(request: HttpRequest) -> HttpResponse:
                     model=outcome.headers.get("x-cascade-model", gw.chat.model),
                     tokens=lambda: responses.ledger_tokens(gw.ledger),
                 )
-                response = StreamingHttpResponse(events, content_type="text/event-stream")
-                response["Cache-Control"] = "no-cache"
-                response["X-Accel-Buffering"] = "no"
-                return _with_headers(response, outcome.headers)
+                return _event_stream(events, outcome.headers)
             result = await gateway.complete(gw)
             body = responses.response_from_completion(
                 parsed,
@@ -142,13 +139,8 @@ async def create_response(request: HttpRequest) -> HttpResponse:
                 tokens=responses.ledger_tokens(gw.ledger),
             )
             return _with_headers(JsonResponse(body), result.headers)
-    except GatewayError as exc:
-        span.finish({"http.response.status_code": exc.status}, error=exc.code or "error")
-        return _error(exc, "responses")
-    except Exception:
-        logger.exception("Unhandled error in response %s", request.request_id)
-        span.finish({"http.response.status_code": 500}, error="internal_error")
-        return _error(gateway.internal_error(request.request_id), "responses")
+    except Exception as exc:
+        return _failed(exc, request, span, "responses")
 
 
 @csrf_exempt
