@@ -425,14 +425,24 @@ class _Backoff:
         return max(0.0, self.until - time.monotonic())
 
 
+def _cost_of_summary(text: str) -> str:
+    try:
+        return str(json.loads(text).get("cost_usd") or "")
+    except (ValueError, AttributeError):
+        return ""
+
+
 async def _send(
     client: httpx.AsyncClient, request: DemoRequest, stats: TrafficStats, backoff: _Backoff
 ) -> None:
+    streamed_cost = ""
     try:
         if request.stream:
             async with client.stream("POST", "/v1/chat/completions", json=request.body) as resp:
-                async for _ in resp.aiter_lines():
-                    pass
+                async for line in resp.aiter_lines():
+                    # A stream's cost is known at its end: its closing ": cascade {...}" comment.
+                    if line.startswith(": cascade "):
+                        streamed_cost = _cost_of_summary(line.removeprefix(": cascade "))
         else:
             resp = await client.post("/v1/chat/completions", json=request.body)
     except (httpx.HTTPError, OSError) as exc:
@@ -447,7 +457,7 @@ async def _send(
         stats.ok += 1
         stats.escalated += resp.headers.get("x-cascade-escalated") == "true"
         try:
-            stats.cost_usd += float(resp.headers.get("x-cascade-cost-usd") or 0)
+            stats.cost_usd += float(streamed_cost or resp.headers.get("x-cascade-cost-usd") or 0)
         except ValueError:
             pass
         backoff.succeeded()

@@ -210,14 +210,27 @@ class CompletionOutcome:
     headers: dict[str, str]
 
 
+COST_UNKNOWN = "unknown"
+
+
 def cascade_headers(
-    *, model: str, escalated: bool, cost_nanos: int, savings_nanos: int, profile: str = ""
+    *,
+    model: str,
+    escalated: bool,
+    cost_nanos: int | None,
+    savings_nanos: int | None,
+    profile: str = "",
 ) -> dict[str, str]:
+    """The cascade headers; a cost of ``None`` (not known yet: a stream) says ``unknown``."""
     headers = {
         "x-cascade-model": model or "none",
         "x-cascade-escalated": "true" if escalated else "false",
-        "x-cascade-cost-usd": f"{nanos_to_usd(cost_nanos):.9f}",
-        "x-cascade-savings-usd": f"{nanos_to_usd(savings_nanos):.9f}",
+        "x-cascade-cost-usd": COST_UNKNOWN
+        if cost_nanos is None
+        else f"{nanos_to_usd(cost_nanos):.9f}",
+        "x-cascade-savings-usd": COST_UNKNOWN
+        if savings_nanos is None
+        else f"{nanos_to_usd(savings_nanos):.9f}",
     }
     if profile:
         headers["x-cascade-profile"] = profile
@@ -278,6 +291,7 @@ def _prepare_sync(
         raise parse_error
     assert chat is not None
     target = resolve_target(ctx, chat.model)
+    check_choices(chat, target)
     end_user = None
     if chat.user:
         end_user = end_user_get_or_create(tenant=Tenant(pk=ctx.tenant_id), external_id=chat.user)
@@ -327,6 +341,35 @@ def _prepare_sync(
     if enforcement.decision == "block":
         _refuse_blocked(gw)
     return gw
+
+
+def check_choices(chat: ChatRequest, target: Target) -> None:
+    """``n`` > 1 is served by one model, unstreamed; anything else is a 400 saying why.
+
+    A cascade judges one draft and escalates on it: it cannot serve several
+    choices, and serving one would silently drop what was asked for. A stream
+    of several choices is refused too: not every transport keeps their indexes.
+    """
+    n = chat.params.get("n") or 1
+    if n == 1:
+        return
+    if target.is_cascade:
+        raise GatewayError(
+            400,
+            f"'n' must be 1 for '{chat.model}': a cascade judges one draft and escalates "
+            f"on it, so it cannot serve {n} choices. Ask one model for several choices "
+            "(GET /v1/models lists them), or send n=1.",
+            param="n",
+            code="unsupported_parameter",
+        )
+    if chat.stream:
+        raise GatewayError(
+            400,
+            f"'n' must be 1 when 'stream' is true: {n} choices are not streamed. "
+            "Send stream=false for several choices, or n=1 to stream.",
+            param="n",
+            code="unsupported_parameter",
+        )
 
 
 def _refuse_blocked(gw: GatewayRequest) -> None:
@@ -402,16 +445,34 @@ def authenticate(authorization: str | None, scope: str = Scope.COMPLETIONS) -> T
     return _authenticate(bearer_token(authorization), scope)
 
 
+MODEL_CREATED = 1_700_000_000  # models and profiles have no creation date OpenAI's way
+
+
+def _model(name: str, owner: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": MODEL_CREATED, "owned_by": owner}
+
+
 @db
 def list_models(ctx: TokenContext) -> dict[str, Any]:
-    created = 1_700_000_000
-    return {
-        "object": "list",
-        "data": [
-            {"id": name, "object": "model", "created": created, "owned_by": owner}
-            for name, owner in target_names(ctx)
-        ],
-    }
+    return {"object": "list", "data": [_model(name, owner) for name, owner in target_names(ctx)]}
+
+
+@db
+def retrieve_model(ctx: TokenContext, model_id: str) -> dict[str, Any]:
+    """One entry of ``list_models`` (the same names: what this tenant may request), or a 404.
+
+    A model that exists but is not allowed is the same 404 as one that does not exist.
+    """
+    for name, owner in target_names(ctx):
+        if name == model_id:
+            return _model(name, owner)
+    raise GatewayError(
+        404,
+        f"The model '{model_id}' does not exist or you do not have access to it. "
+        "GET /v1/models lists the models you can use.",
+        param="model",
+        code="model_not_found",
+    )
 
 
 # --- ledger ---------------------------------------------------------------------------
@@ -698,14 +759,31 @@ async def stream(gw: GatewayRequest) -> StreamOutcome:
         raise await _fail(gw, entry, exc, list(exc.attempts)) from None
     except Exception:
         raise await _crashed(gw, entry, agent.attempts) from None
+    # Headers leave before the answer ends: the cost is not known yet, and saying 0 would
+    # be a lie. It is in the stream's last chunk (stream_options.include_usage), in its
+    # closing comment, and in the ledger.
     headers = gw.enforcement.headers() | cascade_headers(
         model=cascade.model.name,
         escalated=cascade.escalated or bool(cascade.buffered and cascade.buffered.escalated),
-        cost_nanos=cascade.cost_so_far,
-        savings_nanos=0,
+        cost_nanos=None,
+        savings_nanos=None,
         profile=gw.target.profile,
     )
     return StreamOutcome(events=_relay(gw, entry, cascade), headers=headers)
+
+
+def stream_summary(entry: LedgerEntry) -> dict[str, Any]:
+    """What a stream says of its ledger row: the ``cascadeflow`` object of its usage chunk.
+
+    Amounts are the row's, in US dollars as decimal strings (nine places: nano-dollars),
+    like the ``x-cascade-cost-usd`` header of an answer that is not streamed.
+    """
+    return {
+        "model": entry.model,
+        "escalated": entry.escalated,
+        "cost_usd": f"{nanos_to_usd(entry.cost_nanos):.9f}",
+        "savings_usd": f"{nanos_to_usd(entry.baseline_cost_nanos - entry.cost_nanos):.9f}",
+    }
 
 
 async def _relay(
@@ -722,10 +800,6 @@ async def _relay(
                 metrics.first_token(cascade.model.name, time.perf_counter() - gw.started)
             if gw.streamed is not None:
                 gw.streamed.add(data)
-            if not gw.chat.include_usage:
-                data.pop("usage", None)
-                if _is_empty(data):
-                    continue
             yield _sse(data)
     except (asyncio.CancelledError, GeneratorExit):
         await chunks.aclose()  # the engine counts what the upstream streamed so far
@@ -758,21 +832,11 @@ async def _relay(
         )
         return
     await record(gw, entry)
-    result = cascade.result
-    summary = {
-        "model": result.model.name,
-        "escalated": result.escalated,
-        "cost_usd": f"{nanos_to_usd(result.cost_nanos):.9f}",
-        "savings_usd": f"{nanos_to_usd(result.savings_nanos):.9f}",
-    }
+    summary = stream_summary(entry)
+    if gw.chat.include_usage:
+        # OpenAI's last chunk (no choices, the usage), and the row's cost beside it.
+        yield _sse(cascade.usage_chunk(cascadeflow=summary))
     # An SSE comment: ignored by clients, readable by anyone tailing the stream.
     yield f": cascade {json.dumps(summary, separators=(',', ':'))}\n\n"
     yield "data: [DONE]\n\n"
     metrics.stream_finished(gw.route, time.perf_counter() - gw.started)
-
-
-def _is_empty(data: dict[str, Any]) -> bool:
-    return all(
-        not (c.get("delta") or {}) and not c.get("finish_reason") and not c.get("logprobs")
-        for c in data.get("choices") or [{}]
-    )

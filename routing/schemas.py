@@ -36,9 +36,10 @@ _NUMBER_RANGES = {
     "frequency_penalty": (-2.0, 2.0),
 }
 # Output tokens one request may ask for: above every model's output window, and
-# small enough that worst-case budget reservations stay far inside int64.
+# small enough that worst-case budget reservations stay far inside int64 (times
+# MAX_N choices, at $1,000 per million tokens: ~1.3e14 nano-dollars).
 MAX_OUTPUT_TOKENS = 1_048_576
-MAX_N = 8
+MAX_N = 128  # OpenAI's own bound on choices per request
 _POSITIVE_INTS = {"max_tokens": MAX_OUTPUT_TOKENS, "max_completion_tokens": MAX_OUTPUT_TOKENS}
 INT64 = (-(2**63), 2**63 - 1)
 MAX_TOOLS = 128

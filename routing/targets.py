@@ -81,6 +81,14 @@ class Target:
     profile: str = ""  # "" when a single model was requested
     learning: Learning | None = None  # set when this cascade learns from audits
 
+    @property
+    def is_cascade(self) -> bool:
+        """More than one model may answer: a chain to judge, or domain routes to other chains.
+
+        A single-model profile is not one: it answers exactly as that model named directly.
+        """
+        return len(self.chain) > 1 or bool(self.domain_routes)
+
 
 def _allowed(ctx: TokenContext) -> dict[str, ModelSpec]:
     allowed = allowed_models(

@@ -157,6 +157,19 @@ async def models(request: HttpRequest) -> HttpResponse:
 
 
 @csrf_exempt
+async def model(request: HttpRequest, model_id: str) -> HttpResponse:
+    """``GET /v1/models/{id}``: ids hold slashes (``cascade/balanced``), sent raw or as %2F."""
+    if request.method != "GET":
+        return _method_not_allowed("GET")
+    try:
+        ctx = await gateway.authenticate(request.headers.get("Authorization"))
+        found = await gateway.retrieve_model(ctx, model_id)
+    except GatewayError as exc:
+        return _error(exc, "models")
+    return _with_headers(JsonResponse(found), gateway.EMPTY_CASCADE_HEADERS)
+
+
+@csrf_exempt
 async def not_found(request: HttpRequest, path: str = "") -> HttpResponse:
     return _error(
         GatewayError(404, f"Unknown endpoint: {request.method} {request.path}", code="unknown_url")

@@ -4,8 +4,10 @@ Tests point LiteLLM at it through ``api_base`` so the real OpenAI client path
 (HTTP, JSON, SSE, error mapping) runs end to end with no network. Behaviour is
 set per model name: latency, an HTTP error status for the next N calls, a
 malformed body, a stream that dies half-way, an answer computed from the
-request (a judge that reads its prompt). Every request body is kept for
-assertions.
+request (a judge that reads its prompt). ``n`` choices are answered as OpenAI
+does (indexes 0..n-1; the prompt counted once, every choice's completion tokens
+added up); a stream answers one (the gateway never streams several). Every
+request body is kept for assertions.
 
 Also runs standalone for benchmarks: ``python -m tests.fake_upstream --port 9100``.
 """
@@ -191,8 +193,10 @@ class FakeUpstream:
             self._thread.join(timeout=10)
 
 
-def _usage(b: Behaviour) -> dict[str, int]:
-    completion = b.completion_tokens if b.completion_tokens is not None else len(b.content.split())
+def _usage(b: Behaviour, n: int = 1) -> dict[str, int]:
+    """Usage as OpenAI reports it: the prompt once, the completion tokens of every choice."""
+    per_choice = b.completion_tokens if b.completion_tokens is not None else len(b.content.split())
+    completion = per_choice * n
     return {
         "prompt_tokens": b.prompt_tokens,
         "completion_tokens": completion,
@@ -206,21 +210,30 @@ def _completion(payload: dict, b: Behaviour) -> dict:
     if b.tool_calls:
         message = {"role": "assistant", "content": None, "tool_calls": b.tool_calls}
         finish = "tool_calls"
-    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish}
-    if payload.get("logprobs"):
-        choice["logprobs"] = {
-            "content": [
-                {"token": w, "logprob": b.logprob, "bytes": list(w.encode()), "top_logprobs": []}
-                for w in b.content.split(" ")
-            ]
-        }
+    n = int(payload.get("n") or 1)
+    choices = []
+    for index in range(n):
+        choice: dict[str, Any] = {"index": index, "message": message, "finish_reason": finish}
+        if payload.get("logprobs"):
+            choice["logprobs"] = {
+                "content": [
+                    {
+                        "token": w,
+                        "logprob": b.logprob,
+                        "bytes": list(w.encode()),
+                        "top_logprobs": [],
+                    }
+                    for w in b.content.split(" ")
+                ]
+            }
+        choices.append(choice)
     return {
         "id": f"chatcmpl-fake-{uuid.uuid4().hex[:12]}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": payload.get("model"),
-        "choices": [choice],
-        "usage": _usage(b),
+        "choices": choices,
+        "usage": _usage(b, n),
     }
 
 

@@ -516,9 +516,23 @@ def parse_probability(text: str) -> float | None:
     return value if 0.0 <= value <= 1.0 else None
 
 
+# Top-level keys of OpenAI's chunks that are relayed as the provider sent them; the
+# rest (id, object, created, model) are the stream's own, the usage is its last chunk.
+_RELAYED_CHUNK_KEYS = ("system_fingerprint", "service_tier")
+# OpenAI's breakdowns of a usage (cached, reasoning tokens…), kept where the provider sent them.
+_USAGE_DETAILS = ("prompt_tokens_details", "completion_tokens_details")
+
+
 @dataclass
 class CascadeStream:
-    """The answer as OpenAI chunk dicts; ``result`` is complete once ``chunks`` is exhausted."""
+    """The answer as OpenAI chunk dicts; ``result`` is complete once ``chunks`` is exhausted.
+
+    Every chunk has the same frame whatever answered (a replayed draft, a relayed
+    provider stream, LiteLLM's or the OpenAI-wire transport): one ``id`` and one
+    ``created`` for the whole stream, ``object`` ``chat.completion.chunk``, ``model``
+    the catalog name of the model that answered. ``chunks`` carries the choices
+    only; the usage, known once they end, is ``usage_chunk``.
+    """
 
     agent: CascadeAgent
     plan: Plan
@@ -531,14 +545,12 @@ class CascadeStream:
     result: CascadeResult | None = None
     failure: Exception | None = None
     _id: str = field(default_factory=lambda: f"chatcmpl-cf-{uuid.uuid4().hex[:24]}")
+    _created: int = field(default_factory=lambda: int(time.time()))
+    _reported_usage: dict[str, Any] = field(default_factory=dict)  # the answering call's own
 
     @property
     def model(self) -> ModelSpec:
         return self.buffered.model if self.buffered else self.upstream.spec  # type: ignore[union-attr]
-
-    @property
-    def cost_so_far(self) -> int:
-        return sum(a.cost_nanos for a in self.attempts)
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         if self.buffered is not None:
@@ -553,17 +565,62 @@ class CascadeStream:
         finally:
             await relay.aclose()  # a consumer that stops early still settles the attempt
 
-    def _chunk(
-        self, delta: dict[str, Any], finish_reason: str | None = None, **extra: Any
-    ) -> dict[str, Any]:
+    def _frame(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
             "id": self._id,
             "object": "chat.completion.chunk",
-            "created": int(time.time()),
+            "created": self._created,
             "model": self.model.name,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            "choices": choices,
             **extra,
         }
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return self._frame([{"index": 0, "delta": delta, "finish_reason": finish_reason}])
+
+    def _framed(self, data: dict[str, Any]) -> dict[str, Any] | None:
+        """A provider's chunk in the stream's frame; None when it carries no choice at all."""
+        choices = [
+            {
+                **choice,
+                "delta": choice.get("delta") or {},
+                "finish_reason": choice.get("finish_reason"),
+            }
+            for choice in data.get("choices") or []
+            if choice.get("delta") or choice.get("finish_reason") or choice.get("logprobs")
+        ]
+        if not choices:
+            return None
+        relayed = {k: data[k] for k in _RELAYED_CHUNK_KEYS if data.get(k) is not None}
+        return self._frame(choices, **relayed)
+
+    def usage_chunk(self, **extra: Any) -> dict[str, Any]:
+        """The last chunk of a stream whose client asked for usage (OpenAI's shape: no choices).
+
+        ``usage`` counts the answer's call, as the body of an answer that is not streamed
+        does (with the provider's token breakdowns, where it sent them); ``extra`` is what
+        the caller adds beside it.
+        """
+        assert self.result is not None, "the stream has not ended"
+        name = self.result.model.name
+        answer = next(
+            (a for a in reversed(self.attempts) if a.model == name and a.status == "ok"), None
+        )
+        prompt = answer.prompt_tokens if answer else 0
+        completion = answer.completion_tokens if answer else 0
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        reported = self._reported_usage
+        if self.buffered is not None:
+            own = getattr(self.buffered.response, "usage", None)
+            reported = own.model_dump(exclude_none=True) if hasattr(own, "model_dump") else {}
+        for key in _USAGE_DETAILS:
+            if isinstance(reported.get(key), dict):
+                usage[key] = reported[key]
+        return self._frame([], usage=usage, **extra)
 
     async def _replay(self, result: CascadeResult) -> AsyncIterator[dict[str, Any]]:
         choice = result.response.choices[0]
@@ -589,19 +646,6 @@ class CascadeStream:
         for piece in re.findall(r"\s*\S+\s*", content) or ([content] if content else []):
             yield self._chunk({"content": piece})
         yield self._chunk({}, choice.finish_reason or "stop")
-        usage = result.response.usage
-        if usage is not None:
-            final = self._chunk(
-                {},
-                None,
-                usage={
-                    "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens,
-                    "total_tokens": usage.total_tokens,
-                },
-            )
-            final["choices"] = []
-            yield final
 
     async def _relay(self) -> AsyncIterator[dict[str, Any]]:
         upstream = self.upstream
@@ -612,7 +656,6 @@ class CascadeStream:
         try:
             while True:
                 data = clean_payload(chunk.model_dump(exclude_none=True))
-                data["model"] = upstream.spec.name
                 if data.get("usage"):
                     usage = data["usage"]
                 for choice in data.get("choices") or []:
@@ -623,7 +666,9 @@ class CascadeStream:
                         texts.append(
                             (function.get("name") or "") + (function.get("arguments") or "")
                         )
-                yield data
+                framed = self._framed(data)
+                if framed is not None:
+                    yield framed
                 try:
                     chunk = await upstream.rest.__anext__()
                 except StopAsyncIteration:
@@ -641,6 +686,7 @@ class CascadeStream:
     def _settle(self, usage: dict[str, int] | None, texts: list[str]) -> None:
         upstream = self.upstream
         assert upstream is not None
+        self._reported_usage = dict(usage or {})
         if usage:
             prompt = int(usage.get("prompt_tokens") or 0)
             completion = int(usage.get("completion_tokens") or 0)

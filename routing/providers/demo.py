@@ -287,9 +287,9 @@ class DemoAnswer:
 
 
 def demo_answer(
-    model: DemoModel, messages: list[dict], optional_params: dict | None = None
+    model: DemoModel, messages: list[dict], optional_params: dict | None = None, choice: int = 0
 ) -> DemoAnswer:
-    """The model's deterministic answer to ``messages``."""
+    """The model's deterministic answer to ``messages`` (``choice``: which of ``n``)."""
     params = optional_params or {}
     text = last_user_text(messages)
     correct = answers_correctly(model, prompt_text(messages))
@@ -321,6 +321,8 @@ def demo_answer(
         content = _choice_answer(model, text, correct)
     elif arith and value is not None:
         sample = str(params.get("seed", "")) if (params.get("temperature") or 0) > 0 else ""
+        if sample and choice:
+            sample += f"#{choice}"  # several choices at a temperature are several samples
         content = _arith_answer(model, arith.group(1), value, text, correct, sample)
     else:
         content = _general_answer(model, text, correct, max_words=400)
@@ -384,59 +386,73 @@ def _latency(model: DemoModel, completion_tokens: int) -> tuple[float, float]:
     )
 
 
+def _completion_tokens(spec: DemoModel, answer: DemoAnswer) -> int:
+    text = answer.content or "".join(
+        c["function"]["name"] + c["function"]["arguments"] for c in answer.tool_calls
+    )
+    return max(1, _count_tokens(spec.litellm_name, text=text))
+
+
 class DemoLLM(CustomLLM):
-    """The LiteLLM handler behind the ``demo/`` provider."""
+    """The LiteLLM handler behind the ``demo/`` provider.
+
+    ``n`` choices are ``n`` answers; as with OpenAI, the prompt is counted once and
+    the completion tokens of every choice are added up.
+    """
 
     def _build(
-        self, model: str, messages: list, optional_params: dict
-    ) -> tuple[DemoModel, DemoAnswer, dict]:
+        self, model: str, messages: list, optional_params: dict, *, streaming: bool = False
+    ) -> tuple[DemoModel, list[DemoAnswer], dict]:
         spec = _resolve(model)
-        answer = demo_answer(spec, messages, optional_params)
+        n = int(optional_params.get("n") or 1)
+        if streaming and n > 1:
+            raise CustomLLMError(status_code=400, message="Demo models stream one choice (n=1).")
+        answers = [demo_answer(spec, messages, optional_params, choice=i) for i in range(n)]
         prompt_tokens = _count_tokens(spec.litellm_name, messages=messages)
-        completion_text = answer.content or "".join(
-            c["function"]["name"] + c["function"]["arguments"] for c in answer.tool_calls
-        )
-        completion_tokens = max(1, _count_tokens(spec.litellm_name, text=completion_text))
+        completion_tokens = sum(_completion_tokens(spec, answer) for answer in answers)
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         }
-        return spec, answer, usage
+        return spec, answers, usage
 
     def _response(
-        self, spec: DemoModel, answer: DemoAnswer, usage: dict, params: dict
+        self, spec: DemoModel, answers: list[DemoAnswer], usage: dict, params: dict
     ) -> ModelResponse:
-        message: dict[str, Any] = {"role": "assistant", "content": answer.content}
-        if answer.tool_calls:
-            message["tool_calls"] = answer.tool_calls
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": message,
-            "finish_reason": answer.finish_reason,
-        }
-        if params.get("logprobs"):
-            choice["logprobs"] = {"content": answer.logprobs}
+        choices = []
+        for index, answer in enumerate(answers):
+            message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+            if answer.tool_calls:
+                message["tool_calls"] = answer.tool_calls
+            choice: dict[str, Any] = {
+                "index": index,
+                "message": message,
+                "finish_reason": answer.finish_reason,
+            }
+            if params.get("logprobs"):
+                choice["logprobs"] = {"content": answer.logprobs}
+            choices.append(choice)
         return ModelResponse(
             id=f"chatcmpl-demo-{uuid.uuid4().hex[:20]}",
             created=int(time.time()),
             model=spec.litellm_name,
             object="chat.completion",
-            choices=[choice],
+            choices=choices,
             usage=usage,
         )
 
     def completion(self, model, messages, *args, optional_params=None, **kwargs):
-        spec, answer, usage = self._build(model, messages, optional_params or {})
+        spec, answers, usage = self._build(model, messages, optional_params or {})
         first, per = _latency(spec, usage["completion_tokens"])
         time.sleep(first + per * usage["completion_tokens"])
-        return self._response(spec, answer, usage, optional_params or {})
+        return self._response(spec, answers, usage, optional_params or {})
 
     async def acompletion(self, model, messages, *args, optional_params=None, **kwargs):
-        spec, answer, usage = self._build(model, messages, optional_params or {})
+        spec, answers, usage = self._build(model, messages, optional_params or {})
         first, per = _latency(spec, usage["completion_tokens"])
         await asyncio.sleep(first + per * usage["completion_tokens"])
-        return self._response(spec, answer, usage, optional_params or {})
+        return self._response(spec, answers, usage, optional_params or {})
 
     def _chunks(self, answer: DemoAnswer, usage: dict) -> list[GenericStreamingChunk]:
         chunks: list[GenericStreamingChunk] = []
@@ -484,20 +500,20 @@ class DemoLLM(CustomLLM):
     def streaming(
         self, model, messages, *args, optional_params=None, **kwargs
     ) -> Iterator[GenericStreamingChunk]:
-        spec, answer, usage = self._build(model, messages, optional_params or {})
+        spec, answers, usage = self._build(model, messages, optional_params or {}, streaming=True)
         first, per = _latency(spec, usage["completion_tokens"])
         time.sleep(first)
-        for chunk in self._chunks(answer, usage):
+        for chunk in self._chunks(answers[0], usage):
             time.sleep(per)
             yield chunk
 
     async def astreaming(
         self, model, messages, *args, optional_params=None, **kwargs
     ) -> AsyncIterator[GenericStreamingChunk]:
-        spec, answer, usage = self._build(model, messages, optional_params or {})
+        spec, answers, usage = self._build(model, messages, optional_params or {}, streaming=True)
         first, per = _latency(spec, usage["completion_tokens"])
         await asyncio.sleep(first)
-        for chunk in self._chunks(answer, usage):
+        for chunk in self._chunks(answers[0], usage):
             if per:
                 await asyncio.sleep(per)
             yield chunk

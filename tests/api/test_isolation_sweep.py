@@ -240,6 +240,8 @@ SESSION_TENANT_ROUTES = {
 GATEWAY_ROUTES = {
     "/v1/chat/completions": "token-scoped; writes only the token's tenant's ledger row",
     "/v1/models": "what the token may call (tests/routing/test_gateway.py)",
+    # Another tenant's profile is the same 404 as an unknown id.
+    "/v1/models/<path:model_id>": "one of /v1/models (tests/routing/test_openai_surface.py)",
     # Stores nothing: previous_response_id is a 400 and GET /v1/responses/<id> the catch-all's
     # 404, the same for every tenant (tests/routing/test_responses.py::test_tenants_are_isolated).
     "/v1/responses": "token-scoped; writes only the token's tenant's ledger row",

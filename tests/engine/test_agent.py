@@ -319,7 +319,11 @@ async def test_accepted_draft_is_buffered_then_streamed():
     assert stream.model.name == "demo/small"
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     assert text == stream.result.response.choices[0].message.content
-    assert chunks[-1]["usage"]["completion_tokens"] == stream.result.attempts[0].completion_tokens
+    assert all(c["choices"] and "usage" not in c for c in chunks)
+    assert len({(c["id"], c["created"]) for c in chunks}) == 1
+    last = stream.usage_chunk()
+    assert last["choices"] == []
+    assert last["usage"]["completion_tokens"] == stream.result.attempts[0].completion_tokens
     assert not stream.result.escalated
 
 
