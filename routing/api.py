@@ -668,7 +668,10 @@ class ProviderModelListCreateApi(TenantAPIView):
     serializer_class = ProviderModelOutput
     read_scope, write_scope = Scope.USAGE_READ, Scope.ROUTING_WRITE
 
-    @extend_schema(responses=envelope("ProviderModelList", ProviderModelOutput))
+    @extend_schema(
+        responses=envelope("ProviderModelList", ProviderModelOutput),
+        operation_id="provider_models_list",
+    )
     def get(self, request):
         rows = self.tenant_queryset().order_by("name")
         return Response({"data": ProviderModelOutput(rows, many=True).data})

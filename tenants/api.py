@@ -454,7 +454,7 @@ class TenantSettingsApi(TenantAPIView):
     serializer_class = TenantSettingsOutput
     read_scope, write_scope = Scope.USAGE_READ, Scope.ADMIN
 
-    class PatchSerializer(serializers.Serializer):
+    class SettingsPatchSerializer(serializers.Serializer):
         audits_enabled = serializers.BooleanField(required=False)
         audit_monthly_cap_nanos = serializers.IntegerField(
             min_value=0, max_value=BIGINT_MAX, required=False
@@ -475,9 +475,9 @@ class TenantSettingsApi(TenantAPIView):
     def get(self, request):
         return Response(TenantSettingsOutput(self.current()).data)
 
-    @extend_schema(request=PatchSerializer, responses=TenantSettingsOutput)
+    @extend_schema(request=SettingsPatchSerializer, responses=TenantSettingsOutput)
     def patch(self, request):
-        data = self.PatchSerializer(data=request.data)
+        data = self.SettingsPatchSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         tenant = self.current()
         services.tenant_settings_update(tenant=tenant, **data.validated_data)
