@@ -170,7 +170,9 @@ def test_tenant_audit_settings_are_audited(tenant, changes, recorded):
     tenant.refresh_from_db()
     for name, value in changes.items():
         assert getattr(tenant, name) == value
-    events = list(AuditEvent.objects.filter(action="tenant.settings").values_list("data", flat=True))
+    events = list(
+        AuditEvent.objects.filter(action="tenant.settings").values_list("data", flat=True)
+    )
     assert events == ([recorded] if recorded else [])
 
 
