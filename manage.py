@@ -6,8 +6,14 @@ import sys
 def main() -> None:
     os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "cascadeflow_site.settings")
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
     from django.core.management import execute_from_command_line
 
+    try:
+        settings.INSTALLED_APPS  # noqa: B018 - load the settings: their error, not a later one
+    except ImproperlyConfigured as exc:
+        sys.exit(f"CascadeFlow's settings cannot load: {exc}")
     execute_from_command_line(sys.argv)
 
 
