@@ -13,7 +13,7 @@ def main() -> None:
     try:
         settings.INSTALLED_APPS  # noqa: B018 - load the settings: their error, not a later one
     except ImproperlyConfigured as exc:
-        sys.exit(f"CascadeFlow's settings cannot load: {exc}")
+        sys.exit(f"CascadeFlow's settings cannot load (ImproperlyConfigured): {exc}")
     execute_from_command_line(sys.argv)
 
 
