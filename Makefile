@@ -25,7 +25,7 @@ $(VENV)/.dev-installed: requirements/dev.lock | $(PY)
 	@touch $@ $(VENV)/.runtime-installed
 
 demo: $(VENV)/.runtime-installed
-	$(PY) -m cascadeflow_site.demo
+	$(PY) -m demo.server
 
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest $(PYTEST_ARGS)

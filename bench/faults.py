@@ -98,7 +98,7 @@ DB_GRACE_S = 1.0
 
 SETUP = textwrap.dedent(
     """
-    from cascadeflow_site.crypto import encrypt
+    from core.crypto import encrypt
     from tenants.models import ApiToken, EndUserTier, Tenant
     from tenants.services import budget_create, end_user_get_or_create
     tenant = Tenant.objects.get(slug="budgeted")

@@ -22,8 +22,8 @@ from itertools import islice
 from asgiref.sync import sync_to_async
 from django.db import models
 
-from cascadeflow_site import outbox
-from routing.engine.pricing import nanos_to_usd
+from core import outbox
+from core.money import nanos_to_usd
 from routing.models import UsageEvent
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ class StripeEvent(models.Model):
     The row is the durable record: Stripe was answered 200 once it was stored,
     so an event whose task never ran (the broker was down) or failed is sent
     again by the outbox sweeper (``attempts``, ``next_attempt_at``,
-    ``last_error``; see ``cascadeflow_site.outbox``) until ``processed_at``.
+    ``last_error``; see ``core.outbox``) until ``processed_at``.
     """
 
     event_id = models.CharField(max_length=255, unique=True)

@@ -27,8 +27,8 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from billing.models import StripeEvent, TenantSubscription
-from cascadeflow_site import outbox
-from routing.engine.pricing import usd_to_nanos
+from core import outbox
+from core.money import usd_to_nanos
 from tenants.models import Tenant, Tier
 from tenants.services import plan_apply
 

@@ -6,7 +6,7 @@ from celery import shared_task
 from django.utils import timezone
 
 from billing import exports, services
-from cascadeflow_site import outbox
+from core import outbox
 
 logger = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db import transaction
 from django.http import (
+    Http404,
     HttpRequest,
     HttpResponse,
     HttpResponseForbidden,
@@ -21,9 +22,10 @@ from billing.services import (
     webhook_verify,
 )
 from billing.tasks import stripe_event_process
-from cascadeflow_site import outbox
+from core import outbox
 from tenants.enums import MemberRole
 from tenants.models import Tier
+from tenants.selectors import membership_of
 
 
 @csrf_exempt
@@ -49,14 +51,9 @@ def stripe_webhook(request: HttpRequest) -> JsonResponse:
 
 
 def _member_tenant(request: HttpRequest, slug: str, roles: set[str]):
-    """The tenant if the user belongs to it with one of ``roles``; 404 for any other tenant."""
-    from django.http import Http404
-
-    from tenants.models import Member
-
-    member = (
-        Member.objects.select_related("tenant").filter(user=request.user, tenant__slug=slug).first()
-    )
+    """The tenant if the user belongs to it with one of ``roles``; 404 for any other tenant
+    (and for a deactivated one)."""
+    member = membership_of(user=request.user, tenant_slug=slug)
     if member is None:
         raise Http404
     return member.tenant, member.role in roles

@@ -90,6 +90,7 @@ INSTALLED_APPS = [
     "routing",
     "billing",
     "dashboard",
+    "demo",
 ]
 
 # Prometheus metrics (routing.metrics): on unless CASCADEFLOW_METRICS=false.
@@ -407,7 +408,7 @@ CASCADEFLOW_EXPORT_LINK_SECONDS = env.int("CASCADEFLOW_EXPORT_LINK_SECONDS", def
 CASCADEFLOW_ENCRYPTION_KEYS = env.list("CASCADEFLOW_ENCRYPTION_KEYS", default=[])
 # Budget callbacks and alert webhooks must be HTTPS unless this is on (local development, tests).
 CASCADEFLOW_ALLOW_HTTP_CALLBACKS = env.bool("CASCADEFLOW_ALLOW_HTTP_CALLBACKS", default=DEBUG)
-# ... and must reach public addresses (cascadeflow_site.netguard), when saved and when
+# ... and must reach public addresses (core.netguard), when saved and when
 # called. On only for local fake servers (the test suite): never in production.
 CASCADEFLOW_ALLOW_PRIVATE_CALLBACKS = env.bool("CASCADEFLOW_ALLOW_PRIVATE_CALLBACKS", default=False)
 # A budget callback gets one total deadline (its tenant's timeout, at most this),

@@ -15,6 +15,7 @@ from django.shortcuts import render
 
 from tenants.enums import MemberRole
 from tenants.models import Member, Tenant
+from tenants.selectors import memberships_of
 from tenants.services import ROLE_ORDER
 
 ROLE_RANK = {role: rank for rank, role in enumerate(ROLE_ORDER)}
@@ -38,16 +39,8 @@ class TenantAccess:
         return self.role == MemberRole.OWNER
 
 
-def memberships_for_user(*, user) -> tuple[Member, ...]:
-    return tuple(
-        Member.objects.filter(user=user, tenant__is_active=True)
-        .select_related("tenant")
-        .order_by("tenant__name", "tenant__slug")
-    )
-
-
 def tenant_access(*, user, slug: str) -> TenantAccess:
-    memberships = memberships_for_user(user=user)
+    memberships = memberships_of(user=user)
     for member in memberships:
         if member.tenant.slug == slug:
             return TenantAccess(tenant=member.tenant, role=member.role, memberships=memberships)

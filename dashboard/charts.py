@@ -27,9 +27,10 @@ from datetime import datetime
 
 import plotly.graph_objects as go
 
+from core.money import nanos_to_float_usd
 from dashboard.templatetags.money import usd as money_text
+from tenants.enums import BudgetDecision
 
-NANOS_PER_USD = 1_000_000_000
 ACCENT, MUTED, GOOD, WARN, BAD = "#2f6fed", "#98a2b3", "#12805c", "#b54708", "#b42318"
 VOLUME = "#e4e7ec"
 NARROW_PX = 480  # a chart narrower than this (in CSS pixels) uses its narrow layout
@@ -38,9 +39,9 @@ LABEL_CHARS = 18  # category labels longer than this are shortened (full name on
 # Budget states, in order, with the colour of the value and of the band on the gauge.
 BUDGET_STATES = (
     ("ok", GOOD, "#ecfdf3"),
-    ("warn", "#dc6803", "#fef0c7"),
-    ("degrade", "#c4320a", "#fddcab"),
-    ("block", BAD, "#fee4e2"),
+    (BudgetDecision.WARN, "#dc6803", "#fef0c7"),
+    (BudgetDecision.DEGRADE, "#c4320a", "#fddcab"),
+    (BudgetDecision.BLOCK, BAD, "#fee4e2"),
 )
 
 # Escalation and quality per hour are pooled over a trailing window, and drawn only
@@ -67,8 +68,7 @@ DAY_TICKS = "%b %-d"
 MINUTE_TICKS = "%H:%M"
 
 
-def usd(nanos: int | float) -> float:
-    return nanos / NANOS_PER_USD
+usd = nanos_to_float_usd
 
 
 def label(moment: datetime, tz, minutes: bool = True) -> str:
@@ -251,7 +251,11 @@ def gauge(
     spent = usd(spent_nanos)
     edges = [("ok", 0.0)] + [
         (state, limit * pct / 100)
-        for state, pct in zip(("warn", "degrade", "block"), thresholds, strict=True)
+        for state, pct in zip(
+            (BudgetDecision.WARN, BudgetDecision.DEGRADE, BudgetDecision.BLOCK),
+            thresholds,
+            strict=True,
+        )
     ]
     top = max(limit, spent, edges[-1][1]) or 1.0
     colours = {state: (value, band) for state, value, band in BUDGET_STATES}
@@ -260,7 +264,7 @@ def gauge(
         for (state, low), (_, high) in zip(edges, [*edges[1:], ("", top)], strict=True)
         if high > low
     ]
-    current = "ok" if level == "allow" else level
+    current = "ok" if level == BudgetDecision.ALLOW else level
     ends = [("$0", 0.0), (money_text(limit_nanos), limit)]
     side = max(28, 10 + 7 * max(len(text) for text, _ in ends))  # room for the end labels
     fig = figure(

@@ -15,8 +15,8 @@ from zoneinfo import ZoneInfo
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from dashboard.live import INTERVAL, group_name
-from tenants.models import Member
+from routing.live import INTERVAL, group_name
+from tenants.selectors import membership_of
 
 UNAUTHENTICATED, FORBIDDEN = 4401, 4403
 RECHECK_SECONDS = 60  # a member removed from the tenant loses the socket within a minute
@@ -24,11 +24,7 @@ RECHECK_SECONDS = 60  # a member removed from the tenant loses the socket within
 
 @database_sync_to_async
 def _membership(user, slug: str) -> tuple[int, str] | None:
-    member = (
-        Member.objects.filter(user=user, tenant__slug=slug, tenant__is_active=True)
-        .select_related("tenant")
-        .first()
-    )
+    member = membership_of(user=user, tenant_slug=slug)
     return (member.tenant_id, member.tenant.time_zone) if member else None
 
 

@@ -13,7 +13,7 @@ from django import forms
 from django.utils import timezone
 
 from billing.exports import GROUP_FIELDS
-from routing.engine.pricing import usd_to_nanos
+from core.money import usd_to_nanos
 from tenants.enums import BudgetPeriod, BudgetScope, Scope
 from tenants.models import ApiToken, EndUser, EndUserTier, Tenant
 

@@ -28,6 +28,7 @@ from billing.exports import (
     stream_in_batches,
 )
 from billing.models import ExportJob, TenantSubscription
+from core.money import nanos_to_usd
 from dashboard.access import forbidden, render_page, tenant_view
 from dashboard.forms import (
     BudgetCreateForm,
@@ -39,7 +40,6 @@ from dashboard.forms import (
 )
 from routing import calibrations
 from routing import selectors as routing_selectors
-from routing.engine.pricing import nanos_to_usd
 from routing.models import CalibrationVersion, UsageEvent
 from tenants import services
 from tenants.enums import BudgetScope, MemberRole

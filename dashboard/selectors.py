@@ -25,7 +25,7 @@ from dashboard.models import (
 from dashboard.rollups import daily_rows, hour_floor, hourly_rows, usage_sums
 from routing.models import UsageEvent
 from tenants.budgets import effective_thresholds, period_bounds, threshold_level
-from tenants.enums import BudgetPeriod, BudgetScope
+from tenants.enums import BudgetDecision, BudgetPeriod, BudgetScope
 from tenants.models import Budget, BudgetCounter, EndUser, Tenant
 
 
@@ -255,7 +255,7 @@ class Gauge:
     @property
     def state(self) -> str:
         """The level as the dashboard names it: ok / warn / degrade / block."""
-        return "ok" if self.level == "allow" else self.level
+        return "ok" if self.level == BudgetDecision.ALLOW else self.level
 
 
 def budget_gauges(tenant: Tenant, now: datetime) -> list[Gauge]:

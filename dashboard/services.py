@@ -9,7 +9,7 @@ from django.db import transaction
 from django.db.models import Sum
 from django.utils import timezone
 
-from cascadeflow_site import outbox
+from core import outbox
 from dashboard.forecasting import SpendForecast, forecast_spend
 from dashboard.models import DailyUsage, SpendForecastSnapshot
 from dashboard.rollups import daily_rows

@@ -6,14 +6,10 @@ from django.utils import timezone
 from django.views.decorators.cache import cache_control
 
 from dashboard import pages, selectors
-from dashboard.access import (
-    SESSION_TENANT_KEY,
-    memberships_for_user,
-    render_page,
-    tenant_view,
-)
+from dashboard.access import SESSION_TENANT_KEY, render_page, tenant_view
 from routing import selectors as routing_selectors
 from tenants.models import EndUserTier
+from tenants.selectors import memberships_of
 
 
 @cache_control(max_age=86400, public=True)
@@ -25,7 +21,7 @@ def favicon(request):
 @login_required
 def home(request):
     """Send the user to the tenant they last looked at, or their first one."""
-    memberships = memberships_for_user(user=request.user)
+    memberships = memberships_of(user=request.user)
     if not memberships:
         return render(request, "dashboard/no_tenant.html")
     last = request.session.get(SESSION_TENANT_KEY)

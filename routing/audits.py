@@ -61,8 +61,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from cascadeflow_site import outbox
-from cascadeflow_site.db import retry_transient
+from core import outbox
+from core.db import retry_transient
 from routing.catalog import model_catalog
 from routing.enforcement import DEFAULT_OUTPUT_CAP, Enforcement, Settlement, settle
 from routing.engine import learning, tracing
@@ -90,7 +90,7 @@ from routing.selectors import (
 from routing.services import LedgerEntry, ledger_write, reservation_release, usage_event_values
 from routing.targets import Learning, allowed_models, chain_key
 from tenants.budgets import applicable_budgets, budget_admit
-from tenants.enums import BudgetScope
+from tenants.enums import BudgetDecision, BudgetScope
 from tenants.models import Tenant
 
 logger = logging.getLogger(__name__)
@@ -566,7 +566,7 @@ def _admit(audit: Audit, tenant: Tenant, worst: int, now: datetime) -> Settlemen
     settlement = Settlement.of(
         tenant_id=tenant.pk, enforcement=Enforcement(lines=lines, admission=admission)
     )
-    if admission.decision in ("block", "degrade"):
+    if admission.decision in (BudgetDecision.BLOCK, BudgetDecision.DEGRADE):
         _release(settlement)  # past a degrade threshold, the budget is for requests
         return None
     return settlement

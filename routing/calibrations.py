@@ -36,7 +36,7 @@ from django.db import transaction
 from django.db.models import F, Max, Q
 from django.utils import timezone
 
-from cascadeflow_site import outbox
+from core import outbox
 from routing.engine import learning
 from routing.engine.policy import PRESETS
 from routing.enums import AuditStatus, QualityAlertKind

@@ -17,11 +17,11 @@ import litellm
 from django.conf import settings
 from django.db import transaction
 
-from cascadeflow_site import outbox
-from cascadeflow_site.crypto import decrypt
-from cascadeflow_site.db import as_datetime
+from core import outbox
+from core.crypto import decrypt
+from core.db import as_datetime
+from core.money import nanos_to_usd
 from routing.engine.policy import PRESETS
-from routing.engine.pricing import nanos_to_usd
 from routing.engine.types import ModelSpec
 from routing.errors import GatewayError, forbidden
 from routing.schemas import ChatRequest
@@ -38,6 +38,7 @@ from tenants.budgets import (
     end_user_tier,
 )
 from tenants.callbacks import CallbackDecision, CallbackQuestion, cached_decision
+from tenants.enums import BudgetDecision
 from tenants.models import EndUser
 from tenants.ratelimits import Limit, RateLimited, check_and_hit
 from tenants.selectors import TokenContext
@@ -62,7 +63,7 @@ class Enforcement:
         headers = {}
         if self.callback is not None:
             headers["x-cascade-budget-callback"] = self.callback.source
-        if self.admission is None or self.admission.decision == "allow":
+        if self.admission is None or self.admission.decision == BudgetDecision.ALLOW:
             return headers
         return headers | {
             "x-cascade-budget": self.admission.decision,
@@ -152,19 +153,16 @@ def admit(
         ttl=timedelta(seconds=settings.CASCADEFLOW_RESERVATION_TTL),
     )
     enforcement.admission = admission
-    if ctx.budget_callback_url and admission.decision != "block":
+    if ctx.budget_callback_url and admission.decision != BudgetDecision.BLOCK:
         question = _callback_question(ctx, enforcement, target, end_user, request_id)
         answer = cached_decision(question.cache_key)
         if answer is not None:
             apply_callback(enforcement, answer)
         else:
             enforcement.question = question  # asked by the gateway, on the event loop
-    if admission.decision == "degrade":
+    if admission.decision == BudgetDecision.DEGRADE:
         target = degraded(target)
     return target, enforcement
-
-
-_ORDER = ("allow", "warn", "degrade", "block")
 
 
 def _callback_question(
@@ -231,7 +229,7 @@ def apply_callback(enforcement: Enforcement, answer: CallbackDecision) -> None:
     assert admission is not None
     enforcement.callback = answer
     enforcement.question = None
-    if _ORDER.index(answer.decision) > _ORDER.index(admission.decision):
+    if BudgetDecision.severity(answer.decision) > BudgetDecision.severity(admission.decision):
         admission.decision = answer.decision
         admission.override_message = answer.message or "Refused by the account's budget policy."
 
@@ -318,7 +316,8 @@ class Settlement:
         # The alert names the threshold spend reached, which is less than the decision when
         # a worst case that did not fit decided it (a degrade at 84 % is no degrade alert).
         level = admission.threshold_level
-        if admission.decision in {"warn", "degrade"} and level in {"warn", "degrade"}:
+        alerting = (BudgetDecision.WARN, BudgetDecision.DEGRADE)
+        if admission.decision in alerting and level in alerting:
             state = admission.tripped
             tripped = Crossing(
                 state.line.budget_id,

@@ -30,9 +30,9 @@ from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError
 from django.utils import timezone
 
-from cascadeflow_site.db import db
-from dashboard import live
-from routing import audits, metrics, telemetry, tenant_models
+from core.db import db
+from core.money import nanos_to_usd
+from routing import audits, live, metrics, telemetry, tenant_models
 from routing.enforcement import (
     Enforcement,
     Settlement,
@@ -44,7 +44,6 @@ from routing.enforcement import (
 )
 from routing.engine import tracing
 from routing.engine.agent import CascadeAgent, CascadeStream, _draft_of, clean_payload
-from routing.engine.pricing import nanos_to_usd
 from routing.engine.resilience import (
     Caller,
     CircuitBreaker,
@@ -71,7 +70,7 @@ from routing.services import (
 from routing.spool import ledger_spool
 from routing.targets import Target, resolve_target, target_names
 from tenants import callbacks
-from tenants.enums import Scope
+from tenants.enums import BudgetDecision, Scope
 from tenants.models import Tenant
 from tenants.ratelimits import RateLimited, charge_completion
 from tenants.selectors import TokenContext, TokenInvalid, token_context_for_raw
@@ -338,7 +337,7 @@ def _prepare_sync(
         audit_opt_out=audit_opt_out,
         end_user_audit_excluded=bool(end_user and end_user.audit_excluded),
     )
-    if enforcement.decision == "block":
+    if enforcement.decision == BudgetDecision.BLOCK:
         _refuse_blocked(gw)
     return gw
 
@@ -397,9 +396,9 @@ async def _ask_tenant(gw: GatewayRequest) -> None:
     question = gw.enforcement.question
     assert question is not None
     apply_callback(gw.enforcement, await callbacks.ask(question))
-    if gw.enforcement.decision == "block":
+    if gw.enforcement.decision == BudgetDecision.BLOCK:
         await db(_refuse_blocked)(gw)
-    if gw.enforcement.decision == "degrade":
+    if gw.enforcement.decision == BudgetDecision.DEGRADE:
         gw.target = degraded(gw.target)
 
 

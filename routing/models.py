@@ -14,6 +14,7 @@ from routing.enums import (
     UsageKind,
     UsageStatus,
 )
+from tenants.enums import BudgetDecision
 from tenants.models import AlertDelivery, ApiToken, EndUser, Tenant
 
 
@@ -58,8 +59,8 @@ class UsageEvent(models.Model):
     quality_score = models.FloatField(null=True, blank=True)
     baseline_method = models.CharField(max_length=16, blank=True)  # actual | estimated | none
     degraded = models.BooleanField(default=False)
-    # allow | warn | degrade | block: what the budgets decided for this request.
-    budget_status = models.CharField(max_length=10, blank=True)
+    # What the budgets decided for this request; blank when no budget applied.
+    budget_status = models.CharField(max_length=10, blank=True, choices=BudgetDecision.choices)
     kind = models.CharField(
         max_length=8, choices=UsageKind.choices, default=UsageKind.REQUEST, db_default="request"
     )
@@ -224,7 +225,7 @@ class Audit(models.Model):
     already produced while the audit is pending; it is emptied in every final
     state. ``observation`` (``learning.observation_to_json``) holds no text.
 
-    Outbox (``cascadeflow_site.outbox``): the row is the durable record of the
+    Outbox (``core.outbox``): the row is the durable record of the
     work; ``attempts`` / ``next_attempt_at`` are the sweeper's sends, ``runs``
     the task's starts, ``running_until`` the lease of the run that holds it.
     """
@@ -315,7 +316,7 @@ class TenantProviderModel(models.Model):
 
     Requested by its ``name`` like a catalog model, and usable in the tenant's profiles
     and allow-lists; only this tenant's requests ever use it. ``credentials_encrypted`` is
-    a Fernet token (``cascadeflow_site.crypto``) of a JSON object of LiteLLM parameters
+    a Fernet token (``core.crypto``) of a JSON object of LiteLLM parameters
     (``api_key``, or ``aws_*`` / ``vertex_*`` for Bedrock and Vertex); it is write-only:
     the API shows ``credentials_mask`` alone.
     """

@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from cascadeflow_site import strictjson
+from core import strictjson
 from routing.errors import GatewayError, bad_request
 from routing.schemas import (
     MAX_NAME_LENGTH,

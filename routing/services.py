@@ -6,7 +6,7 @@ from typing import Any
 
 from django.db import transaction
 
-from cascadeflow_site.db import as_datetime, insert_row, retry_transient
+from core.db import as_datetime, insert_row, retry_transient
 from routing.enforcement import Settlement, settle
 from routing.engine.types import Attempt, models_called
 from routing.enums import UsageKind, UsageStatus

@@ -36,7 +36,7 @@ from typing import Any
 from django.conf import settings
 from django.db import connection
 
-from cascadeflow_site.db import as_datetime, as_json, fetch_one
+from core.db import as_datetime, as_json, fetch_one
 from routing.catalog import model_catalog, models_allowed
 from routing.engine import learning
 from routing.engine.agent import Route

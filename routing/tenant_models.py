@@ -6,7 +6,7 @@ it is (``openai/gpt-4o``, ``azure/<deployment>``, ``anthropic/claude-…``,
 with an ``api_base`` for an OpenAI-compatible server such as vLLM or Ollama), its
 credentials and its prices. Saving makes one cheap call (one output token) with
 them and refuses what the provider refuses. Credentials are encrypted at rest
-with the rotating keys of ``cascadeflow_site.crypto`` and never shown again: the
+with the rotating keys of ``core.crypto`` and never shown again: the
 API returns a mask. An ``api_base`` follows the rules of callback URLs (no
 loopback, private or metadata addresses outside development), at save time and
 again before each call.
@@ -32,7 +32,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from cascadeflow_site import crypto, netguard
+from core import crypto, netguard
 from routing.catalog import model_catalog
 from routing.engine.pricing import ModelPrice, litellm_price
 from routing.engine.resilience import Caller, Failure, UpstreamError

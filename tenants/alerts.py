@@ -28,18 +28,20 @@ from django.core.mail import send_mail
 from django.db.models import Q
 from django.utils import timezone
 
-from cascadeflow_site import outbox
-from cascadeflow_site.crypto import decrypt
-from cascadeflow_site.netguard import guarded_client
-from routing.engine.pricing import nanos_to_usd
+from core import outbox
+from core.crypto import decrypt
+from core.money import nanos_to_usd
+from core.netguard import guarded_client
 from tenants.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, url_allowed
-from tenants.enums import MemberRole
+from tenants.enums import BudgetDecision, MemberRole
 from tenants.models import AlertDelivery, BudgetAlert, Member, Tenant
 
 LEVEL_TEXT = {
-    "warn": "has passed its warning threshold",
-    "degrade": "has passed its degrade threshold: requests now use the cheap models only",
-    "block": "is exhausted: requests are refused until it resets",
+    BudgetDecision.WARN: "has passed its warning threshold",
+    BudgetDecision.DEGRADE: (
+        "has passed its degrade threshold: requests now use the cheap models only"
+    ),
+    BudgetDecision.BLOCK: "is exhausted: requests are refused until it resets",
     "forecast": "is forecast to run out before the period ends",
 }
 

@@ -10,7 +10,7 @@ from rest_framework import serializers, status
 from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.response import Response
 
-from routing.engine.pricing import nanos_to_usd, usd_to_nanos
+from core.money import nanos_to_usd, usd_to_nanos
 from tenants import selectors, services
 from tenants.api_base import BIGINT_MAX, ApiError, TenantAPIView, envelope
 from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope, Scope

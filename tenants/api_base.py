@@ -9,7 +9,7 @@ identical to a missing one.
 Bad input is the client's error, never ours: every error is JSON
 ``{"error": {"code", "message", "detail"?}}`` with a stable ``code``, never an
 HTML page, a traceback or a database's constraint text. Bodies are parsed
-strictly (``cascadeflow_site.strictjson``) before the view runs, query strings
+strictly (``core.strictjson``) before the view runs, query strings
 may not carry NUL, and a database that cannot be reached is a 503 with
 ``Retry-After``.
 """
@@ -34,7 +34,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView, exception_handler, set_rollback
 
-from cascadeflow_site import strictjson
+from core import strictjson
 from tenants.enums import Scope
 from tenants.models import Tenant
 from tenants.selectors import TokenContext, TokenInvalid, token_context_for_raw

@@ -39,8 +39,8 @@ from zoneinfo import ZoneInfo
 
 from django.db import connection, transaction
 
-from cascadeflow_site.db import as_datetime, as_json, insert_row, retry_transient
-from tenants.enums import BudgetPeriod, BudgetScope
+from core.db import as_datetime, as_json, insert_row, retry_transient
+from tenants.enums import BudgetDecision, BudgetPeriod, BudgetScope
 from tenants.models import (
     Budget,
     BudgetAlert,
@@ -52,7 +52,6 @@ from tenants.models import (
 
 LIFETIME_START = datetime(1970, 1, 1, tzinfo=UTC)
 DEFAULT_THRESHOLDS = (80, 90, 100)
-LEVELS = ("allow", "warn", "degrade", "block")
 PERIOD_ADJECTIVE = {"day": "daily", "week": "weekly", "month": "monthly", "lifetime": "lifetime"}
 
 
@@ -110,16 +109,16 @@ class BudgetLine:
 def threshold_level(used_nanos: int, limit_nanos: int, thresholds: tuple[int, int, int]) -> str:
     """allow / warn / degrade / block: the highest threshold ``used_nanos`` has reached."""
     if limit_nanos <= 0:
-        return "block"
+        return BudgetDecision.BLOCK
     pct = used_nanos * 100 / limit_nanos
     warn, degrade, block = thresholds
     if pct >= block:
-        return "block"
+        return BudgetDecision.BLOCK
     if pct >= degrade:
-        return "degrade"
+        return BudgetDecision.DEGRADE
     if pct >= warn:
-        return "warn"
-    return "allow"
+        return BudgetDecision.WARN
+    return BudgetDecision.ALLOW
 
 
 @dataclass
@@ -153,7 +152,7 @@ class Admission:
         """The threshold the deciding budget has reached (allow / warn / degrade / block),
         which is less than the decision when a worst case, not a threshold, did not fit."""
         if self.tripped is None:
-            return "allow"
+            return BudgetDecision.ALLOW
         return self.tripped.line.level(self.tripped.used_nanos)
 
     @property
@@ -176,22 +175,22 @@ class Admission:
         left = usd_text(max(line.cap_nanos - state.used_nanos, 0))
         budget = f"the {period} budget of {line.label}"
         reached = self.threshold_level
-        if self.decision == "block":
+        if self.decision == BudgetDecision.BLOCK:
             text = f"Budget exceeded: {budget} is {usage}"
-            if reached == "block":
+            if reached == BudgetDecision.BLOCK:
                 text += f", at its block threshold ({line.block_pct}%)"
             else:
                 text += (
                     f"; the {left} left is less than this request may cost on its cheapest "
                     f"model ({usd_text(self.degraded_worst_case_nanos)})"
                 )
-        elif self.decision == "degrade" and reached != "degrade":
+        elif self.decision == BudgetDecision.DEGRADE and reached != BudgetDecision.DEGRADE:
             text = (
                 f"{budget[0].upper()}{budget[1:]} is {usage}; this request may cost up to "
                 f"{usd_text(self.worst_case_nanos)} on its whole chain, more than the {left} "
                 f"left, so only its cheapest model answers"
             )
-        elif self.decision == "degrade":
+        elif self.decision == BudgetDecision.DEGRADE:
             text = (
                 f"{budget[0].upper()}{budget[1:]} is {usage}, past its degrade threshold "
                 f"({line.degrade_pct}%), so only the cheapest model answers"
@@ -441,7 +440,7 @@ def budget_admit(
     CTE), elsewhere a second statement in the same transaction does.
     """
     if not lines:
-        return Admission("allow", time_zone=time_zone)
+        return Admission(BudgetDecision.ALLOW, time_zone=time_zone)
     adapt = connection.ops.adapt_datetimefield_value
     ordered = sorted(lines, key=lambda line: (line.budget_id, line.subject_id))
     bounds = [period_bounds(line.period, now, time_zone) for line in ordered]
@@ -537,8 +536,8 @@ def _admission_after(
         worst_case_nanos=full,
         degraded_worst_case_nanos=degraded,
     )
-    amount = degraded if decision == "degrade" else full
-    if decision == "block" or amount != full:
+    amount = degraded if decision == BudgetDecision.DEGRADE else full
+    if decision == BudgetDecision.BLOCK or amount != full:
         counter_ids = sorted(state.counter_id for state in states)
         _, reservations = _quoted()
 
@@ -550,18 +549,18 @@ def _admission_after(
                     f"UPDATE {reservations} SET amount_nanos = %s, state = %s "  # noqa: S608
                     f"WHERE request_id = %s",
                     [
-                        0 if decision == "block" else amount,
-                        "released" if decision == "block" else "held",
+                        0 if decision == BudgetDecision.BLOCK else amount,
+                        "released" if decision == BudgetDecision.BLOCK else "held",
                         request_id,
                     ],
                 )
                 cursor.execute(
                     _release_sql(len(counter_ids)),
-                    [full - (0 if decision == "block" else amount), *counter_ids],
+                    [full - (0 if decision == BudgetDecision.BLOCK else amount), *counter_ids],
                 )
 
         retry_transient(give_back)
-    if decision == "block":
+    if decision == BudgetDecision.BLOCK:
         return admission
     admission.reservation_key = request_id
     admission.amount_nanos = amount
@@ -569,15 +568,15 @@ def _admission_after(
 
 
 def _decide(states: list[BudgetState], full: int, degraded: int) -> tuple[str, BudgetState | None]:
-    decision, tripped = "allow", None
+    decision, tripped = BudgetDecision.ALLOW, None
     for state in states:
         line = state.line
         level = line.level(state.used_nanos)
         if state.used_nanos + degraded > line.cap_nanos:
-            level = "block"
-        elif level != "block" and state.used_nanos + full > line.cap_nanos:
-            level = "degrade"
-        if LEVELS.index(level) > LEVELS.index(decision):
+            level = BudgetDecision.BLOCK
+        elif level != BudgetDecision.BLOCK and state.used_nanos + full > line.cap_nanos:
+            level = BudgetDecision.DEGRADE
+        if BudgetDecision.severity(level) > BudgetDecision.severity(decision):
             decision, tripped = level, state
     return decision, tripped
 
@@ -666,9 +665,9 @@ def _crossings(rows, by_budget: dict, actual_nanos: int) -> list[Crossing]:
             continue
         before, after = int(spent) - actual_nanos, int(spent)
         for level, pct in (
-            ("warn", line.warn_pct),
-            ("degrade", line.degrade_pct),
-            ("block", line.block_pct),
+            (BudgetDecision.WARN, line.warn_pct),
+            (BudgetDecision.DEGRADE, line.degrade_pct),
+            (BudgetDecision.BLOCK, line.block_pct),
         ):
             if before < line.limit_nanos * pct / 100 <= after:
                 crossings.append(

@@ -20,7 +20,7 @@ deadline (the tenant's ``timeout_ms``, capped by
 server that drips its answer byte by byte; and at most
 ``CASCADEFLOW_CALLBACK_MAX_IN_FLIGHT`` calls per tenant are in flight in a
 process — past that the fallback applies at once. Connections go to public
-addresses only (``cascadeflow_site.netguard``).
+addresses only (``core.netguard``).
 """
 
 from __future__ import annotations
@@ -40,11 +40,12 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import cache
 
-from cascadeflow_site.netguard import async_guarded_client
+from core.netguard import async_guarded_client
+from tenants.enums import BudgetDecision
 
 logger = logging.getLogger(__name__)
 
-DECISIONS = ("allow", "degrade", "block")
+DECISIONS = (BudgetDecision.ALLOW, BudgetDecision.DEGRADE, BudgetDecision.BLOCK)
 MAX_SKEW_S = 300
 SIGNATURE_HEADER = "X-CascadeFlow-Signature"
 TIMESTAMP_HEADER = "X-CascadeFlow-Timestamp"

@@ -33,3 +33,26 @@ class BudgetPeriod(models.TextChoices):
     WEEK = "week", "Week"
     MONTH = "month", "Month"
     LIFETIME = "lifetime", "Lifetime"
+
+
+class BudgetDecision(models.TextChoices):
+    """What the budgets decide for a request, mildest first. The order is the enum's own:
+    admission keeps the most severe of its budgets' levels, a tenant callback may only make
+    a decision stricter, and ``UsageEvent.budget_status`` records the outcome."""
+
+    ALLOW = "allow", "Allow"
+    WARN = "warn", "Warn"
+    DEGRADE = "degrade", "Degrade"
+    BLOCK = "block", "Block"
+
+    @staticmethod
+    def severity(decision: str) -> int:
+        """0 for allow up to 3 for block."""
+        return _SEVERITY[decision]
+
+    @classmethod
+    def most_severe(cls, *decisions: str) -> "BudgetDecision":
+        return cls(max(decisions, key=_SEVERITY.__getitem__))
+
+
+_SEVERITY: dict[str, int] = {decision: rank for rank, decision in enumerate(BudgetDecision)}

@@ -8,8 +8,8 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from cascadeflow_site.netguard import public_url_validator
-from tenants.enums import BudgetPeriod, BudgetScope, MemberRole, Scope
+from core.netguard import public_url_validator
+from tenants.enums import BudgetDecision, BudgetPeriod, BudgetScope, MemberRole, Scope
 
 
 class Tier(models.Model):
@@ -72,7 +72,10 @@ class Tenant(models.Model):
     budget_callback_url = models.URLField(blank=True, validators=[public_url_validator])
     budget_callback_secret = models.TextField(blank=True)  # Fernet-encrypted
     budget_callback_timeout_ms = models.PositiveIntegerField(default=300)
-    budget_callback_fallback = models.CharField(max_length=8, default="allow")  # when it is down
+    # What admission decides when the budget callback is down.
+    budget_callback_fallback = models.CharField(
+        max_length=8, choices=BudgetDecision.choices, default=BudgetDecision.ALLOW
+    )
     budget_callback_cache_seconds = models.PositiveIntegerField(default=30)
     # Budget alerts are also POSTed here, signed with the same kind of secret.
     alert_webhook_url = models.URLField(blank=True, validators=[public_url_validator])
@@ -362,7 +365,7 @@ class BudgetReservation(models.Model):
 class AlertDelivery(models.Model):
     """An alert's delivery to the tenant's owners and admins (email) and webhook.
 
-    Delivery is an outbox (``cascadeflow_site.outbox``, ``tenants.alerts``): each
+    Delivery is an outbox (``core.outbox``, ``tenants.alerts``): each
     channel's timestamp (``emailed_at``, ``webhook_at``) is set once it went out,
     and ``delivered_at`` once every channel did. A delivery run holds a short lease
     (``delivering_until``) so two runs never send the same alert at once; the

@@ -7,11 +7,30 @@ from functools import lru_cache
 from django.db import connection
 from django.db.models import Exists, OuterRef
 
-from cascadeflow_site.db import as_datetime, as_json, fetch_one, select_sql
+from core.db import as_datetime, as_json, fetch_one, select_sql
 from tenants.budgets import effective_thresholds, period_bounds, threshold_level
-from tenants.enums import BudgetScope
-from tenants.models import ApiToken, Budget, BudgetCounter, EndUserTier
+from tenants.enums import BudgetDecision, BudgetScope
+from tenants.models import ApiToken, Budget, BudgetCounter, EndUserTier, Member
 from tenants.services import token_hash
+
+
+def memberships_of(*, user) -> tuple[Member, ...]:
+    """Every membership of ``user`` in an active tenant, tenants by name: the one rule for
+    "may this user act for this tenant" (dashboard pages, live socket, billing)."""
+    return tuple(
+        Member.objects.filter(user=user, tenant__is_active=True)
+        .select_related("tenant")
+        .order_by("tenant__name", "tenant__slug")
+    )
+
+
+def membership_of(*, user, tenant_slug: str) -> Member | None:
+    """``user``'s membership of the active tenant ``tenant_slug``, else None."""
+    return (
+        Member.objects.filter(user=user, tenant__slug=tenant_slug, tenant__is_active=True)
+        .select_related("tenant")
+        .first()
+    )
 
 
 @dataclass(frozen=True)
@@ -191,7 +210,7 @@ class BudgetStatus:
         """ok / warn / degrade / block: the highest threshold this period's spend has
         crossed, the crossings the alert history records."""
         level = threshold_level(self.spent_nanos, self.budget.limit_nanos, self.thresholds)
-        return "ok" if level == "allow" else level
+        return "ok" if level == BudgetDecision.ALLOW else level
 
 
 def budget_statuses(

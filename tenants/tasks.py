@@ -5,7 +5,7 @@ import logging
 from celery import shared_task
 from django.utils import timezone
 
-from cascadeflow_site import outbox
+from core import outbox
 from tenants import alerts, budgets
 
 logger = logging.getLogger(__name__)

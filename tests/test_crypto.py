@@ -1,7 +1,7 @@
 import pytest
 from cryptography.fernet import InvalidToken
 
-from cascadeflow_site import crypto
+from core import crypto
 
 
 @pytest.fixture

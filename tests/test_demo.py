@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cascadeflow_site import demo
+from demo import server as demo
 from tests.conftest import skip_or_fail
 
 

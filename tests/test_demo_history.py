@@ -14,7 +14,8 @@ from django.core.management import call_command
 from django.db.models import Sum
 from django.test import AsyncClient
 
-from cascadeflow_site import demo_history, traffic
+from demo import history as demo_history
+from demo import traffic
 from routing.enums import AuditStatus, UsageKind, UsageStatus
 from routing.models import (
     Audit,

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from django.core.exceptions import ValidationError
 
-from cascadeflow_site import netguard
-from cascadeflow_site.netguard import (
+from core import netguard
+from core.netguard import (
     UnsafeURLError,
     async_guarded_client,
     guarded_client,

@@ -5,7 +5,7 @@ import time
 
 from kombu.exceptions import OperationalError
 
-from cascadeflow_site import outbox
+from core import outbox
 
 
 class Task:

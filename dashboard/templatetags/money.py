@@ -1,6 +1,6 @@
-from decimal import Decimal
-
 from django import template
+
+from core.money import format_usd
 
 register = template.Library()
 
@@ -8,13 +8,7 @@ register = template.Library()
 @register.filter
 def usd(nanos: int | None) -> str:
     """Nano-dollars as money: $1,234.56, or more digits for sub-cent amounts."""
-    value = Decimal(nanos or 0) / 10**9
-    if value == 0:
-        return "$0.00"
-    sign = "-" if value < 0 else ""
-    if abs(value) < Decimal("0.01"):
-        return f"{sign}${abs(value):.6f}"
-    return f"{sign}${abs(value):,.2f}"
+    return format_usd(nanos)
 
 
 @register.filter

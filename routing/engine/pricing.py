@@ -11,22 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
-NANOS_PER_USD = 10**9
-
-
-def _decimal(value: float | Decimal | str) -> Decimal:
-    """Floats (LiteLLM's cost map) are read to 12 significant digits, dropping
-    binary noise such as 0.15 / 1e6 == 1.4999999999999999e-07."""
-    return Decimal(format(value, ".12g")) if isinstance(value, float) else Decimal(value)
-
-
-def usd_to_nanos(usd: float | Decimal | str) -> int:
-    value = _decimal(usd)
-    return int((value * NANOS_PER_USD).quantize(Decimal(1), rounding=ROUND_HALF_UP))
-
-
-def nanos_to_usd(nanos: int) -> Decimal:
-    return Decimal(nanos) / NANOS_PER_USD
+from core.money import NANOS_PER_USD
+from core.money import decimal_of as _decimal
 
 
 @dataclass(frozen=True)

@@ -34,13 +34,14 @@ import litellm
 from litellm.llms.custom_llm import CustomLLM, CustomLLMError
 from litellm.types.utils import ModelResponse
 
+from core.money import usd_to_nanos
 from routing.engine.agent import VERIFY_SYSTEM_PROMPT, CascadeAgent
 from routing.engine.agent import _draft_of as draft_of
 from routing.engine.calibrate import RowObservation, StepObservation, calibrate_chain
 from routing.engine.complexity import query_text
 from routing.engine.jsonl import read_jsonl
 from routing.engine.policy import Calibration, Policy
-from routing.engine.pricing import ModelPrice, usd_to_nanos
+from routing.engine.pricing import ModelPrice
 from routing.engine.resilience import Caller
 from routing.engine.signals import extract
 from routing.engine.types import Deployment, ModelSpec

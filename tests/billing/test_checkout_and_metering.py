@@ -98,6 +98,19 @@ def test_portal_for_owners_only_and_never_for_another_tenant(
     assert len(fake_stripe.portal_sessions) == 1
 
 
+@pytest.mark.parametrize("path", ["checkout/pro/", "portal/"])
+def test_a_deactivated_tenant_is_not_found_even_by_its_owner(
+    client, tenant, pro, fake_stripe, path
+):
+    """The same membership rule as the dashboard: an inactive tenant does not exist."""
+    login(client, tenant, MemberRole.OWNER)
+    tenant.is_active = False
+    tenant.save(update_fields=["is_active"])
+
+    assert client.post(f"/billing/{tenant.slug}/{path}").status_code == 404
+    assert fake_stripe.checkout_sessions == [] and fake_stripe.portal_sessions == []
+
+
 def events(tenant, hours_ago, nanos, n=3):
     when = timezone.now() - timedelta(hours=hours_ago)
     for i in range(n):

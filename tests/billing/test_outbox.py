@@ -28,7 +28,7 @@ from billing.tasks import (
     stripe_event_process,
     stripe_events_sweep,
 )
-from cascadeflow_site import outbox
+from core import outbox
 from routing.models import UsageEvent
 from tenants.enums import MemberRole
 from tenants.models import Tier

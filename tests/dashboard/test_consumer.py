@@ -14,7 +14,7 @@ from django.contrib.sessions.backends.db import SessionStore
 from django.utils import timezone
 
 from cascadeflow_site.asgi import application
-from dashboard import live
+from routing import live
 from routing.services import LedgerEntry
 from tenants.enums import MemberRole
 from tests.conftest import skip_or_fail

@@ -13,7 +13,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
-from cascadeflow_site import outbox
+from core import outbox
 from routing import audits
 from routing.audits import AuditCandidate, Sampling, audit_consider
 from routing.engine.learning import Verdict, observation_from_json

@@ -6,7 +6,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
-from cascadeflow_site import outbox
+from core import outbox
 from routing import calibrations
 from routing.audits import REFIT_EVERY
 from routing.calibrations import (

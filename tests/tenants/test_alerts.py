@@ -13,8 +13,8 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 from django.utils import timezone
 
-from cascadeflow_site import outbox
-from cascadeflow_site.crypto import encrypt
+from core import outbox
+from core.crypto import encrypt
 from tenants import alerts
 from tenants.budgets import period_bounds
 from tenants.enums import BudgetPeriod, BudgetScope, MemberRole

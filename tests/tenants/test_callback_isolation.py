@@ -33,7 +33,7 @@ BODY = {"model": "demo/small", "messages": [{"role": "user", "content": "What is
 
 SETUP = textwrap.dedent(
     """
-    from cascadeflow_site.crypto import encrypt
+    from core.crypto import encrypt
     from tenants.models import Tenant
     from tenants.services import budget_create
     for slug in ("tenant-a", "tenant-b"):

@@ -6,7 +6,7 @@ import time
 import pytest
 from asgiref.sync import sync_to_async
 
-from cascadeflow_site.crypto import encrypt
+from core.crypto import encrypt
 from routing.models import UsageEvent
 from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import BudgetCounter

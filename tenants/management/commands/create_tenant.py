@@ -6,7 +6,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.core.validators import validate_slug
 from django.db import IntegrityError
 
-from routing.engine.pricing import usd_to_nanos
+from core.money import usd_to_nanos
 from tenants.models import Tenant, Tier
 from tenants.services import tenant_create, tier_ensure_defaults
 

@@ -9,7 +9,7 @@ for every process it starts, so the settings generate this install's own secret
 key in ``var/secret_key`` instead of requiring ``DJANGO_SECRET_KEY``, and it lifts
 the free tier's limits for the demo tenant (see ``DEVELOPMENT_ENV``).
 
-Once the server answers, a traffic simulator (``cascadeflow_site.traffic``)
+Once the server answers, a traffic simulator (``demo.traffic``)
 sends demo requests through the API in a background thread so the dashboard
 moves: ``CASCADEFLOW_DEMO_TRAFFIC=0`` turns it off,
 ``CASCADEFLOW_DEMO_TRAFFIC_RATE`` sets its mean requests per second. The
@@ -36,7 +36,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cascadeflow_site import traffic
+from demo import traffic
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

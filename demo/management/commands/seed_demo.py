@@ -6,7 +6,7 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 from django.utils import timezone
 
-from cascadeflow_site import demo_history, traffic
+from demo import history, traffic
 from tenants.models import ApiToken, Tenant, Tier
 from tenants.services import (
     tenant_create,
@@ -41,16 +41,16 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument(
-            "--history-days", type=int, default=demo_history.DEFAULT_DAYS, help="days of history"
+            "--history-days", type=int, default=history.DEFAULT_DAYS, help="days of history"
         )
         parser.add_argument(
             "--history-requests",
             type=int,
-            default=demo_history.DEFAULT_REQUESTS,
+            default=history.DEFAULT_REQUESTS,
             help="requests of history (spread over the days)",
         )
         parser.add_argument(
-            "--history-seed", type=int, default=demo_history.DEFAULT_SEED, help="random seed"
+            "--history-seed", type=int, default=history.DEFAULT_SEED, help="random seed"
         )
         parser.add_argument("--no-history", action="store_true", help="do not write usage history")
         parser.add_argument(
@@ -89,9 +89,9 @@ class Command(BaseCommand):
         else:
             user_get_or_create(email=DEMO_EMAIL, password=DEMO_PASSWORD)
         if options["no_history"]:
-            demo_history.ensure_demo_setup(tenant)
+            history.ensure_demo_setup(tenant)
         else:
-            report = demo_history.generate(
+            report = history.generate(
                 tenant,
                 days=options["history_days"],
                 requests=options["history_requests"],

@@ -1,7 +1,7 @@
 """Demo traffic: what the demo tenant's apps send, and a simulator that sends it live.
 
 The request mix (``sample_request``) is shared by the 30-day history that
-``seed_demo`` writes (``cascadeflow_site.demo_history``) and by ``run``, which
+``seed_demo`` writes (``demo.history``) and by ``run``, which
 sends the same kind of requests through the HTTP API while ``make demo`` runs,
 so the dashboard keeps moving. Three "apps" of the demo tenant call three
 cascades: a support bot (``cascade/support``), an IDE plugin
@@ -13,7 +13,7 @@ escalates.
 
 Standalone::
 
-    python -m cascadeflow_site.traffic --url http://127.0.0.1:8000 --token cf_... --rate 1
+    python -m demo.traffic --url http://127.0.0.1:8000 --token cf_... --rate 1
 
 No Django here: the simulator is a plain HTTP client.
 """

@@ -1,5 +1,7 @@
 """Ledger events to open dashboards, batched per tenant per second.
 
+Routing owns this publisher and its channel-layer group names; the dashboard's
+WebSocket consumer subscribes to them (routing never imports the dashboard).
 The gateway calls :func:`publish` after each ledger row commits. Events are
 buffered in-process and sent to the tenant's channel group at most once a second
 (and at most ``MAX_EVENTS`` per batch; the rest are counted as ``dropped`` and

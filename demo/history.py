@@ -3,7 +3,7 @@
 ``generate`` gives the demo tenant a past: end-user tiers and end users,
 routing profiles, API keys for its apps, budgets, and a few thousand ledger
 rows spread over the last ``days`` days. Every row is a request of the demo
-mix (``cascadeflow_site.traffic.sample_request``) run exactly as the gateway
+mix (``demo.traffic.sample_request``) run exactly as the gateway
 runs a live one: the body is parsed by the gateway's parser, the target is
 resolved from the tenant's profiles, and the same ``CascadeAgent`` (same
 chain, preset, quality checks and demo models) drafts, judges and escalates;
@@ -51,7 +51,8 @@ from django.db import transaction
 from django.db.models import F, Max, Q, Sum
 from django.utils import timezone
 
-from cascadeflow_site import traffic
+from core.money import format_usd
+from demo import traffic
 from routing import audits, calibrations, gateway
 from routing.enforcement import worst_case_nanos
 from routing.engine import learning
@@ -69,14 +70,13 @@ from routing.schemas import parse_chat_request
 from routing.services import LedgerEntry, usage_event_record
 from routing.targets import Target, resolve_target
 from tenants.budgets import (
-    LEVELS,
     BudgetLine,
     Crossing,
     alerts_record,
     effective_thresholds,
     period_bounds,
 )
-from tenants.enums import ALL_SCOPES, BudgetPeriod, BudgetScope
+from tenants.enums import ALL_SCOPES, BudgetDecision, BudgetPeriod, BudgetScope
 from tenants.models import (
     ApiToken,
     AuditEvent,
@@ -197,8 +197,8 @@ class HistoryReport:
         return (
             f"Demo history: {self.events} requests over {self.start:%Y-%m-%d} .. "
             f"{self.end:%Y-%m-%d}, {self.escalation_rate:.0%} escalated, "
-            f"${self.cost_nanos / 1e9:.2f} spent (${self.baseline_nanos / 1e9:.2f} on the "
-            f"strongest models), {self.audits} audits (${self.audit_cost_nanos / 1e9:.2f}), "
+            f"{format_usd(self.cost_nanos)} spent ({format_usd(self.baseline_nanos)} on the "
+            f"strongest models), {self.audits} audits ({format_usd(self.audit_cost_nanos)}), "
             f"{self.calibration_versions} calibration versions, seeded in {self.seconds:.1f}s "
             f"(cascades {self.engine_seconds:.1f}s)."
         )
@@ -635,17 +635,19 @@ def _replay_budget_status(
             lines.append(_line(free_budget, entry.end_user_id or 0, free))
         if entry is not None and entry.end_user_id == trial_id:
             lines.append(_line(trial_budget, 0, free))
-        decision = "allow"
+        decision = BudgetDecision.ALLOW
         for line in lines:
             start = _period_key(line.period, at, tenant.time_zone)
             key = (line.budget_id, line.subject_id, start)
             before = spent[key]
             level = line.level(before)
-            if LEVELS.index(level) > LEVELS.index(decision):
-                decision = level
+            decision = BudgetDecision.most_severe(decision, level)
             after = before + cost
             spent[key] = after
-            for name, pct in (("warn", line.warn_pct), ("degrade", line.degrade_pct)):
+            for name, pct in (
+                (BudgetDecision.WARN, line.warn_pct),
+                (BudgetDecision.DEGRADE, line.degrade_pct),
+            ):
                 if before < line.limit_nanos * pct / 100 <= after:
                     crossing = Crossing(
                         line.budget_id, line.subject_id, start, name, after, line.limit_nanos
