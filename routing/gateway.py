@@ -64,7 +64,6 @@ from routing.services import (
     ledger_write,
     spooled_record,
     spooled_release,
-    usage_event_record,
     usage_event_values,
 )
 from routing.spool import ledger_spool
@@ -314,17 +313,8 @@ def _prepare_sync(
         refused = GatewayRequest(
             request_id, ctx, chat, target, end_user.pk if end_user else None, received_at, started
         )
-        entry = ledger_entry(refused)
-        entry.status, entry.http_status, entry.error_code = (
-            UsageStatus.RATE_LIMITED,
-            429,
-            "rate_limit_exceeded",
-        )
-        usage_event_record(entry=entry)
-        live.publish(entry)
         metrics.rate_limited(exc.limit.scope)
-        metrics.ledger_recorded(entry)
-        raise rate_limited_error(exc) from None
+        raise _refused(refused, UsageStatus.RATE_LIMITED, rate_limited_error(exc)) from None
     gw = GatewayRequest(
         request_id,
         ctx,
@@ -338,7 +328,7 @@ def _prepare_sync(
         end_user_audit_excluded=bool(end_user and end_user.audit_excluded),
     )
     if enforcement.decision == BudgetDecision.BLOCK:
-        _refuse_blocked(gw)
+        raise _refused(gw, UsageStatus.BLOCKED, blocked_error(enforcement))
     return gw
 
 
@@ -371,24 +361,15 @@ def check_choices(chat: ChatRequest, target: Target) -> None:
         )
 
 
-def _refuse_blocked(gw: GatewayRequest) -> None:
-    """Record the refusal and free whatever is still held for it, in one transaction; 402."""
-    entry = ledger_entry(gw)
-    entry.status = UsageStatus.BLOCKED
-    entry.http_status = 402
-    entry.error_code = "budget_exceeded"
+def _refused(gw: GatewayRequest, status: str, error: GatewayError) -> GatewayError:
+    """A request refused at admission (rate limit, budget): its row written from the
+    admission thread, freeing whatever is still held for it in the same transaction."""
+    entry = ended(ledger_entry(gw), status, error.status, error.code or "")
     entry.latency_ms = int((time.perf_counter() - gw.started) * 1000)
-    values = usage_event_values(entry)
-    settlement = Settlement.of(tenant_id=gw.ctx.tenant_id, enforcement=gw.enforcement)
-    try:
-        ledger_write(values=values, settlement=settlement)
-    except Exception:
-        logger.exception("Ledger write failed for %s; spooling it", gw.request_id)
-        _spool(spooled_record(values, settlement), gw.request_id)
     gw.recorded = True
-    live.publish(entry)
-    metrics.ledger_recorded(entry)
-    raise blocked_error(gw.enforcement)
+    _write(entry, gw.ctx, gw.enforcement)
+    _published(entry)
+    return error
 
 
 async def _ask_tenant(gw: GatewayRequest) -> None:
@@ -397,7 +378,7 @@ async def _ask_tenant(gw: GatewayRequest) -> None:
     assert question is not None
     apply_callback(gw.enforcement, await callbacks.ask(question))
     if gw.enforcement.decision == BudgetDecision.BLOCK:
-        await db(_refuse_blocked)(gw)
+        raise await db(_refused)(gw, UsageStatus.BLOCKED, blocked_error(gw.enforcement))
     if gw.enforcement.decision == BudgetDecision.DEGRADE:
         gw.target = degraded(gw.target)
 
@@ -515,8 +496,31 @@ def ledger_fill(entry: LedgerEntry, result: CascadeResult) -> None:
     entry.degraded = result.degraded
 
 
-@db
-def _record_sync(
+def ended(
+    entry: LedgerEntry,
+    status: str,
+    http_status: int,
+    error_code: str = "",
+    *,
+    attempts: list[Attempt] | None = None,
+    result: CascadeResult | None = None,
+) -> LedgerEntry:
+    """The row of a request that ended otherwise than answered: refused, failed upstream,
+    crashed, or left by its client. Whatever was paid before the end stays on it."""
+    if result is not None:
+        ledger_fill(entry, result)
+    if attempts is not None:
+        entry.attempts = list(attempts)
+    entry.status, entry.http_status, entry.error_code = status, http_status, error_code
+    return entry
+
+
+def _published(entry: LedgerEntry) -> None:
+    live.publish(entry)
+    metrics.ledger_recorded(entry)
+
+
+def _write(
     entry: LedgerEntry,
     ctx: TokenContext,
     enforcement: Enforcement,
@@ -562,6 +566,9 @@ def _record_sync(
             audits.audit_consider(candidate=audit)
         except Exception:
             logger.exception("Audit sampling failed for %s", entry.request_id)
+
+
+_record_sync = db(_write)
 
 
 def _spool(record: dict[str, Any], request_id: str) -> None:
@@ -619,8 +626,7 @@ async def record(gw: GatewayRequest, entry: LedgerEntry) -> None:
     # Shielded: a client that disconnects must not cancel its own ledger row.
     with tracing.span("ledger write"):
         await asyncio.shield(_record_sync(entry, gw.ctx, gw.enforcement, candidate))
-    live.publish(entry)
-    metrics.ledger_recorded(entry)
+    _published(entry)
     gw.span.finish(
         span_attributes(gw, entry),
         error=entry.error_code or None if entry.status != UsageStatus.OK else None,
@@ -667,10 +673,7 @@ async def _fail(
     gw: GatewayRequest, entry: LedgerEntry, exc: UpstreamError, attempts: list[Attempt]
 ) -> GatewayError:
     error = gateway_error_of(exc)
-    entry.attempts = attempts
-    entry.status = UsageStatus.UPSTREAM_ERROR
-    entry.http_status = error.status
-    entry.error_code = error.code or ""
+    ended(entry, UsageStatus.UPSTREAM_ERROR, error.status, error.code or "", attempts=attempts)
     await record(gw, entry)
     error.headers.update(
         cascade_headers(
@@ -688,10 +691,7 @@ async def _crashed(gw: GatewayRequest, entry: LedgerEntry, attempts: list[Attemp
     """An unexpected failure after admission: the row (with what was paid) is still written."""
     logger.exception("Unhandled error in request %s", gw.request_id)
     error = internal_error(gw.request_id)
-    entry.attempts = list(attempts)
-    entry.status = UsageStatus.INTERNAL_ERROR
-    entry.http_status = error.status
-    entry.error_code = error.code or ""
+    ended(entry, UsageStatus.INTERNAL_ERROR, error.status, error.code or "", attempts=attempts)
     await record(gw, entry)
     return error
 
@@ -802,11 +802,13 @@ async def _relay(
             yield _sse(data)
     except (asyncio.CancelledError, GeneratorExit):
         await chunks.aclose()  # the engine counts what the upstream streamed so far
-        if cascade.result is not None:
-            ledger_fill(entry, cascade.result)
-        entry.attempts = cascade.attempts
-        entry.status = UsageStatus.CLIENT_CLOSED
-        entry.http_status = 499
+        ended(
+            entry,
+            UsageStatus.CLIENT_CLOSED,
+            499,
+            result=cascade.result,
+            attempts=cascade.attempts,
+        )
         await record(gw, entry)
         raise
     except Exception:
@@ -821,8 +823,8 @@ async def _relay(
     ledger_fill(entry, cascade.result)
     if cascade.failure is not None:
         failure = classify(cascade.failure)
-        entry.status = UsageStatus.UPSTREAM_ERROR
-        entry.error_code = failure.code
+        # The status line (200) is sent: the failure is in the stream and on the row.
+        ended(entry, UsageStatus.UPSTREAM_ERROR, entry.http_status, failure.code)
         last = cascade.attempts[-1]
         last.error_code, last.error_message = failure.code, failure.message
         await record(gw, entry)

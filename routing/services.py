@@ -93,11 +93,6 @@ def usage_event_values(entry: LedgerEntry) -> dict[str, Any]:
     )
 
 
-def usage_event_record(*, entry: LedgerEntry) -> None:
-    """Insert the request's ledger row: one INSERT, built once, no read back."""
-    insert_row(UsageEvent, usage_event_values(entry))
-
-
 def ledger_write(*, values: dict[str, Any], settlement: Settlement) -> list[int]:
     """Write a ledger row and settle its reservation in one transaction; return new alert ids.
 
