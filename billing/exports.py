@@ -25,6 +25,7 @@ from django.db import models
 from core import outbox
 from core.money import nanos_to_usd
 from routing.models import UsageEvent
+from routing.selectors import usage_totals
 
 logger = logging.getLogger(__name__)
 
@@ -313,7 +314,6 @@ def grouped_rows(
     tenant's zone for the dashboard (its date range is in the tenant's zone)."""
     from zoneinfo import ZoneInfo
 
-    from django.db.models import Count, Q, Sum
     from django.db.models.functions import TruncDay
 
     writer = csv.writer(_Echo(), lineterminator="\r\n")
@@ -327,15 +327,16 @@ def grouped_rows(
         if field is None
         else events.annotate(key=models.F(field))
     )
+    totals = usage_totals()
     summary = (
         keyed.values("key")
         .annotate(
-            requests=Count("id"),
-            escalated=Count("id", filter=Q(escalated=True)),
-            prompt=Sum("prompt_tokens"),
-            completion=Sum("completion_tokens"),
-            cost=Sum("cost_nanos"),
-            baseline=Sum("baseline_cost_nanos"),
+            requests=totals["requests"],
+            escalated=totals["escalated"],
+            prompt=totals["prompt_tokens"],
+            completion=totals["completion_tokens"],
+            cost=totals["spend_nanos"],
+            baseline=totals["baseline_cost_nanos"],
         )
         .order_by("key")
     )

@@ -24,8 +24,9 @@ from django.db.models.functions import Coalesce, TruncDate, TruncHour
 from django.utils import timezone
 
 from dashboard.models import LATENCY_BOUNDS_MS, DailyUsage, HourlyUsage, RollupState
-from routing.enums import UsageKind, UsageStatus
+from routing.enums import UsageKind
 from routing.models import UsageEvent
+from routing.selectors import usage_totals
 from tenants.models import Tenant
 
 logger = logging.getLogger(__name__)
@@ -39,16 +40,15 @@ def hour_floor(moment: datetime) -> datetime:
 
 
 def usage_sums() -> dict:
-    """Aggregates of ledger rows, named as the Usage / rollup fields they fill.
-
-    Requests are the tenant's requests (an audit's row is not one); cost and baseline
-    sum every row, so the saving they give is net of what audits cost."""
+    """``routing.selectors.usage_totals`` named as the Usage / rollup fields they fill: cost
+    is spend (audits included), so the saving a rollup gives is net of what audits cost."""
+    totals = usage_totals()
     return {
-        "requests": Count("id", filter=Q(kind=UsageKind.REQUEST)),
-        "errors": Count("id", filter=~Q(status=UsageStatus.OK)),
-        "escalated": Count("id", filter=Q(escalated=True)),
-        "cost_nanos": Coalesce(Sum("cost_nanos"), 0),
-        "baseline_cost_nanos": Coalesce(Sum("baseline_cost_nanos"), 0),
+        "requests": totals["requests"],
+        "errors": totals["errors"],
+        "escalated": totals["escalated"],
+        "cost_nanos": totals["spend_nanos"],
+        "baseline_cost_nanos": totals["baseline_cost_nanos"],
     }
 
 

@@ -8,7 +8,7 @@ prefix (``/api/v1/profiles/cascade/balanced/quality/`` works too).
 
 from datetime import UTC, datetime, timedelta
 
-from django.db.models import Count, F, Q, Sum
+from django.db.models import F
 from django.db.models.functions import TruncDay, TruncHour
 from django.http import Http404
 from django.utils import timezone
@@ -333,31 +333,35 @@ class UsageSummaryApi(TenantAPIView):
         key = self.GROUP_KEYS[by]
         fields = ["period", *(["key"] if key else [])]
         annotated = rows.annotate(period=trunc, **({"key": F(key)} if key else {}))
-        request = Q(kind=UsageKind.REQUEST)
+        totals = selectors.usage_totals()
         summary = (
             annotated.values(*fields)
             .annotate(
-                # First: the names below shadow the columns they sum.
-                audit_cost_nanos=Sum("cost_nanos", filter=Q(kind=UsageKind.AUDIT)),
-                requests=Count("id", filter=request),
-                cost_nanos=Sum("cost_nanos", filter=request),
-                baseline_cost_nanos=Sum("baseline_cost_nanos", filter=request),
-                escalated=Count("id", filter=request & Q(escalated=True)),
+                # The totals' own names: ``baseline_cost_nanos`` would shadow its column.
+                sum_requests=totals["requests"],
+                sum_escalated=totals["escalated"],
+                sum_spend=totals["spend_nanos"],
+                sum_audits=totals["audit_cost_nanos"],
+                sum_baseline=totals["baseline_cost_nanos"],
             )
             .order_by("period", *(["key"] if key else []))
         )
         data = []
         for row in summary[:5000]:
-            figures = {
-                name: row[name] or 0
-                for name in ("cost_nanos", "baseline_cost_nanos", "audit_cost_nanos")
-            }
-            saved = (
-                figures["baseline_cost_nanos"] - figures["cost_nanos"] - figures["audit_cost_nanos"]
+            spend, audits, baseline = row["sum_spend"], row["sum_audits"], row["sum_baseline"]
+            data.append(
+                {
+                    "period": row["period"],
+                    "key": row.get("key"),
+                    "label": row.get("key") or self.EMPTY_KEY_LABELS[by],
+                    "requests": row["sum_requests"],
+                    "escalated": row["sum_escalated"],
+                    "cost_nanos": spend - audits,
+                    "audit_cost_nanos": audits,
+                    "baseline_cost_nanos": baseline,
+                    "saved_nanos": baseline - spend,
+                }
             )
-            row = {"key": None, **row, **figures, "saved_nanos": saved}
-            row["label"] = row["key"] or self.EMPTY_KEY_LABELS[by]
-            data.append(row)
         return Response({"bucket": bucket, "by": by, "data": SummaryRow(data, many=True).data})
 
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.core.cache import cache
-from django.db.models import Avg, Count, F, FloatField, Sum, Value
+from django.db.models import Avg, Count, F, FloatField, Q, Sum, Value
 from django.db.models.functions import Coalesce, TruncDay, TruncHour
 
 from routing.engine.learning import Measured, measured_retention
@@ -18,6 +18,31 @@ from routing.engine.policy import PRESETS
 from routing.enums import AuditStatus, UsageKind, UsageStatus
 from routing.models import Audit, CalibrationVersion, ProfileLearning, RoutingProfile, UsageEvent
 from tenants.budgets import period_bounds
+
+_REQUEST = Q(kind=UsageKind.REQUEST)
+
+
+def usage_totals() -> dict[str, Any]:
+    """What a set of ledger rows adds up to: the one definition every figure of usage is
+    built from (the usage API, the CSV exports, the dashboard's rollups).
+
+    A request is a row of kind ``request``: an audit's row is spend, never a request, and
+    never escalated. ``spend_nanos`` sums every row (what the tenant paid, audits included),
+    ``audit_cost_nanos`` the audits alone, so the requests' own cost is their difference and
+    a saving (``baseline_cost_nanos - spend_nanos``) is net of audits. Tokens are those paid
+    for, audits' included; ``errors`` counts every row that did not end well.
+    """
+    return {
+        "requests": Count("id", filter=_REQUEST),
+        "escalated": Count("id", filter=_REQUEST & Q(escalated=True)),
+        "errors": Count("id", filter=~Q(status=UsageStatus.OK)),
+        "prompt_tokens": Coalesce(Sum("prompt_tokens"), 0),
+        "completion_tokens": Coalesce(Sum("completion_tokens"), 0),
+        "spend_nanos": Coalesce(Sum("cost_nanos"), 0),
+        "audit_cost_nanos": Coalesce(Sum("cost_nanos", filter=Q(kind=UsageKind.AUDIT)), 0),
+        "baseline_cost_nanos": Coalesce(Sum("baseline_cost_nanos"), 0),
+    }
+
 
 PROFILE_PREFIX = "cascade/"
 CONFIDENCE = 0.9  # of measured retention's interval, and of certification
