@@ -1,7 +1,7 @@
 """Management API: CSV cost export."""
 
 from django.conf import settings
-from django.http import StreamingHttpResponse
+from django.http import FileResponse, Http404, StreamingHttpResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers
@@ -157,8 +157,6 @@ class ExportJobDownloadApi(TenantAPIView):
         responses={(200, "text/csv"): OpenApiTypes.STR},
     )
     def get(self, request, pk):
-        from django.conf import settings
-        from django.http import FileResponse, Http404
 
         token = request.query_params.get("token", "")
         if download_job_id(token, max_age_s=10**9) != pk:

@@ -16,12 +16,20 @@ import csv
 import json
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import islice
+from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from asgiref.sync import sync_to_async
-from django.db import models
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+from django.core import signing
+from django.db import models, transaction
+from django.db.models.functions import TruncDay
+from django.utils import timezone
 
+from billing.models import ExportJob
 from core import outbox
 from core.money import nanos_to_usd
 from routing.models import UsageEvent
@@ -161,7 +169,6 @@ def rows(*, tenant_id: int, start: datetime, end: datetime, focus: bool) -> Iter
 
 def parse_range(start: str | None, end: str | None) -> tuple[datetime, datetime]:
     """``start``/``end`` as UTC dates (YYYY-MM-DD); ``end`` is inclusive of that whole day."""
-    from datetime import timedelta
 
     if not start or not end:
         raise ValueError("start and end are required (YYYY-MM-DD, UTC).")
@@ -179,12 +186,6 @@ def export_job_run(*, job_id: int) -> str:
     a job sent twice is built once. A crash ends the job ``failed`` with a
     one-line reason (the traceback goes to the log, not to the user).
     """
-    from pathlib import Path
-
-    from django.conf import settings
-    from django.utils import timezone
-
-    from billing.models import ExportJob
 
     claimed = ExportJob.objects.filter(pk=job_id, status="queued").update(
         status="running", started_at=timezone.now(), total_rows=0, rows_written=0, error=""
@@ -209,7 +210,6 @@ def export_job_run(*, job_id: int) -> str:
 
 
 def _export_write(job, path) -> int:
-    from billing.models import ExportJob
 
     path.parent.mkdir(parents=True, exist_ok=True)
     total = UsageEvent.objects.filter(
@@ -230,7 +230,6 @@ def _export_write(job, path) -> int:
 
 
 def _failure_text(exc: BaseException) -> str:
-    from celery.exceptions import SoftTimeLimitExceeded
 
     if isinstance(exc, SoftTimeLimitExceeded):
         return "The export took longer than its time limit; try a shorter range."
@@ -245,9 +244,6 @@ def export_jobs_due(*, now: datetime) -> list[int]:
     ``failed``, so the page stops waiting. Jobs ``queued`` a grace period after
     they were created get an attempt counted, and their ids are returned.
     """
-    from datetime import timedelta
-
-    from billing.models import ExportJob
 
     stale = now - timedelta(seconds=EXPORT_TIME_LIMIT_S) - outbox.GRACE
     ExportJob.objects.filter(status="running").filter(
@@ -270,13 +266,11 @@ def export_jobs_due(*, now: datetime) -> list[int]:
 
 
 def download_token(job_id: int) -> str:
-    from django.core import signing
 
     return signing.TimestampSigner(salt="cascadeflow.export").sign(str(job_id))
 
 
 def download_job_id(token: str, max_age_s: int) -> int | None:
-    from django.core import signing
 
     try:
         return int(
@@ -312,9 +306,6 @@ def grouped_rows(
 
     Days are calendar days in ``time_zone``: UTC for the API (its dates are UTC), the
     tenant's zone for the dashboard (its date range is in the tenant's zone)."""
-    from zoneinfo import ZoneInfo
-
-    from django.db.models.functions import TruncDay
 
     writer = csv.writer(_Echo(), lineterminator="\r\n")
     yield writer.writerow(GROUPED_COLUMNS)
@@ -364,10 +355,8 @@ def export_job_queue(*, tenant_id: int, start: datetime, end: datetime, focus: b
     The job row is durable: when the broker refuses the task the caller still
     gets the queued job, and the outbox sweeper sends it later.
     """
-    from django.db import transaction
 
-    from billing.models import ExportJob
-    from billing.tasks import export_job_run
+    from billing.tasks import export_job_run  # noqa: PLC0415 - billing.tasks imports this module
 
     job = ExportJob.objects.create(tenant_id=tenant_id, start=start, end=end, focus=focus)
     transaction.on_commit(lambda: outbox.send(export_job_run, job.pk), robust=True)

@@ -26,7 +26,9 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from billing import stripe_api
 from billing.models import StripeEvent, TenantSubscription
+from billing.stripe_api import client
 from core import outbox
 from core.money import usd_to_nanos
 from tenants.models import Tenant, Tier
@@ -315,7 +317,6 @@ def _customer_metadata(customer: str) -> dict:
     """The customer's own metadata, from Stripe (a customer made outside our checkout)."""
     if not settings.STRIPE_API_KEY or not customer:
         return {}
-    from billing.stripe_api import client
 
     try:
         return dict(client().v1.customers.retrieve(customer).to_dict().get("metadata") or {})
@@ -419,7 +420,6 @@ def grace_expire(*, now: datetime) -> int:
 
 def customer_ensure(*, tenant: Tenant, email: str | None) -> TenantSubscription:
     """The tenant's Stripe customer, created once and reused (the link is a unique row)."""
-    from billing import stripe_api
 
     existing = TenantSubscription.objects.filter(tenant=tenant).first()
     if existing is not None:
@@ -435,7 +435,6 @@ def customer_ensure(*, tenant: Tenant, email: str | None) -> TenantSubscription:
 def checkout_start(
     *, tenant: Tenant, tier: Tier, email: str | None, success_url: str, cancel_url: str
 ) -> str:
-    from billing import stripe_api
 
     if not tier.stripe_price_ids:
         raise ValueError(f"The plan '{tier.slug}' has no Stripe price.")
@@ -450,7 +449,6 @@ def checkout_start(
 
 
 def portal_start(*, tenant: Tenant, email: str | None, return_url: str) -> str:
-    from billing import stripe_api
 
     link = customer_ensure(tenant=tenant, email=email)
     return stripe_api.portal_session(customer=link.stripe_customer_id, return_url=return_url)

@@ -6,6 +6,8 @@ from celery import shared_task
 from django.utils import timezone
 
 from billing import exports, services
+from billing.metering import usage_report as report
+from billing.models import TenantSubscription
 from core import outbox
 
 logger = logging.getLogger(__name__)
@@ -46,14 +48,12 @@ def grace_expire() -> int:
     max_retries=8,
 )
 def usage_report(tenant_id: int) -> int:
-    from billing.metering import usage_report as report
 
     return report(tenant_id=tenant_id, now=timezone.now())
 
 
 @shared_task(name="billing.tasks.usage_report_all", time_limit=60, soft_time_limit=50)
 def usage_report_all() -> int:
-    from billing.models import TenantSubscription
 
     ids = list(
         TenantSubscription.objects.exclude(stripe_customer_id="").values_list(

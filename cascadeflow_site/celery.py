@@ -14,6 +14,6 @@ app.autodiscover_tasks()
 @worker_process_init.connect
 def _traces(**_: object) -> None:
     """Audits and other tasks are traced like requests when OTEL_* asks for it."""
-    from routing import telemetry
+    from routing import telemetry  # noqa: PLC0415 - the tracer starts in each worker process, after the fork
 
     telemetry.configure()

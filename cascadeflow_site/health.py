@@ -7,6 +7,7 @@ reached, so traffic is steered away until they are back. Both checks are
 bounded by short connect timeouts.
 """
 
+import redis
 from django.conf import settings
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
@@ -37,7 +38,6 @@ def _database() -> str:
 
 
 def _redis() -> str:
-    import redis
 
     try:
         client = redis.Redis.from_url(

@@ -205,8 +205,8 @@ def _ets_specs(n: int) -> list[tuple[str | None, bool, str | None]]:
 
 
 def _ets_paths(y: np.ndarray, horizon: int) -> tuple[str, np.ndarray]:
-    from statsmodels.tools.sm_exceptions import ConvergenceWarning, ValueWarning
-    from statsmodels.tsa.exponential_smoothing.ets import ETSModel
+    from statsmodels.tools.sm_exceptions import ConvergenceWarning, ValueWarning  # noqa: PLC0415 - statsmodels takes a second to import; only the forecast task needs it
+    from statsmodels.tsa.exponential_smoothing.ets import ETSModel  # noqa: PLC0415 - statsmodels takes a second to import; only the forecast task needs it
 
     bounds = None if MIN_SMOOTHING_LEVEL is None else (MIN_SMOOTHING_LEVEL, 0.9999)
     best = None

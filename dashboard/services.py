@@ -182,7 +182,7 @@ def forecast_alerts_record(
     ]
     ids = alerts_record(tenant_id=tenant.pk, crossings=crossings) if crossings else []
     if ids:
-        from tenants.tasks import budget_alerts_deliver
+        from tenants.tasks import budget_alerts_deliver  # noqa: PLC0415 - tenants.tasks imports the services of every app
 
         transaction.on_commit(lambda: outbox.send(budget_alerts_deliver, ids))
     return ids

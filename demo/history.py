@@ -955,7 +955,7 @@ def history_request_id(tenant: Tenant, index: int) -> str:
 def _rollup(tenant: Tenant, now: datetime) -> None:
     """Rebuild the tenant's dashboard rollups (the history just replaced lies behind
     their watermark, which only moves forward), then its forecasts."""
-    from dashboard import rollups, services
+    from dashboard import rollups, services  # noqa: PLC0415 - rollups and forecasts run after the history is written
 
     rollups.rollup_rebuild(tenant, now)
     services.forecasts_refresh(tenant, now)  # a newcomer sees forecasts at once

@@ -6,11 +6,11 @@ class RoutingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from django.conf import settings
-        from django.core.signals import setting_changed
+        from django.conf import settings  # noqa: PLC0415 - apps are not ready at import
+        from django.core.signals import setting_changed  # noqa: PLC0415 - apps are not ready at import
 
-        from routing import catalog
-        from routing.providers import demo
+        from routing import catalog  # noqa: PLC0415 - apps are not ready at import
+        from routing.providers import demo  # noqa: PLC0415 - apps are not ready at import
 
         demo.register()
         demo.latency_scale = settings.CASCADEFLOW_DEMO_LATENCY_SCALE

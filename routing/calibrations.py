@@ -376,7 +376,7 @@ def quality_check(*, tenant_id: int, profile: str) -> list[QualityAlert]:
 
 
 def _alert(version: CalibrationVersion, kind: str, details: dict[str, Any]) -> QualityAlert | None:
-    from routing.tasks import quality_alerts_deliver
+    from routing.tasks import quality_alerts_deliver  # noqa: PLC0415 - routing.tasks imports this module
 
     with transaction.atomic():
         alert, created = QualityAlert.objects.get_or_create(

@@ -40,7 +40,7 @@ def reset_on_setting_change(*, setting: str, **kwargs) -> None:
         setting.startswith(("CASCADEFLOW_UPSTREAM", "CASCADEFLOW_BREAKER"))
         or setting == "REDIS_URL"
     ):
-        from routing.gateway import caller
+        from routing.gateway import caller  # noqa: PLC0415 - routing.gateway imports this module
 
         caller.cache_clear()
     if setting == "CASCADEFLOW_DEMO_LATENCY_SCALE":

@@ -39,7 +39,7 @@ from tenants.budgets import (
 )
 from tenants.callbacks import CallbackDecision, CallbackQuestion, cached_decision
 from tenants.enums import BudgetDecision
-from tenants.models import EndUser
+from tenants.models import EndUser, Tenant
 from tenants.ratelimits import Limit, RateLimited, check_and_hit
 from tenants.selectors import TokenContext
 
@@ -173,7 +173,6 @@ def _callback_question(
     request_id: str,
 ) -> CallbackQuestion:
     """What to ask the tenant's callback about this request (read here, asked on the loop)."""
-    from tenants.models import Tenant
 
     admission = enforcement.admission
     assert admission is not None
@@ -377,7 +376,7 @@ def settle(*, settlement: Settlement, actual_nanos: int) -> list[int]:
         )
     alert_ids = alerts_record(tenant_id=settlement.tenant_id, crossings=crossings)
     if alert_ids:
-        from tenants.tasks import budget_alerts_deliver
+        from tenants.tasks import budget_alerts_deliver  # noqa: PLC0415 - tenants.tasks imports the services of every app
 
         # Off the request's thread: a broker that is down or silent must not hold an
         # answered request; undelivered alerts are swept up by beat.

@@ -23,11 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -199,8 +201,6 @@ def _queue_depth() -> int | None:
     url = settings.CELERY_BROKER_URL
     try:
         if url.startswith(("redis://", "rediss://")):
-            import redis
-
             client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
             try:
                 return int(client.llen("celery"))
@@ -219,8 +219,6 @@ def exposition() -> bytes:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         multiprocess.MultiProcessCollector(registry)
     else:  # one process: its own registry
-        from prometheus_client import REGISTRY
-
         registry = REGISTRY
     scrape = CollectorRegistry()
     scrape.register(QueueDepth())

@@ -38,7 +38,7 @@ from django.db import IntegrityError, transaction
 from routing.catalog import model_catalog
 from routing.engine.complexity import DOMAINS
 from routing.engine.policy import PRESETS
-from routing.models import RoutingProfile
+from routing.models import RoutingProfile, TenantProviderModel
 from tenants.models import Tenant
 from tenants.services import audit_record
 
@@ -190,7 +190,6 @@ def profile_check(values: Mapping[str, Any], known: Collection[str] = ()) -> Non
 
 
 def _own_models(tenant_id: int) -> set[str]:
-    from routing.models import TenantProviderModel
 
     return set(
         TenantProviderModel.objects.filter(tenant_id=tenant_id).values_list("name", flat=True)

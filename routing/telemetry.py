@@ -50,10 +50,10 @@ def configure() -> None:
     global _configured
     if _configured or not wanted():
         return
-    from opentelemetry import trace
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry import trace  # noqa: PLC0415 - the OpenTelemetry SDK is imported only when tracing is on
+    from opentelemetry.sdk.resources import Resource  # noqa: PLC0415 - the OpenTelemetry SDK is imported only when tracing is on
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415 - the OpenTelemetry SDK is imported only when tracing is on
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor  # noqa: PLC0415 - the OpenTelemetry SDK is imported only when tracing is on
 
     service = os.environ.get("OTEL_SERVICE_NAME", "cascadeflow")
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
@@ -75,14 +75,14 @@ def _protocol() -> str:
 
 def _exporter() -> Any:
     if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "console":
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter  # noqa: PLC0415 - only the exporter configured is imported
 
         return ConsoleSpanExporter()
     if _protocol() == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # noqa: PLC0415 - only the exporter configured is imported
 
         return OTLPSpanExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # noqa: PLC0415 - only the exporter configured is imported
 
     return OTLPSpanExporter()
 
@@ -98,7 +98,7 @@ class RequestSpan:
     def activate(self) -> AbstractContextManager[Any]:
         if self.span is tracing.NOTHING:
             return nullcontext()
-        from opentelemetry import trace
+        from opentelemetry import trace  # noqa: PLC0415 - the OpenTelemetry API is imported only when tracing is on
 
         return trace.use_span(self.span, end_on_exit=False)
 
@@ -108,7 +108,7 @@ class RequestSpan:
         self.ended = True
         self.span.set_attributes({k: v for k, v in attributes.items() if v is not None})
         if error:
-            from opentelemetry.trace import Status, StatusCode
+            from opentelemetry.trace import Status, StatusCode  # noqa: PLC0415 - the OpenTelemetry API is imported only when tracing is on
 
             self.span.set_attribute("error.type", error)
             self.span.set_status(Status(StatusCode.ERROR, error))
@@ -122,8 +122,8 @@ def request_span(name: str, headers: Mapping[str, str], attributes: dict[str, An
     """The request's span, a child of the caller's trace when ``traceparent`` says so."""
     if not tracing.enabled():
         return OFF
-    from opentelemetry import trace
-    from opentelemetry.propagate import extract
+    from opentelemetry import trace  # noqa: PLC0415 - the OpenTelemetry API is imported only when tracing is on
+    from opentelemetry.propagate import extract  # noqa: PLC0415 - the OpenTelemetry API is imported only when tracing is on
 
     # The W3C headers only (and only when the caller sent one): not every header copied.
     carrier = {k: headers[k] for k in ("traceparent", "tracestate", "baggage") if k in headers}

@@ -26,6 +26,7 @@ from django.http.response import HttpResponsePermanentRedirect
 from django.urls import Resolver404, resolve
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
+from drf_spectacular.utils import inline_serializer
 from rest_framework import exceptions, status
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser, get_encoding
@@ -167,7 +168,6 @@ class TenantAPIView(APIView):
 
 def envelope(name: str, serializer, **extra):
     """The schema of ``{"data": [...]}`` list responses (and any extra top-level fields)."""
-    from drf_spectacular.utils import inline_serializer
 
     return inline_serializer(name=name, fields={**extra, "data": serializer(many=True)})
 
