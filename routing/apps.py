@@ -6,11 +6,13 @@ class RoutingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from django.conf import settings  # noqa: PLC0415 - apps are not ready at import
-        from django.core.signals import setting_changed  # noqa: PLC0415 - apps are not ready at import
+        """Register the offline demo models and follow settings changes (imports here:
+        the app registry is not ready when this module is imported)."""
+        from django.conf import settings  # noqa: PLC0415
+        from django.core.signals import setting_changed  # noqa: PLC0415
 
-        from routing import catalog  # noqa: PLC0415 - apps are not ready at import
-        from routing.providers import demo  # noqa: PLC0415 - apps are not ready at import
+        from routing import catalog  # noqa: PLC0415
+        from routing.providers import demo  # noqa: PLC0415
 
         demo.register()
         demo.latency_scale = settings.CASCADEFLOW_DEMO_LATENCY_SCALE
