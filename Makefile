@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: demo test lint lock clean
+.PHONY: demo test test-fast lint typecheck lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,20 @@ demo: $(VENV)/.runtime-installed
 test: $(VENV)/.dev-installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# What CI checks before the tests: style, import contracts (.importlinter), types.
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
+	$(MAKE) --no-print-directory typecheck
+
+# mypy: strict on the engine and providers, the rest against the baseline in pyproject.toml.
+typecheck: $(VENV)/.dev-installed
+	$(VENV)/bin/mypy
+
+# The suite without the browser test and the slow ones (CI runs everything: make test).
+test-fast: $(VENV)/.dev-installed
+	$(PY) -m pytest -m "not browser and not slow" $(PYTEST_ARGS)
 
 # Re-resolve the lock files after editing pyproject.toml (needs uv: pip install uv).
 lock:

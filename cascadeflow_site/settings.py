@@ -374,7 +374,7 @@ SPECTACULAR_SETTINGS = {
 CASCADEFLOW_MAX_REQUEST_BYTES = env.int("CASCADEFLOW_MAX_REQUEST_BYTES", default=4 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = CASCADEFLOW_MAX_REQUEST_BYTES
 # Extra models beyond the offline demo models: a JSON file (path) or inline
-# JSON mapping a public model name to LiteLLM parameters. See docs/models.md.
+# JSON mapping a public model name to LiteLLM parameters (docs/models.md).
 CASCADEFLOW_MODELS = env.json("CASCADEFLOW_MODELS", default={})
 CASCADEFLOW_MODELS_FILE = env.str("CASCADEFLOW_MODELS_FILE", default="")
 # 1.0 = the demo models' realistic latency; 0 = instant (tests).

@@ -93,6 +93,11 @@ def usage_event_values(entry: LedgerEntry) -> dict[str, Any]:
     )
 
 
+def usage_event_record(*, entry: LedgerEntry) -> None:
+    """Insert a ledger row with nothing to settle (the demo's history): one INSERT."""
+    insert_row(UsageEvent, usage_event_values(entry))
+
+
 def ledger_write(*, values: dict[str, Any], settlement: Settlement) -> list[int]:
     """Write a ledger row and settle its reservation in one transaction; return new alert ids.
 

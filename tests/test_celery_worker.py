@@ -12,6 +12,8 @@ from celery import Celery
 from tests.conftest import skip_or_fail
 from tests.live_server import ROOT, LiveServer
 
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module", params=["filesystem", "redis"])
 def worker(request, fake_upstream):

@@ -10,6 +10,8 @@ import pytest
 from demo import server as demo
 from tests.conftest import skip_or_fail
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("broker", ["filesystem", "redis"])
 def test_demo_worker_starts_its_beat_whatever_the_broker(tmp_path, broker):

@@ -36,6 +36,8 @@ from tenants.services import (
 )
 from tests.live_server import free_port
 
+pytestmark = pytest.mark.slow
+
 NOW = datetime(2025, 3, 20, 15, 30, tzinfo=UTC)  # a Thursday afternoon
 DAYS = 6
 REQUESTS = 240

@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import fake_models_config, skip_or_fail
 from tests.live_server import LiveServer, free_port, postgres_available
 
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
 CONNECT_TIMEOUT_S = 2
 CHAT = {"model": "demo/small", "messages": [{"role": "user", "content": "What is 2 + 2?"}]}
 

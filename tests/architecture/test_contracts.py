@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("core", "tenants", "routing", "billing", "dashboard", "demo", "cascadeflow_site")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")

@@ -39,7 +39,7 @@ from tests.conftest import skip_or_fail
 from tests.factories import member_login
 from tests.live_server import LiveServer, free_port
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services]
 
 
 @pytest.fixture(autouse=True)

@@ -22,6 +22,8 @@ import pytest
 
 from tests.conftest import skip_or_fail
 
+pytestmark = [pytest.mark.browser, pytest.mark.services, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "correct-horse-battery-staple"
 WIDTHS = (1280, 390)

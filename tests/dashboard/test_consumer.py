@@ -21,7 +21,7 @@ from tests.conftest import skip_or_fail
 from tests.factories import MemberFactory, TenantFactory, UserFactory
 from tests.ws_communicator import WebsocketCommunicator
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services]
 
 
 @pytest.fixture(params=["memory", "redis"])

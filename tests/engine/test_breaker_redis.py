@@ -9,6 +9,8 @@ from routing.engine.resilience import CircuitBreaker, RedisBreakerStore
 from routing.engine.types import Deployment
 from tests.conftest import skip_or_fail
 
+pytestmark = pytest.mark.services
+
 
 @pytest.fixture
 def redis_url():

@@ -12,6 +12,8 @@ from routing.schemas import parse_chat_request
 from tests.conftest import fake_models_config, skip_or_fail
 from tests.live_server import LiveServer, postgres_available
 
+pytestmark = pytest.mark.services
+
 BODY = {
     "model": "demo/small",
     "messages": [{"role": "user", "content": "Tell me about lighthouses and their keepers"}],

@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import fake_models_config, skip_or_fail
 from tests.live_server import LiveServer, postgres_available
 
+pytestmark = [pytest.mark.services, pytest.mark.slow]
+
 REQUESTS = 200
 CONCURRENCY = 50
 USERS = ["own-1", "own-2", "tiered-1", "tiered-2", None]

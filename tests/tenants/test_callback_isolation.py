@@ -24,6 +24,8 @@ from tests.conftest import fake_models_config, skip_or_fail
 from tests.live_server import LiveServer, postgres_available
 from tests.threaded_asgi import free_port, lifespan, read_body, serve
 
+pytestmark = pytest.mark.services
+
 DEADLINE_MS = 300
 A_CONCURRENCY = 6  # as many as the database pool has threads on a 2-core machine
 A_INTERVAL_S = 0.4  # each of A's clients sends one request this often

@@ -14,7 +14,7 @@ from tests.conftest import skip_or_fail
 from tests.routing.test_gateway import error_of, post
 from tests.threaded_asgi import free_port
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services]
 
 
 def chat(user=None):
