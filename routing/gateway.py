@@ -44,6 +44,7 @@ from routing.enforcement import (
 )
 from routing.engine import tracing
 from routing.engine.agent import CascadeAgent, CascadeStream, _draft_of, clean_payload
+from routing.engine.policy import PRESETS, Policy
 from routing.engine.resilience import (
     Caller,
     CircuitBreaker,
@@ -178,7 +179,6 @@ class GatewayRequest:
     ledger: LedgerEntry | None = None  # its ledger row, once written (or spooled)
 
     def agent(self) -> CascadeAgent:
-        from routing.engine.policy import PRESETS, Policy
 
         base = PRESETS[self.target.preset]
         policy = base

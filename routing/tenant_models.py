@@ -39,6 +39,7 @@ from routing.engine.resilience import Caller, Failure, UpstreamError
 from routing.engine.types import Deployment, ModelSpec
 from routing.models import TenantProviderModel
 from tenants.models import Tenant
+from tenants.services import audit_record
 
 OWNED_BY = "tenant"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,48}(/[a-z0-9][a-z0-9._:-]{0,48})?$")
@@ -192,7 +193,6 @@ def provider_model_create(
         validated_at=timezone.now(),
     )
     validate_call(spec_of(row, credentials))
-    from tenants.services import audit_record
 
     with transaction.atomic():
         row.save()
@@ -208,7 +208,6 @@ def provider_model_create(
 
 
 def provider_model_delete(*, row: TenantProviderModel, acting_user: Any = None) -> None:
-    from tenants.services import audit_record
 
     with transaction.atomic():
         row.delete()

@@ -47,7 +47,7 @@ ZERO_PRICE = ModelPrice(Decimal(0), Decimal(0))
 
 def litellm_price(model: str) -> ModelPrice | None:
     """The price LiteLLM's bundled cost map gives ``model``, or None if unknown."""
-    import litellm
+    import litellm  # noqa: PLC0415 - LiteLLM loads in seconds; only a cost-map lookup needs it
 
     info = litellm.model_cost.get(model)
     if info is None and "/" in model:

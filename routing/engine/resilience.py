@@ -194,7 +194,7 @@ class RedisBreakerStore:
     """
 
     def __init__(self, url: str, prefix: str = "cf:cb:"):
-        import redis.asyncio as aioredis
+        import redis.asyncio as aioredis  # noqa: PLC0415 - Redis is needed only when a breaker is shared
 
         # Short timeouts: with Redis away the breaker fails open (allow) quickly.
         self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.5)

@@ -74,7 +74,7 @@ def span(
     """A child span of the current one (``client``: a call to another service)."""
     if _tracer is None:
         return NOTHING
-    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace import SpanKind  # noqa: PLC0415 - the OpenTelemetry API is imported only when tracing is on
 
     return _tracer.start_as_current_span(
         name,
@@ -88,7 +88,7 @@ def start(name: str, attributes: Mapping[str, Any] | None = None, *, client: boo
     a stream read by someone else. Not made current."""
     if _tracer is None:
         return NOTHING
-    from opentelemetry.trace import SpanKind
+    from opentelemetry.trace import SpanKind  # noqa: PLC0415 - the OpenTelemetry API is imported only when tracing is on
 
     return _tracer.start_span(
         name,
