@@ -21,7 +21,7 @@ from django.urls import get_resolver  # noqa: E402
 
 from cascadeflow_site.handlers import GatewayASGIHandler  # noqa: E402
 from cascadeflow_site.middleware import BodySizeLimitMiddleware  # noqa: E402
-from dashboard.routing import websocket_urlpatterns  # noqa: E402
+from dashboard.websockets import websocket_urlpatterns  # noqa: E402
 
 # The OpenAI-compatible API is served by a handler with a short middleware
 # stack (no sessions, CSRF, messages…): it is the hot path.

@@ -1,4 +1,4 @@
-"""WebSocket routes."""
+"""The dashboard's WebSocket routes (served by cascadeflow_site.asgi)."""
 
 from django.urls import path
 
