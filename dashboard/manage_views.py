@@ -6,13 +6,10 @@ another tenant's id is a 404, the same as a missing one. Roles come from
 :func:`dashboard.access.tenant_view`: viewers read, admins manage, owners bill.
 """
 
-from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from django.conf import settings
 from django.contrib import messages
-from django.core.paginator import Paginator
-from django.db.models import F
 from django.http import Http404, HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.urls import reverse
@@ -27,8 +24,9 @@ from billing.exports import (
     rows,
     stream_in_batches,
 )
-from billing.models import ExportJob, TenantSubscription
+from billing.models import ExportJob
 from core.money import nanos_to_usd
+from dashboard import selectors
 from dashboard.access import forbidden, render_page, tenant_view
 from dashboard.forms import (
     BudgetCreateForm,
@@ -40,22 +38,17 @@ from dashboard.forms import (
 )
 from routing import calibrations
 from routing import selectors as routing_selectors
-from routing.models import CalibrationVersion, UsageEvent
+from routing.models import CalibrationVersion
 from tenants import services
-from tenants.enums import BudgetScope, MemberRole
+from tenants.enums import MemberRole
 from tenants.models import (
     ApiToken,
     Budget,
-    BudgetAlert,
     EndUser,
     EndUserTier,
-    Tenant,
-    Tier,
 )
-from tenants.selectors import BudgetStatus, budget_statuses
 
 NEW_TOKEN_SESSION_KEY = "dashboard_new_token"  # noqa: S105 - a session key, not a secret
-ALERTS_PER_PAGE = 50
 MAX_VERSION = 2**31 - 1  # a version number the database can hold; beyond it, a 404
 
 
@@ -102,7 +95,7 @@ def tokens(request: HttpRequest) -> HttpResponse:
         {
             "form": form,
             "new_token": new,
-            "tokens": ApiToken.objects.filter(tenant=tenant).order_by("-created_at"),
+            "tokens": selectors.tokens_of(tenant=tenant),
             "now": timezone.now(),
         },
     )
@@ -122,55 +115,6 @@ def token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
 
 
 # --- budgets and alerts ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BudgetRow:
-    status: BudgetStatus
-    subject: str
-
-    @property
-    def budget(self) -> Budget:
-        return self.status.budget
-
-
-def _subject(budget: Budget) -> str:
-    if budget.scope == BudgetScope.TIER:
-        return f"Each end user of tier “{budget.tier.name}”"
-    if budget.scope == BudgetScope.END_USER:
-        return budget.end_user.external_id
-    if budget.scope == BudgetScope.TOKEN:
-        return f"{budget.token.name} ({budget.token.mask})"
-    return "Whole tenant"
-
-
-def _budget_rows(tenant: Tenant) -> list[BudgetRow]:
-    """Budgets where they stand this period, as the API shows them (one rule, one query)."""
-    budgets = list(
-        Budget.objects.filter(tenant=tenant)
-        .select_related("tier", "end_user__tier", "token")
-        .order_by("scope", "period", "id")
-    )
-    statuses = budget_statuses(
-        tenant_id=tenant.pk, time_zone=tenant_zone(tenant).key, now=timezone.now(), budgets=budgets
-    )
-    return [BudgetRow(statuses[b.pk], _subject(b)) for b in budgets]
-
-
-def _alerts_page(request: HttpRequest, tenant: Tenant):
-    alerts = (
-        BudgetAlert.objects.filter(tenant=tenant)
-        .select_related("budget__tier", "budget__end_user", "budget__token")
-        .order_by("-created_at", "-id")
-    )
-    page = Paginator(alerts, ALERTS_PER_PAGE).get_page(request.GET.get("page"))
-    subject_ids = {a.subject_id for a in page if a.subject_id}
-    names = dict(
-        EndUser.objects.filter(tenant=tenant, pk__in=subject_ids).values_list("pk", "external_id")
-    )
-    for alert in page:
-        alert.subject = names.get(alert.subject_id) or _subject(alert.budget)
-    return page
 
 
 @tenant_view()
@@ -200,8 +144,10 @@ def budgets(request: HttpRequest) -> HttpResponse:
         "budgets",
         {
             "form": form,
-            "rows": _budget_rows(tenant),
-            "alerts": _alerts_page(request, tenant),
+            "rows": selectors.budget_rows(
+                tenant=tenant, now=timezone.now(), time_zone=tenant_zone(tenant).key
+            ),
+            "alerts": selectors.alerts_page(tenant=tenant, page_number=request.GET.get("page")),
             "time_zone": tenant_zone(tenant).key,
         },
     )
@@ -251,7 +197,7 @@ def budget_edit(request: HttpRequest, budget_id: int) -> HttpResponse:
         request,
         "budget_edit.html",
         "budgets",
-        {"form": form, "budget": budget, "subject": _subject(budget)},
+        {"form": form, "budget": budget, "subject": selectors.budget_subject(budget)},
     )
 
 
@@ -327,19 +273,14 @@ def billing(request: HttpRequest) -> HttpResponse:
         messages.success(request, "Thank you: the new plan applies as soon as Stripe confirms it.")
     elif outcome == "cancelled":
         messages.info(request, "Checkout cancelled; your plan is unchanged.")
-    plans = Tier.objects.order_by(
-        "-is_default", F("monthly_budget_nanos").asc(nulls_last=True), "name"
-    )
     return render_page(
         request,
         "billing.html",
         "billing",
         {
             "plan": tenant.tier,
-            "subscription": TenantSubscription.objects.filter(tenant=tenant)
-            .select_related("paid_tier")
-            .first(),
-            "plans": plans,
+            "subscription": selectors.subscription_of(tenant=tenant),
+            "plans": selectors.plans(),
         },
     )
 
@@ -348,7 +289,7 @@ def billing(request: HttpRequest) -> HttpResponse:
 
 
 def _exports_page(request: HttpRequest, form: ExportForm, status: int = 200) -> HttpResponse:
-    jobs = ExportJob.objects.filter(tenant=request.access.tenant).order_by("-created_at")[:10]
+    jobs = selectors.export_jobs_recent(tenant=request.access.tenant)
     return render_page(
         request,
         "exports.html",
@@ -403,9 +344,7 @@ def export_csv(request: HttpRequest) -> HttpResponse:
             time_zone=tenant.time_zone,
         )
     else:
-        count = UsageEvent.objects.filter(
-            tenant_id=tenant.pk, created_at__gte=start, created_at__lt=end
-        ).count()
+        count = selectors.usage_row_count(tenant=tenant, start=start, end=end)
         if count > settings.CASCADEFLOW_EXPORT_SYNC_MAX_ROWS:
             job = export_job_queue(tenant_id=tenant.pk, start=start, end=end, focus=focus)
             messages.info(

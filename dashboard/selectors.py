@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from django.db.models import BigIntegerField, Sum
+from django.core.paginator import Page, Paginator
+from django.db.models import BigIntegerField, F, QuerySet, Sum
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast, Coalesce, TruncMinute
 
+from billing.models import ExportJob, TenantSubscription
 from dashboard.models import (
     LATENCY_BOUNDS_MS,
     DailyUsage,
@@ -26,7 +28,8 @@ from dashboard.rollups import daily_rows, hour_floor, hourly_rows, usage_sums
 from routing.models import UsageEvent
 from tenants.budgets import effective_thresholds, period_bounds, threshold_level
 from tenants.enums import BudgetDecision, BudgetPeriod, BudgetScope
-from tenants.models import Budget, BudgetCounter, EndUser, Tenant
+from tenants.models import ApiToken, Budget, BudgetAlert, BudgetCounter, EndUser, Tenant, Tier
+from tenants.selectors import BudgetStatus, budget_statuses
 
 
 @dataclass
@@ -411,3 +414,84 @@ def end_user_lines(tenant: Tenant, now: datetime, limit: int = 50) -> list[EndUs
             )
         )
     return lines
+
+
+# --- the management pages' reads --------------------------------------------------------
+
+ALERTS_PER_PAGE = 50
+EXPORT_JOBS_SHOWN = 10
+
+
+def tokens_of(*, tenant: Tenant) -> QuerySet[ApiToken]:
+    return ApiToken.objects.filter(tenant=tenant).order_by("-created_at")
+
+
+@dataclass(frozen=True)
+class BudgetRow:
+    status: BudgetStatus
+    subject: str
+
+    @property
+    def budget(self) -> Budget:
+        return self.status.budget
+
+
+def budget_subject(budget: Budget) -> str:
+    """Who a budget counts, in words."""
+    if budget.scope == BudgetScope.TIER:
+        return f"Each end user of tier “{budget.tier.name}”"
+    if budget.scope == BudgetScope.END_USER:
+        return budget.end_user.external_id
+    if budget.scope == BudgetScope.TOKEN:
+        return f"{budget.token.name} ({budget.token.mask})"
+    return "Whole tenant"
+
+
+def budget_rows(*, tenant: Tenant, now: datetime, time_zone: str) -> list[BudgetRow]:
+    """Budgets where they stand this period, as the API shows them (one rule, one query)."""
+    budgets = list(
+        Budget.objects.filter(tenant=tenant)
+        .select_related("tier", "end_user__tier", "token")
+        .order_by("scope", "period", "id")
+    )
+    statuses = budget_statuses(tenant_id=tenant.pk, time_zone=time_zone, now=now, budgets=budgets)
+    return [BudgetRow(statuses[b.pk], budget_subject(b)) for b in budgets]
+
+
+def alerts_page(*, tenant: Tenant, page_number: str | None) -> Page:
+    """One page of the tenant's budget alerts, newest first, each with its subject."""
+    alerts = (
+        BudgetAlert.objects.filter(tenant=tenant)
+        .select_related("budget__tier", "budget__end_user", "budget__token")
+        .order_by("-created_at", "-id")
+    )
+    page = Paginator(alerts, ALERTS_PER_PAGE).get_page(page_number)
+    subject_ids = {a.subject_id for a in page if a.subject_id}
+    names = dict(
+        EndUser.objects.filter(tenant=tenant, pk__in=subject_ids).values_list("pk", "external_id")
+    )
+    for alert in page:
+        alert.subject = names.get(alert.subject_id) or budget_subject(alert.budget)
+    return page
+
+
+def plans() -> QuerySet[Tier]:
+    """The plans a tenant may choose, the default first, then by monthly budget."""
+    return Tier.objects.order_by(
+        "-is_default", F("monthly_budget_nanos").asc(nulls_last=True), "name"
+    )
+
+
+def subscription_of(*, tenant: Tenant) -> TenantSubscription | None:
+    return TenantSubscription.objects.filter(tenant=tenant).select_related("paid_tier").first()
+
+
+def export_jobs_recent(*, tenant: Tenant) -> QuerySet[ExportJob]:
+    return ExportJob.objects.filter(tenant=tenant).order_by("-created_at")[:EXPORT_JOBS_SHOWN]
+
+
+def usage_row_count(*, tenant: Tenant, start: datetime, end: datetime) -> int:
+    """Ledger rows in [start, end): what a per-request export would hold."""
+    return UsageEvent.objects.filter(
+        tenant_id=tenant.pk, created_at__gte=start, created_at__lt=end
+    ).count()
