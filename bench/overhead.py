@@ -12,7 +12,7 @@ useful when the working tree is being edited. ``--help`` lists the options
 
 What it does, in one run on one machine:
 
-1. Starts the fake OpenAI upstream (``tests/fake_upstream.py``, instant answers).
+1. Starts the fake OpenAI upstream (``tests/support/fake_upstream.py``, instant answers).
 2. Starts CascadeFlow (uvicorn, ``--loop uvloop --http httptools``, DEBUG off,
    ``--workers`` processes, default 1) on a throwaway database: PostgreSQL
    ``cascadeflow_bench`` on 127.0.0.1 (dropped and recreated, dropped again at
@@ -1064,7 +1064,7 @@ def _benchmark(
         [
             str(PROJECT_PYTHON),
             "-m",
-            "tests.fake_upstream",
+            "tests.support.fake_upstream",
             "--host",
             HOST,
             "--port",

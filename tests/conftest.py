@@ -1,4 +1,3 @@
-import os
 import uuid
 
 import pytest
@@ -9,22 +8,12 @@ from django.db import connections
 from routing.providers import demo
 from tenants.services import token_create
 from tests.factories import TenantFactory
-from tests.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import FakeUpstream, fake_models_config
+from tests.support.services import skip_or_fail
 
 # The gateway runs ORM work on pool threads; closing their connections after
 # each call (CONN_MAX_AGE=0) lets the test database be dropped at the end.
 django_settings.DATABASES["default"]["CONN_MAX_AGE"] = 0
-
-
-def services_required() -> bool:
-    return os.environ.get("CASCADEFLOW_REQUIRE_SERVICES") == "1"
-
-
-def skip_or_fail(reason: str) -> None:
-    """A missing service skips locally and fails in CI (CASCADEFLOW_REQUIRE_SERVICES=1)."""
-    if services_required():
-        pytest.fail(f"{reason} (CASCADEFLOW_REQUIRE_SERVICES=1)")
-    pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -127,21 +116,6 @@ def upstream(fake_upstream):
     fake_upstream.keys_accepted = None
 
 
-def fake_models_config(api_base: str) -> dict:
-    """Catalog entries served by the fake upstream through LiteLLM's OpenAI client."""
-    entry = {"api_key": "sk-fake", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 2.0}
-    return {
-        "fake/gpt": {"model": "openai/gpt-fake", "api_base": api_base, **entry},
-        "fake/failing": {"model": "openai/failing", "api_base": api_base, **entry},
-        "fake/fallback": {
-            "model": "openai/primary",
-            "api_base": api_base,
-            **entry,
-            "deployments": [{"model": "openai/primary"}, {"model": "openai/secondary"}],
-        },
-    }
-
-
 @pytest.fixture(params=["openai-wire", "litellm"])
 def fake_models(request, upstream, settings, monkeypatch):
     """Fake-upstream models, reached through both transports: CascadeFlow's lean
@@ -156,7 +130,7 @@ def fake_models(request, upstream, settings, monkeypatch):
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
 def cascadeflow_server(request, fake_upstream):
     """CascadeFlow under uvicorn, once on SQLite and once on PostgreSQL."""
-    from tests.live_server import LiveServer, postgres_available
+    from tests.support.live_server import LiveServer, postgres_available
 
     if request.param == "postgresql" and not postgres_available():
         skip_or_fail("PostgreSQL is not reachable for the live-server tests")

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from celery import Celery
 
-from tests.conftest import skip_or_fail
-from tests.live_server import ROOT, LiveServer
+from tests.support.live_server import ROOT, LiveServer
+from tests.support.services import skip_or_fail
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 

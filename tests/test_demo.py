@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from demo import server as demo
-from tests.conftest import skip_or_fail
+from tests.support.services import skip_or_fail
 
 pytestmark = pytest.mark.slow
 

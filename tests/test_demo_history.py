@@ -34,7 +34,7 @@ from tenants.services import (
     tier_ensure_defaults,
     token_create,
 )
-from tests.live_server import free_port
+from tests.support.live_server import free_port
 
 pytestmark = pytest.mark.slow
 

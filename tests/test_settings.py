@@ -10,8 +10,8 @@ from django.conf import settings
 from django.db import connection
 
 from cascadeflow_site.settings import development_secret_key
-from tests.conftest import services_required
 from tests.settings import DEVELOPMENT_ENV
+from tests.support.services import services_required
 
 ROOT = Path(__file__).resolve().parent.parent
 PRINT_SETTINGS = (

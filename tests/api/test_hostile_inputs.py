@@ -28,7 +28,7 @@ from routing.schemas import MAX_OUTPUT_TOKENS
 from tenants.api_base import TenantAPIView
 from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import Budget, EndUser
-from tests.fake_upstream import Behaviour
+from tests.support.fake_upstream import Behaviour
 
 LEAKS = ("Traceback", "/work/", 'File "', "violates", "DETAIL:", "site-packages")
 BIG = 2**63

@@ -12,7 +12,7 @@ from billing.tasks import usage_report
 from routing.models import UsageEvent
 from tenants.enums import MemberRole
 from tests.factories import MemberFactory, UserFactory
-from tests.fake_stripe import FakeStripe
+from tests.support.fake_stripe import FakeStripe
 
 pytestmark = pytest.mark.django_db
 

@@ -34,10 +34,10 @@ from tenants.enums import MemberRole
 from tenants.models import Tier
 from tenants.services import tier_ensure_defaults
 from tests.billing.test_webhooks import SECRET, deliver, event, product
-from tests.broker import broker_down
-from tests.conftest import skip_or_fail
 from tests.factories import member_login
-from tests.live_server import LiveServer, free_port
+from tests.support.broker import broker_down
+from tests.support.live_server import LiveServer, free_port
+from tests.support.services import skip_or_fail
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import skip_or_fail
+from tests.support.services import skip_or_fail
 
 pytestmark = [pytest.mark.browser, pytest.mark.services, pytest.mark.slow]
 

@@ -17,9 +17,9 @@ from cascadeflow_site.asgi import application
 from routing import live
 from routing.services import LedgerEntry
 from tenants.enums import MemberRole
-from tests.conftest import skip_or_fail
 from tests.factories import MemberFactory, TenantFactory, UserFactory
-from tests.ws_communicator import WebsocketCommunicator
+from tests.support.services import skip_or_fail
+from tests.support.ws_communicator import WebsocketCommunicator
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services]
 

@@ -15,7 +15,7 @@ from routing.engine.resilience import (
 )
 from routing.engine.types import Deployment, ModelSpec
 from routing.providers.catalog import demo_catalog_models
-from tests.fake_upstream import Behaviour
+from tests.support.fake_upstream import Behaviour
 
 SMALL, MEDIUM, LARGE = demo_catalog_models()
 EASY = [{"role": "user", "content": "What is 12 + 30?"}]

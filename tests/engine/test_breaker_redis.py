@@ -7,7 +7,7 @@ import pytest
 
 from routing.engine.resilience import CircuitBreaker, RedisBreakerStore
 from routing.engine.types import Deployment
-from tests.conftest import skip_or_fail
+from tests.support.services import skip_or_fail
 
 pytestmark = pytest.mark.services
 

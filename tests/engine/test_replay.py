@@ -11,7 +11,7 @@ import pytest
 from routing.engine.agent import CascadeAgent
 from routing.engine.resilience import Caller
 from routing.providers import replay
-from tests import replay_fixture
+from tests.support import replay_fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ from routing.engine.resilience import (
 )
 from routing.engine.types import Deployment, ModelSpec
 from routing.providers.catalog import demo_catalog_models
-from tests.fake_upstream import Behaviour
+from tests.support.fake_upstream import Behaviour
 
 SMALL = demo_catalog_models()[0]
 SURROGATE = [{"role": "user", "content": "\ud800"}]

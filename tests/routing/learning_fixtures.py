@@ -17,7 +17,7 @@ from routing.engine.learning import (
 from routing.engine.types import Attempt, Check
 from routing.models import Audit, CalibrationVersion, RoutingProfile
 from routing.targets import chain_key
-from tests.fake_upstream import Behaviour
+from tests.support.fake_upstream import Behaviour
 
 CHAIN = ["fake/draft", "fake/ref"]
 GEO = "Name the capital of France."

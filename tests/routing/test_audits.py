@@ -26,8 +26,6 @@ from routing.tasks import audit_run, audits_sweep
 from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import Budget, BudgetCounter, BudgetReservation, EndUser
 from tenants.services import end_user_audit_exclusion_set, tenant_settings_update
-from tests.broker import broker_down
-from tests.fake_upstream import Behaviour
 from tests.routing.learning_fixtures import (
     GEO,
     SUM,
@@ -41,6 +39,8 @@ from tests.routing.learning_fixtures import (
     set_answers,
 )
 from tests.routing.test_gateway import post
+from tests.support.broker import broker_down
+from tests.support.fake_upstream import Behaviour
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

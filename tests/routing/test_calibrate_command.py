@@ -4,7 +4,7 @@ from django.core.management import CommandError, call_command
 from routing.engine.policy import Calibration
 from routing.models import RoutingProfile
 from tenants.models import AuditEvent
-from tests import replay_fixture
+from tests.support import replay_fixture
 
 pytestmark = pytest.mark.django_db
 

@@ -31,7 +31,6 @@ from tenants.enums import MemberRole
 from tenants.models import AuditEvent, Member
 from tenants.selectors import token_context_for_raw
 from tenants.services import tenant_settings_update, user_get_or_create
-from tests.broker import broker_down
 from tests.routing.learning_fixtures import (
     BAD,
     GOOD,
@@ -40,6 +39,7 @@ from tests.routing.learning_fixtures import (
     store_observations,
 )
 from tests.routing.test_gateway import post
+from tests.support.broker import broker_down
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ALIKE = {"complexity": 0.64}  # the prior scores it 0.5 exactly: one candidate, accepting all

@@ -13,7 +13,7 @@ from routing.models import UsageEvent
 from tenants.enums import Scope
 from tenants.models import EndUser
 from tenants.services import token_create, token_revoke
-from tests.fake_upstream import Behaviour
+from tests.support.fake_upstream import Behaviour
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

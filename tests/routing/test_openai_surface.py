@@ -24,8 +24,8 @@ from routing.schemas import MAX_N
 from tenants.enums import Scope
 from tenants.models import Tenant
 from tenants.services import token_create
-from tests.conftest import fake_models_config
 from tests.routing.test_gateway import body, error_of, post, read_stream
+from tests.support.fake_upstream import fake_models_config
 
 PRESETS = ["cascade/cost_optimized", "cascade/balanced", "cascade/quality_first", "cascade/fast"]
 SUMMARY_KEYS = {"model", "escalated", "cost_usd", "savings_usd"}

@@ -28,7 +28,7 @@ from tests.api.test_hostile_inputs import (
     others_are_still_served,
 )
 from tests.engine.test_agent import HARD
-from tests.fake_upstream import Behaviour
+from tests.support.fake_upstream import Behaviour
 from tests.tenants.test_budgets import USD, spend, tenant_budget
 
 RESPONSES = "/v1/responses"

@@ -7,7 +7,7 @@ ledger row is read back from that server's database.
 import openai
 import pytest
 
-from tests.fake_upstream import Behaviour
+from tests.support.fake_upstream import Behaviour
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import fake_models_config
-from tests.live_server import LiveServer, free_port
+from tests.support.fake_upstream import fake_models_config
+from tests.support.live_server import LiveServer, free_port
 
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
 

@@ -21,10 +21,10 @@ from tenants.enums import BudgetPeriod, BudgetScope, MemberRole
 from tenants.models import BudgetAlert, Member
 from tenants.services import budget_create, user_get_or_create
 from tenants.tasks import budget_alerts_deliver, budget_alerts_sweep
-from tests.broker import broker_down
-from tests.fake_callback import FakeCallback
-from tests.live_server import free_port
 from tests.routing.test_gateway import post
+from tests.support.broker import broker_down
+from tests.support.fake_callback import FakeCallback
+from tests.support.live_server import free_port
 from tests.tenants.test_budgets import USD, chat, spend, tenant_budget
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -9,8 +9,9 @@ import pytest
 from routing.enforcement import worst_case_nanos
 from routing.providers.catalog import demo_catalog_models
 from routing.schemas import parse_chat_request
-from tests.conftest import fake_models_config, skip_or_fail
-from tests.live_server import LiveServer, postgres_available
+from tests.support.fake_upstream import fake_models_config
+from tests.support.live_server import LiveServer, postgres_available
+from tests.support.services import skip_or_fail
 
 pytestmark = pytest.mark.services
 

@@ -14,8 +14,9 @@ import textwrap
 import httpx
 import pytest
 
-from tests.conftest import fake_models_config, skip_or_fail
-from tests.live_server import LiveServer, postgres_available
+from tests.support.fake_upstream import fake_models_config
+from tests.support.live_server import LiveServer, postgres_available
+from tests.support.services import skip_or_fail
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 

@@ -450,7 +450,7 @@ async def test_thresholds_are_configurable_per_budget(api_token, tenant):
 @pytestmark_gateway
 async def test_alert_goes_to_the_signed_webhook_once(api_token, tenant):
     from core.crypto import encrypt
-    from tests.fake_callback import FakeCallback
+    from tests.support.fake_callback import FakeCallback
 
     hook = FakeCallback(secret="whsec_alerts").start()
     try:

@@ -20,9 +20,10 @@ import httpx
 import pytest
 
 from tenants.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
-from tests.conftest import fake_models_config, skip_or_fail
-from tests.live_server import LiveServer, postgres_available
-from tests.threaded_asgi import free_port, lifespan, read_body, serve
+from tests.support.fake_upstream import fake_models_config
+from tests.support.live_server import LiveServer, postgres_available
+from tests.support.services import skip_or_fail
+from tests.support.threaded_asgi import free_port, lifespan, read_body, serve
 
 pytestmark = pytest.mark.services
 

@@ -12,8 +12,8 @@ from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import BudgetCounter
 from tenants.services import budget_create
 from tests.engine.test_agent import HARD
-from tests.fake_callback import FakeCallback
 from tests.routing.test_gateway import error_of, post
+from tests.support.fake_callback import FakeCallback
 
 pytestmark = pytest.mark.django_db(transaction=True)
 SECRET = "whsec_test_callback_secret"

@@ -14,8 +14,8 @@ from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import Budget, Tenant, Tier
 from tenants.services import tenant_create, tier_ensure_defaults
 from tests.factories import TenantFactory
-from tests.live_server import ROOT
 from tests.settings import DEVELOPMENT_ENV
+from tests.support.live_server import ROOT
 
 DOLLAR = 10**9
 DEMO_MODELS = ["demo/small", "demo/medium", "demo/large"]

@@ -10,9 +10,9 @@ import pytest
 from routing.models import UsageEvent
 from tenants.models import EndUserTier, Tier
 from tenants.ratelimits import Limit, RateLimited, check_and_hit
-from tests.conftest import skip_or_fail
 from tests.routing.test_gateway import error_of, post
-from tests.threaded_asgi import free_port
+from tests.support.services import skip_or_fail
+from tests.support.threaded_asgi import free_port
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services]
 
@@ -170,8 +170,8 @@ def test_rate_limit_burst_of_150_on_two_processes_lets_exactly_20_through(fake_u
 
     import httpx
 
-    from tests.conftest import fake_models_config
-    from tests.live_server import LiveServer, postgres_available
+    from tests.support.fake_upstream import fake_models_config
+    from tests.support.live_server import LiveServer, postgres_available
 
     redis_url()
     if not postgres_available():

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from tenants.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
-from tests.threaded_asgi import free_port, lifespan, read_body, serve
+from tests.support.threaded_asgi import free_port, lifespan, read_body, serve
 
 
 @dataclass

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
-from tests.threaded_asgi import free_port, lifespan, read_body, serve
+from tests.support.threaded_asgi import free_port, lifespan, read_body, serve
 
 
 def _form(body: bytes) -> dict:

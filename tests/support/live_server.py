@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PG_ADMIN_URL = os.environ.get(
     "CASCADEFLOW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )

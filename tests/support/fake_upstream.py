@@ -9,7 +9,7 @@ does (indexes 0..n-1; the prompt counted once, every choice's completion tokens
 added up); a stream answers one (the gateway never streams several). Every
 request body is kept for assertions.
 
-Also runs standalone for benchmarks: ``python -m tests.fake_upstream --port 9100``.
+Also runs standalone for benchmarks: ``python -m tests.support.fake_upstream --port 9100``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import uvicorn
 
-from tests.threaded_asgi import free_port, lifespan, read_body, serve
+from tests.support.threaded_asgi import free_port, lifespan, read_body, serve
 
 
 @dataclass
@@ -273,3 +273,18 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def fake_models_config(api_base: str) -> dict:
+    """Catalog entries served by the fake upstream through LiteLLM's OpenAI client."""
+    entry = {"api_key": "sk-fake", "input_usd_per_mtok": 1.0, "output_usd_per_mtok": 2.0}
+    return {
+        "fake/gpt": {"model": "openai/gpt-fake", "api_base": api_base, **entry},
+        "fake/failing": {"model": "openai/failing", "api_base": api_base, **entry},
+        "fake/fallback": {
+            "model": "openai/primary",
+            "api_base": api_base,
+            **entry,
+            "deployments": [{"model": "openai/primary"}, {"model": "openai/secondary"}],
+        },
+    }
