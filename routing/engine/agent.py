@@ -22,9 +22,9 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import litellm
 
@@ -41,6 +41,8 @@ VERIFY_SYSTEM_PROMPT = (
     "answer below is correct and complete."
 )
 _PROBABILITY = re.compile(r"(\d*\.\d+|\d+)\s*(%?)")
+
+_Answer = TypeVar("_Answer")  # what a walk of the chain delivers: a result or a stream
 
 
 @dataclass(frozen=True)
@@ -331,43 +333,88 @@ class CascadeAgent:
     # --- running ---------------------------------------------------------------------
 
     async def run(self, messages: list[dict], params: dict[str, Any]) -> CascadeResult:
+        async def answer(
+            plan: Plan,
+            spec: ModelSpec,
+            kwargs: dict[str, Any],
+            attempts: list[Attempt],
+            escalated: bool,
+        ) -> CascadeResult:
+            response, attempt = await self.caller.complete(spec, kwargs, attempts, role="final")
+            attempt.decision = "returned"
+            return self._result(plan, response, spec, attempts, params, escalated=escalated)
+
+        def judged(plan: Plan, attempts: list[Attempt], result: CascadeResult) -> CascadeResult:
+            return result
+
+        return await self._walk(messages, params, answer, judged)
+
+    async def _walk(
+        self,
+        messages: list[dict],
+        params: dict[str, Any],
+        answer: Callable[
+            [Plan, ModelSpec, dict[str, Any], list[Attempt], bool], Awaitable[_Answer]
+        ],
+        judged: Callable[[Plan, list[Attempt], CascadeResult], _Answer],
+    ) -> _Answer:
+        """The walk down the chain that ``run`` and ``stream`` share.
+
+        Drafts are called, judged, accepted or escalated here; how the answer is
+        delivered is the caller's: ``answer`` calls the last model of the chain and
+        delivers it (buffered or streamed), ``judged`` delivers a draft that was
+        judged (accepted, or the best rejected one when the last model failed).
+        An upstream error that another model would not give ends the walk; any
+        other moves on to the next model.
+        """
         plan = self.plan(messages, params)
         attempts: list[Attempt] = []
         self.attempts = attempts
         rejected: list[tuple[Check, Any, ModelSpec, Attempt]] = []
         last_error: UpstreamError | None = None
         for index, spec in enumerate(plan.chain):
-            is_last = index == len(plan.chain) - 1
             kwargs = {**draft_params(spec, params), "messages": messages}
             try:
-                response, attempt = await self.caller.complete(
-                    spec, kwargs, attempts, role="final" if is_last else "draft"
-                )
+                if index == len(plan.chain) - 1:
+                    return await answer(plan, spec, kwargs, attempts, index > 0)
+                response, attempt = await self.caller.complete(spec, kwargs, attempts, role="draft")
             except UpstreamError as exc:
                 if not exc.failure.retryable and not _model_specific(exc):
                     exc.attempts = attempts
                     raise
                 last_error = exc
                 continue
-            if is_last:
-                attempt.decision = "returned"
-                return self._result(plan, response, spec, attempts, params, escalated=index > 0)
             check = await self.judge(
                 plan=plan, spec=spec, response=response, messages=messages, params=params
             )
             attempt.check = check
             if check.accepted:
                 attempt.decision = "accepted"
-                return self._result(
-                    plan, response, spec, attempts, params, escalated=index > 0, check=check
+                return judged(
+                    plan,
+                    attempts,
+                    self._result(
+                        plan, response, spec, attempts, params, escalated=index > 0, check=check
+                    ),
                 )
             attempt.decision = "escalated"
             rejected.append((check, response, spec, attempt))
         if rejected:
             check, response, spec, attempt = max(rejected, key=lambda r: r[0].probability)
             attempt.decision = "fallback"
-            return self._result(
-                plan, response, spec, attempts, params, escalated=True, check=check, degraded=True
+            return judged(
+                plan,
+                attempts,
+                self._result(
+                    plan,
+                    response,
+                    spec,
+                    attempts,
+                    params,
+                    escalated=True,
+                    check=check,
+                    degraded=True,
+                ),
             )
         assert last_error is not None
         last_error.attempts = attempts
@@ -414,57 +461,24 @@ class CascadeAgent:
         Returns once the answering model is known (so errors before any output
         are still raised as errors); iterate ``chunks`` for the answer.
         """
-        plan = self.plan(messages, params)
-        attempts: list[Attempt] = []
-        self.attempts = attempts
-        rejected: list[tuple[Check, Any, ModelSpec, Attempt]] = []
-        last_error: UpstreamError | None = None
-        for index, spec in enumerate(plan.chain):
-            is_last = index == len(plan.chain) - 1
-            kwargs = {**draft_params(spec, params), "messages": messages}
-            if is_last:
-                try:
-                    upstream = await self.caller.open_stream(spec, kwargs, attempts, role="final")
-                except UpstreamError as exc:
-                    if not exc.failure.retryable and not _model_specific(exc):
-                        exc.attempts = attempts
-                        raise
-                    last_error = exc
-                    break
-                upstream.attempt.decision = "returned"
-                return CascadeStream(
-                    self, plan, attempts, params, messages, upstream=upstream, escalated=index > 0
-                )
-            try:
-                response, attempt = await self.caller.complete(spec, kwargs, attempts, role="draft")
-            except UpstreamError as exc:
-                if not exc.failure.retryable and not _model_specific(exc):
-                    exc.attempts = attempts
-                    raise
-                last_error = exc
-                continue
-            check = await self.judge(
-                plan=plan, spec=spec, response=response, messages=messages, params=params
+
+        async def answer(
+            plan: Plan,
+            spec: ModelSpec,
+            kwargs: dict[str, Any],
+            attempts: list[Attempt],
+            escalated: bool,
+        ) -> CascadeStream:
+            upstream = await self.caller.open_stream(spec, kwargs, attempts, role="final")
+            upstream.attempt.decision = "returned"
+            return CascadeStream(
+                self, plan, attempts, params, messages, upstream=upstream, escalated=escalated
             )
-            attempt.check = check
-            if check.accepted:
-                attempt.decision = "accepted"
-                result = self._result(
-                    plan, response, spec, attempts, params, escalated=index > 0, check=check
-                )
-                return CascadeStream(self, plan, attempts, params, messages, buffered=result)
-            attempt.decision = "escalated"
-            rejected.append((check, response, spec, attempt))
-        if rejected:
-            check, response, spec, attempt = max(rejected, key=lambda r: r[0].probability)
-            attempt.decision = "fallback"
-            result = self._result(
-                plan, response, spec, attempts, params, escalated=True, check=check, degraded=True
-            )
+
+        def judged(plan: Plan, attempts: list[Attempt], result: CascadeResult) -> CascadeStream:
             return CascadeStream(self, plan, attempts, params, messages, buffered=result)
-        assert last_error is not None
-        last_error.attempts = attempts
-        raise last_error
+
+        return await self._walk(messages, params, answer, judged)
 
 
 def _model_specific(exc: UpstreamError) -> bool:
