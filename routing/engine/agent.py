@@ -22,7 +22,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -34,7 +34,14 @@ from routing.engine.complexity import QueryProfile, profile_query, query_text
 from routing.engine.learning import pre_features
 from routing.engine.policy import PRESETS, Calibration, Policy, StepCalibration
 from routing.engine.resilience import Caller, Stream, UpstreamError
-from routing.engine.types import Attempt, CascadeResult, Check, ModelSpec, PaidCheck
+from routing.engine.types import (
+    Attempt,
+    CascadeResult,
+    Check,
+    Message,
+    ModelSpec,
+    PaidCheck,
+)
 
 VERIFY_SYSTEM_PROMPT = (
     "You check answers. Reply with only a number between 0 and 1: the probability that the "
@@ -124,7 +131,7 @@ class CascadeAgent:
 
     # --- planning ----------------------------------------------------------------
 
-    def plan(self, messages: list[dict], params: dict[str, Any]) -> Plan:
+    def plan(self, messages: list[Message], params: dict[str, Any]) -> Plan:
         if len(self.chain) == 1 and not self.domain_routes:
             return Plan(
                 QueryProfile.unjudged(),
@@ -172,7 +179,7 @@ class CascadeAgent:
         plan: Plan,
         spec: ModelSpec,
         response: Any,
-        messages: list[dict],
+        messages: list[Message],
         params: dict[str, Any],
     ) -> Check:
         """Decide whether ``response`` (a draft of ``spec``) is good enough to return."""
@@ -195,7 +202,7 @@ class CascadeAgent:
         plan: Plan,
         spec: ModelSpec,
         response: Any,
-        messages: list[dict],
+        messages: list[Message],
         params: dict[str, Any],
     ) -> Check:
         step: StepCalibration = plan.calibration.step(self._step_index(plan, spec))
@@ -255,16 +262,23 @@ class CascadeAgent:
         )
 
     async def _paid_checks(
-        self, kinds, plan, spec, messages, params, draft, report
+        self,
+        kinds: tuple[str, ...],
+        plan: Plan,
+        spec: ModelSpec,
+        messages: list[Message],
+        params: dict[str, Any],
+        draft: signals.Draft,
+        report: signals.SignalReport,
     ) -> list[PaidCheck]:
-        tasks = []
+        tasks: list[Coroutine[Any, Any, PaidCheck]] = []
         if "self_verify" in kinds:
             tasks.append(self._self_verify(messages, draft))
         if "agreement" in kinds and not draft.tool_calls:
             tasks.append(self._agreement(spec, messages, params, report.answer))
         return list(await asyncio.gather(*tasks))
 
-    async def _self_verify(self, messages: list[dict], draft: signals.Draft) -> PaidCheck:
+    async def _self_verify(self, messages: list[Message], draft: signals.Draft) -> PaidCheck:
         question = query_text(messages)
         verify_messages = [
             {"role": "system", "content": VERIFY_SYSTEM_PROMPT},
@@ -295,13 +309,15 @@ class CascadeAgent:
             detail=text.strip()[:40],
         )
 
-    async def _agreement(self, spec, messages, params, answer) -> PaidCheck:
+    async def _agreement(
+        self, spec: ModelSpec, messages: list[Message], params: dict[str, Any], answer: str | None
+    ) -> PaidCheck:
         k = self.policy.agreement_samples
         kwargs = {**draft_params(spec, params), "messages": messages, "temperature": 0.8}
         kwargs.pop("logprobs", None)
         kwargs.pop("top_logprobs", None)
 
-        async def sample(i: int):
+        async def sample(i: int) -> tuple[Any, Attempt] | None:
             attempts: list[Attempt] = []
             try:
                 return await self.caller.complete(
@@ -332,7 +348,7 @@ class CascadeAgent:
 
     # --- running ---------------------------------------------------------------------
 
-    async def run(self, messages: list[dict], params: dict[str, Any]) -> CascadeResult:
+    async def run(self, messages: list[Message], params: dict[str, Any]) -> CascadeResult:
         async def answer(
             plan: Plan,
             spec: ModelSpec,
@@ -351,7 +367,7 @@ class CascadeAgent:
 
     async def _walk(
         self,
-        messages: list[dict],
+        messages: list[Message],
         params: dict[str, Any],
         answer: Callable[
             [Plan, ModelSpec, dict[str, Any], list[Attempt], bool], Awaitable[_Answer]
@@ -455,7 +471,7 @@ class CascadeAgent:
 
     # --- streaming ---------------------------------------------------------------------
 
-    async def stream(self, messages: list[dict], params: dict[str, Any]) -> CascadeStream:
+    async def stream(self, messages: list[Message], params: dict[str, Any]) -> CascadeStream:
         """Drafts are buffered and judged; an accepted draft, or the final model, is streamed.
 
         Returns once the answering model is known (so errors before any output
@@ -552,7 +568,7 @@ class CascadeStream:
     plan: Plan
     attempts: list[Attempt]
     params: dict[str, Any]
-    messages: list[dict]
+    messages: list[Message]
     upstream: Stream | None = None
     buffered: CascadeResult | None = None
     escalated: bool = False
@@ -566,7 +582,7 @@ class CascadeStream:
     def model(self) -> ModelSpec:
         return self.buffered.model if self.buffered else self.upstream.spec  # type: ignore[union-attr]
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(self) -> AsyncGenerator[dict[str, Any], None]:
         if self.buffered is not None:
             async for chunk in self._replay(self.buffered):
                 yield chunk
@@ -629,14 +645,14 @@ class CascadeStream:
         }
         reported = self._reported_usage
         if self.buffered is not None:
-            own = getattr(self.buffered.response, "usage", None)
+            own: Any = getattr(self.buffered.response, "usage", None)
             reported = own.model_dump(exclude_none=True) if hasattr(own, "model_dump") else {}
         for key in _USAGE_DETAILS:
             if isinstance(reported.get(key), dict):
                 usage[key] = reported[key]
         return self._frame([], usage=usage, **extra)
 
-    async def _replay(self, result: CascadeResult) -> AsyncIterator[dict[str, Any]]:
+    async def _replay(self, result: CascadeResult) -> AsyncGenerator[dict[str, Any], None]:
         choice = result.response.choices[0]
         message = choice.message
         yield self._chunk({"role": "assistant", "content": ""})
@@ -661,7 +677,7 @@ class CascadeStream:
             yield self._chunk({"content": piece})
         yield self._chunk({}, choice.finish_reason or "stop")
 
-    async def _relay(self) -> AsyncIterator[dict[str, Any]]:
+    async def _relay(self) -> AsyncGenerator[dict[str, Any], None]:
         upstream = self.upstream
         assert upstream is not None
         usage: dict[str, int] | None = None
