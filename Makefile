@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: demo test lint lock clean
+.PHONY: demo test lint typecheck lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(VENV)/.dev-installed
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Strict for the engine, its providers and money (pyproject.toml's [tool.mypy] overrides).
+typecheck: $(VENV)/.dev-installed
+	$(VENV)/bin/mypy routing/engine routing/providers core/money.py
 
 # Re-resolve the lock files after editing pyproject.toml (needs uv: pip install uv).
 lock:
