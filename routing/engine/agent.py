@@ -22,9 +22,9 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import litellm
 
@@ -34,13 +34,22 @@ from routing.engine.complexity import QueryProfile, profile_query, query_text
 from routing.engine.learning import pre_features
 from routing.engine.policy import PRESETS, Calibration, Policy, StepCalibration
 from routing.engine.resilience import Caller, Stream, UpstreamError
-from routing.engine.types import Attempt, CascadeResult, Check, ModelSpec, PaidCheck
+from routing.engine.types import (
+    Attempt,
+    CascadeResult,
+    Check,
+    Message,
+    ModelSpec,
+    PaidCheck,
+)
 
 VERIFY_SYSTEM_PROMPT = (
     "You check answers. Reply with only a number between 0 and 1: the probability that the "
     "answer below is correct and complete."
 )
 _PROBABILITY = re.compile(r"(\d*\.\d+|\d+)\s*(%?)")
+
+_Answer = TypeVar("_Answer")  # what a walk of the chain delivers: a result or a stream
 
 
 @dataclass(frozen=True)
@@ -122,7 +131,7 @@ class CascadeAgent:
 
     # --- planning ----------------------------------------------------------------
 
-    def plan(self, messages: list[dict], params: dict[str, Any]) -> Plan:
+    def plan(self, messages: list[Message], params: dict[str, Any]) -> Plan:
         if len(self.chain) == 1 and not self.domain_routes:
             return Plan(
                 QueryProfile.unjudged(),
@@ -170,7 +179,7 @@ class CascadeAgent:
         plan: Plan,
         spec: ModelSpec,
         response: Any,
-        messages: list[dict],
+        messages: list[Message],
         params: dict[str, Any],
     ) -> Check:
         """Decide whether ``response`` (a draft of ``spec``) is good enough to return."""
@@ -193,7 +202,7 @@ class CascadeAgent:
         plan: Plan,
         spec: ModelSpec,
         response: Any,
-        messages: list[dict],
+        messages: list[Message],
         params: dict[str, Any],
     ) -> Check:
         step: StepCalibration = plan.calibration.step(self._step_index(plan, spec))
@@ -253,16 +262,23 @@ class CascadeAgent:
         )
 
     async def _paid_checks(
-        self, kinds, plan, spec, messages, params, draft, report
+        self,
+        kinds: tuple[str, ...],
+        plan: Plan,
+        spec: ModelSpec,
+        messages: list[Message],
+        params: dict[str, Any],
+        draft: signals.Draft,
+        report: signals.SignalReport,
     ) -> list[PaidCheck]:
-        tasks = []
+        tasks: list[Coroutine[Any, Any, PaidCheck]] = []
         if "self_verify" in kinds:
             tasks.append(self._self_verify(messages, draft))
         if "agreement" in kinds and not draft.tool_calls:
             tasks.append(self._agreement(spec, messages, params, report.answer))
         return list(await asyncio.gather(*tasks))
 
-    async def _self_verify(self, messages: list[dict], draft: signals.Draft) -> PaidCheck:
+    async def _self_verify(self, messages: list[Message], draft: signals.Draft) -> PaidCheck:
         question = query_text(messages)
         verify_messages = [
             {"role": "system", "content": VERIFY_SYSTEM_PROMPT},
@@ -293,13 +309,15 @@ class CascadeAgent:
             detail=text.strip()[:40],
         )
 
-    async def _agreement(self, spec, messages, params, answer) -> PaidCheck:
+    async def _agreement(
+        self, spec: ModelSpec, messages: list[Message], params: dict[str, Any], answer: str | None
+    ) -> PaidCheck:
         k = self.policy.agreement_samples
         kwargs = {**draft_params(spec, params), "messages": messages, "temperature": 0.8}
         kwargs.pop("logprobs", None)
         kwargs.pop("top_logprobs", None)
 
-        async def sample(i: int):
+        async def sample(i: int) -> tuple[Any, Attempt] | None:
             attempts: list[Attempt] = []
             try:
                 return await self.caller.complete(
@@ -330,44 +348,89 @@ class CascadeAgent:
 
     # --- running ---------------------------------------------------------------------
 
-    async def run(self, messages: list[dict], params: dict[str, Any]) -> CascadeResult:
+    async def run(self, messages: list[Message], params: dict[str, Any]) -> CascadeResult:
+        async def answer(
+            plan: Plan,
+            spec: ModelSpec,
+            kwargs: dict[str, Any],
+            attempts: list[Attempt],
+            escalated: bool,
+        ) -> CascadeResult:
+            response, attempt = await self.caller.complete(spec, kwargs, attempts, role="final")
+            attempt.decision = "returned"
+            return self._result(plan, response, spec, attempts, params, escalated=escalated)
+
+        def judged(plan: Plan, attempts: list[Attempt], result: CascadeResult) -> CascadeResult:
+            return result
+
+        return await self._walk(messages, params, answer, judged)
+
+    async def _walk(
+        self,
+        messages: list[Message],
+        params: dict[str, Any],
+        answer: Callable[
+            [Plan, ModelSpec, dict[str, Any], list[Attempt], bool], Awaitable[_Answer]
+        ],
+        judged: Callable[[Plan, list[Attempt], CascadeResult], _Answer],
+    ) -> _Answer:
+        """The walk down the chain that ``run`` and ``stream`` share.
+
+        Drafts are called, judged, accepted or escalated here; how the answer is
+        delivered is the caller's: ``answer`` calls the last model of the chain and
+        delivers it (buffered or streamed), ``judged`` delivers a draft that was
+        judged (accepted, or the best rejected one when the last model failed).
+        An upstream error that another model would not give ends the walk; any
+        other moves on to the next model.
+        """
         plan = self.plan(messages, params)
         attempts: list[Attempt] = []
         self.attempts = attempts
         rejected: list[tuple[Check, Any, ModelSpec, Attempt]] = []
         last_error: UpstreamError | None = None
         for index, spec in enumerate(plan.chain):
-            is_last = index == len(plan.chain) - 1
             kwargs = {**draft_params(spec, params), "messages": messages}
             try:
-                response, attempt = await self.caller.complete(
-                    spec, kwargs, attempts, role="final" if is_last else "draft"
-                )
+                if index == len(plan.chain) - 1:
+                    return await answer(plan, spec, kwargs, attempts, index > 0)
+                response, attempt = await self.caller.complete(spec, kwargs, attempts, role="draft")
             except UpstreamError as exc:
                 if not exc.failure.retryable and not _model_specific(exc):
                     exc.attempts = attempts
                     raise
                 last_error = exc
                 continue
-            if is_last:
-                attempt.decision = "returned"
-                return self._result(plan, response, spec, attempts, params, escalated=index > 0)
             check = await self.judge(
                 plan=plan, spec=spec, response=response, messages=messages, params=params
             )
             attempt.check = check
             if check.accepted:
                 attempt.decision = "accepted"
-                return self._result(
-                    plan, response, spec, attempts, params, escalated=index > 0, check=check
+                return judged(
+                    plan,
+                    attempts,
+                    self._result(
+                        plan, response, spec, attempts, params, escalated=index > 0, check=check
+                    ),
                 )
             attempt.decision = "escalated"
             rejected.append((check, response, spec, attempt))
         if rejected:
             check, response, spec, attempt = max(rejected, key=lambda r: r[0].probability)
             attempt.decision = "fallback"
-            return self._result(
-                plan, response, spec, attempts, params, escalated=True, check=check, degraded=True
+            return judged(
+                plan,
+                attempts,
+                self._result(
+                    plan,
+                    response,
+                    spec,
+                    attempts,
+                    params,
+                    escalated=True,
+                    check=check,
+                    degraded=True,
+                ),
             )
         assert last_error is not None
         last_error.attempts = attempts
@@ -408,63 +471,30 @@ class CascadeAgent:
 
     # --- streaming ---------------------------------------------------------------------
 
-    async def stream(self, messages: list[dict], params: dict[str, Any]) -> CascadeStream:
+    async def stream(self, messages: list[Message], params: dict[str, Any]) -> CascadeStream:
         """Drafts are buffered and judged; an accepted draft, or the final model, is streamed.
 
         Returns once the answering model is known (so errors before any output
         are still raised as errors); iterate ``chunks`` for the answer.
         """
-        plan = self.plan(messages, params)
-        attempts: list[Attempt] = []
-        self.attempts = attempts
-        rejected: list[tuple[Check, Any, ModelSpec, Attempt]] = []
-        last_error: UpstreamError | None = None
-        for index, spec in enumerate(plan.chain):
-            is_last = index == len(plan.chain) - 1
-            kwargs = {**draft_params(spec, params), "messages": messages}
-            if is_last:
-                try:
-                    upstream = await self.caller.open_stream(spec, kwargs, attempts, role="final")
-                except UpstreamError as exc:
-                    if not exc.failure.retryable and not _model_specific(exc):
-                        exc.attempts = attempts
-                        raise
-                    last_error = exc
-                    break
-                upstream.attempt.decision = "returned"
-                return CascadeStream(
-                    self, plan, attempts, params, messages, upstream=upstream, escalated=index > 0
-                )
-            try:
-                response, attempt = await self.caller.complete(spec, kwargs, attempts, role="draft")
-            except UpstreamError as exc:
-                if not exc.failure.retryable and not _model_specific(exc):
-                    exc.attempts = attempts
-                    raise
-                last_error = exc
-                continue
-            check = await self.judge(
-                plan=plan, spec=spec, response=response, messages=messages, params=params
+
+        async def answer(
+            plan: Plan,
+            spec: ModelSpec,
+            kwargs: dict[str, Any],
+            attempts: list[Attempt],
+            escalated: bool,
+        ) -> CascadeStream:
+            upstream = await self.caller.open_stream(spec, kwargs, attempts, role="final")
+            upstream.attempt.decision = "returned"
+            return CascadeStream(
+                self, plan, attempts, params, messages, upstream=upstream, escalated=escalated
             )
-            attempt.check = check
-            if check.accepted:
-                attempt.decision = "accepted"
-                result = self._result(
-                    plan, response, spec, attempts, params, escalated=index > 0, check=check
-                )
-                return CascadeStream(self, plan, attempts, params, messages, buffered=result)
-            attempt.decision = "escalated"
-            rejected.append((check, response, spec, attempt))
-        if rejected:
-            check, response, spec, attempt = max(rejected, key=lambda r: r[0].probability)
-            attempt.decision = "fallback"
-            result = self._result(
-                plan, response, spec, attempts, params, escalated=True, check=check, degraded=True
-            )
+
+        def judged(plan: Plan, attempts: list[Attempt], result: CascadeResult) -> CascadeStream:
             return CascadeStream(self, plan, attempts, params, messages, buffered=result)
-        assert last_error is not None
-        last_error.attempts = attempts
-        raise last_error
+
+        return await self._walk(messages, params, answer, judged)
 
 
 def _model_specific(exc: UpstreamError) -> bool:
@@ -538,7 +568,7 @@ class CascadeStream:
     plan: Plan
     attempts: list[Attempt]
     params: dict[str, Any]
-    messages: list[dict]
+    messages: list[Message]
     upstream: Stream | None = None
     buffered: CascadeResult | None = None
     escalated: bool = False
@@ -552,7 +582,7 @@ class CascadeStream:
     def model(self) -> ModelSpec:
         return self.buffered.model if self.buffered else self.upstream.spec  # type: ignore[union-attr]
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(self) -> AsyncGenerator[dict[str, Any], None]:
         if self.buffered is not None:
             async for chunk in self._replay(self.buffered):
                 yield chunk
@@ -615,14 +645,14 @@ class CascadeStream:
         }
         reported = self._reported_usage
         if self.buffered is not None:
-            own = getattr(self.buffered.response, "usage", None)
+            own: Any = getattr(self.buffered.response, "usage", None)
             reported = own.model_dump(exclude_none=True) if hasattr(own, "model_dump") else {}
         for key in _USAGE_DETAILS:
             if isinstance(reported.get(key), dict):
                 usage[key] = reported[key]
         return self._frame([], usage=usage, **extra)
 
-    async def _replay(self, result: CascadeResult) -> AsyncIterator[dict[str, Any]]:
+    async def _replay(self, result: CascadeResult) -> AsyncGenerator[dict[str, Any], None]:
         choice = result.response.choices[0]
         message = choice.message
         yield self._chunk({"role": "assistant", "content": ""})
@@ -647,7 +677,7 @@ class CascadeStream:
             yield self._chunk({"content": piece})
         yield self._chunk({}, choice.finish_reason or "stop")
 
-    async def _relay(self) -> AsyncIterator[dict[str, Any]]:
+    async def _relay(self) -> AsyncGenerator[dict[str, Any], None]:
         upstream = self.upstream
         assert upstream is not None
         usage: dict[str, int] | None = None

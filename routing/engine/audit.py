@@ -33,6 +33,7 @@ from typing import Any
 from routing.engine.complexity import QueryProfile, query_text
 from routing.engine.learning import Verdict
 from routing.engine.signals import Draft, _choice_letter, final_answer
+from routing.engine.types import Message
 
 JUDGE_SYSTEM_PROMPT = (
     "You compare two answers to the same request. Judge correctness first, then "
@@ -90,7 +91,8 @@ def agree(a: Extracted, b: Extracted) -> bool | None:
         return None
     if a.kind == "number":
         return math.isclose(a.value, b.value, rel_tol=1e-6, abs_tol=1e-9)
-    return a.value == b.value
+    equal: bool = a.value == b.value
+    return equal
 
 
 def extraction_verdict(
@@ -104,7 +106,7 @@ def extraction_verdict(
     return None, same is False
 
 
-def judge_messages(messages: list[dict], first: str, second: str) -> list[dict]:
+def judge_messages(messages: list[Message], first: str, second: str) -> list[Message]:
     """The judge's prompt: the request's text and two answers, A and B."""
     request = query_text(messages)
     return [
@@ -141,7 +143,7 @@ def combine(draft_first: str | None, reference_first: str | None) -> Verdict | N
     return Verdict.BETTER if total > 0 else Verdict.WORSE if total < 0 else Verdict.AS_GOOD
 
 
-def judge_cost_tokens(messages: list[dict], draft: str, reference: str) -> int:
+def judge_cost_tokens(messages: list[Message], draft: str, reference: str) -> int:
     """Prompt tokens of one judge call, estimated (4 characters a token) for budgeting."""
     words = len(JUDGE_SYSTEM_PROMPT) + len(query_text(messages)) + len(draft) + len(reference)
     return words // 4 + 40

@@ -22,6 +22,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -81,14 +82,14 @@ class Scorer:
     def probability(self, features: dict[str, float]) -> float:
         return sigmoid(self.bias + sum(self.contributions(features).values()))
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "bias": round(self.bias, 6),
             "weights": {k: round(v, 6) for k, v in self.weights.items()},
         }
 
     @classmethod
-    def from_json(cls, data: dict | None) -> Scorer:
+    def from_json(cls, data: dict[str, Any] | None) -> Scorer:
         if not data:
             return cls()
         return cls(weights=dict(data.get("weights", {})), bias=float(data.get("bias", PRIOR_BIAS)))
@@ -148,7 +149,7 @@ def out_of_fold(
     *,
     folds: int = 5,
     seed: int = 7,
-    **fit_kwargs,
+    **fit_kwargs: Any,
 ) -> list[float]:
     """Probabilities for each row from a scorer that never saw it."""
     order = list(range(len(rows)))

@@ -15,6 +15,8 @@ import math
 import re
 from dataclasses import dataclass
 
+from routing.engine.types import Message
+
 DOMAINS: tuple[str, ...] = ("code", "math", "medical", "legal", "finance", "general")
 
 
@@ -357,7 +359,7 @@ class QueryProfile:
         return "hard"
 
 
-def query_text(messages: list[dict]) -> str:
+def query_text(messages: list[Message]) -> str:
     """The text the engine judges: the last user message (with content parts joined)."""
     for message in reversed(messages):
         if message.get("role") == "user":

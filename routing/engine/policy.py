@@ -9,6 +9,7 @@ use. A ``Calibration`` holds what was learned from labelled drafts, one
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +106,7 @@ class Router:
     skip_below: float
     skip_to: int = 1
 
-    def skips(self, pre: dict[str, float]) -> bool:
+    def skips(self, pre: Mapping[str, float]) -> bool:
         return self.scorer.probability(dict(pre)) < self.skip_below
 
     @classmethod

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import aiohttp
 import litellm
+from litellm import exceptions as litellm_errors
 
 from routing.engine import openai_wire, tracing
 from routing.engine.openai_wire import ProviderHTTPError
@@ -117,19 +118,20 @@ def _classify(exc: BaseException) -> Failure:
         return Failure(True, 502, "upstream_error", message)
     if isinstance(
         exc,
-        litellm.ContextWindowExceededError
-        | litellm.BadRequestError
-        | litellm.UnprocessableEntityError,
-    ) and not isinstance(exc, litellm.NotFoundError):
+        litellm_errors.ContextWindowExceededError
+        | litellm_errors.BadRequestError
+        | litellm_errors.UnprocessableEntityError,
+    ) and not isinstance(exc, litellm_errors.NotFoundError):
         return Failure(False, 400, "upstream_bad_request", message)
-    if isinstance(exc, litellm.RateLimitError):
+    if isinstance(exc, litellm_errors.RateLimitError):
         return Failure(True, 503, "upstream_rate_limited", message)
-    if isinstance(exc, litellm.Timeout | asyncio.TimeoutError):
+    if isinstance(exc, litellm_errors.Timeout | asyncio.TimeoutError):
         return Failure(True, 502, "upstream_timeout", message)
-    if isinstance(exc, litellm.ServiceUnavailableError):
+    if isinstance(exc, litellm_errors.ServiceUnavailableError):
         return Failure(True, 503, "upstream_unavailable", message)
-    if getattr(exc, "status_code", None) in {400, 413, 422}:
-        return _classify_status(exc.status_code, message)
+    status: int | None = getattr(exc, "status_code", None)
+    if status in {400, 413, 422}:
+        return _classify_status(status, message)
     return Failure(True, 502, "upstream_error", message)
 
 
@@ -325,11 +327,11 @@ class Caller:
             call["_skip_mcp_handler"] = True
         return call
 
-    async def _attempts(self, spec: ModelSpec):
+    async def _attempts(self, spec: ModelSpec) -> AsyncIterator[tuple[Deployment, int]]:
         """Yield (deployment, try number) in the order calls should be made."""
         if self.vet is not None:
             await self.vet(spec)
-        skipped = []
+        skipped: list[Deployment] = []
         for deployment in spec.deployments:
             if self.breaker and not await self.breaker.allow(deployment):
                 skipped.append(deployment)
@@ -360,7 +362,7 @@ class Caller:
                     else:
                         response = await litellm.acompletion(**call)
                     if not getattr(response, "choices", None):
-                        raise litellm.APIError(
+                        raise litellm_errors.APIError(
                             status_code=502,
                             message="Malformed response: no choices.",
                             llm_provider="",

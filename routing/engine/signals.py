@@ -30,6 +30,7 @@ import json
 import math
 import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,12 +68,14 @@ _REFUSALS = re.compile(
     r"am not able to) (?:help|assist|provide|answer|do that|comply))"
 )
 _CODE_BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
-_OPS = {
+_BINARY_OPS: dict[type[ast.operator], Callable[[float, float], float]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
     ast.Mult: operator.mul,
     ast.Div: operator.truediv,
     ast.Pow: operator.pow,
+}
+_UNARY_OPS: dict[type[ast.unaryop], Callable[[float], float]] = {
     ast.USub: operator.neg,
     ast.UAdd: operator.pos,
 }
@@ -138,13 +141,13 @@ def safe_eval(expr: str) -> float | None:
     def ev(node: ast.AST) -> float:
         if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
             return float(node.value)
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
             left, right = ev(node.left), ev(node.right)
             if isinstance(node.op, ast.Pow) and abs(right) > 12:
                 raise ValueError
-            return _OPS[type(node.op)](left, right)
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](ev(node.operand))
+            return _BINARY_OPS[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
+            return _UNARY_OPS[type(node.op)](ev(node.operand))
         raise ValueError
 
     try:
@@ -266,11 +269,12 @@ def _strip_fence(text: str) -> str:
     return match.group(1) if match else stripped
 
 
-def _schema_error(payload: Any, schema: dict) -> str | None:
+def _schema_error(payload: Any, schema: dict[str, Any]) -> str | None:
     try:
         jsonschema.validate(payload, schema)
     except jsonschema.ValidationError as exc:
-        return exc.message[:200]
+        message: str = exc.message
+        return message[:200]
     except jsonschema.SchemaError:
         return None  # the client's schema is broken; do not blame the draft
     return None

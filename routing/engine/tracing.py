@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-_tracer: Any = None
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer
+
+_tracer: Tracer | None = None
 
 
 class _Nothing:
@@ -54,7 +57,7 @@ class _Nothing:
 NOTHING = _Nothing()
 
 
-def enable(tracer: Any) -> None:
+def enable(tracer: Tracer) -> None:
     global _tracer
     _tracer = tracer
 

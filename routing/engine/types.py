@@ -13,6 +13,10 @@ from typing import Any
 
 from routing.engine.pricing import ModelPrice
 
+# One OpenAI chat message as the client sent it: JSON whose shape varies with the role
+# (content as text or parts, tool calls, names), read field by field where needed.
+Message = dict[str, Any]
+
 
 @dataclass(frozen=True)
 class Deployment:

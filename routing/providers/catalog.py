@@ -19,7 +19,7 @@ environment variable (``api_key_env``) so secrets stay out of configuration;
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -48,14 +48,16 @@ class ModelCatalog:
     def get(self, name: str) -> ModelSpec | None:
         return self._models.get(name)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self._models.values())
 
     def __contains__(self, name: object) -> bool:
         return name in self._models
 
     @classmethod
-    def build(cls, config: Mapping[str, Any] | None = None, *, include_demo: bool = True):
+    def build(
+        cls, config: Mapping[str, Any] | None = None, *, include_demo: bool = True
+    ) -> ModelCatalog:
         models: list[ModelSpec] = []
         if include_demo:
             demo.register()

@@ -24,13 +24,16 @@ import operator
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import litellm
 from litellm.llms.custom_llm import CustomLLM, CustomLLMError
+from litellm.types.llms.openai import ChatCompletionUsageBlock
 from litellm.types.utils import GenericStreamingChunk, ModelResponse
+
+from routing.engine.types import Message
 
 PROVIDER = "demo"
 
@@ -98,7 +101,7 @@ def _unit(*parts: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def prompt_text(messages: list[dict]) -> str:
+def prompt_text(messages: list[Message]) -> str:
     chunks = []
     for message in messages:
         content = message.get("content")
@@ -109,7 +112,7 @@ def prompt_text(messages: list[dict]) -> str:
     return "\n".join(chunks)
 
 
-def last_user_text(messages: list[dict]) -> str:
+def last_user_text(messages: list[Message]) -> str:
     for message in reversed(messages):
         if message.get("role") == "user":
             return prompt_text([message])
@@ -137,12 +140,14 @@ def answers_correctly(model: DemoModel, text: str) -> bool:
 
 # --- answer builders ------------------------------------------------------------
 
-_OPS = {
+_BINARY_OPS: dict[type[ast.operator], Callable[[float, float], float]] = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
     ast.Mult: operator.mul,
     ast.Div: operator.truediv,
     ast.Pow: operator.pow,
+}
+_UNARY_OPS: dict[type[ast.unaryop], Callable[[float], float]] = {
     ast.USub: operator.neg,
     ast.UAdd: operator.pos,
 }
@@ -155,13 +160,13 @@ def _eval_arith(expr: str) -> float | None:
     def ev(node: ast.AST) -> float:
         if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
             return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
             left, right = ev(node.left), ev(node.right)
             if isinstance(node.op, ast.Pow) and abs(right) > 12:
                 raise ValueError("exponent too large")
-            return _OPS[type(node.op)](left, right)
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](ev(node.operand))
+            return _BINARY_OPS[type(node.op)](left, right)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
+            return _UNARY_OPS[type(node.op)](ev(node.operand))
         raise ValueError("unsupported")
 
     try:
@@ -214,7 +219,7 @@ def _arith_answer(
     return f"{clean} = {_fmt_number(shown)}. The answer is {_fmt_number(shown)}."
 
 
-def _value_for_schema(schema: dict, key: str, text: str, depth: int = 0) -> Any:
+def _value_for_schema(schema: dict[str, Any], key: str, text: str, depth: int = 0) -> Any:
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "string")
@@ -236,8 +241,8 @@ def _value_for_schema(schema: dict, key: str, text: str, depth: int = 0) -> Any:
     return _topic(text) if key in {"query", "topic", "q", "text"} else f"{key} value"
 
 
-def _json_answer(response_format: dict, text: str, correct: bool) -> str:
-    schema: dict = {}
+def _json_answer(response_format: dict[str, Any], text: str, correct: bool) -> str:
+    schema: dict[str, Any] = {}
     if response_format.get("type") == "json_schema":
         schema = (response_format.get("json_schema") or {}).get("schema") or {}
     payload = (
@@ -258,8 +263,10 @@ def _json_answer(response_format: dict, text: str, correct: bool) -> str:
     return body
 
 
-def _pick_tool(tools: list[dict], tool_choice: Any, text: str) -> dict | None:
-    functions = [t.get("function", {}) for t in tools if t.get("type", "function") == "function"]
+def _pick_tool(tools: list[dict[str, Any]], tool_choice: Any, text: str) -> dict[str, Any] | None:
+    functions: list[dict[str, Any]] = [
+        t.get("function", {}) for t in tools if t.get("type", "function") == "function"
+    ]
     if not functions or tool_choice == "none":
         return None
     if isinstance(tool_choice, dict):
@@ -267,7 +274,7 @@ def _pick_tool(tools: list[dict], tool_choice: Any, text: str) -> dict | None:
         return next((f for f in functions if f.get("name") == wanted), functions[0])
     words = set(re.findall(r"[a-z]+", text.lower()))
 
-    def overlap(f: dict) -> int:
+    def overlap(f: dict[str, Any]) -> int:
         desc = f"{f.get('name', '')} {f.get('description', '')}".lower().replace("_", " ")
         return len(words & set(re.findall(r"[a-z]+", desc)))
 
@@ -280,21 +287,24 @@ def _pick_tool(tools: list[dict], tool_choice: Any, text: str) -> dict | None:
 @dataclass
 class DemoAnswer:
     content: str | None
-    tool_calls: list[dict]
+    tool_calls: list[dict[str, Any]]
     finish_reason: str
     correct: bool
-    logprobs: list[dict]
+    logprobs: list[dict[str, Any]]
 
 
 def demo_answer(
-    model: DemoModel, messages: list[dict], optional_params: dict | None = None, choice: int = 0
+    model: DemoModel,
+    messages: list[Message],
+    optional_params: dict[str, Any] | None = None,
+    choice: int = 0,
 ) -> DemoAnswer:
     """The model's deterministic answer to ``messages`` (``choice``: which of ``n``)."""
     params = optional_params or {}
     text = last_user_text(messages)
     correct = answers_correctly(model, prompt_text(messages))
     max_tokens = params.get("max_completion_tokens") or params.get("max_tokens")
-    tool_calls: list[dict] = []
+    tool_calls: list[dict[str, Any]] = []
     content: str | None
 
     tool = _pick_tool(params.get("tools") or [], params.get("tool_choice"), text)
@@ -348,7 +358,7 @@ def _tokenize(text: str) -> list[str]:
     return re.findall(r"\s*\S+", text) or [text]
 
 
-def _logprobs(model: DemoModel, content: str, correct: bool, text: str) -> list[dict]:
+def _logprobs(model: DemoModel, content: str, correct: bool, text: str) -> list[dict[str, Any]]:
     items = []
     base = -0.04 if correct else -0.9
     for i, token in enumerate(_tokenize(content)):
@@ -365,10 +375,15 @@ def _logprobs(model: DemoModel, content: str, correct: bool, text: str) -> list[
     return items
 
 
-def _count_tokens(model: str, messages: list[dict] | None = None, text: str | None = None) -> int:
+def _count_tokens(
+    model: str, messages: list[Message] | None = None, text: str | None = None
+) -> int:
+    count: int
     if messages is not None:
-        return litellm.token_counter(model=model, messages=messages)
-    return litellm.token_counter(model=model, text=text or "") if text else 0
+        count = litellm.token_counter(model=model, messages=messages)
+    else:
+        count = litellm.token_counter(model=model, text=text or "") if text else 0
+    return count
 
 
 def _resolve(model: str) -> DemoModel:
@@ -376,7 +391,9 @@ def _resolve(model: str) -> DemoModel:
     try:
         return DEMO_MODELS[name]
     except KeyError:
-        raise CustomLLMError(status_code=404, message=f"Unknown demo model '{model}'.") from None
+        raise CustomLLMError(  # type: ignore[no-untyped-call]  # litellm's __init__ is untyped
+            status_code=404, message=f"Unknown demo model '{model}'."
+        ) from None
 
 
 def _latency(model: DemoModel, completion_tokens: int) -> tuple[float, float]:
@@ -401,16 +418,23 @@ class DemoLLM(CustomLLM):
     """
 
     def _build(
-        self, model: str, messages: list, optional_params: dict, *, streaming: bool = False
-    ) -> tuple[DemoModel, list[DemoAnswer], dict]:
+        self,
+        model: str,
+        messages: list[Message],
+        optional_params: dict[str, Any],
+        *,
+        streaming: bool = False,
+    ) -> tuple[DemoModel, list[DemoAnswer], ChatCompletionUsageBlock]:
         spec = _resolve(model)
         n = int(optional_params.get("n") or 1)
         if streaming and n > 1:
-            raise CustomLLMError(status_code=400, message="Demo models stream one choice (n=1).")
+            raise CustomLLMError(  # type: ignore[no-untyped-call]  # litellm's __init__ is untyped
+                status_code=400, message="Demo models stream one choice (n=1)."
+            )
         answers = [demo_answer(spec, messages, optional_params, choice=i) for i in range(n)]
         prompt_tokens = _count_tokens(spec.litellm_name, messages=messages)
         completion_tokens = sum(_completion_tokens(spec, answer) for answer in answers)
-        usage = {
+        usage: ChatCompletionUsageBlock = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
@@ -418,7 +442,11 @@ class DemoLLM(CustomLLM):
         return spec, answers, usage
 
     def _response(
-        self, spec: DemoModel, answers: list[DemoAnswer], usage: dict, params: dict
+        self,
+        spec: DemoModel,
+        answers: list[DemoAnswer],
+        usage: ChatCompletionUsageBlock,
+        params: dict[str, Any],
     ) -> ModelResponse:
         choices = []
         for index, answer in enumerate(answers):
@@ -442,19 +470,35 @@ class DemoLLM(CustomLLM):
             usage=usage,
         )
 
-    def completion(self, model, messages, *args, optional_params=None, **kwargs):
+    def completion(
+        self,
+        model: str,
+        messages: list[Message],
+        *args: Any,
+        optional_params: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> ModelResponse:
         spec, answers, usage = self._build(model, messages, optional_params or {})
         first, per = _latency(spec, usage["completion_tokens"])
         time.sleep(first + per * usage["completion_tokens"])
         return self._response(spec, answers, usage, optional_params or {})
 
-    async def acompletion(self, model, messages, *args, optional_params=None, **kwargs):
+    async def acompletion(
+        self,
+        model: str,
+        messages: list[Message],
+        *args: Any,
+        optional_params: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> ModelResponse:
         spec, answers, usage = self._build(model, messages, optional_params or {})
         first, per = _latency(spec, usage["completion_tokens"])
         await asyncio.sleep(first + per * usage["completion_tokens"])
         return self._response(spec, answers, usage, optional_params or {})
 
-    def _chunks(self, answer: DemoAnswer, usage: dict) -> list[GenericStreamingChunk]:
+    def _chunks(
+        self, answer: DemoAnswer, usage: ChatCompletionUsageBlock
+    ) -> list[GenericStreamingChunk]:
         chunks: list[GenericStreamingChunk] = []
         if answer.tool_calls:
             for index, call in enumerate(answer.tool_calls):
@@ -498,7 +542,12 @@ class DemoLLM(CustomLLM):
         return chunks
 
     def streaming(
-        self, model, messages, *args, optional_params=None, **kwargs
+        self,
+        model: str,
+        messages: list[Message],
+        *args: Any,
+        optional_params: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> Iterator[GenericStreamingChunk]:
         spec, answers, usage = self._build(model, messages, optional_params or {}, streaming=True)
         first, per = _latency(spec, usage["completion_tokens"])
@@ -507,8 +556,15 @@ class DemoLLM(CustomLLM):
             time.sleep(per)
             yield chunk
 
-    async def astreaming(
-        self, model, messages, *args, optional_params=None, **kwargs
+    # LiteLLM iterates what astreaming returns, but declares it a coroutine: an async
+    # generator (what it needs) cannot match that declaration.
+    async def astreaming(  # type: ignore[override]
+        self,
+        model: str,
+        messages: list[Message],
+        *args: Any,
+        optional_params: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> AsyncIterator[GenericStreamingChunk]:
         spec, answers, usage = self._build(model, messages, optional_params or {}, streaming=True)
         first, per = _latency(spec, usage["completion_tokens"])
@@ -529,7 +585,7 @@ def register() -> None:
             *litellm.custom_provider_map,
             {"provider": PROVIDER, "custom_handler": _handler},
         ]
-        litellm.utils.custom_llm_setup()
+        litellm.utils.custom_llm_setup()  # type: ignore[no-untyped-call]  # untyped in litellm
     litellm.register_model(
         {
             spec.litellm_name: {

@@ -26,9 +26,10 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import litellm
 from litellm.llms.custom_llm import CustomLLM, CustomLLMError
@@ -44,9 +45,10 @@ from routing.engine.policy import Calibration, Policy
 from routing.engine.pricing import ModelPrice
 from routing.engine.resilience import Caller
 from routing.engine.signals import extract
-from routing.engine.types import Deployment, ModelSpec
+from routing.engine.types import Deployment, Message, ModelSpec
 
 PROVIDER = "replay"
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -81,24 +83,24 @@ class ReplayFile:
             supports_logprobs=has_logprob,
         )
 
-    def find(self, messages: list[dict], metadata: dict | None) -> dict[str, Any]:
+    def find(self, messages: list[Message], metadata: dict[str, Any] | None) -> dict[str, Any]:
         replay_id = (metadata or {}).get("replay_id")
         if replay_id is not None:
             if replay_id not in self.by_id:
-                raise CustomLLMError(status_code=404, message=f"No recorded row '{replay_id}'.")
+                raise _llm_error(404, f"No recorded row '{replay_id}'.")
             return self.by_id[replay_id]
         found = self.by_text.get(_key(messages))
         if not found:
-            raise CustomLLMError(status_code=404, message="No recorded answer for this prompt.")
+            raise _llm_error(404, "No recorded answer for this prompt.")
         return found[0]
 
 
-def prompt_messages(row: dict[str, Any]) -> list[dict]:
+def prompt_messages(row: dict[str, Any]) -> list[Message]:
     """The row's messages; rows without recorded prompt text get a stand-in naming the row."""
     return row.get("messages") or [{"role": "user", "content": f"[replay row {row['id']}]"}]
 
 
-def _key(messages: list[dict]) -> str:
+def _key(messages: list[Message]) -> str:
     return " ".join(query_text(messages).split())
 
 
@@ -116,16 +118,25 @@ def answer_cost_nanos(recorded: dict[str, Any], price: dict[str, Any]) -> int:
     )
 
 
+def _llm_error(status_code: int, message: str) -> CustomLLMError:
+    # LiteLLM's CustomLLMError.__init__ is not annotated.
+    return CustomLLMError(status_code=status_code, message=message)  # type: ignore[no-untyped-call]
+
+
 class ReplayLLM(CustomLLM):
     def __init__(self) -> None:
         super().__init__()
         self.file: ReplayFile | None = None
 
     def _answer(
-        self, model: str, messages: list, optional_params: dict, litellm_params: dict
+        self,
+        model: str,
+        messages: list[Message],
+        optional_params: dict[str, Any],
+        litellm_params: dict[str, Any],
     ) -> ModelResponse:
         if self.file is None:
-            raise CustomLLMError(status_code=500, message="No replay file loaded.")
+            raise _llm_error(500, "No replay file loaded.")
         recorded_model = model.removeprefix(f"{PROVIDER}/")
         metadata = (litellm_params or {}).get("metadata") or {}
         params = optional_params or {}
@@ -139,18 +150,16 @@ class ReplayLLM(CustomLLM):
             row = self.file.find([{"role": "user", "content": question}], metadata)
         else:
             if (params.get("temperature") or 0) > 0:
-                raise CustomLLMError(status_code=400, message="Replay has no recorded samples.")
+                raise _llm_error(400, "Replay has no recorded samples.")
             row = self.file.find(messages, metadata)
         recorded = row["responses"].get(recorded_model)
         if recorded is None or recorded.get("text") is None:
-            raise CustomLLMError(
-                status_code=404, message=f"No recorded answer of {recorded_model}."
-            )
+            raise _llm_error(404, f"No recorded answer of {recorded_model}.")
         price = self.file.prices.get(recorded_model) or {}
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
         if verify:
             if recorded.get("confidence") is None:
-                raise CustomLLMError(status_code=404, message="No recorded confidence.")
+                raise _llm_error(404, "No recorded confidence.")
             choice["message"] = {"role": "assistant", "content": f"{recorded['confidence']:.6f}"}
             usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
             cost = usd_to_nanos(str(recorded.get("confidence_cost_usd") or 0))
@@ -186,13 +195,25 @@ class ReplayLLM(CustomLLM):
         return response
 
     def completion(
-        self, model, messages, *args, optional_params=None, litellm_params=None, **kwargs
-    ):
+        self,
+        model: str,
+        messages: list[Message],
+        *args: Any,
+        optional_params: dict[str, Any] | None = None,
+        litellm_params: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> ModelResponse:
         return self._answer(model, messages, optional_params or {}, litellm_params or {})
 
     async def acompletion(
-        self, model, messages, *args, optional_params=None, litellm_params=None, **kwargs
-    ):
+        self,
+        model: str,
+        messages: list[Message],
+        *args: Any,
+        optional_params: dict[str, Any] | None = None,
+        litellm_params: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> ModelResponse:
         return self._answer(model, messages, optional_params or {}, litellm_params or {})
 
 
@@ -207,7 +228,7 @@ def register(file: ReplayFile) -> None:
             *litellm.custom_provider_map,
             {"provider": PROVIDER, "custom_handler": handler},
         ]
-        litellm.utils.custom_llm_setup()
+        litellm.utils.custom_llm_setup()  # type: ignore[no-untyped-call]  # untyped in litellm
 
 
 # --- observing a chain on recorded data (for calibration) -------------------------------
@@ -217,11 +238,12 @@ def register(file: ReplayFile) -> None:
 class Row:
     raw: dict[str, Any]
     split: str
-    messages: list[dict]
+    messages: list[Message]
 
     @property
     def id(self) -> str:
-        return self.raw["id"]
+        row_id: str = self.raw["id"]
+        return row_id
 
     def quality(self, recorded_model: str) -> float:
         return float(self.raw["responses"][recorded_model]["correct"])
@@ -247,10 +269,10 @@ def load_rows(file: ReplayFile, recorded: list[str]) -> tuple[list[Row], bool]:
     ], resplit
 
 
-async def gather_limited(coros, limit: int = 32):
+async def gather_limited(coros: Iterable[Awaitable[_T]], limit: int = 32) -> list[_T]:
     semaphore = asyncio.Semaphore(limit)
 
-    async def run(coro):
+    async def run(coro: Awaitable[_T]) -> _T:
         async with semaphore:
             return await coro
 
