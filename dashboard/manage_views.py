@@ -1,11 +1,12 @@
-"""Admin pages of the dashboard: tokens, budgets and alerts, end-user tiers, billing, exports,
-calibration rollback.
+"""Admin pages of the dashboard: tokens, provider keys, budgets and alerts, end-user tiers,
+billing, exports, calibration rollback.
 
 Tenancy: every object is looked up with ``tenant=request.access.tenant``, so
 another tenant's id is a 404, the same as a missing one. Roles come from
 :func:`dashboard.access.tenant_view`: viewers read, admins manage, owners bill.
 """
 
+from dataclasses import dataclass
 from urllib.parse import urlencode
 
 from django.conf import settings
@@ -29,16 +30,19 @@ from core.money import nanos_to_usd
 from dashboard import selectors
 from dashboard.access import forbidden, render_page, tenant_view
 from dashboard.forms import (
+    PROVIDERS,
     BudgetCreateForm,
     BudgetEditForm,
     EndUserTierForm,
     ExportForm,
+    ProviderKeyRotateForm,
+    ProviderModelForm,
     TokenCreateForm,
     tenant_zone,
 )
-from routing import calibrations
+from routing import calibrations, tenant_models
 from routing import selectors as routing_selectors
-from routing.models import CalibrationVersion
+from routing.models import CalibrationVersion, TenantProviderModel
 from tenants import services
 from tenants.enums import MemberRole
 from tenants.models import (
@@ -112,6 +116,127 @@ def token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
     services.token_revoke(tenant=tenant, token=token, acting_user=request.user)
     messages.success(request, f"Token “{token.name}” ({token.mask}) revoked.")
     return redirect("dashboard:tokens", tenant.slug)
+
+
+# --- provider keys (bring your own key) -------------------------------------------------
+
+PROVIDER_LABELS: dict[str, str] = {}  # "openai" is OpenAI's (the compatible servers' comes later)
+for _provider in PROVIDERS.values():
+    if _provider.prefix:
+        PROVIDER_LABELS.setdefault(_provider.prefix, _provider.label)
+
+
+@dataclass(frozen=True)
+class ProviderModelRow:
+    model: TenantProviderModel
+
+    @property
+    def provider(self) -> str:
+        prefix = self.model.litellm_model.split("/", 1)[0]
+        if prefix == "openai" and self.model.api_base:
+            return "OpenAI-compatible"
+        return PROVIDER_LABELS.get(prefix, prefix)
+
+    @property
+    def upstream(self) -> str:
+        return self.model.litellm_model.split("/", 1)[-1]
+
+    @property
+    def input_price(self) -> str:
+        return _decimal_text(self.model.input_usd_per_mtok)
+
+    @property
+    def output_price(self) -> str:
+        return _decimal_text(self.model.output_usd_per_mtok)
+
+
+def _decimal_text(value) -> str:
+    text = f"{value:f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _provider_keys_page(request: HttpRequest, form: ProviderModelForm | None) -> HttpResponse:
+    rows = selectors.provider_models_of(tenant=request.access.tenant)
+    return render_page(
+        request,
+        "provider_keys.html",
+        "provider_keys",
+        {
+            "form": form,
+            "rows": [ProviderModelRow(row) for row in rows],
+            "providers": PROVIDERS,
+        },
+    )
+
+
+@tenant_view()
+@require_http_methods(["GET", "POST"])
+def provider_keys(request: HttpRequest) -> HttpResponse:
+    """Everyone reads the tenant's own provider models and their key masks; admins and
+    owners add them here (validated with one cheap call by the API's own service)."""
+    access = request.access
+    tenant = access.tenant
+    if request.method == "GET":
+        return _provider_keys_page(request, ProviderModelForm() if access.can_manage else None)
+    if not access.can_manage:
+        return forbidden(request, MemberRole.ADMIN)
+    form = ProviderModelForm(request.POST)
+    if form.is_valid():
+        try:
+            row = tenant_models.provider_model_create(
+                tenant=tenant, acting_user=request.user, **form.values()
+            )
+        except tenant_models.ProviderModelInvalid as exc:
+            form.add_service_error(exc)
+        else:
+            messages.success(
+                request, f"“{row.name}” saved: the provider accepted the key. Call it by this name."
+            )
+            return redirect("dashboard:provider_keys", tenant.slug)
+    return _provider_keys_page(request, form)
+
+
+@tenant_view(MemberRole.ADMIN)
+@require_http_methods(["GET", "POST"])
+def provider_key_rotate(request: HttpRequest, model_id: int) -> HttpResponse:
+    """Replace a model's key in place: the old key serves until the new one passes the
+    validation call (``tenant_models.provider_model_rotate``)."""
+    tenant = request.access.tenant
+    row = get_object_or_404(TenantProviderModel, pk=model_id, tenant=tenant)
+    if request.method == "POST":
+        form = ProviderKeyRotateForm(request.POST, row=row)
+        if form.is_valid():
+            try:
+                row = tenant_models.provider_model_rotate(
+                    row=row, credentials=form.credentials(), acting_user=request.user
+                )
+            except tenant_models.ProviderModelInvalid as exc:
+                form.add_service_error(exc)
+            except TenantProviderModel.DoesNotExist:
+                raise Http404("No such model.") from None
+            else:
+                messages.success(
+                    request, f"“{row.name}”: new key in use; the old one is no longer used."
+                )
+                return redirect("dashboard:provider_keys", tenant.slug)
+    else:
+        form = ProviderKeyRotateForm(row=row)
+    return render_page(
+        request,
+        "provider_key_rotate.html",
+        "provider_keys",
+        {"form": form, "row": ProviderModelRow(row)},
+    )
+
+
+@tenant_view(MemberRole.ADMIN)
+@require_POST
+def provider_key_delete(request: HttpRequest, model_id: int) -> HttpResponse:
+    tenant = request.access.tenant
+    row = get_object_or_404(TenantProviderModel, pk=model_id, tenant=tenant)
+    tenant_models.provider_model_delete(row=row, acting_user=request.user)
+    messages.success(request, f"“{row.name}” deleted; its key is no longer used.")
+    return redirect("dashboard:provider_keys", tenant.slug)
 
 
 # --- budgets and alerts ----------------------------------------------------------------

@@ -25,7 +25,7 @@ from dashboard.models import (
     SpendForecastSnapshot,
 )
 from dashboard.rollups import daily_rows, hour_floor, hourly_rows, usage_sums
-from routing.models import UsageEvent
+from routing.models import TenantProviderModel, UsageEvent
 from tenants.budgets import effective_thresholds, period_bounds, threshold_level
 from tenants.enums import BudgetDecision, BudgetPeriod, BudgetScope
 from tenants.models import ApiToken, Budget, BudgetAlert, BudgetCounter, EndUser, Tenant, Tier
@@ -495,3 +495,8 @@ def usage_row_count(*, tenant: Tenant, start: datetime, end: datetime) -> int:
     return UsageEvent.objects.filter(
         tenant_id=tenant.pk, created_at__gte=start, created_at__lt=end
     ).count()
+
+
+def provider_models_of(*, tenant: Tenant) -> QuerySet[TenantProviderModel]:
+    """The tenant's own provider models (BYOK), by name."""
+    return TenantProviderModel.objects.filter(tenant=tenant).order_by("name")

@@ -18,6 +18,17 @@ tenant_patterns = [
     path("end-users/<int:end_user_id>/tier/", manage_views.end_user_set_tier, name="end_user_tier"),
     path("tokens/", manage_views.tokens, name="tokens"),
     path("tokens/<int:token_id>/revoke/", manage_views.token_revoke, name="token_revoke"),
+    path("provider-keys/", manage_views.provider_keys, name="provider_keys"),
+    path(
+        "provider-keys/<int:model_id>/rotate/",
+        manage_views.provider_key_rotate,
+        name="provider_key_rotate",
+    ),
+    path(
+        "provider-keys/<int:model_id>/delete/",
+        manage_views.provider_key_delete,
+        name="provider_key_delete",
+    ),
     path("budgets/", manage_views.budgets, name="budgets"),
     path("budgets/<int:budget_id>/", manage_views.budget_edit, name="budget_edit"),
     path("budgets/<int:budget_id>/delete/", manage_views.budget_delete, name="budget_delete"),

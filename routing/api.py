@@ -645,7 +645,7 @@ class ProviderModelInput(serializers.Serializer):
     name = serializers.CharField(max_length=100)
     litellm_model = serializers.CharField(max_length=200)
     credentials = serializers.DictField(
-        child=serializers.CharField(max_length=20_000, trim_whitespace=False),
+        child=serializers.CharField(max_length=tenant_models.MAX_CREDENTIAL, trim_whitespace=False),
         help_text="Write-only: api_key, or aws_* / vertex_* fields. Never shown again.",
     )
     api_base = serializers.CharField(max_length=200, required=False, allow_blank=True)
@@ -694,6 +694,31 @@ class ProviderModelListCreateApi(TenantAPIView):
         return Response(ProviderModelOutput(row).data, status=status.HTTP_201_CREATED)
 
 
+class ProviderModelRotateInput(serializers.Serializer):
+    credentials = serializers.DictField(
+        child=serializers.CharField(max_length=tenant_models.MAX_CREDENTIAL, trim_whitespace=False),
+        help_text="Write-only: the credentials to replace (say, only api_key); the others are "
+        "kept. Validated with one cheap call before they replace the stored ones.",
+    )
+
+    def validate(self, attrs):
+        extra = sorted(set(self.initial_data) - {"credentials"})
+        if extra:
+            raise serializers.ValidationError(
+                {
+                    name: ["Only credentials change in place; add another model for the rest."]
+                    for name in extra
+                }
+            )
+        return attrs
+
+    def validate_credentials(self, value):
+        raw = self.initial_data.get("credentials")
+        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+            raise serializers.ValidationError("Each credential is a string.")
+        return value
+
+
 class ProviderModelDetailApi(TenantAPIView):
     model = TenantProviderModel
     serializer_class = ProviderModelOutput
@@ -701,6 +726,25 @@ class ProviderModelDetailApi(TenantAPIView):
 
     def get(self, request, pk):
         return Response(ProviderModelOutput(self.tenant_object(pk)).data)
+
+    @extend_schema(request=ProviderModelRotateInput, responses=ProviderModelOutput)
+    def patch(self, request, pk):
+        """Rotate the credentials in place: the new ones are validated with one cheap call
+        and replace the stored ones only if it passes (until then the old ones serve)."""
+        row = self.tenant_object(pk)
+        data = ProviderModelRotateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            row = tenant_models.provider_model_rotate(
+                row=row, credentials=data.validated_data["credentials"]
+            )
+        except tenant_models.ProviderModelInvalid as exc:
+            raise serializers.ValidationError(
+                {exc.field or "non_field_errors": [str(exc)]}
+            ) from None
+        except TenantProviderModel.DoesNotExist:
+            raise Http404 from None
+        return Response(ProviderModelOutput(row).data)
 
     def delete(self, request, pk):
         tenant_models.provider_model_delete(row=self.tenant_object(pk))

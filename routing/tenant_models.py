@@ -9,7 +9,10 @@ them and refuses what the provider refuses. Credentials are encrypted at rest
 with the rotating keys of ``core.crypto`` and never shown again: the
 API returns a mask. An ``api_base`` follows the rules of callback URLs (no
 loopback, private or metadata addresses outside development), at save time and
-again before each call.
+again before each call. A key is rotated in place (:func:`provider_model_rotate`):
+the new credentials pass the same cheap call before they replace the stored ones.
+The management API (``routing.api``) and the dashboard's "Provider keys" page
+(``dashboard.manage_views``) both go through these functions.
 
 The gateway resolves a tenant's models from ``TokenContext.models_version`` (read
 with the token, no extra query): specs are built once per version and process,
@@ -28,7 +31,7 @@ from typing import Any
 
 import httpx
 from asgiref.sync import async_to_sync
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -60,6 +63,7 @@ CREDENTIAL_KEYS = frozenset(
 # Shown in full in the mask (they locate the account; they are not secrets).
 PUBLIC_KEYS = frozenset({"aws_region_name", "vertex_project", "vertex_location"})
 MAX_PRICE = Decimal("10000")
+MAX_CREDENTIAL = 20_000  # characters of one credential (a Vertex service-account JSON fits)
 VALIDATION_TIMEOUT_S = 15.0
 
 
@@ -114,19 +118,7 @@ def _check(
             netguard.validate_public_url(api_base)
         except netguard.UnsafeURLError as exc:
             raise ProviderModelInvalid(str(exc), "api_base") from None
-    if not isinstance(credentials, dict) or not credentials:
-        raise ProviderModelInvalid(
-            'credentials is an object, for example {"api_key": "sk-…"}.', "credentials"
-        )
-    unknown = sorted(set(credentials) - CREDENTIAL_KEYS)
-    if unknown:
-        raise ProviderModelInvalid(
-            f"Unknown credential fields: {', '.join(unknown)} (allowed: "
-            f"{', '.join(sorted(CREDENTIAL_KEYS))}).",
-            "credentials",
-        )
-    if not all(isinstance(v, str) and v and len(v) <= 20_000 for v in credentials.values()):
-        raise ProviderModelInvalid("Each credential is a non-empty string.", "credentials")
+    credentials = _check_credentials(credentials)
     prices = []
     for field, value in (
         ("input_usd_per_mtok", input_usd_per_mtok),
@@ -152,7 +144,24 @@ def _check(
         if not price.is_finite() or not 0 <= price <= MAX_PRICE:
             raise ProviderModelInvalid(f"{field} is between 0 and {MAX_PRICE}.", field)
         prices.append(price)
-    return {k: str(v) for k, v in credentials.items()}, prices[0], prices[1]
+    return credentials, prices[0], prices[1]
+
+
+def _check_credentials(credentials: Any) -> dict[str, str]:
+    if not isinstance(credentials, dict) or not credentials:
+        raise ProviderModelInvalid(
+            'credentials is an object, for example {"api_key": "sk-…"}.', "credentials"
+        )
+    unknown = sorted(set(credentials) - CREDENTIAL_KEYS)
+    if unknown:
+        raise ProviderModelInvalid(
+            f"Unknown credential fields: {', '.join(unknown)} (allowed: "
+            f"{', '.join(sorted(CREDENTIAL_KEYS))}).",
+            "credentials",
+        )
+    if not all(isinstance(v, str) and v and len(v) <= MAX_CREDENTIAL for v in credentials.values()):
+        raise ProviderModelInvalid("Each credential is a non-empty string.", "credentials")
+    return {k: str(v) for k, v in credentials.items()}
 
 
 def provider_model_create(
@@ -194,17 +203,66 @@ def provider_model_create(
     )
     validate_call(spec_of(row, credentials))
 
-    with transaction.atomic():
-        row.save()
-        Tenant.objects.filter(pk=tenant.pk).update(models_version=F("models_version") + 1)
-        audit_record(
-            tenant=tenant,
-            action="provider_model.create",
-            target=name,
-            acting_user=acting_user,
-            data={"litellm_model": litellm_model, "api_base": api_base},
-        )
+    try:
+        with transaction.atomic():
+            row.save()
+            Tenant.objects.filter(pk=tenant.pk).update(models_version=F("models_version") + 1)
+            audit_record(
+                tenant=tenant,
+                action="provider_model.create",
+                target=name,
+                acting_user=acting_user,
+                data={"litellm_model": litellm_model, "api_base": api_base},
+            )
+    except IntegrityError:  # the same name saved meanwhile (the check above raced)
+        raise ProviderModelInvalid(f"You already have a model named '{name}'.", "name") from None
     return row
+
+
+def provider_model_rotate(
+    *, row: TenantProviderModel, credentials: dict[str, Any], acting_user: Any = None
+) -> TenantProviderModel:
+    """Replace the model's credentials in place: ``credentials`` (say, a new ``api_key``)
+    are laid over the stored ones, validated with one cheap call, then swapped in.
+
+    Until the new ones pass, the stored credentials stay in force and keep serving; a
+    refused key changes nothing. The swap bumps the tenant's ``models_version``, so the
+    next request is built with the new key. The model's name, upstream model, address
+    and prices do not change (add another model for that).
+    """
+    given = _check_credentials(credentials)
+    if row.api_base:
+        try:
+            netguard.validate_public_url(row.api_base)
+        except netguard.UnsafeURLError as exc:
+            raise ProviderModelInvalid(str(exc), "api_base") from None
+    merged = {**json.loads(crypto.decrypt(row.credentials_encrypted)), **given}
+    validate_call(spec_of(row, merged))
+
+    with transaction.atomic():
+        # Locked and re-read: deleted meanwhile is DoesNotExist (the caller's 404).
+        current = TenantProviderModel.objects.select_for_update().get(
+            pk=row.pk, tenant_id=row.tenant_id
+        )
+        if current.credentials_encrypted != row.credentials_encrypted:
+            # Rotated by someone else during the call: what was validated is not what
+            # would be stored (their change and this one merged). Nothing is written.
+            raise ProviderModelInvalid(
+                "These credentials were changed meanwhile; reload and try again.", "credentials"
+            )
+        current.credentials_encrypted = crypto.encrypt(json.dumps(merged))
+        current.credentials_mask = mask(merged)
+        current.validated_at = timezone.now()
+        current.save(update_fields=["credentials_encrypted", "credentials_mask", "validated_at"])
+        Tenant.objects.filter(pk=row.tenant_id).update(models_version=F("models_version") + 1)
+        audit_record(
+            tenant=current.tenant,
+            action="provider_model.rotate",
+            target=current.name,
+            acting_user=acting_user,
+            data={"fields": sorted(given)},
+        )
+    return current
 
 
 def provider_model_delete(*, row: TenantProviderModel, acting_user: Any = None) -> None:
@@ -236,9 +294,17 @@ def validate_call(spec: ModelSpec) -> None:
             reason = "does not know this model or deployment"
         else:
             reason = f"could not be reached ({status or failure.code})"
-        raise ProviderModelInvalid(
-            f"The provider {reason}: {failure.message[:300]}", "credentials"
-        ) from None
+        said = _scrub(failure.message, spec)[:300]
+        raise ProviderModelInvalid(f"The provider {reason}: {said}", "credentials") from None
+
+
+def _scrub(text: str, spec: ModelSpec) -> str:
+    """The provider's message without the secrets just sent (some providers echo a key)."""
+    for deployment in spec.deployments:
+        for key, value in deployment.params.items():
+            if key in CREDENTIAL_KEYS and key not in PUBLIC_KEYS and len(str(value)) >= 4:
+                text = text.replace(str(value), "…")
+    return text
 
 
 async def _vetted_call(caller: Caller, spec: ModelSpec, messages: list[dict]) -> None:

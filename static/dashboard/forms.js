@@ -1,4 +1,5 @@
-// Forms of the dashboard: a budget form shows the one target field its scope needs.
+// Forms of the dashboard: a budget form shows the one target field its scope needs; a
+// provider-key form shows the fields its provider uses (data-provider-fields lists them).
 (function () {
   "use strict";
   document.addEventListener("DOMContentLoaded", function () {
@@ -6,6 +7,16 @@
       const fields = select.form.querySelectorAll("[data-scope-field]");
       function sync() {
         fields.forEach(function (el) { el.hidden = el.dataset.scopeField !== select.value; });
+      }
+      select.addEventListener("change", sync);
+      sync();
+    });
+    document.querySelectorAll("select[data-provider-select]").forEach(function (select) {
+      const fields = select.form.querySelectorAll("[data-provider-fields]");
+      function sync() {
+        fields.forEach(function (el) {
+          el.hidden = el.dataset.providerFields.split(" ").indexOf(select.value) < 0;
+        });
       }
       select.addEventListener("change", sync);
       sync();

@@ -259,6 +259,7 @@ async def test_every_page_fits_at_desktop_and_phone_widths(
         "profile": "profiles/support/",
         "end-users": "end-users/",
         "tokens": "tokens/",
+        "provider-keys": "provider-keys/",
         "budgets": "budgets/",
         "budget-edit": f"budgets/{budget_id}/",
         "exports": "exports/",
@@ -366,3 +367,72 @@ async def test_the_budget_gauge_changes_colour_across_a_threshold(browser, casca
     await page.screenshot(path=str(screenshots_dir() / f"gauge-warn-{server.backend}.png"))
     assert errors == []
     await context.close()
+
+
+async def test_provider_keys_are_added_refused_rotated_and_deleted_in_the_browser(
+    browser, cascadeflow_server, fake_upstream
+):
+    """The provider-key form shows the fields of the chosen provider, shows the provider's
+    refusal in the form, and never puts a key back into a page; rotation swaps the mask."""
+    server = cascadeflow_server
+    slug = f"byok-{secrets.token_hex(3)}"
+    server.manage("create_tenant", slug)
+    owner = add_member(server, slug, "owner")
+    good, newer, bad = (f"sk-{name}-{secrets.token_hex(12)}" for name in ("good", "new", "bad"))
+    fake_upstream.keys_accepted = {good, newer}
+    try:
+        context = await browser.new_context(viewport={"width": 1280, "height": 1000})
+        page = await context.new_page()
+        errors = watch_console(page)
+        page.on("dialog", lambda dialog: dialog.accept())
+        await log_in(page, server, owner)
+        await page.goto(f"{server.base_url}/dashboard/t/{slug}/provider-keys/")
+
+        await page.select_option("#id_provider", "bedrock")
+        assert await page.is_visible("#id_aws_secret_access_key")
+        assert not await page.is_visible("#id_api_base")
+        await page.select_option("#id_provider", "compatible")
+        assert await page.is_visible("#id_api_base") and await page.is_visible("#id_api_key")
+        assert not await page.is_visible("#id_aws_secret_access_key")
+
+        await page.fill("#id_name", "byok/own")
+        await page.fill("#id_model", "own-gpt")
+        await page.fill("#id_api_base", fake_upstream.api_base)
+        await page.fill("#id_api_key", bad)
+        await page.fill("#id_input_usd_per_mtok", "1.5")
+        await page.fill("#id_output_usd_per_mtok", "6")
+        await page.click("text=Check and save")
+        await page.wait_for_selector(".errorlist")
+        assert "refused these credentials" in await page.inner_text("form.stack")
+        assert await page.input_value("#id_api_key") == ""  # write-only, even on an error
+        assert await page.input_value("#id_name") == "byok/own"
+        assert bad not in await page.content()
+
+        await page.fill("#id_api_key", good)
+        await page.click("text=Check and save")
+        row = page.locator("[data-testid^=provider-model-]")
+        await row.wait_for()
+        assert f"…{good[-4:]}" in await row.inner_text()
+        assert good not in await page.content()
+        for width in WIDTHS:
+            await page.set_viewport_size({"width": width, "height": 900})
+            assert await layout_problems(page, "provider keys", width) == []
+            await page.screenshot(
+                path=str(screenshots_dir() / f"provider-keys-row-{width}-{server.backend}.png"),
+                full_page=True,
+            )
+        await page.set_viewport_size({"width": 1280, "height": 1000})
+
+        await page.click("text=Rotate key")
+        await page.fill("#id_api_key", newer)
+        await page.click("text=Check and replace")
+        await page.wait_for_selector("text=new key in use")
+        assert f"…{newer[-4:]}" in await row.inner_text()
+        assert newer not in await page.content() and good not in await page.content()
+
+        await page.click("[data-testid^=provider-model-] >> text=Delete")
+        await page.wait_for_selector("text=No provider models yet")
+        assert errors == []
+        await context.close()
+    finally:
+        fake_upstream.keys_accepted = None

@@ -7,6 +7,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from rest_framework.test import APIClient
 
+from cascadeflow_site import crypto
 from routing.models import TenantProviderModel, UsageEvent
 from routing.tenant_models import tenant_specs
 from tenants.enums import Scope
@@ -204,3 +205,90 @@ def test_scopes(tenant, upstream):
     assert reader.post(URL, own_model(upstream), format="json").status_code == 403
     assert APIClient().get(URL).status_code == 401
     assert upstream.keys == []
+
+
+def test_a_key_is_rotated_in_place_only_once_the_new_one_passes(tenant, upstream, saved):
+    """PATCH with only the new key: validated first, the stored key kept when refused."""
+    client = api(tenant)
+    detail = f"{URL}{saved['id']}/"
+    upstream.keys_accepted = {KEY_A}
+    upstream.keys.clear()
+
+    refused = client.patch(detail, {"credentials": {"api_key": KEY_B}}, format="json")
+    assert refused.status_code == 400, refused.content
+    assert "refused these credentials" in json.dumps(refused.json())
+    assert upstream.keys == [KEY_B]
+    row = TenantProviderModel.objects.get(pk=saved["id"])
+    assert json.loads(crypto.decrypt(row.credentials_encrypted)) == {"api_key": KEY_A}
+    assert Tenant.objects.get(pk=tenant.pk).models_version == 1
+
+    upstream.keys_accepted = {KEY_B}
+    rotated = client.patch(detail, {"credentials": {"api_key": KEY_B}}, format="json")
+    assert rotated.status_code == 200, rotated.content
+    body = rotated.json()
+    assert body["id"] == saved["id"] and body["name"] == "acme/own-gpt"
+    assert body["credentials_mask"] == {"api_key": "…3210"} and KEY_B not in json.dumps(body)
+    row.refresh_from_db()
+    assert json.loads(crypto.decrypt(row.credentials_encrypted)) == {"api_key": KEY_B}
+    version = Tenant.objects.get(pk=tenant.pk).models_version
+    assert version == 2
+    [spec] = tenant_specs(tenant.pk, version).values()
+    assert spec.deployments[0].params["api_key"] == KEY_B
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"name": "acme/renamed", "credentials": {"api_key": KEY_B}},
+        {"api_base": "https://example.com/v1"},
+        {"credentials": {}},
+        {"credentials": {"password": "x"}},
+        {"credentials": {"api_key": ""}},
+        {"credentials": {"api_key": 5}},
+        {"credentials": "sk-x"},
+    ],
+)
+def test_rotation_changes_nothing_but_credentials(tenant, upstream, saved, body):
+    upstream.keys.clear()
+    response = api(tenant).patch(f"{URL}{saved['id']}/", body, format="json")
+    assert response.status_code == 400, (body, response.content)
+    assert upstream.keys == []
+    row = TenantProviderModel.objects.get(pk=saved["id"])
+    assert row.name == "acme/own-gpt"
+    assert json.loads(crypto.decrypt(row.credentials_encrypted)) == {"api_key": KEY_A}
+
+
+def test_rotation_needs_routing_write_and_the_tenants_own_model(
+    tenant, other_tenant, upstream, saved
+):
+    upstream.keys.clear()
+    detail = f"{URL}{saved['id']}/"
+    new = {"credentials": {"api_key": KEY_B}}
+    reader = api(tenant, scopes=(Scope.USAGE_READ,))
+    assert reader.patch(detail, new, format="json").status_code == 403
+    assert api(other_tenant).patch(detail, new, format="json").status_code == 404
+    assert upstream.keys == []
+
+
+def test_a_provider_echoing_the_key_in_its_refusal_does_not_leak_it(tenant, monkeypatch):
+    from routing import tenant_models
+    from routing.engine.resilience import Failure, UpstreamError
+
+    async def echo(caller, spec, messages):
+        key = spec.deployments[0].params["api_key"]
+        raise UpstreamError(spec.name, Failure(False, 401, "auth", f"Key {key} is wrong", 401))
+
+    monkeypatch.setattr(tenant_models, "_vetted_call", echo)
+    response = api(tenant).post(
+        URL,
+        {
+            "name": "acme/gpt",
+            "litellm_model": "openai/gpt-4o-mini",
+            "credentials": {"api_key": KEY_A},
+        },
+        format="json",
+    )
+    assert response.status_code == 400
+    assert "Key … is wrong" in json.dumps(response.json(), ensure_ascii=False)
+    assert KEY_A not in response.content.decode()
