@@ -10,7 +10,7 @@ import json
 import pytest
 from django.test import Client
 
-from cascadeflow_site import crypto
+from core import crypto
 from routing import tenant_models
 from routing.engine.resilience import Failure, UpstreamError
 from routing.models import TenantProviderModel

@@ -7,7 +7,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from rest_framework.test import APIClient
 
-from cascadeflow_site import crypto
+from core import crypto
 from routing.models import TenantProviderModel, UsageEvent
 from routing.tenant_models import tenant_specs
 from tenants.enums import Scope
