@@ -139,6 +139,24 @@ def fake_models_config(api_base: str) -> dict:
             **entry,
             "deployments": [{"model": "openai/primary"}, {"model": "openai/secondary"}],
         },
+        # Embedding models: one that takes 'dimensions', one that falls back, one that fails.
+        "fake/embed": {
+            "model": "openai/embed-fake",
+            "api_base": api_base,
+            "api_key": "sk-fake",
+            "mode": "embedding",
+            "dimensions": 8,
+            "supports_dimensions": True,
+            "input_usd_per_mtok": 0.1,
+        },
+        "fake/embed-fallback": {
+            "model": "openai/embed-primary",
+            "api_base": api_base,
+            "api_key": "sk-fake",
+            "mode": "embedding",
+            "input_usd_per_mtok": 0.1,
+            "deployments": [{"model": "openai/embed-primary"}, {"model": "openai/embed-secondary"}],
+        },
     }
 
 

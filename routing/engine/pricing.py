@@ -59,13 +59,19 @@ class ModelPrice:
 ZERO_PRICE = ModelPrice(Decimal(0), Decimal(0))
 
 
-def litellm_price(model: str) -> ModelPrice | None:
-    """The price LiteLLM's bundled cost map gives ``model``, or None if unknown."""
+def litellm_info(model: str) -> dict:
+    """What LiteLLM's bundled cost map says of ``model`` (empty when it knows nothing)."""
     import litellm
 
     info = litellm.model_cost.get(model)
     if info is None and "/" in model:
         info = litellm.model_cost.get(model.split("/", 1)[1])
+    return info or {}
+
+
+def litellm_price(model: str) -> ModelPrice | None:
+    """The price LiteLLM's bundled cost map gives ``model``, or None if unknown."""
+    info = litellm_info(model)
     if not info:
         return None
     input_cost = info.get("input_cost_per_token")
