@@ -125,7 +125,7 @@ def run(args) -> dict:
         gw = await gateway.prepare(
             request_id=f"req_bench_{n}_{secrets.token_hex(6)}",
             authorization=f"Bearer {raw}",
-            chat=chat,
+            request=chat,
             parse_error=None,
         )
         entry = gateway.ledger_entry(gw)

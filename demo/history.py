@@ -396,7 +396,7 @@ def _run_cascades(
         gw = gateway.GatewayRequest(
             request_id=history_request_id(tenant, item.index),
             ctx=ctx,
-            chat=chat,
+            request=chat,
             target=targets[key],
             end_user_id=end_user.pk,
             received_at=item.at,

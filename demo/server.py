@@ -157,7 +157,8 @@ def banner(port: int, token: str) -> str:
  Dashboard login: demo@cascadeflow.local / cascadeflow-demo
  Demo API token : {token}
                   (kept across restarts; --rotate-token issues a new one)
- Models         : demo/small, demo/medium, demo/large (offline demo models)
+ Models         : demo/small, demo/medium, demo/large, and demo/embed for embeddings
+                  (offline demo models)
  Metrics        : {base}/metrics (Prometheus, from this machine; docs/grafana/ has a board)
  Budgets        : the end user '{traffic.TRIAL_USER}' has a small daily budget: the
                   simulator crosses its warn and degrade thresholds, then gets 402s,
@@ -175,6 +176,8 @@ def banner(port: int, token: str) -> str:
    reply = client.chat.completions.create(
        model="demo/small", messages=[{{"role": "user", "content": "What is 17 * 23?"}}])
    print(reply.choices[0].message.content)
+   vectors = client.embeddings.create(model="demo/embed", input=["a lighthouse", "a harbour"])
+   print(len(vectors.data[0].embedding))
 
  Ctrl-C stops the web server and the worker.
 ================================================================================

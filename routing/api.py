@@ -19,7 +19,7 @@ from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
 from routing import calibrations, profiles, selectors, tenant_models
-from routing.enums import AuditStatus, UsageKind
+from routing.enums import AuditStatus, ModelMode, UsageKind
 from routing.models import (
     Audit,
     CalibrationVersion,
@@ -636,6 +636,7 @@ class ProviderModelOutput(serializers.ModelSerializer):
             "credentials_mask",
             "input_usd_per_mtok",
             "output_usd_per_mtok",
+            "mode",
             "validated_at",
             "created_at",
         ]
@@ -655,6 +656,12 @@ class ProviderModelInput(serializers.Serializer):
     )
     output_usd_per_mtok = serializers.DecimalField(
         max_digits=12, decimal_places=6, required=False, allow_null=True
+    )
+    mode = serializers.ChoiceField(
+        choices=ModelMode.choices,
+        required=False,
+        default=ModelMode.CHAT,
+        help_text="chat (the default), or embedding: served by /v1/embeddings only.",
     )
 
     def validate_credentials(self, value):

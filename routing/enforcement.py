@@ -5,6 +5,11 @@ on a pooled thread). Budgets are reserved at the request's worst-case cost:
 every model of the chain may answer (draft, escalation, final), each up to
 ``max_tokens`` or the model's output cap, plus the self-check when paid checks
 may run. Degraded, the chain is its cheapest model alone.
+
+An embeddings request is admitted by the same rules (tier, rate limits, budgets);
+what differs is its demand: its input tokens only (each input counted alone, as
+providers bill them), and a worst case of those tokens at its model's input price.
+``prompt_tokens`` and ``worst_case_nanos`` are the one place that difference lives.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from core import outbox
 from core.crypto import decrypt
 from core.db import as_datetime
 from core.money import nanos_to_usd
+from routing.embeddings import EmbeddingRequest
+from routing.engine import embeddings as embedding_inputs
 from routing.engine.policy import PRESETS
 from routing.engine.types import ModelSpec
 from routing.errors import GatewayError, forbidden
@@ -71,20 +78,27 @@ class Enforcement:
         }
 
 
-def prompt_tokens(chain: tuple[ModelSpec, ...], chat: ChatRequest) -> int:
-    return litellm.token_counter(
-        model=chain[-1].deployments[0].litellm_model, messages=chat.messages
-    )
+Request = ChatRequest | EmbeddingRequest
+
+
+def prompt_tokens(chain: tuple[ModelSpec, ...], request: Request) -> int:
+    model = chain[-1].deployments[0].litellm_model
+    if isinstance(request, EmbeddingRequest):
+        return embedding_inputs.count_tokens(model, request.inputs)
+    return litellm.token_counter(model=model, messages=request.messages)
 
 
 def worst_case_nanos(
-    chain: tuple[ModelSpec, ...], chat: ChatRequest, preset: str, prompt: int | None = None
+    chain: tuple[ModelSpec, ...], request: Request, preset: str, prompt: int | None = None
 ) -> int:
     """The most this request can cost on ``chain`` (integer nano-dollars, rounded up per call)."""
     if not chain:
         return 0
     if prompt is None:
-        prompt = prompt_tokens(chain, chat)
+        prompt = prompt_tokens(chain, request)
+    if isinstance(request, EmbeddingRequest):  # one model, input tokens only
+        return sum(model.price.cost_nanos(prompt, 0) + 1 for model in chain)
+    chat = request
     n = chat.params.get("n") or 1
     total = 0
     for model in chain:
@@ -101,7 +115,7 @@ def worst_case_nanos(
 def admit(
     *,
     ctx: TokenContext,
-    chat: ChatRequest,
+    request: Request,
     target: Target,
     end_user: EndUser | None,
     request_id: str,
@@ -124,7 +138,7 @@ def admit(
     prompt: int | None = None
     if enforcement.limits:
         if any(limit.tokens_per_minute for limit in enforcement.limits):
-            prompt = prompt_tokens(target.chain, chat)
+            prompt = prompt_tokens(target.chain, request)
         check_and_hit(enforcement.limits, prompt_tokens=prompt or 0)
     if not ctx.has_budgets:
         return target, enforcement
@@ -139,9 +153,9 @@ def admit(
     if not enforcement.lines:
         return target, enforcement
     if prompt is None:
-        prompt = prompt_tokens(target.chain, chat)
-    full = worst_case_nanos(target.chain, chat, target.preset, prompt)
-    cheap = worst_case_nanos(target.chain[:1], chat, target.preset, prompt)
+        prompt = prompt_tokens(target.chain, request)
+    full = worst_case_nanos(target.chain, request, target.preset, prompt)
+    cheap = worst_case_nanos(target.chain[:1], request, target.preset, prompt)
     admission = budget_admit(
         tenant_id=ctx.tenant_id,
         time_zone=ctx.time_zone,

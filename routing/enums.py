@@ -46,3 +46,10 @@ class AuditSkip(models.TextChoices):
 class QualityAlertKind(models.TextChoices):
     RETENTION = "retention", "Measured retention below the target"
     DRIFT = "drift", "Traffic drifted from what the calibration was certified on"
+
+
+class ModelMode(models.TextChoices):
+    """What a model serves (LiteLLM's ``mode``; the engine's ``types.CHAT`` / ``EMBEDDING``)."""
+
+    CHAT = "chat", "Chat completions (and cascades)"
+    EMBEDDING = "embedding", "Embeddings"

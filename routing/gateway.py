@@ -2,7 +2,8 @@
 
 ``prepare`` authenticates the token and resolves what the request names (a
 model, a built-in preset, a tenant profile); ``complete`` / ``stream`` run the
-cascade engine and write the ledger row before the response completes. The
+cascade engine and write the ledger row before the response completes; ``embed``
+does the same for an embeddings request (one embedding model, no cascade). The
 views only translate HTTP to these calls and back.
 
 Database work runs in a thread pool (``db``) with the connection lifecycle
@@ -17,6 +18,7 @@ decides whether to audit it (``X-CascadeFlow-Audit: off`` opts a request out).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -32,7 +34,8 @@ from django.utils import timezone
 
 from core.db import db
 from core.money import nanos_to_usd
-from routing import audits, live, metrics, telemetry, tenant_models
+from routing import audits, embeddings, live, metrics, telemetry, tenant_models
+from routing.embeddings import EmbeddingRequest
 from routing.enforcement import (
     Enforcement,
     Settlement,
@@ -55,7 +58,7 @@ from routing.engine.resilience import (
     classify,
 )
 from routing.engine.signals import Draft
-from routing.engine.types import Attempt, CascadeResult, ModelSpec
+from routing.engine.types import CHAT, EMBEDDING, Attempt, CascadeResult, ModelSpec
 from routing.enums import UsageStatus
 from routing.errors import GatewayError, forbidden, unauthorized
 from routing.schemas import ChatRequest
@@ -68,7 +71,7 @@ from routing.services import (
     usage_event_values,
 )
 from routing.spool import ledger_spool
-from routing.targets import Target, resolve_target, target_names
+from routing.targets import Target, allowed_specs, resolve_target, target_names
 from tenants import callbacks
 from tenants.enums import BudgetDecision, Scope
 from tenants.models import Tenant
@@ -163,7 +166,7 @@ class StreamedAnswer:
 class GatewayRequest:
     request_id: str
     ctx: TokenContext
-    chat: ChatRequest
+    request: ChatRequest | EmbeddingRequest  # what was asked (chat: also /v1/responses)
     target: Target
     end_user_id: int | None
     received_at: datetime
@@ -177,6 +180,12 @@ class GatewayRequest:
     span: telemetry.RequestSpan = telemetry.OFF  # the request's trace span (tracing on)
     route: str = "chat-completions"  # the API it came in by (metrics)
     ledger: LedgerEntry | None = None  # its ledger row, once written (or spooled)
+
+    @property
+    def chat(self) -> ChatRequest:
+        """The chat request (what the chat path's code reads; never an embeddings one)."""
+        assert isinstance(self.request, ChatRequest)
+        return self.request
 
     def agent(self) -> CascadeAgent:
 
@@ -205,6 +214,12 @@ class GatewayRequest:
 @dataclass
 class CompletionOutcome:
     body: dict[str, Any]
+    headers: dict[str, str]
+
+
+@dataclass
+class EmbeddingOutcome:
+    content: bytes  # OpenAI's JSON body, encoded
     headers: dict[str, str]
 
 
@@ -277,7 +292,7 @@ def _authenticate(raw_token: str, scope: str) -> TokenContext:
 @db
 def _prepare_sync(
     raw_token: str,
-    chat: ChatRequest | None,
+    request: ChatRequest | EmbeddingRequest | None,
     parse_error: GatewayError | None,
     request_id: str,
     received_at: datetime,
@@ -287,16 +302,20 @@ def _prepare_sync(
     ctx = _authenticate(raw_token, Scope.COMPLETIONS)
     if parse_error is not None:
         raise parse_error
-    assert chat is not None
-    target = resolve_target(ctx, chat.model)
-    check_choices(chat, target)
+    assert request is not None
+    target = resolve_target(ctx, request.model)
+    if isinstance(request, EmbeddingRequest):
+        check_embedding(ctx, request, target)
+    else:
+        check_chat_model(request, target)
+        check_choices(request, target)
     end_user = None
-    if chat.user:
-        end_user = end_user_get_or_create(tenant=Tenant(pk=ctx.tenant_id), external_id=chat.user)
+    if request.user:
+        end_user = end_user_get_or_create(tenant=Tenant(pk=ctx.tenant_id), external_id=request.user)
     try:
         target, enforcement = admit(
             ctx=ctx,
-            chat=chat,
+            request=request,
             target=target,
             end_user=end_user,
             request_id=request_id,
@@ -311,14 +330,20 @@ def _prepare_sync(
         raise
     except RateLimited as exc:
         refused = GatewayRequest(
-            request_id, ctx, chat, target, end_user.pk if end_user else None, received_at, started
+            request_id,
+            ctx,
+            request,
+            target,
+            end_user.pk if end_user else None,
+            received_at,
+            started,
         )
         metrics.rate_limited(exc.limit.scope)
         raise _refused(refused, UsageStatus.RATE_LIMITED, rate_limited_error(exc)) from None
     gw = GatewayRequest(
         request_id,
         ctx,
-        chat,
+        request,
         target,
         end_user.pk if end_user else None,
         received_at,
@@ -330,6 +355,58 @@ def _prepare_sync(
     if enforcement.decision == BudgetDecision.BLOCK:
         raise _refused(gw, UsageStatus.BLOCKED, blocked_error(enforcement))
     return gw
+
+
+def _model_kind_error(name: str, problem: str) -> GatewayError:
+    return GatewayError(400, f"'{name}' {problem}", param="model", code="model_not_supported")
+
+
+def check_chat_model(chat: ChatRequest, target: Target) -> None:
+    """A chat request names chat models: an embedding model answers no chat (and a call
+    that could only fail must not count against its deployment's breaker)."""
+    if any(spec.mode != CHAT for spec in target.chain):
+        raise _model_kind_error(
+            chat.model,
+            "is an embedding model: send it to POST /v1/embeddings, or name a chat model "
+            "or a cascade here (GET /v1/models lists them).",
+        )
+
+
+def check_embedding(ctx: TokenContext, request: EmbeddingRequest, target: Target) -> None:
+    """An embeddings request names one embedding model, and asks for ``dimensions`` only
+    where that model takes them. Anything else is a 400 saying why."""
+    spec = target.chain[0]
+    if target.profile or spec.mode != EMBEDDING:
+        names = sorted(n for n, s in allowed_specs(ctx).items() if s.mode == EMBEDDING)
+        what = (
+            "is a routing profile: a cascade judges chat answers, and an embedding comes "
+            "from one embedding model"
+            if target.profile
+            else "is a chat model, not an embedding model"
+        )
+        offer = (
+            f"Embedding models you can use: {', '.join(names[:10])}."
+            if names
+            else "You have no embedding model."
+        )
+        raise _model_kind_error(request.model, f"{what}. {offer}")
+    if request.dimensions is None:
+        return
+    if not spec.supports_dimensions:
+        size = f" (its vectors have {spec.dimensions})" if spec.dimensions else ""
+        raise GatewayError(
+            400,
+            f"'{spec.name}' does not take 'dimensions'{size}: leave it out.",
+            param="dimensions",
+            code="unsupported_parameter",
+        )
+    if spec.dimensions and request.dimensions > spec.dimensions:
+        raise GatewayError(
+            400,
+            f"'dimensions' must be at most {spec.dimensions} for '{spec.name}'.",
+            param="dimensions",
+            code="invalid_value",
+        )
 
 
 def check_choices(chat: ChatRequest, target: Target) -> None:
@@ -387,7 +464,7 @@ async def prepare(
     *,
     request_id: str,
     authorization: str | None,
-    chat: ChatRequest | None,
+    request: ChatRequest | EmbeddingRequest | None,
     parse_error: GatewayError | None,
     audit_opt_out: bool = False,
     span: telemetry.RequestSpan = telemetry.OFF,
@@ -398,7 +475,7 @@ async def prepare(
         with tracing.span("admission"):
             gw = await _prepare_sync(
                 bearer_token(authorization),
-                chat,
+                request,
                 parse_error,
                 request_id,
                 timezone.now(),
@@ -465,8 +542,8 @@ def ledger_entry(gw: GatewayRequest) -> LedgerEntry:
         end_user_id=gw.end_user_id,
         request_id=gw.request_id,
         created_at=gw.received_at,
-        requested_model=gw.chat.model,
-        stream=gw.chat.stream,
+        requested_model=gw.request.model,
+        stream=gw.request.stream,
         profile=gw.target.profile,
         budget_status=gw.enforcement.decision,
         own_models=own_models(gw.target),
@@ -637,6 +714,8 @@ def span_attributes(gw: GatewayRequest, entry: LedgerEntry) -> dict[str, Any]:
     """The request span's story: GenAI conventions, then CascadeFlow's own decisions."""
     if not tracing.enabled():
         return {}
+    if isinstance(gw.request, EmbeddingRequest):
+        return embedding_span_attributes(gw, entry)
     attributes: dict[str, Any] = {
         "gen_ai.operation.name": "chat",
         "gen_ai.request.model": gw.chat.model,
@@ -659,6 +738,28 @@ def span_attributes(gw: GatewayRequest, entry: LedgerEntry) -> dict[str, Any]:
     }
     if gw.ctx.trace_content:  # the tenant turned content capture on
         attributes["gen_ai.prompt"] = json.dumps(gw.chat.messages, default=str)[:16_000]
+    return attributes
+
+
+def embedding_span_attributes(gw: GatewayRequest, entry: LedgerEntry) -> dict[str, Any]:
+    request = gw.request
+    assert isinstance(request, EmbeddingRequest)
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": request.operation,
+        "gen_ai.request.model": request.model,
+        "gen_ai.response.model": entry.model or None,
+        "gen_ai.usage.input_tokens": entry.prompt_tokens,
+        "gen_ai.request.encoding_formats": [request.encoding_format],
+        "gen_ai.embeddings.dimension.count": request.dimensions,
+        "http.response.status_code": entry.http_status,
+        "cascadeflow.request_id": gw.request_id,
+        "cascadeflow.status": entry.status,
+        "cascadeflow.cost_usd": entry.cost_nanos / 1e9,
+        "cascadeflow.budget": entry.budget_status or None,
+        "cascadeflow.inputs": len(request.inputs),
+    }
+    if gw.ctx.trace_content:  # the tenant turned content capture on
+        attributes["gen_ai.prompt"] = json.dumps(request.inputs)[:16_000]
     return attributes
 
 
@@ -727,6 +828,56 @@ async def complete(gw: GatewayRequest) -> CompletionOutcome:
                 escalated=result.escalated,
                 cost_nanos=result.cost_nanos,
                 savings_nanos=result.savings_nanos,
+                profile=gw.target.profile,
+            ),
+            **gw.enforcement.headers(),
+        },
+    )
+
+
+# --- embeddings ---------------------------------------------------------------------
+
+
+async def embed(gw: GatewayRequest) -> EmbeddingOutcome:
+    """One embedding model's vectors, billed like a chat request to one model (its input
+    tokens at its input price, no saving), with the same deployments, retries and
+    breaker; the answer's ``content`` is OpenAI's JSON body, already encoded."""
+    request = gw.request
+    assert isinstance(request, EmbeddingRequest)
+    entry = ledger_entry(gw)
+    spec = gw.target.chain[0]
+    attempts: list[Attempt] = []
+    try:
+        result, attempt = await caller().embed(
+            spec, request.upstream_params(), attempts, role="final"
+        )
+        attempt.decision = "returned"
+        entry.attempts = attempts
+        entry.model = spec.name
+        entry.prompt_tokens = attempt.prompt_tokens
+        entry.baseline_cost_nanos = attempt.cost_nanos  # one model: the baseline is itself
+        entry.baseline_method = "actual"
+        await record(gw, entry)
+    except UpstreamError as exc:
+        raise await _fail(gw, entry, exc, attempts) from None
+    except Exception:
+        if gw.recorded:
+            logger.exception("Unhandled error in request %s", gw.request_id)
+            raise internal_error(gw.request_id) from None
+        raise await _crashed(gw, entry, attempts) from None
+    write = functools.partial(
+        embeddings.content, request, result, model=spec.name, prompt_tokens=entry.prompt_tokens
+    )
+    # A large answer is encoded off the event loop (millions of numbers take seconds).
+    large = embeddings.size(result) > embeddings.LARGE_ANSWER
+    return EmbeddingOutcome(
+        content=await asyncio.to_thread(write) if large else write(),
+        headers={
+            **cascade_headers(
+                model=spec.name,
+                escalated=False,
+                cost_nanos=entry.cost_nanos,
+                savings_nanos=0,
                 profile=gw.target.profile,
             ),
             **gw.enforcement.headers(),

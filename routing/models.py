@@ -9,6 +9,7 @@ from django.utils import timezone
 from routing.enums import (
     AuditSkip,
     AuditStatus,
+    ModelMode,
     Preset,
     QualityAlertKind,
     UsageKind,
@@ -330,6 +331,10 @@ class TenantProviderModel(models.Model):
     credentials_mask = models.JSONField(default=dict)
     input_usd_per_mtok = models.DecimalField(max_digits=12, decimal_places=6)
     output_usd_per_mtok = models.DecimalField(max_digits=12, decimal_places=6)
+    # What it serves: chats (and cascades), or /v1/embeddings.
+    mode = models.CharField(
+        max_length=16, choices=ModelMode.choices, default=ModelMode.CHAT, db_default="chat"
+    )
     validated_at = models.DateTimeField()
     created_at = models.DateTimeField(auto_now_add=True)
 

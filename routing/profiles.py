@@ -3,9 +3,10 @@
 A profile is read on every request that names it (``cascade/<name>``), so what
 is stored must be runnable. A valid profile has:
 
-- ``chain``: 1 to ``MAX_CHAIN_LENGTH`` distinct model names of the catalog,
-  cheapest first (every model of a chain may be called for one request, each
-  with its retries and fallbacks, so the length bounds a request's upstream calls);
+- ``chain``: 1 to ``MAX_CHAIN_LENGTH`` distinct names of chat models (of the catalog
+  or the tenant's own; an embedding model answers no chat), cheapest first (every
+  model of a chain may be called for one request, each with its retries and
+  fallbacks, so the length bounds a request's upstream calls);
 - ``preset``: one of the engine's presets;
 - ``threshold_offset``: a number in ``[-MAX_THRESHOLD_OFFSET, MAX_THRESHOLD_OFFSET]``;
 - ``domain_routes``: ``{domain: {"chain": [...], "threshold_offset": 0.05}}`` where
@@ -13,8 +14,8 @@ is stored must be runnable. A valid profile has:
   above, and ``threshold_offset`` (optional) the same bound;
 - its audit settings (``routing.audits``): ``audits_enabled`` a boolean,
   ``audit_rate_floor`` a number in ``[0, 1]``, ``judge_model`` empty (the chain's
-  last model), ``"none"`` (no judge) or a model of the catalog, ``reference_model``
-  empty (the chain's last model) or a model of the catalog. They never stop a
+  last model), ``"none"`` (no judge) or a chat model of the catalog, ``reference_model``
+  empty (the chain's last model) or a chat model of the catalog. They never stop a
   request, so only writes check them; an audit whose model the catalog has lost
   is skipped.
 
@@ -38,6 +39,7 @@ from django.db import IntegrityError, transaction
 from routing.catalog import model_catalog
 from routing.engine.complexity import DOMAINS
 from routing.engine.policy import PRESETS
+from routing.engine.types import CHAT, EMBEDDING
 from routing.models import RoutingProfile, TenantProviderModel
 from tenants.models import Tenant
 from tenants.services import audit_record
@@ -76,7 +78,9 @@ class ProfileInvalid(ValueError):
         )
 
 
-def _chain_problems(chain: Any, known: Collection[str] = ()) -> list[str]:
+def _chain_problems(
+    chain: Any, known: Collection[str] = (), embedding: Collection[str] = ()
+) -> list[str]:
     if not isinstance(chain, list) or not chain or not all(isinstance(m, str) for m in chain):
         return ["A non-empty list of model names, cheapest first."]
     problems = []
@@ -88,6 +92,15 @@ def _chain_problems(chain: Any, known: Collection[str] = ()) -> list[str]:
     unknown = [m for m in dict.fromkeys(chain) if catalog.get(m) is None and m not in known]
     if unknown:
         problems.append(f"Unknown models: {', '.join(unknown[:MAX_CHAIN_LENGTH])}.")
+    embedders = [
+        m
+        for m in dict.fromkeys(chain)
+        if m in embedding or getattr(catalog.get(m), "mode", CHAT) == EMBEDDING
+    ]
+    if embedders:
+        problems.append(
+            f"Embedding models answer no chat: {', '.join(embedders[:MAX_CHAIN_LENGTH])}."
+        )
     return problems
 
 
@@ -102,7 +115,9 @@ def _offset_problems(offset: Any) -> list[str]:
     return []
 
 
-def _routes_problems(routes: Any, known: Collection[str] = ()) -> list[str]:
+def _routes_problems(
+    routes: Any, known: Collection[str] = (), embedding: Collection[str] = ()
+) -> list[str]:
     shape = f"An object of domain ({', '.join(DOMAINS)}) -> {{chain, threshold_offset}}."
     if not isinstance(routes, dict):
         return [shape]
@@ -114,7 +129,9 @@ def _routes_problems(routes: Any, known: Collection[str] = ()) -> list[str]:
         if not isinstance(route, dict) or not set(route) <= ROUTE_KEYS:
             problems.append(f'\'{domain}\': {{"chain": [...], "threshold_offset": number}}.')
             continue
-        problems += [f"'{domain}' chain: {p}" for p in _chain_problems(route.get("chain"), known)]
+        problems += [
+            f"'{domain}' chain: {p}" for p in _chain_problems(route.get("chain"), known, embedding)
+        ]
         if route.get("threshold_offset") is not None:
             problems += [
                 f"'{domain}' threshold_offset: {p}"
@@ -130,14 +147,16 @@ def profile_problems(
     threshold_offset: Any,
     domain_routes: Any,
     known: Collection[str] = (),
+    embedding: Collection[str] = (),
 ) -> dict[str, list[str]]:
     """Everything wrong with a profile, by field (empty: it is valid). ``known``: the
-    tenant's own model names, valid beside the catalog's."""
+    tenant's own model names, valid beside the catalog's; ``embedding``: those of them
+    that are embedding models."""
     problems = {
-        "chain": _chain_problems(chain, known),
+        "chain": _chain_problems(chain, known, embedding),
         "preset": [] if preset in PRESETS else [f"One of {', '.join(PRESETS)}."],
         "threshold_offset": _offset_problems(threshold_offset),
-        "domain_routes": _routes_problems(domain_routes, known),
+        "domain_routes": _routes_problems(domain_routes, known, embedding),
     }
     return {field: p for field, p in problems.items() if p}
 
@@ -145,9 +164,10 @@ def profile_problems(
 def _model_problems(name: Any, *, no_judge: bool = False) -> list[str]:
     if name == "" or (no_judge and name == NO_JUDGE):
         return []
-    if not isinstance(name, str) or model_catalog().get(name) is None:
+    spec = model_catalog().get(name) if isinstance(name, str) else None
+    if spec is None or spec.mode != CHAT:
         extra = f", '{NO_JUDGE}'" if no_judge else ""
-        return [f"Empty (the chain's last model){extra} or a model of the catalog."]
+        return [f"Empty (the chain's last model){extra} or a chat model of the catalog."]
     return []
 
 
@@ -170,14 +190,17 @@ def audit_problems(
     return {field: p for field, p in problems.items() if p}
 
 
-def profile_check(values: Mapping[str, Any], known: Collection[str] = ()) -> None:
-    """Raise :class:`ProfileInvalid` unless ``values`` (every field) make a valid profile."""
+def profile_check(values: Mapping[str, Any], own: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`ProfileInvalid` unless ``values`` (every field) make a valid profile.
+    ``own``: the tenant's own models (name -> mode)."""
+    own = own or {}
     problems = profile_problems(
         chain=values.get("chain"),
         preset=values.get("preset"),
         threshold_offset=values.get("threshold_offset"),
         domain_routes=values.get("domain_routes"),
-        known=known,
+        known=set(own),
+        embedding={name for name, mode in own.items() if mode == EMBEDDING},
     )
     problems |= audit_problems(
         **{name: values.get(name, default) for name, default in AUDIT_DEFAULTS.items()}
@@ -189,11 +212,9 @@ def profile_check(values: Mapping[str, Any], known: Collection[str] = ()) -> Non
         raise ProfileInvalid(problems)
 
 
-def _own_models(tenant_id: int) -> set[str]:
+def _own_models(tenant_id: int) -> dict[str, str]:
 
-    return set(
-        TenantProviderModel.objects.filter(tenant_id=tenant_id).values_list("name", flat=True)
-    )
+    return dict(TenantProviderModel.objects.filter(tenant_id=tenant_id).values_list("name", "mode"))
 
 
 def _name_taken(tenant_id: int, name: str, exclude: int | None = None) -> bool:

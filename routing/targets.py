@@ -41,7 +41,7 @@ from routing.catalog import model_catalog, models_allowed
 from routing.engine import learning
 from routing.engine.agent import Route
 from routing.engine.policy import PRESETS, Calibration
-from routing.engine.types import ModelSpec
+from routing.engine.types import CHAT, ModelSpec
 from routing.errors import GatewayError, forbidden
 from routing.models import CalibrationVersion, ProfileLearning, RoutingProfile
 from routing.profiles import AUDIT_DEFAULTS, NO_JUDGE, profile_problems
@@ -90,7 +90,7 @@ class Target:
         return len(self.chain) > 1 or bool(self.domain_routes)
 
 
-def _allowed(ctx: TokenContext) -> dict[str, ModelSpec]:
+def allowed_specs(ctx: TokenContext) -> dict[str, ModelSpec]:
     allowed = allowed_models(
         tenant_allowed=ctx.tenant_allowed_models, tier_allowed=ctx.tier_allowed_models
     )
@@ -118,6 +118,14 @@ def _chain(names: list[str], allowed: dict[str, ModelSpec], profile: str) -> tup
         raise GatewayError(
             500,
             f"Profile '{profile}' names unknown models: {', '.join(unknown)}.",
+            type="api_error",
+            code="profile_misconfigured",
+        )
+    embedders = [n for n in names if getattr(catalog.get(n), "mode", CHAT) != CHAT]
+    if embedders:  # the operator's default chain, again (tenant profiles are checked before)
+        raise GatewayError(
+            500,
+            f"Profile '{profile}' names embedding models: {', '.join(embedders)}.",
             type="api_error",
             code="profile_misconfigured",
         )
@@ -151,6 +159,7 @@ def _profile_target(profile: RoutingProfile, allowed: dict[str, ModelSpec], name
         threshold_offset=profile.threshold_offset,
         domain_routes=profile.domain_routes or {},
         known={n for n, spec in allowed.items() if is_tenant_model(spec)},
+        embedding={n for n, spec in allowed.items() if is_tenant_model(spec) and spec.mode != CHAT},
     )
     if problems:
         field, messages = next(iter(problems.items()))
@@ -307,7 +316,7 @@ def _learning(target: Target, ctx: TokenContext, found: _Found) -> Target:
 
 
 def resolve_target(ctx: TokenContext, name: str) -> Target:
-    allowed = _allowed(ctx)
+    allowed = allowed_specs(ctx)
     if name.startswith(PROFILE_PREFIX):
         short = name.removeprefix(PROFILE_PREFIX)
         found = _lookup(ctx.tenant_id, short, name)
@@ -351,5 +360,5 @@ def target_names(ctx: TokenContext) -> list[tuple[str, str]]:
         if preset not in tenant_profiles:
             names.append((f"{PROFILE_PREFIX}{preset}", "cascadeflow"))
     names.extend((f"{PROFILE_PREFIX}{p}", "tenant") for p in tenant_profiles)
-    names.extend((m.name, m.owned_by) for m in _allowed(ctx).values())
+    names.extend((m.name, m.owned_by) for m in allowed_specs(ctx).values())
     return names

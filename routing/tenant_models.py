@@ -5,7 +5,8 @@ it is (``openai/gpt-4o``, ``azure/<deployment>``, ``anthropic/claude-…``,
 ``bedrock/…``, ``vertex_ai/…``, ``groq/…``, ``together_ai/…``, or ``openai/<name>``
 with an ``api_base`` for an OpenAI-compatible server such as vLLM or Ollama), its
 credentials and its prices. Saving makes one cheap call (one output token) with
-them and refuses what the provider refuses. Credentials are encrypted at rest
+them (an embedding model, ``mode: "embedding"``: one embedding of a short text) and
+refuses what the provider refuses. Credentials are encrypted at rest
 with the rotating keys of ``core.crypto`` and never shown again: the
 API returns a mask. An ``api_base`` follows the rules of callback URLs (no
 loopback, private or metadata addresses outside development), at save time and
@@ -39,7 +40,8 @@ from core import crypto, netguard
 from routing.catalog import model_catalog
 from routing.engine.pricing import ModelPrice, litellm_price
 from routing.engine.resilience import Caller, Failure, UpstreamError
-from routing.engine.types import Deployment, ModelSpec
+from routing.engine.types import EMBEDDING, Deployment, ModelSpec
+from routing.enums import ModelMode
 from routing.models import TenantProviderModel
 from tenants.models import Tenant
 from tenants.services import audit_record
@@ -99,7 +101,10 @@ def _check(
     credentials: dict[str, Any],
     input_usd_per_mtok: Any,
     output_usd_per_mtok: Any,
+    mode: str = ModelMode.CHAT,
 ) -> tuple[dict[str, str], Decimal, Decimal]:
+    if mode not in ModelMode.values:
+        raise ProviderModelInvalid(f"mode is one of {', '.join(ModelMode.values)}.", "mode")
     if not NAME_RE.match(name or ""):
         raise ProviderModelInvalid(
             "A name is lowercase letters, digits, '.', '_' or '-', with at most one '/' "
@@ -120,6 +125,8 @@ def _check(
             raise ProviderModelInvalid(str(exc), "api_base") from None
     credentials = _check_credentials(credentials)
     prices = []
+    if mode == ModelMode.EMBEDDING and output_usd_per_mtok is None:
+        output_usd_per_mtok = 0  # an embedding model bills input tokens only
     for field, value in (
         ("input_usd_per_mtok", input_usd_per_mtok),
         ("output_usd_per_mtok", output_usd_per_mtok),
@@ -174,6 +181,7 @@ def provider_model_create(
     api_version: str = "",
     input_usd_per_mtok: Any = None,
     output_usd_per_mtok: Any = None,
+    mode: str = ModelMode.CHAT,
     acting_user: Any = None,
 ) -> TenantProviderModel:
     """Validate (one cheap call with the credentials), encrypt and save a tenant's model."""
@@ -186,6 +194,7 @@ def provider_model_create(
         credentials=credentials,
         input_usd_per_mtok=input_usd_per_mtok,
         output_usd_per_mtok=output_usd_per_mtok,
+        mode=mode,
     )
     if TenantProviderModel.objects.filter(tenant=tenant, name=name).exists():
         raise ProviderModelInvalid(f"You already have a model named '{name}'.", "name")
@@ -199,6 +208,7 @@ def provider_model_create(
         credentials_mask=mask(credentials),
         input_usd_per_mtok=input_price,
         output_usd_per_mtok=output_price,
+        mode=mode,
         validated_at=timezone.now(),
     )
     validate_call(spec_of(row, credentials))
@@ -212,7 +222,7 @@ def provider_model_create(
                 action="provider_model.create",
                 target=name,
                 acting_user=acting_user,
-                data={"litellm_model": litellm_model, "api_base": api_base},
+                data={"litellm_model": litellm_model, "api_base": api_base, "mode": mode},
             )
     except IntegrityError:  # the same name saved meanwhile (the check above raced)
         raise ProviderModelInvalid(f"You already have a model named '{name}'.", "name") from None
@@ -279,8 +289,9 @@ def provider_model_delete(*, row: TenantProviderModel, acting_user: Any = None) 
 
 
 def validate_call(spec: ModelSpec) -> None:
-    """One call of one output token with the new credentials; refuse what the provider
-    refuses (a bad key, an unknown model or deployment, an unreachable server)."""
+    """One call of one output token (an embedding model: one embedding of a short text)
+    with the new credentials; refuse what the provider refuses (a bad key, an unknown
+    model or deployment, an unreachable server)."""
     caller = Caller(breaker=None, retries=0, timeout_s=VALIDATION_TIMEOUT_S, vet=vet)
     messages = [{"role": "user", "content": "Reply with OK."}]
     try:
@@ -308,6 +319,9 @@ def _scrub(text: str, spec: ModelSpec) -> str:
 
 
 async def _vetted_call(caller: Caller, spec: ModelSpec, messages: list[dict]) -> None:
+    if spec.mode == EMBEDDING:
+        await caller.embed(spec, {"input": ["OK"]}, [], role="validate")
+        return
     await caller.complete(spec, {"messages": messages, "max_tokens": 1}, [], role="validate")
 
 
@@ -328,6 +342,9 @@ def spec_of(row: TenantProviderModel, credentials: dict[str, str] | None = None)
         price=ModelPrice.per_million_usd(str(row.input_usd_per_mtok), str(row.output_usd_per_mtok)),
         owned_by=OWNED_BY,
         supports_logprobs=False,
+        mode=row.mode,
+        # The provider decides which sizes its model takes (and refuses the others).
+        supports_dimensions=row.mode == EMBEDDING,
     )
 
 

@@ -9,5 +9,6 @@ urlpatterns = [
     path("models", views.models, name="models"),
     path("models/<path:model_id>", views.model, name="model"),
     path("responses", views.create_response, name="responses"),
+    path("embeddings", views.create_embeddings, name="embeddings"),
     re_path(r"^(?P<path>.*)$", views.not_found, name="not-found"),
 ]

@@ -9,7 +9,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from routing import gateway, metrics, responses, telemetry
+from routing import embeddings, gateway, metrics, responses, telemetry
 from routing.errors import GatewayError, too_large
 from routing.schemas import parse_chat_request
 
@@ -60,11 +60,11 @@ def _parse(
         return None, exc
 
 
-async def _prepare(request: HttpRequest, chat, parse_error, span) -> gateway.GatewayRequest:
+async def _prepare(request: HttpRequest, parsed, parse_error, span) -> gateway.GatewayRequest:
     return await gateway.prepare(
         request_id=request.request_id,
         authorization=request.headers.get("Authorization"),
-        chat=chat,
+        request=parsed,
         parse_error=parse_error,
         audit_opt_out=audit_opted_out(request),
         span=span,
@@ -141,6 +141,27 @@ async def create_response(request: HttpRequest) -> HttpResponse:
             return _with_headers(JsonResponse(body), result.headers)
     except Exception as exc:
         return _failed(exc, request, span, "responses")
+
+
+@csrf_exempt
+async def create_embeddings(request: HttpRequest) -> HttpResponse:
+    """``POST /v1/embeddings``: one embedding model, on the chat path's gateway steps
+    (``routing.embeddings``)."""
+    if request.method != "POST":
+        return _method_not_allowed("POST")
+    span = telemetry.request_span(
+        "embeddings", request.headers, {"cascadeflow.request_id": request.request_id}
+    )
+    try:
+        with span.activate():
+            parsed, parse_error = _parse(embeddings.parse_embedding_request, request)
+            gw = await _prepare(request, parsed, parse_error, span)
+            gw.route = "embeddings"
+            outcome = await gateway.embed(gw)
+            response = HttpResponse(outcome.content, content_type="application/json")
+            return _with_headers(response, outcome.headers)
+    except Exception as exc:
+        return _failed(exc, request, span, "embeddings")
 
 
 @csrf_exempt

@@ -10,7 +10,7 @@ class MemberRole(models.TextChoices):
 class Scope(models.TextChoices):
     """What an API token may do. ``admin`` implies every other scope."""
 
-    COMPLETIONS = "completions", "Call /v1/chat/completions and /v1/models"
+    COMPLETIONS = "completions", "Call /v1/ (chat, responses, embeddings, models)"
     USAGE_READ = "usage:read", "Read usage and exports"
     BUDGETS_WRITE = "budgets:write", "Manage budgets"
     TOKENS_WRITE = "tokens:write", "Manage API tokens"

@@ -1,4 +1,4 @@
-"""A lean client for providers that speak OpenAI's chat-completions wire format.
+"""A lean client for providers that speak OpenAI's wire format (chat completions, embeddings).
 
 LiteLLM is the transport for every provider; for the many that speak
 OpenAI's own format (OpenAI, Azure-compatible gateways, vLLM, TGI, Together,
@@ -70,9 +70,7 @@ def _session() -> aiohttp.ClientSession:
     return session
 
 
-def _request(
-    litellm_model: str, kwargs: Mapping[str, Any]
-) -> tuple[str, dict[str, str], dict[str, Any], float]:
+def _endpoint(kwargs: Mapping[str, Any], path: str) -> tuple[str, dict[str, str], float]:
     base = (kwargs.get("api_base") or os.environ.get("OPENAI_API_BASE") or DEFAULT_API_BASE).rstrip(
         "/"
     )
@@ -83,11 +81,18 @@ def _request(
     if kwargs.get("organization"):
         headers["OpenAI-Organization"] = kwargs["organization"]
     headers.update(kwargs.get("extra_headers") or {})
+    timeout = kwargs.get("timeout")
+    return f"{base}/{path}", headers, float(timeout) if timeout else 120.0
+
+
+def _request(
+    litellm_model: str, kwargs: Mapping[str, Any]
+) -> tuple[str, dict[str, str], dict[str, Any], float]:
+    url, headers, timeout = _endpoint(kwargs, "chat/completions")
     body = {k: v for k, v in kwargs.items() if k in OPENAI_PARAMS}
     body["model"] = litellm_model.removeprefix("openai/")
     body["messages"] = kwargs["messages"]
-    timeout = kwargs.get("timeout")
-    return f"{base}/chat/completions", headers, body, float(timeout) if timeout else 120.0
+    return url, headers, body, timeout
 
 
 async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
@@ -120,6 +125,30 @@ async def acompletion(litellm_model: str, kwargs: Mapping[str, Any]) -> litellm.
     if not isinstance(data, dict) or not data.get("choices"):
         raise ProviderHTTPError(502, "Malformed response: no choices.")
     return litellm.ModelResponse(**data)
+
+
+async def aembedding(litellm_model: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``POST /embeddings``; the answer as OpenAI sends it (vectors as floats)."""
+    url, headers, timeout = _endpoint(kwargs, "embeddings")
+    body: dict[str, Any] = {
+        "model": litellm_model.removeprefix("openai/"),
+        "input": kwargs["input"],
+        "encoding_format": "float",
+    }
+    if kwargs.get("dimensions") is not None:
+        body["dimensions"] = kwargs["dimensions"]
+    async with _session().post(
+        url, headers=headers, json=body, timeout=_timeout(timeout)
+    ) as response:
+        await _raise_for_status(response)
+        raw = await response.read()
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise ProviderHTTPError(502, "Malformed response: not JSON.") from None
+    if not isinstance(data, dict):
+        raise ProviderHTTPError(502, "Malformed response: not an object.")
+    return data
 
 
 class Chunk:

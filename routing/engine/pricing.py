@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 from core.money import NANOS_PER_USD
 from core.money import decimal_of as _decimal
@@ -45,13 +46,19 @@ class ModelPrice:
 ZERO_PRICE = ModelPrice(Decimal(0), Decimal(0))
 
 
-def litellm_price(model: str) -> ModelPrice | None:
-    """The price LiteLLM's bundled cost map gives ``model``, or None if unknown."""
+def litellm_info(model: str) -> dict[str, Any]:
+    """What LiteLLM's bundled cost map says of ``model`` (empty when it knows nothing)."""
     import litellm  # noqa: PLC0415 - LiteLLM loads in seconds; only a cost-map lookup needs it
 
     info = litellm.model_cost.get(model)
     if info is None and "/" in model:
         info = litellm.model_cost.get(model.split("/", 1)[1])
+    return info or {}
+
+
+def litellm_price(model: str) -> ModelPrice | None:
+    """The price LiteLLM's bundled cost map gives ``model``, or None if unknown."""
+    info = litellm_info(model)
     if not info:
         return None
     input_cost = info.get("input_cost_per_token")

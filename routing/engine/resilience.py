@@ -34,8 +34,9 @@ import litellm
 from litellm import exceptions as litellm_errors
 
 from routing.engine import openai_wire, tracing
+from routing.engine.embeddings import count_tokens, embeddings_of
 from routing.engine.openai_wire import ProviderHTTPError
-from routing.engine.types import Attempt, Deployment, ModelSpec
+from routing.engine.types import Attempt, Deployment, Embeddings, ModelSpec
 
 _PREFIX = re.compile(r"^litellm\.\w+:\s*")
 # CascadeFlow reports provider errors itself; LiteLLM's banner on each one is noise.
@@ -434,6 +435,65 @@ class Caller:
             spec.name, failure or Failure(True, 503, "no_deployment", "No deployment available.")
         )
 
+    async def embed(
+        self, spec: ModelSpec, kwargs: dict[str, Any], attempts: list[Attempt], *, role: str
+    ) -> tuple[Embeddings, Attempt]:
+        """One embedding model's vectors for ``kwargs["input"]`` (a list), with the same
+        deployments, retries, breaker and vetting as a chat call. Billed on the provider's
+        token count, or on CascadeFlow's own when the provider reports none."""
+        failure: Failure | None = None
+        inputs = kwargs["input"]
+        async for deployment, n in self._attempts(spec):
+            if n:
+                await self._backoff(n)
+            started = time.perf_counter()
+            with tracing.span(
+                f"embeddings {spec.name}",
+                _embedding_attributes(spec, deployment, kwargs, role),
+                client=True,
+            ) as span:
+                try:
+                    call = self._kwargs(deployment, kwargs)
+                    if "dimensions" in call:
+                        _pass_dimensions(call, deployment.litellm_model)
+                    if openai_wire.handles(deployment.litellm_model, deployment.params):
+                        response = await openai_wire.aembedding(deployment.litellm_model, call)
+                    else:
+                        response = await litellm.aembedding(**call)
+                    result = embeddings_of(response, len(inputs))
+                except Exception as exc:
+                    failure = await self._failed_call(
+                        exc, spec, deployment, started, attempts, role
+                    )
+                    span.set_attribute("error.type", failure.code)
+                    continue
+                if self.breaker:
+                    await self.breaker.succeeded(deployment)
+                prompt = result.prompt_tokens or count_tokens(deployment.litellm_model, inputs)
+                attempt = Attempt(
+                    model=spec.name,
+                    deployment=deployment.label,
+                    role=role,
+                    status="ok",
+                    prompt_tokens=prompt,
+                    cost_nanos=spec.price.cost_nanos(prompt, 0),
+                    latency_ms=_ms_since(started),
+                )
+                if tracing.enabled():
+                    span.set_attributes(
+                        {
+                            "gen_ai.response.model": result.model or None,
+                            "gen_ai.usage.input_tokens": prompt,
+                            "gen_ai.embeddings.dimension.count": len(result.vectors[0]),
+                            "cascadeflow.cost_usd": attempt.cost_nanos / 1e9,
+                        }
+                    )
+            attempts.append(attempt)
+            return result, attempt
+        raise UpstreamError(
+            spec.name, failure or Failure(True, 503, "no_deployment", "No deployment available.")
+        )
+
     async def _failed_call(
         self,
         exc: Exception,
@@ -483,6 +543,39 @@ def _call_attributes(
         "gen_ai.request.max_tokens": kwargs.get("max_completion_tokens")
         or kwargs.get("max_tokens"),
         "gen_ai.request.temperature": kwargs.get("temperature"),
+        "cascadeflow.deployment": deployment.label,
+        "cascadeflow.role": role,
+    }
+
+
+# What a custom LiteLLM provider is asked for as OpenAI's ``dimensions`` (see ``Caller.embed``).
+CUSTOM_DIMENSIONS = "output_dimensions"
+
+
+def _pass_dimensions(call: dict[str, Any], litellm_model: str) -> None:
+    """Make LiteLLM send ``dimensions``: the gateway has decided the model takes them.
+
+    LiteLLM guesses from the model's name (an OpenAI-wire model not named
+    ``text-embedding-3…`` is refused unless allowed), and hands the parameter only to
+    the providers it knows; a custom one (the offline demo) gets it under its own name.
+    """
+    provider = litellm_model.split("/", 1)[0]
+    if any(item.get("provider") == provider for item in litellm.custom_provider_map):
+        call[CUSTOM_DIMENSIONS] = call.pop("dimensions")
+    else:
+        call["allowed_openai_params"] = ["dimensions"]
+
+
+def _embedding_attributes(
+    spec: ModelSpec, deployment: Deployment, kwargs: dict[str, Any], role: str
+) -> dict[str, Any]:
+    if not tracing.enabled():
+        return {}
+    return {
+        "gen_ai.operation.name": "embeddings",
+        "gen_ai.system": tracing.provider_of(deployment.litellm_model),
+        "gen_ai.request.model": spec.name,
+        "gen_ai.embeddings.dimension.count": kwargs.get("dimensions"),
         "cascadeflow.deployment": deployment.label,
         "cascadeflow.role": role,
     }

@@ -17,6 +17,12 @@ from routing.engine.pricing import ModelPrice
 # (content as text or parts, tool calls, names), read field by field where needed.
 Message = dict[str, Any]
 
+# What a model does, in LiteLLM's words (its cost map's ``mode``): a chat model answers
+# /v1/chat/completions (and /v1/responses, and cascades); an embedding model /v1/embeddings.
+CHAT = "chat"
+EMBEDDING = "embedding"
+MODES = (CHAT, EMBEDDING)
+
 
 @dataclass(frozen=True)
 class Deployment:
@@ -39,7 +45,9 @@ class Deployment:
 class ModelSpec:
     """A model the engine can put in a chain, cheapest first.
 
-    ``domains`` lists the domains the model is suited to (empty: any).
+    ``domains`` lists the domains the model is suited to (empty: any). ``mode`` says what
+    it serves (``CHAT`` or ``EMBEDDING``); an embedding model has ``dimensions`` (the size
+    of its vectors, when known) and may take a smaller size (``supports_dimensions``).
     """
 
     name: str
@@ -51,6 +59,9 @@ class ModelSpec:
     max_output_tokens: int | None = None
     owned_by: str = "cascadeflow"
     always_allowed: bool = False
+    mode: str = CHAT
+    dimensions: int | None = None
+    supports_dimensions: bool = False
 
     @classmethod
     def simple(
@@ -69,6 +80,15 @@ class ModelSpec:
             price=ModelPrice.per_million_usd(str(input_usd_per_mtok), str(output_usd_per_mtok)),
             supports_logprobs=supports_logprobs,
         )
+
+
+@dataclass
+class Embeddings:
+    """An embedding model's answer: one vector per input, in input order."""
+
+    vectors: list[list[float]]
+    model: str  # the model the provider says answered
+    prompt_tokens: int
 
 
 @dataclass

@@ -14,6 +14,15 @@ Configuration (``CASCADEFLOW_MODELS`` or the file in ``CASCADEFLOW_MODELS_FILE``
 Prices default to LiteLLM's bundled cost map. Keys are read from the named
 environment variable (``api_key_env``) so secrets stay out of configuration;
 ``api_key`` is accepted for keyless local servers and tests.
+
+An embedding model (served by ``POST /v1/embeddings``, never by chat or a cascade)
+says ``"mode": "embedding"`` (the default is LiteLLM's cost map's mode for the model,
+else ``"chat"``), with the size of its vectors (``"dimensions"``, by default the cost
+map's ``output_vector_size``) and whether a request may ask for fewer
+(``"supports_dimensions": true``, as OpenAI's ``text-embedding-3-*`` do)::
+
+    {"embed-small": {"model": "openai/text-embedding-3-small", "api_key_env": "OPENAI_API_KEY",
+                     "mode": "embedding", "dimensions": 1536, "supports_dimensions": true}}
 """
 
 from __future__ import annotations
@@ -23,8 +32,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any
 
-from routing.engine.pricing import ModelPrice, litellm_price
-from routing.engine.types import Deployment, ModelSpec
+from routing.engine.pricing import ModelPrice, litellm_info, litellm_price
+from routing.engine.types import CHAT, EMBEDDING, MODES, Deployment, ModelSpec
 from routing.providers import demo
 
 _DEPLOYMENT_KEYS = (
@@ -62,6 +71,7 @@ class ModelCatalog:
         if include_demo:
             demo.register()
             models.extend(demo_catalog_models())
+            models.extend(demo_embedding_models())
         for name, entry in (config or {}).items():
             models.append(_model_from_config(name, entry))
         return cls(models)
@@ -81,6 +91,22 @@ def demo_catalog_models() -> list[ModelSpec]:
             always_allowed=True,
         )
         for spec in demo.DEMO_MODELS.values()
+    ]
+
+
+def demo_embedding_models() -> list[ModelSpec]:
+    return [
+        ModelSpec(
+            name=spec.litellm_name,
+            deployments=(Deployment(spec.litellm_name),),
+            price=ModelPrice.per_million_usd(str(spec.input_usd_per_mtok), "0"),
+            owned_by="cascadeflow-demo",
+            always_allowed=True,
+            mode=EMBEDDING,
+            dimensions=spec.dimensions,
+            supports_dimensions=True,
+        )
+        for spec in demo.DEMO_EMBEDDING_MODELS.values()
     ]
 
 
@@ -109,13 +135,25 @@ def _model_from_config(name: str, entry: Mapping[str, Any]) -> ModelSpec:
                 "set input_usd_per_mtok and output_usd_per_mtok."
             )
         price = found
+    info = litellm_info(entry["model"])
+    mode = entry.get("mode") or (EMBEDDING if info.get("mode") == EMBEDDING else CHAT)
+    if mode not in MODES:
+        raise CatalogError(f"Model '{name}': 'mode' is one of {', '.join(MODES)}.")
+    dimensions = entry.get("dimensions", info.get("output_vector_size"))
+    if dimensions is not None and (
+        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+    ):
+        raise CatalogError(f"Model '{name}': 'dimensions' is a positive integer.")
     return ModelSpec(
         name=name,
         deployments=tuple(deployments),
         price=price,
         owned_by=entry.get("owned_by", entry["model"].split("/", 1)[0]),
-        supports_logprobs=entry.get("supports_logprobs", True),
-        supports_tools=entry.get("supports_tools", True),
+        supports_logprobs=entry.get("supports_logprobs", mode == CHAT),
+        supports_tools=entry.get("supports_tools", mode == CHAT),
         domains=frozenset(entry.get("domains") or ()),
         max_output_tokens=entry.get("max_output_tokens"),
+        mode=mode,
+        dimensions=dimensions if mode == EMBEDDING else None,
+        supports_dimensions=bool(entry.get("supports_dimensions", False)) and mode == EMBEDDING,
     )

@@ -1,4 +1,4 @@
-"""Offline demo models: ``demo/small``, ``demo/medium``, ``demo/large``.
+"""Offline demo models: ``demo/small``, ``demo/medium``, ``demo/large``, and ``demo/embed``.
 
 A LiteLLM custom provider, so the gateway and the engine call them exactly as
 they call a real provider (``litellm.acompletion(model="demo/small", ...)``).
@@ -9,6 +9,10 @@ the prompt's difficulty. The small model is right on easy prompts and, on hard
 ones, often hedges, errs, breaks the requested JSON or drops a required tool
 argument, and its token log-probabilities drop when it is wrong. That gives a
 cascade something real to catch without any network.
+
+``demo/embed`` is an embedding model: a deterministic unit vector per input, made by
+feature hashing its words (``demo_vector``), so texts that share words are close
+(cosine similarity) and the same text always gets the same vector.
 
 No Django imports: the engine, the tests and the benchmarks use it alone.
 """
@@ -26,12 +30,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import litellm
 from litellm.llms.custom_llm import CustomLLM, CustomLLMError
 from litellm.types.llms.openai import ChatCompletionUsageBlock
-from litellm.types.utils import GenericStreamingChunk, ModelResponse
+from litellm.types.utils import EmbeddingResponse, GenericStreamingChunk, ModelResponse
 
 from routing.engine.types import Message
 
@@ -61,6 +66,24 @@ DEMO_MODELS: dict[str, DemoModel] = {
         DemoModel("medium", 1.00, 4.00, skill=0.75, first_token_ms=250, per_token_ms=8),
         DemoModel("large", 5.00, 15.00, skill=0.97, first_token_ms=450, per_token_ms=14),
     )
+}
+
+
+@dataclass(frozen=True)
+class DemoEmbeddingModel:
+    name: str
+    input_usd_per_mtok: float
+    dimensions: int  # the vectors' size; a request may ask for fewer
+    latency_ms: float
+    max_input_tokens: int = 8192  # per input, as OpenAI's embedding models
+
+    @property
+    def litellm_name(self) -> str:
+        return f"{PROVIDER}/{self.name}"
+
+
+DEMO_EMBEDDING_MODELS: dict[str, DemoEmbeddingModel] = {
+    m.name: m for m in (DemoEmbeddingModel("embed", 0.02, dimensions=256, latency_ms=30),)
 }
 
 # Seconds of simulated latency are multiplied by this (0 in tests).
@@ -410,6 +433,102 @@ def _completion_tokens(spec: DemoModel, answer: DemoAnswer) -> int:
     return max(1, _count_tokens(spec.litellm_name, text=text))
 
 
+# --- embeddings -------------------------------------------------------------------
+
+_WORDS = re.compile(r"\w+")
+# Above this many characters (or token ids) a request is embedded on a worker thread, so
+# that a large batch does not hold the event loop.
+THREAD_ABOVE = 20_000
+
+
+@lru_cache(maxsize=65_536)
+def _feature(word: str) -> int:
+    """A word's 64-bit hash: its bucket (mod the size) and its sign (the top bit)."""
+    return int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "big")
+
+
+def demo_vector(item: str | list[int], dimensions: int) -> list[float]:
+    """A deterministic unit vector of ``dimensions`` floats for one input (feature hashing:
+    each word adds ±1 to the bucket its hash names; token ids are words too)."""
+    words = (
+        _WORDS.findall(item.lower()) or [item]
+        if isinstance(item, str)
+        else [f"#{token}" for token in item]
+    )
+    buckets: dict[int, float] = {}
+    for word in words:
+        value = _feature(word)
+        bucket = value % dimensions
+        buckets[bucket] = buckets.get(bucket, 0.0) + (1.0 if value >> 63 else -1.0)
+    norm = math.sqrt(sum(x * x for x in buckets.values()))
+    if norm == 0.0:  # the words cancelled out: one bucket of the whole text instead
+        buckets, norm = {_feature(repr(item)) % dimensions: 1.0}, 1.0
+    vector = [0.0] * dimensions
+    for bucket, x in buckets.items():
+        vector[bucket] = round(x / norm, 8)  # float32's precision, as providers send them
+    return vector
+
+
+def _embed(
+    spec: DemoEmbeddingModel, inputs: list[str | list[int]], optional_params: dict[str, Any]
+) -> tuple[list[list[float]], int]:
+    # ``output_dimensions``: how the gateway's caller passes OpenAI's ``dimensions`` to a
+    # custom provider (LiteLLM forwards that name only to the providers it knows).
+    dimensions = int(
+        optional_params.get("dimensions")
+        or optional_params.get("output_dimensions")
+        or spec.dimensions
+    )
+    if not 1 <= dimensions <= spec.dimensions:
+        raise CustomLLMError(  # type: ignore[no-untyped-call]  # litellm's __init__ is untyped
+            status_code=400,
+            message=f"'dimensions' must be between 1 and {spec.dimensions} for "
+            f"{spec.litellm_name}.",
+        )
+    tokens = 0
+    for index, item in enumerate(inputs):
+        count = (
+            len(litellm.encode(model=spec.litellm_name, text=item))
+            if isinstance(item, str)
+            else len(item)
+        )
+        if count > spec.max_input_tokens:
+            raise CustomLLMError(  # type: ignore[no-untyped-call]  # litellm's __init__ is untyped
+                status_code=400,
+                message=f"Input {index} has {count} tokens; {spec.litellm_name} takes at most "
+                f"{spec.max_input_tokens} per input.",
+            )
+        tokens += count
+    return [demo_vector(item, dimensions) for item in inputs], tokens
+
+
+def _embedding_response(
+    spec: DemoEmbeddingModel, vectors: list[list[float]], tokens: int, response: EmbeddingResponse
+) -> EmbeddingResponse:
+    response.model = spec.litellm_name
+    response.object = "list"
+    response.data = [
+        {"object": "embedding", "index": index, "embedding": vector}
+        for index, vector in enumerate(vectors)
+    ]
+    response.usage = litellm.Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens)
+    return response
+
+
+def _resolve_embedding(model: str) -> DemoEmbeddingModel:
+    name = model.split("/", 1)[-1]
+    try:
+        return DEMO_EMBEDDING_MODELS[name]
+    except KeyError:
+        raise CustomLLMError(  # type: ignore[no-untyped-call]  # litellm's __init__ is untyped
+            status_code=404, message=f"'{model}' is not a demo embedding model."
+        ) from None
+
+
+def _size(inputs: list[str | list[int]]) -> int:
+    return sum(len(item) for item in inputs)
+
+
 class DemoLLM(CustomLLM):
     """The LiteLLM handler behind the ``demo/`` provider.
 
@@ -574,6 +693,38 @@ class DemoLLM(CustomLLM):
                 await asyncio.sleep(per)
             yield chunk
 
+    def embedding(
+        self,
+        model: str,
+        input: list[str | list[int]],
+        model_response: EmbeddingResponse,
+        *args: Any,
+        optional_params: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> EmbeddingResponse:
+        spec = _resolve_embedding(model)
+        vectors, tokens = _embed(spec, list(input), optional_params or {})
+        time.sleep(spec.latency_ms / 1000 * latency_scale)
+        return _embedding_response(spec, vectors, tokens, model_response)
+
+    async def aembedding(
+        self,
+        model: str,
+        input: list[str | list[int]],
+        model_response: EmbeddingResponse,
+        *args: Any,
+        optional_params: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> EmbeddingResponse:
+        spec = _resolve_embedding(model)
+        inputs, params = list(input), optional_params or {}
+        if _size(inputs) > THREAD_ABOVE:
+            vectors, tokens = await asyncio.to_thread(_embed, spec, inputs, params)
+        else:
+            vectors, tokens = _embed(spec, inputs, params)
+        await asyncio.sleep(spec.latency_ms / 1000 * latency_scale)
+        return _embedding_response(spec, vectors, tokens, model_response)
+
 
 _handler = DemoLLM()
 
@@ -602,5 +753,19 @@ def register() -> None:
                 "supports_response_schema": True,
             }
             for spec in DEMO_MODELS.values()
+        }
+        | {
+            spec.litellm_name: {
+                "input_cost_per_token": spec.input_usd_per_mtok / 1e6,
+                "output_cost_per_token": 0.0,
+                "cache_creation_input_token_cost": 0.0,
+                "cache_read_input_token_cost": 0.0,
+                "max_tokens": spec.max_input_tokens,
+                "max_input_tokens": spec.max_input_tokens,
+                "output_vector_size": spec.dimensions,
+                "litellm_provider": PROVIDER,
+                "mode": "embedding",
+            }
+            for spec in DEMO_EMBEDDING_MODELS.values()
         }
     )

@@ -248,6 +248,9 @@ GATEWAY_ROUTES = {
     # Stores nothing: previous_response_id is a 400 and GET /v1/responses/<id> the catch-all's
     # 404, the same for every tenant (tests/routing/test_responses.py::test_tenants_are_isolated).
     "/v1/responses": "token-scoped; writes only the token's tenant's ledger row",
+    # Stores nothing; another tenant's own embedding model is the same 404 as an unknown one
+    # (tests/routing/test_embeddings.py::test_a_tenants_own_embedding_model_is_validated…).
+    "/v1/embeddings": "token-scoped; writes only the token's tenant's ledger row",
     "/v1/^(?P<path>.*)$": "the catch-all: an OpenAI-shaped 404",
 }
 NOT_TENANT_OBJECTS = (

@@ -224,15 +224,15 @@ async def test_models_lists_profiles_demo_and_allowed_models(api_token, tenant, 
         "cascade/quality_first",
         "cascade/fast",
     ]
-    demo_models = ["demo/small", "demo/medium", "demo/large"]
+    demo_models = ["demo/small", "demo/medium", "demo/large", "demo/embed"]
 
     async def ids():
         response = await client.get("/v1/models", headers=auth)
         return [m["id"] for m in json.loads(response.content)["data"]]
 
     listed = await ids()
-    assert listed[:7] == presets + demo_models
-    assert {"fake/gpt", "fake/fallback"} <= set(listed)
+    assert listed[:8] == presets + demo_models
+    assert {"fake/gpt", "fake/fallback", "fake/embed"} <= set(listed)
 
     tenant.allowed_models = ["fake/gpt"]
     await tenant.asave(update_fields=["allowed_models"])

@@ -1,4 +1,4 @@
-"""An in-process HTTP server that speaks OpenAI's chat-completions wire format.
+"""An in-process HTTP server that speaks OpenAI's chat-completions and embeddings wire format.
 
 Tests point LiteLLM at it through ``api_base`` so the real OpenAI client path
 (HTTP, JSON, SSE, error mapping) runs end to end with no network. Behaviour is
@@ -6,8 +6,11 @@ set per model name: latency, an HTTP error status for the next N calls, a
 malformed body, a stream that dies half-way, an answer computed from the
 request (a judge that reads its prompt). ``n`` choices are answered as OpenAI
 does (indexes 0..n-1; the prompt counted once, every choice's completion tokens
-added up); a stream answers one (the gateway never streams several). Every
-request body is kept for assertions.
+added up); a stream answers one (the gateway never streams several). ``POST
+/embeddings`` answers one vector per input (``embedding_size`` floats, deterministic
+from the input, or ``dimensions`` of them when asked), in float or base64 as asked,
+with the behaviour's ``prompt_tokens`` as its usage. Every request body is kept for
+assertions.
 
 Also runs standalone for benchmarks: ``python -m tests.support.fake_upstream --port 9100``.
 """
@@ -16,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import json
+import struct
 import threading
 import time
 import uuid
@@ -46,6 +52,9 @@ class Behaviour:
     # The tool calls as a function of the request body (None: answer with content), e.g. a
     # model that calls a tool, then answers once the tool's result is in the conversation.
     calls: Callable[[dict], list[dict] | None] | None = None
+    embedding_size: int = 8  # floats per embedding, unless the request asks for dimensions
+    report_usage: bool = True  # False: an embeddings answer without usage
+    embeddings_missing: int = 0  # answer this many embeddings fewer than inputs
 
 
 @dataclass
@@ -81,7 +90,7 @@ class FakeUpstream:
         path = scope["path"]
         if scope["method"] == "GET" and path.endswith("/models"):
             return await _json(send, 200, {"object": "list", "data": []})
-        if scope["method"] != "POST" or not path.endswith("/chat/completions"):
+        if scope["method"] != "POST" or not path.endswith(("/chat/completions", "/embeddings")):
             return await _json(send, 404, _error("Not found", "not_found"))
         try:
             payload = json.loads(body)
@@ -106,6 +115,8 @@ class FakeUpstream:
             )
         if b.malformed:
             return await _json(send, 200, {"unexpected": True})
+        if path.endswith("/embeddings"):
+            return await _json(send, 200, _embeddings(payload, b))
         if b.reply is not None:
             b = replace(b, content=b.reply(payload), reply=None)
         if b.calls is not None:
@@ -237,6 +248,32 @@ def _completion(payload: dict, b: Behaviour) -> dict:
     }
 
 
+def fake_vector(item: Any, size: int) -> list[float]:
+    """The fake's deterministic vector for one input (not normalised: a fake)."""
+    seed = json.dumps(item)
+    return [round(((hash_of(f"{seed}#{i}") % 2000) - 1000) / 1000, 3) for i in range(size)]
+
+
+def hash_of(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def _embeddings(payload: dict, b: Behaviour) -> dict:
+    raw = payload.get("input")
+    inputs = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else raw
+    size = int(payload.get("dimensions") or b.embedding_size)
+    data = []
+    for index, item in enumerate(inputs[: len(inputs) - b.embeddings_missing]):
+        vector: Any = fake_vector(item, size)
+        if payload.get("encoding_format") == "base64":
+            vector = base64.b64encode(struct.pack(f"<{size}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    body: dict[str, Any] = {"object": "list", "data": data, "model": payload.get("model")}
+    if b.report_usage:
+        body["usage"] = {"prompt_tokens": b.prompt_tokens, "total_tokens": b.prompt_tokens}
+    return body
+
+
 def _error(message: str, code: str) -> dict:
     return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
 
@@ -286,5 +323,23 @@ def fake_models_config(api_base: str) -> dict:
             "api_base": api_base,
             **entry,
             "deployments": [{"model": "openai/primary"}, {"model": "openai/secondary"}],
+        },
+        # Embedding models: one that takes 'dimensions', one that falls back, one that fails.
+        "fake/embed": {
+            "model": "openai/embed-fake",
+            "api_base": api_base,
+            "api_key": "sk-fake",
+            "mode": "embedding",
+            "dimensions": 8,
+            "supports_dimensions": True,
+            "input_usd_per_mtok": 0.1,
+        },
+        "fake/embed-fallback": {
+            "model": "openai/embed-primary",
+            "api_base": api_base,
+            "api_key": "sk-fake",
+            "mode": "embedding",
+            "input_usd_per_mtok": 0.1,
+            "deployments": [{"model": "openai/embed-primary"}, {"model": "openai/embed-secondary"}],
         },
     }
