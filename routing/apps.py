@@ -11,9 +11,9 @@ class RoutingConfig(AppConfig):
         from django.conf import settings  # noqa: PLC0415
         from django.core.signals import setting_changed  # noqa: PLC0415
 
-        from routing import catalog  # noqa: PLC0415
+        from routing import platform_models  # noqa: PLC0415
         from routing.providers import demo  # noqa: PLC0415
 
         demo.register()
         demo.latency_scale = settings.CASCADEFLOW_DEMO_LATENCY_SCALE
-        setting_changed.connect(catalog.reset_on_setting_change)
+        setting_changed.connect(platform_models.reset_on_setting_change)

@@ -63,7 +63,6 @@ from django.utils import timezone
 
 from core import outbox
 from core.db import retry_transient
-from routing.catalog import model_catalog
 from routing.enforcement import DEFAULT_OUTPUT_CAP, Enforcement, Settlement, settle
 from routing.engine import learning, tracing
 from routing.engine.agent import _draft_of, draft_params
@@ -82,6 +81,7 @@ from routing.engine.signals import Draft, extract
 from routing.engine.types import Attempt, ModelSpec
 from routing.enums import AuditSkip, AuditStatus, UsageKind, UsageStatus
 from routing.models import Audit, ProfileLearning, RoutingProfile
+from routing.platform_models import model_catalog
 from routing.selectors import (
     PROFILE_PREFIX,
     audit_spend_this_month,

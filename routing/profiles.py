@@ -36,11 +36,11 @@ from typing import Any
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
 
-from routing.catalog import model_catalog
 from routing.engine.complexity import DOMAINS
 from routing.engine.policy import PRESETS
 from routing.engine.types import CHAT, EMBEDDING
 from routing.models import RoutingProfile, TenantProviderModel
+from routing.platform_models import model_catalog
 from tenants.models import Tenant
 from tenants.services import audit_record
 

@@ -37,13 +37,13 @@ from django.conf import settings
 from django.db import connection
 
 from core.db import as_datetime, as_json, fetch_one
-from routing.catalog import model_catalog, models_allowed
 from routing.engine import learning
 from routing.engine.agent import Route
 from routing.engine.policy import PRESETS, Calibration
 from routing.engine.types import CHAT, ModelSpec
 from routing.errors import GatewayError, forbidden
 from routing.models import CalibrationVersion, ProfileLearning, RoutingProfile
+from routing.platform_models import model_catalog, models_allowed
 from routing.profiles import AUDIT_DEFAULTS, NO_JUDGE, profile_problems
 from routing.tenant_models import is_tenant_model, tenant_specs
 from tenants.selectors import TokenContext

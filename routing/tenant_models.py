@@ -37,12 +37,12 @@ from django.db.models import F
 from django.utils import timezone
 
 from core import crypto, netguard
-from routing.catalog import model_catalog
 from routing.engine.pricing import ModelPrice, litellm_price
 from routing.engine.resilience import Caller, Failure, UpstreamError
 from routing.engine.types import EMBEDDING, Deployment, ModelSpec
 from routing.enums import ModelMode
 from routing.models import TenantProviderModel
+from routing.platform_models import model_catalog
 from tenants.models import Tenant
 from tenants.services import audit_record
 

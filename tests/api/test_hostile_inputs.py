@@ -21,9 +21,9 @@ from django.test import AsyncClient
 from django.urls import URLPattern, URLResolver, get_resolver
 from rest_framework.test import APIClient
 
-from routing.catalog import model_catalog
 from routing.enums import UsageStatus
 from routing.models import UsageEvent
+from routing.platform_models import model_catalog
 from routing.schemas import MAX_OUTPUT_TOKENS
 from tenants.api_base import TenantAPIView
 from tenants.enums import BudgetPeriod, BudgetScope

@@ -4,10 +4,10 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from routing.catalog import model_catalog
 from routing.engine.policy import PRESETS
 from routing.engine.types import Deployment, ModelSpec
 from routing.models import RoutingProfile
+from routing.platform_models import model_catalog
 from routing.providers import replay
 from tenants.services import audit_record
 

@@ -1,4 +1,6 @@
-"""The process's model catalog, built from settings once and rebuilt when they change."""
+"""The platform's models: the catalog built from settings (``CASCADEFLOW_MODELS``), once per
+process and rebuilt when they change, and which of them a tenant may call. Its format
+is ``routing.providers.catalog``'s; a tenant's own models are ``routing.tenant_models``."""
 
 import json
 from functools import lru_cache
