@@ -11,6 +11,7 @@ import base64
 import json
 import math
 import struct
+import threading
 
 import openai
 import pytest
@@ -197,8 +198,6 @@ async def test_a_large_batch_is_served_and_the_demo_model_works_off_the_event_lo
     original = demo._embed
 
     def spy(*args):
-        import threading
-
         threaded.append(threading.current_thread() is not threading.main_thread())
         return original(*args)
 
