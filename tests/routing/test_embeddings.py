@@ -813,12 +813,7 @@ async def test_an_embeddings_request_is_one_trace_with_the_genai_attributes(span
 
 @pytest.fixture
 def client(cascadeflow_server):
-    return openai.OpenAI(
-        base_url=f"{cascadeflow_server.base_url}/v1",
-        api_key=cascadeflow_server.token,
-        max_retries=0,
-        timeout=30,
-    )
+    return cascadeflow_server.openai_client()
 
 
 def ledger_row(server, request_id):

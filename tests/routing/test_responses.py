@@ -1068,12 +1068,7 @@ async def test_tenants_are_isolated(api_token, other_api_token):
 
 @pytest.fixture
 def client(cascadeflow_server):
-    return openai.OpenAI(
-        base_url=f"{cascadeflow_server.base_url}/v1",
-        api_key=cascadeflow_server.token,
-        max_retries=0,
-        timeout=30,
-    )
+    return cascadeflow_server.openai_client()
 
 
 def ledger_row(server, request_id):

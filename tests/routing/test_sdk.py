@@ -12,12 +12,7 @@ from tests.support.fake_upstream import Behaviour
 
 @pytest.fixture
 def client(cascadeflow_server):
-    return openai.OpenAI(
-        base_url=f"{cascadeflow_server.base_url}/v1",
-        api_key=cascadeflow_server.token,
-        max_retries=0,
-        timeout=30,
-    )
+    return cascadeflow_server.openai_client()
 
 
 def ledger_row(cascadeflow_server, request_id):

@@ -148,6 +148,15 @@ class LiveServer:
         assert self._tmp is not None
         return (Path(self._tmp.name) / "server.log").read_text()
 
+    def openai_client(self):
+        """The official SDK pointed at this server with its token (no retries: a test
+        sees the first answer)."""
+        import openai
+
+        return openai.OpenAI(
+            base_url=f"{self.base_url}/v1", api_key=self.token, max_retries=0, timeout=30
+        )
+
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
         """Read the server's database directly (``%s`` placeholders)."""
         if self.backend == "postgresql":
