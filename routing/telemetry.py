@@ -9,6 +9,10 @@ service name, resource attributes, headers, sampling and batching come from
 the variables the SDK reads itself (``OTEL_SERVICE_NAME``,
 ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``…).
 
+Spans are encoded and sent by an exporter process (``routing.span_export``), so
+the serving process only creates them; ``CASCADEFLOW_TRACES_EXPORT_PROCESS=false``
+keeps the SDK's exporter thread in the serving process instead.
+
 Off, nothing is imported and no span object is created
 (``routing.engine.tracing``). On, each request is one trace: the gateway's
 server span (``chat <model>``), its admission, every upstream call and quality
@@ -57,11 +61,33 @@ def configure() -> None:
 
     service = os.environ.get("OTEL_SERVICE_NAME", "cascadeflow")
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(BatchSpanProcessor(_exporter()))
+    exporter: Any
+    if export_in_process():
+        exporter = otlp_exporter()
+    else:
+        from routing.span_export import ForwardingExporter  # noqa: PLC0415 - the OpenTelemetry SDK is imported only when tracing is on
+
+        exporter = ForwardingExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     tracing.enable(trace.get_tracer("cascadeflow"))
     _configured = True
-    logger.info("Tracing on: OpenTelemetry spans exported over %s", _protocol())
+    logger.info(
+        "Tracing on: OpenTelemetry spans exported over %s by %s",
+        _protocol(),
+        "this process" if export_in_process() else "an exporter process",
+    )
+
+
+def export_in_process() -> bool:
+    """``CASCADEFLOW_TRACES_EXPORT_PROCESS=false``: the SDK's own thread encodes and sends
+    the spans (as in any OpenTelemetry application) instead of an exporter process."""
+    return os.environ.get("CASCADEFLOW_TRACES_EXPORT_PROCESS", "true").strip().lower() in {
+        "0",
+        "false",
+        "no",
+        "off",
+    }
 
 
 def _protocol() -> str:
@@ -73,7 +99,9 @@ def _protocol() -> str:
     ).strip()
 
 
-def _exporter() -> Any:
+def otlp_exporter() -> Any:
+    """The exporter the ``OTEL_*`` variables name (it reads its endpoint, headers, timeout
+    and compression from them itself)."""
     if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter  # noqa: PLC0415 - only the exporter configured is imported
 
