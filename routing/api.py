@@ -50,20 +50,7 @@ class ProfileSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = RoutingProfile
-        fields = [
-            "id",
-            "name",
-            "preset",
-            "chain",
-            "threshold_offset",
-            "domain_routes",
-            "audits_enabled",
-            "audit_rate_floor",
-            "judge_model",
-            "reference_model",
-            "created_at",
-            "updated_at",
-        ]
+        fields = ["id", *profiles.EDITABLE, "created_at", "updated_at"]
         read_only_fields = ["id", "created_at", "updated_at"]
         extra_kwargs = {
             "threshold_offset": {

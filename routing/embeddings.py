@@ -28,10 +28,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from core import strictjson
 from routing.engine.types import Embeddings
 from routing.errors import bad_request
-from routing.schemas import MAX_MODEL_LENGTH, MAX_USER_LENGTH
+from routing.schemas import MAX_USER_LENGTH, json_object, model_name
 
 MAX_INPUTS = 2048  # OpenAI's own bound on inputs per request
 MAX_TOKEN_ID = 2**31 - 1
@@ -116,22 +115,8 @@ def _inputs(value: Any) -> list[str] | list[list[int]]:
 
 
 def parse_embedding_request(body: bytes) -> EmbeddingRequest:
-    try:
-        data = strictjson.loads(body)
-    except strictjson.InvalidJSON as exc:
-        if exc.path is not None:
-            raise bad_request(exc.message, param=exc.path) from None
-        raise bad_request(exc.message, code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise bad_request("The request body must be a JSON object.", code="invalid_json")
-
-    model = data.get("model")
-    if not isinstance(model, str) or not model.strip() or len(model) > MAX_MODEL_LENGTH:
-        raise bad_request(
-            f"'model' is required and must be a non-empty string of at most "
-            f"{MAX_MODEL_LENGTH} characters.",
-            param="model",
-        )
+    data = json_object(body)
+    model = model_name(data)
     if "input" not in data or data["input"] is None:
         raise bad_request("'input' is required.", param="input")
     inputs = _inputs(data["input"])

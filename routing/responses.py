@@ -33,13 +33,13 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from core import strictjson
 from routing.errors import GatewayError, bad_request
 from routing.schemas import (
     MAX_NAME_LENGTH,
     MAX_OUTPUT_TOKENS,
     MAX_TOOLS,
     ChatRequest,
+    json_object,
     parse_chat_request,
 )
 
@@ -135,14 +135,7 @@ def _name(value: Any) -> str:
 
 
 def parse_responses_request(body: bytes) -> ResponsesRequest:
-    try:
-        data = strictjson.loads(body)
-    except strictjson.InvalidJSON as exc:
-        if exc.path is not None:
-            raise bad_request(exc.message, param=exc.path) from None
-        raise bad_request(exc.message, code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    data = json_object(body)
     for key in data:
         if key not in KNOWN_PARAMETERS:
             raise bad_request(

@@ -78,7 +78,8 @@ class ChatRequest:
         return self.params.get("max_completion_tokens") or self.params.get("max_tokens")
 
 
-def parse_chat_request(body: bytes) -> ChatRequest:
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object (strict: no duplicate keys, no NaN)."""
     try:
         data = strictjson.loads(body)
     except strictjson.InvalidJSON as exc:
@@ -87,7 +88,11 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         raise bad_request(exc.message, code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    return data
 
+
+def model_name(data: dict[str, Any]) -> str:
+    """The request's ``model``: a non-empty string the ledger can hold."""
     model = data.get("model")
     if not isinstance(model, str) or not model.strip() or len(model) > MAX_MODEL_LENGTH:
         raise bad_request(
@@ -95,6 +100,12 @@ def parse_chat_request(body: bytes) -> ChatRequest:
             f"{MAX_MODEL_LENGTH} characters.",
             param="model",
         )
+    return model
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    data = json_object(body)
+    model = model_name(data)
 
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:

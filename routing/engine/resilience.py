@@ -354,7 +354,9 @@ class Caller:
                 await self._backoff(n)
             started = time.perf_counter()
             with tracing.span(
-                f"chat {spec.name}", _call_attributes(spec, deployment, kwargs, role), client=True
+                f"chat {spec.name}",
+                _call_attributes(spec, deployment, kwargs, role, "chat"),
+                client=True,
             ) as span:
                 try:
                     call = self._kwargs(deployment, kwargs)
@@ -428,7 +430,9 @@ class Caller:
             attempts.append(attempt)
             # Ended when the stream is settled (its usage known): see CascadeStream.
             span = tracing.start(
-                f"chat {spec.name}", _call_attributes(spec, deployment, call, role), client=True
+                f"chat {spec.name}",
+                _call_attributes(spec, deployment, call, role, "chat"),
+                client=True,
             )
             return Stream(spec, deployment, first, iterator, started, attempt, span)
         raise UpstreamError(
@@ -449,7 +453,7 @@ class Caller:
             started = time.perf_counter()
             with tracing.span(
                 f"embeddings {spec.name}",
-                _embedding_attributes(spec, deployment, kwargs, role),
+                _call_attributes(spec, deployment, kwargs, role, "embeddings"),
                 client=True,
             ) as span:
                 try:
@@ -532,20 +536,26 @@ def _failed(
 
 
 def _call_attributes(
-    spec: ModelSpec, deployment: Deployment, kwargs: dict[str, Any], role: str
+    spec: ModelSpec, deployment: Deployment, kwargs: dict[str, Any], role: str, operation: str
 ) -> dict[str, Any]:
+    """The client span of one upstream call (``operation``: ``chat`` or ``embeddings``)."""
     if not tracing.enabled():
         return {}
-    return {
-        "gen_ai.operation.name": "chat",
+    attributes: dict[str, Any] = {
+        "gen_ai.operation.name": operation,
         "gen_ai.system": tracing.provider_of(deployment.litellm_model),
         "gen_ai.request.model": spec.name,
-        "gen_ai.request.max_tokens": kwargs.get("max_completion_tokens")
-        or kwargs.get("max_tokens"),
-        "gen_ai.request.temperature": kwargs.get("temperature"),
         "cascadeflow.deployment": deployment.label,
         "cascadeflow.role": role,
     }
+    if operation == "embeddings":
+        attributes["gen_ai.embeddings.dimension.count"] = kwargs.get("dimensions")
+    else:
+        attributes["gen_ai.request.max_tokens"] = kwargs.get("max_completion_tokens") or kwargs.get(
+            "max_tokens"
+        )
+        attributes["gen_ai.request.temperature"] = kwargs.get("temperature")
+    return attributes
 
 
 # What a custom LiteLLM provider is asked for as OpenAI's ``dimensions`` (see ``Caller.embed``).
@@ -564,21 +574,6 @@ def _pass_dimensions(call: dict[str, Any], litellm_model: str) -> None:
         call[CUSTOM_DIMENSIONS] = call.pop("dimensions")
     else:
         call["allowed_openai_params"] = ["dimensions"]
-
-
-def _embedding_attributes(
-    spec: ModelSpec, deployment: Deployment, kwargs: dict[str, Any], role: str
-) -> dict[str, Any]:
-    if not tracing.enabled():
-        return {}
-    return {
-        "gen_ai.operation.name": "embeddings",
-        "gen_ai.system": tracing.provider_of(deployment.litellm_model),
-        "gen_ai.request.model": spec.name,
-        "gen_ai.embeddings.dimension.count": kwargs.get("dimensions"),
-        "cascadeflow.deployment": deployment.label,
-        "cascadeflow.role": role,
-    }
 
 
 def _response_attributes(response: Any, attempt: Attempt) -> dict[str, Any]:

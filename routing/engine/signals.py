@@ -138,9 +138,21 @@ def safe_eval(expr: str) -> float | None:
     cleaned = re.sub(r"(?<=[\d)])\s*x\s*(?=[\d(])", "*", cleaned)
     cleaned = re.sub(r"(\d+(?:\.\d+)?)\s*%", r"(\1/100)", cleaned)
 
-    def ev(node: ast.AST) -> float:
+    value = arithmetic(cleaned)
+    try:
+        return None if value is None else float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+
+
+def arithmetic(expr: str) -> int | float | None:
+    """The value of plain arithmetic in Python's syntax (numbers, ``+ - * / **``, signs,
+    exponents of at most 12); None when ``expr`` is anything else or has no real value.
+    Integers stay exact."""
+
+    def ev(node: ast.AST) -> Any:
         if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-            return float(node.value)
+            return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
             left, right = ev(node.left), ev(node.right)
             if isinstance(node.op, ast.Pow) and abs(right) > 12:
@@ -151,9 +163,10 @@ def safe_eval(expr: str) -> float | None:
         raise ValueError
 
     try:
-        return ev(ast.parse(cleaned.strip(), mode="eval").body)
+        value = ev(ast.parse(expr.strip(), mode="eval").body)
     except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, TypeError):
         return None
+    return value if isinstance(value, int | float) else None  # not a complex root
 
 
 def _close(a: float, b: float, rel: float) -> bool:

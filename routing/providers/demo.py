@@ -19,25 +19,24 @@ No Django imports: the engine, the tests and the benchmarks use it alone.
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import hashlib
 import json
 import math
-import operator
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import litellm
 from litellm.llms.custom_llm import CustomLLM, CustomLLMError
 from litellm.types.llms.openai import ChatCompletionUsageBlock
 from litellm.types.utils import EmbeddingResponse, GenericStreamingChunk, ModelResponse
 
+from routing.engine.signals import arithmetic
 from routing.engine.types import Message
 
 PROVIDER = "demo"
@@ -163,39 +162,11 @@ def answers_correctly(model: DemoModel, text: str) -> bool:
 
 # --- answer builders ------------------------------------------------------------
 
-_BINARY_OPS: dict[type[ast.operator], Callable[[float, float], float]] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.Pow: operator.pow,
-}
-_UNARY_OPS: dict[type[ast.unaryop], Callable[[float], float]] = {
-    ast.USub: operator.neg,
-    ast.UAdd: operator.pos,
-}
-
 
 def _eval_arith(expr: str) -> float | None:
     expr = expr.replace("\u00d7", "*").replace("\u00f7", "/").replace("^", "**")
     expr = re.sub(r"(?<=\d)\s*x\s*(?=[\d(])", "*", expr)
-
-    def ev(node: ast.AST) -> float:
-        if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
-            left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 12:
-                raise ValueError("exponent too large")
-            return _BINARY_OPS[type(node.op)](left, right)
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
-            return _UNARY_OPS[type(node.op)](ev(node.operand))
-        raise ValueError("unsupported")
-
-    try:
-        return ev(ast.parse(expr.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError):
-        return None
+    return arithmetic(expr)
 
 
 def _fmt_number(value: float) -> str:
@@ -409,14 +380,21 @@ def _count_tokens(
     return count
 
 
-def _resolve(model: str) -> DemoModel:
-    name = model.split("/", 1)[-1]
+_Spec = TypeVar("_Spec")
+
+
+def _named(catalog: Mapping[str, _Spec], model: str, unknown: str) -> _Spec:
+    """The entry of ``catalog`` LiteLLM's ``demo/<name>`` names, or the provider's 404."""
     try:
-        return DEMO_MODELS[name]
+        return catalog[model.split("/", 1)[-1]]
     except KeyError:
         raise CustomLLMError(  # type: ignore[no-untyped-call]  # litellm's __init__ is untyped
-            status_code=404, message=f"Unknown demo model '{model}'."
+            status_code=404, message=unknown
         ) from None
+
+
+def _resolve(model: str) -> DemoModel:
+    return _named(DEMO_MODELS, model, f"Unknown demo model '{model}'.")
 
 
 def _latency(model: DemoModel, completion_tokens: int) -> tuple[float, float]:
@@ -516,13 +494,7 @@ def _embedding_response(
 
 
 def _resolve_embedding(model: str) -> DemoEmbeddingModel:
-    name = model.split("/", 1)[-1]
-    try:
-        return DEMO_EMBEDDING_MODELS[name]
-    except KeyError:
-        raise CustomLLMError(  # type: ignore[no-untyped-call]  # litellm's __init__ is untyped
-            status_code=404, message=f"'{model}' is not a demo embedding model."
-        ) from None
+    return _named(DEMO_EMBEDDING_MODELS, model, f"'{model}' is not a demo embedding model.")
 
 
 def _size(inputs: list[str | list[int]]) -> int:
