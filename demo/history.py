@@ -644,15 +644,7 @@ def _replay_budget_status(
             decision = BudgetDecision.most_severe(decision, level)
             after = before + cost
             spent[key] = after
-            for name, pct in (
-                (BudgetDecision.WARN, line.warn_pct),
-                (BudgetDecision.DEGRADE, line.degrade_pct),
-            ):
-                if before < line.limit_nanos * pct / 100 <= after:
-                    crossing = Crossing(
-                        line.budget_id, line.subject_id, start, name, after, line.limit_nanos
-                    )
-                    crossings.append((crossing, at))
+            crossings += [(crossing, at) for crossing in line.crossings(before, after, start)]
         if entry is not None:
             entry.budget_status = decision
     return crossings

@@ -105,6 +105,18 @@ class BudgetLine:
             used_nanos, self.limit_nanos, (self.warn_pct, self.degrade_pct, self.block_pct)
         )
 
+    def crossings(self, before: int, after: int, period_start: datetime) -> list[Crossing]:
+        """The thresholds a spend from ``before`` to ``after`` nano-dollars moved across."""
+        return [
+            Crossing(self.budget_id, self.subject_id, period_start, level, after, self.limit_nanos)
+            for level, pct in (
+                (BudgetDecision.WARN, self.warn_pct),
+                (BudgetDecision.DEGRADE, self.degrade_pct),
+                (BudgetDecision.BLOCK, self.block_pct),
+            )
+            if before < self.limit_nanos * pct / 100 <= after
+        ]
+
 
 def threshold_level(used_nanos: int, limit_nanos: int, thresholds: tuple[int, int, int]) -> str:
     """allow / warn / degrade / block: the highest threshold ``used_nanos`` has reached."""
@@ -661,25 +673,10 @@ def _crossings(rows, by_budget: dict, actual_nanos: int) -> list[Crossing]:
     crossings = []
     for budget_id, subject_id, period_start, spent in rows:
         line = by_budget.get((budget_id, subject_id))
-        if line is None:
-            continue
-        before, after = int(spent) - actual_nanos, int(spent)
-        for level, pct in (
-            (BudgetDecision.WARN, line.warn_pct),
-            (BudgetDecision.DEGRADE, line.degrade_pct),
-            (BudgetDecision.BLOCK, line.block_pct),
-        ):
-            if before < line.limit_nanos * pct / 100 <= after:
-                crossings.append(
-                    Crossing(
-                        budget_id,
-                        subject_id,
-                        as_datetime(period_start),
-                        level,
-                        after,
-                        line.limit_nanos,
-                    )
-                )
+        if line is not None:
+            crossings += line.crossings(
+                int(spent) - actual_nanos, int(spent), as_datetime(period_start)
+            )
     return crossings
 
 

@@ -26,6 +26,7 @@ from tenants.api_base import not_found
 from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import ApiToken, Budget, BudgetAlert, EndUser, Tenant
 from tenants.services import token_create
+from tests.factories import UsageEventFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -85,12 +86,10 @@ MAKERS = {
     RoutingProfile: lambda t: RoutingProfile.objects.create(
         tenant=t, name="theirs", chain=["demo/small"]
     ),
-    UsageEvent: lambda t: UsageEvent.objects.create(
+    UsageEvent: lambda t: UsageEventFactory(
         tenant=t,
         request_id=f"req_theirs_{t.pk}",
         created_at=datetime(2026, 11, 20, tzinfo=UTC),
-        requested_model="demo/small",
-        status="ok",
     ),
     ExportJob: _export_job,
     BudgetAlert: lambda t: BudgetAlert.objects.create(

@@ -6,11 +6,12 @@ import pytest
 from rest_framework.test import APIClient
 
 from routing.engine.learning import Verdict
-from routing.models import Audit, CalibrationVersion, RoutingProfile, UsageEvent
+from routing.models import Audit, CalibrationVersion, RoutingProfile
 from routing.targets import chain_key
 from tenants.enums import Scope
 from tenants.models import AuditEvent
 from tenants.services import token_create
+from tests.factories import UsageEventFactory
 from tests.routing.learning_fixtures import accepting_version, store_observations
 
 pytestmark = pytest.mark.django_db
@@ -33,13 +34,12 @@ def api(tenant):
 
 
 def ledger(tenant, request_id, *, kind="request", cost=0, baseline=0, **values):
-    return UsageEvent.objects.create(
+    return UsageEventFactory(
         tenant=tenant,
         request_id=request_id,
         created_at=values.pop("created_at", DAY),
         requested_model=values.pop("profile", BALANCED),
         profile=BALANCED,
-        status="ok",
         kind=kind,
         cost_nanos=cost,
         baseline_cost_nanos=baseline,

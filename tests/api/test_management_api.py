@@ -12,6 +12,7 @@ from routing.models import RoutingProfile, UsageEvent
 from tenants.enums import Scope
 from tenants.models import Budget, EndUser, EndUserTier
 from tenants.services import token_create
+from tests.factories import UsageEventFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -230,17 +231,15 @@ def test_end_user_tier_and_profiles(api_token, tenant):
 def ledger(tenant, n=5, **extra):
     base = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
     for i in range(n):
-        UsageEvent.objects.create(
+        UsageEventFactory(
             tenant=tenant,
             request_id=f"req_{tenant.slug}_{i}_{extra.get('requested_model', 'm')}",
             created_at=base + timedelta(minutes=i),
             requested_model=extra.get("requested_model", "demo/small"),
             model=extra.get("model", "demo/small"),
             models_called=["demo/small"],
-            status="ok",
             cost_nanos=1_234_567 + i,
             baseline_cost_nanos=9_000_001,
-            prompt_tokens=10,
             completion_tokens=5,
         )
 
@@ -295,13 +294,12 @@ def test_csv_header_and_row_round_trip_to_the_nano_dollar(api_token, tenant):
 
 def test_csv_neutralises_formula_injection(api_token, tenant):
     alice = EndUser.objects.create(tenant=tenant, external_id='=HYPERLINK("http://evil")')
-    UsageEvent.objects.create(
+    UsageEventFactory(
         tenant=tenant,
         end_user=alice,
         request_id="req_evil",
         requested_model="@SUM(A1)",
         created_at=datetime(2026, 11, 20, tzinfo=UTC),
-        status="ok",
     )
 
     response = api(api_token.raw).get("/api/v1/usage/export.csv?start=2026-11-20&end=2026-11-21")

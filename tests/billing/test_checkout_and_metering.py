@@ -11,7 +11,7 @@ from billing.models import TenantSubscription, UsageReport
 from billing.tasks import usage_report
 from routing.models import UsageEvent
 from tenants.enums import MemberRole
-from tests.factories import MemberFactory, UserFactory
+from tests.factories import MemberFactory, UsageEventFactory, UserFactory
 from tests.support.fake_stripe import FakeStripe
 
 pytestmark = pytest.mark.django_db
@@ -114,13 +114,12 @@ def test_a_deactivated_tenant_is_not_found_even_by_its_owner(
 def events(tenant, hours_ago, nanos, n=3):
     when = timezone.now() - timedelta(hours=hours_ago)
     for i in range(n):
-        UsageEvent.objects.create(
+        UsageEventFactory(
             tenant=tenant,
             request_id=f"req_{hours_ago}_{i}_{nanos}",
             created_at=when,
-            requested_model="demo/small",
-            status="ok",
             cost_nanos=nanos,
+            baseline_cost_nanos=0,
         )
 
 
@@ -170,13 +169,13 @@ def test_what_the_tenants_own_keys_paid_is_billed_only_if_its_plan_says(
     events(tenant, hours_ago=3, nanos=50 * NANOS_PER_CENT)  # 3 x 50 cents on the platform
     when = timezone.now() - timedelta(hours=3)
     for i in range(2):  # 2 x 80 cents, of which the tenant's own key paid 60
-        UsageEvent.objects.create(
+        UsageEventFactory(
             tenant=tenant,
             request_id=f"req_byok_{i}",
             created_at=when,
             requested_model="acme/own",
-            status="ok",
             cost_nanos=80 * NANOS_PER_CENT,
+            baseline_cost_nanos=0,
             byok_cost_nanos=60 * NANOS_PER_CENT,
         )
     usage_report.apply(args=[tenant.pk], throw=True)

@@ -21,8 +21,8 @@ from billing.exports import (
     rows,
     safe,
 )
-from routing.models import UsageEvent
 from tenants.models import EndUser
+from tests.factories import UsageEventFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -78,7 +78,7 @@ def hostile_ledger(tenant):
     """One request per hostile value, used as end user, model and profile at once."""
     for i, value in enumerate(HOSTILE):
         end_user = EndUser.objects.create(tenant=tenant, external_id=value) if value else None
-        UsageEvent.objects.create(
+        UsageEventFactory(
             tenant=tenant,
             end_user=end_user,
             request_id=f"req_{i}",
@@ -87,7 +87,6 @@ def hostile_ledger(tenant):
             model=value,
             models_called=[value, "demo/large"],
             profile=value,
-            status="ok",
             cost_nanos=1_000 + i,
             baseline_cost_nanos=5_000,
             prompt_tokens=3,

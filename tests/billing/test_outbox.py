@@ -29,12 +29,11 @@ from billing.tasks import (
     stripe_events_sweep,
 )
 from core import outbox
-from routing.models import UsageEvent
 from tenants.enums import MemberRole
 from tenants.models import Tier
 from tenants.services import tier_ensure_defaults
 from tests.billing.test_webhooks import SECRET, deliver, event, product
-from tests.factories import member_login
+from tests.factories import UsageEventFactory, member_login
 from tests.support.broker import broker_down
 from tests.support.live_server import LiveServer, free_port
 from tests.support.services import skip_or_fail
@@ -246,14 +245,12 @@ def test_a_sweep_while_the_broker_is_still_down_loses_nothing(client, dispatches
 def ledger(tenant, n=3):
     base = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
     for i in range(n):
-        UsageEvent.objects.create(
+        UsageEventFactory(
             tenant=tenant,
             request_id=f"req_outbox_{i}",
             created_at=base + timedelta(minutes=i),
-            requested_model="demo/small",
-            model="demo/small",
-            status="ok",
             cost_nanos=1_000 + i,
+            baseline_cost_nanos=0,
         )
 
 

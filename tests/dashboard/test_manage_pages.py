@@ -8,7 +8,6 @@ import pytest
 from django.utils import timezone
 
 from billing.models import ExportJob
-from routing.models import UsageEvent
 from tenants.budgets import period_bounds
 from tenants.enums import BudgetPeriod, BudgetScope, MemberRole, Scope
 from tenants.models import (
@@ -20,7 +19,7 @@ from tenants.models import (
     EndUserTier,
 )
 from tenants.services import budget_create, token_create, token_hash
-from tests.factories import EndUserFactory, TierFactory
+from tests.factories import EndUserFactory, TierFactory, UsageEventFactory
 from tests.factories import member_login as login
 
 pytestmark = pytest.mark.django_db
@@ -41,13 +40,12 @@ def budget(tenant, limit_nanos=10 * 10**9, **kwargs):
 
 
 def usage(tenant, request_id, created_at, cost_nanos=1_000_000):
-    return UsageEvent.objects.create(
+    return UsageEventFactory(
         tenant=tenant,
         request_id=request_id,
         created_at=created_at,
-        requested_model="demo/small",
-        status="ok",
         cost_nanos=cost_nanos,
+        baseline_cost_nanos=0,
     )
 
 
@@ -540,7 +538,7 @@ def test_grouped_and_focus_exports(client, tenant):
     )
 
     assert grouped[0][0] == "group"
-    assert grouped[1][:3] == ["model", "", "2"]
+    assert grouped[1][:3] == ["model", "demo/small", "2"]
     assert focus[0][0] == "ChargePeriodStart"
     assert len(focus) == 3
 

@@ -10,7 +10,7 @@ from routing.models import UsageEvent
 from tenants.budgets import period_bounds
 from tenants.enums import BudgetPeriod, BudgetScope, MemberRole
 from tenants.models import Budget, BudgetCounter
-from tests.factories import EndUserFactory, MemberFactory, UserFactory
+from tests.factories import EndUserFactory, MemberFactory, UsageEventFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -29,7 +29,7 @@ def seed(tenant, days=10, per_day=6, end_user=None):
     for d in range(days):
         for i in range(per_day):
             n += 1
-            UsageEvent.objects.create(
+            UsageEventFactory(
                 tenant=tenant,
                 request_id=f"{tenant.slug}-{d}-{i}",
                 created_at=now - timedelta(days=d, minutes=7 * i + 1),
@@ -37,7 +37,6 @@ def seed(tenant, days=10, per_day=6, end_user=None):
                 model="demo/large" if i % 3 == 0 else "demo/small",
                 models_called=["demo/small", "demo/large"] if i % 3 == 0 else ["demo/small"],
                 escalated=i % 3 == 0,
-                status="ok",
                 cost_nanos=2_000_000,
                 baseline_cost_nanos=10_000_000,
                 profile="balanced",

@@ -5,10 +5,11 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from routing.models import Audit, CalibrationVersion, RoutingProfile, UsageEvent
+from routing.models import Audit, CalibrationVersion, RoutingProfile
 from routing.targets import chain_key
 from tenants.enums import MemberRole
 from tenants.models import AuditEvent
+from tests.factories import UsageEventFactory
 from tests.factories import member_login as login
 from tests.routing.learning_fixtures import accepting_version
 
@@ -22,13 +23,13 @@ def url(tenant, path=""):
 
 
 def ledger(tenant, request_id, *, kind="request", cost=0, profile=BALANCED, **values):
-    return UsageEvent.objects.create(
+    values.setdefault("baseline_cost_nanos", 0)
+    return UsageEventFactory(
         tenant=tenant,
         request_id=request_id,
         created_at=values.pop("created_at", timezone.now() - timedelta(hours=2)),
         requested_model=profile,
         profile=profile,
-        status="ok",
         kind=kind,
         cost_nanos=cost,
         **values,

@@ -7,7 +7,7 @@ from dashboard.models import DailyUsage, HourlyUsage, RollupState
 from dashboard.rollups import rollup_all, rollup_tenant
 from dashboard.selectors import end_user_lines, hourly_points, minute_points
 from routing.models import UsageEvent
-from tests.factories import EndUserFactory
+from tests.factories import EndUserFactory, UsageEventFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -28,9 +28,7 @@ def event(tenant, at, cost=1_000, **kw):
         latency_ms=120,
     )
     defaults.update(kw)
-    return UsageEvent.objects.create(
-        tenant=tenant, request_id=f"r{next(_seq)}", created_at=at, **defaults
-    )
+    return UsageEventFactory(tenant=tenant, request_id=f"r{next(_seq)}", created_at=at, **defaults)
 
 
 def ledger_total(tenant, before):
