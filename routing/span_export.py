@@ -95,7 +95,11 @@ def _value(value: Any) -> Any:
 def _attributes(attributes: Any) -> dict[str, Any]:
     if not attributes:
         return {}
-    return {key: _value(value) for key, value in attributes.items()}
+    plain = dict(attributes)
+    for key, value in plain.items():
+        if type(value) not in _PLAIN:  # most values are: they are copied as they are
+            plain[key] = _value(value)
+    return plain
 
 
 def flatten(spans: Sequence[ReadableSpan]) -> bytes:
