@@ -70,6 +70,23 @@ FOCUS_COLUMNS = [
     "ConsumedUnit",
     "Tags",
 ]
+_LEDGER_FIELDS = (
+    "request_id",
+    "end_user__external_id",
+    "token__mask",
+    "profile",
+    "requested_model",
+    "models_called",
+    "escalated",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_nanos",
+    "baseline_cost_nanos",
+    "status",
+    "model",
+)
+# Ledger rows read per query of an export.
+EXPORT_PAGE_ROWS = 2000
 _FORMULA = ("=", "+", "-", "@")
 _CONTROL = ("\t", "\r")
 # The task's hard time limit; a job still running after it (and a grace) has lost its worker.
@@ -99,31 +116,11 @@ def _usd(nanos: int) -> str:
 
 
 def rows(*, tenant_id: int, start: datetime, end: datetime, focus: bool) -> Iterator[str]:
-    """The CSV, line by line, reading the ledger in chunks (constant memory)."""
+    """The CSV, line by line, reading the ledger in pages (constant memory)."""
     writer = csv.writer(_Echo(), lineterminator="\r\n")
     yield writer.writerow(FOCUS_COLUMNS if focus else COLUMNS)
-    events = (
-        UsageEvent.objects.filter(tenant_id=tenant_id, created_at__gte=start, created_at__lt=end)
-        .order_by("created_at", "id")
-        .values_list(
-            "created_at",
-            "request_id",
-            "end_user__external_id",
-            "token__mask",
-            "profile",
-            "requested_model",
-            "models_called",
-            "escalated",
-            "prompt_tokens",
-            "completion_tokens",
-            "cost_nanos",
-            "baseline_cost_nanos",
-            "status",
-            "model",
-        )
-    )
-    for row in events.iterator(chunk_size=2000):
-        (created, request_id, end_user, token, profile, requested, called, escalated,
+    for row in _ledger_pages(tenant_id=tenant_id, start=start, end=end):
+        (created, _id, request_id, end_user, token, profile, requested, called, escalated,
          prompt, completion, cost, baseline, status, model) = row  # fmt: skip
         timestamp = created.astimezone(UTC).isoformat()
         if focus:
@@ -165,6 +162,28 @@ def rows(*, tenant_id: int, start: datetime, end: datetime, focus: bool) -> Iter
                     safe(status),
                 ]
             )
+
+
+def _ledger_pages(*, tenant_id: int, start: datetime, end: datetime) -> Iterator[tuple]:
+    """The range's ledger rows in (created_at, id) order, one short query per page.
+
+    Each page starts after the last row of the one before (keyset), so no database
+    cursor stays open between pages: a server-side cursor would outlive its
+    transaction, which PgBouncer in transaction mode does not allow (the next
+    page may run on another server connection), and reading the range in one
+    client-side query would hold it all in memory.
+    """
+    ledger = UsageEvent.objects.filter(
+        tenant_id=tenant_id, created_at__gte=start, created_at__lt=end
+    ).order_by("created_at", "id")
+    page = ledger
+    while True:
+        batch = list(page.values_list("created_at", "id", *_LEDGER_FIELDS)[:EXPORT_PAGE_ROWS])
+        yield from batch
+        if len(batch) < EXPORT_PAGE_ROWS:
+            return
+        created, last_id = batch[-1][0], batch[-1][1]
+        page = ledger.filter(created_at__gte=created).exclude(created_at=created, id__lte=last_id)
 
 
 def parse_range(start: str | None, end: str | None) -> tuple[datetime, datetime]:

@@ -160,6 +160,34 @@ else:
     DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = env.int(
         "DJANGO_DB_CONNECT_TIMEOUT", default=3
     )
+
+
+def database_behind_pooler(database: dict) -> None:
+    """Settings for PostgreSQL reached through PgBouncer in transaction mode.
+
+    Each transaction may run on another server connection, so nothing may outlive
+    one: no server-side cursor outside a transaction (``QuerySet.iterator()``
+    declares one WITH HOLD in autocommit and fetches from it in later
+    transactions; without it the iterator reads its whole result at once) and no
+    prepared statement (psycopg 3 prepares a statement run often on one
+    connection; PgBouncer before 1.21 cannot route them; Django's default, kept
+    here so no OPTIONS in DATABASE_URL turns it back on).
+    """
+    if database["ENGINE"] != "django.db.backends.postgresql":
+        raise ImproperlyConfigured("DATABASE_POOLER needs a PostgreSQL DATABASE_URL.")
+    database["DISABLE_SERVER_SIDE_CURSORS"] = True
+    database.setdefault("OPTIONS", {})["prepare_threshold"] = None
+
+
+# "transaction" behind PgBouncer in transaction mode (docs/deployment.md); unset otherwise.
+DATABASE_POOLER = env.str("DATABASE_POOLER", default="")
+if DATABASE_POOLER not in ("", "transaction"):
+    raise ImproperlyConfigured(
+        f"DATABASE_POOLER={DATABASE_POOLER!r}: set it to 'transaction' behind PgBouncer in "
+        "transaction mode, or leave it unset."
+    )
+if DATABASE_POOLER:
+    database_behind_pooler(DATABASES["default"])
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis, cache, channels, Celery ---------------------------------------

@@ -1,4 +1,6 @@
+import getpass
 import uuid
+from urllib.parse import urlsplit
 
 import pytest
 from asgiref.sync import SyncToAsync
@@ -73,6 +75,58 @@ def _instant_demo_models():
     demo.latency_scale = 0.0
     yield
     demo.latency_scale = previous
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(django_db_setup):
+    """PgBouncer in transaction mode in front of the test PostgreSQL, for the session.
+
+    Started after the test database exists and stopped before it is dropped (its
+    server connections would keep the drop from happening)."""
+    from tests.support.live_server import PG_ADMIN_URL
+    from tests.support.pgbouncer import PgBouncer, pgbouncer_binary
+
+    database = django_settings.DATABASES["default"]
+    if database["ENGINE"] != "django.db.backends.postgresql":
+        skip_or_fail("PgBouncer tests need DATABASE_URL to name a PostgreSQL database")
+    if pgbouncer_binary() is None:
+        skip_or_fail("pgbouncer is not installed (apt-get install pgbouncer)")
+    users = {database["USER"] or getpass.getuser(), urlsplit(PG_ADMIN_URL).username or "postgres"}
+    bouncer = PgBouncer(
+        server_host=database["HOST"] or "127.0.0.1",
+        server_port=int(database["PORT"] or 5432),
+        users=tuple(sorted(users)),
+    ).start()
+    yield bouncer
+    bouncer.stop()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_through_pgbouncer(request):
+    """CASCADEFLOW_TEST_PGBOUNCER=1: every connection of the session goes through PgBouncer."""
+    from tests.support import pgbouncer
+
+    if not pgbouncer.session_requested():
+        yield
+        return
+    bouncer = request.getfixturevalue("pgbouncer")
+    pgbouncer.set_session_pooler(bouncer)
+    with pgbouncer.django_through(bouncer):
+        yield
+    pgbouncer.set_session_pooler(None)
+
+
+@pytest.fixture
+def through_pgbouncer(pgbouncer, transactional_db):
+    """This test's own connections go through PgBouncer, outside any test transaction
+    (autocommit, as a request runs), with the pooled settings (DATABASE_POOLER)."""
+    from tests.support.pgbouncer import django_through, session_pooler
+
+    if session_pooler() is not None:
+        yield pgbouncer
+        return
+    with django_through(pgbouncer):
+        yield pgbouncer
 
 
 @pytest.fixture

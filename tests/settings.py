@@ -24,5 +24,8 @@ DEVELOPMENT_ENV = {
 
 for _name, _value in DEVELOPMENT_ENV.items():
     os.environ.setdefault(_name, _value)
+# A session run through PgBouncer (tests/support/pgbouncer.py) uses the pooled settings.
+if os.environ.get("CASCADEFLOW_TEST_PGBOUNCER") == "1":
+    os.environ.setdefault("DATABASE_POOLER", "transaction")
 
 from cascadeflow_site.settings import *  # noqa: E402, F403

@@ -142,3 +142,49 @@ def test_ci_runs_on_postgresql_and_redis():
     assert settings.REDIS_URL
     assert redis.Redis.from_url(settings.REDIS_URL).ping() is True
     assert settings.CHANNEL_LAYERS["default"]["BACKEND"] == "channels_redis.core.RedisChannelLayer"
+
+
+PRINT_DATABASE = (
+    "from cascadeflow_site import settings as s; d = s.DATABASES['default']; "
+    "print(d.get('DISABLE_SERVER_SIDE_CURSORS'), d['OPTIONS'].get('prepare_threshold', 'unset'), "
+    "d['CONN_MAX_AGE'])"
+)
+
+
+@pytest.mark.parametrize(
+    ("pooler", "expected"),
+    [("", "None unset 60"), ("transaction", "True None 60")],
+    ids=["direct", "behind-pgbouncer"],
+)
+def test_database_pooler_turns_off_what_transaction_pooling_cannot_carry(
+    tmp_path, pooler, expected
+):
+    env = bare_env(
+        tmp_path,
+        DJANGO_DEBUG="true",
+        DATABASE_URL="postgres://cascadeflow@127.0.0.1:6432/cascadeflow",
+        DATABASE_POOLER=pooler,
+    )
+
+    result = run_python(env, "-c", PRINT_DATABASE)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == expected.split()
+
+
+@pytest.mark.parametrize(
+    ("database_url", "pooler"),
+    [
+        ("postgres://cascadeflow@127.0.0.1:6432/cascadeflow", "session"),
+        ("sqlite:///db.sqlite3", "transaction"),
+    ],
+    ids=["unknown-mode", "not-postgresql"],
+)
+def test_database_pooler_refuses_what_it_cannot_mean(tmp_path, database_url, pooler):
+    env = bare_env(tmp_path, DJANGO_DEBUG="true", DATABASE_URL=database_url, DATABASE_POOLER=pooler)
+
+    result = run_python(env, "-c", PRINT_DATABASE)
+
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert "DATABASE_POOLER" in result.stderr

@@ -153,3 +153,29 @@ def test_focus_tags_round_trip_any_value(value):
         "profile": value,
     }
     assert json.loads(focus_tags(end_user=None, profile=None)) == {"end_user": "", "profile": ""}
+
+
+@pytest.mark.parametrize("page", [1, 2, 3, 6, 7, 8])
+def test_the_export_pages_through_ties_each_row_once_in_order(tenant, monkeypatch, page):
+    """Pages start after the last row read (created_at, then id): a page ending inside a
+    run of equal timestamps neither skips nor repeats a row, whatever the page size."""
+    from billing import exports
+    from tests.factories import UsageEventFactory
+
+    monkeypatch.setattr(exports, "EXPORT_PAGE_ROWS", page)
+    UsageEventFactory(tenant=tenant, request_id="before", created_at=START - timedelta(seconds=1))
+    UsageEventFactory(tenant=tenant, request_id="after", created_at=END)
+    for i in (6, 0, 3, 1, 4, 2, 5):  # ids out of time order; three rows per second
+        UsageEventFactory(
+            tenant=tenant, request_id=f"r{i}", created_at=START + timedelta(seconds=i // 3)
+        )
+    expected = list(
+        UsageEvent.objects.filter(request_id__startswith="r")
+        .order_by("created_at", "id")
+        .values_list("request_id", flat=True)
+    )
+
+    _, *body = parsed(rows(tenant_id=tenant.pk, start=START, end=END, focus=False))
+
+    assert [row[COLUMNS.index("request_id")] for row in body] == expected
+    assert sorted(expected) == [f"r{i}" for i in range(7)]

@@ -22,6 +22,8 @@ from typing import Any
 
 import httpx
 
+from tests.support import pgbouncer
+
 ROOT = Path(__file__).resolve().parents[2]
 PG_ADMIN_URL = os.environ.get(
     "CASCADEFLOW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -66,6 +68,7 @@ class LiveServer:
         return {
             **os.environ,
             "DATABASE_URL": self.database_url,
+            "DATABASE_POOLER": "",  # unless routed through PgBouncer (start)
             "CASCADEFLOW_VAR_DIR": self._tmp.name,
             "CASCADEFLOW_MODELS": json.dumps(self.models),
             "CASCADEFLOW_DEMO_LATENCY_SCALE": "0",
@@ -98,6 +101,10 @@ class LiveServer:
             with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
                 conn.execute(f'CREATE DATABASE "{self._pg_name}"')
             self.database_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{self._pg_name}"
+            pooler = pgbouncer.session_pooler()
+            if pooler is not None:  # the whole session goes through PgBouncer
+                self.database_url = pooler.url(self.database_url)
+                self.extra_env.setdefault("DATABASE_POOLER", "transaction")
         else:
             self.database_url = f"sqlite:///{Path(self._tmp.name) / 'live.sqlite3'}"
         self.manage("migrate", "--no-input")
