@@ -21,6 +21,7 @@ from billing.exports import (
     rows,
     safe,
 )
+from routing.models import UsageEvent
 from tenants.models import EndUser
 from tests.factories import UsageEventFactory
 
