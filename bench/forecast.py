@@ -717,24 +717,24 @@ def end_users_main(args: argparse.Namespace) -> None:
         f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs, OPENBLAS_NUM_THREADS "
         f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; wall time {wall} s"
     )
-    if args.json_out:
-        Path(args.json_out).write_text(
-            json.dumps(
-                {
-                    "end_users": args.end_users,
-                    "fleet_seed": args.fleet_seed,
-                    "segments": counts,
-                    "a2": a2,
-                    "accuracy": rows,
-                    "times": times,
-                    "service": service,
-                    "wall_time_s": wall,
-                },
-                indent=2,
-                default=str,
-            )
-            + "\n"
-        )
+    write_json(
+        args.json_out,
+        {
+            "end_users": args.end_users,
+            "fleet_seed": args.fleet_seed,
+            "segments": counts,
+            "a2": a2,
+            "accuracy": rows,
+            "times": times,
+            "service": service,
+            "wall_time_s": wall,
+        },
+    )
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def print_backtest(results: list[dict], level: str) -> None:
@@ -860,21 +860,17 @@ def main() -> None:
     )
     wall = round(time.time() - started, 1)
     print(f"wall time {wall} s")
-    if args.json_out:
-        Path(args.json_out).write_text(
-            json.dumps(
-                {
-                    "level": args.level,
-                    "seeds": args.seeds,
-                    "demo": demo_note,
-                    "results": results,
-                    "per_call": speed,
-                    "wall_time_s": wall,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+    write_json(
+        args.json_out,
+        {
+            "level": args.level,
+            "seeds": args.seeds,
+            "demo": demo_note,
+            "results": results,
+            "per_call": speed,
+            "wall_time_s": wall,
+        },
+    )
 
 
 if __name__ == "__main__":
