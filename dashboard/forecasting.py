@@ -28,7 +28,8 @@ clipped day by day would count the clipped-off negative mass as spend: an
 upward bias that was large on intermittent, end-user-like series.)
 
 ``bench/forecast.py`` backtests these choices against simpler ones;
-docs/benchmarks.md ("Forecasts") has the numbers.
+docs/benchmarks.md ("Forecasts") has the numbers. Many end users at once:
+``dashboard.batch_forecasting`` (one vectorised fit instead of one ETS fit each).
 """
 
 from __future__ import annotations
@@ -125,12 +126,7 @@ def forecast_spend(
     spent = int(spent_nanos)
     horizon = (period_end - today).days + 1
     fraction = min(max(float(day_fraction_elapsed), 0.0), 1.0)
-    series = np.clip(np.asarray(history, dtype=np.float64)[-MAX_HISTORY_DAYS:], 0.0, None)
-    nonzero = np.flatnonzero(series)
-    if series.size and nonzero.size:
-        series = series[nonzero[0] :]
-    elif series.size:
-        series = series[-RUN_RATE_DAYS:]  # all zeros: a zero run rate
+    series = clean_history(history)
 
     if horizon <= 0 or series.size == 0:
         # Nothing left to forecast, or nothing to forecast from.
@@ -150,6 +146,16 @@ def forecast_spend(
     return _summarise(
         name, model, paths, means, scale, spent, today, limit_nanos, level, history_days=series.size
     )
+
+
+def clean_history(history: Sequence[int]) -> np.ndarray:
+    """The days a model sees: the last MAX_HISTORY_DAYS, negatives as 0, leading zero days
+    dropped (an all-zero history keeps its last RUN_RATE_DAYS: a zero run rate)."""
+    series = np.clip(np.asarray(history, dtype=np.float64)[-MAX_HISTORY_DAYS:], 0.0, None)
+    nonzero = np.flatnonzero(series)
+    if series.size and nonzero.size:
+        return series[nonzero[0] :]
+    return series[-RUN_RATE_DAYS:]
 
 
 # --- models -----------------------------------------------------------------
@@ -283,8 +289,13 @@ def _calibrate(fitted, y: np.ndarray, paths: np.ndarray) -> np.ndarray:
 # --- summaries ----------------------------------------------------------------
 
 
-def _nanos(value: float, scale: float) -> int:
-    return max(round(float(value) * scale), 0)
+def _nanos(values: np.ndarray, scale: float | np.ndarray) -> list:
+    """Scaled values to whole nano-dollars floored at 0, as Python ints (a list, or a list
+    of lists for a matrix)."""
+    rounded = np.maximum(np.rint(np.asarray(values) * scale), 0.0)
+    if rounded.size == 0 or rounded.max() < 2.0**62:
+        return rounded.astype(np.int64).tolist()
+    return np.vectorize(int, otypes=[object])(rounded).tolist()  # beyond int64
 
 
 def _summarise(
@@ -305,38 +316,68 @@ def _summarise(
     cum_lows, cum_highs = np.quantile(
         np.cumsum(np.clip(paths, 0.0, None), axis=0), [q_low, q_high], axis=1
     )
+    totals = np.clip(paths.sum(axis=0), 0.0, None)
+    total_low, total_high = _nanos(np.quantile(totals, [q_low, q_high]), scale)
+    exceed = None if limit is None else float(np.mean(totals * scale > limit - spent))
+    return _assemble(
+        method,
+        model,
+        level,
+        spent,
+        today,
+        limit,
+        history_days,
+        bands=(
+            _nanos(means, scale),
+            _nanos(lows, scale),
+            _nanos(highs, scale),
+            _nanos(cum_lows, scale),
+            _nanos(cum_highs, scale),
+        ),
+        total=(total_low, total_high),
+        exceed=exceed,
+    )
+
+
+def _assemble(
+    method: str,
+    model: str,
+    level: float,
+    spent: int,
+    today: date,
+    limit: int | None,
+    history_days: int,
+    *,
+    bands: tuple[list[int], list[int], list[int], list[int], list[int]],
+    total: tuple[int, int],
+    exceed: float | None,
+) -> SpendForecast:
+    """The forecast from its figures in nano-dollars: per day the mean, its band and the
+    band of the cumulative forecast spend (spent excluded); the forecast part's interval."""
     days, cumulative = [], spent
-    for offset in range(paths.shape[0]):
-        mean = _nanos(means[offset], scale)
+    for offset, (mean, low, high, cum_low, cum_high) in enumerate(zip(*bands, strict=True)):
         cumulative += mean
         days.append(
             ForecastDay(
                 day=today + timedelta(days=offset),
                 mean_nanos=mean,
-                low_nanos=min(_nanos(lows[offset], scale), mean),
-                high_nanos=max(_nanos(highs[offset], scale), mean),
+                low_nanos=min(low, mean),
+                high_nanos=max(high, mean),
                 cumulative_nanos=cumulative,
-                cumulative_low_nanos=min(spent + _nanos(cum_lows[offset], scale), cumulative),
-                cumulative_high_nanos=max(spent + _nanos(cum_highs[offset], scale), cumulative),
+                cumulative_low_nanos=min(spent + cum_low, cumulative),
+                cumulative_high_nanos=max(spent + cum_high, cumulative),
             )
         )
-    expected = spent + sum(d.mean_nanos for d in days)
-    totals = np.clip(paths.sum(axis=0), 0.0, None)
-    low_total, high_total = np.quantile(totals, [q_low, q_high])
-    low = min(spent + _nanos(low_total, scale), expected)
-    high = max(spent + _nanos(high_total, scale), expected)
+    expected = cumulative
+    low = min(spent + total[0], expected)
+    high = max(spent + total[1], expected)
 
-    runs_out_on = exceed = None
+    runs_out_on = None
     if limit is not None:
-        exceed = float(np.mean(totals * scale > limit - spent))
-        cumulative = spent
-        for d in days:
-            cumulative += d.mean_nanos
-            if cumulative >= limit:
-                runs_out_on = d.day
-                break
         if spent >= limit:
             runs_out_on = today
+        else:
+            runs_out_on = next((d.day for d in days if d.cumulative_nanos >= limit), None)
     return SpendForecast(
         method=method,
         level=level,

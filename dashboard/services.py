@@ -10,7 +10,8 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from core import outbox
-from dashboard.forecasting import SpendForecast, forecast_spend
+from dashboard.batch_forecasting import forecast_spend_batch
+from dashboard.forecasting import forecast_spend
 from dashboard.models import DailyUsage, SpendForecastSnapshot
 from dashboard.rollups import daily_rows
 from dashboard.selectors import forecast_period, monthly_budgets, rollup_watermark
@@ -44,33 +45,21 @@ def daily_spend(
     return out
 
 
-def _forecast(
-    per_day: dict[date, int],
-    *,
-    today: date,
-    first_day: date,
-    last_day: date,
-    fraction: float,
-    limit: int | None,
-) -> SpendForecast:
+def _inputs(per_day: dict[date, int], today: date, first_day: date) -> tuple[list[int], int, int]:
+    """(history, spent in the period, spent today) of one subject's spend per local day."""
     history = [per_day.get(today - timedelta(days=i), 0) for i in range(HISTORY_DAYS, 0, -1)]
     # Days before the first day with spend are "not a customer yet", not zero spend.
     while history and history[0] == 0:
         history.pop(0)
     spent = sum(v for d, v in per_day.items() if first_day <= d <= today)
-    return forecast_spend(
-        history=history,
-        today=today,
-        period_end=last_day,
-        spent_nanos=spent,
-        today_spent_nanos=per_day.get(today, 0),
-        day_fraction_elapsed=fraction,
-        limit_nanos=limit,
-    )
+    return history, spent, per_day.get(today, 0)
 
 
 def forecasts_refresh(tenant: Tenant, now: datetime | None = None, end_users: bool = True) -> int:
-    """Recompute the tenant's forecast and those of its recently active end users."""
+    """Recompute the tenant's forecast and those of its recently active end users.
+
+    The tenant's own series is fitted alone (forecast_spend); its end users' are
+    forecast together (forecast_spend_batch: one vectorised fit for all of them)."""
     now = now or timezone.now()
     tz = ZoneInfo(tenant.time_zone or "UTC")
     start, end = forecast_period(tenant, now)
@@ -97,53 +86,57 @@ def forecasts_refresh(tenant: Tenant, now: datetime | None = None, end_users: bo
         if uid and end_users and any(d >= active_since and v for d, v in per_day.items())
     ]
     budgets = monthly_budgets(tenant, active)
-    subjects = [
-        (
-            uid,
-            series[uid] if uid else totals,
-            budgets[uid][0].limit_nanos if uid in budgets else None,
-        )
-        for uid in [0, *active]
+    limits = [budgets[uid][0].limit_nanos if uid in budgets else None for uid in active]
+    period = {"today": today, "period_end": last_day, "day_fraction_elapsed": fraction}
+    history, spent, today_spent = _inputs(totals, today, first_day)
+    own = forecast_spend(
+        history=history,
+        spent_nanos=spent,
+        today_spent_nanos=today_spent,
+        limit_nanos=budgets[0][0].limit_nanos if 0 in budgets else None,
+        **period,
+    )
+    inputs = [_inputs(series[uid], today, first_day) for uid in active]
+    forecasts = [
+        own,
+        *forecast_spend_batch(
+            histories=[h for h, _, _ in inputs],
+            spent_nanos=[s for _, s, _ in inputs],
+            today_spent_nanos=[t for _, _, t in inputs],
+            limit_nanos=limits,
+            **period,
+        ),
     ]
-    snapshots = []
-    for uid, per_day, limit in subjects:
-        f = _forecast(
-            per_day,
-            today=today,
-            first_day=first_day,
-            last_day=last_day,
-            fraction=fraction,
-            limit=limit,
+    snapshots = [
+        SpendForecastSnapshot(
+            tenant=tenant,
+            end_user_id=uid,
+            period_start=start,
+            period_end=end,
+            computed_at=now,
+            method=f.method,
+            spent_nanos=f.spent_nanos,
+            expected_nanos=f.expected_nanos,
+            low_nanos=f.low_nanos,
+            high_nanos=f.high_nanos,
+            limit_nanos=f.limit_nanos,
+            runs_out_on=f.runs_out_on,
+            exceed_probability=f.exceed_probability,
+            days=[
+                {
+                    "day": d.day.isoformat(),
+                    "mean": d.mean_nanos,
+                    "low": d.low_nanos,
+                    "high": d.high_nanos,
+                    "cum": d.cumulative_nanos,
+                    "cum_low": d.cumulative_low_nanos,
+                    "cum_high": d.cumulative_high_nanos,
+                }
+                for d in f.days
+            ],
         )
-        snapshots.append(
-            SpendForecastSnapshot(
-                tenant=tenant,
-                end_user_id=uid,
-                period_start=start,
-                period_end=end,
-                computed_at=now,
-                method=f.method,
-                spent_nanos=f.spent_nanos,
-                expected_nanos=f.expected_nanos,
-                low_nanos=f.low_nanos,
-                high_nanos=f.high_nanos,
-                limit_nanos=f.limit_nanos,
-                runs_out_on=f.runs_out_on,
-                exceed_probability=f.exceed_probability,
-                days=[
-                    {
-                        "day": d.day.isoformat(),
-                        "mean": d.mean_nanos,
-                        "low": d.low_nanos,
-                        "high": d.high_nanos,
-                        "cum": d.cumulative_nanos,
-                        "cum_low": d.cumulative_low_nanos,
-                        "cum_high": d.cumulative_high_nanos,
-                    }
-                    for d in f.days
-                ],
-            )
-        )
+        for uid, f in zip([0, *active], forecasts, strict=True)
+    ]
     with transaction.atomic():
         stale = SpendForecastSnapshot.objects.filter(tenant=tenant)
         if not end_users:
