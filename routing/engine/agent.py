@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, TypeVar
 
 import litellm
@@ -48,6 +49,7 @@ VERIFY_SYSTEM_PROMPT = (
     "answer below is correct and complete."
 )
 _PROBABILITY = re.compile(r"(\d*\.\d+|\d+)\s*(%?)")
+_LOGPROB = attrgetter("logprob")
 
 _Answer = TypeVar("_Answer")  # what a walk of the chain delivers: a result or a stream
 
@@ -91,9 +93,14 @@ def _draft_of(response: Any) -> signals.Draft:
     if content_lp is None and isinstance(logprobs, dict):
         content_lp = logprobs.get("content")
     if content_lp:
-        token_logprobs = [
-            float(t["logprob"] if isinstance(t, dict) else t.logprob) for t in content_lp
-        ]
+        # Entries are parsed JSON: dicts, or LiteLLM's objects. Without a Python step per
+        # entry (one per token of the draft) when none is a dict.
+        if any(issubclass(kind, dict) for kind in set(map(type, content_lp))):
+            token_logprobs = [
+                float(t["logprob"] if isinstance(t, dict) else t.logprob) for t in content_lp
+            ]
+        else:
+            token_logprobs = list(map(float, map(_LOGPROB, content_lp)))
     usage = getattr(response, "usage", None)
     return signals.Draft(
         content=message.content or "",
