@@ -74,6 +74,8 @@ Other modes:
   after rounding, threshold, accepted, hard failure, features, contributions,
   reasons, extracted answer) on every recorded answer of both files, with and
   without logprobs, plus every benchmark draft, as JSON.
+- ``--ref REF``: the same timing, on the engine of git ref REF (``git archive`` of the
+  project to a temporary directory): the figures before a change, from the same drafts.
 - ``--compare-ref REF``: ``--decisions`` with the engine of the working tree and
   with the engine of git ref REF (``git archive`` of ``routing/`` to a temporary
   directory), then compares them; exit status 1 on any difference. The proof
@@ -99,7 +101,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -674,13 +676,25 @@ def decisions(data_dir: Path, drafts: int) -> dict[str, Any]:
     return out
 
 
+def engine_commit() -> str:
+    """The commit whose engine is timed: HEAD, or the one exported for ``--ref``."""
+    if engine_root() == REPO:
+        dirty = any(
+            line[3:].startswith("routing/") for line in git("status", "--porcelain").splitlines()
+        )
+        return git("rev-parse", "HEAD") + (" + uncommitted changes" if dirty else "")
+    return os.environ.get("CF_CHECKCOST_ENGINE_COMMIT", f"exported to {engine_root()}")
+
+
 def git(*args: str) -> str:
     return subprocess.run(
         ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True
     ).stdout.rstrip()
 
 
-def compare_ref(ref: str, data_dir: Path, drafts: int) -> int:
+@contextlib.contextmanager
+def exported(ref: str) -> Iterator[tuple[Path, str]]:
+    """The project as of git ref ``ref`` (``git archive``), in a temporary directory."""
     commit = git("rev-parse", "--verify", f"{ref}^{{commit}}")
     with tempfile.TemporaryDirectory(prefix="cf-checkcost-") as tmp:
         archive = subprocess.run(
@@ -690,23 +704,24 @@ def compare_ref(ref: str, data_dir: Path, drafts: int) -> int:
         ).stdout
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(tmp, filter="data")
-        theirs_path = Path(tmp) / "decisions.json"
-        rc = subprocess.run(
-            [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--engine-root",
-                tmp,
-                "--data-dir",
-                str(data_dir),
-                "--drafts",
-                str(drafts),
-                "--decisions",
-                str(theirs_path),
-            ],
-            cwd=REPO,
-            check=False,
-        ).returncode
+        (Path(tmp) / ".commit").write_text(commit)
+        yield Path(tmp), commit
+
+
+def with_engine(root: Path, args: list[str]) -> int:
+    """This script, run with the engine found in ``root``."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--engine-root", str(root), *args]
+    env = {**os.environ, "CF_CHECKCOST_ENGINE_COMMIT": (root / ".commit").read_text()}
+    return subprocess.run(command, cwd=REPO, check=False, env=env).returncode
+
+
+def compare_ref(ref: str, data_dir: Path, drafts: int) -> int:
+    with exported(ref) as (root, commit):
+        theirs_path = root / "decisions.json"
+        rc = with_engine(
+            root,
+            ["--data-dir", str(data_dir), "--drafts", str(drafts), "--decisions", str(theirs_path)],
+        )
         if rc != 0:
             print(f"decisions at {ref} failed (exit {rc})", file=sys.stderr)
             return 2
@@ -721,7 +736,11 @@ def compare_ref(ref: str, data_dir: Path, drafts: int) -> int:
     digest = hashlib.sha256(json.dumps(ours, sort_keys=True).encode()).hexdigest()
     print(f"sha256 of every decision (working tree): {digest}")
     for key in differ[:10]:
-        print(f"  {key}:\n    ours   {ours.get(key)}\n    theirs {theirs.get(key)}")
+        mine, other = ours.get(key) or {}, theirs.get(key) or {}
+        print(f"  {key}:")
+        for name in sorted(mine.keys() | other.keys()):
+            if mine.get(name) != other.get(name):
+                print(f"    {name}: {mine.get(name)!r} (working tree) vs {other.get(name)!r}")
     return 1 if differ else 0
 
 
@@ -791,17 +810,14 @@ def report(data: dict[str, Any]) -> str:
         "to other processes).",
     ]
     for clock in ("check", "check_cpu"):
-        name = "wall" if clock == "check" else "CPU"
-        worst = max(r["all"][clock]["p99_ms"] for r in summary["by_size"].values())
-        per_size = ", ".join(
-            f"~{size}: {r['all'][clock]['p99_ms']:.3f} ms "
-            f"({r['all'][clock]['p99_ms'] / TARGET_P99_MS:.2f}x the target)"
+        name = "wall time" if clock == "check" else "CPU time"
+        per_size = "; ".join(
+            f"~{size} tokens {'met' if r['all'][clock]['p99_ms'] <= TARGET_P99_MS else 'NOT met'}"
+            f" ({r['all'][clock]['p99_ms']:.3f} ms, "
+            f"{r['all'][clock]['p99_ms'] / TARGET_P99_MS:.2f}x the target)"
             for size, r in summary["by_size"].items()
         )
-        lines.append(
-            f"Target p99 <= {TARGET_P99_MS:g} ms per check ({name}): "
-            f"{'met' if worst <= TARGET_P99_MS else 'NOT met'} at every size? {per_size}."
-        )
+        lines.append(f"Target p99 <= {TARGET_P99_MS:g} ms per check, {name}: {per_size}.")
     return "\n".join(lines)
 
 
@@ -820,11 +836,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-size", type=int, default=2000, choices=SIZES)
     parser.add_argument("--decisions", type=Path, metavar="OUT", help="write every decision")
     parser.add_argument("--compare-ref", metavar="REF", help="compare decisions with REF's engine")
+    parser.add_argument("--ref", metavar="REF", help="time the engine of git ref REF instead")
     parser.add_argument("--engine-root", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.compare_ref:
         return compare_ref(args.compare_ref, args.data_dir, args.drafts)
+    if args.ref:  # the same measurement, on the engine of another commit
+        rest = list(argv if argv is not None else sys.argv[1:])
+        if "--ref" in rest:
+            del rest[rest.index("--ref") : rest.index("--ref") + 2]
+        rest = [a for a in rest if not a.startswith("--ref=")]
+        with exported(args.ref) as (root, _):
+            return with_engine(root, rest)
     if args.decisions:
         args.decisions.write_text(json.dumps(decisions(args.data_dir, args.drafts)))
         return 0
@@ -858,7 +882,12 @@ def main(argv: list[str] | None = None) -> int:
         "date_utc": date.isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine_info(),
-        "code": {"commit": git("rev-parse", "HEAD"), "modified_files": dirty},
+        "code": {
+            "commit": git("rev-parse", "HEAD"),
+            "modified_files": dirty,
+            "engine": str(engine_root()),
+            "engine_commit": engine_commit(),
+        },
         "config": {
             "rounds": args.rounds,
             "warmup_rounds": args.warmup,
@@ -877,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_time_s": round(time.monotonic() - started, 1),
     }
     print(report(data))
-    print(f"\nWall time: {data['wall_time_s']} s (commit {data['code']['commit'][:12]})")
+    print(f"\nWall time: {data['wall_time_s']} s; engine: {data['code']['engine_commit']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(data, indent=2) + "\n")

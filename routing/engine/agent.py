@@ -221,7 +221,7 @@ class CascadeAgent:
         margin = (0.0 if learned else self.policy.margin(plan.query.domain)) + plan.offset
         base = step.threshold if step.threshold is not None else self.policy.default_threshold
         scorer: Scorer = step.scorer
-        probability = scorer.probability(features)
+        probability, contributions = scorer.assess(features)
         threshold = base + margin
         paid: list[PaidCheck] = []
 
@@ -239,14 +239,13 @@ class CascadeAgent:
                 elif check.kind == "agreement":
                     features["has_agree"], features["agree"] = 1.0, check.value
             scorer = step.paid_scorer or Scorer()
-            probability = scorer.probability(features)
+            probability, contributions = scorer.assess(features)
             paid_base = step.paid_threshold if step.paid_threshold is not None else base
             threshold = paid_base + margin
         elif mode == "band" and probability >= step.band_high:
             threshold = min(threshold, probability)
 
         accepted = report.hard_fail is None and probability >= threshold
-        contributions = scorer.contributions(features)
         top = sorted(contributions.items(), key=lambda kv: -abs(kv[1]))[:4]
         reasons = list(report.notes)
         if report.hard_fail:
