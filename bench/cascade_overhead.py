@@ -54,17 +54,19 @@ preset ``balanced``, first step scored by the shipped public prior
 default threshold, free signals only (paid checks call a model: network time,
 not the engine's CPU). Tracing off, as deployed by default.
 
-Timing: ``time.perf_counter_ns`` around each call, in this process, one sample
-per check. The coroutine of ``judge`` is driven by hand (it never waits on
-anything with free checks only), so no event loop time is counted. After
-``--warmup`` rounds, ``--rounds`` rounds each time every case once (kinds,
-sizes, drafts, with and without logprobs) in a shuffled order fixed by the
-seed, so machine noise falls on every case alike. The garbage collector is on,
-with its default thresholds, as in the gateway; the collections that ran during
-the measured rounds are counted in the report (``--no-gc`` turns it off for a
-comparison).
+Timing: ``time.perf_counter_ns`` (wall time) and ``time.thread_time_ns`` (this thread's
+CPU time) around each check, in this process, one sample per check; the query profile is
+timed before it with ``perf_counter_ns``. On a shared machine the wall time also holds the
+time the kernel gave other processes mid-check; the CPU time is the engine's own. The
+coroutine of ``judge`` is driven by hand (it never waits on anything with free checks
+only), so no event loop time is counted. After ``--warmup`` rounds, ``--rounds`` rounds
+each time every case once (kinds, sizes, drafts, with and without logprobs) in a
+shuffled order fixed by the seed, so machine noise falls on every case alike. The
+garbage collector is on, with its default thresholds, as in the gateway; the
+collections that ran during the measured rounds are counted in the report (``--no-gc``
+turns it off for a comparison).
 
-Targets: p99 <= 1 ms per check at every size.
+Target: p99 <= 1 ms per check, at every size.
 
 Other modes:
 
