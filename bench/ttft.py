@@ -21,6 +21,10 @@ fake upstream, CascadeFlow server, database, load generator and percentiles):
    server-sent event whose choices carry content (the first word); the whole stream's
    latency beside it. Added = CascadeFlow's percentile minus the upstream's.
 
+``--phases`` runs CascadeFlow's application inside ``bench/probes/ttft_phases.py``, which
+stamps the phases of each request (admission, upstream opened, headers, first chunk) and
+reports their medians: where the time before the first token goes.
+
 ``--baseline REF`` adds a second CascadeFlow server running the code of git ref REF
 (``git archive``), same database, its own tenant, measured in the same alternating
 segments: a before/after comparison that the machine's noise hits alike.
@@ -65,6 +69,7 @@ from overhead import (
 )
 
 TARGET_ADDED_TTFT_P50_MS = 2.0
+PROBES = Path(__file__).resolve().parent / "probes"
 PG_DB = "cascadeflow_bench_ttft"
 STREAM_BODY = json.dumps(
     {
@@ -142,21 +147,26 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             if baseline:
                 servers["baseline"] = (f"CascadeFlow at {args.baseline}", baseline[0])
             tenants: dict[str, str] = {}
+            phases_out = tmp / "phases.json" if args.phases else None
             for key, (label, where) in servers.items():
                 tenants[key], token = create_tenant(procs, env, app_dir)
                 prom_dir = tmp / f"prometheus-{key}"
                 prom_dir.mkdir()
                 port = free_port()
-                server = procs.start(
-                    key,
-                    cascadeflow_cmd(port, 1),
-                    env={**env, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)},
-                    cwd=where,
-                )
+                command = cascadeflow_cmd(port, 1)
+                server_env = {**env, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)}
+                if phases_out is not None and key == "cascadeflow":
+                    app = command.index("cascadeflow_site.asgi:application")
+                    command[app] = "ttft_phases:application"
+                    server_env["PYTHONPATH"] = str(PROBES)
+                    server_env["CF_TTFT_PHASES_OUT"] = str(phases_out)
+                server = procs.start(key, command, env=server_env, cwd=where)
                 wait_until_ready(procs, key, server, port, "/healthz")
                 targets.append(Target(key, label, port, token, server.pid, body=STREAM_BODY))
             wait_until_ready(procs, "upstream", upstream, upstream_port, "/v1/models")
             data = measure(args, procs, targets, env, tenants, app_dir, db)
+            if phases_out is not None:
+                data["phases_ms"] = json.loads(phases_out.read_text())
             return {
                 "date_utc": date.isoformat(timespec="seconds"),
                 "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -296,6 +306,29 @@ def report(data: dict[str, Any]) -> str:
             f"{now['ttft_p50_ms'] / before['ttft_p50_ms']:.2f}; server CPU per stream: "
             f"{res['cascadeflow']['server_cpu_ms_per_stream'] / res['baseline']['server_cpu_ms_per_stream']:.2f}."
         )
+    phases = data.get("phases_ms")
+    if phases:
+        names = {
+            "in->view": "body read, request_started, middleware, body parsed",
+            "view->admitted": "admission: token, target, end user, limits, budgets (DB pool)",
+            "admitted->opened": "plan, upstream called, its first chunk in",
+            "opened->headers": "response built, headers handed to the server",
+            "headers->first": "first chunk framed and handed to the server",
+            "in->first": "in the application, in all",
+        }
+        outside = res["cascadeflow"]["ttft_p50_ms"] - phases["in->first"]
+        lines += [
+            "",
+            f"Where CascadeFlow's time to first token goes (medians of the last "
+            f"{phases['requests']} streams, ms):",
+            "",
+            "| phase | median ms |",
+            "|---|---:|",
+            *(f"| {label} | {phases[key]:.3f} |" for key, label in names.items()),
+            f"| outside the application (HTTP parsing, sockets, client): TTFT p50 minus the "
+            f"above | {outside:.3f} |",
+            "",
+        ]
     added = data["added"]["cascadeflow"]["ttft_p50_ms"]
     target = data["target_added_ttft_p50_ms"]
     lines.append(
@@ -333,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure CascadeFlow as of REF (git archive), side by side in the same run",
     )
     parser.add_argument("--keep-tmp", action="store_true", help="keep logs and the temp dir")
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="time the phases of CascadeFlow's requests (bench/probes/ttft_phases.py)",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
