@@ -643,8 +643,8 @@ def decision_corpus(data_dir: Path, drafts: int) -> list[tuple[str, list[dict], 
                     )
                     items.append((key, messages, TEXT_PARAMS, response))
     cases, _ = build_cases(data_dir, drafts)
-    for c in cases:
-        key = f"bench:{c.kind}@{c.size}:{'lp' if c.logprobs else 'nolp'}:{c.name}"
+    for i, c in enumerate(cases):
+        key = f"bench:{i}:{c.kind}@{c.size}:{'lp' if c.logprobs else 'nolp'}:{c.name}"
         items.append((key, c.messages, c.params, c.response))
     return items
 
