@@ -155,8 +155,27 @@ general_settings:
 # =====================================================================================
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
-    """Read one HTTP/1.1 response; return (status, body, server_closes)."""
+def first_token_in(body: bytes) -> bool:
+    """Whether a server-sent event stream (as far as it has come) holds a chunk whose
+    choices carry content: the first token."""
+    for event in body.split(b"\n\n")[:-1]:  # complete events only
+        for line in event.split(b"\n"):
+            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                continue
+            with contextlib.suppress(ValueError):
+                data = json.loads(line[5:])
+                if any((c.get("delta") or {}).get("content") for c in data.get("choices") or []):
+                    return True
+    return False
+
+
+async def _read_response(
+    reader: asyncio.StreamReader, first_token_at: list[int] | None = None
+) -> tuple[int, bytes, bool]:
+    """Read one HTTP/1.1 response; return (status, body, server_closes).
+
+    With ``first_token_at``, the time (``perf_counter_ns``) when the (chunked) body read so
+    far first holds the first token of a stream (``first_token_in``) is appended to it."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
     length: int | None = None
@@ -180,6 +199,8 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
                     pass  # trailers
                 break
             body += (await reader.readexactly(size + 2))[:-2]
+            if first_token_at is not None and not first_token_at and first_token_in(body):
+                first_token_at.append(time.perf_counter_ns())
         return status, bytes(body), closes
     if length is not None:
         return status, await reader.readexactly(length), closes
@@ -193,6 +214,7 @@ async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
     duration: float | None = spec.get("duration")
     remaining = [spec.get("requests") or 0]
     latencies: list[int] = []
+    ttfts: list[int] = []  # time to the first token, with spec["ttft"] (streams)
     counts = {"ok": 0, "errors": 0}
     error_samples: list[str] = []
     start = asyncio.Event()
@@ -220,9 +242,10 @@ async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
         await start.wait()
         while more():
             t0 = time.perf_counter_ns()
+            first: list[int] | None = [] if spec.get("ttft") else None
             try:
                 writer.write(request)
-                status, body, closes = await _read_response(reader)
+                status, body, closes = await _read_response(reader, first)
             except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
                 counts["errors"] += 1
                 if len(error_samples) < 3:
@@ -231,6 +254,12 @@ async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
                 reader, writer = await connect()
                 continue
             latencies.append((time.perf_counter_ns() - t0) // 1000)
+            if first is not None:
+                if first:
+                    ttfts.append((first[0] - t0) // 1000)
+                elif status == 200:
+                    status = -1  # a stream with no token: counted as an error
+                    body = b"no token in the stream: " + body[:200]
             if status == 200:
                 counts["ok"] += 1
             else:
@@ -254,6 +283,7 @@ async def _loadgen(spec: dict[str, Any]) -> dict[str, Any]:
     cpu = time.process_time() - cpu_start
     return {
         "latencies_us": latencies,
+        "ttft_us": ttfts,
         "ok": counts["ok"],
         "errors": counts["errors"],
         "error_samples": error_samples,
@@ -551,6 +581,7 @@ class Target:
     auth: str
     pgid: int
     path: str = "/v1/chat/completions"
+    body: bytes = CHAT_BODY
 
     def raw_request(self) -> bytes:
         head = (
@@ -559,9 +590,9 @@ class Target:
             f"Authorization: Bearer {self.auth}\r\n"
             "Content-Type: application/json\r\n"
             "Accept: application/json\r\n"
-            f"Content-Length: {len(CHAT_BODY)}\r\n\r\n"
+            f"Content-Length: {len(self.body)}\r\n\r\n"
         )
-        return head.encode() + CHAT_BODY
+        return head.encode() + self.body
 
 
 @dataclass
@@ -572,7 +603,9 @@ class Database:
     pg_name: str | None = None  # to attribute PostgreSQL backends' CPU to CascadeFlow
 
 
-def prepare_database(database_url: str | None, tmp: Path, keep: bool) -> Database:
+def prepare_database(
+    database_url: str | None, tmp: Path, keep: bool, name: str = PG_BENCH_DB
+) -> Database:
     if database_url:
         scheme = database_url.split(":", 1)[0]
         pg_name = (
@@ -584,8 +617,8 @@ def prepare_database(database_url: str | None, tmp: Path, keep: bool) -> Databas
 
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
             version = conn.execute("SHOW server_version").fetchone()[0]
-            conn.execute(f"DROP DATABASE IF EXISTS {PG_BENCH_DB} WITH (FORCE)")
-            conn.execute(f"CREATE DATABASE {PG_BENCH_DB}")
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            conn.execute(f"CREATE DATABASE {name}")
     except Exception as exc:  # ImportError, connection refused, auth...
         path = tmp / "bench.sqlite3"
         print(f"PostgreSQL unavailable ({type(exc).__name__}: {exc}); falling back to SQLite.")
@@ -593,13 +626,13 @@ def prepare_database(database_url: str | None, tmp: Path, keep: bool) -> Databas
 
     def drop() -> None:
         with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {PG_BENCH_DB} WITH (FORCE)")
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     return Database(
-        PG_BENCH_URL,
-        f"PostgreSQL {version} on 127.0.0.1, throwaway database '{PG_BENCH_DB}'",
+        PG_BENCH_URL.rsplit("/", 1)[0] + f"/{name}",
+        f"PostgreSQL {version} on 127.0.0.1, throwaway database '{name}'",
         None if keep else drop,
-        PG_BENCH_DB,
+        name,
     )
 
 
@@ -687,6 +720,52 @@ def cascadeflow_env(
     return env
 
 
+def start_upstream(procs: Processes, port: int, app_dir: Path) -> subprocess.Popen[bytes]:
+    """The fake OpenAI upstream (``tests/support/fake_upstream.py``) on ``port``."""
+    return procs.start(
+        "upstream",
+        [
+            str(PROJECT_PYTHON),
+            "-m",
+            "tests.support.fake_upstream",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+        ],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=app_dir,
+    )
+
+
+def migrate(procs: Processes, env: dict[str, str], app_dir: Path) -> None:
+    rc, out, err = procs.run(
+        "migrate",
+        [str(PROJECT_PYTHON), "manage.py", "migrate", "--noinput"],
+        env=env,
+        cwd=app_dir,
+        timeout=300,
+    )
+    if rc != 0:
+        raise RuntimeError(f"migrate failed:\n{out[-2000:]}\n{err[-3000:]}")
+
+
+def create_tenant(procs: Processes, env: dict[str, str], app_dir: Path) -> tuple[str, str]:
+    """A fresh tenant (on the free plan, lifted by FREE_TIER_UNLIMITED): its slug and an API
+    token."""
+    tenant_slug = f"bench-{secrets.token_hex(4)}"
+    rc, out, err = procs.run(
+        "create_tenant",
+        [str(PROJECT_PYTHON), "manage.py", "create_tenant", tenant_slug],
+        env=env,
+        cwd=app_dir,
+        timeout=120,
+    )
+    if rc != 0 or not out.strip():
+        raise RuntimeError(f"create_tenant failed:\n{out}\n{err[-3000:]}")
+    return tenant_slug, out.strip().splitlines()[-1].strip()
+
+
 def observability_envs(sink_port: int) -> dict[str, dict[str, str]]:
     """The two configurations compared: everything off, and everything on (Prometheus
     metrics, and OpenTelemetry tracing exporting every span over OTLP/HTTP to the sink,
@@ -761,6 +840,7 @@ class Segment:
     client_cpu_s: float
     latencies_us: list[int] = field(repr=False)
     error_samples: list[str] = field(default_factory=list)
+    ttft_us: list[int] = field(default_factory=list, repr=False)  # streams, with ttft=True
 
     @property
     def rps(self) -> float:
@@ -776,6 +856,7 @@ def run_segment(
     requests: int | None,
     round_no: int,
     db_name: str | None = None,
+    ttft: bool = False,
 ) -> Segment:
     out_path = procs.log_dir / "loadgen-result.json"
     out_path.unlink(missing_ok=True)
@@ -784,6 +865,7 @@ def run_segment(
         "port": target.port,
         "request": target.raw_request().decode("latin-1"),
         "concurrency": concurrency,
+        "ttft": ttft,
     }
     if requests:
         spec["requests"] = requests
@@ -813,6 +895,7 @@ def run_segment(
         client_cpu_s=result["client_cpu_s"],
         latencies_us=result["latencies_us"],
         error_samples=result["error_samples"],
+        ttft_us=result["ttft_us"],
     )
 
 
@@ -1059,32 +1142,11 @@ def _benchmark(
     upstream_port, cf_port, ll_port = free_port(), free_port(), free_port()
 
     # --- fake upstream ------------------------------------------------------------
-    upstream = procs.start(
-        "upstream",
-        [
-            str(PROJECT_PYTHON),
-            "-m",
-            "tests.support.fake_upstream",
-            "--host",
-            HOST,
-            "--port",
-            str(upstream_port),
-        ],
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        cwd=app_dir,
-    )
+    upstream = start_upstream(procs, upstream_port, app_dir)
 
     # --- CascadeFlow: migrate, tenants + tokens, servers ---------------------------
     cf_env = cascadeflow_env(db, tmp, upstream_port, args.redis_url)
-    rc, out, err = procs.run(
-        "migrate",
-        [str(PROJECT_PYTHON), "manage.py", "migrate", "--noinput"],
-        env=cf_env,
-        cwd=app_dir,
-        timeout=300,
-    )
-    if rc != 0:
-        raise RuntimeError(f"migrate failed:\n{out[-2000:]}\n{err[-3000:]}")
+    migrate(procs, cf_env, app_dir)
     # One CascadeFlow server per configuration, each with its own tenant (so each ledger is
     # checked on its own) and its own fresh Prometheus multi-process directory.
     sink_port = free_port() if args.observability else None
@@ -1093,17 +1155,7 @@ def _benchmark(
         cf_configs.update(observability_envs(sink_port))
     cf_servers: dict[str, tuple[subprocess.Popen[bytes], int, str, str]] = {}
     for key, extra in cf_configs.items():
-        tenant_slug = f"bench-{secrets.token_hex(4)}"
-        rc, out, err = procs.run(
-            "create_tenant",
-            [str(PROJECT_PYTHON), "manage.py", "create_tenant", tenant_slug],
-            env=cf_env,
-            cwd=app_dir,
-            timeout=120,
-        )
-        if rc != 0 or not out.strip():
-            raise RuntimeError(f"create_tenant failed:\n{out}\n{err[-3000:]}")
-        token = out.strip().splitlines()[-1].strip()
+        tenant_slug, token = create_tenant(procs, cf_env, app_dir)
         prom_dir = tmp / f"prometheus-{key}"
         prom_dir.mkdir()
         port = cf_port if key == "cascadeflow" else free_port()

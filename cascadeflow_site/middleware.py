@@ -8,6 +8,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 from django.http import HttpResponse, JsonResponse
+from django.middleware.security import SecurityMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,22 @@ class RequestIdMiddleware:
         if client_id and len(client_id) <= 128 and client_id.isprintable():
             response["x-client-request-id"] = client_id
         return response
+
+
+class GatewaySecurityMiddleware(SecurityMiddleware):
+    """Django's ``SecurityMiddleware`` (HTTPS redirect, HSTS, nosniff, referrer and opener
+    policies), run on the event loop on the gateway's stack.
+
+    Django runs an old-style middleware's ``process_request`` and ``process_response`` in
+    asgiref's thread for sync code, one hop there and back each, because they might touch
+    the ORM. These only read the request and set headers: run inline, they do exactly the
+    same at no thread switch (two fewer per request, both before a stream's first token).
+    """
+
+    async def __acall__(self, request):
+        response = self.process_request(request)
+        response = response or await self.get_response(request)
+        return self.process_response(request, response)
 
 
 class DatabaseUnavailableMiddleware:

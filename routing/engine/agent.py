@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, TypeVar
 
 import litellm
@@ -48,6 +49,7 @@ VERIFY_SYSTEM_PROMPT = (
     "answer below is correct and complete."
 )
 _PROBABILITY = re.compile(r"(\d*\.\d+|\d+)\s*(%?)")
+_LOGPROB = attrgetter("logprob")
 
 _Answer = TypeVar("_Answer")  # what a walk of the chain delivers: a result or a stream
 
@@ -91,9 +93,14 @@ def _draft_of(response: Any) -> signals.Draft:
     if content_lp is None and isinstance(logprobs, dict):
         content_lp = logprobs.get("content")
     if content_lp:
-        token_logprobs = [
-            float(t["logprob"] if isinstance(t, dict) else t.logprob) for t in content_lp
-        ]
+        # Entries are parsed JSON: dicts, or LiteLLM's objects. Without a Python step per
+        # entry (one per token of the draft) when none is a dict.
+        if any(issubclass(kind, dict) for kind in set(map(type, content_lp))):
+            token_logprobs = [
+                float(t["logprob"] if isinstance(t, dict) else t.logprob) for t in content_lp
+            ]
+        else:
+            token_logprobs = list(map(float, map(_LOGPROB, content_lp)))
     usage = getattr(response, "usage", None)
     return signals.Draft(
         content=message.content or "",
@@ -214,7 +221,7 @@ class CascadeAgent:
         margin = (0.0 if learned else self.policy.margin(plan.query.domain)) + plan.offset
         base = step.threshold if step.threshold is not None else self.policy.default_threshold
         scorer: Scorer = step.scorer
-        probability = scorer.probability(features)
+        probability, contributions = scorer.assess(features)
         threshold = base + margin
         paid: list[PaidCheck] = []
 
@@ -232,14 +239,13 @@ class CascadeAgent:
                 elif check.kind == "agreement":
                     features["has_agree"], features["agree"] = 1.0, check.value
             scorer = step.paid_scorer or Scorer()
-            probability = scorer.probability(features)
+            probability, contributions = scorer.assess(features)
             paid_base = step.paid_threshold if step.paid_threshold is not None else base
             threshold = paid_base + margin
         elif mode == "band" and probability >= step.band_high:
             threshold = min(threshold, probability)
 
         accepted = report.hard_fail is None and probability >= threshold
-        contributions = scorer.contributions(features)
         top = sorted(contributions.items(), key=lambda kv: -abs(kv[1]))[:4]
         reasons = list(report.notes)
         if report.hard_fail:

@@ -80,7 +80,12 @@ class Scorer:
         }
 
     def probability(self, features: dict[str, float]) -> float:
-        return sigmoid(self.bias + sum(self.contributions(features).values()))
+        return self.assess(features)[0]
+
+    def assess(self, features: dict[str, float]) -> tuple[float, dict[str, float]]:
+        """``probability(features)`` and the ``contributions(features)`` it sums, at once."""
+        contributions = self.contributions(features)
+        return sigmoid(self.bias + sum(contributions.values())), contributions
 
     def to_json(self) -> dict[str, Any]:
         return {

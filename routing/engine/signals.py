@@ -32,9 +32,11 @@ import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 import jsonschema
+from jsonschema.exceptions import best_match
 
 from routing.engine.complexity import QueryProfile, numbers
 
@@ -79,6 +81,155 @@ _UNARY_OPS: dict[type[ast.unaryop], Callable[[float], float]] = {
     ast.USub: operator.neg,
     ast.UAdd: operator.pos,
 }
+
+
+# --- the patterns above, found where they can match -------------------------------------
+#
+# The patterns are the definition of every signal. Scanning a long draft with a
+# case-insensitive alternation led by ``\b`` costs the ``re`` engine a full attempt at
+# every character (about 1 ms for each pattern on a 2,000-token draft). The finders below
+# return exactly what ``pattern.finditer`` returns, but try the pattern only where a match
+# can start: near an occurrence of a literal that every match contains
+# (``tests/engine/test_signal_finders.py`` checks them against the patterns themselves).
+
+# Characters that a case-insensitive pattern matches with an ASCII letter but that
+# ``str.lower()`` does not turn into that letter (dotless i, long s). The only other one,
+# U+0130 (dotted capital I), lower-cases to two characters, which ``_folded`` detects.
+_UNFOLDED = ("\u0131", "\u017f")
+
+
+def _folded(text: str) -> str | None:
+    """``text`` lower-cased character for character, so that every character that matches an
+    ASCII letter case-insensitively is that letter in lower case; None when it cannot be."""
+    folded = text.lower()
+    if len(folded) != len(text) or (not text.isascii() and any(c in text for c in _UNFOLDED)):
+        return None
+    return folded
+
+
+@dataclass(frozen=True)
+class _Phrases:
+    """A case-insensitive pattern of phrases, and where its matches can start.
+
+    Every match of ``pattern`` contains one of the lower-case literals of ``anchors`` at
+    most ``back`` characters after its start, so a match can only start there; the
+    pattern (never empty) is tried at those positions only, in order, as ``finditer``
+    would reach them.
+    """
+
+    pattern: re.Pattern[str]
+    anchors: tuple[tuple[str, int], ...]
+
+    def finditer(self, text: str, folded: str | None) -> list[re.Match[str]]:
+        if folded is None:
+            return list(self.pattern.finditer(text))
+        starts: set[int] = set()
+        for literal, back in self.anchors:
+            at = folded.find(literal)
+            while at != -1:
+                starts.update(range(max(0, at - back), at + 1))
+                at = folded.find(literal, at + 1)
+        found: list[re.Match[str]] = []
+        end = 0
+        match = self.pattern.match
+        for start in sorted(starts):
+            if start >= end:
+                m = match(text, start)
+                if m is not None:
+                    found.append(m)
+                    end = m.end()
+        return found
+
+    def findall(self, text: str, folded: str | None) -> list[str]:
+        """``pattern.findall(text)`` of a pattern with one group."""
+        return [m.group(1) for m in self.finditer(text, folded)]
+
+
+_HEDGE_PHRASES = _Phrases(
+    _HEDGES,
+    (
+        ("m not ", 2),  # i'm not / im not (entirely / completely / totally) sure / certain
+        ("i think", 0),
+        ("i believe", 0),
+        ("i guess", 0),
+        ("might be wrong", 0),
+        ("not clear", 0),
+        ("not entirely clear", 0),
+        ("it's hard to say", 0),
+        ("its hard to say", 0),
+        ("possibly", 0),
+        ("perhaps", 0),
+        ("probably", 0),
+        ("m unsure", 2),  # i'm unsure / im unsure
+        ("may not be ", 0),
+        ("approximately", 0),
+        ("roughly", 0),
+        ("as far as i know", 0),
+        ("i cannot be certain", 0),
+        ("hard to determine", 0),
+        ("unclear", 0),
+    ),
+)
+_SELF_CORRECTION_PHRASES = _Phrases(
+    _SELF_CORRECTION,
+    (
+        ("however", 0),
+        ("actually", 0),
+        ("wait", 0),
+        ("assum", 0),
+        ("round", 0),
+        ("let me re", 0),
+        ("mistake", 0),
+        ("correction", 0),
+        ("recalculat", 0),
+        ("re-calculat", 0),
+        ("on second thought", 0),
+        ("that doesn't make sense", 0),
+        ("that doesnt make sense", 0),
+    ),
+)
+_FINAL_PHRASES = _Phrases(
+    _FINAL_MARKERS[2], (("final answer", 0), ("the answer is", 0), ("answer:", 0))
+)
+
+# The ASCII characters an equation's left side (``_EQUATION``'s first group and the spaces
+# before "=") and its right side can hold: ``\d`` and ``\s`` are ``str.isdecimal`` and
+# ``str.isspace``. Any other ASCII character ends a side; every non-ASCII character is
+# taken as a possible part (Unicode digits and spaces, the x and / signs).
+_ASCII_DIGITS_AND_SPACES = frozenset(
+    c for c in map(chr, range(128)) if c.isdecimal() or c.isspace()
+)
+_LHS_CHARS = _ASCII_DIGITS_AND_SPACES | frozenset(".,$()-+*/x^%\\")
+_RHS_CHARS = _ASCII_DIGITS_AND_SPACES | frozenset(",.$-")
+
+
+def _equations(text: str) -> list[re.Match[str]]:
+    """``list(_EQUATION.finditer(text))``, searched around each "=" only.
+
+    A match holds exactly one "=", its left side runs back from it over ``_LHS_CHARS``
+    only and its right side forward over ``_RHS_CHARS`` only, and the pattern has no
+    anchor or look-around: searching that window (bounded by the end of the previous
+    match) finds what the pattern finds there, and no match starts anywhere else.
+    """
+    found: list[re.Match[str]] = []
+    end = 0
+    size = len(text)
+    at = text.find("=")
+    while at != -1:
+        start = at
+        while start > end and (text[start - 1] in _LHS_CHARS or text[start - 1] > "\x7f"):
+            start -= 1
+        if start < at:
+            stop = at + 1
+            while stop < size and (text[stop] in _RHS_CHARS or text[stop] > "\x7f"):
+                stop += 1
+            m = _EQUATION.search(text, start, stop)
+            if m is not None:
+                found.append(m)
+                end = m.end()
+        at = text.find("=", at + 1)
+    return found
+
 
 FEATURES: tuple[str, ...] = (
     "has_logprobs",
@@ -125,6 +276,10 @@ class Draft:
     completion_tokens: int = 0
 
 
+_TIMES_X = re.compile(r"(?<=[\d)])\s*x\s*(?=[\d(])")
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")
+
+
 def safe_eval(expr: str) -> float | None:
     """Evaluate plain arithmetic (no names, no calls); None when it is not that."""
     cleaned = (
@@ -135,8 +290,10 @@ def safe_eval(expr: str) -> float | None:
         .replace(",", "")
         .replace("$", "")
     )
-    cleaned = re.sub(r"(?<=[\d)])\s*x\s*(?=[\d(])", "*", cleaned)
-    cleaned = re.sub(r"(\d+(?:\.\d+)?)\s*%", r"(\1/100)", cleaned)
+    if "x" in cleaned:
+        cleaned = _TIMES_X.sub("*", cleaned)
+    if "%" in cleaned:
+        cleaned = _PERCENT.sub(r"(\1/100)", cleaned)
 
     value = arithmetic(cleaned)
     try:
@@ -183,7 +340,7 @@ def check_arithmetic(text: str) -> tuple[int, int, list[str], list[float]]:
     plain = _CALC.sub("", text)
     stated_equations = [(m.group(1), m.group(2), 1e-3) for m in _CALC.finditer(text)] + [
         (m.group(1), m.group(2), 6e-3)
-        for m in _EQUATION.finditer(plain)
+        for m in _equations(plain)
         if _HAS_OP.search(m.group(1).strip())
     ]
     checked = wrong = 0
@@ -207,13 +364,23 @@ def check_arithmetic(text: str) -> tuple[int, int, list[str], list[float]]:
 
 def final_answer(text: str) -> tuple[str | None, float | None]:
     """The draft's final answer (text and number), from explicit markers, else the last number."""
+    return _final_answer(text, _folded(text), None)
+
+
+def _final_answer(
+    text: str, folded: str | None, text_numbers: list[float] | None
+) -> tuple[str | None, float | None]:
+    """``final_answer``, given ``_folded(text)`` and, when known, ``numbers(text)``."""
     for pattern in _FINAL_MARKERS:
-        found = pattern.findall(text)
+        if pattern is _FINAL_PHRASES.pattern:
+            found = _FINAL_PHRASES.findall(text, folded)
+        else:
+            found = pattern.findall(text)
         if found:
             answer = found[-1].strip()
             nums = numbers(answer)
             return answer, (nums[0] if nums else None)
-    nums = numbers(text)
+    nums = numbers(text) if text_numbers is None else text_numbers
     if nums:
         return None, nums[-1]
     return None, None
@@ -283,14 +450,51 @@ def _strip_fence(text: str) -> str:
 
 
 def _schema_error(payload: Any, schema: dict[str, Any]) -> str | None:
+    """What ``jsonschema.validate(payload, schema)`` says is wrong (its message, cut), or None.
+
+    The schema's validator is made and the schema checked once per distinct schema
+    (``_validator``), not on every draft; the error is the one ``validate`` raises.
+    """
     try:
-        jsonschema.validate(payload, schema)
-    except jsonschema.ValidationError as exc:
-        message: str = exc.message
-        return message[:200]
-    except jsonschema.SchemaError:
+        key = json.dumps(schema)  # key order kept: it orders the errors
+    except (TypeError, ValueError):
+        key = None
+    validator = _validator(key, schema) if key is not None else _build_validator(schema)
+    if validator is None:
         return None  # the client's schema is broken; do not blame the draft
-    return None
+    error = best_match(validator.iter_errors(payload))
+    if error is None:
+        return None
+    message: str = error.message
+    return message[:200]
+
+
+_VALIDATORS: dict[str, Any] = {}
+_VALIDATORS_MAX = 256
+
+
+def _validator(key: str, schema: dict[str, Any]) -> Any:
+    """The validator of the schema whose JSON is ``key`` (None: the schema is broken)."""
+    try:
+        return _VALIDATORS[key]
+    except KeyError:
+        pass
+    validator = _build_validator(json.loads(key))
+    if len(_VALIDATORS) >= _VALIDATORS_MAX:
+        _VALIDATORS.clear()
+    _VALIDATORS[key] = validator
+    return validator
+
+
+def _build_validator(schema: Any) -> Any:
+    """What ``jsonschema.validate`` builds before validating: the schema's validator class
+    (from its ``$schema``), the schema checked against it; None when it is broken."""
+    cls = jsonschema.validators.validator_for(schema)
+    try:
+        cls.check_schema(schema)
+    except jsonschema.SchemaError:
+        return None
+    return cls(schema)
 
 
 def extract(draft: Draft, query: QueryProfile, params: dict[str, Any]) -> SignalReport:
@@ -313,11 +517,12 @@ def extract(draft: Draft, query: QueryProfile, params: dict[str, Any]) -> Signal
         f["truncated"] = 1.0
         hard_fail = "the draft was cut off by the token limit"
 
-    hedges = _HEDGES.findall(text)
+    folded = _folded(text)
+    hedges = _HEDGE_PHRASES.findall(text, folded)
     if hedges:
         f["hedge"] = min(len(hedges), 3) / 3
         notes.append(f"hedging: {', '.join(sorted({h.lower() for h in hedges})[:3])}")
-    corrections = _SELF_CORRECTION.findall(text)
+    corrections = _SELF_CORRECTION_PHRASES.findall(text, folded)
     if corrections:
         f["self_correction"] = min(len(corrections), 3) / 3
         notes.append(f"second-guessing: {', '.join(sorted({c.lower() for c in corrections})[:3])}")
@@ -331,7 +536,8 @@ def extract(draft: Draft, query: QueryProfile, params: dict[str, Any]) -> Signal
     if format_error:
         hard_fail = hard_fail or format_error
 
-    answer_text, answer_value = final_answer(text)
+    text_numbers = numbers(text)
+    answer_text, answer_value = _final_answer(text, folded, text_numbers)
     if query.domain == "math" or query.numbers:
         checked, wrong, arith_notes, results = check_arithmetic(text)
         f["arith_checked"] = min(checked, 10) / 10
@@ -344,13 +550,13 @@ def extract(draft: Draft, query: QueryProfile, params: dict[str, Any]) -> Signal
                 notes.append(f"non-integer answer {answer_value:g} to a counting question")
             if results and _close(results[-1], answer_value, 1e-6):
                 f["answer_is_last"] = 1.0
-            work = numbers(_before_final(text))
+            work = _numbers_before_final(text, text_numbers)
             if any(_close(v, answer_value, 1e-6) for v in work):
                 f["answer_in_work"] = 1.0
         if answer_text and re.search(r"[A-Za-z]{3,}", answer_text):
             f["answer_wordy"] = 1.0
         if query.numbers:
-            used = {round(v, 6) for v in numbers(text)}
+            used = set(map(round, text_numbers, repeat(6)))
             f["q_coverage"] = len(used & query.numbers) / len(query.numbers)
 
     if query.choices:
@@ -381,6 +587,22 @@ def _before_final(text: str) -> str:
     """The working: the draft without its final-answer line."""
     lines = text.rstrip().splitlines()
     return "\n".join(lines[:-1]) if len(lines) > 1 else ""
+
+
+# Where ``str.splitlines`` splits (``\r\n`` ends with ``\n``).
+_LINE_BREAKS = ("\n", "\r", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029")
+
+
+def _numbers_before_final(text: str, text_numbers: list[float]) -> list[float]:
+    """``numbers(_before_final(text))``, given ``numbers(text)``: all but those of the last
+    line of ``text.rstrip()`` (no number spans a line break, or starts right after one's
+    word character; none is in the spaces ``rstrip`` drops), or none at all when the text
+    has one line."""
+    stripped = text.rstrip()
+    start = max(stripped.rfind(c) for c in _LINE_BREAKS) + 1
+    if start == 0:
+        return []
+    return text_numbers[: len(text_numbers) - len(numbers(stripped[start:]))]
 
 
 def _choice_letter(text: str, choices: tuple[str, ...]) -> str | None:

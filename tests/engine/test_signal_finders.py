@@ -1,0 +1,283 @@
+"""The quality check's fast finders find exactly what its patterns find.
+
+``routing/engine/signals.py`` and ``complexity.py`` find hedges, second-guessing, final-answer
+markers, equations and numbers without a full ``re`` scan of the draft (a check on a
+2,000-token draft went from ~3.5 ms to ~1 ms of CPU: ``bench/cascade_overhead.py``). The
+patterns stay the definition of every signal: each finder is compared here with the pattern
+it stands for, on texts made from the pattern itself (random strings it matches, in random
+case, with the characters that case-insensitive matching treats specially), between random
+text. ``bench/cascade_overhead.py --compare-ref REF`` compares whole decisions with an older
+engine on every recorded answer.
+"""
+
+import json
+import random
+import re
+import string
+from types import SimpleNamespace
+
+import jsonschema
+import pytest
+
+from routing.engine import complexity, signals
+from routing.engine.agent import _draft_of
+
+try:  # the parser behind re.compile, to draw strings a pattern matches
+    from re import _parser as sre_parse
+except ImportError:  # pragma: no cover - Python < 3.11
+    import sre_parse  # type: ignore[no-redef]
+
+# What the finders replaced, as it was written.
+ORIGINAL_NUM = re.compile(r"(?<![\w.])-?\$?\d[\d,]*(?:\.\d+)?")
+
+# Characters case-insensitive matching treats specially (dotted and dotless i, long s,
+# Kelvin sign), Unicode digits and spaces, and the ASCII that the patterns are made of.
+SPECIAL = "\u0130\u0131\u017f\u212a\u0663\u06f4\u00a0\u2003\u2028\x1c\x85\u00d7\u00f7"
+ALPHABET = string.ascii_letters + string.digits + " \n\t\r.,$-+*/^%()=:'#\\_<>{}" + SPECIAL
+
+
+def draw(pattern: str, rng: random.Random) -> str:
+    """A random string that the body of ``pattern`` can match (look-arounds and anchors are
+    left out: what surrounds it decides those, and the comparison covers both outcomes)."""
+
+    def node(op, av) -> str:
+        name = str(op)
+        if name == "LITERAL":
+            return chr(av)
+        if name == "NOT_LITERAL":
+            return rng.choice([c for c in "ab1 " if ord(c) != av])
+        if name == "IN":
+            return item_of_set(av)
+        if name == "ANY":
+            return rng.choice("a1 .")
+        if name in {"MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"}:
+            low, high, sub = av
+            count = rng.randint(low, min(high, low + 3))
+            return "".join(seq(sub) for _ in range(count))
+        if name == "SUBPATTERN":
+            return seq(av[-1])
+        if name == "BRANCH":
+            return seq(rng.choice(av[1]))
+        return ""  # AT, ASSERT, ASSERT_NOT, GROUPREF...: nothing to draw
+
+    def item_of_set(items) -> str:
+        choices: list[str] = []
+        negate = False
+        for op, av in items:
+            name = str(op)
+            if name == "NEGATE":
+                negate = True
+            elif name == "LITERAL":
+                choices.append(chr(av))
+            elif name == "RANGE":
+                choices.extend(chr(c) for c in range(av[0], min(av[1], av[0] + 40) + 1))
+            elif name == "CATEGORY":
+                choices.extend(
+                    {
+                        "CATEGORY_DIGIT": "0123456789\u0663\u06f4",
+                        "CATEGORY_SPACE": " \t\n\u00a0\u2003\x1c",
+                        "CATEGORY_WORD": "aZ_9\u00e9\u0131",
+                    }.get(str(av), "a")
+                )
+        if negate:
+            return rng.choice([c for c in "aZ1 .\n" if c not in choices] or ["\x00"])
+        return rng.choice(choices)
+
+    def seq(parsed) -> str:
+        return "".join(node(op, av) for op, av in parsed)
+
+    return seq(sre_parse.parse(pattern))
+
+
+def recase(text: str, rng: random.Random) -> str:
+    """Letters in random case, some swapped for what matches them case-insensitively."""
+    swaps = {"i": "\u0131", "I": "\u0130", "s": "\u017f", "k": "\u212a"}
+    out = []
+    for c in text:
+        roll = rng.random()
+        if c in swaps and roll < 0.1:
+            out.append(swaps[c])
+        elif roll < 0.5:
+            out.append(c.swapcase())
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def texts(pattern: re.Pattern[str], count: int, seed: int) -> list[str]:
+    """Random text with strings the pattern matches in it (and in it twice, back to back)."""
+    rng = random.Random(seed)
+    noise = lambda: "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 12)))  # noqa: E731
+    out = []
+    for _ in range(count):
+        parts = [noise()]
+        for _ in range(rng.randint(1, 4)):
+            piece = draw(pattern.pattern, rng)
+            if pattern.flags & re.IGNORECASE:
+                piece = recase(piece, rng)
+            parts += [piece, rng.choice(["", " ", "\n", noise()])]
+        out.append("".join(parts))
+    return out
+
+
+def spans(matches) -> list[tuple]:
+    return [(m.span(), m.groups()) for m in matches]
+
+
+@pytest.mark.parametrize(
+    "phrases",
+    [signals._HEDGE_PHRASES, signals._SELF_CORRECTION_PHRASES, signals._FINAL_PHRASES],
+    ids=["hedges", "self-correction", "final answer"],
+)
+def test_phrase_finders_find_what_their_pattern_finds(phrases):
+    found_some = 0
+    for text in texts(phrases.pattern, 3000, seed=1):
+        expected = spans(phrases.pattern.finditer(text))
+        assert spans(phrases.finditer(text, signals._folded(text))) == expected, text
+        assert phrases.findall(text, signals._folded(text)) == phrases.pattern.findall(text)
+        found_some += bool(expected)
+    assert found_some > 1500  # the texts do hold matches
+
+
+def test_phrase_finders_on_plain_sentences():
+    text = (
+        "I think it is PROBABLY fine. However, I'm not entirely sure: it's hard to say. "
+        "Let me recalculate... actually, on second thought, roughly 12. Final Answer: 12"
+    )
+    folded = signals._folded(text)
+    assert signals._HEDGE_PHRASES.findall(text, folded) == signals._HEDGES.findall(text)
+    assert len(signals._HEDGES.findall(text)) == 5
+    assert signals._SELF_CORRECTION_PHRASES.findall(text, folded) == (
+        signals._SELF_CORRECTION.findall(text)
+    )
+    assert signals.final_answer(text) == ("12", 12.0)
+
+
+def test_folding_covers_every_character_that_matches_an_ascii_letter():
+    """Every character that a case-insensitive pattern matches with an ASCII letter is that
+    letter once lower-cased, or ``_folded`` refuses the text (it then falls back to the
+    pattern's own scan)."""
+    every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+    for letter in string.ascii_lowercase:
+        for c in set(re.findall(f"(?i){letter}", every)):
+            lowered = c.lower()
+            assert lowered == letter or c in signals._UNFOLDED or len(lowered) != 1, (c, letter)
+            if c in signals._UNFOLDED or len(lowered) != 1:
+                assert signals._folded(f"x{c}y") is None
+    assert signals._folded("Ab\u212a") == "abk"  # Kelvin sign: lower() makes it k
+
+
+def test_equations_found_around_each_equals_sign():
+    rng = random.Random(2)
+    samples = [
+        *texts(signals._EQUATION, 3000, seed=3),
+        "She has 3 * 4 = 12 apples, then 12 + 5 = 17, so 17 - 2 = 15 and 10% x 20 = 2.",
+        "x = 5\ny = x * 2 = 10 = 10\n\\* 3 = 30\n 2 \u00d7 3 = 6, 8 \u00f7 2 = 4, $5 + $6 = $11",
+        "= 3 = 4 == 5 =\u0663 (1+2)=3 1,000 * 2 = 2,000.50",
+    ]
+    for _ in range(2000):
+        samples.append("".join(rng.choice(" 0123456789=+-*x.,$()%\n\u0663a") for _ in range(30)))
+    for text in samples:
+        assert spans(signals._equations(text)) == spans(signals._EQUATION.finditer(text)), text
+
+
+def test_numbers_pattern_finds_what_it_replaced():
+    rng = random.Random(4)
+    samples = [
+        *texts(ORIGINAL_NUM, 3000, seed=5),
+        "-$1,000.50 x2 3.5.6 .7 a-3 $-4 --5 1,,2 \u0663\u06f4 _9 9_ 2024-01-02",
+    ]
+    for _ in range(3000):
+        samples.append("".join(rng.choice("-$.,0123456789 a_\n\u0663") for _ in range(25)))
+    for text in samples:
+        assert complexity._NUM.findall(text) == ORIGINAL_NUM.findall(text), text
+        expected = [float(r.replace("$", "").replace(",", "")) for r in ORIGINAL_NUM.findall(text)]
+        assert complexity.numbers(text) == expected
+
+
+def test_numbers_of_the_working_without_the_last_line():
+    rng = random.Random(6)
+    pieces = ["12", " 3.5", "$4,000", "\n", "\r\n", "\r", "\x1c", "\u2028", "\x85", " ", "a", "."]
+    samples = ["", "7", "1\n2", "1\n2\n\n  ", "no numbers\nhere", "3 = 3\n#### 3\n"]
+    samples += ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 15))) for _ in range(5000)]
+    for text in samples:
+        assert signals._numbers_before_final(text, complexity.numbers(text)) == (
+            complexity.numbers(signals._before_final(text))
+        ), text
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 5},
+        "items": {"type": "array", "items": {"type": "integer"}},
+    },
+    "required": ["name", "items"],
+    "additionalProperties": False,
+}
+
+
+def original_schema_error(payload, schema):
+    try:
+        jsonschema.validate(payload, schema)
+    except jsonschema.ValidationError as exc:
+        return exc.message[:200]
+    except jsonschema.SchemaError:
+        return None
+    return None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"name": "ok", "items": [1, 2]},
+        {"name": "too long", "items": [1, "x"]},
+        {"items": []},
+        {"name": "a", "items": [1], "extra": True},
+        [],
+        "text",
+    ],
+)
+@pytest.mark.parametrize(
+    "schema",
+    [
+        SCHEMA,
+        dict(reversed(list(SCHEMA.items()))),  # same schema, keys in another order
+        {"type": "nonsense"},  # broken: no draft is blamed for it
+        {"$schema": "http://json-schema.org/draft-07/schema#", **SCHEMA},
+        {"type": "array", "items": {"type": "string"}, "minItems": 1},
+    ],
+)
+def test_schema_errors_as_jsonschema_validate_says_them(payload, schema):
+    for _ in range(2):  # the second time from the cached validator
+        assert signals._schema_error(payload, schema) == original_schema_error(payload, schema)
+
+
+def test_logprobs_read_from_objects_and_from_dicts_alike():
+    entries = [{"token": "a", "logprob": -0.5}, {"token": "b", "logprob": 0}]
+
+    def response(content):
+        choice = SimpleNamespace(
+            message=SimpleNamespace(content="ab", tool_calls=None),
+            finish_reason="stop",
+            logprobs=SimpleNamespace(content=content),
+        )
+        return SimpleNamespace(choices=[choice], usage=None)
+
+    objects = [SimpleNamespace(**e) for e in entries]
+    mixed = [objects[0], entries[1]]
+    for content in (entries, objects, mixed):
+        draft = _draft_of(response(content))
+        assert draft.token_logprobs == [-0.5, 0.0]
+        assert all(type(v) is float for v in draft.token_logprobs)
+
+
+def test_json_keys_order_kept_in_the_schema_cache():
+    # Two schemas equal as dicts but written in another order are two cache entries: the
+    # order of a schema's keys is the order jsonschema reports errors in.
+    first = json.dumps(SCHEMA)
+    second = json.dumps(dict(reversed(list(SCHEMA.items()))))
+    assert first != second
+    signals._schema_error({}, SCHEMA)
+    signals._schema_error({}, json.loads(second))
+    assert first in signals._VALIDATORS and second in signals._VALIDATORS
