@@ -17,14 +17,10 @@ import openai
 import pytest
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from rest_framework.test import APIClient
 
 from routing.embeddings import MAX_INPUTS, parse_embedding_request
-from routing.engine import tracing
 from routing.engine.embeddings import embeddings_of
 from routing.engine.openai_wire import ProviderHTTPError
 from routing.enums import UsageStatus
@@ -768,17 +764,6 @@ async def test_a_tenants_own_embedding_model_is_validated_billed_and_theirs_alon
 
 
 # --- traces ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def spans():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.enable(provider.get_tracer("test"))
-    yield exporter
-    tracing.disable()
-    provider.shutdown()
 
 
 @db

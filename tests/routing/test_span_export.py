@@ -15,21 +15,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from routing import span_export
-from routing.engine import tracing
 from routing.enums import UsageStatus
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def spans():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.enable(provider.get_tracer("test"))
-    yield exporter
-    tracing.disable()
-    provider.shutdown()
 
 
 async def test_a_requests_spans_survive_the_trip_exactly(spans, api_token):

@@ -5,9 +5,6 @@ import json
 
 import pytest
 from django.test import AsyncClient, RequestFactory
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from routing import metrics, telemetry
@@ -20,17 +17,6 @@ CHAT = "/v1/chat/completions"
 SECRET = "the launch code is 0000"
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
-
-
-@pytest.fixture
-def spans():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.enable(provider.get_tracer("test"))
-    yield exporter
-    tracing.disable()
-    provider.shutdown()
 
 
 async def post(token, payload, **headers):
