@@ -1582,6 +1582,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_and_report(
+    benchmark: Callable[[argparse.Namespace], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+    args: argparse.Namespace,
+) -> dict[str, Any] | None:
+    """Run ``benchmark``, print its report and wall time, and write ``args.json`` when given;
+    None when interrupted (every process the benchmark started is stopped by then)."""
+    started = time.monotonic()
+    try:
+        data = benchmark(args)
+    except KeyboardInterrupt:
+        print("\nInterrupted; every process started by the benchmark was stopped.", file=sys.stderr)
+        return None
+    data["wall_time_s"] = round(time.monotonic() - started, 1)
+    print()
+    print(report(data))
+    print(f"\nWall time: {data['wall_time_s']} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+        print(f"Figures written to {args.json}")
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_loadgen"]:
@@ -1594,20 +1618,9 @@ def main(argv: list[str] | None = None) -> int:
     if not PROJECT_PYTHON.exists():
         print(f"Project virtualenv not found at {PROJECT_PYTHON}", file=sys.stderr)
         return 2
-    started = time.monotonic()
-    try:
-        data = benchmark(args)
-    except KeyboardInterrupt:
-        print("\nInterrupted; every process started by the benchmark was stopped.", file=sys.stderr)
+    data = run_and_report(benchmark, report, args)
+    if data is None:
         return 130
-    data["wall_time_s"] = round(time.monotonic() - started, 1)
-    print()
-    print(report(data))
-    print(f"\nWall time: {data['wall_time_s']} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
-        print(f"Figures written to {args.json}")
     obs = data.get("observability")
     spans_ok = obs is None or obs["spans"]["every_request_traced"]
     return 0 if data["ledger"]["matches"] and spans_ok else 1

@@ -40,7 +40,6 @@ import datetime as dt
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -372,20 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         help="time the phases of CascadeFlow's requests (bench/probes/ttft_phases.py)",
     )
     args = parser.parse_args(argv)
-    started = time.monotonic()
-    try:
-        data = benchmark(args)
-    except KeyboardInterrupt:
-        print("\nInterrupted; every process started by the benchmark was stopped.", file=sys.stderr)
+    data = overhead.run_and_report(benchmark, report, args)
+    if data is None:
         return 130
-    data["wall_time_s"] = round(time.monotonic() - started, 1)
-    print()
-    print(report(data))
-    print(f"\nWall time: {data['wall_time_s']} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
-        print(f"Figures written to {args.json}")
     errors = sum(r["errors"] for r in data["results"].values())
     matches = all(entry["matches"] for entry in data["ledger"].values())
     return 0 if matches and not errors else 1
