@@ -45,8 +45,8 @@ from typing import Any
 
 import overhead
 from overhead import (
+    CHAT_BODY,
     HOST,
-    MODEL,
     UPSTREAM_KEY,
     Segment,
     Target,
@@ -70,18 +70,7 @@ from overhead import (
 TARGET_ADDED_TTFT_P50_MS = 2.0
 PROBES = Path(__file__).resolve().parent / "probes"
 PG_DB = "cascadeflow_bench_ttft"
-STREAM_BODY = json.dumps(
-    {
-        "model": MODEL,
-        "messages": [
-            {"role": "system", "content": "You are a terse assistant."},
-            {"role": "user", "content": "Say hello."},
-        ],
-        "max_tokens": 16,
-        "stream": True,
-    },
-    separators=(",", ":"),
-).encode()
+STREAM_BODY = json.dumps({**json.loads(CHAT_BODY), "stream": True}, separators=(",", ":")).encode()
 
 
 def stream_text(body: bytes) -> str:
