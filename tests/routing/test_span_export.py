@@ -162,3 +162,36 @@ def test_the_exporter_process_sends_what_it_reads_then_leaves_at_eof(tmp_path, m
     child.wait(timeout=60)
     assert child.returncode == 0
     assert out.decode().count('"name": "s"') == 2
+
+
+@pytest.mark.parametrize(
+    ("case", "frames"),
+    [
+        ("collector unreachable", lambda frame: [frame, frame]),
+        ("frame cut short", lambda frame: [frame[: len(frame) // 2]]),
+        ("length without a frame", lambda frame: [span_export._HEADER.pack(10**6)]),
+    ],
+)
+def test_the_exporter_process_survives_what_it_cannot_send_or_read(case, frames):
+    """A collector that is down, or a pipe that ends mid-frame (a parent killed while
+    writing): the child neither hangs nor crashes, and leaves with status 0."""
+    batch = one_span()
+    frame = span_export.flatten(batch)
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",  # nothing listens on port 9
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-m", "routing.span_export"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    for part in frames(span_export._HEADER.pack(len(frame)) + frame):
+        child.stdin.write(part)
+    child.stdin.close()
+    started = time.monotonic()
+    child.wait(timeout=60)
+    assert child.returncode == 0, child.stderr.read().decode()[-2000:]
+    assert time.monotonic() - started < 30, case
