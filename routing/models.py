@@ -35,7 +35,10 @@ class UsageEvent(models.Model):
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="usage_events")
     token = models.ForeignKey(ApiToken, on_delete=models.SET_NULL, null=True, blank=True)
     end_user = models.ForeignKey(EndUser, on_delete=models.SET_NULL, null=True, blank=True)
-    request_id = models.CharField(max_length=64, unique=True)
+    # Unique with ``created_at`` (a partitioned table's unique keys hold its partition key);
+    # every write of a request's row carries the time it was received, so a replay of the
+    # same row conflicts (``routing.services.ledger_write``).
+    request_id = models.CharField(max_length=64)
     created_at = models.DateTimeField(db_index=False)
     requested_model = models.CharField(max_length=200)
     model = models.CharField(max_length=200, blank=True)  # the model whose answer was returned
@@ -67,8 +70,12 @@ class UsageEvent(models.Model):
     )
 
     class Meta:
+        # On PostgreSQL the table is partitioned by month of ``created_at``
+        # (``routing.partitions``); every index here exists on every partition.
         indexes = [
             models.Index(fields=["tenant", "created_at"], name="usage_tenant_time"),
+            # The usage API's pages (newest first by id, routing.api.UsageCursor).
+            models.Index(fields=["tenant", "id"], name="usage_tenant_id"),
             models.Index(
                 fields=["tenant", "end_user", "created_at"], name="usage_tenant_user_time"
             ),
@@ -80,6 +87,7 @@ class UsageEvent(models.Model):
             ),
         ]
         constraints = [
+            models.UniqueConstraint(fields=["request_id", "created_at"], name="usage_request_once"),
             models.CheckConstraint(condition=Q(cost_nanos__gte=0), name="usage_cost_non_negative"),
             models.CheckConstraint(
                 condition=Q(baseline_cost_nanos__gte=0), name="usage_baseline_non_negative"
@@ -345,3 +353,30 @@ class TenantProviderModel(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.litellm_model})"
+
+
+class LedgerArchive(models.Model):
+    """One tenant's ledger rows of one month, moved out of the database by retention.
+
+    The file (``path``, under ``CASCADEFLOW_LEDGER_ARCHIVE_DIR``) is gzip-compressed CSV
+    of every column, with a header, as ``COPY`` writes it (``COPY ... FROM`` reads it
+    back); ``sha256`` is of the compressed file. The sums are those of the rows archived,
+    so what was metered and spent stays known once the rows are gone
+    (``billing.metering.reconcile``). Written, with the file on disk, in the transaction
+    that removes the rows; rows of the month that arrive later get an archive of their own.
+    """
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    month = models.DateField()  # the first day of the month (UTC)
+    path = models.CharField(max_length=500)
+    sha256 = models.CharField(max_length=64)
+    rows = models.BigIntegerField()
+    cost_nanos = models.BigIntegerField()
+    byok_cost_nanos = models.BigIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "month"], name="ledger_archive_tenant")]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.month:%Y-%m}: {self.rows} rows"

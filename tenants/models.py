@@ -11,6 +11,10 @@ from django.db.models import Q
 from core.netguard import public_url_validator
 from tenants.enums import BudgetDecision, BudgetPeriod, BudgetScope, MemberRole, Scope
 
+# The fewest whole months of ledger a plan keeps before the current one: the month
+# before is still being invoiced and reconciled.
+LEDGER_MIN_RETENTION_MONTHS = 2
+
 
 class Tier(models.Model):
     """A CascadeFlow plan (free, pro, …) and the limits it grants.
@@ -29,6 +33,9 @@ class Tier(models.Model):
     is_default = models.BooleanField(default=False)
     # Whether usage billed to Stripe includes what tenants' own provider keys paid.
     meters_byok = models.BooleanField(default=False, db_default=False)
+    # Whole months of ledger rows kept before the current one; older months are archived
+    # to compressed CSV and removed (routing.partitions). None: kept for good.
+    ledger_retention_months = models.PositiveSmallIntegerField(null=True, blank=True)
     # Set by billing's plan sync: the Stripe product behind this plan and its prices.
     stripe_product_id = models.CharField(max_length=255, blank=True)
     stripe_price_ids = models.JSONField(default=list, blank=True)
@@ -43,6 +50,11 @@ class Tier(models.Model):
             models.CheckConstraint(
                 condition=Q(monthly_budget_nanos__isnull=True) | Q(monthly_budget_nanos__gte=0),
                 name="tier_budget_non_negative",
+            ),
+            models.CheckConstraint(
+                condition=Q(ledger_retention_months__isnull=True)
+                | Q(ledger_retention_months__gte=LEDGER_MIN_RETENTION_MONTHS),
+                name="tier_retention_covers_invoicing",
             ),
         ]
 
