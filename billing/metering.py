@@ -17,7 +17,7 @@ from django.db.models import F, Sum
 
 from billing import stripe_api
 from billing.models import TenantSubscription, UsageReport
-from routing.models import UsageEvent
+from routing.models import LedgerArchive, UsageEvent
 from tenants.models import Tenant
 
 NANOS_PER_CENT = 10**7
@@ -133,10 +133,13 @@ class Reconciliation:
 
 
 def reconcile(*, tenant_id: int, now: datetime) -> Reconciliation:
-    """Compare the ledger with what was reported to Stripe (in whole cents)."""
-    ledger = int(
-        UsageEvent.objects.filter(tenant_id=tenant_id).aggregate(t=_metered(tenant_id))["t"] or 0
-    )
+    """Compare the ledger with what was reported to Stripe (in whole cents).
+
+    The ledger is its rows plus the months retention archived (their sums were kept).
+    """
+    metered = _metered(tenant_id)
+    ledger = int(UsageEvent.objects.filter(tenant_id=tenant_id).aggregate(t=metered)["t"] or 0)
+    ledger += int(LedgerArchive.objects.filter(tenant_id=tenant_id).aggregate(t=metered)["t"] or 0)
     reports = UsageReport.objects.filter(tenant_id=tenant_id)
     reported = int(reports.filter(reported_at__isnull=False).aggregate(c=Sum("cents"))["c"] or 0)
     unsent = int(reports.filter(reported_at__isnull=True).aggregate(c=Sum("cents"))["c"] or 0)

@@ -31,7 +31,7 @@ from billing.models import StripeEvent, TenantSubscription
 from billing.stripe_api import client
 from core import outbox
 from core.money import usd_to_nanos
-from tenants.models import Tenant, Tier
+from tenants.models import LEDGER_MIN_RETENTION_MONTHS, Tenant, Tier
 from tenants.services import plan_apply
 
 PAID_STATUSES = {"active", "trialing"}
@@ -216,6 +216,9 @@ def plan_from_product(*, product: dict, deleted: bool = False) -> str:
             budget_nanos = usd_to_nanos(Decimal(metadata["monthly_budget_usd"]))
         except InvalidOperation:
             budget_nanos = None
+    retention = _int_or_none(metadata.get("ledger_retention_months"))
+    if retention is not None:
+        retention = max(retention, LEDGER_MIN_RETENTION_MONTHS)
     models_allowed = [
         m.strip() for m in (metadata.get("allowed_models") or "").split(",") if m.strip()
     ]
@@ -228,6 +231,7 @@ def plan_from_product(*, product: dict, deleted: bool = False) -> str:
             "requests_per_minute": _int_or_none(metadata.get("rpm")),
             "tokens_per_minute": _int_or_none(metadata.get("tpm")),
             "allowed_models": models_allowed,
+            "ledger_retention_months": retention,
         },
     )
     return f"{'created' if created else 'updated'} tier {tier.slug}"

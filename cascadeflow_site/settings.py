@@ -251,6 +251,12 @@ CELERY_BEAT_SCHEDULE = {
     "roll-up-usage": {"task": "dashboard.tasks.usage_rollup", "schedule": 300.0},
     "refresh-spend-forecasts": {"task": "dashboard.tasks.forecasts_refresh", "schedule": 900.0},
     "replay-ledger-spool": {"task": "routing.tasks.ledger_spool_replay", "schedule": 60.0},
+    # The ledger's monthly partitions, created ahead; months past their plan's retention out.
+    "ensure-ledger-partitions": {
+        "task": "routing.tasks.ledger_partitions_ensure",
+        "schedule": 6 * 3600.0,
+    },
+    "ledger-retention": {"task": "routing.tasks.ledger_retention", "schedule": 24 * 3600.0},
     # The outbox: work stored while the broker was down is picked up again.
     "sweep-stripe-events": {"task": "billing.tasks.stripe_events_sweep", "schedule": 60.0},
     "sweep-export-jobs": {"task": "billing.tasks.export_jobs_sweep", "schedule": 60.0},
@@ -452,6 +458,12 @@ CASCADEFLOW_TOKEN_TOUCH_SECONDS = env.int("CASCADEFLOW_TOKEN_TOUCH_SECONDS", def
 # Ledger rows the database could not take when a request ended are appended here
 # (fsync'd) and replayed when it is back; keep it on a persistent volume.
 CASCADEFLOW_SPOOL_DIR = env.str("CASCADEFLOW_SPOOL_DIR", default=str(VAR_DIR / "spool"))
+# Ledger months a plan no longer keeps (Tier.ledger_retention_months) are written here as
+# gzip CSV, one file per tenant and month, before they leave the database; keep it on a
+# persistent volume (or one synced to object storage).
+CASCADEFLOW_LEDGER_ARCHIVE_DIR = env.str(
+    "CASCADEFLOW_LEDGER_ARCHIVE_DIR", default=str(VAR_DIR / "ledger-archive")
+)
 # Retry-After (seconds) of the 503 answered while the database is unreachable.
 CASCADEFLOW_RETRY_AFTER_SECONDS = env.int("CASCADEFLOW_RETRY_AFTER_SECONDS", default=5)
 # Prometheus: /metrics answers this bearer token (unset: loopback clients only). Every

@@ -6,7 +6,7 @@ from celery import shared_task
 from django.utils import timezone
 
 from core import outbox
-from routing import audits, calibrations
+from routing import audits, calibrations, partitions
 from routing.gateway import caller
 from routing.services import ledger_replay
 from routing.spool import ledger_spool
@@ -19,6 +19,26 @@ logger = logging.getLogger(__name__)
 def ledger_spool_replay() -> dict[str, int]:
     """Write spooled ledger rows (and settle their budgets) once the database takes them."""
     return ledger_spool().replay(ledger_replay).as_dict()
+
+
+@shared_task(name="routing.tasks.ledger_partitions_ensure", time_limit=600, soft_time_limit=540)
+def ledger_partitions_ensure() -> list[str]:
+    """Create the ledger's partitions of this month and the next ones (PostgreSQL)."""
+    return partitions.partitions_ensure(now=timezone.now())
+
+
+# A month of a large tenant is hundreds of millions of rows to copy out: hours, not seconds.
+# Acknowledged on receipt: a broker's delivery timeout (RabbitMQ's is 30 minutes) would
+# otherwise cut a long run off; a run that dies is simply the next day's to do again.
+@shared_task(
+    name="routing.tasks.ledger_retention",
+    time_limit=6 * 3600,
+    soft_time_limit=21000,
+    acks_late=False,
+)
+def ledger_retention() -> dict[str, object]:
+    """Archive and remove the ledger months their plans no longer keep (PostgreSQL)."""
+    return partitions.retention_sweep(now=timezone.now()).as_dict()
 
 
 @shared_task(name="routing.tasks.audit_run", time_limit=300, soft_time_limit=240)
