@@ -32,7 +32,10 @@ class UsageEvent(models.Model):
     like any other, but not a request, and what every "saved" figure is net of.
     """
 
-    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="usage_events")
+    # No index of its own: every index of the ledger starts with the tenant.
+    tenant = models.ForeignKey(
+        Tenant, on_delete=models.CASCADE, related_name="usage_events", db_index=False
+    )
     token = models.ForeignKey(ApiToken, on_delete=models.SET_NULL, null=True, blank=True)
     end_user = models.ForeignKey(EndUser, on_delete=models.SET_NULL, null=True, blank=True)
     # Unique with ``created_at`` (a partitioned table's unique keys hold its partition key);

@@ -132,6 +132,16 @@ class Migration(migrations.Migration):
         ),
         migrations.AlterField(
             model_name="usageevent",
+            name="tenant",
+            field=models.ForeignKey(
+                db_index=False,
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="usage_events",
+                to="tenants.tenant",
+            ),
+        ),
+        migrations.AlterField(
+            model_name="usageevent",
             name="request_id",
             field=models.CharField(max_length=64),
         ),
