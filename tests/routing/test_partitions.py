@@ -10,7 +10,7 @@ import gzip
 import hashlib
 import io
 import threading
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from django.db import IntegrityError, connection, connections, transaction
@@ -341,3 +341,29 @@ def test_a_stripe_products_metadata_sets_the_plans_retention(metadata, months):
         product["metadata"]["ledger_retention_months"] = metadata
     plan_from_product(product=product)
     assert Tier.objects.get(slug="pro").ledger_retention_months == months
+
+
+def test_exports_and_rollups_read_across_months(monkeypatch):
+    """A range over a month boundary reads both months: the CSV export in pages (one
+    page boundary falls inside a month, one on the boundary), and the hourly rollup."""
+    from billing import exports
+    from dashboard.rollups import hourly_rows
+
+    tenant = TenantFactory()
+    boundary = datetime(2026, 10, 1, tzinfo=UTC)
+    ids = []
+    for offset in (-3, -2, -1, 0, 1, 2, 3):  # hours around the boundary, two rows each
+        at = boundary + timedelta(hours=offset)
+        for n in range(2):
+            ids.append(UsageEventFactory(tenant=tenant, created_at=at, cost_nanos=1_000 + n).pk)
+    with connection.cursor() as cursor:
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    partitions.partitions_ensure(now=datetime.now(UTC))
+    assert {where(pk) for pk in ids} == {"routing_usageevent_p202609", "routing_usageevent_p202610"}
+    monkeypatch.setattr(exports, "EXPORT_PAGE_ROWS", 3)
+    start, end = boundary.replace(day=1, month=9), boundary.replace(month=11)
+    exported = [row[1] for row in exports._ledger_pages(tenant_id=tenant.pk, start=start, end=end)]
+    assert exported == ids
+    hours = hourly_rows(tenant.pk, start, end)
+    assert sum(h.requests for h in hours) == len(ids)
+    assert sum(h.cost_nanos for h in hours) == sum(1_000 + n for _ in range(7) for n in range(2))
