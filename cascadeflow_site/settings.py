@@ -249,6 +249,7 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
     "roll-up-usage": {"task": "dashboard.tasks.usage_rollup", "schedule": 300.0},
+    "roll-up-usage-minutes": {"task": "dashboard.tasks.usage_rollup_minutes", "schedule": 60.0},
     "refresh-spend-forecasts": {"task": "dashboard.tasks.forecasts_refresh", "schedule": 900.0},
     "replay-ledger-spool": {"task": "routing.tasks.ledger_spool_replay", "schedule": 60.0},
     # The ledger's monthly partitions, created ahead; months past their plan's retention out.

@@ -9,6 +9,10 @@ Two grains, chosen so neither grows with the number of raw events:
 - :class:`DailyUsage` — tenant x tenant-local day x end user x served model x profile,
   for the end-user pages and per-end-user forecasts.
 
+And one grain for the last hours only: :class:`MinuteUsage` — tenant x UTC minute, no
+dimension, rolled every minute, so the overview's live charts (the open hour, requests
+per minute) read a few minutes of raw events however busy the tenant is.
+
 Rows are rebuilt from the ledger for whole buckets (delete + insert in one
 transaction), so running a rollup twice, or over a range already rolled, gives the
 same rows. :class:`RollupState` remembers how far each tenant is rolled; pages merge
@@ -88,13 +92,37 @@ class DailyUsage(models.Model):
         return f"{self.tenant_id} {self.day} end user {self.end_user_id} {self.model}"
 
 
+class MinuteUsage(models.Model):
+    """A tenant's usage in one UTC minute of the last ``rollups.MINUTES_KEPT``."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    minute = models.DateTimeField()  # start of the UTC minute
+    requests = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0)
+    escalated = models.PositiveIntegerField(default=0)
+    cost_nanos = models.BigIntegerField(default=0)
+    baseline_cost_nanos = models.BigIntegerField(default=0)
+    quality_sum = models.FloatField(default=0.0)
+    quality_n = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "minute"], name="minute_usage_unique_bucket")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.minute:%Y-%m-%d %H:%M}"
+
+
 class RollupState(models.Model):
     """How far a tenant's ledger is rolled up: events before ``hourly_until`` are in
-    HourlyUsage, local days before ``daily_until`` are in DailyUsage."""
+    HourlyUsage, local days before ``daily_until`` are in DailyUsage, and the minutes of
+    the ``rollups.MINUTES_KEPT`` before ``minutely_until`` are in MinuteUsage."""
 
     tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="+")
     hourly_until = models.DateTimeField()
     daily_until = models.DateField()
+    minutely_until = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     def __str__(self) -> str:

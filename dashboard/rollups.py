@@ -9,6 +9,12 @@ bucket, for stragglers beyond the margin.
 
 The same aggregation serves pages: :func:`hourly_rows` over the open tail (after
 the rollup watermark) gives unsaved rows that merge with the stored ones.
+
+Minutes (``MinuteUsage``, no dimension) are rolled every minute for the tenants with
+recent events, the last ``LATE_MARGIN`` rebuilt each time, and kept ``MINUTES_KEPT``:
+the overview reads its open hour and its requests per minute from them, and raw
+events only after ``minutely_until``. A straggler older than the margin reaches the
+minutes no more, but still reaches its hour, which is rebuilt from the ledger.
 """
 
 import logging
@@ -20,10 +26,10 @@ from zoneinfo import ZoneInfo
 from django.db import transaction
 from django.db.models import CharField, Count, Min, Q, Sum, Value
 from django.db.models.fields.json import KT
-from django.db.models.functions import Coalesce, TruncDate, TruncHour
+from django.db.models.functions import Coalesce, TruncDate, TruncHour, TruncMinute
 from django.utils import timezone
 
-from dashboard.models import LATENCY_BOUNDS_MS, DailyUsage, HourlyUsage, RollupState
+from dashboard.models import LATENCY_BOUNDS_MS, DailyUsage, HourlyUsage, MinuteUsage, RollupState
 from routing.enums import UsageKind
 from routing.models import UsageEvent
 from routing.selectors import usage_totals
@@ -32,11 +38,16 @@ from tenants.models import Tenant
 logger = logging.getLogger(__name__)
 
 LATE_MARGIN = timedelta(minutes=5)
+MINUTES_KEPT = timedelta(hours=6)
 _BUCKETS = tuple(pairwise((0, *LATENCY_BOUNDS_MS, None)))
 
 
 def hour_floor(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def minute_floor(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(second=0, microsecond=0)
 
 
 def usage_sums() -> dict:
@@ -98,6 +109,22 @@ def hourly_rows(tenant_id: int, start: datetime, end: datetime) -> list[HourlyUs
             )
         )
     return rows
+
+
+def minute_rows(tenant_id: int, start: datetime, end: datetime) -> list[MinuteUsage]:
+    """Unsaved MinuteUsage rows for the ledger events in [start, end)."""
+    groups = (
+        UsageEvent.objects.filter(tenant_id=tenant_id, created_at__gte=start, created_at__lt=end)
+        .order_by()
+        .annotate(bucket=TruncMinute("created_at", tzinfo=UTC))
+        .values("bucket")
+        .annotate(
+            **usage_sums(),
+            quality_sum=Coalesce(Sum("quality_score"), 0.0),
+            quality_n=Count("quality_score"),
+        )
+    )
+    return [MinuteUsage(tenant_id=tenant_id, minute=g.pop("bucket"), **g) for g in groups]
 
 
 def daily_rows(tenant_id: int, time_zone: str, start: date, end: date) -> list[DailyUsage]:
@@ -183,6 +210,50 @@ def _locked_state(tenant: Tenant, tz: ZoneInfo) -> tuple[RollupState | None, boo
     return RollupState.objects.select_for_update().get(pk=state.pk), created
 
 
+def rollup_minutes(tenant: Tenant, now: datetime | None = None) -> int:
+    """Roll the tenant's minutes up to the current one (excluded); return the rows written.
+
+    Rebuilds the minutes after ``minutely_until`` and the ``LATE_MARGIN`` before it, and
+    drops minutes older than ``MINUTES_KEPT``: the stored minutes are always exactly those
+    of the ``MINUTES_KEPT`` before ``minutely_until``.
+    """
+    now = now or timezone.now()
+    end = minute_floor(now)
+    with transaction.atomic():
+        state, _ = _locked_state(tenant, ZoneInfo(tenant.time_zone or "UTC"))
+        if state is None:
+            return 0
+        oldest = end - MINUTES_KEPT
+        start = max(oldest, (state.minutely_until or oldest) - LATE_MARGIN)
+        if start >= end:
+            return 0
+        MinuteUsage.objects.filter(tenant=tenant, minute__lt=oldest).delete()
+        MinuteUsage.objects.filter(tenant=tenant, minute__gte=start, minute__lt=end).delete()
+        rows = MinuteUsage.objects.bulk_create(minute_rows(tenant.pk, start, end))
+        state.minutely_until = end
+        state.save(update_fields=["minutely_until", "updated_at"])
+    return len(rows)
+
+
+def rollup_minutes_recent(now: datetime | None = None) -> int:
+    """Roll the minutes of every active tenant with events in the last few minutes (the
+    others' stored minutes are already complete: readers find no raw events after them)."""
+    now = now or timezone.now()
+    recent = (
+        UsageEvent.objects.filter(created_at__gte=now - 2 * LATE_MARGIN)
+        .order_by()
+        .values_list("tenant_id", flat=True)
+        .distinct()
+    )
+    written = 0
+    for tenant in Tenant.objects.filter(is_active=True, pk__in=recent).order_by("pk"):
+        try:
+            written += rollup_minutes(tenant, now)
+        except Exception:  # one tenant's failure must not stop the others
+            logger.exception("Minute rollup failed for tenant %s", tenant.slug)
+    return written
+
+
 def rollup_rebuild(tenant: Tenant, now: datetime | None = None) -> RollupResult:
     """Drop the tenant's rollups and roll its whole ledger again (after a backfill or a
     correction of past ledger rows, which the forward-only watermark would miss)."""
@@ -190,6 +261,7 @@ def rollup_rebuild(tenant: Tenant, now: datetime | None = None) -> RollupResult:
         RollupState.objects.filter(tenant=tenant).delete()
         HourlyUsage.objects.filter(tenant=tenant).delete()
         DailyUsage.objects.filter(tenant=tenant).delete()
+        MinuteUsage.objects.filter(tenant=tenant).delete()
         return rollup_tenant(tenant, now)
 
 

@@ -2,7 +2,8 @@
 
 Closed hours come from HourlyUsage (and local days from DailyUsage); whatever
 happened after the tenant's rollup watermark is aggregated from raw ledger rows
-with the same code the rollup uses, so the two halves agree to the nano-dollar.
+with the same code the rollup uses, so the two halves agree to the nano-dollar. The
+overview's open hours and minutes come from MinuteUsage, and raw rows only after it.
 """
 
 from collections import defaultdict
@@ -14,17 +15,25 @@ from zoneinfo import ZoneInfo
 from django.core.paginator import Page, Paginator
 from django.db.models import BigIntegerField, F, QuerySet, Sum
 from django.db.models.fields.json import KT
-from django.db.models.functions import Cast, Coalesce, TruncMinute
+from django.db.models.functions import Cast, Coalesce
 
 from billing.models import ExportJob, TenantSubscription
 from dashboard.models import (
     LATENCY_BOUNDS_MS,
     DailyUsage,
     HourlyUsage,
+    MinuteUsage,
     RollupState,
     SpendForecastSnapshot,
 )
-from dashboard.rollups import daily_rows, hour_floor, hourly_rows, usage_sums
+from dashboard.rollups import (
+    MINUTES_KEPT,
+    daily_rows,
+    hour_floor,
+    hourly_rows,
+    minute_floor,
+    minute_rows,
+)
 from routing.models import TenantProviderModel, UsageEvent
 from tenants.budgets import effective_thresholds, period_bounds, threshold_level
 from tenants.enums import BudgetDecision, BudgetPeriod, BudgetScope
@@ -186,8 +195,8 @@ def hourly_points(tenant: Tenant, start: datetime, now: datetime) -> list[Point]
         ):
             by_hour[row.pop("hour").astimezone(UTC)].add(Usage(**row))
     tail_from = max(start, watermark) if watermark is not None else start
-    for row in hourly_rows(tenant.pk, tail_from, now + timedelta(seconds=1)):
-        by_hour[row.hour.astimezone(UTC)].add(row)
+    for minute, usage in minute_usage(tenant, tail_from, now).items():
+        by_hour[hour_floor(minute)].add(usage)
     points, at = [], hour_floor(start)
     while at <= now:
         points.append(Point(at, by_hour.get(at, Usage())))
@@ -206,25 +215,42 @@ def daily_points(points: Iterable[Point], time_zone: str) -> list[Point]:
     ]
 
 
+def minute_usage(tenant: Tenant, start: datetime, now: datetime) -> dict[datetime, Usage]:
+    """Usage per UTC minute from ``start`` to now: the rolled minutes (MinuteUsage), and
+    the ledger's events around them (after ``minutely_until``: the last minute or two
+    while the minute rollup runs; before the minutes kept, only if asked for)."""
+    until = (
+        RollupState.objects.filter(tenant=tenant).values_list("minutely_until", flat=True).first()
+    )
+    end = now + timedelta(seconds=1)
+    raw = [(start, end)]
+    by_minute: dict[datetime, Usage] = defaultdict(Usage)
+    first_whole = minute_floor(start) + (
+        timedelta(minutes=1) if minute_floor(start) < start else timedelta()
+    )
+    if until is not None:
+        covered_from = max(first_whole, until - MINUTES_KEPT)
+        if covered_from < until:
+            for row in MinuteUsage.objects.filter(
+                tenant=tenant, minute__gte=covered_from, minute__lt=until
+            ):
+                by_minute[row.minute.astimezone(UTC)].add(row)
+            raw = [(start, covered_from), (until, end)]
+    for low, high in raw:
+        if low < high:
+            for row in minute_rows(tenant.pk, low, high):
+                by_minute[row.minute.astimezone(UTC)].add(row)
+    return by_minute
+
+
 def minute_points(tenant: Tenant, now: datetime, minutes: int = 60) -> list[Point]:
-    """Requests per minute over the last ``minutes``, from the ledger (index on tenant, time)."""
-    start = now.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
-    rows = {
-        r["minute"].astimezone(UTC): r
-        for r in UsageEvent.objects.filter(tenant=tenant, created_at__gte=start)
-        .order_by()
-        .annotate(minute=TruncMinute("created_at", tzinfo=UTC))
-        .values("minute")
-        .annotate(**usage_sums())
-    }
-    out = []
-    for i in range(minutes):
-        at = start + timedelta(minutes=i)
-        row = rows.get(at)
-        if row:
-            row.pop("minute")
-        out.append(Point(at, Usage(**row) if row else Usage()))
-    return out
+    """Requests per minute over the last ``minutes`` (``minute_usage``)."""
+    start = minute_floor(now) - timedelta(minutes=minutes - 1)
+    by_minute = minute_usage(tenant, start, now)
+    return [
+        Point(at, by_minute.get(at, Usage()))
+        for at in (start + timedelta(minutes=i) for i in range(minutes))
+    ]
 
 
 # --- budgets and forecasts -----------------------------------------------------------

@@ -17,6 +17,12 @@ def usage_rollup() -> dict:
     return {"tenants": len(results), "hourly_rows": sum(r.hourly_rows for r in results)}
 
 
+@shared_task(name="dashboard.tasks.usage_rollup_minutes", time_limit=120, soft_time_limit=100)
+def usage_rollup_minutes() -> int:
+    """The last minutes of the tenants with recent events (the overview's live charts)."""
+    return rollups.rollup_minutes_recent(now=timezone.now())
+
+
 @shared_task(name="dashboard.tasks.forecasts_refresh", time_limit=1800, soft_time_limit=1700)
 def forecasts_refresh() -> int:
     count = 0

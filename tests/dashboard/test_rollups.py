@@ -3,8 +3,14 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 from django.db.models import Sum
 
-from dashboard.models import DailyUsage, HourlyUsage, RollupState
-from dashboard.rollups import rollup_all, rollup_tenant
+from dashboard.models import DailyUsage, HourlyUsage, MinuteUsage, RollupState
+from dashboard.rollups import (
+    MINUTES_KEPT,
+    rollup_all,
+    rollup_minutes,
+    rollup_minutes_recent,
+    rollup_tenant,
+)
 from dashboard.selectors import end_user_lines, hourly_points, minute_points
 from routing.models import UsageEvent
 from tests.factories import EndUserFactory, UsageEventFactory
@@ -162,3 +168,82 @@ def test_audits_are_not_requests_and_their_cost_comes_off_the_saving(tenant):
     points = hourly_points(tenant, NOW - timedelta(hours=6), NOW)
     assert sum(p.usage.requests for p in points) == 1
     assert sum(p.usage.savings_nanos for p in points) == 6_500
+
+
+# --- minutes: the overview's open hour and requests per minute -----------------------------
+
+
+def overview_figures(tenant, now):
+    """What the overview charts from: the open hours and the last hour's minutes."""
+    hours = hourly_points(tenant, now - timedelta(hours=8), now)
+    minutes = minute_points(tenant, now, minutes=60)
+    return (
+        [(p.at, p.usage.requests, p.usage.cost_nanos, p.usage.baseline_cost_nanos,
+          p.usage.escalated, p.usage.errors, p.usage.quality_n, round(p.usage.quality_sum, 6))
+         for p in hours],
+        [(p.at, p.usage.requests, p.usage.cost_nanos, p.usage.errors) for p in minutes],
+    )  # fmt: skip
+
+
+def busy_hours(tenant, other_tenant):
+    """Events every 7 minutes for 7 hours, some escalated, failed or scored; another
+    tenant's in the same minutes."""
+    for m in range(0, 7 * 60, 7):
+        at = NOW - timedelta(minutes=m, seconds=m % 50)
+        event(tenant, at, cost=100 + m, escalated=m % 3 == 0, quality_score=0.5 + m % 5 / 10)
+        if m % 4 == 0:
+            event(tenant, at, cost=9, status="upstream_error")
+        event(other_tenant, at, cost=5)
+
+
+@pytest.mark.parametrize(
+    ("rolled_at", "hourly_rolled"),
+    [
+        pytest.param(None, True, id="minutes-never-rolled"),
+        pytest.param(timedelta(0), True, id="minutes-current"),
+        pytest.param(timedelta(minutes=-3), True, id="minutes-3-minutes-behind"),
+        pytest.param(timedelta(minutes=-50), True, id="minutes-50-minutes-behind"),
+        pytest.param(timedelta(hours=-9), True, id="minutes-older-than-kept"),
+        pytest.param(timedelta(0), False, id="hours-never-rolled"),
+    ],
+)
+def test_the_overview_reads_the_same_figures_from_rolled_minutes(
+    tenant, other_tenant, rolled_at, hourly_rolled
+):
+    busy_hours(tenant, other_tenant)
+    expected = overview_figures(tenant, NOW)
+    if hourly_rolled:
+        rollup_tenant(tenant, NOW)
+    if rolled_at is not None:
+        rollup_minutes(tenant, NOW + rolled_at)
+    assert overview_figures(tenant, NOW) == expected
+
+
+def test_minute_rollup_keeps_its_window_and_rebuilds_the_late_margin(tenant, other_tenant):
+    busy_hours(tenant, other_tenant)
+    rollup_minutes(tenant, NOW)
+    stored = MinuteUsage.objects.filter(tenant=tenant)
+    assert min(stored.values_list("minute", flat=True)) >= NOW.replace(second=0) - MINUTES_KEPT
+    assert sum(stored.values_list("requests", flat=True)) == UsageEvent.objects.filter(
+        tenant=tenant, created_at__gte=NOW.replace(second=0) - MINUTES_KEPT,
+        created_at__lt=NOW.replace(second=0),
+    ).count()  # fmt: skip
+    # A request that started 4 minutes ago ends now: the next run counts it.
+    late = event(tenant, NOW - timedelta(minutes=4), cost=4_444)
+    rollup_minutes(tenant, NOW + timedelta(minutes=1))
+    minute = MinuteUsage.objects.get(tenant=tenant, minute=late.created_at.replace(second=0))
+    assert minute.cost_nanos >= 4_444
+    # An hour later the oldest hour of minutes is gone.
+    rollup_minutes(tenant, NOW + timedelta(hours=1))
+    assert min(stored.values_list("minute", flat=True)) >= (
+        NOW.replace(second=0) + timedelta(hours=1) - MINUTES_KEPT
+    )
+    assert not MinuteUsage.objects.filter(tenant=other_tenant).exists()
+
+
+def test_the_minute_task_rolls_only_tenants_with_recent_events(tenant, other_tenant):
+    event(tenant, NOW - timedelta(minutes=2), cost=10)
+    event(other_tenant, NOW - timedelta(hours=2), cost=10)
+    assert rollup_minutes_recent(NOW) == 1
+    assert RollupState.objects.get(tenant=tenant).minutely_until == NOW.replace(second=0)
+    assert not RollupState.objects.filter(tenant=other_tenant, minutely_until__isnull=False)
