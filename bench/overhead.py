@@ -60,6 +60,18 @@ server span per request answered by "observability on", else exit status 1.
 No ``OTEL_*`` or ``PROMETHEUS_MULTIPROC_DIR`` variable of the caller reaches
 any CascadeFlow server.
 
+``--profile production`` measures a production tenant instead, one feature at a
+time: six CascadeFlow servers side by side (same code and database, a tenant
+each), from the light configuration (1 worker, no Redis, metrics off) through
++ Redis, + rate limits and tiers (plan tier, token and end-user tier rpm/tpm),
++ three budgets (tenant, token, end user), + metrics and tracing, to + a second
+worker: everything on, the target compared with LiteLLM. Every request names an
+end user. It reports each step's added latency, throughput and CPU against
+LiteLLM's and what it adds to the step before, and the production targets
+(everything on: added p50 @16 <= 0.3x LiteLLM's, throughput @16 >= 3x; a second
+worker >= 1.6x one worker's throughput @16). It needs Redis (``--redis-url`` or
+``REDIS_URL``).
+
 Every process the script starts runs in its own process group and is stopped
 on exit, on errors and on Ctrl-C. Only 127.0.0.1 is contacted (plus PyPI, once,
 if the LiteLLM proxy venv has to be installed).
