@@ -288,3 +288,33 @@ def test_no_tier_is_cached_too(worker, clock, tenant):
     EndUserTier.objects.create(tenant=tenant, slug="basic", name="Basic", is_default=True)
     clock.now += 1.0
     assert end_user_tier_of(tenant_id=tenant.pk, end_user=None).slug == "basic"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_gateway_applies_an_end_user_tier_change_within_one_second(
+    worker, clock, api_token, tenant
+):
+    tier = await EndUserTier.objects.acreate(
+        tenant=tenant, slug="basic", name="Basic", is_default=True, allowed_models=["demo/small"]
+    )
+    client = AsyncClient()
+    chat = json.dumps(
+        {"model": "demo/small", "messages": [{"role": "user", "content": "Hi"}], "user": "carol"}
+    )
+    headers = {"Authorization": f"Bearer {api_token.raw}"}
+
+    async def post():
+        return await client.post(
+            "/v1/chat/completions", data=chat, content_type="application/json", headers=headers
+        )
+
+    assert (await post()).status_code == 200
+    await EndUserTier.objects.filter(pk=tier.pk).aupdate(allowed_models=["demo/large"])
+
+    clock.now += 0.5
+    assert (await post()).status_code == 200  # at most 1 s stale
+    clock.now += 0.5
+    response = await post()
+
+    assert response.status_code == 403
+    assert json.loads(response.content)["error"]["code"] == "model_not_allowed"
