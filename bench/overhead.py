@@ -60,6 +60,18 @@ server span per request answered by "observability on", else exit status 1.
 No ``OTEL_*`` or ``PROMETHEUS_MULTIPROC_DIR`` variable of the caller reaches
 any CascadeFlow server.
 
+``--profile production`` measures a production tenant instead, one feature at a
+time: six CascadeFlow servers side by side (same code and database, a tenant
+each), from the light configuration (1 worker, no Redis, metrics off) through
++ Redis, + rate limits and tiers (plan tier, token and end-user tier rpm/tpm),
++ three budgets (tenant, token, end user), + metrics and tracing, to + a second
+worker: everything on, the target compared with LiteLLM. Every request names an
+end user. It reports each step's added latency, throughput and CPU against
+LiteLLM's and what it adds to the step before, and the production targets
+(everything on: added p50 @16 <= 0.3x LiteLLM's, throughput @16 >= 3x; a second
+worker >= 1.6x one worker's throughput @16). It needs Redis (``--redis-url`` or
+``REDIS_URL``).
+
 Every process the script starts runs in its own process group and is stopped
 on exit, on errors and on Ctrl-C. Only 127.0.0.1 is contacted (plus PyPI, once,
 if the LiteLLM proxy venv has to be installed).
@@ -74,6 +86,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -131,6 +144,102 @@ OBSERVABILITY_LABELS = {
     "cf_obs_off": "CascadeFlow, observability off",
     "cf_obs_on": "CascadeFlow, observability on",
 }
+
+# --profile production: the added cost of each feature a production tenant has, one
+# CascadeFlow server per step, each step adding one feature to the one before (its own
+# tenant each). "cascadeflow" (the target compared with LiteLLM) is the last step: all on.
+PRODUCTION_USER = "bench-end-user"
+PRODUCTION_BODY = json.dumps(
+    {**json.loads(CHAT_BODY), "user": PRODUCTION_USER}, separators=(",", ":")
+).encode()
+TARGET_PRODUCTION_ADDED_P50_RATIO = 0.3  # everything on: added p50 @16 <= 0.3x LiteLLM's
+TARGET_PRODUCTION_THROUGHPUT_RATIO = 3.0  # everything on: throughput @16 >= 3x LiteLLM's
+TARGET_SECOND_WORKER_RATIO = 1.6  # two workers on two cores: >= 1.6x one worker's throughput
+# Limits high enough never to refuse a benchmark request: they are counted, not hit.
+PRODUCTION_RPM = 100_000_000
+PRODUCTION_TPM = 1_000_000_000
+PRODUCTION_BUDGET_NANOS = 10**18  # a billion dollars a month: reserved and settled, never hit
+
+
+@dataclass(frozen=True)
+class Step:
+    """One CascadeFlow server of the production profile."""
+
+    label: str
+    added: str  # what this step adds to the previous one
+    workers: int = 1
+    redis: bool = False
+    limits: bool = False  # plan tier rpm/tpm, token rpm/tpm, end-user tier rpm/tpm
+    budgets: bool = False  # tenant, token and end-user monthly budgets
+    observability: bool = False  # metrics + every span exported over OTLP/HTTP
+
+
+PRODUCTION_STEPS: dict[str, Step] = {
+    "p_light": Step("light (1 worker, no Redis, metrics off)", "baseline"),
+    "p_redis": Step("+ Redis", "REDIS_URL (channel layer, live publishing, cache)", redis=True),
+    "p_limits": Step(
+        "+ rate limits and tiers",
+        "plan tier, token and end-user tier rpm/tpm",
+        redis=True,
+        limits=True,
+    ),
+    "p_budgets": Step(
+        "+ 3 budgets",
+        "tenant, token and end-user monthly budgets",
+        redis=True,
+        limits=True,
+        budgets=True,
+    ),
+    "p_obs": Step(
+        "+ metrics and tracing (1 worker)",
+        "Prometheus metrics, OTLP export of every span",
+        redis=True,
+        limits=True,
+        budgets=True,
+        observability=True,
+    ),
+    "cascadeflow": Step(
+        "+ second worker (everything on)",
+        "a second uvicorn worker",
+        workers=2,
+        redis=True,
+        limits=True,
+        budgets=True,
+        observability=True,
+    ),
+}
+
+# Run with ``manage.py shell -c`` against the bench database: gives one tenant (and its
+# token, and the end user PRODUCTION_USER) the features of a step. argv-free: formatted in.
+PRODUCTION_SETUP = """
+from tenants.enums import BudgetPeriod, BudgetScope
+from tenants.models import ApiToken, EndUserTier, Tenant, Tier
+from tenants.services import budget_create, end_user_get_or_create, token_hash
+tenant = Tenant.objects.get(slug={slug!r})
+token = ApiToken.objects.get(token_hash=token_hash({token!r}))
+if {limits!r}:
+    tier, _ = Tier.objects.get_or_create(
+        slug="bench-production",
+        defaults=dict(name="Bench production", requests_per_minute={rpm}, tokens_per_minute={tpm}),
+    )
+    Tenant.objects.filter(pk=tenant.pk).update(tier=tier)
+    ApiToken.objects.filter(pk=token.pk).update(requests_per_minute={rpm}, tokens_per_minute={tpm})
+    EndUserTier.objects.create(
+        tenant=tenant, slug="standard", name="Standard", requests_per_minute={rpm},
+        tokens_per_minute={tpm}, is_default=True,
+    )
+user = end_user_get_or_create(tenant=tenant, external_id={user!r})
+if {budgets!r}:
+    for scope, extra in (
+        (BudgetScope.TENANT, {{}}), (BudgetScope.TOKEN, {{"token": token}}),
+        (BudgetScope.END_USER, {{"end_user": user}}),
+    ):
+        budget_create(
+            tenant=tenant, scope=scope, period=BudgetPeriod.MONTH, limit_nanos={limit}, **extra
+        )
+print("ok")
+"""
+
 
 LITELLM_CONFIG = """\
 # Generated by bench/overhead.py: LiteLLM proxy in front of the fake upstream.
@@ -766,6 +875,31 @@ def create_tenant(procs: Processes, env: dict[str, str], app_dir: Path) -> tuple
     return tenant_slug, out.strip().splitlines()[-1].strip()
 
 
+def production_setup(
+    procs: Processes, env: dict[str, str], app_dir: Path, slug: str, token: str, step: Step
+) -> None:
+    """Give ``slug``'s tenant the limits, tiers and budgets of ``step``."""
+    code = PRODUCTION_SETUP.format(
+        slug=slug,
+        token=token,
+        limits=step.limits,
+        budgets=step.budgets,
+        rpm=PRODUCTION_RPM,
+        tpm=PRODUCTION_TPM,
+        limit=PRODUCTION_BUDGET_NANOS,
+        user=PRODUCTION_USER,
+    )
+    rc, out, err = procs.run(
+        "production-setup",
+        [str(PROJECT_PYTHON), "manage.py", "shell", "-c", code],
+        env=env,
+        cwd=app_dir,
+        timeout=120,
+    )
+    if rc != 0 or not out.strip().endswith("ok"):
+        raise RuntimeError(f"production setup of {slug} failed:\n{out}\n{err[-3000:]}")
+
+
 def observability_envs(sink_port: int) -> dict[str, dict[str, str]]:
     """The two configurations compared: everything off, and everything on (Prometheus
     metrics, and OpenTelemetry tracing exporting every span over OTLP/HTTP to the sink,
@@ -1106,14 +1240,13 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     with managed_run(args.keep_tmp) as (procs, tmp):
         litellm_version = ensure_litellm_proxy_venv(procs)
         app_dir, code = code_under_test(args.ref, tmp)
-        db = prepare_database(args.database_url, tmp, args.keep_db)
+        db = prepare_database(args.database_url, tmp, args.keep_db, args.pg_database)
         try:
             return _benchmark(args, procs, tmp, db, litellm_version, date, app_dir, code)
         except Exception:
             for name, _ in procs.procs:
-                if name in {"upstream", "cascadeflow", "litellm-proxy", "otlp-sink"} | set(
-                    OBSERVABILITY_TARGETS
-                ):
+                servers = {"upstream", "cascadeflow", "litellm-proxy", "otlp-sink"}
+                if name in servers | set(OBSERVABILITY_TARGETS) | set(PRODUCTION_STEPS):
                     print(
                         f"--- last lines of {name} log ---\n{procs.log_tail(name)}", file=sys.stderr
                     )
@@ -1145,22 +1278,39 @@ def _benchmark(
     upstream = start_upstream(procs, upstream_port, app_dir)
 
     # --- CascadeFlow: migrate, tenants + tokens, servers ---------------------------
-    cf_env = cascadeflow_env(db, tmp, upstream_port, args.redis_url)
+    production = args.profile == "production"
+    cf_env = cascadeflow_env(db, tmp, upstream_port, None if production else args.redis_url)
     migrate(procs, cf_env, app_dir)
     # One CascadeFlow server per configuration, each with its own tenant (so each ledger is
     # checked on its own) and its own fresh Prometheus multi-process directory.
-    sink_port = free_port() if args.observability else None
+    sink_port = free_port() if args.observability or production else None
     cf_configs: dict[str, dict[str, str]] = {"cascadeflow": {}}
-    if args.observability:
+    cf_workers = dict.fromkeys(cf_configs, args.workers)
+    if production:
+        assert sink_port is not None
+        obs = observability_envs(sink_port)
+        cf_configs = {
+            key: {
+                **obs["cf_obs_on" if step.observability else "cf_obs_off"],
+                **({"REDIS_URL": args.redis_url} if step.redis else {}),
+            }
+            for key, step in PRODUCTION_STEPS.items()
+        }
+        cf_workers = {key: step.workers for key, step in PRODUCTION_STEPS.items()}
+    elif args.observability:
+        assert sink_port is not None
         cf_configs.update(observability_envs(sink_port))
+        cf_workers.update(dict.fromkeys(OBSERVABILITY_TARGETS, args.workers))
     cf_servers: dict[str, tuple[subprocess.Popen[bytes], int, str, str]] = {}
     for key, extra in cf_configs.items():
         tenant_slug, token = create_tenant(procs, cf_env, app_dir)
+        if production:
+            production_setup(procs, cf_env, app_dir, tenant_slug, token, PRODUCTION_STEPS[key])
         prom_dir = tmp / f"prometheus-{key}"
         prom_dir.mkdir()
         port = cf_port if key == "cascadeflow" else free_port()
         env = {**cf_env, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir), **extra}
-        proc = procs.start(key, cascadeflow_cmd(port, args.workers), env=env, cwd=app_dir)
+        proc = procs.start(key, cascadeflow_cmd(port, cf_workers[key]), env=env, cwd=app_dir)
         cf_servers[key] = (proc, port, token, tenant_slug)
     tenant_slug = cf_servers["cascadeflow"][3]
 
@@ -1216,25 +1366,30 @@ def _benchmark(
     print("Servers ready: " + ", ".join(f"{k} {v:.1f}s" for k, v in ready.items()), flush=True)
 
     cf_proc, _, cf_token, _ = cf_servers["cascadeflow"]
+    body = PRODUCTION_BODY if production else CHAT_BODY  # the same body for every target
+    cf_label = "CascadeFlow, everything on" if production else "CascadeFlow"
     targets = [
         Target("direct", "fake upstream (direct)", upstream_port, UPSTREAM_KEY, upstream.pid),
-        Target("cascadeflow", "CascadeFlow", cf_port, cf_token, cf_proc.pid),
+        Target("cascadeflow", cf_label, cf_port, cf_token, cf_proc.pid, body=body),
         Target("litellm", "LiteLLM proxy", ll_port, LITELLM_MASTER_KEY, litellm_proxy.pid),
     ]
-    for key in OBSERVABILITY_TARGETS:
-        if key in cf_servers:
+    targets[0].body = targets[2].body = body
+    labels = {key: f"CascadeFlow {step.label}" for key, step in PRODUCTION_STEPS.items()}
+    for key in cf_servers:
+        if key != "cascadeflow":
             proc, port, token, _ = cf_servers[key]
-            targets.append(Target(key, OBSERVABILITY_LABELS[key], port, token, proc.pid))
+            label = labels[key] if production else OBSERVABILITY_LABELS[key]
+            targets.append(Target(key, label, port, token, proc.pid, body=body))
     cf_keys = [t.key for t in targets if t.key in cf_servers]
     successes = dict.fromkeys(cf_keys, 0)  # per CascadeFlow server: for its ledger check
     served = dict.fromkeys(cf_keys, 0)  # every answered request (ok or not): one trace each
 
     # --- sanity: identical answers from all targets ------------------------------------
     for t in targets:
-        status, body = http_request(t.port, "POST", t.path, body=CHAT_BODY, auth=t.auth, timeout=60)
+        status, answer = http_request(t.port, "POST", t.path, body=t.body, auth=t.auth, timeout=60)
         if status != 200:
-            raise RuntimeError(f"{t.label} answered {status}: {body[:500]!r}")
-        content = json.loads(body)["choices"][0]["message"]["content"]
+            raise RuntimeError(f"{t.label} answered {status}: {answer[:500]!r}")
+        content = json.loads(answer)["choices"][0]["message"]["content"]
         if content != EXPECTED_CONTENT:
             raise RuntimeError(f"{t.label} returned unexpected content {content!r}")
         if t.key in successes:
@@ -1353,7 +1508,13 @@ def _benchmark(
         "throughput_c16_ratio_ge_2": bool(thr_ratio >= TARGET_THROUGHPUT_RATIO),
     }
     observability = None
-    if args.observability and sink_port is not None:
+    production_figures = None
+    if production:
+        assert sink_port is not None
+        spans = sink_counts(sink_port)
+        production_figures = compare_production(results, comparisons, spans)
+        targets_met.update(production_figures["targets_met"])
+    elif args.observability and sink_port is not None:
         spans = wait_for_spans(sink_port, served["cf_obs_on"])
         observability = compare_observability(results, segments, spans, served, ledgers)
         targets_met[OBS_TARGET_KEY] = observability["ratio_met"]
@@ -1368,8 +1529,12 @@ def _benchmark(
             "segment_duration_s": None if args.requests else args.duration,
             "segment_requests": args.requests,
             "warmup_s_per_target": args.warmup,
-            "cascadeflow_workers": args.workers,
+            "profile": args.profile,
+            "cascadeflow_workers": 2 if production else args.workers,
             "cascadeflow_redis_url": args.redis_url,
+            "production_steps": {k: dataclasses.asdict(v) for k, v in PRODUCTION_STEPS.items()}
+            if production
+            else None,
             "litellm_proxy_workers": 1,
             "litellm_version": litellm_version,
             "server_flags": "uvloop + httptools for both; access logs off for both",
@@ -1394,7 +1559,107 @@ def _benchmark(
             "per_server": ledgers,
         },
         "observability": observability,
+        "production": production_figures,
     }
+
+
+def compare_production(
+    results: dict[str, dict[str, Any]], comparisons: dict[str, Any], spans: dict[str, Any]
+) -> dict[str, Any]:
+    """Each production step's figures, what it adds to the step before, and the targets."""
+    direct, litellm = results["direct"], results["litellm"]
+    steps: list[dict[str, Any]] = []
+    previous: dict[str, Any] | None = None
+    for key, step in PRODUCTION_STEPS.items():
+        row: dict[str, Any] = {"key": key, "label": step.label, "adds": step.added}
+        for c in CONCURRENCIES:
+            r, d, ll = results[key][f"c{c}"], direct[f"c{c}"], litellm[f"c{c}"]
+            for q in ("p50", "p99"):
+                row[f"added_{q}_c{c}_ms"] = r[f"{q}_ms"] - d[f"{q}_ms"]
+                row[f"added_{q}_c{c}_ratio_to_litellm"] = ratio(
+                    row[f"added_{q}_c{c}_ms"], ll[f"{q}_ms"] - d[f"{q}_ms"]
+                )
+            row[f"throughput_c{c}_rps"] = r["throughput_rps"]
+            row[f"throughput_c{c}_ratio_to_litellm"] = ratio(
+                r["throughput_rps"], ll["throughput_rps"]
+            )
+            row[f"server_cpu_ms_per_request_c{c}"] = r["server_cpu_ms_per_request"]
+            row[f"db_backend_cpu_ms_per_request_c{c}"] = r["db_backend_cpu_ms_per_request"]
+            if previous is not None:
+                row[f"step_added_p50_c{c}_ms"] = (
+                    row[f"added_p50_c{c}_ms"] - previous[f"added_p50_c{c}_ms"]
+                )
+                row[f"step_throughput_c{c}_ratio"] = ratio(
+                    r["throughput_rps"], previous[f"throughput_c{c}_rps"]
+                )
+                row[f"step_server_cpu_ms_per_request_c{c}"] = (
+                    r["server_cpu_ms_per_request"] - previous[f"server_cpu_ms_per_request_c{c}"]
+                )
+        steps.append(row)
+        previous = row
+    added_ratio = comparisons["added_p50_c16"]["ratio_cf_over_litellm"]
+    thr_ratio = comparisons["throughput_c16"]["ratio_cf_over_litellm"]
+    second_worker = ratio(
+        results["cascadeflow"]["c16"]["throughput_rps"], results["p_obs"]["c16"]["throughput_rps"]
+    )
+    return {
+        "steps": steps,
+        "added_p50_c16_ratio_to_litellm": added_ratio,
+        "throughput_c16_ratio_to_litellm": thr_ratio,
+        "second_worker_throughput_c16_ratio": second_worker,
+        "spans": {"received": spans["spans"], "by_kind": spans["by_kind"], "bad": spans["bad"]},
+        "targets_met": {
+            "production_added_p50_c16_ratio_le_0.3": bool(
+                added_ratio <= TARGET_PRODUCTION_ADDED_P50_RATIO
+            ),
+            "production_throughput_c16_ratio_ge_3": bool(
+                thr_ratio >= TARGET_PRODUCTION_THROUGHPUT_RATIO
+            ),
+            "second_worker_throughput_c16_ratio_ge_1.6": bool(
+                second_worker >= TARGET_SECOND_WORKER_RATIO
+            ),
+        },
+    }
+
+
+def report_production(prod: dict[str, Any]) -> list[str]:
+    lines = [
+        "Production profile: each step adds one feature to the step before (own server, own "
+        "tenant); ratios are to LiteLLM's proxy (added latency over the upstream alone)",
+        "",
+        "| step | added p50 @1 ms | added p50 @16 ms (x LiteLLM) | added p99 @16 ms "
+        "| req/s @16 (x LiteLLM) | step: +p50 @16 ms | step: req/s x | server CPU ms/req @16 "
+        "| PG CPU ms/req @16 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in prod["steps"]:
+        lines.append(
+            f"| {row['label']} | {fmt(row['added_p50_c1_ms'], 2)} "
+            f"| {fmt(row['added_p50_c16_ms'], 2)} ({fmt(row['added_p50_c16_ratio_to_litellm'], 2)}x) "
+            f"| {fmt(row['added_p99_c16_ms'], 2)} "
+            f"| {fmt(row['throughput_c16_rps'])} ({fmt(row['throughput_c16_ratio_to_litellm'], 2)}x) "
+            f"| {fmt(row.get('step_added_p50_c16_ms', float('nan')), 2)} "
+            f"| {fmt(row.get('step_throughput_c16_ratio', float('nan')), 2)} "
+            f"| {fmt(row['server_cpu_ms_per_request_c16'], 2)} "
+            f"| {fmt(row['db_backend_cpu_ms_per_request_c16'], 2)} |"
+        )
+    met = prod["targets_met"]
+    lines += [
+        "",
+        f"- spans received from the two traced steps: {prod['spans']['received']} "
+        f"(by kind {prod['spans']['by_kind']}, undecodable posts {prod['spans']['bad']})",
+        "",
+        f"Target everything on, added p50 @16 <= {TARGET_PRODUCTION_ADDED_P50_RATIO}x LiteLLM: "
+        f"{fmt(prod['added_p50_c16_ratio_to_litellm'], 3)}x -> "
+        + ("MET" if met["production_added_p50_c16_ratio_le_0.3"] else "NOT MET"),
+        f"Target everything on, throughput @16 >= {TARGET_PRODUCTION_THROUGHPUT_RATIO}x LiteLLM: "
+        f"{fmt(prod['throughput_c16_ratio_to_litellm'], 2)}x -> "
+        + ("MET" if met["production_throughput_c16_ratio_ge_3"] else "NOT MET"),
+        f"Target second worker, throughput @16 >= {TARGET_SECOND_WORKER_RATIO}x one worker's: "
+        f"{fmt(prod['second_worker_throughput_c16_ratio'], 2)}x -> "
+        + ("MET" if met["second_worker_throughput_c16_ratio_ge_1.6"] else "NOT MET"),
+    ]
+    return lines
 
 
 def report(data: dict[str, Any]) -> str:
@@ -1417,7 +1682,9 @@ def report(data: dict[str, Any]) -> str:
         "| server CPU ms/req @16 | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for key in ("direct", "cascadeflow", "litellm", *OBSERVABILITY_TARGETS):
+    for key in dict.fromkeys(
+        ("direct", "cascadeflow", "litellm", *OBSERVABILITY_TARGETS, *PRODUCTION_STEPS)
+    ):
         if key not in res:
             continue
         r1, r16 = res[key]["c1"], res[key]["c16"]
@@ -1472,6 +1739,8 @@ def report(data: dict[str, Any]) -> str:
         )
     if data.get("observability"):
         lines += ["", *report_observability(data["observability"])]
+    if data.get("production"):
+        lines += ["", *report_production(data["production"])]
     return "\n".join(lines)
 
 
@@ -1547,6 +1816,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "else SQLite in a temp dir)",
     )
     parser.add_argument(
+        "--pg-database",
+        default=PG_BENCH_DB,
+        help=f"name of the throwaway PostgreSQL database (default '{PG_BENCH_DB}'): dropped "
+        "and recreated, dropped again at exit",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -1576,7 +1851,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(CASCADEFLOW_METRICS=false, no OTEL_*) and on (metrics, and every span exported over "
         "OTLP/HTTP to a local sink); on by default, --no-observability skips them",
     )
+    parser.add_argument(
+        "--profile",
+        choices=("light", "production"),
+        default="light",
+        help="light (default): one CascadeFlow configuration (plus observability off/on); "
+        "production: six CascadeFlow servers side by side, from the light configuration to "
+        "everything on (Redis, rate limits and tiers, three budgets, metrics and tracing, two "
+        "workers), one feature added per step; needs Redis (--redis-url, else $REDIS_URL)",
+    )
     args = parser.parse_args(argv)
+    if not args.pg_database.isidentifier() or not args.pg_database.islower():
+        parser.error("--pg-database must be a lower-case identifier")
+    if args.profile == "production":
+        args.redis_url = args.redis_url or os.environ.get("REDIS_URL")
+        if not args.redis_url:
+            parser.error("--profile production needs --redis-url (or REDIS_URL)")
+        args.observability = False  # the production steps measure it themselves
     if args.rounds < 1 or args.workers < 1 or (args.requests is not None and args.requests < 1):
         parser.error("--rounds, --workers and --requests must be positive")
     return args

@@ -454,6 +454,13 @@ CASCADEFLOW_CALLBACK_MAX_IN_FLIGHT = env.int("CASCADEFLOW_CALLBACK_MAX_IN_FLIGHT
 # A budget reservation not settled within this many seconds (its worker died)
 # is reclaimed by the tenants.reservations_reclaim task.
 CASCADEFLOW_RESERVATION_TTL = env.int("CASCADEFLOW_RESERVATION_TTL", default=900)
+# How long (seconds, at most 1) a process reuses a token lookup (the token, its tenant, plan
+# tier limits, whether it has budgets and end-user tiers) before reading it again: a token
+# revoked or expired, a tenant deactivated, a plan changed, is refused or applied by every
+# worker within this delay. 0 reads the database on every request.
+CASCADEFLOW_ADMISSION_CACHE_SECONDS = min(
+    env.float("CASCADEFLOW_ADMISSION_CACHE_SECONDS", default=1.0), 1.0
+)
 # How stale ApiToken.last_used_at may get before a request rewrites it.
 CASCADEFLOW_TOKEN_TOUCH_SECONDS = env.int("CASCADEFLOW_TOKEN_TOUCH_SECONDS", default=60)
 # Ledger rows the database could not take when a request ended are appended here

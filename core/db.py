@@ -24,19 +24,44 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+# A connection that answered a query this recently is not pinged again (CONN_HEALTH_CHECKS).
+HEALTHY_FOR_S = 1.0
+
+
 def db(fn: Callable[P, R]) -> Callable[P, Any]:
     """Run ORM work off the event loop on a pooled thread.
 
     The connection lifecycle is the one Django gives a request: connections
     that are broken or past CONN_MAX_AGE are dropped before and after the work.
+    One difference: with CONN_HEALTH_CHECKS, Django pings a persistent connection
+    (``SELECT 1``) before its first query in every unit of work, which on the
+    gateway is twice a request; here a connection that completed work without a
+    database error less than ``HEALTHY_FOR_S`` ago is trusted without the ping.
+    A connection that died in that second fails its next query with the
+    ``OperationalError`` the gateway already answers (503, ledger row spooled), and
+    Django then drops it.
     """
 
     def run(*args: P.args, **kwargs: P.kwargs) -> R:
         close_old_connections()
+        connection = connections["default"]
+        answered_at = getattr(connection, "cf_answered_at", None)
+        if (
+            connection.connection is not None
+            and answered_at is not None
+            and time.monotonic() - answered_at < HEALTHY_FOR_S
+        ):
+            connection.health_check_done = True
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+        except BaseException:
+            connection.cf_answered_at = None
+            raise
         finally:
             close_old_connections()
+        ok = connection.connection is not None and not connection.errors_occurred
+        connection.cf_answered_at = time.monotonic() if ok else None
+        return result
 
     return sync_to_async(run, thread_sensitive=False)
 

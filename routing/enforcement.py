@@ -42,13 +42,12 @@ from tenants.budgets import (
     applicable_budgets,
     budget_admit,
     budget_settle,
-    end_user_tier,
 )
 from tenants.callbacks import CallbackDecision, CallbackQuestion, cached_decision
 from tenants.enums import BudgetDecision
 from tenants.models import EndUser, Tenant
 from tenants.ratelimits import Limit, RateLimited, check_and_hit
-from tenants.selectors import TokenContext
+from tenants.selectors import TokenContext, end_user_tier_of
 
 DEFAULT_OUTPUT_CAP = 4096
 
@@ -127,7 +126,7 @@ def admit(
     """
     enforcement = Enforcement()
     if ctx.has_end_user_tiers:
-        enforcement.tier = end_user_tier(tenant_id=ctx.tenant_id, end_user=end_user)
+        enforcement.tier = end_user_tier_of(tenant_id=ctx.tenant_id, end_user=end_user)
         allowed = enforcement.tier.allowed_models if enforcement.tier else ()
         if allowed and target.name not in allowed:
             raise forbidden(

@@ -7,8 +7,10 @@ does the same for an embeddings request (one embedding model, no cascade). The
 views only translate HTTP to these calls and back.
 
 Database work runs in a thread pool (``db``) with the connection lifecycle
-Django gives a request: two round trips per request, one before the upstream
-call (auth, target, end user) and one after (the ledger insert).
+Django gives a request: two hops to the pool per request, one before the upstream
+call (auth, target, end user, admission) and one after (the ledger insert). The
+token lookup, the end user and its tier come from ``tenants.selectors``'
+admission cache when it read them less than a second ago.
 
 A cascade that learns from audits keeps the answers its models gave (drafts
 and the final answer) until its ledger row is written; then ``routing.audits``
@@ -74,10 +76,15 @@ from routing.spool import ledger_spool
 from routing.targets import Target, allowed_specs, resolve_target, target_names
 from tenants import callbacks
 from tenants.enums import BudgetDecision, Scope
-from tenants.models import Tenant
 from tenants.ratelimits import RateLimited, charge_completion
-from tenants.selectors import TokenContext, TokenInvalid, token_context_for_raw
-from tenants.services import end_user_get_or_create, token_touch
+from tenants.selectors import (
+    TokenContext,
+    TokenInvalid,
+    end_user_of,
+    token_context_for_raw,
+    token_used,
+)
+from tenants.services import token_touch
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +318,7 @@ def _prepare_sync(
         check_choices(request, target)
     end_user = None
     if request.user:
-        end_user = end_user_get_or_create(tenant=Tenant(pk=ctx.tenant_id), external_id=request.user)
+        end_user = end_user_of(tenant_id=ctx.tenant_id, external_id=request.user)
     try:
         target, enforcement = admit(
             ctx=ctx,
@@ -636,6 +643,7 @@ def _write(
     if ctx.last_used_at is None or ctx.last_used_at < stale_before:
         try:
             token_touch(token_id=ctx.token_id, now=now, stale_before=stale_before)
+            token_used(token_id=ctx.token_id, at=now)
         except DatabaseError:
             logger.warning("Could not record the last use of token %s", ctx.token_id)
     if audit is not None:

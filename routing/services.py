@@ -108,6 +108,11 @@ def ledger_write(*, values: dict[str, Any], settlement: Settlement) -> list[int]
     """
 
     def write() -> list[int]:
+        if settlement.reservation_key is None:
+            # Nothing to settle: one statement, atomic on its own, without the two round
+            # trips of a transaction (BEGIN, COMMIT).
+            insert_row(UsageEvent, values, ignore_conflicts=True)
+            return []
         with transaction.atomic():
             if not insert_row(UsageEvent, values, ignore_conflicts=True):
                 return []

@@ -38,7 +38,7 @@ from rest_framework.views import APIView, exception_handler, set_rollback
 from core import strictjson
 from tenants.enums import Scope
 from tenants.models import Tenant
-from tenants.selectors import TokenContext, TokenInvalid, token_context_for_raw
+from tenants.selectors import TokenContext, TokenInvalid, token_context_for_raw, token_used
 from tenants.services import token_touch
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ def touch_last_used(ctx: TokenContext, now) -> None:
         return
     try:
         token_touch(token_id=ctx.token_id, now=now, stale_before=stale_before)
+        token_used(token_id=ctx.token_id, at=now)
     except DatabaseError:  # bookkeeping: never the reason a request fails
         logger.warning("Could not record the last use of token %s", ctx.token_id)
 

@@ -1,17 +1,28 @@
 """Reads for tenants and API tokens."""
 
+import threading
+import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from typing import Any
 
+from django.conf import settings
 from django.db import connection
 from django.db.models import Exists, OuterRef
 
 from core.db import as_datetime, as_json, fetch_one, select_sql
-from tenants.budgets import effective_thresholds, period_bounds, threshold_level
+from tenants.budgets import (
+    EndUserTierPolicy,
+    effective_thresholds,
+    end_user_tier,
+    period_bounds,
+    threshold_level,
+)
 from tenants.enums import BudgetDecision, BudgetScope
-from tenants.models import ApiToken, Budget, BudgetCounter, EndUserTier, Member
-from tenants.services import token_hash
+from tenants.models import ApiToken, Budget, BudgetCounter, EndUser, EndUserTier, Member, Tenant
+from tenants.services import end_user_get_or_create, token_hash
 
 
 def memberships_of(*, user) -> tuple[Member, ...]:
@@ -119,19 +130,132 @@ def _token_query(vendor: str) -> tuple[str, int, int]:
     return sql, index, len(queryset.query.sql_with_params()[1])
 
 
+class AdmissionCache:
+    """What admission reads about a caller (the token lookup's row, the end user, the end
+    user's tier), kept by this process for at most ``CASCADEFLOW_ADMISSION_CACHE_SECONDS``
+    (<= 1 s).
+
+    Invariants:
+
+    - An entry is stamped with the time its query *started*, and is served only
+      while ``now - stamp < ttl``. A change committed at T (a token revoked or
+      expired, a tenant deactivated, a plan, budgets or tiers changed, an end
+      user moved to another tier) is therefore seen by every process, whatever
+      it cached, by T + ttl <= T + 1 s. Nothing is shared between processes, so
+      nothing can fail to invalidate: Redis down or not, the bound holds.
+    - For tokens, what is cached is the database row, not the verdict:
+      revocation, expiry (against the request's ``now``), deactivation and
+      verification are checked on every request, from a row at most ``ttl`` old.
+    - Unknown tokens are never cached (a hostile caller cannot fill the cache
+      with them), and the cache holds at most ``MAX_ENTRIES`` entries: beyond,
+      it starts over.
+    - Budget counters are never cached: spend and reservations are read and
+      written in PostgreSQL by every admission (``tenants.budgets``).
+    """
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._entries: dict[Hashable, tuple[float, Any]] = {}
+        self._used: dict[int, datetime] = {}  # token id -> last use this process recorded
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, ttl: float, load: Callable[[], Any], *, keep_none: bool = False):
+        """``load()``'s value for ``key``: the one cached if younger than ``ttl``, else read
+        (and cached unless it is None, or ``keep_none``)."""
+        if ttl > 0:
+            hit = self._entries.get(key)
+            if hit is not None and self._clock() - hit[0] < ttl:
+                return hit[1]
+        stamp = self._clock()  # before the query: the value is at least this fresh
+        value = load()
+        if ttl > 0 and (value is not None or keep_none):
+            with self._lock:
+                if len(self._entries) >= self.MAX_ENTRIES:
+                    self._entries.clear()
+                    self._used.clear()
+                self._entries[key] = (stamp, value)
+        return value
+
+    def token_row(self, digest: str, ttl: float) -> tuple | None:
+        """The token lookup's row for the token whose hash is ``digest``, None if unknown."""
+
+        def load() -> tuple | None:
+            sql, index, count = _token_query(connection.vendor)
+            params: list = [None] * count
+            params[index] = digest
+            row = fetch_one(sql, params)
+            return None if row is None else tuple(row)
+
+        return self.get(("token", digest), ttl, load)
+
+    def used(self, token_id: int, at: datetime) -> None:
+        """Remember that this process recorded a use of the token (``token_touch``)."""
+        self._used[token_id] = at
+
+    def last_used(self, token_id: int, stored: datetime | None) -> datetime | None:
+        mine = self._used.get(token_id)
+        if mine is None or (stored is not None and stored >= mine):
+            return stored
+        return mine
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._used.clear()
+
+
+admission_cache = AdmissionCache()
+
+
+def _ttl() -> float:
+    return settings.CASCADEFLOW_ADMISSION_CACHE_SECONDS
+
+
+def token_used(*, token_id: int, at: datetime) -> None:
+    """The gateway recorded a use of the token at ``at``: a cached row must not make it
+    record the same use again on the next requests."""
+    admission_cache.used(token_id, at)
+
+
+def end_user_of(*, tenant_id: int, external_id: str) -> EndUser:
+    """The tenant's end user ``external_id``, created at first sight; at most 1 s old
+    (``AdmissionCache``). Read-only: callers never change or save it."""
+    return admission_cache.get(
+        ("end_user", tenant_id, external_id),
+        _ttl(),
+        lambda: end_user_get_or_create(tenant=Tenant(pk=tenant_id), external_id=external_id),
+    )
+
+
+def end_user_tier_of(*, tenant_id: int, end_user: EndUser | None) -> EndUserTierPolicy | None:
+    """``tenants.budgets.end_user_tier``, at most 1 s old (``AdmissionCache``)."""
+    key = (
+        "tier",
+        tenant_id,
+        end_user.pk if end_user else None,
+        end_user.tier_id if end_user else None,
+    )
+    return admission_cache.get(
+        key,
+        _ttl(),
+        lambda: end_user_tier(tenant_id=tenant_id, end_user=end_user),
+        keep_none=True,
+    )
+
+
 def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
     """Resolve a raw bearer token; raise ``TokenInvalid`` with a user-facing reason.
 
     Unknown, revoked and expired tokens, and tokens of inactive tenants or of
     self-serve tenants whose owner has not verified their email yet, are all
     refused; the reason never reveals whether another tenant's token exists.
+    The row may come from ``admission_cache`` (at most 1 s old): see its invariants.
     """
     if not raw:
         raise TokenInvalid("Missing API key. Send it as 'Authorization: Bearer <token>'.")
-    sql, index, count = _token_query(connection.vendor)
-    params: list = [None] * count
-    params[index] = token_hash(raw)
-    row = fetch_one(sql, params)
+    row = admission_cache.token_row(token_hash(raw), _ttl())
     if row is None:
         raise TokenInvalid("Incorrect API key provided.")
     (token_id, tenant_id, scopes, expires_at, revoked_at, last_used_at, slug, tenant_active,
@@ -154,7 +278,7 @@ def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:
         scopes=frozenset(as_json(scopes) or ()),
         tenant_allowed_models=tuple(as_json(tenant_models) or ()),
         tier_allowed_models=tuple(as_json(tier_models) or ()),
-        last_used_at=as_datetime(last_used_at),
+        last_used_at=admission_cache.last_used(token_id, as_datetime(last_used_at)),
         token_mask=mask,
         time_zone=time_zone,
         has_budgets=bool(has_budgets),

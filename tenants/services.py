@@ -491,7 +491,9 @@ def plan_apply(*, tenant: Tenant, tier: Tier | None, reason: str) -> bool:
     """Put ``tenant`` on ``tier``: the plan's limits, and the monthly budget that comes with it.
 
     Returns whether anything changed. The gateway reads the tier and the
-    budgets on every request, so the next request sees the new plan.
+    budgets at least once a second in every worker
+    (``CASCADEFLOW_ADMISSION_CACHE_SECONDS``), so requests see the new plan
+    within a second.
     """
     changed = tenant.tier_id != (tier.pk if tier else None)
     if changed:

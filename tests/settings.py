@@ -20,6 +20,10 @@ DEVELOPMENT_ENV = {
     "CASCADEFLOW_FREE_TIER_MONTHLY_BUDGET_USD": "",
     "CASCADEFLOW_FREE_TIER_RPM": "",
     "CASCADEFLOW_FREE_TIER_MODELS": "",
+    # Tests revoke tokens, deactivate tenants and change plans, then assert the very next
+    # request sees it; the token cache's own tests (tests/tenants/test_token_cache.py) turn
+    # it on.
+    "CASCADEFLOW_ADMISSION_CACHE_SECONDS": "0",
 }
 
 for _name, _value in DEVELOPMENT_ENV.items():

@@ -194,6 +194,12 @@ class RedisBreakerStore:
 
     ``cf:cb:<key>:fails`` counts failures in a window (INCR + EXPIRE, atomic
     in a MULTI); ``cf:cb:<key>:open`` exists while the circuit is open (SET PX).
+
+    A success clears both keys, but only when the last check of that deployment
+    in this process saw either of them: a healthy deployment costs one Redis
+    round trip per call (the check), not two. A failure counted by another
+    process after that check is not cleared by this success; it expires with
+    its window.
     """
 
     def __init__(self, url: str, prefix: str = "cf:cb:"):
@@ -202,14 +208,23 @@ class RedisBreakerStore:
         # Short timeouts: with Redis away the breaker fails open (allow) quickly.
         self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.5)
         self._prefix = prefix
+        self._clean: set[str] = set()  # keys whose last check found no failure and no open circuit
 
     async def is_open(self, key: str) -> bool:
-        return bool(await self._redis.exists(f"{self._prefix}{key}:open"))
+        is_open, fails = await self._redis.mget(
+            f"{self._prefix}{key}:open", f"{self._prefix}{key}:fails"
+        )
+        if is_open is None and fails is None:
+            self._clean.add(key)
+        else:
+            self._clean.discard(key)
+        return is_open is not None
 
     async def record_failure(
         self, key: str, *, threshold: int, window_s: float, cooldown_s: float
     ) -> None:
         fails_key = f"{self._prefix}{key}:fails"
+        self._clean.discard(key)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.incr(fails_key)
             pipe.expire(fails_key, max(1, int(window_s)), nx=True)
@@ -220,7 +235,10 @@ class RedisBreakerStore:
             )
 
     async def record_success(self, key: str) -> None:
+        if key in self._clean:
+            return
         await self._redis.delete(f"{self._prefix}{key}:fails", f"{self._prefix}{key}:open")
+        self._clean.add(key)
 
 
 @dataclass

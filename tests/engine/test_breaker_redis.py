@@ -61,3 +61,40 @@ async def test_open_circuit_closes_after_the_cooldown(redis_url):
     await asyncio.sleep(0.35)
 
     assert await breaker.allow(deployment)
+
+
+async def test_a_success_clears_the_failures_its_check_saw(redis_url):
+    prefix = f"cf:test:{uuid.uuid4().hex}:"
+    worker_a = CircuitBreaker(
+        RedisBreakerStore(redis_url, prefix), failure_threshold=3, cooldown_s=30
+    )
+    worker_b = CircuitBreaker(
+        RedisBreakerStore(redis_url, prefix), failure_threshold=3, cooldown_s=30
+    )
+    deployment = Deployment("openai/gpt-z")
+    await worker_a.failed(deployment)
+    await worker_a.failed(deployment)
+
+    assert await worker_b.allow(deployment)  # sees two failures
+    await worker_b.succeeded(deployment)  # clears them
+
+    await worker_a.failed(deployment)
+    await worker_a.failed(deployment)
+    assert await worker_b.allow(deployment)  # two failures since, not four
+
+
+async def test_a_healthy_deployment_costs_one_round_trip_per_call(redis_url, monkeypatch):
+    store = RedisBreakerStore(redis_url, f"cf:test:{uuid.uuid4().hex}:")
+    breaker = CircuitBreaker(store, failure_threshold=3, cooldown_s=30)
+    deployment = Deployment("openai/gpt-w")
+    deletes = []
+
+    async def delete(*keys):
+        deletes.append(keys)
+
+    monkeypatch.setattr(store._redis, "delete", delete)
+    for _ in range(3):
+        assert await breaker.allow(deployment)
+        await breaker.succeeded(deployment)
+
+    assert deletes == []
