@@ -209,6 +209,7 @@ def run_size(rows: int, template: str, args) -> dict:
             "--json",
             str(out),
             *(["--reuse"] if reuse else []),
+            *(["--keep"] if args.keep else []),
         ]
         subprocess.run(command, cwd=ROOT, check=True)
         return json.loads(out.read_text())
@@ -284,6 +285,35 @@ def report(results: list[dict], wall_s: float) -> None:
         *cells, met = line
         verdict = "" if met == "" else ("yes" if met else "NO")
         print("| " + " | ".join(str(c) for c in cells) + f" | {verdict} |")
+    for r in measured:
+        d, table = r["disk"], r["table"]
+        shape = (
+            f"partitioned, {len(table['partitions'])} partitions"
+            if table["partitioned"]
+            else "a plain table"
+        )
+        print(
+            f"\n{r['rows']:,} rows ({r['rows_in_table']:,} in the table): {TABLE} is {shape}; "
+            f"{d['total_bytes'] / 2**30:.2f} GiB, {d['bytes_per_row']:.0f} bytes a row = heap "
+            f"{d['heap_bytes_per_row']:.0f} + indexes {d['index_bytes_per_row']:.0f} + TOAST "
+            f"{d['toast_bytes'] / d['rows']:.0f} (a tuple {d['tuple_bytes_sampled']:.0f} bytes, "
+            f"sampled); LiteLLM's spend log: {LITELLM_BYTES_PER_ROW} bytes a row"
+        )
+        print(
+            "  indexes, bytes a row: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in d["per_index_bytes_per_row"].items())
+        )
+        print(
+            "  columns, average bytes (pg_stats.avg_width): "
+            + ", ".join(f"{k} {v}" for k, v in d["column_avg_width"].items())
+        )
+        if "generate" in r:
+            g = r["generate"]
+            print(
+                f"  generated with COPY in {g['copy_s']:.0f} s ({g['rows_per_s']:,} rows/s), "
+                f"VACUUM ANALYZE {g['vacuum_analyze_s']:.0f} s, rollup backfill "
+                f"{g['rollup_backfill_s']:.0f} s; load average {r['load_average'][0]:.1f}"
+            )
 
 
 # --- the worker: one size, in its own process (Django bound to that database) -------------
@@ -661,7 +691,7 @@ def measure(args) -> dict:
 
     import cascadeflow_site.asgi  # noqa: F401 (the process as the ASGI server runs it)
     from dashboard.models import RollupState
-    from dashboard.rollups import LATE_MARGIN, hour_floor, rollup_all, rollup_tenant
+    from dashboard.rollups import LATE_MARGIN, hour_floor, hourly_rows, rollup_all, rollup_tenant
     from dashboard.services import forecasts_refresh
     from tenants.enums import MemberRole
     from tenants.models import Member
@@ -799,6 +829,10 @@ def measure(args) -> dict:
     started = time.perf_counter()
     first = rollup_tenant(big_tenant, now=until)
     first_s = time.perf_counter() - started
+    # Of which the ledger's aggregation alone (the new hour only, no writes):
+    started = time.perf_counter()
+    hourly_rows(big_tenant.pk, new_hour, new_hour + timedelta(hours=1))
+    aggregate_s = time.perf_counter() - started
     again = []
     for _ in range(args.rollup_repeats):
         RollupState.objects.filter(tenant=big_tenant).update(hourly_until=new_hour)
@@ -811,6 +845,7 @@ def measure(args) -> dict:
         "insert_s": round(insert_s, 2),
         "first_s": round(first_s, 3),
         "first_result": first.__dict__,
+        "aggregate_new_hour_s": round(aggregate_s, 3),
         "p50_s": round(sorted(again)[len(again) // 2], 3),
         "p95_s": round(sorted(again)[min(len(again) - 1, int(0.95 * len(again)))], 3),
         "repeats_s": [round(s, 3) for s in again],
@@ -818,7 +853,8 @@ def measure(args) -> dict:
     print(
         f"  (d) new hour: {hour_rows:,} rows copied in {insert_s:.1f} s; rollup first "
         f"{first_s:.2f} s ({first.hours} hours, {first.hourly_rows} hourly rows, {first.days} days), "
-        f"again p50 {result['rollup']['p50_s']:.2f} s",
+        f"again p50 {result['rollup']['p50_s']:.2f} s; the new hour's aggregation alone "
+        f"{aggregate_s:.2f} s",
         flush=True,
     )
     if args.keep:  # a reused database starts from the same ledger
