@@ -50,12 +50,11 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from benchenv import FREE_TIER_UNLIMITED
+from benchenv import FREE_TIER_UNLIMITED, PG_ADMIN, stats_ms
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 USD = 10**9
 END_USERS = 200
@@ -177,21 +176,6 @@ SELECT
     false, 'allow'
 FROM c
 """
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
-
-
-def stats_ms(samples: list[float]) -> dict:
-    return {
-        "p50_ms": round(percentile(samples, 50), 1),
-        "p95_ms": round(percentile(samples, 95), 1),
-        "max_ms": round(max(samples), 1),
-        "mean_ms": round(statistics.fmean(samples), 1),
-        "n": len(samples),
-    }
 
 
 def main() -> None:

@@ -20,14 +20,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import psycopg
-from benchenv import FREE_TIER_UNLIMITED
+from benchenv import FREE_TIER_UNLIMITED, PG_ADMIN
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 SEED = """
 INSERT INTO routing_usageevent (tenant_id, token_id, end_user_id, request_id, created_at, requested_model,
@@ -55,14 +56,11 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def run_size(rows: int) -> dict:
-    name = f"cf_bench_export_{secrets.token_hex(3)}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"postgres://postgres@127.0.0.1:5432/{name}"
-    env = {
+def server_env(database_url: str) -> dict:
+    """The environment of a production-settings server on ``database_url``."""
+    return {
         **os.environ,
-        "DATABASE_URL": url,
+        "DATABASE_URL": database_url,
         "DJANGO_DEBUG": "false",
         "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1",
@@ -71,7 +69,65 @@ def run_size(rows: int) -> dict:
         "REDIS_URL": "",
         **FREE_TIER_UNLIMITED,
     }
-    process = None
+
+
+@contextmanager
+def served(env: dict) -> Iterator[tuple[str, int]]:
+    """A fresh uvicorn process serving CascadeFlow with ``env``: (base URL, pid)."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "cascadeflow_site.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                httpx.get(f"{base}/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield base, process.pid
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def stream_export(base: str, token: str, start: str, end: str) -> tuple[int, float]:
+    """Stream ``/api/v1/usage/export.csv`` for [start, end] (UTC dates): (rows, seconds)."""
+    started = time.perf_counter()
+    lines = 0
+    with httpx.stream(
+        "GET",
+        f"{base}/api/v1/usage/export.csv?start={start}&end={end}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=600,
+    ) as response:
+        response.raise_for_status()
+        for chunk in response.iter_bytes():
+            lines += chunk.count(b"\n")
+    return lines - 1, time.perf_counter() - started
+
+
+def run_size(rows: int) -> dict:
+    name = f"cf_bench_export_{secrets.token_hex(3)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgres://postgres@127.0.0.1:5432/{name}"
+    env = server_env(url)
     try:
         subprocess.run(
             [sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True
@@ -93,58 +149,20 @@ def run_size(rows: int) -> dict:
             conn.execute(SEED, {"tenant": tenant, "rows": rows})
             conn.execute("ANALYZE routing_usageevent")
         seed_s = time.perf_counter() - seeded
-        port = free_port()
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "cascadeflow_site.asgi:application",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            env=env,
-        )
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                httpx.get(f"{base}/healthz", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        idle_mb = peak_rss_mb(process.pid)
-        started = time.perf_counter()
-        lines = 0
-        with httpx.stream(
-            "GET",
-            f"{base}/api/v1/usage/export.csv?start=2026-10-01&end=2026-12-31",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=600,
-        ) as response:
-            response.raise_for_status()
-            for chunk in response.iter_bytes():
-                lines += chunk.count(b"\n")
-        elapsed = time.perf_counter() - started
-        peak_mb = peak_rss_mb(process.pid)
+        with served(env) as (base, pid):
+            idle_mb = peak_rss_mb(pid)
+            exported, elapsed = stream_export(base, token, "2026-10-01", "2026-12-31")
+            peak_mb = peak_rss_mb(pid)
         return {
             "rows": rows,
-            "exported_rows": lines - 1,
+            "exported_rows": exported,
             "seconds": elapsed,
-            "rows_per_second": (lines - 1) / elapsed,
+            "rows_per_second": exported / elapsed,
             "server_peak_rss_mb": peak_mb,
             "server_idle_rss_mb": idle_mb,
             "seed_seconds": seed_s,
         }
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait(timeout=15)
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
