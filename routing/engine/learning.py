@@ -18,20 +18,29 @@ answered them, net of those answered better, stays within the retention
 budget. (Against a ground truth, retention is at least ``1 - budget / q`` for a
 reference of accuracy ``q``; gains usually make it better than that.)
 
-**How.** Learn then Test (Angelopoulos, Bates et al., 2021): labels are split
-by a hash of the request id into a *fit* part (30 %) and a *held-out* part
-(70 %). Scorers (one per escalation step) and the pre-generation router are
-fitted on the fit part only. Candidate policies are ordered from strict to
-permissive (one acceptance threshold shared by every step, each with its
-router) and tested in that fixed order on the held-out part; each test rejects
-"this policy's mean loss exceeds the budget" with a finite-sample,
-distribution-free upper confidence bound (Waudby-Smith & Ramdas' hedged
-betting bound, tight when most losses are 0); the most permissive policy
-reached before the first failure is promoted. Fixed-sequence testing needs no
-multiplicity correction, the bound holds at any sample size, and the policy is
-evaluated end to end on the whole chain (three or more models included, the
-router included), so a step cannot pass on its own and fail as part of the
-chain. No held-out label ever influences a fit.
+**How.** Learn then Test (Angelopoulos, Bates et al., 2021) over two families of
+candidate policies, ordered from strict to permissive (one acceptance threshold
+shared by every step, each with its router):
+
+- the *prior's* family: the scorers of the prior, which no label of this profile
+  ever touches, so the family is fixed before any label arrives and every
+  uniform label can test it;
+- the *fitted* family: scorers (one per escalation step) fitted on a *fit* part of
+  the labels (30 % of them, by a hash of the request id, and the non-uniform
+  labels), tested on the *held-out* part (70 %). It learns what the prior cannot
+  know: a model whose signals mean something else.
+
+Each family is tested in its fixed order; each test rejects "this policy's mean
+loss is at least the budget" with an exact, finite-sample test of the net loss
+(``net_loss_p_value``); the most permissive policy reached before the first
+failure passes. The error is split between the families (``PRIOR_SHARE``), so by
+the union bound the promoted policy (the more permissive of the two that passed)
+exceeds the budget with probability at most ``1 - confidence``. Fixed-sequence
+testing needs no correction for the many thresholds, the test holds at any
+sample size, and the policy is evaluated end to end on the whole chain (three
+or more models included, the router included), so a step cannot pass on its
+own and fail as part of the chain. No label a family is tested on is used to
+fit that family.
 
 **Cold start.** Until a policy passes, the calibration escalates every draft
 (the threshold is above any probability): retention is the reference's, and
@@ -54,6 +63,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -70,6 +80,7 @@ from routing.engine.policy import Calibration, Router, StepCalibration
 
 HELD_OUT_SHARE = 0.7
 GAMMA = 0.005  # the share of the test's error spent on its nuisance parameter
+PRIOR_SHARE = 0.9  # the share of the error spent on the prior's family (the rest: fitted)
 MIN_HELD_OUT = 60  # below this, no policy is tested (nothing but escalation is promoted)
 NEVER = 1.01  # a threshold above every probability: escalate every draft
 
@@ -381,7 +392,8 @@ def candidate_thresholds(
     """Thresholds from strict to permissive: quantiles of the drafts' probabilities."""
     probabilities = sorted(
         {
-            round(scorers[i].probability(dict(s.features)), 6)
+            # Rounded down, so that the strictest candidate still accepts its draft.
+            math.floor(scorers[i].probability(dict(s.features)) * 1e6) / 1e6
             for o in observations
             for i, s in enumerate(o.steps)
             if not s.hard_fail and s.features
@@ -396,6 +408,31 @@ def candidate_thresholds(
     return [float(p) for p in picks]
 
 
+def _most_permissive(
+    scorers: tuple[Scorer, ...],
+    test: Sequence[Observation],
+    router_rows: Sequence[Observation],
+    *,
+    budget: float,
+    delta: float,
+    route: bool,
+) -> tuple[Rule, int] | None:
+    """Fixed-sequence test of one family on ``test``: its most permissive rule reached
+    before the first failure (None: not even the strictest passed), and the count tested."""
+    best: Rule | None = None
+    tested = 0
+    for threshold in candidate_thresholds(scorers, test):
+        router = fit_router(router_rows, scorers, threshold) if route else None
+        rule = Rule(scorers, threshold, router)
+        losses = [rule.loss(o) for o in test]
+        tested += 1
+        worse, better = losses.count(1.0), losses.count(-1.0)
+        if net_loss_p_value(worse, better, len(test), budget, GAMMA) > delta:
+            break
+        best = rule
+    return None if best is None else (best, tested)
+
+
 def refit(
     observations: Sequence[Observation],
     *,
@@ -405,57 +442,83 @@ def refit(
     priors: Sequence[Scorer] | None = None,
     route: bool = True,
 ) -> Refit:
-    """Fit on the fit part, test permissive-ward on the held-out part, return what passed."""
+    """Test two families of rules, the error split between them; promote the more permissive.
+
+    - *prior* (``PRIOR_SHARE`` of the error): the prior's scorers, which no label of
+      this profile ever touches, so every uniform label tests them;
+    - *fitted* (the rest): scorers fitted on the fit part (and the non-uniform labels),
+      tested on the held-out part.
+
+    Each family is a fixed sequence tested at its share of ``delta``: by the union
+    bound, the chance that either family's rule exceeds the budget is at most
+    ``delta``, whichever is kept. The prior's family spends every label on the test;
+    the fitted one is the fallback that learns what the prior cannot know (a model
+    whose signals mean something else), at a stricter level.
+    """
     steps = chain_length - 1
     priors = priors or prior_scorers(chain_length)
     usable = [o for o in observations if len(o.steps) == steps]
     fit = [o for o in usable if not o.held_out]
-    test = [o for o in usable if o.held_out]
+    held = [o for o in usable if o.held_out]
+    uniform = [o for o in usable if o.uniform]
     scorers = fit_scorers(fit, steps, priors)
+    fixed = tuple((priors[i] if i < len(priors) else Scorer()) for i in range(steps))
     budget = 1 - target_retention
     delta = 1 - confidence
     strict = escalate_all(chain_length, scorers)
     evidence: dict[str, Any] = {
-        "method": "learn-then-test, fixed sequence, exact test of the net loss",
+        "method": "learn-then-test, two fixed sequences (prior: every label; fitted: "
+        "held-out), the error split, exact test of the net loss",
         "target_retention": target_retention,
         "confidence": confidence,
         "n_fit": len(fit),
-        "n_held_out": len(test),
+        "n_held_out": len(held),
+        "n_uniform": len(uniform),
         "loss_budget": round(budget, 4),
     }
-    if steps < 1 or len(test) < MIN_HELD_OUT:
-        evidence["reason"] = f"{len(test)} held-out labels; {MIN_HELD_OUT} needed to test"
+    if steps < 1 or len(held) < MIN_HELD_OUT:
+        evidence["reason"] = f"{len(held)} held-out labels; {MIN_HELD_OUT} needed to test"
         return Refit(strict, False, evidence)
-    best: tuple[Rule, float, float] | None = None
+    families = {
+        # The prior's router learns from labels no test uses (non-uniform ones).
+        "prior": (fixed, uniform, [o for o in usable if not o.uniform], PRIOR_SHARE * delta),
+        "fitted": (scorers, held, fit, (1 - PRIOR_SHARE) * delta),
+    }
+    passed: dict[str, tuple[Rule, Sequence[Observation], float]] = {}
     tested = 0
-    for threshold in candidate_thresholds(scorers, test):
-        router = fit_router(fit, scorers, threshold) if route else None
-        rule = Rule(scorers, threshold, router)
-        losses = [rule.loss(o) for o in test]
-        worse, better = losses.count(1.0), losses.count(-1.0)
-        tested += 1
-        if net_loss_p_value(worse, better, len(test), budget, GAMMA) > delta:
-            break
-        best = (rule, (worse - better) / len(test), worse)
+    for name, (family, test, router_rows, level) in families.items():
+        found = _most_permissive(family, test, router_rows, budget=budget, delta=level, route=route)
+        if found:
+            passed[name] = (found[0], test, level)
+            tested += found[1]
     evidence["candidates_tested"] = tested
-    if best is None:
+    if not passed:
         evidence["reason"] = "no permissive policy met the bound yet"
         return Refit(strict, False, evidence)
-    policy, mean, _ = best
-    losses = [policy.loss(o) for o in test]
+
+    def acceptance(rule: Rule) -> float:
+        return sum(rule.served_step(o) is not None for o in held) / len(held)
+
+    name = max(passed, key=lambda n: acceptance(passed[n][0]))
+    policy, tested_on, level = passed[name]
+    losses = [policy.loss(o) for o in tested_on]
     bound = net_loss_upper_bound(
-        losses.count(1.0), losses.count(-1.0), len(test), delta=delta, gamma=GAMMA
+        losses.count(1.0), losses.count(-1.0), len(tested_on), delta=level, gamma=GAMMA
     )
-    served = [policy.served_step(o) for o in test]
+    served = [policy.served_step(o) for o in tested_on]
     evidence.update(
         {
+            "family": name,
+            "tested_at": round(level, 4),
+            "n_tested_on": len(tested_on),
             "threshold": round(policy.threshold, 6),
-            "held_out_loss": round(mean, 4),
+            "held_out_loss": round(sum(losses) / len(tested_on), 4),
             "held_out_loss_upper_bound": round(bound, 4),
             "retention_lower_bound": round(1 - bound, 4),
-            "held_out_acceptance": round(sum(s is not None for s in served) / len(test), 4),
+            "held_out_acceptance": round(sum(s is not None for s in served) / len(tested_on), 4),
             "held_out_routed_past_draft": round(
-                sum(1 for o in test if policy.router and policy.router.skips(o.pre)) / len(test),
+                sum(1 for o in tested_on if policy.router and policy.router.skips(o.pre))
+                / len(tested_on),
                 4,
             ),
         }
