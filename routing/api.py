@@ -29,7 +29,7 @@ from routing.models import (
 )
 from tenants.api_base import BIGINT_MAX, ApiError, TenantAPIView, envelope
 from tenants.enums import Scope
-from tenants.models import Tenant
+from tenants.models import EndUser, Tenant
 
 
 class ProfileNameConverter:
@@ -232,7 +232,14 @@ class UsageListApi(TenantAPIView):
         params = request.query_params
         rows = time_range(rows, params)
         if params.get("end_user"):
-            rows = rows.filter(end_user__external_id=params["end_user"])
+            # The end user's id first (one unique-index lookup): a join would let the planner
+            # walk the whole ledger backwards by id looking for a quiet end user's rows.
+            end_user_id = (
+                EndUser.objects.filter(tenant=self.tenant, external_id=params["end_user"])
+                .values_list("pk", flat=True)
+                .first()
+            )
+            rows = rows.filter(end_user_id=end_user_id) if end_user_id else rows.none()
         for name in ("model", "profile"):
             if params.get(name):
                 rows = rows.filter(**{name: params[name]})
