@@ -419,25 +419,18 @@ def table_shape() -> dict:
 
 
 def partitions_ensure(start: datetime, end: datetime) -> list[str]:
-    """Monthly partitions for [start, end] where none covers the month yet (a partitioned
-    ledger creates them ahead, not behind: the history is backdated)."""
-    from django.db import DatabaseError, connection, transaction
+    """The ledger's monthly partitions for [start, end] that are missing (the product
+    creates them ahead, not behind: the history is backdated), made as beat makes them."""
+    from routing import partitions
 
     made = []
-    month = start.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    while month <= end:
-        following = (month + timedelta(days=32)).replace(day=1)
-        name = f"{TABLE}_bench_{month:%Y%m}"
-        try:
-            with transaction.atomic(), connection.cursor() as cursor:
-                cursor.execute(
-                    f"CREATE TABLE {name} PARTITION OF {TABLE} FOR VALUES FROM (%s) TO (%s)",
-                    [month, following],
-                )
-            made.append(name)
-        except DatabaseError:  # an existing partition covers (part of) the month
-            pass
-        month = following
+    month = partitions.month_of(start)
+    existing = set(partitions.monthly_partitions())
+    while month <= partitions.month_of(end):
+        if month not in existing:
+            partitions.partition_create(month)
+            made.append(partitions.partition_name(month))
+        month = partitions.add_months(month, 1)
     return made
 
 
