@@ -9,9 +9,10 @@ Two grains, chosen so neither grows with the number of raw events:
 - :class:`DailyUsage` — tenant x tenant-local day x end user x served model x profile,
   for the end-user pages and per-end-user forecasts.
 
-And one grain for the last hours only: :class:`MinuteUsage` — tenant x UTC minute, no
-dimension, rolled every minute, so the overview's live charts (the open hour, requests
-per minute) read a few minutes of raw events however busy the tenant is.
+And two grains without dimensions, for the overview: :class:`HourlyTotal` — tenant x
+UTC hour, written with the hourly rows; :class:`MinuteUsage` — tenant x UTC minute,
+for the last hours only, rolled every minute, so the overview's live charts (the open
+hour, requests per minute) read a few minutes of raw events however busy the tenant is.
 
 Rows are rebuilt from the ledger for whole buckets (delete + insert in one
 transaction), so running a rollup twice, or over a range already rolled, gives the
@@ -92,11 +93,9 @@ class DailyUsage(models.Model):
         return f"{self.tenant_id} {self.day} end user {self.end_user_id} {self.model}"
 
 
-class MinuteUsage(models.Model):
-    """A tenant's usage in one UTC minute of the last ``rollups.MINUTES_KEPT``."""
+class UsageTotals(models.Model):
+    """The sums, over every model, profile and domain, that the overview charts."""
 
-    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
-    minute = models.DateTimeField()  # start of the UTC minute
     requests = models.PositiveIntegerField(default=0)
     errors = models.PositiveIntegerField(default=0)
     escalated = models.PositiveIntegerField(default=0)
@@ -104,6 +103,47 @@ class MinuteUsage(models.Model):
     baseline_cost_nanos = models.BigIntegerField(default=0)
     quality_sum = models.FloatField(default=0.0)
     quality_n = models.PositiveIntegerField(default=0)
+
+    TOTALS = (
+        "requests",
+        "errors",
+        "escalated",
+        "cost_nanos",
+        "baseline_cost_nanos",
+        "quality_sum",
+        "quality_n",
+    )
+
+    class Meta:
+        abstract = True
+
+    def add(self, row) -> None:
+        """Add another row's totals (a finer rollup's, or another total's) to this one's."""
+        for name in self.TOTALS:
+            setattr(self, name, getattr(self, name) + getattr(row, name))
+
+
+class HourlyTotal(UsageTotals):
+    """A tenant's usage in one UTC hour: the sum of its HourlyUsage rows, one row an hour
+    (the overview reads a month of these, not a month of model x profile x domain rows)."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    hour = models.DateTimeField()  # start of the UTC hour
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "hour"], name="hourly_total_unique_bucket")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.hour:%Y-%m-%d %H:00}"
+
+
+class MinuteUsage(UsageTotals):
+    """A tenant's usage in one UTC minute of the last ``rollups.MINUTES_KEPT``."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    minute = models.DateTimeField()  # start of the UTC minute
 
     class Meta:
         constraints = [

@@ -29,7 +29,14 @@ from django.db.models.fields.json import KT
 from django.db.models.functions import Coalesce, TruncDate, TruncHour, TruncMinute
 from django.utils import timezone
 
-from dashboard.models import LATENCY_BOUNDS_MS, DailyUsage, HourlyUsage, MinuteUsage, RollupState
+from dashboard.models import (
+    LATENCY_BOUNDS_MS,
+    DailyUsage,
+    HourlyTotal,
+    HourlyUsage,
+    MinuteUsage,
+    RollupState,
+)
 from routing.enums import UsageKind
 from routing.models import UsageEvent
 from routing.selectors import usage_totals
@@ -111,6 +118,17 @@ def hourly_rows(tenant_id: int, start: datetime, end: datetime) -> list[HourlyUs
     return rows
 
 
+def hourly_totals(rows: list[HourlyUsage]) -> list[HourlyTotal]:
+    """Unsaved HourlyTotal rows: ``rows`` summed per tenant and hour."""
+    totals: dict[tuple[int, datetime], HourlyTotal] = {}
+    for row in rows:
+        key = (row.tenant_id, row.hour)
+        if key not in totals:
+            totals[key] = HourlyTotal(tenant_id=row.tenant_id, hour=row.hour)
+        totals[key].add(row)
+    return list(totals.values())
+
+
 def minute_rows(tenant_id: int, start: datetime, end: datetime) -> list[MinuteUsage]:
     """Unsaved MinuteUsage rows for the ledger events in [start, end)."""
     groups = (
@@ -176,9 +194,11 @@ def rollup_tenant(tenant: Tenant, now: datetime | None = None) -> RollupResult:
         if hourly_end > state.hourly_until:
             start = state.hourly_until - timedelta(hours=overlap)
             HourlyUsage.objects.filter(tenant=tenant, hour__gte=start, hour__lt=hourly_end).delete()
+            HourlyTotal.objects.filter(tenant=tenant, hour__gte=start, hour__lt=hourly_end).delete()
             rows = HourlyUsage.objects.bulk_create(
                 hourly_rows(tenant.pk, start, hourly_end), batch_size=2000
             )
+            HourlyTotal.objects.bulk_create(hourly_totals(rows), batch_size=2000)
             hours, n_hourly = int((hourly_end - start).total_seconds() // 3600), len(rows)
             state.hourly_until = hourly_end
         if daily_end > state.daily_until:
@@ -260,6 +280,7 @@ def rollup_rebuild(tenant: Tenant, now: datetime | None = None) -> RollupResult:
     with transaction.atomic():
         RollupState.objects.filter(tenant=tenant).delete()
         HourlyUsage.objects.filter(tenant=tenant).delete()
+        HourlyTotal.objects.filter(tenant=tenant).delete()
         DailyUsage.objects.filter(tenant=tenant).delete()
         MinuteUsage.objects.filter(tenant=tenant).delete()
         return rollup_tenant(tenant, now)

@@ -21,6 +21,7 @@ from billing.models import ExportJob, TenantSubscription
 from dashboard.models import (
     LATENCY_BOUNDS_MS,
     DailyUsage,
+    HourlyTotal,
     HourlyUsage,
     MinuteUsage,
     RollupState,
@@ -187,13 +188,8 @@ def hourly_points(tenant: Tenant, start: datetime, now: datetime) -> list[Point]
     by_hour: dict[datetime, Usage] = defaultdict(Usage)
     watermark, _ = rollup_watermark(tenant)
     if watermark is not None and watermark > start:
-        for row in (
-            HourlyUsage.objects.filter(tenant=tenant, hour__gte=start, hour__lt=watermark)
-            .values("hour")
-            .annotate(**_usage_sums(), quality_sum=Sum("quality_sum"), quality_n=Sum("quality_n"))
-            .order_by()
-        ):
-            by_hour[row.pop("hour").astimezone(UTC)].add(Usage(**row))
+        for row in HourlyTotal.objects.filter(tenant=tenant, hour__gte=start, hour__lt=watermark):
+            by_hour[row.hour.astimezone(UTC)].add(row)
     tail_from = max(start, watermark) if watermark is not None else start
     for minute, usage in minute_usage(tenant, tail_from, now).items():
         by_hour[hour_floor(minute)].add(usage)

@@ -1,14 +1,16 @@
+import importlib
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from django.db.models import Sum
 
-from dashboard.models import DailyUsage, HourlyUsage, MinuteUsage, RollupState
+from dashboard.models import DailyUsage, HourlyTotal, HourlyUsage, MinuteUsage, RollupState
 from dashboard.rollups import (
     MINUTES_KEPT,
     rollup_all,
     rollup_minutes,
     rollup_minutes_recent,
+    rollup_rebuild,
     rollup_tenant,
 )
 from dashboard.selectors import end_user_lines, hourly_points, minute_points
@@ -247,3 +249,63 @@ def test_the_minute_task_rolls_only_tenants_with_recent_events(tenant, other_ten
     assert rollup_minutes_recent(NOW) == 1
     assert RollupState.objects.get(tenant=tenant).minutely_until == NOW.replace(second=0)
     assert not RollupState.objects.filter(tenant=other_tenant, minutely_until__isnull=False)
+
+
+def hourly_sums(tenant):
+    return {
+        hour.astimezone(UTC): (requests, errors, escalated, cost, baseline, quality_n)
+        for hour, requests, errors, escalated, cost, baseline, quality_n in (
+            HourlyUsage.objects.filter(tenant=tenant)
+            .values("hour")
+            .annotate(
+                r=Sum("requests"),
+                e=Sum("errors"),
+                x=Sum("escalated"),
+                c=Sum("cost_nanos"),
+                b=Sum("baseline_cost_nanos"),
+                q=Sum("quality_n"),
+            )
+            .values_list("hour", "r", "e", "x", "c", "b", "q")
+        )
+    }
+
+
+def hourly_totals_of(tenant):
+    return {
+        t.hour.astimezone(UTC): (
+            t.requests,
+            t.errors,
+            t.escalated,
+            t.cost_nanos,
+            t.baseline_cost_nanos,
+            t.quality_n,
+        )
+        for t in HourlyTotal.objects.filter(tenant=tenant)
+    }
+
+
+def test_hourly_totals_are_the_hourly_rows_summed_through_reruns_stragglers_and_rebuilds(
+    tenant, other_tenant
+):
+    busy_hours(tenant, other_tenant)
+    rollup_tenant(tenant, NOW - timedelta(hours=3))
+    rollup_tenant(tenant, NOW)  # advances over the overlap hour
+    event(tenant, NOW - timedelta(hours=1, minutes=50), cost=777)  # a straggler
+    rollup_tenant(tenant, NOW + timedelta(hours=1))
+    assert hourly_totals_of(tenant) == hourly_sums(tenant) != {}
+    assert not HourlyTotal.objects.filter(tenant=other_tenant).exists()
+    rollup_rebuild(tenant, NOW + timedelta(hours=1))
+    assert hourly_totals_of(tenant) == hourly_sums(tenant)
+
+
+def test_the_migration_backfills_hourly_totals_from_the_hourly_rows(tenant, other_tenant):
+    from django.apps import apps
+
+    backfill = importlib.import_module("dashboard.migrations.0003_overview_totals")
+    busy_hours(tenant, other_tenant)
+    rollup_all(NOW)
+    expected = {t.pk: hourly_totals_of(t) for t in (tenant, other_tenant)}
+    HourlyTotal.objects.all().delete()
+    backfill.hourly_totals_backfill(apps, None)
+    assert {t.pk: hourly_totals_of(t) for t in (tenant, other_tenant)} == expected
+    assert expected[tenant.pk]
