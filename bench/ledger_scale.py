@@ -406,16 +406,13 @@ def table_shape() -> dict:
     """Plain table or partitioned, and its partitions."""
     from django.db import connection
 
+    from routing import partitions
+
     with connection.cursor() as cursor:
         cursor.execute("SELECT relkind FROM pg_class WHERE oid = %s::regclass", [TABLE])
         relkind = cursor.fetchone()[0]
-        cursor.execute(
-            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "WHERE i.inhparent = %s::regclass ORDER BY c.relname",
-            [TABLE],
-        )
-        partitions = [r[0] for r in cursor.fetchall()]
-    return {"relkind": relkind, "partitioned": relkind == "p", "partitions": partitions}
+    names = partitions.partition_names() if relkind == "p" else []
+    return {"relkind": relkind, "partitioned": relkind == "p", "partitions": names}
 
 
 def partitions_ensure(start: datetime, end: datetime) -> list[str]:

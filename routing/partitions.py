@@ -82,20 +82,21 @@ def is_partitioned() -> bool:
     return bool(row) and row[0] == "p"
 
 
-def monthly_partitions() -> list[date]:
-    """The months that have a partition, oldest first."""
+def partition_names() -> list[str]:
+    """Every partition of the ledger, the default one included, by name."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "WHERE i.inhparent = to_regclass(%s)",
+            "WHERE i.inhparent = to_regclass(%s) ORDER BY c.relname",
             [PARENT],
         )
-        names = [name for (name,) in cursor.fetchall()]
-    months = []
-    for name in names:
-        if match := _NAME.match(name):
-            months.append(date(int(match[1]), int(match[2]), 1))
-    return sorted(months)
+        return [name for (name,) in cursor.fetchall()]
+
+
+def monthly_partitions() -> list[date]:
+    """The months that have a partition, oldest first."""
+    matches = (_NAME.match(name) for name in partition_names())
+    return sorted(date(int(m[1]), int(m[2]), 1) for m in matches if m)
 
 
 def _quote(name: str) -> str:
