@@ -269,6 +269,14 @@ def _write_archive(cursor, partition: str, tenant_id: int, month: date) -> Ledge
     )
 
 
+def _expired(month: date, kept: int | None, current: date) -> bool:
+    """Whether a plan keeping ``kept`` whole months before ``current`` (None: every month)
+    no longer keeps ``month``."""
+    if kept is None:
+        return False
+    return month < add_months(current, -max(kept, LEDGER_MIN_RETENTION_MONTHS))
+
+
 def month_retire(
     month: date, retentions: dict[int, int | None], now: datetime
 ) -> tuple[list[LedgerArchive], bool]:
@@ -285,12 +293,7 @@ def month_retire(
         _lock_timeout(cursor)
         cursor.execute(f"LOCK TABLE {_quote(partition)} IN SHARE MODE")
         tenants = _tenants_in(cursor, partition)
-        expired = [
-            t
-            for t in tenants
-            if retentions.get(t) is not None
-            and month < add_months(current, -max(retentions[t], LEDGER_MIN_RETENTION_MONTHS))
-        ]
+        expired = [t for t in tenants if _expired(month, retentions.get(t), current)]
         archives = [_write_archive(cursor, partition, t, month) for t in expired]
         if len(expired) == len(tenants):
             cursor.execute(f"ALTER TABLE {_quote(PARENT)} DETACH PARTITION {_quote(partition)}")
