@@ -31,7 +31,12 @@ from billing.models import StripeEvent, TenantSubscription
 from billing.stripe_api import client
 from core import outbox
 from core.money import usd_to_nanos
-from tenants.models import LEDGER_MIN_RETENTION_MONTHS, Tenant, Tier
+from tenants.models import (
+    LEDGER_MAX_RETENTION_MONTHS,
+    LEDGER_MIN_RETENTION_MONTHS,
+    Tenant,
+    Tier,
+)
 from tenants.services import plan_apply
 
 PAID_STATUSES = {"active", "trialing"}
@@ -217,8 +222,9 @@ def plan_from_product(*, product: dict, deleted: bool = False) -> str:
         except InvalidOperation:
             budget_nanos = None
     retention = _int_or_none(metadata.get("ledger_retention_months"))
-    if retention is not None:
+    if retention is not None:  # the field's range; past it, the months are kept for good
         retention = max(retention, LEDGER_MIN_RETENTION_MONTHS)
+        retention = None if retention > LEDGER_MAX_RETENTION_MONTHS else retention
     models_allowed = [
         m.strip() for m in (metadata.get("allowed_models") or "").split(",") if m.strip()
     ]

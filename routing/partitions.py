@@ -274,7 +274,9 @@ def _expired(month: date, kept: int | None, current: date) -> bool:
     no longer keeps ``month``."""
     if kept is None:
         return False
-    return month < add_months(current, -max(kept, LEDGER_MIN_RETENTION_MONTHS))
+    # Counted in months, not dates: a plan may keep more months than the calendar has.
+    behind = (current.year - month.year) * 12 + current.month - month.month
+    return behind > max(kept, LEDGER_MIN_RETENTION_MONTHS)
 
 
 def month_retire(

@@ -14,6 +14,7 @@ from tenants.enums import BudgetDecision, BudgetPeriod, BudgetScope, MemberRole,
 # The fewest whole months of ledger a plan keeps before the current one: the month
 # before is still being invoiced and reconciled.
 LEDGER_MIN_RETENTION_MONTHS = 2
+LEDGER_MAX_RETENTION_MONTHS = 32767  # what the column holds
 
 
 class Tier(models.Model):

@@ -241,6 +241,14 @@ def test_an_archive_loads_back_with_copy():
     assert list(UsageEvent.objects.filter(pk__in=ids).order_by("pk").values()) == before
 
 
+def test_a_plan_keeping_more_months_than_the_calendar_has_keeps_them():
+    tenant = TenantFactory(tier=TierFactory(ledger_retention_months=32767))
+    ids = rows_in(months_back(9), tenant, 2)
+    report = partitions.retention_sweep(now=NOW)
+    assert report.archived == [] and report.deferred == []
+    assert UsageEvent.objects.filter(pk__in=ids).count() == 2
+
+
 def test_tenants_without_a_plan_follow_the_default_plan_and_none_keeps_everything():
     tenant = TenantFactory(tier=None)
     ids = rows_in(months_back(8), tenant, 2)
@@ -335,6 +343,8 @@ def test_a_month_being_written_is_put_off_not_blocked_on():
         ("", None),
         ("forever", None),  # unreadable: nothing is removed
         (None, None),
+        ("32767", 32767),
+        ("99999999999", None),  # past what the column holds: kept for good, not a 500
     ],
 )
 def test_a_stripe_products_metadata_sets_the_plans_retention(metadata, months):
