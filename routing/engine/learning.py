@@ -476,8 +476,8 @@ def refit(
         "n_uniform": len(uniform),
         "loss_budget": round(budget, 4),
     }
-    if steps < 1 or len(held) < MIN_HELD_OUT:
-        evidence["reason"] = f"{len(held)} held-out labels; {MIN_HELD_OUT} needed to test"
+    if steps < 1 or len(uniform) < MIN_HELD_OUT:
+        evidence["reason"] = f"{len(uniform)} uniform labels; {MIN_HELD_OUT} needed to test"
         return Refit(strict, False, evidence)
     families = {
         # The prior's router learns from labels no test uses (non-uniform ones).
@@ -487,6 +487,8 @@ def refit(
     passed: dict[str, tuple[Rule, Sequence[Observation], float]] = {}
     tested = 0
     for name, (family, test, router_rows, level) in families.items():
+        if len(test) < MIN_HELD_OUT:  # each family needs as many labels to be tested on
+            continue
         found = _most_permissive(family, test, router_rows, budget=budget, delta=level, route=route)
         if found:
             passed[name] = (found[0], test, level)
@@ -496,8 +498,8 @@ def refit(
         evidence["reason"] = "no permissive policy met the bound yet"
         return Refit(strict, False, evidence)
 
-    def acceptance(rule: Rule) -> float:
-        return sum(rule.served_step(o) is not None for o in held) / len(held)
+    def acceptance(rule: Rule) -> float:  # on every uniform label (held may be few)
+        return sum(rule.served_step(o) is not None for o in uniform) / len(uniform)
 
     name = max(passed, key=lambda n: acceptance(passed[n][0]))
     policy, tested_on, level = passed[name]

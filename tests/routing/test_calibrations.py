@@ -199,7 +199,7 @@ def test_too_few_labels_certify_nothing(tenant):
     version = profile_refit(tenant_id=tenant.pk, profile=BALANCED)
 
     assert version.certified is False
-    assert "held-out labels" in version.evidence["reason"]
+    assert "uniform labels" in version.evidence["reason"]
 
 
 def test_labels_of_another_chain_are_not_refitted_on(tenant):
