@@ -42,10 +42,11 @@ from tenants.budgets import (
     applicable_budgets,
     budget_admit,
     budget_settle,
+    settle_after_insert,
 )
 from tenants.callbacks import CallbackDecision, CallbackQuestion, cached_decision
 from tenants.enums import BudgetDecision
-from tenants.models import EndUser, Tenant
+from tenants.models import Budget, EndUser, Tenant
 from tenants.ratelimits import Limit, RateLimited, check_and_hit
 from tenants.selectors import TokenContext, end_user_tier_of
 
@@ -380,18 +381,44 @@ def settle(*, settlement: Settlement, actual_nanos: int) -> list[int]:
         lines=list(settlement.lines),
         counter_ids_hint=list(settlement.counter_ids),
     )
-    if settlement.tripped is not None:
-        # The request ran while past a threshold: make sure that threshold has its alert.
+    tripped = settlement.tripped
+    if tripped is not None and Budget.objects.filter(pk=tripped.budget_id).exists():
+        # The request ran while past a threshold: make sure that threshold has its alert
+        # (unless the budget was deleted since: an alert of no budget would fail the commit).
         crossings.append(
-            dataclasses.replace(
-                settlement.tripped, spent_nanos=settlement.tripped.spent_nanos + actual_nanos
-            )
+            dataclasses.replace(tripped, spent_nanos=tripped.spent_nanos + actual_nanos)
         )
     alert_ids = alerts_record(tenant_id=settlement.tenant_id, crossings=crossings)
-    if alert_ids:
-        from tenants.tasks import budget_alerts_deliver  # noqa: PLC0415 - tenants.tasks imports the services of every app
-
-        # Off the request's thread: a broker that is down or silent must not hold an
-        # answered request; undelivered alerts are swept up by beat.
-        transaction.on_commit(lambda: outbox.send_soon(budget_alerts_deliver, alert_ids))
+    _deliver_after_commit(alert_ids)
     return alert_ids
+
+
+def settle_with_row(
+    *, insert: tuple[str, list], settlement: Settlement, actual_nanos: int, now: datetime
+) -> list[int]:
+    """PostgreSQL: write the request's row (``insert``, conflicts ignored) and, if it is
+    new, settle its reservation and record its alerts, all in one statement (see
+    ``tenants.budgets.settle_after_insert``). Returns the ids of new alerts."""
+    assert settlement.reservation_key is not None
+    _, alert_ids = settle_after_insert(
+        insert=insert,
+        request_id=settlement.reservation_key,
+        actual_nanos=actual_nanos,
+        lines=list(settlement.lines),
+        counter_ids=list(settlement.counter_ids),
+        tenant_id=settlement.tenant_id,
+        tripped=settlement.tripped,
+        now=now,
+    )
+    _deliver_after_commit(alert_ids)
+    return alert_ids
+
+
+def _deliver_after_commit(alert_ids: list[int]) -> None:
+    if not alert_ids:
+        return
+    from tenants.tasks import budget_alerts_deliver  # noqa: PLC0415 - tenants.tasks imports the services of every app
+
+    # Off the request's thread: a broker that is down or silent must not hold an
+    # answered request; undelivered alerts are swept up by beat.
+    transaction.on_commit(lambda: outbox.send_soon(budget_alerts_deliver, alert_ids))

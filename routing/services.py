@@ -4,10 +4,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
+from django.utils import timezone
 
-from core.db import as_datetime, insert_row, retry_transient
-from routing.enforcement import Settlement, settle
+from core.db import as_datetime, insert_row, insert_statement, retry_transient
+from routing.enforcement import Settlement, settle, settle_with_row
 from routing.engine.types import Attempt, models_called
 from routing.enums import UsageKind, UsageStatus
 from routing.models import UsageEvent
@@ -113,6 +114,15 @@ def ledger_write(*, values: dict[str, Any], settlement: Settlement) -> list[int]
             # trips of a transaction (BEGIN, COMMIT).
             insert_row(UsageEvent, values, ignore_conflicts=True)
             return []
+        if connection.vendor == "postgresql" and settlement.counter_ids:
+            # One statement: the row, the settlement and its alerts, atomic without a
+            # transaction's round trips, the counters locked only while it runs.
+            return settle_with_row(
+                insert=insert_statement(UsageEvent, values, ignore_conflicts=True),
+                settlement=settlement,
+                actual_nanos=values["cost_nanos"],
+                now=timezone.now(),
+            )
         with transaction.atomic():
             if not insert_row(UsageEvent, values, ignore_conflicts=True):
                 return []

@@ -114,8 +114,14 @@ class BudgetLine:
                 (BudgetDecision.DEGRADE, self.degrade_pct),
                 (BudgetDecision.BLOCK, self.block_pct),
             )
-            if before < self.limit_nanos * pct / 100 <= after
+            if crossed(before, after, self.limit_nanos, pct)
         ]
+
+
+def crossed(before: int, after: int, limit_nanos: int, pct: int) -> bool:
+    """Whether a spend from ``before`` to ``after`` reached ``pct`` % of the limit (exact
+    integer arithmetic, as ``_settle_after_insert_sql`` computes it in SQL)."""
+    return before * 100 < limit_nanos * pct <= after * 100
 
 
 def threshold_level(used_nanos: int, limit_nanos: int, thresholds: tuple[int, int, int]) -> str:
@@ -376,7 +382,9 @@ def _upsert_sql(vendor: str, rows: int) -> str:
 
 
 @lru_cache(maxsize=64)
-def _locked_update_sql(vendor: str, rows: int, assignments: str, returning: str = "") -> str:
+def _locked_update_sql(
+    vendor: str, rows: int, assignments: str, returning: str = "", condition: str = ""
+) -> str:
     """``UPDATE counters SET <assignments> WHERE id IN (...)``, taking the row locks in key order.
 
     A plain ``UPDATE ... WHERE id IN`` locks rows in whatever order its scan
@@ -385,6 +393,7 @@ def _locked_update_sql(vendor: str, rows: int, assignments: str, returning: str 
     wait on each other forever. On PostgreSQL every statement that changes
     counters first locks them ``ORDER BY budget_id, subject_id, period_start``
     (the admission upsert's order). SQLite locks the whole database instead.
+    ``condition`` (PostgreSQL only) is ANDed to the choice of rows.
     """
     counters, _ = _quoted()
     ids = ", ".join(["%s"] * rows)
@@ -394,7 +403,8 @@ def _locked_update_sql(vendor: str, rows: int, assignments: str, returning: str 
     qualified = ", ".join(f"{counters}.{name.strip()}" for name in returning.split(",") if name)
     return (
         f"UPDATE {counters} SET {assignments} FROM (SELECT id FROM {counters} "  # noqa: S608 - identifiers from model metadata
-        f"WHERE id IN ({ids}) ORDER BY budget_id, subject_id, period_start FOR UPDATE) locked "
+        f"WHERE id IN ({ids}){' AND ' + condition if condition else ''} "
+        f"ORDER BY budget_id, subject_id, period_start FOR UPDATE) locked "
         f"WHERE {counters}.id = locked.id" + (f" RETURNING {qualified}" if returning else "")
     )
 
@@ -665,6 +675,126 @@ def _settle_one_sql(rows: int) -> str:
         "spent_nanos = spent_nanos + %s, reserved_nanos = reserved_nanos - "
         "COALESCE((SELECT amount_nanos FROM claimed), 0)",
         "budget_id, subject_id, period_start, spent_nanos",
+    )
+
+
+def settle_after_insert(
+    *,
+    insert: tuple[str, list],
+    request_id: str,
+    actual_nanos: int,
+    lines: list[BudgetLine],
+    counter_ids: list[int],
+    tenant_id: int,
+    tripped: Crossing | None,
+    now: datetime,
+) -> tuple[bool, list[int]]:
+    """PostgreSQL: write a row and, if it is new, settle its reservation and record the
+    alerts it calls for, in one statement. Returns whether the row was new and the ids of
+    the new alerts.
+
+    ``insert`` is an ``INSERT ... ON CONFLICT DO NOTHING`` of the row (the ledger's) and
+    its parameters: a row already there settles nothing, exactly as a transaction of
+    INSERT then ``budget_settle`` then ``alerts_record`` would. One statement is atomic
+    on its own: there is no BEGIN and COMMIT to wait for, and the counters' row locks
+    are held while the statement runs, not across round trips to the client. The
+    thresholds crossed are found in SQL by the rule of ``crossed``; ``tripped`` (the
+    threshold the request was admitted past) gets its alert too, unless its budget is
+    gone.
+    """
+    adapt = connection.ops.adapt_datetimefield_value
+    created = adapt(now)
+    params = [*insert[1], request_id, actual_nanos, *counter_ids]
+    if lines:
+        params += [tenant_id, created]
+    for line in lines:
+        for level, pct in (
+            (BudgetDecision.WARN, line.warn_pct),
+            (BudgetDecision.DEGRADE, line.degrade_pct),
+            (BudgetDecision.BLOCK, line.block_pct),
+        ):
+            params += [line.budget_id, line.subject_id, str(level), pct, line.limit_nanos]
+    if lines:
+        params.append(actual_nanos)
+    if tripped is not None:
+        params += [
+            tripped.budget_id,
+            tripped.subject_id,
+            adapt(tripped.period_start),
+            str(tripped.level),
+            tripped.spent_nanos + actual_nanos,
+            tripped.limit_nanos,
+            tenant_id,
+            created,
+        ]
+    sql = _settle_after_insert_sql(insert[0], len(counter_ids), len(lines), tripped is not None)
+
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        inserted, alert_ids = cursor.fetchone()
+    return bool(inserted), sorted(alert_ids or ())
+
+
+_ALERT_COLUMNS = (
+    "tenant_id, budget_id, subject_id, period_start, level, spent_nanos, limit_nanos, "
+    "created_at, attempts, last_error"
+)
+
+
+@lru_cache(maxsize=256)
+def _settle_after_insert_sql(insert_sql: str, rows: int, lines: int, tripped: bool) -> str:
+    _, reservations = _quoted()
+    alerts = connection.ops.quote_name(BudgetAlert._meta.db_table)
+    settle = _locked_update_sql(
+        "postgresql",
+        rows,
+        "spent_nanos = spent_nanos + %s, reserved_nanos = reserved_nanos - "
+        "COALESCE((SELECT amount_nanos FROM claimed), 0)",
+        "budget_id, subject_id, period_start, spent_nanos",
+        condition="EXISTS (SELECT 1 FROM ins)",
+    )
+    sources = []
+    if lines:
+        # Three thresholds per budget line: (budget, subject, level, percent, limit).
+        thresholds = ", ".join(
+            ["(%s::bigint, %s::bigint, %s::varchar, %s::numeric, %s::numeric)"] * (lines * 3)
+        )
+        sources.append(
+            f"SELECT %s::bigint, t.budget_id, t.subject_id, s.period_start, t.level, "  # noqa: S608 - placeholders only
+            f"s.spent_nanos, t.limit_nanos::bigint, %s::timestamptz "
+            f"FROM settled s JOIN (VALUES {thresholds}) AS t(budget_id, subject_id, level, "
+            f"pct, limit_nanos) ON s.budget_id = t.budget_id AND s.subject_id = t.subject_id "
+            f"WHERE (s.spent_nanos - %s::numeric) * 100 < t.limit_nanos * t.pct "
+            f"AND t.limit_nanos * t.pct <= s.spent_nanos::numeric * 100"
+        )
+    if tripped:
+        sources.append(
+            "SELECT tr.tenant_id, tr.budget_id, tr.subject_id, tr.period_start, tr.level, "
+            "tr.spent_nanos, tr.limit_nanos, tr.created_at FROM (VALUES (%s::bigint, "
+            "%s::bigint, %s::timestamptz, %s::varchar, %s::bigint, %s::bigint, %s::bigint, "
+            "%s::timestamptz)) AS tr(budget_id, subject_id, period_start, level, spent_nanos, "
+            "limit_nanos, tenant_id, created_at) "
+            "WHERE EXISTS (SELECT 1 FROM settled s WHERE s.budget_id = tr.budget_id)"
+        )
+    head = (
+        f"WITH ins AS ({insert_sql} RETURNING 1), "  # noqa: S608 - identifiers from model metadata
+        f"claimed AS (UPDATE {reservations} SET state = 'settled' "
+        f"WHERE request_id = %s AND state = 'held' AND EXISTS (SELECT 1 FROM ins) "
+        f"RETURNING amount_nanos), "
+        f"settled AS ({settle})"
+    )
+    if not sources:
+        return f"{head} SELECT EXISTS (SELECT 1 FROM ins), ARRAY(SELECT 1 FROM settled LIMIT 0)"  # noqa: S608
+    # One alert per (budget, subject, period, level): the tripped threshold may also be
+    # crossed by this spend.
+    return (
+        f"{head}, alerted AS (INSERT INTO {alerts} ({_ALERT_COLUMNS}) "  # noqa: S608
+        f"SELECT *, 0, '' FROM (SELECT DISTINCT ON (budget_id, subject_id, period_start, "
+        f"level) * FROM ({' UNION ALL '.join(sources)}) AS c(tenant_id, budget_id, "
+        f"subject_id, period_start, level, spent_nanos, limit_nanos, created_at)) AS d "
+        f"ORDER BY budget_id, CASE level WHEN 'warn' THEN 0 WHEN 'degrade' THEN 1 ELSE 2 END "
+        f"ON CONFLICT DO NOTHING RETURNING id) "
+        f"SELECT EXISTS (SELECT 1 FROM ins), ARRAY(SELECT id FROM alerted)"
     )
 
 
