@@ -17,10 +17,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 
 import litellm
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from core import outbox
 from core.crypto import decrypt
@@ -39,7 +40,6 @@ from tenants.budgets import (
     Crossing,
     EndUserTierPolicy,
     alerts_record,
-    applicable_budgets,
     budget_admit,
     budget_settle,
     settle_after_insert,
@@ -48,7 +48,7 @@ from tenants.callbacks import CallbackDecision, CallbackQuestion, cached_decisio
 from tenants.enums import BudgetDecision
 from tenants.models import Budget, EndUser, Tenant
 from tenants.ratelimits import Limit, RateLimited, check_and_hit
-from tenants.selectors import TokenContext, end_user_tier_of
+from tenants.selectors import TokenContext, budget_lines_of, end_user_tier_of
 
 DEFAULT_OUTPUT_CAP = 4096
 
@@ -142,30 +142,40 @@ def admit(
         check_and_hit(enforcement.limits, prompt_tokens=prompt or 0)
     if not ctx.has_budgets:
         return target, enforcement
-    enforcement.lines = applicable_budgets(
+    lines = partial(
+        budget_lines_of,
         tenant_id=ctx.tenant_id,
         token_id=ctx.token_id,
         token_label=ctx.token_mask,
-        end_user_id=end_user.pk if end_user else None,
-        end_user_label=end_user.external_id if end_user else "",
+        end_user=end_user,
         tier=enforcement.tier,
     )
+    enforcement.lines = lines()
     if not enforcement.lines:
         return target, enforcement
     if prompt is None:
         prompt = prompt_tokens(target.chain, request)
     full = worst_case_nanos(target.chain, request, target.preset, prompt)
     cheap = worst_case_nanos(target.chain[:1], request, target.preset, prompt)
-    admission = budget_admit(
+    reserve = partial(
+        budget_admit,
         tenant_id=ctx.tenant_id,
         time_zone=ctx.time_zone,
-        lines=enforcement.lines,
         request_id=request_id,
         worst_case_nanos=full,
         degraded_worst_case_nanos=cheap,
         now=now,
         ttl=timedelta(seconds=settings.CASCADEFLOW_RESERVATION_TTL),
     )
+    try:
+        admission = reserve(lines=enforcement.lines)
+    except IntegrityError:
+        # A cached line of a budget deleted in the last second: its counter cannot be
+        # created. The statement changed nothing; read the lines again and reserve.
+        enforcement.lines = lines(fresh=True)
+        if not enforcement.lines:
+            return target, enforcement
+        admission = reserve(lines=enforcement.lines)
     enforcement.admission = admission
     if ctx.budget_callback_url and admission.decision != BudgetDecision.BLOCK:
         question = _callback_question(ctx, enforcement, target, end_user, request_id)

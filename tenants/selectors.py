@@ -14,7 +14,9 @@ from django.db.models import Exists, OuterRef
 
 from core.db import as_datetime, as_json, fetch_one, select_sql
 from tenants.budgets import (
+    BudgetLine,
     EndUserTierPolicy,
+    applicable_budgets,
     effective_thresholds,
     end_user_tier,
     period_bounds,
@@ -150,7 +152,10 @@ class AdmissionCache:
       with them), and the cache holds at most ``MAX_ENTRIES`` entries: beyond,
       it starts over.
     - Budget counters are never cached: spend and reservations are read and
-      written in PostgreSQL by every admission (``tenants.budgets``).
+      written in PostgreSQL by every admission (``tenants.budgets``). The budget
+      lines that apply to a request are (``budget_lines_of``): a line of a budget
+      deleted since fails its reservation (foreign key) and admission reads the
+      lines again, uncached.
     """
 
     MAX_ENTRIES = 10_000
@@ -189,6 +194,10 @@ class AdmissionCache:
             return None if row is None else tuple(row)
 
         return self.get(("token", digest), ttl, load)
+
+    def forget(self, key: Hashable) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
 
     def used(self, token_id: int, at: datetime) -> None:
         """Remember that this process recorded a use of the token (``token_touch``)."""
@@ -243,6 +252,37 @@ def end_user_tier_of(*, tenant_id: int, end_user: EndUser | None) -> EndUserTier
         lambda: end_user_tier(tenant_id=tenant_id, end_user=end_user),
         keep_none=True,
     )
+
+
+def budget_lines_of(
+    *,
+    tenant_id: int,
+    token_id: int | None,
+    token_label: str,
+    end_user: EndUser | None,
+    tier: EndUserTierPolicy | None,
+    fresh: bool = False,
+) -> list[BudgetLine]:
+    """``tenants.budgets.applicable_budgets``, at most 1 s old (``AdmissionCache``), or
+    read now if ``fresh``. The lines only: counters are never cached."""
+    end_user_id = end_user.pk if end_user else None
+
+    def load() -> tuple[BudgetLine, ...]:
+        return tuple(
+            applicable_budgets(
+                tenant_id=tenant_id,
+                token_id=token_id,
+                token_label=token_label,
+                end_user_id=end_user_id,
+                end_user_label=end_user.external_id if end_user else "",
+                tier=tier,
+            )
+        )
+
+    key = ("budgets", tenant_id, token_id, end_user_id, tier)
+    if fresh:
+        admission_cache.forget(key)
+    return list(admission_cache.get(key, _ttl(), load, keep_none=True))
 
 
 def token_context_for_raw(*, raw: str, now: datetime) -> TokenContext:

@@ -18,11 +18,13 @@ from django.test import AsyncClient
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from routing.models import UsageEvent
 from tenants import selectors
-from tenants.models import ApiToken, Budget, EndUser, EndUserTier, Tenant, Tier
+from tenants.models import ApiToken, Budget, BudgetCounter, EndUser, EndUserTier, Tenant, Tier
 from tenants.selectors import (
     AdmissionCache,
     TokenInvalid,
+    budget_lines_of,
     end_user_of,
     end_user_tier_of,
     token_context_for_raw,
@@ -318,3 +320,91 @@ async def test_the_gateway_applies_an_end_user_tier_change_within_one_second(
 
     assert response.status_code == 403
     assert json.loads(response.content)["error"]["code"] == "model_not_allowed"
+
+
+# --- budget lines ------------------------------------------------------------------------
+
+
+def lines_of(api_token, end_user=None, tier=None, fresh=False):
+    return budget_lines_of(
+        tenant_id=api_token.token.tenant_id,
+        token_id=api_token.token.pk,
+        token_label="sk-...",
+        end_user=end_user,
+        tier=tier,
+        fresh=fresh,
+    )
+
+
+def test_budget_lines_are_read_once_a_second(worker, clock, api_token, tenant):
+    budget = Budget.objects.create(tenant=tenant, scope="tenant", period="month", limit_nanos=10)
+
+    assert queries(lambda: lines_of(api_token)) == 1
+    assert queries(lambda: lines_of(api_token)) == 0
+    Budget.objects.filter(pk=budget.pk).update(limit_nanos=20)
+    assert [line.limit_nanos for line in lines_of(api_token)] == [10]  # at most 1 s stale
+
+    clock.now += 1.0
+
+    assert [line.limit_nanos for line in lines_of(api_token)] == [20]
+
+
+def test_budget_lines_are_cached_per_token_end_user_and_tier(worker, api_token, tenant):
+    other = token_create(tenant=tenant, name="other")
+    carol = EndUser.objects.create(tenant=tenant, external_id="carol")
+    Budget.objects.create(tenant=tenant, scope="tenant", period="month", limit_nanos=10)
+    Budget.objects.create(
+        tenant=tenant, scope="token", token=api_token.token, period="day", limit_nanos=5
+    )
+    Budget.objects.create(
+        tenant=tenant, scope="end_user", end_user=carol, period="week", limit_nanos=3
+    )
+
+    mine = lines_of(api_token)
+    with_carol = lines_of(api_token, end_user=carol)
+    theirs = budget_lines_of(
+        tenant_id=tenant.pk,
+        token_id=other.token.pk,
+        token_label="sk-...",
+        end_user=None,
+        tier=None,
+    )
+
+    assert sorted(line.scope for line in mine) == ["tenant", "token"]
+    assert sorted(line.scope for line in with_carol) == ["end_user", "tenant", "token"]
+    assert [line.scope for line in theirs] == ["tenant"]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_budget_deleted_less_than_a_second_ago_does_not_fail_the_request(
+    worker, clock, api_token, tenant
+):
+    """The cached line names a budget that is gone: its counter cannot be created (foreign
+    key), and admission reads the lines again instead of failing."""
+    keep = await Budget.objects.acreate(
+        tenant=tenant, scope="tenant", period="month", limit_nanos=10**12
+    )
+    gone = await Budget.objects.acreate(
+        tenant=tenant, scope="tenant", period="day", limit_nanos=10**12
+    )
+    client = AsyncClient()
+    chat = json.dumps({"model": "demo/small", "messages": [{"role": "user", "content": "Hi"}]})
+    headers = {"Authorization": f"Bearer {api_token.raw}"}
+
+    async def post():
+        return await client.post(
+            "/v1/chat/completions", data=chat, content_type="application/json", headers=headers
+        )
+
+    assert (await post()).status_code == 200
+    await sync_to_async(lambda: Budget.objects.filter(pk=gone.pk).delete())()
+    clock.now += 0.5  # the lines are still cached
+    response = await post()
+
+    assert response.status_code == 200, response.content
+    counted = await sync_to_async(
+        lambda: sorted(BudgetCounter.objects.values_list("budget_id", "spent_nanos"))
+    )()
+    assert [budget for budget, _ in counted] == [keep.pk]
+    assert counted[0][1] > 0
+    assert await UsageEvent.objects.filter(tenant=tenant).acount() == 2
