@@ -16,9 +16,10 @@ Invariants (PostgreSQL is the truth; every process and machine shares it):
   therefore wait on each other, never for each other. A deadlock or
   serialization failure that happens anyway (an operator's own statement)
   is retried a bounded number of times (``retry_transient``).
-- Settlement moves the reservation to ``spent`` at the actual cost, in the
-  same transaction as the ledger row, so the counters and the ledger agree to
-  the nano-dollar.
+- Settlement moves the reservation to ``spent`` at the actual cost atomically
+  with the ledger row (on PostgreSQL in the row's own statement,
+  ``settle_after_insert``; elsewhere in its transaction), so the counters and
+  the ledger agree to the nano-dollar.
 - A reservation changes state exactly once (held -> settled | expired) by a
   conditional UPDATE; a reclaimed reservation that settles late adds its
   spend without releasing twice.
