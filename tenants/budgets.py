@@ -364,7 +364,7 @@ def _quoted() -> tuple[str, str]:
 
 
 @lru_cache(maxsize=64)
-def _upsert_sql(vendor: str, rows: int, returning: str = "") -> str:
+def _upsert_sql(vendor: str, rows: int) -> str:
     """Create-or-lock every counter of a request and add the reservation, in one statement.
 
     Rows are given in key order, so concurrent admissions lock them in the same
@@ -378,7 +378,7 @@ def _upsert_sql(vendor: str, rows: int, returning: str = "") -> str:
         f"spent_nanos, reserved_nanos) VALUES {values} "
         f"ON CONFLICT (budget_id, subject_id, period_start) "
         f"DO UPDATE SET reserved_nanos = {counters}.reserved_nanos + excluded.reserved_nanos "
-        f"RETURNING id, budget_id, subject_id, spent_nanos, reserved_nanos{returning}"
+        f"RETURNING id, budget_id, subject_id, spent_nanos, reserved_nanos"
     )
 
 
@@ -503,7 +503,7 @@ def budget_admit(
         def reserve() -> list:
             with connection.cursor() as cursor:
                 cursor.execute(
-                    _admit_one_sql(len(ordered), lazy_commit=not connection.in_atomic_block),
+                    _admit_one_sql(len(ordered)),
                     [*params, *_reservation_params(reservation)],
                 )
                 return cursor.fetchall()
@@ -530,39 +530,14 @@ def _reservation_params(reservation: dict) -> list:
 
 
 @lru_cache(maxsize=64)
-def _admit_one_sql(rows: int, *, lazy_commit: bool) -> str:
-    """The reservation statement; with ``lazy_commit`` (a statement that is its own
-    transaction) it commits without waiting for its WAL to reach the disk.
-
-    The counters' row locks are held until the commit, and a synchronous commit holds
-    them through an fsync: every request of a tenant queues on its tenant counter for
-    that long, twice (reserve, settle). A reservation committed lazily releases them
-    first. What a PostgreSQL crash can lose is only reservations committed after the
-    last synchronous commit (each ledger row's settlement is one, and flushes every
-    earlier commit): the whole transaction (counters and reservation row) or nothing,
-    and its request's settlement later adds its spend and releases nothing
-    (``settle_after_insert``). A statement that creates a counter (the first of a
-    period) commits synchronously, so the counter a settlement adds to is never lost.
-    Until the lost reservations' requests settle, admissions do not see their worst
-    cases: the bound on overshoot gains those few requests, after a database crash only.
-    """
+def _admit_one_sql(rows: int) -> str:
     _, reservations = _quoted()
-    # ``xmax = 0``: the counter was created by this statement, not updated.
-    upsert = _upsert_sql("postgresql", rows, ", xmax = 0 AS created")
-    # A statement that creates a counter commits synchronously: a counter lost in a crash
-    # would make its request's settlement add its spend to nothing.
-    lazy = (
-        ", lazy AS (SELECT set_config('synchronous_commit', "
-        "CASE WHEN bool_or(created) THEN 'on' ELSE 'off' END, true) FROM up)"
-        if lazy_commit
-        else ""
-    )
+    upsert = _upsert_sql("postgresql", rows)
     return (
         f"WITH up AS ({upsert}), res AS (INSERT INTO {reservations} "  # noqa: S608 - identifiers from model metadata
         f"(tenant_id, request_id, amount_nanos, state, created_at, expires_at, counter_ids) "
-        f"SELECT %s, %s, %s, %s, %s, %s, (SELECT jsonb_agg(id ORDER BY id) FROM up)){lazy} "
+        f"SELECT %s, %s, %s, %s, %s, %s, (SELECT jsonb_agg(id ORDER BY id) FROM up)) "
         f"SELECT id, budget_id, subject_id, spent_nanos, reserved_nanos FROM up"
-        + (", lazy" if lazy_commit else "")
     )
 
 

@@ -1,5 +1,4 @@
-"""The ledger row, its settlement and its alerts in one statement, and the reservation's
-commit (PostgreSQL).
+"""The ledger row, its settlement and its alerts in one statement (PostgreSQL).
 
 Each case runs twice on the same scenario: through ``ledger_write``'s one statement
 and through the transaction it replaces (INSERT, ``budget_settle``, ``alerts_record``);
@@ -10,23 +9,14 @@ from dataclasses import replace
 from datetime import timedelta
 
 import pytest
-from django.db import connection, transaction
+from django.db import connection
 from django.utils import timezone
 
 from routing.enforcement import Settlement
 from routing.engine.types import Attempt
 from routing.models import UsageEvent
 from routing.services import LedgerEntry, ledger_write, usage_event_values
-from tenants.budgets import (
-    BudgetLine,
-    Crossing,
-    _admit_one_sql,
-    _reservation_params,
-    budget_admit,
-    crossed,
-    period_bounds,
-    reservations_reclaim,
-)
+from tenants.budgets import BudgetLine, Crossing, budget_admit, crossed, reservations_reclaim
 from tenants.enums import BudgetPeriod, BudgetScope
 from tenants.models import Budget, BudgetAlert, BudgetCounter, BudgetReservation
 from tenants.services import budget_create
@@ -220,75 +210,3 @@ def test_settlement_with_several_budgets_crosses_each_on_its_own(tenant):
         == [(1_700_000_000, 0)] * 3
     )
     assert replace(settlement) == settlement
-
-
-def commit_mode_after_reserving(tenant, budget, request_id):
-    """Run the reservation statement inside a transaction, as it would run on its own,
-    and read the commit mode it set for its transaction."""
-    line = BudgetLine(
-        budget.pk, budget.scope, budget.period, budget.limit_nanos, 0, 80, 90, 100, ""
-    )
-    now = timezone.now()
-    start, end = period_bounds(line.period, now, "UTC")
-    adapt = connection.ops.adapt_datetimefield_value
-    reservation = {
-        "tenant": tenant.pk,
-        "request_id": request_id,
-        "amount_nanos": 1,
-        "state": "held",
-        "created_at": now,
-        "expires_at": now + timedelta(minutes=5),
-    }
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(
-            _admit_one_sql(1, lazy_commit=True),
-            [
-                tenant.pk,
-                budget.pk,
-                0,
-                adapt(start),
-                adapt(end),
-                1,
-                *_reservation_params(reservation),
-            ],
-        )
-        cursor.fetchall()
-        cursor.execute("SHOW synchronous_commit")
-        return cursor.fetchone()[0]
-
-
-@pytest.mark.django_db(transaction=True)
-def test_a_reservation_commits_lazily_unless_it_creates_a_counter(tenant):
-    budget = budget_create(
-        tenant=tenant, scope=BudgetScope.TENANT, period=BudgetPeriod.MONTH, limit_nanos=10 * USD
-    )
-
-    assert commit_mode_after_reserving(tenant, budget, "req_first") == "on"  # the counter is new
-    assert commit_mode_after_reserving(tenant, budget, "req_second") == "off"
-    with connection.cursor() as cursor:
-        cursor.execute("SHOW synchronous_commit")
-        assert cursor.fetchone()[0] == "on"  # for that transaction only
-
-
-@pytest.mark.django_db(transaction=True)
-def test_a_reservation_inside_a_transaction_leaves_its_commit_alone(tenant):
-    """Inside a caller's transaction the reservation must not make the caller's own writes
-    (a ledger row, say) commit lazily."""
-    budget = budget_create(
-        tenant=tenant, scope=BudgetScope.TENANT, period=BudgetPeriod.MONTH, limit_nanos=10 * USD
-    )
-    line = BudgetLine(budget.pk, budget.scope, budget.period, 10 * USD, 0, 80, 90, 100, "")
-    for request_id in ("req_a", "req_b"):
-        with transaction.atomic(), connection.cursor() as cursor:
-            budget_admit(
-                tenant_id=tenant.pk,
-                time_zone="UTC",
-                lines=[line],
-                request_id=request_id,
-                worst_case_nanos=USD,
-                degraded_worst_case_nanos=1,
-                now=timezone.now(),
-                ttl=timedelta(minutes=5),
-            )
-            cursor.execute("SHOW synchronous_commit")
-            assert cursor.fetchone()[0] == "on"
