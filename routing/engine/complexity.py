@@ -333,8 +333,14 @@ _NUMBER_WORDS = {
 # and dollar sign, then digits and thousands separators, then decimals, not right after a
 # word character or a dot. Written to start with its first character (a class the ``re``
 # engine skips to), the look-behind checked once that character is read: the same matches,
-# several times faster on a long draft (``tests/engine/test_signal_finders.py``).
-_NUM = re.compile(r"[-$\d](?<![\w.][-$\d])(?:(?<=-)\$?\d|(?<=\$)\d|(?<=\d))[\d,]*(?:\.\d+)?")
+# several times faster on a long draft (``tests/engine/test_signal_finders.py``). The class
+# the engine skips to is ``[-$0-9]`` and every non-ASCII character (a range check, where
+# ``\d`` asks the Unicode database of each character), the first character then checked
+# to be ``[-$\d]`` by a look-behind: every non-ASCII decimal digit is in the range.
+_NUM = re.compile(
+    r"[-$0-9\x80-\U0010ffff](?<=[-$\d])(?<![\w.][-$\d])(?:(?<=-)\$?\d|(?<=\$)\d|(?<=\d))"
+    r"[\d,]*(?:\.\d+)?"
+)
 _COUNTING = re.compile(r"\bhow many\b|\bnumber of\b", re.I)
 _CHOICE = re.compile(r"(?m)^\s*\(?([A-J])[).:]\s+\S")
 
@@ -399,16 +405,13 @@ def _numbers(text: str, digits: list[float]) -> frozenset[float]:
     return frozenset(found)
 
 
-_UNFORMATTED = str.maketrans("", "", "$,")  # what float() is given: no $, no separators
-
-
 def numbers(text: str) -> list[float]:
     """Every number written in digits ($ and thousands separators allowed)."""
     found = _NUM.findall(text)
     if not found:
         return []
     try:  # all at once (a match holds no line break); one by one if one is not a float
-        return list(map(float, "\n".join(found).translate(_UNFORMATTED).split("\n")))
+        return list(map(float, "\n".join(found).replace("$", "").replace(",", "").split("\n")))
     except ValueError:
         pass
     out = []

@@ -33,6 +33,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import repeat
+from numbers import Number
 from typing import Any
 
 import jsonschema
@@ -70,13 +71,6 @@ _REFUSALS = re.compile(
     r"am not able to) (?:help|assist|provide|answer|do that|comply))"
 )
 _CODE_BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
-_BINARY_OPS: dict[type[ast.operator], Callable[[float, float], float]] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.Pow: operator.pow,
-}
 _UNARY_OPS: dict[type[ast.unaryop], Callable[[float], float]] = {
     ast.USub: operator.neg,
     ast.UAdd: operator.pos,
@@ -203,27 +197,40 @@ _LHS_CHARS = _ASCII_DIGITS_AND_SPACES | frozenset(".,$()-+*/x^%\\")
 _RHS_CHARS = _ASCII_DIGITS_AND_SPACES | frozenset(",.$-")
 
 
+def _run_of(chars: frozenset[str]) -> re.Pattern[str]:
+    """A pattern matching a run of ``chars`` and of non-ASCII characters (none is ASCII)."""
+    return re.compile(
+        "[" + "".join(f"\\x{ord(c):02x}" for c in sorted(chars)) + "\\x80-\\U0010ffff]*"
+    )
+
+
+_LHS_RUN = _run_of(_LHS_CHARS)  # matched on the reversed text: the run before an "="
+_RHS_RUN = _run_of(_RHS_CHARS)
+
+
 def _equations(text: str) -> list[re.Match[str]]:
     """``list(_EQUATION.finditer(text))``, searched around each "=" only.
 
     A match holds exactly one "=", its left side runs back from it over ``_LHS_CHARS``
     only and its right side forward over ``_RHS_CHARS`` only, and the pattern has no
     anchor or look-around: searching that window (bounded by the end of the previous
-    match) finds what the pattern finds there, and no match starts anywhere else.
+    match) finds what the pattern finds there, and no match starts anywhere else. The
+    runs are matched by ``_LHS_RUN`` (on the text reversed) and ``_RHS_RUN``.
     """
     found: list[re.Match[str]] = []
+    at = text.find("=")
+    if at == -1:
+        return found
     end = 0
     size = len(text)
-    at = text.find("=")
+    backwards = text[::-1]  # text[i] is backwards[size - 1 - i]
+    lhs_run, rhs_run, search = _LHS_RUN.match, _RHS_RUN.match, _EQUATION.search
     while at != -1:
-        start = at
-        while start > end and (text[start - 1] in _LHS_CHARS or text[start - 1] > "\x7f"):
-            start -= 1
+        # The run of left-side characters that ends at "=", no further back than ``end``
+        # (a run pattern always matches, if only the empty string).
+        start = size - lhs_run(backwards, size - at, size - end).end()  # type: ignore[union-attr]
         if start < at:
-            stop = at + 1
-            while stop < size and (text[stop] in _RHS_CHARS or text[stop] > "\x7f"):
-                stop += 1
-            m = _EQUATION.search(text, start, stop)
+            m = search(text, start, rhs_run(text, at + 1).end())  # type: ignore[union-attr]
             if m is not None:
                 found.append(m)
                 end = m.end()
@@ -302,28 +309,194 @@ def safe_eval(expr: str) -> float | None:
         return None
 
 
+# The biggest integer arithmetic computes, in bits: a product or a power past it is not
+# computed (the expression has no value), so that no draft can make the check compute a
+# number of millions of digits ("((9^12)^12)^12..." grows twelvefold at each power). Far
+# beyond any number a draft means (a float ends at 2^1024; a literal at 4,300 digits,
+# 14,284 bits); a product or power of this size takes microseconds.
+_BIGGEST_BITS = 1 << 16
+
+
+def _mul(left: Any, right: Any) -> Any:
+    if (
+        type(left) is int
+        and type(right) is int
+        and left.bit_length() + right.bit_length() > _BIGGEST_BITS
+    ):
+        raise ValueError
+    return left * right
+
+
+def _pow(left: Any, right: Any) -> Any:
+    if abs(right) > 12:
+        raise ValueError
+    if type(left) is int and type(right) is int and right > 1:
+        if left.bit_length() * right > _BIGGEST_BITS:
+            raise ValueError
+    return left**right
+
+
+_BINARY_OPS: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: _mul,
+    ast.Div: operator.truediv,
+    ast.Pow: _pow,
+}
+_ARITH_ERRORS = (ValueError, ZeroDivisionError, OverflowError, TypeError)
+
+
 def arithmetic(expr: str) -> int | float | None:
     """The value of plain arithmetic in Python's syntax (numbers, ``+ - * / **``, signs,
     exponents of at most 12); None when ``expr`` is anything else or has no real value.
-    Integers stay exact."""
+    Integers stay exact (up to ``_BIGGEST_BITS``: past it, no value)."""
+    expr = expr.strip()
+    value = _arithmetic_fast(expr)
+    if value is _NOT_FAST:
+        value = _arithmetic_ast(expr)
+    return value if isinstance(value, int | float) else None  # not a complex root
+
+
+def _arithmetic_ast(expr: str) -> Any:
+    """``arithmetic`` through Python's own parser: the definition of what ``expr`` means."""
 
     def ev(node: ast.AST) -> Any:
         if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
             return node.value
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
             left, right = ev(node.left), ev(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > 12:
-                raise ValueError
             return _BINARY_OPS[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
             return _UNARY_OPS[type(node.op)](ev(node.operand))
         raise ValueError
 
     try:
-        value = ev(ast.parse(expr.strip(), mode="eval").body)
-    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, TypeError):
+        return ev(ast.parse(expr, mode="eval").body)
+    except (SyntaxError, RecursionError, *_ARITH_ERRORS):
         return None
-    return value if isinstance(value, int | float) else None  # not a complex root
+    except MemoryError:  # the parser's own stack limit ("too complex to parse")
+        return None
+
+
+# --- the same, without ast.parse ------------------------------------------------------
+#
+# ``ast.parse`` and the walk of its tree cost ~8 us an equation, and a long math draft
+# states dozens. Most equations are a few numbers and operators: those are evaluated
+# here, by the grammar Python's parser applies to them (``+ -`` < ``* /`` < unary
+# ``+ -`` < ``**``, whose right operand may carry a sign and which groups to the right);
+# anything else (a letter, a non-ASCII or other character, a line break, more than
+# ``_FAST_TOKENS`` tokens) goes to ``_arithmetic_ast``. Every operation is the one
+# ``_arithmetic_ast`` applies, on the same tree, so the value is the same;
+# ``tests/engine/test_arithmetic.py`` compares both on random and hostile expressions.
+
+_NOT_FAST = object()
+_FAST_TOKENS = 64  # few enough that Python's parser and the tree walk never hit a depth limit
+_ARITH_TOKEN = re.compile(
+    r"[ \t]*(?:([0-9]+(?:\.[0-9]*)?|\.[0-9]+)|(\*\*|//|[-+*/()])|(.))", re.DOTALL
+)
+# Binding strength of each binary operator; a unary sign binds at 3.
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "**": 4}
+_APPLY: dict[str, Callable[[Any, Any], Any]] = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": _mul,
+    "/": operator.truediv,
+    "**": _pow,
+}
+
+
+# Nine equations in ten: two numbers and an operator.
+_TWO_NUMBERS = re.compile(
+    r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)[ \t]*(\*\*|[-+*/])[ \t]*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)"
+)
+
+
+def _arithmetic_fast(expr: str) -> Any:
+    """``_arithmetic_ast(expr)`` for ``expr`` (stripped) made of ASCII digits, ``.``,
+    ``+ - * / ( )``, spaces and tabs only, in at most ``_FAST_TOKENS`` tokens (an
+    operator-precedence parse that computes as it goes); ``_NOT_FAST`` for any other."""
+    two = _TWO_NUMBERS.fullmatch(expr)
+    if two is not None:
+        left, op, right = two.groups()
+        if (left[0] != "0" or "." in left or not left.strip("0")) and (
+            right[0] != "0" or "." in right or not right.strip("0")
+        ):
+            try:
+                return _APPLY[op](
+                    float(left) if "." in left else int(left),
+                    float(right) if "." in right else int(right),
+                )
+            except _ARITH_ERRORS:
+                return None
+    tokens = _ARITH_TOKEN.findall(expr)
+    if len(tokens) > _FAST_TOKENS:
+        return _NOT_FAST
+    values: list[Any] = []
+    ops: list[str] = []  # binary operators, "(", and the signs "u-" / "u+"
+    operand = True  # an operand (a number, "(" or a sign) comes next
+    try:
+        for number, op, other in tokens:
+            if other:
+                return _NOT_FAST
+            if operand:
+                if number:
+                    if "." in number:
+                        values.append(float(number))
+                    elif number[0] == "0" and number.strip("0"):
+                        return None  # "012": leading zeros, a syntax error in Python
+                    else:
+                        values.append(int(number))  # ValueError past the 4,300 digits
+                    operand = False
+                elif op == "(":
+                    ops.append("(")
+                elif op == "-":
+                    ops.append("u-")
+                elif op == "+":
+                    ops.append("u+")
+                else:
+                    return None  # "* 2", ")": a syntax error
+            elif number or op == "(" or op == "//":
+                return None  # "2 3", "2 (3)" (a call), "6 // 2" (a floor division)
+            elif op == ")":
+                while ops and ops[-1] != "(":
+                    _reduce(values, ops)
+                if not ops:
+                    return None  # ")" without "("
+                ops.pop()
+            else:
+                precedence = _PRECEDENCE[op]
+                while ops:
+                    top = ops[-1]
+                    if top == "(":
+                        break
+                    above = 3 if top[0] == "u" else _PRECEDENCE[top]
+                    # Left to right, but "**" groups to the right.
+                    if above > precedence or (above == precedence and op != "**"):
+                        _reduce(values, ops)
+                    else:
+                        break
+                ops.append(op)
+                operand = True
+        if operand:
+            return None  # empty, or ends with an operator or "("
+        while ops:
+            if ops[-1] == "(":
+                return None  # "(" never closed
+            _reduce(values, ops)
+    except _ARITH_ERRORS:
+        return None
+    return values[0]
+
+
+def _reduce(values: list[Any], ops: list[str]) -> None:
+    op = ops.pop()
+    if op == "u-":
+        values[-1] = -values[-1]
+    elif op == "u+":
+        values[-1] = +values[-1]
+    else:
+        right = values.pop()
+        values[-1] = _APPLY[op](values[-1], right)
 
 
 def _close(a: float, b: float, rel: float) -> bool:
@@ -453,15 +626,19 @@ def _schema_error(payload: Any, schema: dict[str, Any]) -> str | None:
     """What ``jsonschema.validate(payload, schema)`` says is wrong (its message, cut), or None.
 
     The schema's validator is made and the schema checked once per distinct schema
-    (``_validator``), not on every draft; the error is the one ``validate`` raises.
+    (``_validator``), not on every draft; the error is the one ``validate`` raises. A
+    document that the schema's fast check (``_fast_check``) finds valid has no error; any
+    other is validated by ``jsonschema``.
     """
     try:
         key = json.dumps(schema)  # key order kept: it orders the errors
     except (TypeError, ValueError):
         key = None
-    validator = _validator(key, schema) if key is not None else _build_validator(schema)
+    validator, valid = _validator(key, schema) if key is not None else _build_validator(schema)
     if validator is None:
         return None  # the client's schema is broken; do not blame the draft
+    if valid is not None and valid(payload):
+        return None
     error = best_match(validator.iter_errors(payload))
     if error is None:
         return None
@@ -469,32 +646,250 @@ def _schema_error(payload: Any, schema: dict[str, Any]) -> str | None:
     return message[:200]
 
 
-_VALIDATORS: dict[str, Any] = {}
+_VALIDATORS: dict[str, tuple[Any, Callable[[Any], bool] | None]] = {}
 _VALIDATORS_MAX = 256
 
 
-def _validator(key: str, schema: dict[str, Any]) -> Any:
-    """The validator of the schema whose JSON is ``key`` (None: the schema is broken)."""
+def _validator(key: str, schema: dict[str, Any]) -> tuple[Any, Callable[[Any], bool] | None]:
+    """The validator of the schema whose JSON is ``key`` (None: the schema is broken), and
+    its fast check (``_fast_check``)."""
     try:
         return _VALIDATORS[key]
     except KeyError:
         pass
-    validator = _build_validator(json.loads(key))
+    built = _build_validator(json.loads(key))
     if len(_VALIDATORS) >= _VALIDATORS_MAX:
         _VALIDATORS.clear()
-    _VALIDATORS[key] = validator
-    return validator
+    _VALIDATORS[key] = built
+    return built
 
 
-def _build_validator(schema: Any) -> Any:
+def _build_validator(schema: Any) -> tuple[Any, Callable[[Any], bool] | None]:
     """What ``jsonschema.validate`` builds before validating: the schema's validator class
-    (from its ``$schema``), the schema checked against it; None when it is broken."""
+    (from its ``$schema``), the schema checked against it (None when it is broken); and
+    the schema's fast check."""
     cls = jsonschema.validators.validator_for(schema)
     try:
         cls.check_schema(schema)
     except jsonschema.SchemaError:
+        return None, None
+    validator = cls(schema)
+    return validator, _fast_check(validator)
+
+
+# --- JSON documents a schema finds no error in, without jsonschema -------------------------
+#
+# ``jsonschema`` walks a document through a new validator object per value (~0.3 ms for a
+# document of 2,000 tokens, most of a JSON check). A schema made of the keywords below is
+# turned once into a Python function that says whether a document is valid: True only when
+# ``validator.iter_errors`` finds nothing. Each keyword is the same test as ``jsonschema``'s
+# own function for it, and is used only when the validator class runs exactly that
+# function (checked by identity: another ``jsonschema`` version, a draft that reads the
+# keyword another way, or any other keyword the validator applies, and the schema has no
+# fast check). A document the function says is invalid goes to ``jsonschema``, which
+# words the error. ``tests/engine/test_signal_finders.py`` compares both.
+
+try:
+    from jsonschema import _keywords, _legacy_keywords, _types
+
+    _MIRRORED: dict[str, tuple[Any, ...]] = {
+        "type": (_keywords.type,),
+        "properties": (_keywords.properties,),
+        "required": (_keywords.required,),
+        "additionalProperties": (_keywords.additionalProperties,),
+        "items": (
+            _keywords.items,
+            _legacy_keywords.items_draft6_draft7_draft201909,
+            _legacy_keywords.items_draft3_draft4,
+        ),
+        "enum": (_keywords.enum,),
+        "const": (_keywords.const,),
+        "anyOf": (_keywords.anyOf,),
+        "minItems": (_keywords.minItems,),
+        "maxItems": (_keywords.maxItems,),
+        "minLength": (_keywords.minLength,),
+        "maxLength": (_keywords.maxLength,),
+        "format": (_keywords.format,),  # without a format checker (the default): no test
+    }
+    _TYPE_CHECKERS = {
+        id(_types.draft4_type_checker): False,  # a float is never an "integer"
+        id(_types.draft6_type_checker): True,  # 1.0 is an "integer" (drafts 6 to 2020-12)
+    }
+except ImportError:  # pragma: no cover - another jsonschema: validate with it alone
+    _MIRRORED, _TYPE_CHECKERS = {}, {}
+
+
+class _NoFastCheck(Exception):
+    pass
+
+
+def _anything(instance: Any) -> bool:
+    return True
+
+
+def _nothing(instance: Any) -> bool:
+    return False
+
+
+def _is_integer(instance: Any) -> bool:  # jsonschema's draft 3 and 4 "integer"
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+def _is_integral(instance: Any) -> bool:  # drafts 6 to 2020-12
+    return _is_integer(instance) or (isinstance(instance, float) and instance.is_integer())
+
+
+def _is_number(instance: Any) -> bool:
+    return isinstance(instance, Number) and not isinstance(instance, bool)
+
+
+_TYPE_TESTS: dict[str, Callable[[Any], bool]] = {
+    "array": lambda instance: isinstance(instance, list),
+    "boolean": lambda instance: isinstance(instance, bool),
+    "null": lambda instance: instance is None,
+    "number": _is_number,
+    "object": lambda instance: isinstance(instance, dict),
+    "string": lambda instance: isinstance(instance, str),
+}
+
+
+def _fast_check(validator: Any) -> Callable[[Any], bool] | None:
+    """A function of a document, True only when ``validator.iter_errors`` finds no error in
+    it; None when the schema uses what it does not mirror."""
+    cls = type(validator)
+    integral_floats = _TYPE_CHECKERS.get(id(cls.TYPE_CHECKER))
+    if integral_floats is None or getattr(validator, "format_checker", None) is not None:
         return None
-    return cls(schema)
+    try:
+        return _compile_schema(validator.schema, cls.VALIDATORS, integral_floats, True)
+    except _NoFastCheck:
+        return None
+
+
+def _compile_schema(
+    schema: Any, keywords: dict[str, Any], integral_floats: bool, root: bool = False
+) -> Callable[[Any], bool]:
+    if schema is True:
+        return _anything
+    if schema is False:
+        return _nothing
+    if type(schema) is not dict:
+        raise _NoFastCheck
+
+    def sub(subschema: Any) -> Callable[[Any], bool]:
+        return _compile_schema(subschema, keywords, integral_floats)
+
+    checks: list[Callable[[Any], bool]] = []
+    for key, value in schema.items():
+        if key == "$schema":
+            if root:  # it chose the validator class; below, it would switch the class
+                continue
+            raise _NoFastCheck
+        function = keywords.get(key)
+        if function is None:
+            continue  # a keyword the validator does not apply (title, description...)
+        if function not in _MIRRORED.get(key, ()):
+            raise _NoFastCheck
+        if key == "format":
+            continue
+        checks.append(_keyword_check(key, value, schema, sub, integral_floats))
+    if not checks:
+        return _anything
+    if len(checks) == 1:
+        return checks[0]
+    all_checks = tuple(checks)
+
+    def check(instance: Any) -> bool:
+        for each in all_checks:
+            if not each(instance):
+                return False
+        return True
+
+    return check
+
+
+def _keyword_check(
+    key: str,
+    value: Any,
+    schema: dict[str, Any],
+    sub: Callable[[Any], Callable[[Any], bool]],
+    integral_floats: bool,
+) -> Callable[[Any], bool]:
+    """The test of one keyword (``jsonschema._keywords``' function for it, as a predicate)."""
+    if key == "type":
+        names = [value] if isinstance(value, str) else list(value)
+        if not all(name in _TYPE_TESTS or name == "integer" for name in names):
+            raise _NoFastCheck
+        tests = [
+            (_is_integral if integral_floats else _is_integer)
+            if name == "integer"
+            else _TYPE_TESTS[name]
+            for name in names
+        ]
+        if len(tests) == 1:
+            return tests[0]
+        return lambda instance: any(test(instance) for test in tests)
+    if key == "properties":
+        if type(value) is not dict:
+            raise _NoFastCheck
+        properties = tuple((name, sub(subschema)) for name, subschema in value.items())
+
+        def check_properties(instance: Any) -> bool:
+            if isinstance(instance, dict):
+                for name, valid in properties:
+                    if name in instance and not valid(instance[name]):
+                        return False
+            return True
+
+        return check_properties
+    if key == "required":
+        required = tuple(value)
+        return lambda instance: (
+            not isinstance(instance, dict) or all(name in instance for name in required)
+        )
+    if key == "additionalProperties":
+        known = schema.get("properties", {})
+        if "patternProperties" in schema or type(known) is not dict:
+            raise _NoFastCheck
+        if isinstance(value, dict):
+            valid_extra = sub(value)
+
+            def check_extras(instance: Any) -> bool:
+                if isinstance(instance, dict):
+                    for name, item in instance.items():
+                        if name not in known and not valid_extra(item):
+                            return False
+                return True
+
+            return check_extras
+        if value:
+            return _anything
+        return lambda instance: (
+            not isinstance(instance, dict) or all(name in known for name in instance)
+        )
+    if key == "items":
+        if "prefixItems" in schema or not (
+            isinstance(value, dict) or ((value is True or value is False) and integral_floats)
+        ):
+            raise _NoFastCheck  # an array of schemas; a boolean is no draft 4 schema
+        valid_item = sub(value)
+        return lambda instance: not isinstance(instance, list) or all(map(valid_item, instance))
+    if key in {"enum", "const"}:
+        choices = value if key == "enum" else [value]
+        if type(choices) is not list or not all(type(c) is str for c in choices):
+            raise _NoFastCheck  # jsonschema's equality of anything but strings
+        allowed = frozenset(choices)
+        return lambda instance: type(instance) is str and instance in allowed
+    if key == "anyOf":
+        alternatives = tuple(sub(subschema) for subschema in value)
+        return lambda instance: any(valid(instance) for valid in alternatives)
+    if key in {"minItems", "maxItems", "minLength", "maxLength"}:
+        kind = list if key.endswith("Items") else str
+        bound = value
+        if key.startswith("min"):
+            return lambda instance: not isinstance(instance, kind) or not len(instance) < bound
+        return lambda instance: not isinstance(instance, kind) or not len(instance) > bound
+    raise _NoFastCheck  # pragma: no cover - every key of _MIRRORED is handled above
 
 
 def extract(draft: Draft, query: QueryProfile, params: dict[str, Any]) -> SignalReport:
@@ -550,8 +945,7 @@ def extract(draft: Draft, query: QueryProfile, params: dict[str, Any]) -> Signal
                 notes.append(f"non-integer answer {answer_value:g} to a counting question")
             if results and _close(results[-1], answer_value, 1e-6):
                 f["answer_is_last"] = 1.0
-            work = _numbers_before_final(text, text_numbers)
-            if any(_close(v, answer_value, 1e-6) for v in work):
+            if _in_work(answer_value, _numbers_before_final(text, text_numbers)):
                 f["answer_in_work"] = 1.0
         if answer_text and re.search(r"[A-Za-z]{3,}", answer_text):
             f["answer_wordy"] = 1.0
@@ -581,6 +975,14 @@ def extract(draft: Draft, query: QueryProfile, params: dict[str, Any]) -> Signal
             else " ".join(text.lower().split())[:200]
         )
     return SignalReport(features=f, notes=notes, hard_fail=hard_fail, answer=answer_text)
+
+
+def _in_work(answer: float, work: list[float]) -> bool:
+    """``any(_close(v, answer, 1e-6) for v in work)``: at once when the answer itself is in
+    the working (a finite number is close to itself; infinity is not: inf - inf is nan)."""
+    if math.isfinite(answer) and answer in work:
+        return True
+    return any(abs(v - answer) <= max(0.011, abs(v) * 1e-6) for v in work)
 
 
 def _before_final(text: str) -> str:

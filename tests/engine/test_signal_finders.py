@@ -281,3 +281,161 @@ def test_json_keys_order_kept_in_the_schema_cache():
     signals._schema_error({}, SCHEMA)
     signals._schema_error({}, json.loads(second))
     assert first in signals._VALIDATORS and second in signals._VALIDATORS
+
+
+# --- JSON documents a schema's fast check finds valid -------------------------------------
+
+DRAFTS = [
+    None,  # no $schema: the latest draft
+    "http://json-schema.org/draft-04/schema#",
+    "http://json-schema.org/draft-06/schema#",
+    "http://json-schema.org/draft-07/schema#",
+    "https://json-schema.org/draft/2019-09/schema",
+    "https://json-schema.org/draft/2020-12/schema",
+]
+TYPES = ["object", "array", "string", "integer", "number", "boolean", "null"]
+
+
+def random_schema(rng: random.Random, depth: int = 0, booleans: bool = True):
+    if booleans and rng.random() < 0.05:
+        return rng.choice([True, False])
+    schema: dict = {}
+    if rng.random() < 0.7:
+        schema["type"] = rng.choice(TYPES) if rng.random() < 0.8 else rng.sample(TYPES, 2)
+    if depth < 3 and rng.random() < 0.5:
+        names = rng.sample(["a", "b", "c", "id", "answer"], rng.randint(0, 3))
+        schema["properties"] = {n: random_schema(rng, depth + 1, booleans) for n in names}
+    if rng.random() < 0.4:
+        schema["required"] = rng.sample(["a", "b", "c", "id"], rng.randint(0, 2))
+    if rng.random() < 0.4:
+        schema["additionalProperties"] = (
+            rng.choice([True, False]) if rng.random() < 0.7 else random_schema(rng, 3, booleans)
+        )
+    if depth < 3 and rng.random() < 0.3:
+        schema["items"] = random_schema(rng, depth + 1, booleans)
+    if rng.random() < 0.1:
+        schema["enum"] = rng.sample(["x", "y", "z", 1, None], rng.randint(1, 3))
+    if rng.random() < 0.05:
+        schema["const"] = rng.choice(["x", 1, 1.0, True])
+    if depth < 2 and rng.random() < 0.1:
+        schema["anyOf"] = [random_schema(rng, depth + 1, booleans) for _ in range(2)]
+    for key in ("minItems", "maxItems", "minLength", "maxLength"):
+        if rng.random() < 0.08:
+            schema[key] = rng.randint(0, 3)
+    extra = rng.random()
+    if extra < 0.05:
+        schema["patternProperties"] = {"^x": {"type": "string"}}
+    elif extra < 0.08:
+        schema["not"] = {"type": "null"}
+    elif extra < 0.11:
+        schema["format"] = "date"
+    elif extra < 0.14:
+        schema["title"] = "T"
+        schema["description"] = "D"
+    elif extra < 0.16:
+        schema["minimum"] = 1
+    return schema
+
+
+def random_document(rng: random.Random, depth: int = 0):
+    roll = rng.random()
+    if depth < 3 and roll < 0.3:
+        keys = rng.sample(["a", "b", "c", "id", "answer", "x"], rng.randint(0, 4))
+        return {k: random_document(rng, depth + 1) for k in keys}
+    if depth < 3 and roll < 0.45:
+        return [random_document(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return rng.choice(["x", "y", "", "long text", 0, 1, -3, 1.0, 1.5, True, False, None, 2**60])
+
+
+def test_fast_json_check_says_valid_only_what_jsonschema_finds_valid():
+    rng = random.Random(11)
+    fast_checks = used = 0
+    for _ in range(800):
+        draft = rng.choice(DRAFTS)
+        schema = random_schema(rng, booleans=draft != DRAFTS[1])
+        if draft is not None:
+            schema = {"$schema": draft, **schema} if isinstance(schema, dict) else schema
+        validator, valid = signals._build_validator(schema)
+        if validator is None:
+            continue
+        fast_checks += valid is not None
+        for i in range(12):
+            document = random_document(rng)
+            if valid is not None:
+                found = list(validator.iter_errors(document))
+                assert valid(document) == (not found), (schema, document, found)
+                used += 1
+            if i < 2:  # jsonschema.validate checks the schema each time: slow
+                assert signals._schema_error(document, schema) == original_schema_error(
+                    document, schema
+                ), (schema, document)
+    assert fast_checks > 300 and used > 4000
+
+
+def test_fast_json_check_of_structured_output_schemas():
+    schema = {
+        "type": "object",
+        "properties": {
+            "answers": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "score": {"type": "integer"},
+                        "kind": {"enum": ["a", "b"]},
+                    },
+                    "required": ["id"],
+                    "additionalProperties": False,
+                },
+                "minItems": 1,
+            }
+        },
+        "required": ["answers"],
+    }
+    validator, valid = signals._build_validator(schema)
+    assert valid is not None
+    documents = [
+        {"answers": [{"id": "1", "score": 3, "kind": "a"}]},
+        {"answers": [{"id": "1", "score": 3.0}]},  # 3.0 is an integer in draft 2020-12
+        {"answers": [{"id": "1", "score": 3.5}]},
+        {"answers": [{"id": "1", "score": True}]},
+        {"answers": [{"id": "1", "kind": "c"}]},
+        {"answers": [{"id": "1", "extra": 1}]},
+        {"answers": []},
+        {"answers": [{}]},
+        {},
+        [],
+    ]
+    for document in documents:
+        assert valid(document) == (not list(validator.iter_errors(document)))
+        assert signals._schema_error(document, schema) == original_schema_error(document, schema)
+    draft4 = {"$schema": "http://json-schema.org/draft-04/schema#", **schema}
+    assert signals._schema_error(documents[1], draft4) == original_schema_error(
+        documents[1], draft4
+    )
+    assert signals._schema_error(documents[1], draft4) is not None  # 3.0 is no draft 4 integer
+
+
+def test_schemas_the_fast_check_does_not_mirror_are_validated_by_jsonschema():
+    for schema in [
+        {"type": "object", "patternProperties": {"^x": {"type": "string"}}},
+        {"$defs": {"a": {"type": "string"}}, "properties": {"a": {"$ref": "#/$defs/a"}}},
+        {"type": "number", "minimum": 3},
+        {"enum": [1, 2]},
+        {"prefixItems": [{"type": "string"}], "items": False},
+        {"properties": {"a": {"$schema": "http://json-schema.org/draft-04/schema#"}}},
+        {"type": "array", "items": [{"type": "string"}]},
+        {"not": {"type": "string"}},
+    ]:
+        assert signals._build_validator(schema)[1] is None, schema
+
+
+def test_answer_in_work_at_once_when_it_is_there():
+    rng = random.Random(12)
+    values = [0.0, -0.0, 1.0, 2.5, 1e308, float("inf"), -float("inf"), 0.011, 0.02, 12.0, 1e9]
+    for _ in range(20000):
+        work = [rng.choice(values) + rng.choice([0, 0, 0.005, 1e-3, 0.5]) for _ in range(5)]
+        answer = rng.choice(values)
+        expected = any(abs(v - answer) <= max(0.011, abs(v) * 1e-6) for v in work)
+        assert signals._in_work(answer, work) == expected, (answer, work)
