@@ -15,6 +15,7 @@ from routing.enums import (
     UsageKind,
     UsageStatus,
 )
+from routing.ledger_attempts import attempts_read
 from tenants.enums import BudgetDecision
 from tenants.models import AlertDelivery, ApiToken, EndUser, Tenant
 
@@ -46,7 +47,8 @@ class UsageEvent(models.Model):
     requested_model = models.CharField(max_length=200)
     model = models.CharField(max_length=200, blank=True)  # the model whose answer was returned
     models_called = models.JSONField(default=list)  # public model names, in call order
-    attempts = models.JSONField(default=list)  # one dict per upstream call
+    # One dict per upstream call, stored compactly: read it through ``expanded_attempts``.
+    attempts = models.JSONField(default=list)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     cost_nanos = models.BigIntegerField(default=0)
@@ -99,6 +101,12 @@ class UsageEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.model} {self.cost_nanos}n"
+
+    @property
+    def expanded_attempts(self) -> list[dict]:
+        """``attempts`` in ``Attempt.as_dict()``'s shape, whichever shape the row stores
+        (``routing.ledger_attempts``): what every reader of the attempts uses."""
+        return attempts_read(self.attempts, domain=self.domain, complexity=self.complexity)
 
 
 class RoutingProfile(models.Model):
