@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 from django.db import connection, transaction
 from django.db.models import CharField, Count, Min, Q, Sum, Value
 from django.db.models.fields.json import KT
-from django.db.models.functions import Coalesce, TruncDate, TruncMinute
+from django.db.models.functions import Coalesce, TruncDate, TruncHour, TruncMinute
 from django.utils import timezone
 
 from dashboard.models import (
@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 LATE_MARGIN = timedelta(minutes=5)
 HOUR = timedelta(hours=1)
+BY_HOUR_UP_TO = timedelta(hours=24)  # longer ranges are aggregated in one query
 MINUTES_KEPT = timedelta(hours=6)
 _BUCKETS = tuple(pairwise((0, *LATENCY_BOUNDS_MS, None)))
 
@@ -86,28 +87,38 @@ def _latency_histogram() -> dict:
 def hourly_rows(tenant_id: int, start: datetime, end: datetime) -> list[HourlyUsage]:
     """Unsaved HourlyUsage rows for the ledger events in [start, end).
 
-    One query per hour, grouped by the dimensions alone: grouped by the hour as well,
-    PostgreSQL expects about one group per row (it cannot tell how many hours a range of
-    timestamps holds) and sorts the hour's rows on disk instead of hashing them into the
-    few dozen groups there are (about twice as slow on an hour of 416 667 rows; see
-    docs/benchmarks.md).
+    A few hours (the beat's advance, a page's open tail) are aggregated one query per
+    hour, grouped by the dimensions alone: grouped by the hour as well, PostgreSQL
+    expects about one group per row (it cannot tell how many hours a range of timestamps
+    holds) and sorts a busy hour's rows on disk instead of hashing them into the few
+    dozen groups there are (about twice as slow on an hour of 416 667 rows; see
+    docs/benchmarks.md). A longer range (a backfill) is one query grouped by the hour
+    too, where one sort is cheaper than thousands of queries.
     """
+    if end - start > BY_HOUR_UP_TO:
+        return list(_grouped_rows(tenant_id, start, end, hour=None))
     rows = []
     hour = hour_floor(start)
     while hour < end:
-        rows.extend(_hour_rows(tenant_id, hour, max(start, hour), min(end, hour + HOUR)))
+        rows.extend(_grouped_rows(tenant_id, max(start, hour), min(end, hour + HOUR), hour=hour))
         hour += HOUR
     return rows
 
 
-def _hour_rows(
-    tenant_id: int, hour: datetime, start: datetime, end: datetime
+def _grouped_rows(
+    tenant_id: int, start: datetime, end: datetime, *, hour: datetime | None
 ) -> Iterator[HourlyUsage]:
+    """The rows of [start, end): of ``hour`` when given, else grouped by hour as well."""
+    events = UsageEvent.objects.filter(
+        tenant_id=tenant_id, created_at__gte=start, created_at__lt=end
+    ).annotate(draft=Coalesce(KT("models_called__0"), Value(""), output_field=CharField()))
+    keys = ["model", "draft", "profile", "domain"]
+    if hour is None:
+        events = events.annotate(hour_bucket=TruncHour("created_at", tzinfo=UTC))
+        keys.append("hour_bucket")
     groups = (
-        UsageEvent.objects.filter(tenant_id=tenant_id, created_at__gte=start, created_at__lt=end)
-        .order_by()
-        .annotate(draft=Coalesce(KT("models_called__0"), Value(""), output_field=CharField()))
-        .values("model", "draft", "profile", "domain")
+        events.order_by()
+        .values(*keys)
         .annotate(
             **usage_sums(),
             prompt_tokens_sum=Coalesce(Sum("prompt_tokens"), 0),
@@ -122,7 +133,7 @@ def _hour_rows(
         hist = [g.pop(f"h{i}") for i in range(len(_BUCKETS))]
         yield HourlyUsage(
             tenant_id=tenant_id,
-            hour=hour,
+            hour=g.pop("hour_bucket", hour),
             draft_model=g.pop("draft"),
             prompt_tokens=g.pop("prompt_tokens_sum"),
             completion_tokens=g.pop("completion_tokens_sum"),
