@@ -337,3 +337,25 @@ def test_drift_reads_the_same_scores_from_either_shape(tenant, compact):
 
     assert drafts.scores == [0.91, 0.5749, 0.33]
     assert (drafts.requests, drafts.accepted_share) == (4, 0.25)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "stored",
+    [made_attempts(), "odd", [{"k": {"p": "high"}}], [1, {"m": "x", "extra": [1]}]],
+    ids=["old-rows", "not-a-list", "odd-check", "odd-items"],
+)
+def test_the_admin_shows_a_rows_attempts_whatever_it_stores(admin_client, tenant, stored):
+    compact = UsageEventFactory(
+        tenant=tenant,
+        attempts=attempts_stored(made_attempts(), domain=DOMAIN, complexity=COMPLEXITY),
+        domain=DOMAIN,
+        complexity=COMPLEXITY,
+    )
+    odd = UsageEventFactory(tenant=tenant, attempts=stored)
+
+    for event in (compact, odd):
+        response = admin_client.get(f"/admin/routing/usageevent/{event.pk}/change/")
+        assert response.status_code == 200
+    page = admin_client.get(f"/admin/routing/usageevent/{compact.pk}/change/").content.decode()
+    assert "p(acceptable)=0.575 &lt; threshold 0.600 (math, complexity 0.41)" in page
