@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/ledger_scale.py [--rows 1000000[,10000000,...]] [--months 4]
                                            [--repeats 20] [--keep] [--reuse] [--json OUT]
+                                           [--db-prefix cf_ledgerbench_]
 
 Measures whatever ``manage.py migrate`` makes of ``routing_usageevent`` (a plain
 table, or a partitioned one: the output says which, and how many partitions).
@@ -14,7 +15,8 @@ checks, models called, tokens, costs, latency, profile, domain...) with its tena
 token, end user, request id (``req_`` + 32 hex digits, as the gateway makes them)
 and time replaced; 3 % of the rows are audit rows, the production floor.
 
-For each size N, in a database ``cf_ledgerbench_<N>`` copied from the template:
+For each size N, in a database ``<prefix><N>`` copied from the template (``--db-prefix``,
+``cf_ledgerbench_`` by default; the template is ``<prefix>tpl_<random>``):
 
 - tenants: one big tenant holding 80 % of the rows (2 000 end users, 3 tokens, a
   viewer member, a monthly budget) and five others sharing the rest (100 end
@@ -49,7 +51,7 @@ rollup <= 1 s, bytes per row <= 6.3 KB / 5.
 Sizes whose estimated footprint (template row size x 1.5 for indexes, WAL and
 the new hour) does not fit the free disk minus a 10 GB margin are refused, with
 the estimate. Databases are dropped at the end unless ``--keep``; ``--reuse``
-measures a kept ``cf_ledgerbench_<N>`` again without generating it.
+measures a kept ``<prefix><N>`` again without generating it.
 """
 
 from __future__ import annotations
@@ -120,6 +122,9 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="measure kept databases again")
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--json", dest="json_out")
+    parser.add_argument(
+        "--db-prefix", default=DB_PREFIX, help="the start of every database the bench makes"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one size, in a child process
     args = parser.parse_args()
     if args.worker:
@@ -127,10 +132,10 @@ def main() -> None:
         return
     sizes = [int(s.replace("_", "")) for s in args.rows.split(",")]
     started = time.perf_counter()
-    template = f"{DB_PREFIX}tpl_{secrets.token_hex(3)}"
+    template = f"{args.db_prefix}tpl_{secrets.token_hex(3)}"
     results = []
     try:
-        if not (args.reuse and all(database_exists(f"{DB_PREFIX}{n}") for n in sizes)):
+        if not (args.reuse and all(database_exists(f"{args.db_prefix}{n}") for n in sizes)):
             template_create(template)
         for rows in sizes:
             results.append(run_size(rows, template, args))
@@ -172,7 +177,7 @@ def template_row_bytes(database: str) -> float:
 
 
 def run_size(rows: int, template: str, args) -> dict:
-    name = f"{DB_PREFIX}{rows}"
+    name = f"{args.db_prefix}{rows}"
     reuse = args.reuse and database_exists(name)
     if not reuse:
         estimate = rows * template_row_bytes(template) * 1.5 + 2 * 416_667 * 2000

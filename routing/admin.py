@@ -1,4 +1,7 @@
+import json
+
 from django.contrib import admin
+from django.utils.html import format_html
 
 from routing.models import Audit, CalibrationVersion, UsageEvent
 
@@ -8,7 +11,17 @@ class UsageEventAdmin(admin.ModelAdmin):
     list_display = ("created_at", "tenant", "requested_model", "model", "cost_nanos", "status")
     list_filter = ("tenant", "status", "model")
     search_fields = ("request_id",)
-    readonly_fields = [f.name for f in UsageEvent._meta.fields]
+    # The attempts as the gateway made them (a row stores them compactly).
+    exclude = ("attempts",)
+    readonly_fields = [
+        "attempts_as_made" if f.name == "attempts" else f.name for f in UsageEvent._meta.fields
+    ]
+
+    @admin.display(description="attempts")
+    def attempts_as_made(self, event: UsageEvent) -> str:
+        return format_html(
+            "<pre>{}</pre>", json.dumps(event.expanded_attempts, indent=2, default=str)
+        )
 
 
 @admin.register(CalibrationVersion)

@@ -4,6 +4,7 @@ profiles learn from audits: ``Audit``, ``ProfileLearning``, ``CalibrationVersion
 
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import MD5, Cast
 from django.utils import timezone
 
 from routing.enums import (
@@ -15,6 +16,7 @@ from routing.enums import (
     UsageKind,
     UsageStatus,
 )
+from routing.ledger_attempts import attempts_read
 from tenants.enums import BudgetDecision
 from tenants.models import AlertDelivery, ApiToken, EndUser, Tenant
 
@@ -38,15 +40,17 @@ class UsageEvent(models.Model):
     )
     token = models.ForeignKey(ApiToken, on_delete=models.SET_NULL, null=True, blank=True)
     end_user = models.ForeignKey(EndUser, on_delete=models.SET_NULL, null=True, blank=True)
-    # Unique with ``created_at`` (a partitioned table's unique keys hold its partition key);
-    # every write of a request's row carries the time it was received, so a replay of the
-    # same row conflicts (``routing.services.ledger_write``).
+    # Unique with ``created_at`` (a partitioned table's unique keys hold its partition key),
+    # through its hash (``usage_request_once``); every write of a request's row carries the
+    # time it was received, so a replay of the same row conflicts
+    # (``routing.services.ledger_write``).
     request_id = models.CharField(max_length=64)
     created_at = models.DateTimeField(db_index=False)
     requested_model = models.CharField(max_length=200)
     model = models.CharField(max_length=200, blank=True)  # the model whose answer was returned
     models_called = models.JSONField(default=list)  # public model names, in call order
-    attempts = models.JSONField(default=list)  # one dict per upstream call
+    # One dict per upstream call, stored compactly: read it through ``expanded_attempts``.
+    attempts = models.JSONField(default=list)
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     cost_nanos = models.BigIntegerField(default=0)
@@ -90,7 +94,14 @@ class UsageEvent(models.Model):
             ),
         ]
         constraints = [
-            models.UniqueConstraint(fields=["request_id", "created_at"], name="usage_request_once"),
+            # On the request id's MD5 as a uuid (16 bytes) rather than on its text (37): the
+            # ledger's largest index halves. Ids are made by the server (``req_`` + a uuid4),
+            # never chosen by a client, so no one can aim two ids at one hash.
+            models.UniqueConstraint(
+                Cast(MD5("request_id"), models.UUIDField()),
+                "created_at",
+                name="usage_request_once",
+            ),
             models.CheckConstraint(condition=Q(cost_nanos__gte=0), name="usage_cost_non_negative"),
             models.CheckConstraint(
                 condition=Q(baseline_cost_nanos__gte=0), name="usage_baseline_non_negative"
@@ -99,6 +110,12 @@ class UsageEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.request_id} {self.model} {self.cost_nanos}n"
+
+    @property
+    def expanded_attempts(self) -> list[dict]:
+        """``attempts`` in ``Attempt.as_dict()``'s shape, whichever shape the row stores
+        (``routing.ledger_attempts``): what every reader of the attempts uses."""
+        return attempts_read(self.attempts, domain=self.domain, complexity=self.complexity)
 
 
 class RoutingProfile(models.Model):

@@ -16,6 +16,7 @@ from django.db.models.functions import Coalesce, TruncDay, TruncHour
 from routing.engine.learning import Measured, measured_retention
 from routing.engine.policy import PRESETS
 from routing.enums import AuditStatus, UsageKind, UsageStatus
+from routing.ledger_attempts import attempts_read
 from routing.models import Audit, CalibrationVersion, ProfileLearning, RoutingProfile, UsageEvent
 from tenants.budgets import period_bounds
 
@@ -338,13 +339,14 @@ def recent_drafts(
             created_at__gte=since,
         )
         .order_by("-created_at")
-        .values_list("attempts", flat=True)[:limit]
+        .values_list("attempts", "domain", "complexity")[:limit]
     )
     scores, accepted = [], 0
-    for attempts in rows:
-        drafts = [a for a in attempts or [] if a.get("role") == "draft" and a.get("check")]
-        first = next((a for a in drafts if a.get("model") == first_model), None)
-        if first is not None:
+    for stored, domain, complexity in rows:
+        attempts = attempts_read(stored, domain=domain, complexity=complexity)
+        drafts = [a for a in attempts if a["role"] == "draft" and a.get("check")]
+        first = next((a for a in drafts if a["model"] == first_model), None)
+        if first is not None and isinstance(first["check"]["probability"], int | float):
             scores.append(float(first["check"]["probability"]))
-        accepted += any(a.get("decision") == "accepted" for a in drafts)
+        accepted += any(a["decision"] == "accepted" for a in drafts)
     return RecentDrafts(scores, accepted / len(rows) if rows else None, len(rows))

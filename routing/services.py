@@ -11,6 +11,7 @@ from core.db import as_datetime, insert_row, insert_statement, retry_transient
 from routing.enforcement import Settlement, settle, settle_with_row
 from routing.engine.types import Attempt, models_called
 from routing.enums import UsageKind, UsageStatus
+from routing.ledger_attempts import attempts_stored
 from routing.models import UsageEvent
 
 
@@ -71,7 +72,9 @@ def usage_event_values(entry: LedgerEntry) -> dict[str, Any]:
         requested_model=entry.requested_model,
         model=entry.model,
         models_called=entry.models_called,
-        attempts=[a.as_dict() for a in entry.attempts],
+        attempts=attempts_stored(
+            [a.as_dict() for a in entry.attempts], domain=entry.domain, complexity=entry.complexity
+        ),
         prompt_tokens=entry.prompt_tokens,
         completion_tokens=entry.completion_tokens,
         cost_nanos=entry.cost_nanos,

@@ -87,7 +87,10 @@ def test_history_is_cascades_spread_over_the_days(history):
     assert {"demo/small", "demo/medium", "demo/large"} <= set(ok.values_list("model", flat=True))
     # The cascade explains itself: judged drafts carry their check.
     row = ok.filter(escalated=True).first()
-    assert row.attempts[0]["decision"] == "escalated" and row.attempts[0]["check"]["reasons"]
+    assert (
+        row.expanded_attempts[0]["decision"] == "escalated"
+        and row.expanded_attempts[0]["check"]["reasons"]
+    )
     assert len(row.models_called) >= 2
 
     profiles = set(rows.values_list("profile", flat=True))
@@ -359,8 +362,8 @@ def test_audit_ledger_rows_cost_what_the_audits_cost(history):
         assert row.created_at == audit.finished_at
         assert (row.token_id, row.end_user_id, row.baseline_cost_nanos) == (None, None, 0)
         assert (row.profile, row.status, row.baseline_method) == (audit.profile, "ok", "none")
-        assert sum(a["cost_nanos"] for a in row.attempts) == row.cost_nanos
-        assert {a["role"] for a in row.attempts} <= {"audit", "judge"}
+        assert sum(a["cost_nanos"] for a in row.expanded_attempts) == row.cost_nanos
+        assert {a["role"] for a in row.expanded_attempts} <= {"audit", "judge"}
     total = sum(a.cost_nanos for a in audits.values())
     assert total == report.audit_cost_nanos
     assert audit_spend_total(tenant_id=tenant.pk, start=None, end=None) == total

@@ -42,6 +42,7 @@ from routing.engine.types import (
     Message,
     ModelSpec,
     PaidCheck,
+    check_reasons,
 )
 
 VERIFY_SYSTEM_PROMPT = (
@@ -246,19 +247,22 @@ class CascadeAgent:
             threshold = min(threshold, probability)
 
         accepted = report.hard_fail is None and probability >= threshold
-        top = sorted(contributions.items(), key=lambda kv: -abs(kv[1]))[:4]
-        reasons = list(report.notes)
-        if report.hard_fail:
-            reasons.insert(0, f"rejected: {report.hard_fail}")
-        reasons.append(
-            f"p(acceptable)={probability:.3f} {'>=' if accepted else '<'} threshold {threshold:.3f}"
-            f" ({plan.query.domain}, complexity {plan.query.complexity:.2f})"
+        # The reasons are worded from the numbers the check keeps (the ledger derives them
+        # again from what it stores: routing.ledger_attempts).
+        probability, threshold = round(probability, 4), round(threshold, 4)
+        reasons = check_reasons(
+            probability=probability,
+            threshold=threshold,
+            accepted=accepted,
+            contributions=contributions,
+            hard_fail=report.hard_fail,
+            notes=list(report.notes),
+            domain=plan.query.domain,
+            complexity=round(plan.query.complexity, 4),
         )
-        if top:
-            reasons.append("main signals: " + ", ".join(f"{k} {v:+.2f}" for k, v in top))
         return Check(
-            probability=round(probability, 4),
-            threshold=round(threshold, 4),
+            probability=probability,
+            threshold=threshold,
             accepted=accepted,
             features={k: round(v, 4) for k, v in features.items() if v},
             contributions=contributions,

@@ -40,6 +40,7 @@ import jsonschema
 from jsonschema.exceptions import best_match
 
 from routing.engine.complexity import QueryProfile, numbers
+from routing.engine.types import lp_note
 
 _CALC = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
 _EQUATION = re.compile(
@@ -906,7 +907,8 @@ def extract(draft: Draft, query: QueryProfile, params: dict[str, Any]) -> Signal
         f["has_logprobs"] = 1.0
         f["lp_mean"] = max(_mean(draft.token_logprobs), -10.0)
         f["lp_min"] = max(min(draft.token_logprobs), -20.0)
-        notes.append(f"mean token log-probability {f['lp_mean']:.3f}")
+        # Worded from the value the check keeps (4 decimals): the ledger words it again.
+        notes.append(lp_note({"lp_mean": round(f["lp_mean"], 4)}) or "")
 
     if draft.finish_reason == "length":
         f["truncated"] = 1.0

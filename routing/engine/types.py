@@ -118,6 +118,40 @@ class Check:
     paid: list[PaidCheck] = field(default_factory=list)
 
 
+def check_reasons(
+    *,
+    probability: float,
+    threshold: float,
+    accepted: bool,
+    contributions: Mapping[str, float],
+    hard_fail: str | None,
+    notes: list[str],
+    domain: str,
+    complexity: float,
+) -> list[str]:
+    """A check's reasons in words: all but ``notes`` follow from the check's numbers (the
+    ledger stores the numbers and derives these sentences again on read)."""
+    # Ties broken by name: the order of a stored dict's keys is the database's, not ours.
+    top = sorted(contributions.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:4]
+    reasons = [f"rejected: {hard_fail}"] if hard_fail else []
+    reasons.extend(notes)
+    reasons.append(
+        f"p(acceptable)={probability:.3f} {'>=' if accepted else '<'} threshold {threshold:.3f}"
+        f" ({domain}, complexity {complexity:.2f})"
+    )
+    if top:
+        reasons.append("main signals: " + ", ".join(f"{k} {v:+.2f}" for k, v in top))
+    return reasons
+
+
+def lp_note(features: Any) -> str | None:
+    """The note a draft's mean token log-probability gives, from its features."""
+    value = features.get("lp_mean") if isinstance(features, Mapping) else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    return f"mean token log-probability {value:.3f}"
+
+
 @dataclass
 class Attempt:
     """One upstream call (successful or not) made for a request."""

@@ -6,7 +6,9 @@ from django.db.models import Sum
 
 from dashboard.models import DailyUsage, HourlyTotal, HourlyUsage, MinuteUsage, RollupState
 from dashboard.rollups import (
+    BY_HOUR_UP_TO,
     MINUTES_KEPT,
+    hourly_rows,
     rollup_all,
     rollup_minutes,
     rollup_minutes_recent,
@@ -309,3 +311,31 @@ def test_the_migration_backfills_hourly_totals_from_the_hourly_rows(tenant, othe
     backfill.hourly_totals_backfill(apps, None)
     assert {t.pk: hourly_totals_of(t) for t in (tenant, other_tenant)} == expected
     assert expected[tenant.pk]
+
+
+def test_an_hour_at_a_time_and_a_backfill_aggregate_the_same_rows(tenant):
+    """Up to BY_HOUR_UP_TO one query per hour, beyond it one query grouped by hour too:
+    the rows are the same."""
+    start = NOW.replace(minute=0) - timedelta(hours=40)
+    for h in range(40):
+        at = start + timedelta(hours=h, minutes=h)
+        event(tenant, at, cost=1_000 + h, latency_ms=40 * h, quality_score=h / 40)
+        event(tenant, at, cost=7, model="demo/large", domain="code", kind="audit")
+        if h % 3 == 0:
+            event(tenant, at, status="upstream_error", models_called=[], model="")
+
+    def rows(chunks):
+        made = [r for a, b in chunks for r in hourly_rows(tenant.pk, a, b)]
+        return sorted(
+            (r.hour, r.model, r.draft_model, r.domain, r.requests, r.errors, r.cost_nanos,
+             r.baseline_cost_nanos, r.latency_ms_sum, r.latency_hist, r.quality_n,
+             round(r.quality_sum, 9))
+            for r in made
+        )  # fmt: skip
+
+    whole = rows([(start, start + timedelta(hours=40))])
+    by_hour = rows(
+        [(start + timedelta(hours=h), start + timedelta(hours=h + 1)) for h in range(40)]
+    )
+    assert timedelta(hours=40) > BY_HOUR_UP_TO
+    assert whole == by_hour and len(whole) == 40 * 2 + 14

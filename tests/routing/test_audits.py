@@ -346,8 +346,13 @@ async def test_a_cold_start_request_is_audited_with_the_judge_and_its_texts_drop
         None,
         None,
     )
-    assert [a["role"] for a in row.attempts] == ["judge", "judge"]
-    assert row.cost_nanos == sum(a["cost_nanos"] for a in row.attempts) == audit.cost_nanos > 0
+    assert [a["role"] for a in row.expanded_attempts] == ["judge", "judge"]
+    assert (
+        row.cost_nanos
+        == sum(a["cost_nanos"] for a in row.expanded_attempts)
+        == audit.cost_nanos
+        > 0
+    )
     assert (row.baseline_cost_nanos, row.baseline_method) == (0, "none")
     assert (await learning_row(tenant)).uniform_labels == 1
 
@@ -377,10 +382,10 @@ async def test_a_served_draft_is_labelled_against_the_reference_asked_now(
     assert len(models.calls_for("ref")) == 1  # asked by the audit
     [row] = await audit_rows()
     assert row.models_called == ["fake/ref", "fake/judge"]
-    assert [a["role"] for a in row.attempts] == ["audit", "judge", "judge"]
+    assert [a["role"] for a in row.expanded_attempts] == ["audit", "judge", "judge"]
     observation = observation_from_json(audit.observation)
     assert observation.reference_cost_nanos == observation.next_cost_nanos[0] > 0
-    assert observation.reference_cost_nanos == row.attempts[0]["cost_nanos"]
+    assert observation.reference_cost_nanos == row.expanded_attempts[0]["cost_nanos"]
 
 
 # (draft, reference, judge, verdict, judge calls)

@@ -134,7 +134,7 @@ async def test_a_cascade_escalating_to_the_tenants_model_bills_only_that_step(
     response = await post(api_token.raw, chat("cascade/mine", "Prove that sqrt(2) is irrational."))
     assert response.status_code == 200, response.content
     event = await UsageEvent.objects.aget(request_id=response["x-request-id"])
-    own = sum(a["cost_nanos"] for a in event.attempts if a["model"] == "acme/own-gpt")
+    own = sum(a["cost_nanos"] for a in event.expanded_attempts if a["model"] == "acme/own-gpt")
     assert event.byok_cost_nanos == own
     assert event.byok_cost_nanos <= event.cost_nanos
 

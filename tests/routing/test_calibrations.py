@@ -70,7 +70,7 @@ async def test_cold_start_request_is_answered_by_the_reference(api_token):
     assert response["x-cascade-model"] == "demo/large"
     event = await UsageEvent.objects.aget(kind=UsageKind.REQUEST)
     assert event.model == "demo/large"
-    assert not any(a["decision"] == "accepted" for a in event.attempts)  # no draft served
+    assert not any(a["decision"] == "accepted" for a in event.expanded_attempts)  # no draft served
 
 
 # (tenant audits, profile audits, version, what runs)

@@ -50,10 +50,11 @@ async def test_easy_query_on_a_preset_is_answered_cheaply_and_explained(api_toke
     )
     assert event.quality_score is not None
     assert event.baseline_cost_nanos > event.cost_nanos
-    check = event.attempts[0]["check"]
+    check = event.expanded_attempts[0]["check"]
     assert check["accepted"] is True
     assert check["features"]["has_logprobs"] == 1.0
     assert any("p(acceptable)" in r for r in check["reasons"])
+    assert "p(acceptable)" not in json.dumps(event.attempts)  # stored as numbers, worded on read
     assert f"{event.cost_nanos / 1e9:.9f}" == response["x-cascade-cost-usd"]
 
 
@@ -65,8 +66,8 @@ async def test_hard_query_escalates_and_the_ledger_says_so(api_token):
     event = await last_event()
     assert event.escalated
     assert event.models_called[0] == "demo/small"
-    assert event.attempts[0]["decision"] == "escalated"
-    assert event.cost_nanos == sum(a["cost_nanos"] for a in event.attempts)
+    assert event.expanded_attempts[0]["decision"] == "escalated"
+    assert event.cost_nanos == sum(a["cost_nanos"] for a in event.expanded_attempts)
     assert float(response["x-cascade-savings-usd"]) == pytest.approx(
         (event.baseline_cost_nanos - event.cost_nanos) / 1e9
     )
@@ -135,7 +136,7 @@ async def test_cascade_stream_escalation_streams_the_final_model(api_token):
     assert models == {response["x-cascade-model"]}
     event = await last_event()
     assert event.stream and event.escalated
-    assert event.attempts[-1]["completion_tokens"] > 0
+    assert event.expanded_attempts[-1]["completion_tokens"] > 0
 
 
 async def test_cascade_stream_of_an_accepted_draft(api_token):

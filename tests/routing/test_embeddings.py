@@ -114,7 +114,7 @@ async def test_a_string_is_one_unit_vector_priced_and_recorded_like_a_direct_cha
     assert event.baseline_cost_nanos == event.cost_nanos  # one model: no saving
     assert (event.baseline_method, event.escalated, event.profile) == ("actual", False, "")
     assert event.byok_cost_nanos == 0
-    [attempt] = event.attempts
+    [attempt] = event.expanded_attempts
     assert (attempt["role"], attempt["decision"], attempt["status"]) == ("final", "returned", "ok")
     end_user = await EndUser.objects.aget(pk=event.end_user_id)
     assert end_user.external_id == "alice"
@@ -595,7 +595,7 @@ async def test_a_failing_deployment_falls_back_to_the_next(api_token, fake_model
     assert data["model"] == "fake/embed-fallback"
     assert len(fake_models.calls_for("embed-secondary")) == 1
     [event] = await events()
-    assert [a["status"] for a in event.attempts] == ["error", "error", "ok"]
+    assert [a["status"] for a in event.expanded_attempts] == ["error", "error", "ok"]
     assert event.status == UsageStatus.OK
 
 

@@ -345,7 +345,7 @@ async def test_upstream_failure_is_recorded_and_mapped(
     assert event.cost_nanos == 0
     assert event.end_user_id is not None
     # one retry of the only deployment, then the error
-    assert [a["status"] for a in event.attempts] == ["error", "error"]
+    assert [a["status"] for a in event.expanded_attempts] == ["error", "error"]
     assert event.request_id == response["x-request-id"]
 
 
@@ -381,7 +381,7 @@ async def test_failed_deployment_falls_back_to_the_next(api_token, fake_models):
     # the primary is tried, retried once, then the secondary answers
     assert [r["model"] for r in fake_models.requests] == ["primary", "primary", "secondary"]
     [event] = await events()
-    assert [a["status"] for a in event.attempts] == ["error", "error", "ok"]
+    assert [a["status"] for a in event.expanded_attempts] == ["error", "error", "ok"]
     assert event.status == UsageStatus.OK
 
 

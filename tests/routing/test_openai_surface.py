@@ -374,7 +374,9 @@ async def test_stream_ends_with_openais_usage_chunk_and_the_ledgers_cost(stream_
     assert USAGE_KEYS <= set(usage) <= USAGE_KEYS | DETAILS  # OpenAI's keys, and no "cost"
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     # usage: the answer's call, as in the body of an answer that is not streamed
-    [answer] = [a for a in event.attempts if a["model"] == event.model and a["status"] == "ok"]
+    [answer] = [
+        a for a in event.expanded_attempts if a["model"] == event.model and a["status"] == "ok"
+    ]
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (
         answer["prompt_tokens"],
         answer["completion_tokens"],

@@ -121,7 +121,10 @@ def test_ensure_creates_months_ahead_and_moves_the_default_partitions_rows_into_
         )
         definitions = " ".join(d for (d,) in cursor.fetchall())
     assert "(tenant_id, id)" in definitions and "(tenant_id, created_at)" in definitions
-    assert "(request_id, created_at)" in definitions
+    assert (
+        "UNIQUE INDEX" in definitions
+        and "(((md5((request_id)::text))::uuid), created_at)" in definitions
+    )
     assert partitions.partitions_ensure(now=far, ahead=1) == []  # idempotent
 
 
@@ -142,6 +145,10 @@ def test_a_replayed_ledger_row_is_written_once_across_partitions():
     for _ in range(3):
         ledger_write(values=usage_event_values(entry), settlement=settlement)
     assert UsageEvent.objects.filter(request_id="req_replayed").count() == 1
+    # The key is the id's hash: another id at the same instant is another row.
+    entry.request_id = "req_replayee"
+    ledger_write(values=usage_event_values(entry), settlement=Settlement(tenant.pk, None))
+    assert UsageEvent.objects.filter(created_at=NOW).count() == 2
 
 
 def test_usage_pages_walk_every_month_newest_first_without_repeats():

@@ -366,7 +366,7 @@ async def test_an_escalated_cascade_counts_every_model_it_called(api_token, tena
     assert data["model"] == event.model == response["x-cascade-model"]
     assert data["usage"]["input_tokens"] == event.prompt_tokens
     assert data["usage"]["output_tokens"] == event.completion_tokens
-    assert data["usage"]["input_tokens"] == sum(a["prompt_tokens"] for a in event.attempts)
+    assert data["usage"]["input_tokens"] == sum(a["prompt_tokens"] for a in event.expanded_attempts)
 
 
 @db
