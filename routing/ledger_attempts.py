@@ -28,7 +28,7 @@ data, and old, hand-made or damaged rows must still show.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 from routing.engine.types import check_reasons, lp_note
 
@@ -274,5 +274,5 @@ def _reasons(check: dict[str, Any], notes: list[str], *, domain: Any, complexity
     )
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
