@@ -290,6 +290,17 @@ _PERCENT = re.compile(r"(\d+(?:\.\d+)?)\s*%")
 
 def safe_eval(expr: str) -> float | None:
     """Evaluate plain arithmetic (no names, no calls); None when it is not that."""
+    value = arithmetic(python_arithmetic(expr))
+    try:
+        return None if value is None else float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+
+
+def python_arithmetic(expr: str) -> str:
+    """A stated equation's side in Python's syntax: the draft's multiplication and division
+    signs, ``^``, ``x`` and ``%`` as Python's operators, thousands separators and dollar
+    signs dropped."""
     cleaned = (
         expr.replace("\\*", "*")
         .replace("\u00d7", "*")
@@ -302,12 +313,7 @@ def safe_eval(expr: str) -> float | None:
         cleaned = _TIMES_X.sub("*", cleaned)
     if "%" in cleaned:
         cleaned = _PERCENT.sub(r"(\1/100)", cleaned)
-
-    value = arithmetic(cleaned)
-    try:
-        return None if value is None else float(value)
-    except OverflowError:  # an integer beyond any float
-        return None
+    return cleaned
 
 
 # The biggest integer arithmetic computes, in bits: a product or a power past it is not

@@ -219,15 +219,7 @@ def test_the_equations_of_drafts_are_evaluated_without_the_parser():
         expr = rng.choice(
             [f" ${a:,} {op} {b}", f"{a}{op}{b}", f" ({a} + {b}) {op} {c}.5", f"{c}% {op} {a}"]
         )
-        cleaned = (
-            expr.replace("\\*", "*")
-            .replace("\u00d7", "*")
-            .replace("\u00f7", "/")
-            .replace("^", "**")
-            .replace(",", "")
-            .replace("$", "")
-        )
-        cleaned = signals._PERCENT.sub(r"(\1/100)", signals._TIMES_X.sub("*", cleaned))
+        cleaned = signals.python_arithmetic(expr)
         if "x" not in cleaned:  # "21% x 3": an "x" after "%" stays a letter
             assert signals._arithmetic_fast(cleaned.strip()) is not signals._NOT_FAST, cleaned
         check(cleaned)

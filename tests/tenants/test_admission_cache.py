@@ -57,6 +57,22 @@ def worker(settings, monkeypatch, clock):
     return rows
 
 
+def chat_poster(api_token, **extra):
+    """A coroutine function that posts one chat completion with ``api_token``."""
+    client = AsyncClient()
+    chat = json.dumps(
+        {"model": "demo/small", "messages": [{"role": "user", "content": "Hi"}], **extra}
+    )
+    headers = {"Authorization": f"Bearer {api_token.raw}"}
+
+    async def post():
+        return await client.post(
+            "/v1/chat/completions", data=chat, content_type="application/json", headers=headers
+        )
+
+    return post
+
+
 def resolve(raw):
     return token_context_for_raw(raw=raw, now=timezone.now())
 
@@ -231,14 +247,7 @@ def test_database_down_after_the_row_expired_is_an_error_not_a_stale_answer(
 async def test_the_gateway_refuses_a_token_revoked_by_another_worker_within_one_second(
     worker, clock, api_token
 ):
-    client = AsyncClient()
-    chat = json.dumps({"model": "demo/small", "messages": [{"role": "user", "content": "Hi"}]})
-    headers = {"Authorization": f"Bearer {api_token.raw}"}
-
-    async def post():
-        return await client.post(
-            "/v1/chat/completions", data=chat, content_type="application/json", headers=headers
-        )
+    post = chat_poster(api_token)
 
     assert (await post()).status_code == 200
     await sync_to_async(token_revoke)(tenant=api_token.token.tenant, token=api_token.token)
@@ -299,16 +308,7 @@ async def test_the_gateway_applies_an_end_user_tier_change_within_one_second(
     tier = await EndUserTier.objects.acreate(
         tenant=tenant, slug="basic", name="Basic", is_default=True, allowed_models=["demo/small"]
     )
-    client = AsyncClient()
-    chat = json.dumps(
-        {"model": "demo/small", "messages": [{"role": "user", "content": "Hi"}], "user": "carol"}
-    )
-    headers = {"Authorization": f"Bearer {api_token.raw}"}
-
-    async def post():
-        return await client.post(
-            "/v1/chat/completions", data=chat, content_type="application/json", headers=headers
-        )
+    post = chat_poster(api_token, user="carol")
 
     assert (await post()).status_code == 200
     await EndUserTier.objects.filter(pk=tier.pk).aupdate(allowed_models=["demo/large"])
@@ -387,14 +387,7 @@ async def test_a_budget_deleted_less_than_a_second_ago_does_not_fail_the_request
     gone = await Budget.objects.acreate(
         tenant=tenant, scope="tenant", period="day", limit_nanos=10**12
     )
-    client = AsyncClient()
-    chat = json.dumps({"model": "demo/small", "messages": [{"role": "user", "content": "Hi"}]})
-    headers = {"Authorization": f"Bearer {api_token.raw}"}
-
-    async def post():
-        return await client.post(
-            "/v1/chat/completions", data=chat, content_type="application/json", headers=headers
-        )
+    post = chat_poster(api_token)
 
     assert (await post()).status_code == 200
     await sync_to_async(lambda: Budget.objects.filter(pk=gone.pk).delete())()
