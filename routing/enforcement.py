@@ -410,7 +410,7 @@ def settle_with_row(
     new, settle its reservation and record its alerts, all in one statement (see
     ``tenants.budgets.settle_after_insert``). Returns the ids of new alerts."""
     assert settlement.reservation_key is not None
-    _, alert_ids = settle_after_insert(
+    alert_ids = settle_after_insert(
         insert=insert,
         request_id=settlement.reservation_key,
         actual_nanos=actual_nanos,

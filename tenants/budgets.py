@@ -689,10 +689,9 @@ def settle_after_insert(
     tenant_id: int,
     tripped: Crossing | None,
     now: datetime,
-) -> tuple[bool, list[int]]:
+) -> list[int]:
     """PostgreSQL: write a row and, if it is new, settle its reservation and record the
-    alerts it calls for, in one statement. Returns whether the row was new and the ids of
-    the new alerts.
+    alerts it calls for, in one statement. Returns the ids of the new alerts.
 
     ``insert`` is an ``INSERT ... ON CONFLICT DO NOTHING`` of the row (the ledger's) and
     its parameters: a row already there settles nothing, exactly as a transaction of
@@ -732,8 +731,8 @@ def settle_after_insert(
 
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
-        inserted, alert_ids = cursor.fetchone()
-    return bool(inserted), sorted(alert_ids or ())
+        (alert_ids,) = cursor.fetchone()
+    return sorted(alert_ids or ())
 
 
 _ALERT_COLUMNS = (
@@ -785,7 +784,7 @@ def _settle_after_insert_sql(insert_sql: str, rows: int, lines: int, tripped: bo
         f"settled AS ({settle})"
     )
     if not sources:
-        return f"{head} SELECT EXISTS (SELECT 1 FROM ins), ARRAY(SELECT 1 FROM settled LIMIT 0)"  # noqa: S608
+        return f"{head} SELECT ARRAY(SELECT 1 FROM settled LIMIT 0)"  # noqa: S608
     # One alert per (budget, subject, period, level): the tripped threshold may also be
     # crossed by this spend.
     return (
@@ -795,7 +794,7 @@ def _settle_after_insert_sql(insert_sql: str, rows: int, lines: int, tripped: bo
         f"subject_id, period_start, level, spent_nanos, limit_nanos, created_at)) AS d "
         f"ORDER BY budget_id, CASE level WHEN 'warn' THEN 0 WHEN 'degrade' THEN 1 ELSE 2 END "
         f"ON CONFLICT DO NOTHING RETURNING id) "
-        f"SELECT EXISTS (SELECT 1 FROM ins), ARRAY(SELECT id FROM alerted)"
+        f"SELECT ARRAY(SELECT id FROM alerted)"
     )
 
 
