@@ -1,8 +1,8 @@
 """The ledger at 10 M and 100 M rows: pages, pagination, exports, rollups and bytes per row.
 
     .venv/bin/python bench/ledger_scale.py [--rows 1000000[,10000000,...]] [--months 4]
-                                           [--repeats 20] [--keep] [--reuse] [--json OUT]
-                                           [--db-prefix cf_ledgerbench_]
+                                           [--repeats 20] [--page-repeats 100] [--keep]
+                                           [--reuse] [--json OUT] [--db-prefix cf_ledgerbench_]
 
 Measures whatever ``manage.py migrate`` makes of ``routing_usageevent`` (a plain
 table, or a partitioned one: the output says which, and how many partitions).
@@ -31,7 +31,8 @@ For each size N, in a database ``<prefix><N>`` copied from the template (``--db-
   page): first, middle and last page of the big tenant, first and last page of a
   small tenant, and the first page filtered on one of the big tenant's quietest
   end users. Middle and last pages are reached with the cursor a client walking
-  there would hold (DRF's own encoding of the position);
+  there would hold (DRF's own encoding of the position). ``--page-repeats`` rounds
+  of one GET per page, the pages in a shuffled order each round;
 - (c) CSV export (``/api/v1/usage/export.csv``, a fresh uvicorn process, as
   ``bench/export.py`` measures it) of the big tenant's newest whole days holding
   about 1 M rows (the synchronous limit is 2 M): rows per second, compared with
@@ -116,7 +117,10 @@ def main() -> None:
     )
     parser.add_argument("--rows", default="1000000", help="comma-separated ledger sizes")
     parser.add_argument("--months", type=int, default=4, help="months of history")
-    parser.add_argument("--repeats", type=int, default=20, help="timed requests per page")
+    parser.add_argument("--repeats", type=int, default=20, help="timed overview requests")
+    parser.add_argument(
+        "--page-repeats", type=int, default=100, help="timed requests per usage page"
+    )
     parser.add_argument("--rollup-repeats", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the databases")
     parser.add_argument("--reuse", action="store_true", help="measure kept databases again")
@@ -207,6 +211,8 @@ def run_size(rows: int, template: str, args) -> dict:
             str(args.months),
             "--repeats",
             str(args.repeats),
+            "--page-repeats",
+            str(args.page_repeats),
             "--rollup-repeats",
             str(args.rollup_repeats),
             "--seed",
@@ -575,6 +581,34 @@ def timed_gets(client, url: str, repeats: int, warmups: int = 3, **headers) -> d
     return {"url": url, **stats_ms(samples), "response": response}
 
 
+def timed_rounds(client, pages: dict[str, tuple[str, dict]], rounds: int, rng) -> dict:
+    """Each page's GET timed ``rounds`` times, one GET of every page per round in a
+    shuffled order: a burst of load on the machine falls on every page alike rather than
+    on the one measured at that moment. A p95 needs the samples: 20 make it the mean of
+    the two slowest, one pause apiece."""
+    for url, headers in pages.values():
+        for _ in range(3):
+            response = client.get(url, secure=True, **headers)
+            if response.status_code != 200:
+                raise SystemExit(
+                    f"GET {url}: HTTP {response.status_code} {response.content[:300]!r}"
+                )
+    samples: dict[str, list[float]] = {name: [] for name in pages}
+    last = {}
+    order = list(pages)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            url, headers = pages[name]
+            started = time.perf_counter()
+            last[name] = client.get(url, secure=True, **headers)
+            samples[name].append((time.perf_counter() - started) * 1000)
+    return {
+        name: {"url": pages[name][0], **stats_ms(samples[name]), "response": last[name]}
+        for name in pages
+    }
+
+
 def disk_usage(rows_total: int) -> dict:
     """Bytes on disk of the ledger (summed over partitions), per index, per column."""
     from django.db import connection
@@ -784,11 +818,17 @@ def measure(args) -> dict:
         for t in (bench.big, bench.tenants[-1])
     }
     api = Client()
-    pages = {}
-    for page, (url, tenant_pk) in usage_page_urls(bench).items():
-        s = timed_gets(api, url, args.repeats, HTTP_AUTHORIZATION=f"Bearer {tokens[tenant_pk]}")
+    pages = timed_rounds(
+        api,
+        {
+            page: (url, {"HTTP_AUTHORIZATION": f"Bearer {tokens[tenant_pk]}"})
+            for page, (url, tenant_pk) in usage_page_urls(bench).items()
+        },
+        args.page_repeats,
+        rng,
+    )
+    for page, s in pages.items():
         s["results"] = len(s.pop("response").json()["results"])
-        pages[page] = s
         print(
             f"  (b) usage {page}: p50 {s['p50_ms']:.1f} ms, p95 {s['p95_ms']:.1f} ms ({s['results']} rows)",
             flush=True,

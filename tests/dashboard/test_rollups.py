@@ -339,3 +339,44 @@ def test_an_hour_at_a_time_and_a_backfill_aggregate_the_same_rows(tenant):
     )
     assert timedelta(hours=40) > BY_HOUR_UP_TO
     assert whole == by_hour and len(whole) == 40 * 2 + 14
+
+
+def test_the_latency_histogram_counts_each_request_in_its_bucket_at_every_edge(tenant):
+    """A request of ``latency_ms`` is in bucket ``bisect_right(LATENCY_BOUNDS_MS, ms)``;
+    audits and other kinds are in none, whatever their latency; errors are requests."""
+    from bisect import bisect_right
+
+    from dashboard.models import LATENCY_BOUNDS_MS
+
+    edges = sorted(
+        {0, 1, 10**9, *(b - 1 for b in LATENCY_BOUNDS_MS), *LATENCY_BOUNDS_MS}
+        | {b + 1 for b in LATENCY_BOUNDS_MS}
+    )
+    start = NOW.replace(minute=0) - timedelta(hours=30)
+    expected: dict[tuple, list[int]] = {}
+    for i, ms in enumerate(edges):
+        at = start + timedelta(hours=i % 30, minutes=i % 60)
+        domain = ("general", "code")[i % 2]
+        status = "upstream_error" if i % 7 == 0 else "ok"
+        event(tenant, at, latency_ms=ms, domain=domain, status=status)
+        event(tenant, at, latency_ms=ms, domain=domain, kind="audit", model="demo/large")
+        hist = expected.setdefault(
+            (at.replace(minute=0), domain), [0] * (len(LATENCY_BOUNDS_MS) + 1)
+        )
+        hist[bisect_right(LATENCY_BOUNDS_MS, ms)] += 1
+
+    def hists(chunks):
+        got: dict[tuple, list[int]] = {}
+        for a, b in chunks:
+            for r in hourly_rows(tenant.pk, a, b):
+                hist = got.setdefault((r.hour, r.domain), [0] * (len(LATENCY_BOUNDS_MS) + 1))
+                got[(r.hour, r.domain)] = [x + y for x, y in zip(hist, r.latency_hist, strict=True)]
+        return got
+
+    whole = hists([(start, start + timedelta(hours=30))])
+    by_hour = hists(
+        [(start + timedelta(hours=h), start + timedelta(hours=h + 1)) for h in range(30)]
+    )
+    assert timedelta(hours=30) > BY_HOUR_UP_TO
+    assert whole == by_hour == expected
+    assert sum(map(sum, expected.values())) == len(edges)
