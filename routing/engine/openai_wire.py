@@ -65,6 +65,9 @@ def _session() -> aiohttp.ClientSession:
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=512, ttl_dns_cache=300),
             json_serialize=json.dumps,
+            # Shared by every tenant's requests: a cookie one upstream sets must never
+            # go out with another request (another tenant's, to the same host).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         _sessions[id(loop)] = session
     return session
