@@ -4,8 +4,11 @@ A bucket is rebuilt whole from the ledger (delete + insert in one transaction),
 never incremented, so a rerun, an overlap or a crash halfway leaves correct rows.
 An hour is rolled once it is over and ``LATE_MARGIN`` has passed: the ledger row is
 written when a request ends but carries the time it started, so a long request can
-land in an hour that has just closed. Each advance also rebuilds the previous
-bucket, for stragglers beyond the margin.
+land in an hour that has just closed. A row later than that (a longer request, a
+spooled row replayed after an outage) marks its hour (``routing.models.LateLedgerHour``,
+written with the row), and the next advance rebuilds that hour and its local day: an
+advance reads only the hours it closes and the hours marked, never an hour again
+"in case".
 
 The same aggregation serves pages: :func:`hourly_rows` over the open tail (after
 the rollup watermark) gives unsaved rows that merge with the stored ones.
@@ -39,13 +42,13 @@ from dashboard.models import (
     RollupState,
 )
 from routing.enums import UsageKind
-from routing.models import UsageEvent
+from routing.models import ROLLUP_LATE_MARGIN, LateLedgerHour, UsageEvent
 from routing.selectors import usage_totals
 from tenants.models import Tenant
 
 logger = logging.getLogger(__name__)
 
-LATE_MARGIN = timedelta(minutes=5)
+LATE_MARGIN = ROLLUP_LATE_MARGIN
 HOUR = timedelta(hours=1)
 BY_HOUR_UP_TO = timedelta(hours=24)  # longer ranges are aggregated in one query
 MINUTES_KEPT = timedelta(hours=6)
@@ -231,39 +234,68 @@ class RollupResult:
 
 
 def rollup_tenant(tenant: Tenant, now: datetime | None = None) -> RollupResult:
-    """Bring the tenant's rollups up to the last closed hour and local day."""
+    """Bring the tenant's rollups up to the last closed hour and local day, and rebuild
+    the hours (and their local days) that received ledger rows after they were rolled."""
     now = now or timezone.now()
     tz = ZoneInfo(tenant.time_zone or "UTC")
     hourly_end = hour_floor(now - LATE_MARGIN)
     daily_end = hourly_end.astimezone(tz).date()  # local days before this one are over
     with transaction.atomic():
         _planned_for_rollups()
-        state, fresh = _locked_state(tenant, tz)
+        state, _ = _locked_state(tenant, tz)
         if state is None:
             return RollupResult(tenant.pk, 0, 0, 0, 0)
-        # Each advance rebuilds the bucket before the watermark too, for stragglers.
-        overlap = 0 if fresh else 1
-        hours = days = n_hourly = n_daily = 0
+        late = [hour for hour in _late_hours_taken(tenant, hourly_end) if hour < state.hourly_until]
+        hour_spans = [(hour, hour + HOUR) for hour in late]
         if hourly_end > state.hourly_until:
-            start = state.hourly_until - timedelta(hours=overlap)
-            HourlyUsage.objects.filter(tenant=tenant, hour__gte=start, hour__lt=hourly_end).delete()
-            HourlyTotal.objects.filter(tenant=tenant, hour__gte=start, hour__lt=hourly_end).delete()
+            hour_spans.append((state.hourly_until, hourly_end))
+            state.hourly_until = hourly_end
+        late_days = {d for hour in late for d in _local_days(hour, tz) if d < state.daily_until}
+        day_spans = [(day, day + timedelta(days=1)) for day in sorted(late_days)]
+        if daily_end > state.daily_until:
+            day_spans.append((state.daily_until, daily_end))
+            state.daily_until = daily_end
+        hours = days = n_hourly = n_daily = 0
+        for start, end in hour_spans:
+            HourlyUsage.objects.filter(tenant=tenant, hour__gte=start, hour__lt=end).delete()
+            HourlyTotal.objects.filter(tenant=tenant, hour__gte=start, hour__lt=end).delete()
             rows = HourlyUsage.objects.bulk_create(
-                hourly_rows(tenant.pk, start, hourly_end), batch_size=2000
+                hourly_rows(tenant.pk, start, end), batch_size=2000
             )
             HourlyTotal.objects.bulk_create(hourly_totals(rows), batch_size=2000)
-            hours, n_hourly = int((hourly_end - start).total_seconds() // 3600), len(rows)
-            state.hourly_until = hourly_end
-        if daily_end > state.daily_until:
-            start_day = state.daily_until - timedelta(days=overlap)
-            DailyUsage.objects.filter(tenant=tenant, day__gte=start_day, day__lt=daily_end).delete()
+            hours += int((end - start).total_seconds() // 3600)
+            n_hourly += len(rows)
+        for start_day, end_day in day_spans:
+            DailyUsage.objects.filter(tenant=tenant, day__gte=start_day, day__lt=end_day).delete()
             rows = DailyUsage.objects.bulk_create(
-                daily_rows(tenant.pk, tenant.time_zone, start_day, daily_end), batch_size=2000
+                daily_rows(tenant.pk, tenant.time_zone, start_day, end_day), batch_size=2000
             )
-            days, n_daily = (daily_end - start_day).days, len(rows)
-            state.daily_until = daily_end
+            days += (end_day - start_day).days
+            n_daily += len(rows)
         state.save()
     return RollupResult(tenant.pk, hours, days, n_hourly, n_daily)
+
+
+def _late_hours_taken(tenant: Tenant, before: datetime) -> list[datetime]:
+    """The tenant's hours before ``before`` marked by late ledger rows, the marks deleted.
+
+    Taken before the ledger is read: a row marked since the marks were read is in the
+    ledger by then (its mark commits with it); a row whose mark waits on this
+    transaction's delete is not, and its mark is written once this transaction commits,
+    for the next run."""
+    marks = dict(
+        LateLedgerHour.objects.filter(tenant=tenant, hour__lt=before).values_list("pk", "hour")
+    )
+    LateLedgerHour.objects.filter(pk__in=list(marks)).delete()
+    return sorted(set(marks.values()))
+
+
+def _local_days(hour: datetime, tz: ZoneInfo) -> set[date]:
+    """The tenant-local days an hour (UTC) overlaps: two where the offset is not whole hours."""
+    return {
+        hour.astimezone(tz).date(),
+        (hour + HOUR - timedelta(microseconds=1)).astimezone(tz).date(),
+    }
 
 
 def _planned_for_rollups() -> None:

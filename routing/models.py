@@ -2,6 +2,8 @@
 profiles learn from audits: ``Audit``, ``ProfileLearning``, ``CalibrationVersion``,
 ``QualityAlert``."""
 
+from datetime import UTC, datetime, timedelta
+
 from django.db import models
 from django.db.models import Q
 from django.db.models.functions import MD5, Cast
@@ -373,6 +375,43 @@ class TenantProviderModel(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.litellm_model})"
+
+
+# How long after an hour ends its rollup waits for the ledger rows of requests that
+# started in it (a row carries the time its request started, and is written when it
+# ends). A row later than that is written with a ``LateLedgerHour``.
+ROLLUP_LATE_MARGIN = timedelta(minutes=5)
+# Rows written this close before a rollup could run are marked too: a rollup that starts
+# while the row's statement is committing does not see it.
+_LATE_SLACK = timedelta(minutes=1)
+
+
+def late_hour(created_at: datetime, now: datetime) -> datetime | None:
+    """The hour (UTC) of a ledger row written at ``now``, if a rollup may already have
+    rolled that hour up (``dashboard.rollups``); None for a row in time."""
+    hour = created_at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    closed = (now - ROLLUP_LATE_MARGIN + _LATE_SLACK).astimezone(UTC)
+    return hour if hour < closed.replace(minute=0, second=0, microsecond=0) else None
+
+
+class LateLedgerHour(models.Model):
+    """An hour of a tenant's ledger that received rows after its rollup may have run
+    (a request longer than ``ROLLUP_LATE_MARGIN``, a spooled row replayed after an
+    outage): the next rollup rebuilds that hour, and its local day, from the ledger.
+    Written in the ledger row's transaction (``routing.services.ledger_write``), deleted
+    by the rollup that rebuilds it; rare, so the rollups need not reread hours they
+    have already rolled."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    hour = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "hour"], name="late_ledger_hour_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tenant_id} {self.hour:%Y-%m-%d %H:00}"
 
 
 class LedgerArchive(models.Model):

@@ -12,7 +12,7 @@ from routing.enforcement import Settlement, settle, settle_with_row
 from routing.engine.types import Attempt, models_called
 from routing.enums import UsageKind, UsageStatus
 from routing.ledger_attempts import attempts_stored
-from routing.models import UsageEvent
+from routing.models import LateLedgerHour, UsageEvent, late_hour
 
 
 @dataclass
@@ -108,10 +108,21 @@ def ledger_write(*, values: dict[str, Any], settlement: Settlement) -> list[int]
     Idempotent by ``request_id``: a row that is already there (a spooled row
     replayed twice, or a write whose commit succeeded but whose answer was
     lost) is left as it is and settles nothing. Deadlocks and serialization
-    failures are retried whole.
+    failures are retried whole. A row for an hour the rollups may have closed
+    (``routing.models.late_hour``) marks that hour in the same transaction.
     """
 
     def write() -> list[int]:
+        late = late_hour(values["created_at"], timezone.now())
+        if late is None:
+            return write_row()
+        with transaction.atomic():  # the row and the mark of its hour, or neither
+            alert_ids = write_row()
+            mark = {"tenant": values["tenant"], "hour": late}
+            insert_row(LateLedgerHour, mark, ignore_conflicts=True)
+            return alert_ids
+
+    def write_row() -> list[int]:
         if settlement.reservation_key is None:
             # Nothing to settle: one statement, atomic on its own, without the two round
             # trips of a transaction (BEGIN, COMMIT).

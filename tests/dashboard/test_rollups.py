@@ -1,7 +1,10 @@
 import importlib
 from datetime import UTC, date, datetime, timedelta
+from unittest.mock import patch
+from zoneinfo import ZoneInfo
 
 import pytest
+from django.db import DatabaseError
 from django.db.models import Sum
 
 from dashboard.models import DailyUsage, HourlyTotal, HourlyUsage, MinuteUsage, RollupState
@@ -16,7 +19,10 @@ from dashboard.rollups import (
     rollup_tenant,
 )
 from dashboard.selectors import end_user_lines, hourly_points, minute_points
-from routing.models import UsageEvent
+from routing import services
+from routing.enforcement import Settlement
+from routing.models import LateLedgerHour, UsageEvent, late_hour
+from routing.services import LedgerEntry, ledger_write, usage_event_values
 from tests.factories import EndUserFactory, UsageEventFactory
 
 pytestmark = pytest.mark.django_db
@@ -85,15 +91,137 @@ def test_rollup_matches_the_ledger_and_is_idempotent(tenant, other_tenant):
     assert not HourlyUsage.objects.filter(tenant=other_tenant).exclude(cost_nanos=7).exists()
 
 
+def written(tenant, at, *, when, cost=1_000):
+    """A ledger row of a request started at ``at``, written through ``ledger_write`` at
+    the wall-clock time ``when`` (the gateway's path, and the spool's replay)."""
+    entry = LedgerEntry(
+        tenant_id=tenant.pk,
+        token_id=None,
+        end_user_id=None,
+        request_id=f"w{next(_seq)}",
+        created_at=at,
+        requested_model="cascade/balanced",
+        model="demo/small",
+        paid_cost_nanos=cost,
+        baseline_cost_nanos=cost * 10,
+        profile="balanced",
+        domain="general",
+    )
+    with patch("routing.services.timezone.now", return_value=when):
+        ledger_write(values=usage_event_values(entry), settlement=Settlement(tenant.pk))
+
+
+@pytest.mark.parametrize(
+    "started, written_at, marked",
+    [
+        ("14:59:59", "15:03:59", None),  # within the margin (and its slack): in time
+        ("14:59:59", "15:04:00", "14:00"),  # a rollup may run within a minute: marked
+        ("14:10:00", "15:30:00", "14:00"),  # a request of 80 minutes
+        ("15:00:00", "15:30:00", None),  # the open hour
+        ("09:00:00", "15:30:00", "09:00"),  # a spooled row, replayed hours later
+        ("15:40:00", "15:30:00", None),  # a clock ahead of this one: never a closed hour
+    ],
+)
+def test_late_hour_marks_only_rows_whose_hour_a_rollup_may_have_closed(started, written_at, marked):
+    day = NOW.date().isoformat()
+    at = datetime.fromisoformat(f"{day}T{started}+00:00")
+    now = datetime.fromisoformat(f"{day}T{written_at}+00:00").astimezone(ZoneInfo("Asia/Kolkata"))
+    expected = None if marked is None else datetime.fromisoformat(f"{day}T{marked}:00+00:00")
+    assert late_hour(at, now) == expected
+
+
 def test_a_straggler_in_the_last_rolled_hour_is_counted_at_the_next_advance(tenant):
     event(tenant, NOW - timedelta(hours=3))
     rollup_tenant(tenant, NOW)
-    late = event(tenant, NOW - timedelta(minutes=50), cost=777)  # hour 14:00, already rolled
+    late = NOW - timedelta(minutes=50)  # hour 14:00, already rolled
+    written(tenant, late, when=NOW + timedelta(minutes=1), cost=777)
 
-    rollup_tenant(tenant, NOW + timedelta(hours=1))
+    result = rollup_tenant(tenant, NOW + timedelta(hours=1))
 
-    hour = HourlyUsage.objects.get(tenant=tenant, hour=late.created_at.replace(minute=0, second=0))
+    hour = HourlyUsage.objects.get(tenant=tenant, hour=late.replace(minute=0, second=0))
     assert hour.cost_nanos == 777
+    assert result.hours == 2  # 15:00, closed now, and 14:00, marked
+    assert not LateLedgerHour.objects.filter(tenant=tenant).exists()
+    assert rollup_tenant(tenant, NOW + timedelta(hours=1)).hours == 0  # the mark is spent
+
+
+def test_an_advance_reads_only_the_hours_it_closes_when_nothing_is_late(tenant):
+    for h in range(6):
+        event(tenant, NOW - timedelta(hours=h, minutes=10))
+    rollup_tenant(tenant, NOW)
+    written(tenant, NOW + timedelta(minutes=20), when=NOW + timedelta(minutes=25))
+
+    result = rollup_tenant(tenant, NOW + timedelta(hours=1))
+
+    assert (result.hours, result.days) == (1, 0)  # 15:00 only: 14:00 is not read again
+    assert not LateLedgerHour.objects.exists()
+
+
+@pytest.mark.parametrize("time_zone", ["UTC", "Asia/Kolkata", "America/St_Johns"])
+def test_rows_replayed_a_day_late_reach_their_hours_and_local_days(tenant, time_zone):
+    tenant.time_zone = time_zone
+    tenant.save(update_fields=["time_zone"])
+    start = NOW - timedelta(days=3)
+    for h in range(0, 72, 5):
+        event(tenant, start + timedelta(hours=h, minutes=31), cost=1_000 + h)
+    rollup_tenant(tenant, NOW)
+    # An outage: rows spooled two days ago, replayed now, one in every hour of a day.
+    outage = (NOW - timedelta(days=2)).replace(minute=45)
+    for h in range(24):
+        written(tenant, outage + timedelta(hours=h), when=NOW + timedelta(minutes=2), cost=5)
+
+    rollup_tenant(tenant, NOW + timedelta(minutes=30))
+
+    def stored():
+        hourly = HourlyUsage.objects.filter(tenant=tenant).values_list("hour")
+        daily = DailyUsage.objects.filter(tenant=tenant).values_list("day")
+        return (
+            dict(hourly.annotate(Sum("cost_nanos"))),
+            dict(daily.annotate(Sum("cost_nanos"))),
+        )
+
+    tz = ZoneInfo(time_zone)
+    closed = NOW.replace(minute=0)
+    expected: tuple[dict, dict] = ({}, {})
+    for e in UsageEvent.objects.filter(tenant=tenant, created_at__lt=closed):
+        hour = e.created_at.replace(minute=0, second=0, microsecond=0)
+        expected[0][hour] = expected[0].get(hour, 0) + e.cost_nanos
+        day = e.created_at.astimezone(tz).date()
+        if day < closed.astimezone(tz).date():
+            expected[1][day] = expected[1].get(day, 0) + e.cost_nanos
+    assert stored() == expected
+    assert sum(expected[1].values()) >= sum(1_000 + h for h in range(0, 48, 5)) + 24 * 5
+    rollup_rebuild(tenant, NOW + timedelta(minutes=30))  # from scratch: the same
+    assert stored() == expected
+
+
+def test_a_late_row_in_an_hour_across_local_midnight_reaches_its_own_day(tenant):
+    """Asia/Kolkata is UTC+5:30: the UTC hour 18:00 is 23:30-00:30 there, two local days."""
+    tenant.time_zone = "Asia/Kolkata"
+    tenant.save(update_fields=["time_zone"])
+    event(tenant, NOW - timedelta(days=3))
+    rollup_tenant(tenant, NOW)
+    at = (NOW - timedelta(days=2)).replace(hour=18, minute=45)  # 00:15 local, the later day
+    written(tenant, at, when=NOW, cost=4_321)
+
+    rollup_tenant(tenant, NOW + timedelta(minutes=10))
+
+    day = at.astimezone(ZoneInfo("Asia/Kolkata")).date()
+    assert day == (at + timedelta(days=1)).date()
+    assert DailyUsage.objects.get(tenant=tenant, day=day).cost_nanos == 4_321
+
+
+def test_a_late_row_and_its_mark_are_written_together_or_not_at_all(tenant):
+    real = services.insert_row
+
+    def failing(model, values, *args, **kwargs):
+        if model is LateLedgerHour:
+            raise DatabaseError("the mark could not be written")
+        return real(model, values, *args, **kwargs)
+
+    with patch("routing.services.insert_row", side_effect=failing), pytest.raises(DatabaseError):
+        written(tenant, NOW - timedelta(hours=2), when=NOW)
+    assert not UsageEvent.objects.filter(tenant=tenant).exists()
 
 
 def test_pages_merge_rollups_with_the_open_tail(tenant):
