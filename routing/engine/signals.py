@@ -30,7 +30,7 @@ import json
 import math
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from numbers import Number
@@ -280,7 +280,7 @@ class Draft:
     content: str
     finish_reason: str | None = None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    token_logprobs: list[float] | None = None
+    token_logprobs: Sequence[float] | None = None  # a list, or the client's array of floats
     completion_tokens: int = 0
 
 
@@ -566,7 +566,7 @@ def _final_answer(
     return None, None
 
 
-def _mean(values: list[float]) -> float:
+def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
