@@ -206,6 +206,8 @@ def _run_of(chars: frozenset[str]) -> re.Pattern[str]:
 
 
 _LHS_RUN = _run_of(_LHS_CHARS)  # matched on the reversed text: the run before an "="
+# ``_EQUATION`` after its "=" (what follows the last "=" of its pattern, as written there).
+_EQUATION_RIGHT = re.compile(_EQUATION.pattern.rsplit("=", 1)[1])
 _RHS_RUN = _run_of(_RHS_CHARS)
 
 
@@ -216,7 +218,10 @@ def _equations(text: str) -> list[re.Match[str]]:
     only and its right side forward over ``_RHS_CHARS`` only, and the pattern has no
     anchor or look-around: searching that window (bounded by the end of the previous
     match) finds what the pattern finds there, and no match starts anywhere else. The
-    runs are matched by ``_LHS_RUN`` (on the text reversed) and ``_RHS_RUN``.
+    runs are matched by ``_LHS_RUN`` (on the text reversed) and ``_RHS_RUN``. A window
+    whose right side has no number (``_EQUATION_RIGHT``, the part of the pattern after
+    "=", fails there) holds no match: it is not searched (the search would try every
+    start of the left side in vain, each at the cost of the lazy left side's steps).
     """
     found: list[re.Match[str]] = []
     at = text.find("=")
@@ -226,15 +231,18 @@ def _equations(text: str) -> list[re.Match[str]]:
     size = len(text)
     backwards = text[::-1]  # text[i] is backwards[size - 1 - i]
     lhs_run, rhs_run, search = _LHS_RUN.match, _RHS_RUN.match, _EQUATION.search
+    right = _EQUATION_RIGHT.match
     while at != -1:
-        # The run of left-side characters that ends at "=", no further back than ``end``
-        # (a run pattern always matches, if only the empty string).
-        start = size - lhs_run(backwards, size - at, size - end).end()  # type: ignore[union-attr]
-        if start < at:
-            m = search(text, start, rhs_run(text, at + 1).end())  # type: ignore[union-attr]
-            if m is not None:
-                found.append(m)
-                end = m.end()
+        stop = rhs_run(text, at + 1).end()  # type: ignore[union-attr]
+        if right(text, at + 1, stop) is not None:
+            # The run of left-side characters that ends at "=", no further back than
+            # ``end`` (a run pattern always matches, if only the empty string).
+            start = size - lhs_run(backwards, size - at, size - end).end()  # type: ignore[union-attr]
+            if start < at:
+                m = search(text, start, stop)
+                if m is not None:
+                    found.append(m)
+                    end = m.end()
         at = text.find("=", at + 1)
     return found
 
