@@ -109,7 +109,8 @@ class _Phrases:
     Every match of ``pattern`` contains one of the lower-case literals of ``anchors`` at
     most ``back`` characters after its start, so a match can only start there; the
     pattern (never empty) is tried at those positions only, in order, as ``finditer``
-    would reach them.
+    would reach them. A literal shared by several phrases ("clear" of "not clear" and
+    "unclear") is searched once for all of them: each search scans the whole draft.
     """
 
     pattern: re.Pattern[str]
@@ -148,21 +149,16 @@ _HEDGE_PHRASES = _Phrases(
         ("i believe", 0),
         ("i guess", 0),
         ("might be wrong", 0),
-        ("not clear", 0),
-        ("not entirely clear", 0),
-        ("it's hard to say", 0),
-        ("its hard to say", 0),
-        ("possibly", 0),
+        ("clear", 13),  # not clear / not entirely clear / unclear
+        ("hard to ", 5),  # it's hard to say / its hard to say / hard to determine
+        ("bly", 5),  # possibly / probably
         ("perhaps", 0),
-        ("probably", 0),
         ("m unsure", 2),  # i'm unsure / im unsure
         ("may not be ", 0),
         ("approximately", 0),
         ("roughly", 0),
         ("as far as i know", 0),
         ("i cannot be certain", 0),
-        ("hard to determine", 0),
-        ("unclear", 0),
     ),
 )
 _SELF_CORRECTION_PHRASES = _Phrases(
@@ -176,11 +172,9 @@ _SELF_CORRECTION_PHRASES = _Phrases(
         ("let me re", 0),
         ("mistake", 0),
         ("correction", 0),
-        ("recalculat", 0),
-        ("re-calculat", 0),
+        ("calculat", 3),  # recalculat / re-calculat
         ("on second thought", 0),
-        ("that doesn't make sense", 0),
-        ("that doesnt make sense", 0),
+        ("make sense", 13),  # that doesn't make sense / that doesnt make sense
     ),
 )
 _FINAL_PHRASES = _Phrases(
