@@ -20,6 +20,7 @@ import json
 import os
 from array import array
 from collections.abc import AsyncIterator, Mapping
+from operator import itemgetter
 from typing import Any
 
 import aiohttp
@@ -41,6 +42,7 @@ DEFAULT_API_BASE = "https://api.openai.com/v1"
 # ``(choices[0].logprobs.content, array("d", [entry.logprob, ...]))``.
 FLAT_LOGPROBS = "cascadeflow_token_logprobs"
 _EXACT = 2**53  # every integer up to this is a float exactly
+_LOGPROB = itemgetter("logprob")
 
 _sessions: dict[int, aiohttp.ClientSession] = {}
 
@@ -163,7 +165,7 @@ def _token_logprobs(data: dict[str, Any]) -> array[float] | None:
         entries = data["choices"][0]["logprobs"]["content"]
         if type(entries) is not list or not entries:
             return None
-        values = [entry["logprob"] for entry in entries]
+        values = list(map(_LOGPROB, entries))
     except (KeyError, IndexError, TypeError):
         return None
     kinds = set(map(type, values))
