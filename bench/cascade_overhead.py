@@ -45,8 +45,9 @@ returns when the draft is asked with ``logprobs: true`` (the engine asks for
 them where the model supports them): ``choices[0].logprobs.content``, one
 ``{token, logprob, bytes, top_logprobs: []}`` per cl100k token of the draft,
 parsed into LiteLLM's ``ModelResponse`` as the gateway's OpenAI-wire client
-does. The values are drawn from a fixed-seed generator: 85 % of tokens near
-certainty (-Exp(mean 0.02)), 15 % uncertain (-Exp(mean 1.5)).
+does (``openai_wire.parse_completion``, where the engine has it). The values are
+drawn from a fixed-seed generator: 85 % of tokens near certainty (-Exp(mean 0.02)),
+15 % uncertain (-Exp(mean 1.5)).
 
 The engine: a two-model chain (draft model with logprobs, strong model),
 preset ``balanced``, first step scored by the shipped public prior
@@ -159,7 +160,7 @@ sys.path.insert(0, str(engine_root()))
 
 import litellm  # noqa: E402
 
-from routing.engine import learning  # noqa: E402
+from routing.engine import learning, openai_wire  # noqa: E402
 from routing.engine.agent import CascadeAgent, draft_signals  # noqa: E402
 from routing.engine.calibration import Scorer  # noqa: E402
 from routing.engine.jsonl import read_jsonl  # noqa: E402
@@ -405,7 +406,11 @@ def model_response(text: str, *, logprobs: bool, seed: str, prompt_tokens: int) 
             "total_tokens": prompt_tokens + tokens,
         },
     }
-    return litellm.ModelResponse(**json.loads(json.dumps(data)))
+    parsed = json.loads(json.dumps(data))
+    # The client's own parsing where the engine has it (it keeps the log-probabilities as
+    # one array of floats beside LiteLLM's objects); LiteLLM's ModelResponse before.
+    parse = getattr(openai_wire, "parse_completion", None)
+    return parse(parsed) if parse is not None else litellm.ModelResponse(**parsed)
 
 
 def build_cases(data_dir: Path, drafts: int) -> tuple[list[Case], dict[str, Any]]:

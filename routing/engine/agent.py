@@ -33,6 +33,7 @@ from routing.engine import signals, tracing
 from routing.engine.calibration import Scorer
 from routing.engine.complexity import QueryProfile, profile_query, query_text
 from routing.engine.learning import pre_features
+from routing.engine.openai_wire import FLAT_LOGPROBS
 from routing.engine.policy import PRESETS, Calibration, Policy, StepCalibration
 from routing.engine.resilience import Caller, Stream, UpstreamError
 from routing.engine.types import (
@@ -88,15 +89,21 @@ def _draft_of(response: Any) -> signals.Draft:
                 "function": {"name": function.name, "arguments": function.arguments},
             }
         )
-    token_logprobs = None
+    token_logprobs: Sequence[float] | None = None
     logprobs = getattr(choice, "logprobs", None)
     content_lp = getattr(logprobs, "content", None) if logprobs is not None else None
     if content_lp is None and isinstance(logprobs, dict):
         content_lp = logprobs.get("content")
     if content_lp:
+        # Kept as one array of floats when the OpenAI-wire client parsed the response
+        # (``openai_wire.parse_completion``), for these very entries.
+        hidden = getattr(response, "_hidden_params", None)
+        kept = hidden.get(FLAT_LOGPROBS) if type(hidden) is dict else None
+        if kept is not None and kept[0] is content_lp and len(kept[1]) == len(content_lp):
+            token_logprobs = kept[1]
         # Entries are parsed JSON: dicts, or LiteLLM's objects. Without a Python step per
         # entry (one per token of the draft) when none is a dict.
-        if any(issubclass(kind, dict) for kind in set(map(type, content_lp))):
+        elif any(issubclass(kind, dict) for kind in set(map(type, content_lp))):
             token_logprobs = [
                 float(t["logprob"] if isinstance(t, dict) else t.logprob) for t in content_lp
             ]

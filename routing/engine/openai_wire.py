@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from array import array
 from collections.abc import AsyncIterator, Mapping
+from operator import itemgetter
 from typing import Any
 
 import aiohttp
@@ -34,6 +36,13 @@ OPENAI_PARAMS: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 DEFAULT_API_BASE = "https://api.openai.com/v1"
+# The key of a parsed answer's ``_hidden_params`` (LiteLLM's private, never serialised
+# metadata of a response) that keeps its first choice's token log-probabilities as one
+# array of floats, with the list of LiteLLM's entries they were read from:
+# ``(choices[0].logprobs.content, array("d", [entry.logprob, ...]))``.
+FLAT_LOGPROBS = "cascadeflow_token_logprobs"
+_EXACT = 2**53  # every integer up to this is a float exactly
+_LOGPROB = itemgetter("logprob")
 
 _sessions: dict[int, aiohttp.ClientSession] = {}
 
@@ -127,7 +136,50 @@ async def acompletion(litellm_model: str, kwargs: Mapping[str, Any]) -> litellm.
         raise ProviderHTTPError(502, "Malformed response: not JSON.") from None
     if not isinstance(data, dict) or not data.get("choices"):
         raise ProviderHTTPError(502, "Malformed response: no choices.")
-    return litellm.ModelResponse(**data)
+    return parse_completion(data)
+
+
+def parse_completion(data: dict[str, Any]) -> litellm.ModelResponse:
+    """A chat completion (parsed JSON) as LiteLLM's ``ModelResponse``; the first choice's
+    token log-probabilities are also kept as one array of floats (``FLAT_LOGPROBS``).
+
+    The quality check reads every log-probability of the draft: read from LiteLLM's
+    objects (one per token, each with its dict, key and float) long after they were
+    made, that is a cache miss or more per token; read here, from the JSON just parsed,
+    into one contiguous array, it is not. What the client receives is unchanged: the
+    array is in the response's private metadata only.
+    """
+    flat = _token_logprobs(data)
+    response = litellm.ModelResponse(**data)
+    if flat is not None:
+        logprobs = getattr(response.choices[0], "logprobs", None)
+        content = getattr(logprobs, "content", None)
+        # The same entries, in the same order: LiteLLM validated each logprob as a float
+        # (the same value as float() of the JSON number).
+        if type(content) is list and len(content) == len(flat):
+            response._hidden_params[FLAT_LOGPROBS] = (content, flat)
+    return response
+
+
+def _token_logprobs(data: dict[str, Any]) -> array[float] | None:
+    """``choices[0].logprobs.content[*].logprob`` as floats; None unless every one is a
+    JSON number (int or float) that a float holds."""
+    try:
+        entries = data["choices"][0]["logprobs"]["content"]
+        if type(entries) is not list or not entries:
+            return None
+        values = list(map(_LOGPROB, entries))
+    except (KeyError, IndexError, TypeError):
+        return None
+    kinds = set(map(type, values))
+    if not kinds <= {float, int}:
+        return None
+    if int in kinds and not all(-_EXACT <= v <= _EXACT for v in values if type(v) is int):
+        return None  # an integer a float may not hold exactly: LiteLLM's own conversion
+    try:
+        return array("d", values)
+    except OverflowError:  # an integer beyond any float
+        return None
 
 
 async def aembedding(litellm_model: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import json
 import math
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from numbers import Number
@@ -109,7 +109,8 @@ class _Phrases:
     Every match of ``pattern`` contains one of the lower-case literals of ``anchors`` at
     most ``back`` characters after its start, so a match can only start there; the
     pattern (never empty) is tried at those positions only, in order, as ``finditer``
-    would reach them.
+    would reach them. A literal shared by several phrases ("clear" of "not clear" and
+    "unclear") is searched once for all of them: each search scans the whole draft.
     """
 
     pattern: re.Pattern[str]
@@ -148,21 +149,16 @@ _HEDGE_PHRASES = _Phrases(
         ("i believe", 0),
         ("i guess", 0),
         ("might be wrong", 0),
-        ("not clear", 0),
-        ("not entirely clear", 0),
-        ("it's hard to say", 0),
-        ("its hard to say", 0),
-        ("possibly", 0),
+        ("clear", 13),  # not clear / not entirely clear / unclear
+        ("hard to ", 5),  # it's hard to say / its hard to say / hard to determine
+        ("bly", 5),  # possibly / probably
         ("perhaps", 0),
-        ("probably", 0),
         ("m unsure", 2),  # i'm unsure / im unsure
         ("may not be ", 0),
         ("approximately", 0),
         ("roughly", 0),
         ("as far as i know", 0),
         ("i cannot be certain", 0),
-        ("hard to determine", 0),
-        ("unclear", 0),
     ),
 )
 _SELF_CORRECTION_PHRASES = _Phrases(
@@ -176,11 +172,9 @@ _SELF_CORRECTION_PHRASES = _Phrases(
         ("let me re", 0),
         ("mistake", 0),
         ("correction", 0),
-        ("recalculat", 0),
-        ("re-calculat", 0),
+        ("calculat", 3),  # recalculat / re-calculat
         ("on second thought", 0),
-        ("that doesn't make sense", 0),
-        ("that doesnt make sense", 0),
+        ("make sense", 13),  # that doesn't make sense / that doesnt make sense
     ),
 )
 _FINAL_PHRASES = _Phrases(
@@ -206,6 +200,8 @@ def _run_of(chars: frozenset[str]) -> re.Pattern[str]:
 
 
 _LHS_RUN = _run_of(_LHS_CHARS)  # matched on the reversed text: the run before an "="
+# ``_EQUATION`` after its "=" (what follows the last "=" of its pattern, as written there).
+_EQUATION_RIGHT = re.compile(_EQUATION.pattern.rsplit("=", 1)[1])
 _RHS_RUN = _run_of(_RHS_CHARS)
 
 
@@ -216,7 +212,10 @@ def _equations(text: str) -> list[re.Match[str]]:
     only and its right side forward over ``_RHS_CHARS`` only, and the pattern has no
     anchor or look-around: searching that window (bounded by the end of the previous
     match) finds what the pattern finds there, and no match starts anywhere else. The
-    runs are matched by ``_LHS_RUN`` (on the text reversed) and ``_RHS_RUN``.
+    runs are matched by ``_LHS_RUN`` (on the text reversed) and ``_RHS_RUN``. A window
+    whose right side has no number (``_EQUATION_RIGHT``, the part of the pattern after
+    "=", fails there) holds no match: it is not searched (the search would try every
+    start of the left side in vain, each at the cost of the lazy left side's steps).
     """
     found: list[re.Match[str]] = []
     at = text.find("=")
@@ -226,15 +225,18 @@ def _equations(text: str) -> list[re.Match[str]]:
     size = len(text)
     backwards = text[::-1]  # text[i] is backwards[size - 1 - i]
     lhs_run, rhs_run, search = _LHS_RUN.match, _RHS_RUN.match, _EQUATION.search
+    right = _EQUATION_RIGHT.match
     while at != -1:
-        # The run of left-side characters that ends at "=", no further back than ``end``
-        # (a run pattern always matches, if only the empty string).
-        start = size - lhs_run(backwards, size - at, size - end).end()  # type: ignore[union-attr]
-        if start < at:
-            m = search(text, start, rhs_run(text, at + 1).end())  # type: ignore[union-attr]
-            if m is not None:
-                found.append(m)
-                end = m.end()
+        stop = rhs_run(text, at + 1).end()  # type: ignore[union-attr]
+        if right(text, at + 1, stop) is not None:
+            # The run of left-side characters that ends at "=", no further back than
+            # ``end`` (a run pattern always matches, if only the empty string).
+            start = size - lhs_run(backwards, size - at, size - end).end()  # type: ignore[union-attr]
+            if start < at:
+                m = search(text, start, stop)
+                if m is not None:
+                    found.append(m)
+                    end = m.end()
         at = text.find("=", at + 1)
     return found
 
@@ -280,7 +282,7 @@ class Draft:
     content: str
     finish_reason: str | None = None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
-    token_logprobs: list[float] | None = None
+    token_logprobs: Sequence[float] | None = None  # a list, or the client's array of floats
     completion_tokens: int = 0
 
 
@@ -566,7 +568,7 @@ def _final_answer(
     return None, None
 
 
-def _mean(values: list[float]) -> float:
+def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 

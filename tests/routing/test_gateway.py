@@ -288,6 +288,11 @@ async def test_parameters_pass_through_and_litellm_only_keys_are_dropped(api_tok
     assert "api_base" not in sent and "mock_response" not in sent
     data = json.loads(response.content)
     assert data["choices"][0]["logprobs"]["content"][0]["logprob"] == pytest.approx(-0.05)
+    # Every entry as the upstream sent it, on both transports.
+    assert data["choices"][0]["logprobs"]["content"] == [
+        {"token": w, "logprob": -0.05, "bytes": list(w.encode()), "top_logprobs": []}
+        for w in "Hello from the fake upstream.".split(" ")
+    ]
     assert data["choices"][0]["message"]["content"] == "Hello from the fake upstream."
 
 
