@@ -27,7 +27,7 @@ def worker(request, fake_upstream):
         broker = "filesystem://"
         extra = {"CELERY_BROKER_URL": broker, "REDIS_URL": ""}
     server = LiveServer(backend="sqlite", models={}, extra_env=extra)
-    server.start()  # migrates a database of its own and gives us its environment
+    server.start()  # a migrated database of its own, and its environment
     env = server.env()
     process = subprocess.Popen(
         [

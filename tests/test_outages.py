@@ -36,17 +36,20 @@ def outage_servers(fake_upstream):
     refused_url = f"postgres://postgres@127.0.0.1:{free_port()}/cascadeflow"
     silent_url = f"postgres://postgres@127.0.0.1:{silent.getsockname()[1]}/cascadeflow"
     env = {"DJANGO_DB_CONNECT_TIMEOUT": str(CONNECT_TIMEOUT_S), "REDIS_URL": ""}
-    bases = {
-        "refused": server.another_process({**env, "DATABASE_URL": refused_url}),
-        "silent": server.another_process({**env, "DATABASE_URL": silent_url}),
-        "redis-down": server.another_process({"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}),
-    }
+    bases = dict(
+        zip(
+            ["refused", "silent", "redis-down"],
+            server.other_processes(
+                {**env, "DATABASE_URL": refused_url},
+                {**env, "DATABASE_URL": silent_url},
+                {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
+            ),
+            strict=True,
+        )
+    )
     # Rate limits on the token, so requests go through the (unreachable) Redis limiter.
-    server.manage(
-        "shell",
-        "-c",
-        "from tenants.models import ApiToken; "
-        "ApiToken.objects.update(requests_per_minute=1000, tokens_per_minute=10**6)",
+    server.execute(
+        "UPDATE tenants_apitoken SET requests_per_minute = 1000, tokens_per_minute = %s", (10**6,)
     )
     yield server, bases
     server.stop()

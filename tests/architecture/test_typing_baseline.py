@@ -3,6 +3,7 @@ without the exemption (a module fixed must leave the list). ``make typecheck`` c
 the other side: every module outside the list is clean."""
 
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -35,6 +36,11 @@ def test_every_module_of_the_baseline_still_has_type_errors(tmp_path):
     unexempted = text.replace("ignore_errors = true", "ignore_errors = false")
     config = tmp_path / "pyproject.toml"
     config.write_text(unexempted)
+    # From a copy of make typecheck's cache when there is one (CI runs make lint first):
+    # mypy re-checks the modules whose options differ (the baseline's) and takes the
+    # rest, the standard library and Django's stubs, from the cache, with the same errors.
+    if (ROOT / ".mypy_cache").is_dir():
+        shutil.copytree(ROOT / ".mypy_cache", tmp_path / "cache")
     result = subprocess.run(
         [str(MYPY), "--config-file", str(config), "--cache-dir", str(tmp_path / "cache")],
         cwd=ROOT,

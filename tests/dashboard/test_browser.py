@@ -107,16 +107,32 @@ def demo_tenant(cascadeflow_server):
     return "demo"
 
 
-def add_member(server, tenant_slug: str, role: str) -> str:
-    email = f"{role}-{secrets.token_hex(3)}@example.com"
-    server.manage(
-        "shell",
-        "-c",
-        "from django.contrib.auth import get_user_model; from tenants.models import Member, Tenant; "
-        f"u = get_user_model().objects.create_user('{email}', '{email}', '{PASSWORD}'); "
-        f"Member.objects.create(user=u, tenant=Tenant.objects.get(slug='{tenant_slug}'), role='{role}')",
-    )
-    return email
+def prepare(
+    server, *, create: str, members: tuple[tuple[str, str], ...] = (), then: str = ""
+) -> tuple[str, list[str]]:
+    """In one manage.py process (each is a Django start): the tenant ``create``, the
+    members ``(tenant slug, role)`` with PASSWORD, then the statements ``then``.
+    Returns the new tenant's API token and the members' emails."""
+    emails = [f"{role}-{secrets.token_hex(3)}@example.com" for _, role in members]
+    script = [
+        "import io",
+        "from django.contrib.auth import get_user_model",
+        "from django.core.management import call_command",
+        "from tenants.models import Member, Tenant",
+        "out = io.StringIO()",
+        f"call_command('create_tenant', {create!r}, stdout=out)",
+    ]
+    for email, (tenant_slug, role) in zip(emails, members, strict=True):
+        script.append(
+            f"u = get_user_model().objects.create_user({email!r}, {email!r}, {PASSWORD!r})"
+        )
+        script.append(
+            f"Member.objects.create(user=u, tenant=Tenant.objects.get(slug={tenant_slug!r}), "
+            f"role={role!r})"
+        )
+    script += [then, "print(out.getvalue().strip().splitlines()[-1])"]
+    token = server.manage("shell", "-c", "\n".join(script)).strip().splitlines()[-1]
+    return token, emails
 
 
 async def log_in(page, server, email: str, password: str = PASSWORD) -> None:
@@ -179,9 +195,7 @@ async def test_the_overview_updates_live_and_roles_hold(browser, cascadeflow_ser
     server = cascadeflow_server
     slug = server.query("SELECT slug FROM tenants_tenant ORDER BY id LIMIT 1")[0][0]
     other = f"other-{secrets.token_hex(3)}"
-    server.manage("create_tenant", other)
-    owner = add_member(server, slug, "owner")
-    viewer = add_member(server, slug, "viewer")
+    _, (owner, viewer) = prepare(server, create=other, members=((slug, "owner"), (slug, "viewer")))
 
     context = await browser.new_context(viewport={"width": 1280, "height": 1000})
     page = await context.new_page()
@@ -267,7 +281,7 @@ async def test_every_page_fits_at_desktop_and_phone_widths(
         "members": "members/",
     }
     fresh = f"fresh-{secrets.token_hex(3)}"
-    token = server.manage("create_tenant", fresh).strip().splitlines()[-1]
+    token, (fresh_owner,) = prepare(server, create=fresh, members=((fresh, "owner"),))
     response = httpx.post(
         f"{server.base_url}/v1/chat/completions",
         headers={"Authorization": f"Bearer {token}"},
@@ -275,7 +289,6 @@ async def test_every_page_fits_at_desktop_and_phone_widths(
         timeout=30,
     )
     assert response.status_code == 200, response.text
-    fresh_owner = add_member(server, fresh, "owner")
 
     shots = screenshots_dir()
     problems: list[str] = []
@@ -323,12 +336,11 @@ async def test_the_budget_gauge_changes_colour_across_a_threshold(browser, casca
     gauge turns from the ok colour to the warn colour without a reload."""
     server = cascadeflow_server
     slug = f"gauge-{secrets.token_hex(3)}"
-    token = server.manage("create_tenant", slug).strip().splitlines()[-1]
-    owner = add_member(server, slug, "owner")
-    server.manage(
-        "shell",
-        "-c",
-        "from django.utils import timezone; from tenants.budgets import period_bounds; "
+    token, (owner,) = prepare(
+        server,
+        create=slug,
+        members=((slug, "owner"),),
+        then="from django.utils import timezone; from tenants.budgets import period_bounds; "
         "from tenants.models import Budget, BudgetCounter, Tenant; "
         f"t = Tenant.objects.get(slug='{slug}'); "
         "Budget.objects.filter(tenant=t).delete(); "
@@ -376,8 +388,7 @@ async def test_provider_keys_are_added_refused_rotated_and_deleted_in_the_browse
     refusal in the form, and never puts a key back into a page; rotation swaps the mask."""
     server = cascadeflow_server
     slug = f"byok-{secrets.token_hex(3)}"
-    server.manage("create_tenant", slug)
-    owner = add_member(server, slug, "owner")
+    _, (owner,) = prepare(server, create=slug, members=((slug, "owner"),))
     good, newer, bad = (f"sk-{name}-{secrets.token_hex(12)}" for name in ("good", "new", "bad"))
     fake_upstream.keys_accepted = {good, newer}
     try:

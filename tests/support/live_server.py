@@ -7,9 +7,11 @@ server gets its own database, so what it writes is read back with plain SQL.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import secrets
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -28,6 +30,26 @@ ROOT = Path(__file__).resolve().parents[2]
 PG_ADMIN_URL = os.environ.get(
     "CASCADEFLOW_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
+
+
+# One migrated database per backend for the session, copied for each server: a
+# PostgreSQL template database, a SQLite file. ``manage.py migrate`` runs once per
+# backend instead of once per server (each run is a Django start plus every migration).
+_templates: dict[str, str] = {}
+
+
+def _drop_templates() -> None:
+    if "postgresql" in _templates:
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{_templates["postgresql"]}" WITH (FORCE)')
+    if "sqlite" in _templates:
+        shutil.rmtree(Path(_templates["sqlite"]).parent, ignore_errors=True)
+    _templates.clear()
+
+
+atexit.register(_drop_templates)
 
 
 def free_port() -> int:
@@ -64,6 +86,9 @@ class LiveServer:
         return f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
+        return {**self._base_env(), **self.extra_env}
+
+    def _base_env(self) -> dict[str, str]:
         assert self._tmp is not None
         return {
             **os.environ,
@@ -75,14 +100,13 @@ class LiveServer:
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
             "DJANGO_SETTINGS_MODULE": "cascadeflow_site.settings",
             "PYTHONUNBUFFERED": "1",
-            **self.extra_env,
         }
 
-    def manage(self, *args: str) -> str:
+    def manage(self, *args: str, env: dict[str, str] | None = None) -> str:
         result = subprocess.run(
             [sys.executable, "manage.py", *args],
             cwd=ROOT,
-            env=self.env(),
+            env=self.env() if env is None else env,
             capture_output=True,
             text=True,
             timeout=120,
@@ -92,27 +116,68 @@ class LiveServer:
             raise RuntimeError(f"manage.py {' '.join(args)} failed:\n{result.stderr}")
         return result.stdout
 
+    def _template(self) -> str:
+        """The session's migrated database for this backend (built on first use)."""
+        if self.backend + ":migrated" not in _templates:
+            assert self._tmp is not None
+            if self.backend == "postgresql":
+                import psycopg
+
+                template = f"cf_live_tpl_{secrets.token_hex(4)}"
+                with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                    conn.execute(f'CREATE DATABASE "{template}"')
+                url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{template}"
+            else:
+                template = str(Path(tempfile.mkdtemp(prefix="cf-live-tpl-")) / "live.sqlite3")
+                url = f"sqlite:///{template}"
+            _templates[self.backend] = template  # dropped at exit, migrated or not
+            # Without this server's own extra settings: the template serves every server.
+            try:
+                self.manage("migrate", "--no-input", env={**self._base_env(), "DATABASE_URL": url})
+            except BaseException:
+                _drop_templates()
+                raise
+            _templates[self.backend + ":migrated"] = template
+        return _templates[self.backend + ":migrated"]
+
     def start(self) -> LiveServer:
         self._tmp = tempfile.TemporaryDirectory(prefix="cf-live-")
         if self.backend == "postgresql":
             import psycopg
 
             self._pg_name = f"cf_live_{secrets.token_hex(4)}"
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{self._pg_name}"')
             self.database_url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{self._pg_name}"
             pooler = pgbouncer.session_pooler()
             if pooler is not None:  # the whole session goes through PgBouncer
+                with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                    conn.execute(f'CREATE DATABASE "{self._pg_name}"')
                 self.database_url = pooler.url(self.database_url)
                 self.extra_env.setdefault("DATABASE_POOLER", "transaction")
+                # Migrated through PgBouncer itself (a template database cannot be
+                # copied while the pooler holds server connections to it).
+                self.manage("migrate", "--no-input")
+            else:
+                template = self._template()
+                with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                    conn.execute(f'CREATE DATABASE "{self._pg_name}" TEMPLATE "{template}"')
         else:
-            self.database_url = f"sqlite:///{Path(self._tmp.name) / 'live.sqlite3'}"
-        self.manage("migrate", "--no-input")
-        self.token = (
-            self.manage("create_tenant", f"live-{secrets.token_hex(3)}").strip().splitlines()[-1]
-        )
+            path = Path(self._tmp.name) / "live.sqlite3"
+            source, copy = sqlite3.connect(self._template()), sqlite3.connect(path)
+            try:
+                source.backup(copy)
+            finally:
+                source.close()
+                copy.close()
+            self.database_url = f"sqlite:///{path}"
+        # The server starts while its tenant is created: two Django starts side by side.
         self._process = self._spawn(self.port)
-        self._wait(self._process, self.base_url)
+        try:
+            tenant = self.manage("create_tenant", f"live-{secrets.token_hex(3)}")
+            self.token = tenant.strip().splitlines()[-1]
+            self._wait(self._process, self.base_url)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _spawn(self, port: int, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -145,11 +210,20 @@ class LiveServer:
 
         ``env`` overrides the environment of that process alone (a database it
         cannot reach, say)."""
-        port = free_port()
-        process = self._spawn(port, env)
-        self._others.append(process)
-        self._wait(process, f"http://127.0.0.1:{port}")
-        return f"http://127.0.0.1:{port}"
+        (base_url,) = self.other_processes(env or {})
+        return base_url
+
+    def other_processes(self, *envs: dict[str, str]) -> list[str]:
+        """``another_process`` for each of ``envs``, started side by side; their base URLs."""
+        started = []
+        for env in envs:
+            port = free_port()
+            process = self._spawn(port, env)
+            self._others.append(process)
+            started.append((process, f"http://127.0.0.1:{port}"))
+        for process, base_url in started:
+            self._wait(process, base_url)
+        return [base_url for _, base_url in started]
 
     def log(self) -> str:
         assert self._tmp is not None
@@ -173,6 +247,17 @@ class LiveServer:
                 return conn.execute(sql, params).fetchall()
         with sqlite3.connect(self.database_url.removeprefix("sqlite:///")) as conn:
             return conn.execute(sql.replace("%s", "?"), params).fetchall()
+
+    def execute(self, sql: str, params: tuple = ()) -> None:
+        """Write to the server's database directly (``%s`` placeholders), committed."""
+        if self.backend == "postgresql":
+            import psycopg
+
+            with psycopg.connect(self.database_url) as conn:
+                conn.execute(sql, params)
+            return
+        with sqlite3.connect(self.database_url.removeprefix("sqlite:///")) as conn:
+            conn.execute(sql.replace("%s", "?"), params)
 
     def stop(self) -> None:
         for process in [self._process, *self._others]:

@@ -34,18 +34,27 @@ B_REQUESTS = 60
 ROUNDS = 3
 BODY = {"model": "demo/small", "messages": [{"role": "user", "content": "What is 2 + 2?"}]}
 
+# The two tenants, their tokens (printed, A's then B's) and budgets, A's callback: one
+# manage.py process (each one is a Django start).
 SETUP = textwrap.dedent(
     """
+    import io
+    from django.core.management import call_command
     from core.crypto import encrypt
     from tenants.models import Tenant
     from tenants.services import budget_create
+    tokens = []
     for slug in ("tenant-a", "tenant-b"):
+        out = io.StringIO()
+        call_command("create_tenant", slug, stdout=out)
+        tokens.append(out.getvalue().strip().splitlines()[-1])
         budget_create(tenant=Tenant.objects.get(slug=slug), scope="tenant", period="month",
                       limit_nanos=10**10)
     Tenant.objects.filter(slug="tenant-a").update(
         budget_callback_url="{url}", budget_callback_secret=encrypt("whsec_a"),
         budget_callback_timeout_ms={timeout_ms}, budget_callback_fallback="{fallback}",
         budget_callback_cache_seconds=0)
+    print(*tokens)
     """
 )
 
@@ -86,30 +95,40 @@ class DrippingCallback:
         return f"http://127.0.0.1:{self.port}/decide"
 
 
-def start_server(fake_upstream, dripping: DrippingCallback, **env) -> tuple[LiveServer, str, str]:
+@pytest.fixture(scope="module")
+def _dripping():
+    server = DrippingCallback()
+    yield server
+    server.server.should_exit = True
+
+
+@pytest.fixture
+def dripping(_dripping):
+    """The module's dripping callback server, its count of calls back to zero."""
+    _dripping.calls, _dripping.drip = 0, True
+    return _dripping
+
+
+@pytest.fixture(scope="module")
+def live(fake_upstream, _dripping):
+    """One server process (and database) for the module, deadline DEADLINE_MS; a test that
+    needs other settings starts another process on it (``another_process``)."""
     if not postgres_available():
         skip_or_fail("PostgreSQL is not reachable for the callback isolation test")
     server = LiveServer(
         backend="postgresql",
         models=fake_models_config(fake_upstream.api_base),
-        extra_env={"CASCADEFLOW_CALLBACK_MAX_TIMEOUT_MS": str(DEADLINE_MS), **env},
+        extra_env={"CASCADEFLOW_CALLBACK_MAX_TIMEOUT_MS": str(DEADLINE_MS)},
     )
     server.start()
-    tokens = [
-        server.manage("create_tenant", slug).strip().splitlines()[-1]
-        for slug in ("tenant-a", "tenant-b")
-    ]
-    server.manage(
-        "shell", "-c", SETUP.format(url=dripping.url, timeout_ms=10_000, fallback="degrade")
-    )
-    return server, *tokens
-
-
-@pytest.fixture
-def dripping():
-    server = DrippingCallback()
-    yield server
-    server.server.should_exit = True
+    try:
+        script = SETUP.format(url=_dripping.url, timeout_ms=10_000, fallback="degrade")
+        token_a, token_b = server.manage("shell", "-c", script).splitlines()[-1].split()
+    except BaseException:
+        server.stop()
+        raise
+    yield server, token_a, token_b
+    server.stop()
 
 
 async def post(client: httpx.AsyncClient, base: str, token: str) -> tuple[float, httpx.Response]:
@@ -124,35 +143,32 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98]
 
 
-def test_a_dripping_callback_stalls_neither_its_tenant_nor_another(fake_upstream, dripping):
-    server, token_a, token_b = start_server(fake_upstream, dripping)
+def test_a_dripping_callback_stalls_neither_its_tenant_nor_another(live, dripping):
+    server, token_a, token_b = live
     ratios = []
-    try:
-        # Latency on a shared machine is noisy: up to three measurements, each of
-        # alternating rounds. A stall (seconds per request) fails all three.
-        for _ in range(3):
-            rounds = asyncio.run(_measure(server.base_url, token_a, token_b, dripping))
-            healthy = [latency for mode, b, _ in rounds if mode == "healthy" for latency in b]
-            stalled = [latency for mode, b, _ in rounds if mode == "dripping" for latency in b]
-            a_results = [a for mode, _, results in rounds if mode == "dripping" for a in results]
-            for elapsed, response in a_results:
-                assert response.status_code == 200
-                assert response.headers["x-cascade-budget-callback"] == "fallback"
-                assert response.headers["x-cascade-budget"] == "degrade"
-                # The deadline, plus the request's own work on a loaded machine; a stalled
-                # callback took the whole drip (over 4 s).
-                assert elapsed < DEADLINE_MS / 1000 + 1.5, elapsed
-            base, under_stall = p99(healthy), p99(stalled)
-            ratios.append(round(under_stall / base, 3))
-            print(
-                f"\nB p99 beside A's traffic: callback healthy {base * 1000:.1f} ms, "
-                f"dripping {under_stall * 1000:.1f} ms; "
-                f"A's fallbacks within {max(e for e, _ in a_results):.3f} s"
-            )
-            if under_stall <= base * 1.2:
-                break
-    finally:
-        server.stop()
+    # Latency on a shared machine is noisy: up to three measurements, each of
+    # alternating rounds. A stall (seconds per request) fails all three.
+    for _ in range(3):
+        rounds = asyncio.run(_measure(server.base_url, token_a, token_b, dripping))
+        healthy = [latency for mode, b, _ in rounds if mode == "healthy" for latency in b]
+        stalled = [latency for mode, b, _ in rounds if mode == "dripping" for latency in b]
+        a_results = [a for mode, _, results in rounds if mode == "dripping" for a in results]
+        for elapsed, response in a_results:
+            assert response.status_code == 200
+            assert response.headers["x-cascade-budget-callback"] == "fallback"
+            assert response.headers["x-cascade-budget"] == "degrade"
+            # The deadline, plus the request's own work on a loaded machine; a stalled
+            # callback took the whole drip (over 4 s).
+            assert elapsed < DEADLINE_MS / 1000 + 1.5, elapsed
+        base, under_stall = p99(healthy), p99(stalled)
+        ratios.append(round(under_stall / base, 3))
+        print(
+            f"\nB p99 beside A's traffic: callback healthy {base * 1000:.1f} ms, "
+            f"dripping {under_stall * 1000:.1f} ms; "
+            f"A's fallbacks within {max(e for e, _ in a_results):.3f} s"
+        )
+        if under_stall <= base * 1.2:
+            break
 
     assert dripping.calls >= A_CONCURRENCY
     assert min(ratios) <= 1.2, ratios
@@ -190,25 +206,23 @@ async def _measure(base: str, token_a: str, token_b: str, callback: DrippingCall
         return rounds
 
 
-def test_past_the_in_flight_cap_the_fallback_applies_at_once(fake_upstream, dripping):
+def test_past_the_in_flight_cap_the_fallback_applies_at_once(live, dripping):
     deadline_s = 1.5
-    server, token_a, token_b = start_server(
-        fake_upstream,
-        dripping,
-        CASCADEFLOW_CALLBACK_MAX_IN_FLIGHT="2",
-        CASCADEFLOW_CALLBACK_MAX_TIMEOUT_MS=str(int(deadline_s * 1000)),
+    server, token_a, token_b = live
+    base = server.another_process(
+        {
+            "CASCADEFLOW_CALLBACK_MAX_IN_FLIGHT": "2",
+            "CASCADEFLOW_CALLBACK_MAX_TIMEOUT_MS": str(int(deadline_s * 1000)),
+        }
     )
 
     async def burst():
         async with httpx.AsyncClient(timeout=30) as client:
             for _ in range(10):  # warm up
-                await post(client, server.base_url, token_b)
-            return await asyncio.gather(*(post(client, server.base_url, token_a) for _ in range(6)))
+                await post(client, base, token_b)
+            return await asyncio.gather(*(post(client, base, token_a) for _ in range(6)))
 
-    try:
-        results = asyncio.run(burst())
-    finally:
-        server.stop()
+    results = asyncio.run(burst())
 
     assert dripping.calls == 2  # the other four never reached the tenant's server
     elapsed = sorted(e for e, _ in results)
