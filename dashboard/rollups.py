@@ -242,7 +242,7 @@ def rollup_tenant(tenant: Tenant, now: datetime | None = None) -> RollupResult:
     daily_end = hourly_end.astimezone(tz).date()  # local days before this one are over
     with transaction.atomic():
         _planned_for_rollups()
-        state, _ = _locked_state(tenant, tz)
+        state = _locked_state(tenant, tz)
         if state is None:
             return RollupResult(tenant.pk, 0, 0, 0, 0)
         late = [hour for hour in _late_hours_taken(tenant, hourly_end) if hour < state.hourly_until]
@@ -310,21 +310,21 @@ def _planned_for_rollups() -> None:
             cursor.execute("SET LOCAL enable_sort = off")
 
 
-def _locked_state(tenant: Tenant, tz: ZoneInfo) -> tuple[RollupState | None, bool]:
-    """The tenant's RollupState, locked for this transaction, and whether it is new.
+def _locked_state(tenant: Tenant, tz: ZoneInfo) -> RollupState | None:
+    """The tenant's RollupState, locked for this transaction (None: no event yet).
 
     A new state starts at the tenant's first event: nothing before it to roll."""
     state = RollupState.objects.select_for_update().filter(tenant=tenant).first()
     if state is not None:
-        return state, False
+        return state
     first = UsageEvent.objects.filter(tenant=tenant).aggregate(first=Min("created_at"))["first"]
     if first is None:
-        return None, False
-    state, created = RollupState.objects.get_or_create(
+        return None
+    state, _ = RollupState.objects.get_or_create(
         tenant=tenant,
         defaults={"hourly_until": hour_floor(first), "daily_until": first.astimezone(tz).date()},
     )
-    return RollupState.objects.select_for_update().get(pk=state.pk), created
+    return RollupState.objects.select_for_update().get(pk=state.pk)
 
 
 def rollup_minutes(tenant: Tenant, now: datetime | None = None) -> int:
@@ -337,7 +337,7 @@ def rollup_minutes(tenant: Tenant, now: datetime | None = None) -> int:
     now = now or timezone.now()
     end = minute_floor(now)
     with transaction.atomic():
-        state, _ = _locked_state(tenant, ZoneInfo(tenant.time_zone or "UTC"))
+        state = _locked_state(tenant, ZoneInfo(tenant.time_zone or "UTC"))
         if state is None:
             return 0
         oldest = end - MINUTES_KEPT

@@ -4,7 +4,7 @@ from unittest.mock import patch
 from zoneinfo import ZoneInfo
 
 import pytest
-from django.db import DatabaseError
+from django.db import DatabaseError, connection
 from django.db.models import Sum
 
 from dashboard.models import DailyUsage, HourlyTotal, HourlyUsage, MinuteUsage, RollupState
@@ -24,6 +24,7 @@ from routing.enforcement import Settlement
 from routing.models import LateLedgerHour, UsageEvent, late_hour
 from routing.services import LedgerEntry, ledger_write, usage_event_values
 from tests.factories import EndUserFactory, UsageEventFactory
+from tests.support.services import skip_or_fail
 
 pytestmark = pytest.mark.django_db
 
@@ -508,3 +509,79 @@ def test_the_latency_histogram_counts_each_request_in_its_bucket_at_every_edge(t
     assert timedelta(hours=30) > BY_HOUR_UP_TO
     assert whole == by_hour == expected
     assert sum(map(sum, expected.values())) == len(edges)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_late_row_written_while_a_rollup_rebuilds_its_hour_is_rolled_by_the_next(tenant):
+    """The rollup has taken (deleted, not yet committed) the mark of 13:00 and is reading
+    the ledger when another late row of 13:00 is written: that row's mark waits on the
+    rollup's delete, so the row is not lost between the two runs."""
+    if connection.vendor != "postgresql":
+        skip_or_fail("row locks of concurrent writers need PostgreSQL")
+    import threading
+    import time
+
+    from dashboard import rollups
+
+    event(tenant, NOW - timedelta(hours=3))
+    rollup_tenant(tenant, NOW)
+    late = NOW.replace(hour=13, minute=20)
+    written(tenant, late, when=NOW, cost=100)  # marks 13:00
+    reading, resumed = threading.Event(), threading.Event()
+    finished: dict[str, float] = {}
+    real_rows = rollups.hourly_rows
+
+    def rows_after_the_second_write(tenant_id, start, end):
+        reading.set()
+        resumed.wait(10)
+        return real_rows(tenant_id, start, end)
+
+    def roll():
+        try:
+            with patch("dashboard.rollups.hourly_rows", side_effect=rows_after_the_second_write):
+                rollup_tenant(tenant, NOW + timedelta(minutes=10))
+            finished["rollup"] = time.monotonic()
+        finally:
+            connection.close()
+
+    def write():
+        try:
+            reading.wait(10)
+            entry = LedgerEntry(
+                tenant_id=tenant.pk,
+                token_id=None,
+                end_user_id=None,
+                request_id="late-during-rollup",
+                created_at=late,
+                requested_model="cascade/balanced",
+                model="demo/small",
+                paid_cost_nanos=20,
+            )
+            ledger_write(values=usage_event_values(entry), settlement=Settlement(tenant.pk))
+            finished["write"] = time.monotonic()
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=roll), threading.Thread(target=write)]
+    for t in threads:
+        t.start()
+    assert reading.wait(10)
+    time.sleep(1.0)  # the writer is now blocked on the mark the rollup deleted
+    assert "write" not in finished
+    resumed.set()
+    for t in threads:
+        t.join(20)
+    assert finished["rollup"] <= finished["write"]
+
+    hour = NOW.replace(hour=13, minute=0)
+
+    def rolled() -> int:
+        return HourlyUsage.objects.filter(tenant=tenant, hour=hour).aggregate(s=Sum("cost_nanos"))[
+            "s"
+        ]
+
+    assert rolled() == 100  # the second row was not committed when the hour was read
+    assert LateLedgerHour.objects.filter(tenant=tenant, hour=hour).exists()  # but it is marked
+    rollup_tenant(tenant, NOW + timedelta(minutes=15))
+    assert rolled() == 120
+    assert not LateLedgerHour.objects.exists()
