@@ -22,12 +22,20 @@ def url(tenant, path=""):
     return f"/dashboard/t/{tenant.slug}/{path}"
 
 
+def earlier_this_month():
+    """Up to two hours ago, never before this month (UTC): the pages show this month, and
+    two hours before 00:37 on the first of a month is the month before."""
+    now = timezone.now()
+    month_start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return now - min(timedelta(hours=2), (now - month_start) / 2)
+
+
 def ledger(tenant, request_id, *, kind="request", cost=0, profile=BALANCED, **values):
     values.setdefault("baseline_cost_nanos", 0)
     return UsageEventFactory(
         tenant=tenant,
         request_id=request_id,
-        created_at=values.pop("created_at", timezone.now() - timedelta(hours=2)),
+        created_at=values.pop("created_at", earlier_this_month()),
         requested_model=profile,
         profile=profile,
         kind=kind,
@@ -41,7 +49,7 @@ def served_audit(tenant, request_id, *, domain, served, loss, cost, profile=BALA
         tenant=tenant,
         request_id=request_id,
         profile=profile,
-        created_at=timezone.now() - timedelta(hours=2),
+        created_at=earlier_this_month(),
         status="done",
         chain=DEMO,
         chain_key=chain_key(DEMO),
