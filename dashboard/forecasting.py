@@ -313,10 +313,11 @@ def _summarise(
 ) -> SpendForecast:
     q_low, q_high = (1.0 - level) / 2.0, (1.0 + level) / 2.0
     lows, highs = np.clip(np.quantile(paths, [q_low, q_high], axis=1), 0.0, None)
-    cum_lows, cum_highs = np.quantile(
-        np.cumsum(np.clip(paths, 0.0, None), axis=0), [q_low, q_high], axis=1
-    )
-    totals = np.clip(paths.sum(axis=0), 0.0, None)
+    # A day's spend is never negative: each path is floored day by day, and its period
+    # total is its last cumulative value, so the band's end is the total's interval.
+    cumulative = np.cumsum(np.clip(paths, 0.0, None), axis=0)
+    cum_lows, cum_highs = np.quantile(cumulative, [q_low, q_high], axis=1)
+    totals = cumulative[-1]
     total_low, total_high = _nanos(np.quantile(totals, [q_low, q_high]), scale)
     exceed = None if limit is None else float(np.mean(totals * scale > limit - spent))
     return _assemble(

@@ -302,8 +302,18 @@ def test_a_failed_fit_falls_back_to_the_run_rate(monkeypatch):
     assert f.expected_nanos == pytest.approx(100 * USD, rel=0.05)
 
 
-def test_the_cumulative_interval_grows_along_the_period_and_ends_at_the_totals():
-    history = noisy([10.0] * 60, sigma=0.2)
+def sparse(days, seed=3):
+    """Intermittent spend: most days nothing, some days a lot (paths dip below zero)."""
+    rng = np.random.default_rng(seed)
+    return [int(USD * rng.exponential(20.0)) if rng.random() < 0.3 else 0 for _ in range(days)]
+
+
+@pytest.mark.parametrize(
+    "history",
+    [noisy([10.0] * 60, sigma=0.2), sparse(60), sparse(25, seed=7)],
+    ids=["steady", "sparse", "short-sparse"],
+)
+def test_the_cumulative_interval_grows_along_the_period_and_ends_at_the_totals(history):
     f = forecast_spend(
         history=history, today=TODAY, period_end=TODAY + timedelta(days=20), spent_nanos=90 * USD
     )
