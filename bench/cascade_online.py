@@ -10,8 +10,9 @@ request through the real engine (``CascadeAgent`` -> LiteLLM -> the replay
 provider), for a profile that starts with no calibration. Audits run as in
 production (``routing.engine.learning``, ``routing.engine.audit``):
 
-- a uniform share of requests is audited (every one while labels are few,
-  then ``--audit-rate-floor``), within an audit budget (``--audit-cap``, a
+- a uniform share of requests is audited (every one while labels are few and
+  still pay for themselves, then ``--audit-rate-floor``; ``learning.settled``),
+  within an audit budget (``--audit-cap``, a
   share of what the traffic so far would cost on the reference model, as a
   tenant's monthly cap bounds it); an audit asks every chain model that did not
   answer (the reference included; it costs what the file says it costs) and
@@ -162,7 +163,12 @@ async def run(args) -> dict[str, Any]:
         audited = (
             spent_on_audits < args.audit_cap * baseline_so_far
             and rng.random()
-            < learning.audit_rate(uniform_labels, floor=args.audit_rate_floor, warm=args.warm)
+            < learning.audit_rate(
+                uniform_labels,
+                floor=args.audit_rate_floor,
+                warm=args.warm,
+                settled=learning.settled(agent.calibration.meta),
+            )
         )
         audit_cost = 0
         if audited or answered == chain[-1]:
@@ -250,6 +256,7 @@ async def run(args) -> dict[str, Any]:
                 confidence=args.confidence,
                 priors=priors,
                 route=not args.no_route,
+                economics=economics(served),
             )
             agent.calibration = refit.rule.calibration(refit.evidence)
             if refit.certified:
@@ -258,6 +265,17 @@ async def run(args) -> dict[str, Any]:
     scorers = [step.scorer for step in agent.calibration.steps]
     best = await hindsight(agent, rows, specs, chain, prices, scorers, args.target_retention)
     return summarise(args, chain, served, promotions, len(observations), best)
+
+
+def economics(served: list[Served], recent: int = 100) -> learning.Economics:
+    """As production weighs a label (``routing.selectors.audit_economics``, which takes a
+    month of the profile's traffic as the horizon): here the stream so far stands in for
+    it (as much again to come), and a label's cost is that of the latest audits, over what
+    the reference costs on an average request."""
+    audits = [s.audit_cost for s in served if s.audited][-recent:]
+    reference = sum(s.reference_cost for s in served) / max(len(served), 1)
+    cost = sum(audits) / len(audits) / reference if audits and reference else 1.0
+    return learning.Economics(horizon=len(served), label_cost=cost)
 
 
 async def hindsight(agent, rows, specs, chain, prices, scorers, target) -> dict[str, float]:

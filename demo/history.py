@@ -756,7 +756,9 @@ def _sample_audits(
         if not candidate.auditable():
             continue
         state = candidate.learning
-        rate = learning.audit_rate(labels[state.profile], floor=state.floor, warm=AUDIT_WARM)
+        rate = learning.audit_rate(
+            labels[state.profile], floor=state.floor, warm=AUDIT_WARM, settled=state.settled
+        )
         if rng.random() >= rate:
             continue
         labels[state.profile] += 1

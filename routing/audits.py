@@ -234,7 +234,7 @@ def audit_consider(
         return Sampling.NOT_AUDITABLE
     state = candidate.learning
     decision = Sampling.NOT_SAMPLED
-    if flip() < learning.audit_rate(state.uniform_labels, floor=state.floor):
+    if flip() < learning.audit_rate(state.uniform_labels, floor=state.floor, settled=state.settled):
         spent = audit_spend_this_month_cached(
             tenant_id=candidate.tenant_id, time_zone=candidate.time_zone, now=now
         )

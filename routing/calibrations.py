@@ -44,6 +44,7 @@ from routing.models import Audit, CalibrationVersion, ProfileLearning, QualityAl
 from routing.selectors import (
     CONFIDENCE,
     PROFILE_PREFIX,
+    audit_economics,
     profile_full_name,
     recent_drafts,
     served_losses,
@@ -199,6 +200,7 @@ def _refit(state: ProfileLearning, now: datetime) -> CalibrationVersion | None:
         chain_length=len(chain),
         target_retention=PRESETS[preset].target_retention,
         confidence=CONFIDENCE,
+        economics=audit_economics(tenant_id=state.tenant_id, profile=state.profile, now=now),
     )
     evidence: dict[str, Any] = {
         **result.evidence,

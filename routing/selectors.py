@@ -6,14 +6,14 @@ Every selector takes the tenant explicitly and reads only its rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.core.cache import cache
 from django.db.models import Avg, Count, F, FloatField, Q, Sum, Value
 from django.db.models.functions import Coalesce, TruncDay, TruncHour
 
-from routing.engine.learning import Measured, measured_retention
+from routing.engine.learning import Economics, Measured, measured_retention
 from routing.engine.policy import PRESETS
 from routing.enums import AuditStatus, UsageKind, UsageStatus
 from routing.ledger_attempts import attempts_read
@@ -98,6 +98,43 @@ def audit_spend(
     return [
         AuditSpend(r.get("period"), r.get("key"), int(r["cost"] or 0), int(r["n"])) for r in summary
     ]
+
+
+ECONOMICS_WINDOW = timedelta(days=30)  # the audits a label's cost is averaged over
+ECONOMICS_DAY_CAP = 1_000_000  # requests read at most; beyond, labels pay at any count
+
+
+def audit_economics(*, tenant_id: int, profile: str, now: datetime) -> Economics | None:
+    """What one more label of a profile is worth auditing for (``learning.Economics``).
+
+    The horizon is a month of the profile's traffic: 30 times its requests of the last
+    24 hours (at most ``ECONOMICS_DAY_CAP`` of them are read, through the ledger's
+    tenant and time index; a profile that busy has labels worth buying at any count
+    the test will see). A label's cost is what its uniform audits of the last 30 days
+    cost each, over what the reference would have cost on an average request (the
+    requests' baseline). None while the profile has no traffic with a baseline: audits
+    stay at the full rate until there is something to weigh them against.
+    """
+    day = UsageEvent.objects.filter(
+        tenant_id=tenant_id,
+        profile=profile,
+        kind=UsageKind.REQUEST,
+        created_at__gte=now - timedelta(days=1),
+        created_at__lt=now,
+    )[:ECONOMICS_DAY_CAP].aggregate(requests=Count("id"), baseline=Sum("baseline_cost_nanos"))
+    requests, baseline = int(day["requests"] or 0), int(day["baseline"] or 0)
+    if requests <= 0 or baseline <= 0:
+        return None
+    audits = Audit.objects.filter(
+        tenant_id=tenant_id,
+        profile=profile,
+        uniform=True,
+        status=AuditStatus.DONE,
+        created_at__gte=now - ECONOMICS_WINDOW,
+    ).aggregate(cost=Avg("cost_nanos"))
+    per_request = baseline / requests
+    label_cost = float(audits["cost"]) / per_request if audits["cost"] is not None else 1.0
+    return Economics(horizon=30.0 * requests, label_cost=label_cost)
 
 
 def audit_spend_total(*, tenant_id: int, start: datetime | None, end: datetime | None) -> int:

@@ -63,6 +63,7 @@ class Learning:
     uniform_labels: int = 0
     nonuniform_labels: int = 0
     version_id: int | None = None  # the learned calibration serving it (None: cold start)
+    settled: bool = False  # its guarantee's bound is tight: audits fall to the floor
 
 
 def chain_key(chain: tuple[str, ...] | list[str]) -> str:
@@ -311,6 +312,7 @@ def _learning(target: Target, ctx: TokenContext, found: _Found) -> Target:
             uniform_labels=found.uniform_labels if same_chain else 0,
             nonuniform_labels=found.nonuniform_labels if same_chain else 0,
             version_id=version_id,
+            settled=version_id is not None and learning.settled(calibration.meta),
         ),
     )
 

@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import lru_cache
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -178,15 +179,92 @@ def pre_features(query: QueryProfile) -> dict[str, float]:
     return out
 
 
-def audit_rate(labels: int, *, floor: float, warm: int = 400) -> float:
-    """The share of requests to audit: every one until ``warm`` labels, then ``floor``.
+@dataclass(frozen=True)
+class Economics:
+    """What a label costs and how much traffic a calibration serves, in reference requests.
+
+    ``horizon``: the requests the next calibrations will serve (a profile's last 30
+    days of traffic, as much again to come); ``label_cost``: what one uniform audit
+    costs (its reference call when a draft was served, its judge calls), over what
+    the reference costs on an average request, which is also about what an accepted
+    draft saves.
+    """
+
+    horizon: float
+    label_cost: float
+
+    def verdict(self, per_label: float) -> dict[str, Any]:
+        """Whether auditing at the full rate still pays: ``settled`` once one more label is
+        expected to win back less than it costs over the horizon."""
+        gain = per_label * self.horizon
+        return {
+            "horizon_requests": round(self.horizon),
+            "label_cost_requests": round(self.label_cost, 4),
+            "gain_per_label_requests": round(gain, 4),
+            "settled": gain < self.label_cost,
+        }
+
+
+def acceptance_per_label(
+    rules: Sequence[tuple[float, int, int]],
+    *,
+    n: int,
+    acceptance: float,
+    budget: float,
+    level: float,
+    width: float = 0.0,
+) -> tuple[float, float | None]:
+    """The share of requests one more uniform label is expected to let the cascade accept,
+    and the acceptance it is working towards (None: nothing more to win).
+
+    ``rules``: the rules after the promoted one in the tested sequence, each as
+    (acceptance, #worse, #better) on the ``n`` labels it was tested on. A rule
+    whose measured loss is within the budget would pass once its bound's width,
+    about ``z * sd / sqrt(labels)``, fell below its headroom (budget minus loss):
+    after about ``(z * sd / headroom) ** 2`` labels. Its extra acceptance spread
+    over the labels still needed is what each label buys on the way there; the
+    best such rule is the value of a label. Not one step ahead only: with few
+    labels the next rule is usually just out of reach, while the acceptance at
+    stake is much larger. ``z`` is the normal quantile at ``level``, or, when
+    larger, ``width``: how many of its own standard errors the exact test's bound
+    lay above the promoted rule's loss (the exact test is wider than a normal
+    approximation). An estimate for spending audits, not part of the guarantee
+    (which the exact test alone gives).
+    """
+    z = max(NormalDist().inv_cdf(1.0 - level), width)
+    best, target = 0.0, None
+    for accepted, worse, better in rules:
+        loss = (worse - better) / n
+        headroom = budget - loss
+        if accepted <= acceptance or headroom <= 0:
+            continue
+        variance = max((worse + better) / n - loss * loss, 1.0 / n)
+        needed = (z / headroom) ** 2 * variance
+        value = (accepted - acceptance) / max(needed - n, 1.0)
+        if value > best:
+            best, target = value, accepted
+    return best, target
+
+
+def settled(evidence: Mapping[str, Any]) -> bool:
+    """Whether a certified calibration's audits have settled to the floor: its refit found
+    that one more label would win back less than it costs (``Economics.verdict``).
+    Evidence without that verdict (no economics given, or not certified) is not settled."""
+    audits = evidence.get("audits")
+    return isinstance(audits, Mapping) and audits.get("settled") is True
+
+
+def audit_rate(labels: int, *, floor: float, warm: int = 400, settled: bool = False) -> float:
+    """The share of requests to audit: every one until ``warm`` labels are in, or until a
+    refit finds that one more label no longer pays (``settled``), then ``floor``.
 
     Early audits are nearly free (the calibration escalates every draft, so the
     reference answer exists) and they are what the first certified thresholds
     rest on; once drafts are served, an audit costs a reference call, and the
-    floor keeps the labels (and the drift checks) flowing at a small cost.
+    floor keeps the labels (and the drift checks) flowing at a small cost. A
+    later refit that finds labels worth buying again brings the full rate back.
     """
-    return 1.0 if labels < warm else floor
+    return floor if settled or labels >= warm else 1.0
 
 
 # --- the guarantee -----------------------------------------------------------------------
@@ -200,6 +278,7 @@ def _tail(n: int, d: int, worse: float, better: float) -> float:
     return float(np.sum(p_better * binom.cdf(d + j, n - j, min(1.0, worse / rest))))
 
 
+@lru_cache(maxsize=65536)
 def net_loss_p_value(worse: int, better: int, n: int, budget: float, gamma: float) -> float:
     """Exact p-value of "the mean loss is at least ``budget``" (losses +1 / 0 / -1).
 
@@ -408,6 +487,13 @@ def candidate_thresholds(
     return [float(p) for p in picks]
 
 
+def _tally(rule: Rule, observations: Sequence[Observation]) -> tuple[float, int, int]:
+    """A rule's acceptance, #worse and #better on labelled observations."""
+    losses = [rule.loss(o) for o in observations]
+    accepted = sum(rule.served_step(o) is not None for o in observations)
+    return accepted / len(observations), losses.count(1.0), losses.count(-1.0)
+
+
 def _most_permissive(
     scorers: tuple[Scorer, ...],
     test: Sequence[Observation],
@@ -441,6 +527,7 @@ def refit(
     confidence: float = 0.9,
     priors: Sequence[Scorer] | None = None,
     route: bool = True,
+    economics: Economics | None = None,
 ) -> Refit:
     """Test two families of rules, the error split between them; promote the more permissive.
 
@@ -507,24 +594,50 @@ def refit(
     bound = net_loss_upper_bound(
         losses.count(1.0), losses.count(-1.0), len(tested_on), delta=level, gamma=GAMMA
     )
-    served = [policy.served_step(o) for o in tested_on]
+    n = len(tested_on)
+    accepted = sum(s is not None for s in (policy.served_step(o) for o in tested_on)) / n
+    # What one more label would win: the rules after the promoted one, as the test saw them
+    # (without their routers, which only ever serve fewer drafts).
+    later = [
+        Rule(policy.scorers, t)
+        for t in candidate_thresholds(policy.scorers, tested_on)
+        if t < policy.threshold
+    ]
+    worse, better = losses.count(1.0), losses.count(-1.0)
+    spread = math.sqrt(max((worse + better) / n - ((worse - better) / n) ** 2, 0.0) / n)
+    per_label, working_towards = acceptance_per_label(
+        [_tally(rule, tested_on) for rule in later],
+        n=n,
+        acceptance=_tally(Rule(policy.scorers, policy.threshold), tested_on)[0],
+        budget=budget,
+        level=level,
+        # Measured on the promoted rule once it served enough differing drafts to say.
+        width=(bound - (worse - better) / n) / spread
+        if worse + better >= 10 and spread > 0
+        else 0.0,
+    )
     evidence.update(
         {
             "family": name,
             "tested_at": round(level, 4),
-            "n_tested_on": len(tested_on),
+            "n_tested_on": n,
             "threshold": round(policy.threshold, 6),
-            "held_out_loss": round(sum(losses) / len(tested_on), 4),
+            "held_out_loss": round(sum(losses) / n, 4),
             "held_out_loss_upper_bound": round(bound, 4),
+            "acceptance_per_label": round(per_label, 8),
+            "acceptance_within_reach": None
+            if working_towards is None
+            else round(working_towards, 4),
             "retention_lower_bound": round(1 - bound, 4),
-            "held_out_acceptance": round(sum(s is not None for s in served) / len(tested_on), 4),
+            "held_out_acceptance": round(accepted, 4),
             "held_out_routed_past_draft": round(
-                sum(1 for o in tested_on if policy.router and policy.router.skips(o.pre))
-                / len(tested_on),
+                sum(1 for o in tested_on if policy.router and policy.router.skips(o.pre)) / n,
                 4,
             ),
         }
     )
+    if economics is not None:
+        evidence["audits"] = economics.verdict(per_label)
     return Refit(policy, True, evidence)
 
 

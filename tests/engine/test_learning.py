@@ -9,6 +9,7 @@ truth.
 
 import math
 import random
+from statistics import NormalDist
 
 import numpy as np
 import pytest
@@ -196,6 +197,91 @@ def test_the_audit_rate_is_full_while_labels_are_few_then_the_floor():
     assert audit_rate(399, floor=0.03, warm=400) == 1.0
     assert audit_rate(400, floor=0.03, warm=400) == 0.03
     assert audit_rate(10_000, floor=0.2, warm=400) == 0.2
+    assert audit_rate(120, floor=0.03, warm=400, settled=True) == 0.03
+
+
+SETTLED = {
+    "no verdict (cold start, or no economics given)": ({"cold_start": True}, False),
+    "certified, no economics given": ({"loss_budget": 0.05, "held_out_loss": 0.01}, False),
+    "a label would win back less than it costs": ({"audits": {"settled": True}}, True),
+    "a label still pays": ({"audits": {"settled": False}}, False),
+    "garbled verdict": ({"audits": "settled"}, False),
+    "garbled flag": ({"audits": {"settled": "yes"}}, False),
+}
+
+
+@pytest.mark.parametrize("case", list(SETTLED))
+def test_audits_settle_only_on_a_refits_verdict(case):
+    evidence, expected = SETTLED[case]
+    assert learning.settled(evidence) is expected
+
+
+def test_the_economics_verdict_weighs_a_labels_gain_over_the_horizon_against_its_cost():
+    economics = learning.Economics(horizon=10_000, label_cost=1.5)
+
+    assert economics.verdict(2e-4)["settled"] is False  # wins back 2 requests' worth
+    assert economics.verdict(1e-4)["settled"] is True  # 1 request's worth: less than 1.5
+    assert economics.verdict(0.0) == {
+        "horizon_requests": 10_000,
+        "label_cost_requests": 1.5,
+        "gain_per_label_requests": 0.0,
+        "settled": True,
+    }
+
+
+Z = NormalDist().inv_cdf(1 - 0.09)
+
+
+def needed(worse, better, n, budget=0.05):
+    """Labels a rule with these counts needs to pass (normal approximation)."""
+    loss = (worse - better) / n
+    variance = (worse + better) / n - loss * loss
+    return (Z / (budget - loss)) ** 2 * variance
+
+
+# (later rules as (acceptance, #worse, #better) on 200 labels, value per label, within reach)
+PER_LABEL = {
+    "nothing after the promoted rule": ([], 0.0, None),
+    "only rules over the budget": ([(0.5, 12, 1), (0.6, 20, 2)], 0.0, None),
+    "one rule within reach": ([(0.5, 14, 6)], 0.2 / (needed(14, 6, 200) - 200), 0.5),
+    "the best of several, not the next": (
+        [(0.32, 9, 1), (0.5, 14, 6), (0.7, 16, 2)],
+        max(0.02 / (needed(9, 1, 200) - 200), 0.2 / (needed(14, 6, 200) - 200)),
+        0.5,
+    ),
+    "a rule that should pass already counts one label": ([(0.4, 1, 1)], 0.1, 0.4),
+}
+
+
+@pytest.mark.parametrize("case", list(PER_LABEL))
+def test_a_label_is_worth_the_acceptance_it_brings_within_reach(case):
+    rules, value, reach = PER_LABEL[case]
+
+    got, towards = learning.acceptance_per_label(
+        rules, n=200, acceptance=0.3, budget=0.05, level=0.09
+    )
+
+    assert got == pytest.approx(value)
+    assert towards == reach
+
+
+def test_a_refit_weighs_one_more_label_when_given_its_economics():
+    """The same labels: a profile with little traffic settles to the floor, a busy one keeps
+    auditing; the guarantee itself (the promoted rule) does not depend on it."""
+    prior = Scorer(weights={"lp_mean": 1.6}, bias=0.6)
+    sample = world(random.Random(11), 400)
+    args = {"chain_length": 2, "target_retention": 0.95, "route": False, "priors": (prior,)}
+
+    quiet = refit(sample, **args, economics=learning.Economics(horizon=500, label_cost=1.0))
+    busy = refit(sample, **args, economics=learning.Economics(horizon=10**7, label_cost=1.0))
+    none = refit(sample, **args)
+
+    assert quiet.certified and busy.certified
+    assert quiet.rule.threshold == busy.rule.threshold == none.rule.threshold
+    assert quiet.evidence["acceptance_per_label"] > 0
+    assert quiet.evidence["acceptance_within_reach"] > quiet.evidence["held_out_acceptance"]
+    assert learning.settled(quiet.evidence) and not learning.settled(busy.evidence)
+    assert "audits" not in none.evidence and not learning.settled(none.evidence)
 
 
 def test_measured_retention_has_an_interval_around_its_estimate():

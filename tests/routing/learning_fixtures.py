@@ -79,15 +79,21 @@ def chat(model: str, content: str, **extra) -> str:
     return json.dumps({"model": model, "messages": [{"role": "user", "content": content}], **extra})
 
 
-def accepting_version(tenant, profile="cascade/geo", chain=CHAIN, number=1, promote=True):
-    """A certified version whose threshold accepts every draft."""
+def accepting_version(
+    tenant, profile="cascade/geo", chain=CHAIN, number=1, promote=True, settled=None
+):
+    """A certified version whose threshold accepts every draft (``settled``: its refit's
+    verdict on audits, ``learning.Economics.verdict``; None: no verdict)."""
     rule = Rule(tuple(Scorer() for _ in chain[:-1]), 0.0)
+    evidence: dict = {"threshold": 0.0}
+    if settled is not None:
+        evidence["audits"] = {"settled": settled}
     version = CalibrationVersion.objects.create(
         tenant=tenant,
         profile=profile,
         version=number,
         chain=list(chain),
-        calibration=rule.calibration({"threshold": 0.0}).to_json(),
+        calibration=rule.calibration(evidence).to_json(),
         evidence={"target_retention": 0.95, "threshold": 0.0, "held_out_acceptance": 1.0},
         certified=True,
     )

@@ -82,6 +82,7 @@ def candidate(tenant, request_id="req_1", served="demo/large", **overrides) -> A
         floor=state.get("floor", 0.03),
         uniform_labels=state.get("uniform_labels", 0),
         nonuniform_labels=state.get("nonuniform_labels", 0),
+        settled=state.get("settled", False),
     )
     drafts = DEMO[: DEMO.index(served) + 1] if served in DEMO[:-1] else DEMO[:-1]
     attempts = [draft_attempt(m, {"lp_mean": -0.1}) for m in drafts]
@@ -130,6 +131,20 @@ SAMPLING = {
     "at the floor: coin over it, a draft served": (
         {"learning": {"uniform_labels": 400}, "served": "demo/small"},
         coins(0.5),
+        Sampling.NOT_SAMPLED,
+        0,
+        0,
+    ),
+    "settled guarantee, few labels: coin under the floor": (
+        {"learning": {"uniform_labels": 120, "settled": True}, "served": "demo/small"},
+        coins(0.029),
+        Sampling.SAMPLED,
+        1,
+        0,
+    ),
+    "settled guarantee, few labels: coin over the floor": (
+        {"learning": {"uniform_labels": 120, "settled": True}, "served": "demo/small"},
+        coins(0.031),
         Sampling.NOT_SAMPLED,
         0,
         0,

@@ -1,6 +1,7 @@
 """Learned calibrations: the gateway runs them, refits certify them, drift and retention watch them."""
 
-from datetime import timedelta
+import random
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -16,6 +17,7 @@ from routing.calibrations import (
     profile_refit,
     quality_check,
 )
+from routing.engine import learning
 from routing.engine.learning import NEVER, Verdict
 from routing.enums import QualityAlertKind, UsageKind
 from routing.models import (
@@ -31,6 +33,7 @@ from tenants.enums import MemberRole
 from tenants.models import AuditEvent, Member
 from tenants.selectors import token_context_for_raw
 from tenants.services import tenant_settings_update, user_get_or_create
+from tests.factories import UsageEventFactory
 from tests.routing.learning_fixtures import (
     BAD,
     GOOD,
@@ -114,6 +117,24 @@ def test_labels_of_another_chain_do_not_count_for_sampling(api_token, tenant, ch
     assert target.learning.uniform_labels == labels
 
 
+@pytest.mark.parametrize(
+    ("verdict", "settled"),
+    [(None, False), (False, False), (True, True)],
+    ids=["no verdict recorded", "a label still pays", "a label would not pay"],
+)
+def test_a_settled_guarantee_is_read_with_the_target(api_token, tenant, verdict, settled):
+    accepting_version(tenant, profile=BALANCED, chain=DEMO, settled=verdict)
+
+    target = resolve_target(ctx_of(api_token), BALANCED)
+
+    assert target.learning.version_id is not None
+    assert target.learning.settled is settled
+
+
+def test_cold_start_is_never_settled(api_token):
+    assert resolve_target(ctx_of(api_token), BALANCED).learning.settled is False
+
+
 def test_a_learning_preset_resolves_in_one_query(api_token, tenant, django_assert_num_queries):
     accepting_version(tenant, profile=BALANCED, chain=DEMO)
     ctx = ctx_of(api_token)
@@ -190,6 +211,61 @@ def test_a_refit_whose_bound_holds_is_promoted(tenant):
     assert ProfileLearning.objects.get().active_version == version
     event = AuditEvent.objects.get(action="calibration.promote")
     assert (event.target, event.data["version"], event.data["previous"]) == (BALANCED, 1, None)
+
+
+# (the profile's requests of the last day, an audit's cost over a request's baseline,
+# settled): a month of traffic is 30 such days
+ECONOMICS = {
+    "no traffic: audits stay at the full rate": (0, 2.0, None),
+    "one request a day, an audit at twice a request: a label does not pay": (1, 2.0, True),
+    "forty requests a day, audits nearly free: labels still pay": (40, 0.001, False),
+}
+
+
+@pytest.mark.parametrize("case", list(ECONOMICS))
+def test_a_refit_weighs_one_more_label_against_the_profiles_traffic(tenant, case):
+    requests, audit_cost, settled = ECONOMICS[case]
+    now = datetime(2026, 11, 20, tzinfo=UTC)
+    # Drafts whose chance of being worse falls with their log-probabilities: every later
+    # rule of the sequence serves a few more worse drafts, so labels have value.
+    rng = random.Random(0)
+    means = [-2.5 * i / 400 for i in range(400)]
+    verdicts = [Verdict.WORSE if rng.random() < 0.3 * -m else Verdict.AS_GOOD for m in means]
+    features = [{**GOOD, "lp_mean": m} for m in means]
+    store_observations(tenant, BALANCED, TWO, verdicts, features=features)
+    Audit.objects.update(cost_nanos=int(audit_cost * 1_000_000))
+    ledger = [
+        UsageEventFactory.build(
+            tenant=tenant,
+            profile=BALANCED,
+            created_at=now - timedelta(hours=1 + i % 20),
+            baseline_cost_nanos=1_000_000,
+        )
+        for i in range(requests)
+    ]
+    ledger += [  # none of these counts: a day and more ago, another profile, an audit
+        UsageEventFactory.build(tenant=tenant, profile=BALANCED, created_at=at, kind=kind)
+        for at, kind in [
+            (now - timedelta(days=1, minutes=1), UsageKind.REQUEST),
+            (now - timedelta(days=3), UsageKind.REQUEST),
+            (now - timedelta(hours=2), UsageKind.AUDIT),
+        ]
+    ] + [UsageEventFactory.build(tenant=tenant, profile="cascade/other", created_at=now)]
+    UsageEvent.objects.bulk_create(ledger)
+    _learning(tenant, BALANCED, TWO, since=400)
+
+    version = profile_refit(tenant_id=tenant.pk, profile=BALANCED, now=now)
+
+    assert version.certified
+    audits = version.evidence.get("audits")
+    if settled is None:
+        assert audits is None
+    else:
+        assert audits["horizon_requests"] == 30 * requests
+        assert audits["label_cost_requests"] == pytest.approx(audit_cost)
+        assert audits["settled"] is settled
+        assert version.evidence["acceptance_per_label"] > 0
+    assert learning.settled(version.calibration["meta"]) is bool(settled)  # what the gateway reads
 
 
 def test_too_few_labels_certify_nothing(tenant):
