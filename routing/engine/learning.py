@@ -69,7 +69,6 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import lru_cache
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -210,40 +209,36 @@ def acceptance_per_label(
     *,
     n: int,
     acceptance: float,
+    loss: float,
+    bound: float,
     budget: float,
-    level: float,
-    width: float = 0.0,
 ) -> tuple[float, float | None]:
     """The share of requests one more uniform label is expected to let the cascade accept,
     and the acceptance it is working towards (None: nothing more to win).
 
     ``rules``: the rules after the promoted one in the tested sequence, each as
-    (acceptance, #worse, #better) on the ``n`` labels it was tested on. A rule
-    whose measured loss is within the budget would pass once its bound's width,
-    about ``z * sd / sqrt(labels)``, fell below its headroom (budget minus loss):
-    after about ``(z * sd / headroom) ** 2`` labels. Its extra acceptance spread
-    over the labels still needed is what each label buys on the way there; the
-    best such rule is the value of a label. Not one step ahead only: with few
-    labels the next rule is usually just out of reach, while the acceptance at
-    stake is much larger. ``z`` is the normal quantile at ``level``, or, when
-    larger, ``width``: how many of its own standard errors the exact test's bound
-    lay above the promoted rule's loss (the exact test is wider than a normal
-    approximation). An estimate for spending audits, not part of the guarantee
-    (which the exact test alone gives).
+    (acceptance, #worse, #better) on the ``n`` labels the promoted rule was tested
+    on (its acceptance, measured loss and bound given). The bound lies
+    ``bound - loss`` above the measured loss and shrinks as one over the square
+    root of the labels, so one more label narrows it by about
+    ``(bound - loss) / (2 n)``, which the cascade can spend on loss. What a unit
+    of loss buys is read off the sequence: from the promoted rule to the most
+    permissive later rule whose measured loss is within the budget (what the
+    labels are working towards), its extra acceptance over its extra loss, the
+    loss floored at one label's worth. A chord over the whole reachable stretch,
+    not the step to the next rule: that step is always just out of reach and says
+    little (it failed by a label or two, or by chance), while the acceptance at
+    stake, which is what labels buy, can be much larger. An estimate for spending
+    audits, not part of the guarantee, which the exact test alone gives.
     """
-    z = max(NormalDist().inv_cdf(1.0 - level), width)
-    best, target = 0.0, None
+    reach = None
     for accepted, worse, better in rules:
-        loss = (worse - better) / n
-        headroom = budget - loss
-        if accepted <= acceptance or headroom <= 0:
-            continue
-        variance = max((worse + better) / n - loss * loss, 1.0 / n)
-        needed = (z / headroom) ** 2 * variance
-        value = (accepted - acceptance) / max(needed - n, 1.0)
-        if value > best:
-            best, target = value, accepted
-    return best, target
+        if accepted > acceptance and (worse - better) / n < budget:
+            reach = (accepted, (worse - better) / n)
+    if reach is None or n <= 0:
+        return 0.0, None
+    slope = (reach[0] - acceptance) / max(reach[1] - loss, 1.0 / n)
+    return slope * max(bound - loss, 0.0) / (2.0 * n), reach[0]
 
 
 def settled(evidence: Mapping[str, Any]) -> bool:
@@ -603,18 +598,13 @@ def refit(
         for t in candidate_thresholds(policy.scorers, tested_on)
         if t < policy.threshold
     ]
-    worse, better = losses.count(1.0), losses.count(-1.0)
-    spread = math.sqrt(max((worse + better) / n - ((worse - better) / n) ** 2, 0.0) / n)
     per_label, working_towards = acceptance_per_label(
         [_tally(rule, tested_on) for rule in later],
         n=n,
         acceptance=_tally(Rule(policy.scorers, policy.threshold), tested_on)[0],
+        loss=sum(losses) / n,
+        bound=bound,
         budget=budget,
-        level=level,
-        # Measured on the promoted rule once it served enough differing drafts to say.
-        width=(bound - (worse - better) / n) / spread
-        if worse + better >= 10 and spread > 0
-        else 0.0,
     )
     evidence.update(
         {
