@@ -101,7 +101,7 @@ def audit_spend(
 
 
 ECONOMICS_WINDOW = timedelta(days=30)  # the audits a label's cost is averaged over
-ECONOMICS_DAY_CAP = 1_000_000  # requests read at most; beyond, labels pay at any count
+ECONOMICS_DAY_CAP = 100_000  # requests read at most; beyond, labels pay at any count
 
 
 def audit_economics(*, tenant_id: int, profile: str, now: datetime) -> Economics | None:

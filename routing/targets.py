@@ -63,7 +63,7 @@ class Learning:
     uniform_labels: int = 0
     nonuniform_labels: int = 0
     version_id: int | None = None  # the learned calibration serving it (None: cold start)
-    settled: bool = False  # its guarantee's bound is tight: audits fall to the floor
+    settled: bool = False  # its refit found one more label no longer pays: audit at the floor
 
 
 def chain_key(chain: tuple[str, ...] | list[str]) -> str:
