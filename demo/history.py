@@ -746,7 +746,11 @@ def _sample_audits(
 ) -> list[Audit]:
     """The requests sampling would have audited, in time order: ``audits.audit_consider``'s
     rule (auditable requests of a cascade that learns, with ``learning.audit_rate``'s
-    probability given the profile's labels so far), each as its pending row."""
+    probability given the profile's labels so far), each as its pending row. Settling to
+    the floor early (``learning.settled``) is left out: it is decided by the refits the
+    history makes after sampling, and the candidates carry whatever calibration was active
+    before the history was (re)generated, so following it would make the history depend on
+    the one it replaces."""
     rng = random.Random(seed + 3)  # noqa: S311 - demo data, not security
     labels: dict[str, int] = defaultdict(int)
     sampled = []
@@ -756,9 +760,7 @@ def _sample_audits(
         if not candidate.auditable():
             continue
         state = candidate.learning
-        rate = learning.audit_rate(
-            labels[state.profile], floor=state.floor, warm=AUDIT_WARM, settled=state.settled
-        )
+        rate = learning.audit_rate(labels[state.profile], floor=state.floor, warm=AUDIT_WARM)
         if rng.random() >= rate:
             continue
         labels[state.profile] += 1
