@@ -92,9 +92,10 @@ def test_rollup_matches_the_ledger_and_is_idempotent(tenant, other_tenant):
     assert not HourlyUsage.objects.filter(tenant=other_tenant).exclude(cost_nanos=7).exists()
 
 
-def written(tenant, at, *, when, cost=1_000):
+def written(tenant, at, *, when=None, cost=1_000):
     """A ledger row of a request started at ``at``, written through ``ledger_write`` at
-    the wall-clock time ``when`` (the gateway's path, and the spool's replay)."""
+    the wall-clock time ``when`` (the gateway's path, and the spool's replay; None: the
+    real clock, with nothing patched, as a concurrent writer needs)."""
     entry = LedgerEntry(
         tenant_id=tenant.pk,
         token_id=None,
@@ -108,6 +109,9 @@ def written(tenant, at, *, when, cost=1_000):
         profile="balanced",
         domain="general",
     )
+    if when is None:
+        ledger_write(values=usage_event_values(entry), settlement=Settlement(tenant.pk))
+        return
     with patch("routing.services.timezone.now", return_value=when):
         ledger_write(values=usage_event_values(entry), settlement=Settlement(tenant.pk))
 
@@ -547,17 +551,7 @@ def test_a_late_row_written_while_a_rollup_rebuilds_its_hour_is_rolled_by_the_ne
     def write():
         try:
             reading.wait(10)
-            entry = LedgerEntry(
-                tenant_id=tenant.pk,
-                token_id=None,
-                end_user_id=None,
-                request_id="late-during-rollup",
-                created_at=late,
-                requested_model="cascade/balanced",
-                model="demo/small",
-                paid_cost_nanos=20,
-            )
-            ledger_write(values=usage_event_values(entry), settlement=Settlement(tenant.pk))
+            written(tenant, late, cost=20)
             finished["write"] = time.monotonic()
         finally:
             connection.close()
