@@ -182,11 +182,11 @@ def pre_features(query: QueryProfile) -> dict[str, float]:
 class Economics:
     """What a label costs and how much traffic a calibration serves, in reference requests.
 
-    ``horizon``: the requests the next calibrations will serve (a profile's last 30
-    days of traffic, as much again to come); ``label_cost``: what one uniform audit
-    costs (its reference call when a draft was served, its judge calls), over what
-    the reference costs on an average request, which is also about what an accepted
-    draft saves.
+    ``horizon``: the requests the next calibrations will serve (a month of the
+    profile's traffic: 30 times its last day's); ``label_cost``: what one uniform
+    audit costs (its reference call when a draft was served, its judge calls), over
+    what the reference costs on an average request, which is also about what an
+    accepted draft saves.
     """
 
     horizon: float
