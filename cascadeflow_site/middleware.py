@@ -133,11 +133,11 @@ class BodySizeLimitMiddleware:
         limit = self.limit
         for name, value in scope.get("headers", []):
             if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    declared = 0
-                if declared > limit:
+                if not value.isdigit():  # a server in front would have refused it; say so
+                    return await self._send_error(
+                        send, 400, "Content-Length is not a number of bytes.", "invalid_request"
+                    )
+                if int(value) > limit:
                     return await self._reject(receive, send, limit)
         received = 0
         too_large = False
@@ -160,22 +160,31 @@ class BodySizeLimitMiddleware:
     async def _reject(self, receive, send, limit):
         return await self._send_413(send, limit)
 
+    @classmethod
+    async def _send_413(cls, send, limit):
+        await cls._send_error(
+            send,
+            413,
+            f"Request body is larger than the limit of {limit} bytes.",
+            "request_too_large",
+        )
+
     @staticmethod
-    async def _send_413(send, limit):
+    async def _send_error(send, status: int, message: str, code: str):
         body = json.dumps(
             {
                 "error": {
-                    "message": f"Request body is larger than the limit of {limit} bytes.",
+                    "message": message,
                     "type": "invalid_request_error",
                     "param": None,
-                    "code": "request_too_large",
+                    "code": code,
                 }
             }
         ).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
