@@ -32,6 +32,7 @@ compilation alone would cost more than the check's budget (bench/budget.py).
 from __future__ import annotations
 
 import calendar
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
@@ -706,16 +707,25 @@ def settle_after_insert(
     created = adapt(now)
     params = [*insert[1], request_id, actual_nanos, *counter_ids]
     if lines:
-        params += [tenant_id, created]
-    for line in lines:
-        for level, pct in (
-            (BudgetDecision.WARN, line.warn_pct),
-            (BudgetDecision.DEGRADE, line.degrade_pct),
-            (BudgetDecision.BLOCK, line.block_pct),
-        ):
-            params += [line.budget_id, line.subject_id, str(level), pct, line.limit_nanos]
-    if lines:
-        params.append(actual_nanos)
+        # The thresholds as one JSON parameter: the statement's text and its parameter
+        # count stay the same whatever the lines, within what psycopg caches the parsing
+        # of (50 parameters); three thresholds a line as parameters were 15 each.
+        thresholds = [
+            {
+                "budget_id": line.budget_id,
+                "subject_id": line.subject_id,
+                "level": str(level),
+                "pct": pct,
+                "limit_nanos": line.limit_nanos,
+            }
+            for line in lines
+            for level, pct in (
+                (BudgetDecision.WARN, line.warn_pct),
+                (BudgetDecision.DEGRADE, line.degrade_pct),
+                (BudgetDecision.BLOCK, line.block_pct),
+            )
+        ]
+        params += [tenant_id, created, json.dumps(thresholds), actual_nanos]
     if tripped is not None:
         params += [
             tripped.budget_id,
@@ -727,7 +737,7 @@ def settle_after_insert(
             tenant_id,
             created,
         ]
-    sql = _settle_after_insert_sql(insert[0], len(counter_ids), len(lines), tripped is not None)
+    sql = _settle_after_insert_sql(insert[0], len(counter_ids), bool(lines), tripped is not None)
 
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
@@ -742,7 +752,7 @@ _ALERT_COLUMNS = (
 
 
 @lru_cache(maxsize=256)
-def _settle_after_insert_sql(insert_sql: str, rows: int, lines: int, tripped: bool) -> str:
+def _settle_after_insert_sql(insert_sql: str, rows: int, lines: bool, tripped: bool) -> str:
     _, reservations = _quoted()
     alerts = connection.ops.quote_name(BudgetAlert._meta.db_table)
     settle = _locked_update_sql(
@@ -756,16 +766,14 @@ def _settle_after_insert_sql(insert_sql: str, rows: int, lines: int, tripped: bo
     sources = []
     if lines:
         # Three thresholds per budget line: (budget, subject, level, percent, limit).
-        thresholds = ", ".join(
-            ["(%s::bigint, %s::bigint, %s::varchar, %s::numeric, %s::numeric)"] * (lines * 3)
-        )
         sources.append(
-            f"SELECT %s::bigint, t.budget_id, t.subject_id, s.period_start, t.level, "  # noqa: S608 - placeholders only
-            f"s.spent_nanos, t.limit_nanos::bigint, %s::timestamptz "
-            f"FROM settled s JOIN (VALUES {thresholds}) AS t(budget_id, subject_id, level, "
-            f"pct, limit_nanos) ON s.budget_id = t.budget_id AND s.subject_id = t.subject_id "
-            f"WHERE (s.spent_nanos - %s::numeric) * 100 < t.limit_nanos * t.pct "
-            f"AND t.limit_nanos * t.pct <= s.spent_nanos::numeric * 100"
+            "SELECT %s::bigint, t.budget_id, t.subject_id, s.period_start, t.level, "
+            "s.spent_nanos, t.limit_nanos::bigint, %s::timestamptz "
+            "FROM settled s JOIN jsonb_to_recordset(%s::jsonb) AS t(budget_id bigint, "
+            "subject_id bigint, level varchar, pct numeric, limit_nanos numeric) "
+            "ON s.budget_id = t.budget_id AND s.subject_id = t.subject_id "
+            "WHERE (s.spent_nanos - %s::numeric) * 100 < t.limit_nanos * t.pct "
+            "AND t.limit_nanos * t.pct <= s.spent_nanos::numeric * 100"
         )
     if tripped:
         sources.append(
