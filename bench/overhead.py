@@ -209,6 +209,9 @@ PRODUCTION_STEPS: dict[str, Step] = {
     ),
 }
 
+# ``--baseline REF``: the step it is run as, at REF, beside the code under test.
+BASELINE, BASELINE_STEP = "p_baseline", "p_obs"
+
 # Run with ``manage.py shell -c`` against the bench database: gives one tenant (and its
 # token, and the end user PRODUCTION_USER) the features of a step. argv-free: formatted in.
 PRODUCTION_SETUP = """
@@ -1240,13 +1243,19 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     with managed_run(args.keep_tmp) as (procs, tmp):
         litellm_version = ensure_litellm_proxy_venv(procs)
         app_dir, code = code_under_test(args.ref, tmp)
+        baseline = None
+        if args.baseline:
+            (tmp / "baseline").mkdir()
+            baseline = code_under_test(args.baseline, tmp / "baseline")
         db = prepare_database(args.database_url, tmp, args.keep_db, args.pg_database)
         try:
-            return _benchmark(args, procs, tmp, db, litellm_version, date, app_dir, code)
+            return _benchmark(args, procs, tmp, db, litellm_version, date, app_dir, code, baseline)
         except Exception:
             for name, _ in procs.procs:
                 servers = {"upstream", "cascadeflow", "litellm-proxy", "otlp-sink"}
-                if name in servers | set(OBSERVABILITY_TARGETS) | set(PRODUCTION_STEPS):
+                if name in servers | set(OBSERVABILITY_TARGETS) | set(PRODUCTION_STEPS) | {
+                    BASELINE
+                }:
                     print(
                         f"--- last lines of {name} log ---\n{procs.log_tail(name)}", file=sys.stderr
                     )
@@ -1267,8 +1276,11 @@ def _benchmark(
     date: dt.datetime,
     app_dir: Path,
     code: dict[str, Any],
+    baseline: tuple[Path, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     print(f"CascadeFlow code: {code['source']} at {code['commit'][:12]}", flush=True)
+    if baseline:
+        print(f"Baseline: {baseline[1]['source']} at {baseline[1]['commit'][:12]}", flush=True)
     if code["modified_files"]:
         print(f"  modified files: {', '.join(code['modified_files'])}", flush=True)
     print(f"Database: {db.description}", flush=True)
@@ -1297,6 +1309,9 @@ def _benchmark(
             for key, step in PRODUCTION_STEPS.items()
         }
         cf_workers = {key: step.workers for key, step in PRODUCTION_STEPS.items()}
+        if baseline:
+            cf_configs[BASELINE] = cf_configs[BASELINE_STEP]
+            cf_workers[BASELINE] = cf_workers[BASELINE_STEP]
     elif args.observability:
         assert sink_port is not None
         cf_configs.update(observability_envs(sink_port))
@@ -1305,12 +1320,14 @@ def _benchmark(
     for key, extra in cf_configs.items():
         tenant_slug, token = create_tenant(procs, cf_env, app_dir)
         if production:
-            production_setup(procs, cf_env, app_dir, tenant_slug, token, PRODUCTION_STEPS[key])
+            step = PRODUCTION_STEPS[BASELINE_STEP if key == BASELINE else key]
+            production_setup(procs, cf_env, app_dir, tenant_slug, token, step)
         prom_dir = tmp / f"prometheus-{key}"
         prom_dir.mkdir()
         port = cf_port if key == "cascadeflow" else free_port()
         env = {**cf_env, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir), **extra}
-        proc = procs.start(key, cascadeflow_cmd(port, cf_workers[key]), env=env, cwd=app_dir)
+        cwd = baseline[0] if key == BASELINE and baseline else app_dir
+        proc = procs.start(key, cascadeflow_cmd(port, cf_workers[key]), env=env, cwd=cwd)
         cf_servers[key] = (proc, port, token, tenant_slug)
     tenant_slug = cf_servers["cascadeflow"][3]
 
@@ -1375,6 +1392,7 @@ def _benchmark(
     ]
     targets[0].body = targets[2].body = body
     labels = {key: f"CascadeFlow {step.label}" for key, step in PRODUCTION_STEPS.items()}
+    labels[BASELINE] = f"CascadeFlow {PRODUCTION_STEPS[BASELINE_STEP].label} at {args.baseline}"
     for key in cf_servers:
         if key != "cascadeflow":
             proc, port, token, _ = cf_servers[key]
@@ -1513,6 +1531,8 @@ def _benchmark(
         assert sink_port is not None
         spans = sink_counts(sink_port)
         production_figures = compare_production(results, comparisons, spans)
+        if BASELINE in results:
+            production_figures["baseline"] = compare_baseline(results, segments, args.baseline)
         targets_met.update(production_figures["targets_met"])
     elif args.observability and sink_port is not None:
         spans = wait_for_spans(sink_port, served["cf_obs_on"])
@@ -1524,6 +1544,7 @@ def _benchmark(
         "machine": machine_info(),
         "database": db.description,
         "code": code,
+        "baseline_code": baseline[1] if baseline else None,
         "config": {
             "rounds": args.rounds,
             "segment_duration_s": None if args.requests else args.duration,
@@ -1561,6 +1582,37 @@ def _benchmark(
         "observability": observability,
         "production": production_figures,
     }
+
+
+def compare_baseline(
+    results: dict[str, dict[str, Any]], segments: list[Segment], ref: str
+) -> dict[str, Any]:
+    """The code under test against ``ref``, both everything on with one worker, same segments."""
+    now, before = results[BASELINE_STEP], results[BASELINE]
+    figures: dict[str, Any] = {"ref": ref, "step": BASELINE_STEP}
+    for c in CONCURRENCIES:
+        n, b = now[f"c{c}"], before[f"c{c}"]
+        rounds = {
+            key: {s.round: s.rps for s in segments if s.target == key and s.concurrency == c}
+            for key in (BASELINE_STEP, BASELINE)
+        }
+        figures[f"c{c}"] = {
+            "p50_ms": (n["p50_ms"], b["p50_ms"]),
+            "throughput_rps": (n["throughput_rps"], b["throughput_rps"]),
+            "server_cpu_ms_per_request": (
+                n["server_cpu_ms_per_request"],
+                b["server_cpu_ms_per_request"],
+            ),
+            "db_backend_cpu_ms_per_request": (
+                n["db_backend_cpu_ms_per_request"],
+                b["db_backend_cpu_ms_per_request"],
+            ),
+            "throughput_ratio_per_round": [
+                round(ratio(rounds[BASELINE_STEP][r], rounds[BASELINE][r]), 3)
+                for r in sorted(rounds[BASELINE])
+            ],
+        }
+    return figures
 
 
 def compare_production(
@@ -1659,6 +1711,28 @@ def report_production(prod: dict[str, Any]) -> list[str]:
         f"{fmt(prod['second_worker_throughput_c16_ratio'], 2)}x -> "
         + ("MET" if met["second_worker_throughput_c16_ratio_ge_1.6"] else "NOT MET"),
     ]
+    if base := prod.get("baseline"):
+        lines += [
+            "",
+            f"Code under test against {base['ref']}, both everything on with one worker, "
+            "in the same segments (now / before):",
+            "",
+            "| concurrency | p50 ms | req/s | req/s ratio per round | server CPU ms/req "
+            "| PG CPU ms/req |",
+            "|---|---:|---:|---|---:|---:|",
+        ]
+        for c in CONCURRENCIES:
+            f = base[f"c{c}"]
+
+            def pair(key: str, digits: int = 2, f: dict[str, Any] = f) -> str:
+                now, before = f[key]
+                return f"{fmt(now, digits)} / {fmt(before, digits)} ({ratio(now, before):.2f}x)"
+
+            lines.append(
+                f"| {c} | {pair('p50_ms')} | {pair('throughput_rps', 1)} "
+                f"| {', '.join(f'{r:.2f}' for r in f['throughput_ratio_per_round'])} "
+                f"| {pair('server_cpu_ms_per_request')} | {pair('db_backend_cpu_ms_per_request')} |"
+            )
     return lines
 
 
@@ -1843,6 +1917,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep-db", action="store_true", help="do not drop the throwaway PG database"
     )
     parser.add_argument("--keep-tmp", action="store_true", help="keep logs and the temp directory")
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="--profile production: one more server, everything on with one worker (as the "
+        "'+ metrics and tracing' step) running the code of git ref REF, measured in the same "
+        "segments: the before/after of a change in one run",
+    )
     parser.add_argument(
         "--observability",
         action=argparse.BooleanOptionalAction,
