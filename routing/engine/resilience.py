@@ -196,35 +196,46 @@ class RedisBreakerStore:
     in a MULTI); ``cf:cb:<key>:open`` exists while the circuit is open (SET PX).
 
     A success clears both keys, but only when the last check of that deployment
-    in this process saw either of them: a healthy deployment costs one Redis
-    round trip per call (the check), not two. A failure counted by another
-    process after that check is not cleared by this success; it expires with
-    its window.
+    in this process saw either of them: a healthy deployment costs no more than
+    the checks, not a write per call. A failure counted by another process after
+    that check is not cleared by this success; it expires with its window.
+
+    A check that found a deployment clean (no failure, no open circuit) is
+    trusted for ``clean_for_s`` (a quarter of a second): a healthy deployment
+    costs one Redis round trip per quarter second per process, not one per
+    call. A circuit opened by other processes is seen here that much later at
+    most; a failure here is counted at once and ends the trust.
     """
 
-    def __init__(self, url: str, prefix: str = "cf:cb:"):
+    def __init__(self, url: str, prefix: str = "cf:cb:", *, clean_for_s: float = 0.25):
         import redis.asyncio as aioredis  # noqa: PLC0415 - Redis is needed only when a breaker is shared
 
         # Short timeouts: with Redis away the breaker fails open (allow) quickly.
         self._redis = aioredis.Redis.from_url(url, socket_connect_timeout=0.25, socket_timeout=0.5)
         self._prefix = prefix
-        self._clean: set[str] = set()  # keys whose last check found no failure and no open circuit
+        self._clean_for_s = clean_for_s
+        # Keys whose last check found no failure and no open circuit: when it was made.
+        self._clean: dict[str, float] = {}
 
     async def is_open(self, key: str) -> bool:
+        checked = self._clean.get(key)
+        if checked is not None and time.monotonic() - checked < self._clean_for_s:
+            return False
+        now = time.monotonic()
         is_open, fails = await self._redis.mget(
             f"{self._prefix}{key}:open", f"{self._prefix}{key}:fails"
         )
         if is_open is None and fails is None:
-            self._clean.add(key)
+            self._clean[key] = now
         else:
-            self._clean.discard(key)
+            self._clean.pop(key, None)
         return is_open is not None
 
     async def record_failure(
         self, key: str, *, threshold: int, window_s: float, cooldown_s: float
     ) -> None:
         fails_key = f"{self._prefix}{key}:fails"
-        self._clean.discard(key)
+        self._clean.pop(key, None)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.incr(fails_key)
             pipe.expire(fails_key, max(1, int(window_s)), nx=True)
@@ -237,8 +248,9 @@ class RedisBreakerStore:
     async def record_success(self, key: str) -> None:
         if key in self._clean:
             return
+        now = time.monotonic()
         await self._redis.delete(f"{self._prefix}{key}:fails", f"{self._prefix}{key}:open")
-        self._clean.add(key)
+        self._clean[key] = now
 
 
 @dataclass
