@@ -22,7 +22,11 @@ Invariants:
   logged at most once a minute, and Redis is retried after a short pause.
   Budgets, unlike rate limits, stay exact: they live in PostgreSQL.
 - Tokens are charged in two steps: the prompt at admission (checked), the
-  completion once the answer is known (counted, never refused).
+  completion once the answer is known (counted, never refused). In Redis a
+  completion's tokens ride with the process's next call to the script (counted
+  before that call checks anything), or are sent on their own once they have
+  waited ``PENDING_FLUSH_S``: one round trip a request instead of two. Other
+  processes see them that much later at most.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 WINDOW_S = 60
 REDIS_PAUSE_S = 5.0  # after a Redis failure, count in memory this long before trying again
+PENDING_FLUSH_S = 0.25  # completion tokens wait at most this long for the next script call
 
 
 @dataclass(frozen=True)
@@ -79,22 +84,35 @@ class Window:
 # without checking (a completion's tokens); check without counting (may I?).
 CHECK_AND_COUNT, COUNT, PEEK = "check", "count", "peek"
 
-# KEYS: window names. ARGV: the mode, then allowance, cost and seconds per key.
-# Returns {0, 0} when allowed, else {index of the refusing window, seconds to wait}.
+# KEYS: window names, first the ``n`` windows ``mode`` applies to, then windows only
+# counted (completion tokens of earlier requests). ARGV: the mode, ``n``, then allowance,
+# cost and seconds per key. The counted-only windows are counted first (their tokens
+# were spent before this request). Returns {0, 0} when allowed, else {index of the
+# refusing window, seconds to wait}.
 _ACQUIRE = """
 local now = redis.call('TIME')
 local t = tonumber(now[1]) + tonumber(now[2]) / 1000000
 local mode = ARGV[1]
+local n = tonumber(ARGV[2])
 local function at(i)
-  local seconds = tonumber(ARGV[4 + 3 * (i - 1)])
+  local seconds = tonumber(ARGV[5 + 3 * (i - 1)])
   local index = math.floor(t / seconds)
   return seconds, index, t - index * seconds
 end
+local function count(i)
+  local seconds, index = at(i)
+  local key = KEYS[i] .. ':' .. index
+  redis.call('INCRBY', key, tonumber(ARGV[4 + 3 * (i - 1)]))
+  redis.call('EXPIRE', key, 2 * seconds)
+end
+for i = n + 1, #KEYS do
+  count(i)
+end
 if mode ~= 'count' then
-  for i = 1, #KEYS do
+  for i = 1, n do
     local seconds, index, elapsed = at(i)
-    local allowance = tonumber(ARGV[2 + 3 * (i - 1)])
-    local cost = tonumber(ARGV[3 + 3 * (i - 1)])
+    local allowance = tonumber(ARGV[3 + 3 * (i - 1)])
+    local cost = tonumber(ARGV[4 + 3 * (i - 1)])
     local current = tonumber(redis.call('GET', KEYS[i] .. ':' .. index) or '0')
     local previous = tonumber(redis.call('GET', KEYS[i] .. ':' .. (index - 1)) or '0')
     if previous * (1 - elapsed / seconds) + current + cost > allowance then
@@ -103,11 +121,8 @@ if mode ~= 'count' then
   end
 end
 if mode ~= 'peek' then
-  for i = 1, #KEYS do
-    local seconds, index = at(i)
-    local key = KEYS[i] .. ':' .. index
-    redis.call('INCRBY', key, tonumber(ARGV[3 + 3 * (i - 1)]))
-    redis.call('EXPIRE', key, 2 * seconds)
+  for i = 1, n do
+    count(i)
   end
 end
 return {0, 0}
@@ -131,10 +146,14 @@ class RedisWindows:
         self._script = client.register_script(_ACQUIRE)
         self._prefix = prefix
 
-    def acquire(self, windows: list[Window], *, mode: str) -> tuple[int, int]:
-        keys = [f"{self._prefix}:{w.name}" for w in windows]
-        args: list[str | int] = [mode]
-        for w in windows:
+    def acquire(
+        self, windows: list[Window], *, mode: str, counted: list[Window] | None = None
+    ) -> tuple[int, int]:
+        """``mode`` on ``windows``; ``counted`` windows only counted, before anything else."""
+        every = [*windows, *(counted or ())]
+        keys = [f"{self._prefix}:{w.name}" for w in every]
+        args: list[str | int] = [mode, len(windows)]
+        for w in every:
             args += [w.allowance, w.cost, w.seconds]
         refused, retry_after = self._script(keys=keys, args=args)
         return int(refused), int(retry_after)
@@ -176,13 +195,28 @@ class Limiter:
         self.memory = MemoryWindows()
         self._redis_paused_until = 0.0
         self._last_warning = 0.0
+        # Counts waiting for the next script call: window name -> (window, summed cost).
+        self._pending: dict[str, Window] = {}
+        self._pending_since = 0.0
+        self._pending_lock = threading.Lock()
+
+    def _redis_usable(self) -> bool:
+        return self.redis is not None and time.monotonic() >= self._redis_paused_until
+
+    def _take_pending(self) -> list[Window]:
+        with self._pending_lock:
+            pending, self._pending = list(self._pending.values()), {}
+        return pending
 
     def acquire(self, windows: list[Window], *, mode: str = CHECK_AND_COUNT) -> tuple[int, int]:
         """Apply ``mode`` to every window at once; ``(0, 0)``, or the refusing window (1-based)
-        and the seconds until it may allow."""
-        if self.redis is not None and time.monotonic() >= self._redis_paused_until:
+        and the seconds until it may allow. Counts waiting to be sent go with it."""
+        if self.redis is not None and self._redis_usable():
+            pending = self._take_pending()
+            if not windows and not pending:
+                return 0, 0
             try:
-                return self.redis.acquire(windows, mode=mode)
+                return self.redis.acquire(windows, mode=mode, counted=pending)
             except redis.RedisError as exc:
                 self._redis_paused_until = time.monotonic() + REDIS_PAUSE_S
                 if time.monotonic() - self._last_warning > 60:
@@ -192,7 +226,40 @@ class Limiter:
                         "answers again",
                         exc.__class__.__name__,
                     )
+                self.memory.acquire(pending, mode=COUNT)
         return self.memory.acquire(windows, mode=mode)
+
+    def count_later(self, windows: list[Window]) -> None:
+        """Count ``windows`` (never refused) with the next script call, or on their own once
+        the oldest has waited ``PENDING_FLUSH_S``; at once where Redis is not in use."""
+        if not self._redis_usable():
+            self.memory.acquire(windows, mode=COUNT)
+            return
+        now = time.monotonic()
+        with self._pending_lock:
+            first = not self._pending
+            if first:
+                self._pending_since = now
+            for w in windows:
+                waiting = self._pending.get(w.name)
+                cost = w.cost + (waiting.cost if waiting else 0)
+                self._pending[w.name] = Window(w.name, w.allowance, cost, w.seconds)
+            due = now - self._pending_since >= PENDING_FLUSH_S
+        if due:
+            self.flush()
+        elif first:
+            # A process that goes quiet still sends them (a request that comes first takes
+            # them along, and the timer finds nothing left to send).
+            timer = threading.Timer(PENDING_FLUSH_S, self.flush)
+            timer.daemon = True
+            timer.start()
+
+    def flush(self) -> None:
+        """Send the counts waiting for the next script call now."""
+        try:
+            self.acquire([], mode=COUNT)
+        except Exception:  # best effort, as the completion's charge always was
+            logger.warning("Rate limits: could not send completion tokens", exc_info=True)
 
 
 @lru_cache(maxsize=1)
@@ -234,4 +301,4 @@ def charge_completion(limits: list[Limit], *, completion_tokens: int) -> None:
         if limit.tokens_per_minute
     ]
     if windows:
-        limiter().acquire(windows, mode=COUNT)
+        limiter().count_later(windows)

@@ -110,6 +110,72 @@ def test_limits_are_shared_through_redis(settings):
     ratelimits.limiter.cache_clear()
 
 
+def two_processes(settings):
+    """Two processes' limiters on the same Redis and prefix (each its own client)."""
+    import uuid
+
+    from tenants import ratelimits
+
+    url, prefix = redis_url(), f"cf:test-rl:{uuid.uuid4().hex}"
+    return ratelimits.Limiter(url, prefix), ratelimits.Limiter(url, prefix)
+
+
+def tpm(name: str, allowance: int, cost: int):
+    from tenants.ratelimits import Window
+
+    return Window(f"{name}:tpm", allowance, cost)
+
+
+def test_completion_tokens_ride_with_the_next_call_and_count_before_its_check(settings):
+    from tenants.ratelimits import COUNT, PEEK
+
+    here, elsewhere = two_processes(settings)
+    calls = []
+    script = here.redis._script
+    here.redis._script = lambda **kw: calls.append(kw) or script(**kw)
+
+    assert here.acquire([tpm("k", 10, 1)]) == (0, 0)  # a prompt of 1 token: 1 of 10
+    here.count_later([tpm("k", 10, 8)])  # its completion: 8 tokens, not sent yet
+    assert len(calls) == 1
+    assert elsewhere.acquire([tpm("k", 10, 1)], mode=PEEK) == (0, 0)  # 1 + 1 <= 10
+
+    refused, _ = here.acquire([tpm("k", 10, 2)])  # 1 + 8, counted first, + 2 > 10
+    assert refused == 1
+    assert len(calls) == 2  # the completion went with the check: no call of its own
+    assert elsewhere.acquire([tpm("k", 10, 2)], mode=PEEK)[0] == 1  # now every process sees 9
+    assert elsewhere.acquire([tpm("k", 10, 1)], mode=PEEK) == (0, 0)
+    assert here.acquire([], mode=COUNT) == (0, 0)  # nothing left waiting: no call
+    assert len(calls) == 2
+
+
+def test_completion_tokens_of_a_process_gone_quiet_are_sent_on_their_own(settings):
+    import time
+
+    from tenants.ratelimits import PEEK, PENDING_FLUSH_S
+
+    here, elsewhere = two_processes(settings)
+    here.count_later([tpm("q", 10, 9)])
+    assert elsewhere.acquire([tpm("q", 10, 2)], mode=PEEK) == (0, 0)
+
+    deadline = time.monotonic() + PENDING_FLUSH_S + 2
+    while elsewhere.acquire([tpm("q", 10, 2)], mode=PEEK)[0] == 0:
+        assert time.monotonic() < deadline, "the waiting tokens were never sent"
+        time.sleep(0.02)
+
+
+def test_completion_tokens_that_waited_long_enough_go_with_the_next_charge(settings):
+    from tenants import ratelimits
+
+    here, elsewhere = two_processes(settings)
+    here.count_later([tpm("w", 100, 5)])
+    here._pending_since -= ratelimits.PENDING_FLUSH_S  # the first charge waited its time
+    here.count_later([tpm("w", 100, 7)])
+
+    assert here._pending == {}
+    assert elsewhere.acquire([tpm("w", 100, 89)], mode=ratelimits.PEEK)[0] == 1  # 12 + 89
+    assert elsewhere.acquire([tpm("w", 100, 88)], mode=ratelimits.PEEK) == (0, 0)
+
+
 @pytest.mark.parametrize("backend", ["redis", "memory"])
 def test_rate_limit_burst_of_150_lets_exactly_20_through(settings, backend):
     """Check and count are one atomic step: 150 concurrent requests, 20 rpm, 20 admitted."""
