@@ -199,6 +199,7 @@ class Limiter:
         self._pending: dict[str, Window] = {}
         self._pending_since = 0.0
         self._pending_lock = threading.Lock()
+        self._timer_armed = False  # one timer at a time, at most one per PENDING_FLUSH_S
 
     def _redis_usable(self) -> bool:
         return self.redis is not None and time.monotonic() >= self._redis_paused_until
@@ -237,22 +238,28 @@ class Limiter:
             return
         now = time.monotonic()
         with self._pending_lock:
-            first = not self._pending
-            if first:
+            if not self._pending:
                 self._pending_since = now
             for w in windows:
                 waiting = self._pending.get(w.name)
                 cost = w.cost + (waiting.cost if waiting else 0)
                 self._pending[w.name] = Window(w.name, w.allowance, cost, w.seconds)
             due = now - self._pending_since >= PENDING_FLUSH_S
+            arm = not due and not self._timer_armed
+            self._timer_armed = self._timer_armed or arm
         if due:
             self.flush()
-        elif first:
-            # A process that goes quiet still sends them (a request that comes first takes
-            # them along, and the timer finds nothing left to send).
-            timer = threading.Timer(PENDING_FLUSH_S, self.flush)
+        elif arm:
+            # A process that goes quiet still sends them. Under load the next request takes
+            # them along and the timer finds little or nothing left to send.
+            timer = threading.Timer(PENDING_FLUSH_S, self._flush_on_time)
             timer.daemon = True
             timer.start()
+
+    def _flush_on_time(self) -> None:
+        with self._pending_lock:
+            self._timer_armed = False
+        self.flush()
 
     def flush(self) -> None:
         """Send the counts waiting for the next script call now."""

@@ -163,6 +163,30 @@ def test_completion_tokens_of_a_process_gone_quiet_are_sent_on_their_own(setting
         time.sleep(0.02)
 
 
+def test_a_busy_process_arms_one_timer_not_one_per_request(settings, monkeypatch):
+    import threading
+    import time
+
+    from tenants import ratelimits
+
+    here, _ = two_processes(settings)
+    started = []
+    timer = threading.Timer
+
+    def counted(*args, **kwargs):
+        started.append(1)
+        return timer(*args, **kwargs)
+
+    monkeypatch.setattr(threading, "Timer", counted)
+    began = time.monotonic()
+    for _ in range(200):  # request after request: a check, then its completion
+        assert here.acquire([tpm("b", 10**9, 1)]) == (0, 0)
+        here.count_later([tpm("b", 10**9, 3)])
+
+    # One timer armed at a time: at most one per PENDING_FLUSH_S the loop lasted.
+    assert 1 <= len(started) <= 1 + (time.monotonic() - began) / ratelimits.PENDING_FLUSH_S
+
+
 def test_completion_tokens_that_waited_long_enough_go_with_the_next_charge(settings):
     from tenants import ratelimits
 
