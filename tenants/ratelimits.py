@@ -195,7 +195,7 @@ class Limiter:
         self.memory = MemoryWindows()
         self._redis_paused_until = 0.0
         self._last_warning = 0.0
-        # Counts waiting for the next script call: window name -> (window, summed cost).
+        # Counts waiting for the next script call: window name -> the window, costs summed.
         self._pending: dict[str, Window] = {}
         self._pending_since = 0.0
         self._pending_lock = threading.Lock()
