@@ -107,15 +107,20 @@ class BudgetLine:
             used_nanos, self.limit_nanos, (self.warn_pct, self.degrade_pct, self.block_pct)
         )
 
+    @property
+    def thresholds(self) -> tuple[tuple[str, int], ...]:
+        """(level, percent of the limit), from warn to block."""
+        return (
+            (BudgetDecision.WARN, self.warn_pct),
+            (BudgetDecision.DEGRADE, self.degrade_pct),
+            (BudgetDecision.BLOCK, self.block_pct),
+        )
+
     def crossings(self, before: int, after: int, period_start: datetime) -> list[Crossing]:
         """The thresholds a spend from ``before`` to ``after`` nano-dollars moved across."""
         return [
             Crossing(self.budget_id, self.subject_id, period_start, level, after, self.limit_nanos)
-            for level, pct in (
-                (BudgetDecision.WARN, self.warn_pct),
-                (BudgetDecision.DEGRADE, self.degrade_pct),
-                (BudgetDecision.BLOCK, self.block_pct),
-            )
+            for level, pct in self.thresholds
             if crossed(before, after, self.limit_nanos, pct)
         ]
 
@@ -719,11 +724,7 @@ def settle_after_insert(
                 "limit_nanos": line.limit_nanos,
             }
             for line in lines
-            for level, pct in (
-                (BudgetDecision.WARN, line.warn_pct),
-                (BudgetDecision.DEGRADE, line.degrade_pct),
-                (BudgetDecision.BLOCK, line.block_pct),
-            )
+            for level, pct in line.thresholds
         ]
         params += [tenant_id, created, json.dumps(thresholds), actual_nanos]
     if tripped is not None:

@@ -24,9 +24,9 @@ Invariants:
 - Tokens are charged in two steps: the prompt at admission (checked), the
   completion once the answer is known (counted, never refused). In Redis a
   completion's tokens ride with the process's next call to the script (counted
-  before that call checks anything), or are sent on their own once they have
-  waited ``PENDING_FLUSH_S``: one round trip a request instead of two. Other
-  processes see them that much later at most.
+  before that call checks anything), or a timer sends them on their own after
+  ``PENDING_FLUSH_S``: one round trip a request instead of two. Other processes
+  see them that much later at most.
 """
 
 from __future__ import annotations
@@ -197,12 +197,16 @@ class Limiter:
         self._last_warning = 0.0
         # Counts waiting for the next script call: window name -> the window, costs summed.
         self._pending: dict[str, Window] = {}
-        self._pending_since = 0.0
         self._pending_lock = threading.Lock()
-        self._timer_armed = False  # one timer at a time, at most one per PENDING_FLUSH_S
+        # While counts wait, one timer is armed to send them: none waits longer than
+        # PENDING_FLUSH_S, and a busy process arms at most one timer per PENDING_FLUSH_S.
+        self._timer_armed = False
 
-    def _redis_usable(self) -> bool:
-        return self.redis is not None and time.monotonic() >= self._redis_paused_until
+    def _usable_redis(self) -> RedisWindows | None:
+        """Redis, unless it is not configured or paused after a failure."""
+        if self.redis is not None and time.monotonic() >= self._redis_paused_until:
+            return self.redis
+        return None
 
     def _take_pending(self) -> list[Window]:
         with self._pending_lock:
@@ -212,12 +216,12 @@ class Limiter:
     def acquire(self, windows: list[Window], *, mode: str = CHECK_AND_COUNT) -> tuple[int, int]:
         """Apply ``mode`` to every window at once; ``(0, 0)``, or the refusing window (1-based)
         and the seconds until it may allow. Counts waiting to be sent go with it."""
-        if self.redis is not None and self._redis_usable():
+        if (shared := self._usable_redis()) is not None:
             pending = self._take_pending()
             if not windows and not pending:
                 return 0, 0
             try:
-                return self.redis.acquire(windows, mode=mode, counted=pending)
+                return shared.acquire(windows, mode=mode, counted=pending)
             except redis.RedisError as exc:
                 self._redis_paused_until = time.monotonic() + REDIS_PAUSE_S
                 if time.monotonic() - self._last_warning > 60:
@@ -231,25 +235,18 @@ class Limiter:
         return self.memory.acquire(windows, mode=mode)
 
     def count_later(self, windows: list[Window]) -> None:
-        """Count ``windows`` (never refused) with the next script call, or on their own once
-        the oldest has waited ``PENDING_FLUSH_S``; at once where Redis is not in use."""
-        if not self._redis_usable():
+        """Count ``windows`` (never refused) with the next script call, or on their own after
+        at most ``PENDING_FLUSH_S``; at once where Redis is not in use."""
+        if self._usable_redis() is None:
             self.memory.acquire(windows, mode=COUNT)
             return
-        now = time.monotonic()
         with self._pending_lock:
-            if not self._pending:
-                self._pending_since = now
             for w in windows:
                 waiting = self._pending.get(w.name)
                 cost = w.cost + (waiting.cost if waiting else 0)
                 self._pending[w.name] = Window(w.name, w.allowance, cost, w.seconds)
-            due = now - self._pending_since >= PENDING_FLUSH_S
-            arm = not due and not self._timer_armed
-            self._timer_armed = self._timer_armed or arm
-        if due:
-            self.flush()
-        elif arm:
+            arm, self._timer_armed = not self._timer_armed, True
+        if arm:
             # A process that goes quiet still sends them. Under load the next request takes
             # them along and the timer finds little or nothing left to send.
             timer = threading.Timer(PENDING_FLUSH_S, self._flush_on_time)
@@ -257,12 +254,9 @@ class Limiter:
             timer.start()
 
     def _flush_on_time(self) -> None:
+        """The timer: send whatever still waits (a request may have taken it along)."""
         with self._pending_lock:
             self._timer_armed = False
-        self.flush()
-
-    def flush(self) -> None:
-        """Send the counts waiting for the next script call now."""
         try:
             self.acquire([], mode=COUNT)
         except Exception:  # best effort, as the completion's charge always was
