@@ -341,6 +341,8 @@ _NUM = re.compile(
     r"[-$0-9\x80-\U0010ffff](?<=[-$\d])(?<![\w.][-$\d])(?:(?<=-)\$?\d|(?<=\$)\d|(?<=\d))"
     r"[\d,]*(?:\.\d+)?"
 )
+# ``_NUM`` for ASCII text, where ``\d`` is ``[0-9]``: no look-behind to start with.
+_NUM_ASCII = re.compile(_NUM.pattern.replace(r"[-$0-9\x80-\U0010ffff](?<=[-$\d])", "[-$0-9]", 1))
 _COUNTING = re.compile(r"\bhow many\b|\bnumber of\b", re.I)
 _CHOICE = re.compile(r"(?m)^\s*\(?([A-J])[).:]\s+\S")
 
@@ -407,7 +409,7 @@ def _numbers(text: str, digits: list[float]) -> frozenset[float]:
 
 def numbers(text: str) -> list[float]:
     """Every number written in digits ($ and thousands separators allowed)."""
-    found = _NUM.findall(text)
+    found = (_NUM_ASCII if text.isascii() else _NUM).findall(text)
     if not found:
         return []
     try:  # all at once (a match holds no line break); one by one if one is not a float

@@ -72,6 +72,7 @@ _REFUSALS = re.compile(
     r"am not able to) (?:help|assist|provide|answer|do that|comply))"
 )
 _CODE_BLOCK = re.compile(r"```(\w*)\n(.*?)```", re.DOTALL)
+_FENCE_OPEN = re.compile(r"```(\w*)\n")  # ``_CODE_BLOCK`` up to its body
 _UNARY_OPS: dict[type[ast.unaryop], Callable[[float], float]] = {
     ast.USub: operator.neg,
     ast.UAdd: operator.pos,
@@ -613,7 +614,7 @@ def validate_format(draft: Draft, params: dict[str, Any]) -> tuple[bool | None, 
             if error:
                 return False, f"the JSON does not match the schema: {error}"
         return True, None
-    blocks = _CODE_BLOCK.findall(draft.content)
+    blocks = _code_blocks(draft.content)
     python_blocks = [code for lang, code in blocks if lang.lower() in {"python", "py"}]
     if python_blocks:
         for code in python_blocks:
@@ -623,6 +624,32 @@ def validate_format(draft: Draft, params: dict[str, Any]) -> tuple[bool | None, 
                 return False, f"Python code does not parse (line {exc.lineno}: {exc.msg})"
         return True, None
     return None, None
+
+
+def _code_blocks(text: str) -> list[tuple[str, str]]:
+    """``_CODE_BLOCK.findall(text)``, each body found with ``str.find``.
+
+    The pattern's lazy body steps through the draft a character at a time up to the next
+    fence; the first "```" at or after the body's start is where it stops. A match can only
+    start at a "```" whose word characters run to a line break (``_FENCE_OPEN``); when one
+    does not, the next "```" is tried from the character after it, as the pattern would (a
+    fence of four backticks opens at its second). An opening with no closing fence after
+    it ends the search: a later start would need a "```" after it too.
+    """
+    found: list[tuple[str, str]] = []
+    opening = _FENCE_OPEN.match
+    at = text.find("```")
+    while at != -1:
+        m = opening(text, at)
+        if m is None:
+            at = text.find("```", at + 1)
+            continue
+        end = text.find("```", m.end())
+        if end == -1:
+            break
+        found.append((m.group(1), text[m.end() : end]))
+        at = text.find("```", end + 3)
+    return found
 
 
 def _strip_fence(text: str) -> str:
@@ -960,7 +987,9 @@ def extract(draft: Draft, query: QueryProfile, params: dict[str, Any]) -> Signal
         if answer_text and re.search(r"[A-Za-z]{3,}", answer_text):
             f["answer_wordy"] = 1.0
         if query.numbers:
-            used = set(map(round, text_numbers, repeat(6)))
+            # Each distinct value rounded once (a long working repeats its numbers):
+            # rounding to 6 places costs ~0.4 µs a call.
+            used = set(map(round, set(text_numbers), repeat(6)))
             f["q_coverage"] = len(used & query.numbers) / len(query.numbers)
 
     if query.choices:

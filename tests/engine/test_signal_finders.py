@@ -189,10 +189,16 @@ def test_numbers_pattern_finds_what_it_replaced():
     ]
     for _ in range(3000):
         samples.append("".join(rng.choice("-$.,0123456789 a_\n\u0663") for _ in range(25)))
+    ascii_with_numbers = 0
     for text in samples:
         assert complexity._NUM.findall(text) == ORIGINAL_NUM.findall(text), text
         expected = [float(r.replace("$", "").replace(",", "")) for r in ORIGINAL_NUM.findall(text)]
         assert complexity.numbers(text) == expected
+        if text.isascii():  # numbers() uses the ASCII pattern there
+            assert complexity._NUM_ASCII.findall(text) == ORIGINAL_NUM.findall(text), text
+            ascii_with_numbers += bool(expected)
+    assert complexity._NUM_ASCII.pattern != complexity._NUM.pattern
+    assert ascii_with_numbers > 300
 
 
 def test_numbers_of_the_working_without_the_last_line():
@@ -439,3 +445,22 @@ def test_answer_in_work_at_once_when_it_is_there():
         answer = rng.choice(values)
         expected = any(abs(v - answer) <= max(0.011, abs(v) * 1e-6) for v in work)
         assert signals._in_work(answer, work) == expected, (answer, work)
+
+
+def test_code_blocks_found_as_the_pattern_finds_them():
+    rng = random.Random(8)
+    samples = [
+        *texts(signals._CODE_BLOCK, 3000, seed=9),
+        "```python\nprint(1)\n```\ntext\n````py\nx = 1\n```` and ```\n```",
+        "``` python\nno\n```\n```\u00e9\u0663\nyes\n``````\n```",
+        "```py\nnever closed",
+        "```py\n``` ```\n```x\n",
+    ]
+    for _ in range(3000):
+        samples.append("".join(rng.choice("````\n\npy \u00e9_1") for _ in range(30)))
+    found_some = 0
+    for text in samples:
+        expected = signals._CODE_BLOCK.findall(text)
+        assert signals._code_blocks(text) == expected, text
+        found_some += bool(expected)
+    assert found_some > 2000
