@@ -41,7 +41,7 @@ from zoneinfo import ZoneInfo
 
 from django.db import connection, transaction
 
-from core.db import as_datetime, as_json, insert_row, retry_transient
+from core.db import as_datetime, as_json, insert_row, retry_transient, statement_cursor
 from tenants.enums import BudgetDecision, BudgetPeriod, BudgetScope
 from tenants.models import (
     Budget,
@@ -507,7 +507,7 @@ def budget_admit(
         # record the reservation. If the process dies before a give-back below,
         # the reservation holds the full amount until it expires and is reclaimed.
         def reserve() -> list:
-            with connection.cursor() as cursor:
+            with statement_cursor() as cursor:
                 cursor.execute(
                     _admit_one_sql(len(ordered)),
                     [*params, *_reservation_params(reservation)],
@@ -740,7 +740,7 @@ def settle_after_insert(
         ]
     sql = _settle_after_insert_sql(insert[0], len(counter_ids), bool(lines), tripped is not None)
 
-    with connection.cursor() as cursor:
+    with statement_cursor() as cursor:
         cursor.execute(sql, params)
         (alert_ids,) = cursor.fetchone()
     return sorted(alert_ids or ())
