@@ -21,7 +21,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import OperationalError, close_old_connections, connections, models
 from django.db.backends.postgresql.base import ServerBindingCursor
-from django.db.backends.utils import CursorWrapper
+from django.db.backends.utils import CursorDebugWrapper, CursorWrapper
 from django.utils.dateparse import parse_datetime
 from psycopg.types.numeric import Int8
 
@@ -173,10 +173,10 @@ class _Prepared:
         cursor = self._cursor
         typed = [Int8(p) if type(p) is int else p for p in params or ()]
         run = partial(_execute_prepared, cursor)
-        if cursor.db.queries_logged:  # DEBUG, or a test capturing queries
+        if isinstance(cursor, CursorDebugWrapper):  # DEBUG, or a test capturing queries
             # Logged as written, its parameters beside it (Django's own log composes them
             # into the text; that costs a client-side quoting of every parameter).
-            with cursor.debug_sql(sql, typed):  # type: ignore[attr-defined]
+            with cursor.debug_sql(sql, typed):
                 return cursor._execute_with_wrappers(sql, typed, False, run)
         return cursor._execute_with_wrappers(sql, typed, False, run)
 
