@@ -158,6 +158,7 @@ def statement_cursor(using: str = "default") -> Iterator[CursorWrapper]:
 # explicitly: the threshold (psycopg prepares a query run this often) is not reached by
 # anything else.
 PREPARE_THRESHOLD = 5
+_BIGINT_MIN, _BIGINT_MAX = -(2**63), 2**63 - 1
 
 
 class _Prepared:
@@ -171,7 +172,13 @@ class _Prepared:
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> Any:
         cursor = self._cursor
-        typed = [Int8(p) if type(p) is int else p for p in params or ()]
+        # Out of bigint's range an integer stays as it is (psycopg sends it as numeric and
+        # PostgreSQL refuses it with Django's DataError, as through Django's cursor);
+        # ``Int8`` would raise OverflowError in the client instead.
+        typed = [
+            Int8(p) if type(p) is int and _BIGINT_MIN <= p <= _BIGINT_MAX else p
+            for p in params or ()
+        ]
         run = partial(_execute_prepared, cursor)
         if isinstance(cursor, CursorDebugWrapper):  # DEBUG, or a test capturing queries
             # Logged as written, its parameters beside it (Django's own log composes them

@@ -7,7 +7,7 @@ errors, ``execute_wrapper`` hooks and the query log.
 """
 
 import pytest
-from django.db import IntegrityError, connection, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.test.utils import CaptureQueriesContext, override_settings
 
 from core.db import statement_cursor
@@ -98,3 +98,21 @@ def test_errors_hooks_and_the_query_log_are_djangos(probe, pooler):
     assert [params for _, params in seen] == [[1, 5, "a"], [1, 6, "duplicate"], [2, 6, "b"]]
     assert sum(INSERT.split(" (")[0] in q["sql"] for q in log.captured_queries) == 3
     assert rows() == [(1, 5, "a"), (2, 6, "b")]
+
+
+@pytest.mark.parametrize("pooler", ["", "transaction"])
+@pytest.mark.parametrize(
+    "hostile",
+    [2**63, -(2**63) - 1, "not a number"],
+    ids=["past the largest bigint", "below the smallest", "text for a bigint"],
+)
+def test_a_value_the_column_refuses_is_djangos_error_and_the_connection_lives(
+    probe, pooler, hostile
+):
+    with override_settings(DATABASE_POOLER=pooler):
+        with pytest.raises(DatabaseError), transaction.atomic():
+            with statement_cursor() as cursor:
+                cursor.execute(INSERT, [1, hostile, "x"])
+        with statement_cursor() as cursor:
+            cursor.execute(INSERT, [2, 3, "after"])
+    assert rows() == [(2, 3, "after")]
