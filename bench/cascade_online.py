@@ -3,7 +3,7 @@
     python bench/cascade_online.py FILE.jsonl --chain CHEAP[,MID...],STRONG \
         [--audit-rate-floor 0.03] [--audit-cap 0.1] [--seed 0] [--judge-error 0.1] \
         [--target-retention 0.95] [--prior public|hand] [--no-route] \
-        [--confidence 0.9] [--refit-every 25] [--json OUT]
+        [--confidence 0.9] [--refit-every 25] [--requests N] [--json OUT]
 
 Every row of a replay file (both splits), in a seeded random order, is one
 request through the real engine (``CascadeAgent`` -> LiteLLM -> the replay
@@ -23,7 +23,9 @@ production (``routing.engine.learning``, ``routing.engine.audit``):
   for graded scores) replaced by a wrong verdict at ``--judge-error``, and
   charged two calls at the reference model's price;
 - requests that escalated anyway are labelled by agreement alone, for
-  training only;
+  training only; a request whose draft was served keeps its drafts' checks,
+  unlabelled, for the router (``routing.audits``: *router rows*; here every
+  such request, where production takes one in ten past 2,000);
 - every ``--refit-every`` requests the profile is refitted and the new
   calibration promoted if its bound holds (``learning.refit``).
 
@@ -127,8 +129,13 @@ async def run(args) -> dict[str, Any]:
         caller=Caller(retries=0),
     )
     rng = random.Random(args.seed)
-    order = list(rows)
-    rng.shuffle(order)
+    if args.requests:
+        # A longer stream than the file: each request drawn from its rows with replacement
+        # (a tenant whose traffic follows the file's distribution, for longer).
+        order = [rng.choice(rows) for _ in range(args.requests)]
+    else:
+        order = list(rows)
+        rng.shuffle(order)
     prices = {m: file.prices.get(m) or {} for m in chain}
     observations: list[Observation] = []
     served: list[Served] = []
@@ -224,10 +231,11 @@ async def run(args) -> dict[str, Any]:
                 next_costs = tuple(
                     replay.answer_cost_nanos(row.raw["responses"][m], prices[m]) for m in chain[1:]
                 )
-                if audited or any(s.verdict is not None for s in steps):
+                # Labelled, or (nothing to compare) a router row: the router learns from both.
+                if audited or any(s.features or s.hard_fail for s in steps):
                     observations.append(
                         Observation(
-                            key=f"{args.seed}:{row.id}",
+                            key=f"{args.seed}:{row.id}" + (f":{index}" if args.requests else ""),
                             steps=tuple(steps),
                             pre=learning.pre_features(plan.query),
                             reference_cost_nanos=reference_cost,
@@ -236,6 +244,29 @@ async def run(args) -> dict[str, Any]:
                         )
                     )
                     uniform_labels += audited
+        elif outputs.get(chain[0]):
+            # A served draft, not audited: no label, but what the router learns from (the
+            # draft's score), so that its rows are not only the drafts that escalated.
+            observations.append(
+                Observation(
+                    key=f"{args.seed}:{row.id}" + (f":{index}" if args.requests else ""),
+                    steps=tuple(
+                        StepLabel(
+                            outputs[s.name][0],
+                            None,
+                            outputs[s.name][1],
+                            replay.answer_cost_nanos(row.raw["responses"][s.name], prices[s.name]),
+                        )
+                        if outputs.get(s.name)
+                        else StepLabel({}, None)
+                        for s in specs[:-1]
+                    ),
+                    pre=learning.pre_features(plan.query),
+                    reference_cost_nanos=0,
+                    next_cost_nanos=(),
+                    uniform=False,
+                )
+            )
         served.append(
             Served(
                 quality=row.quality(answered),
@@ -264,7 +295,8 @@ async def run(args) -> dict[str, Any]:
     args.prior_used = "hand-set" if held_back or args.prior == "hand" else "public"
     scorers = [step.scorer for step in agent.calibration.steps]
     best = await hindsight(agent, rows, specs, chain, prices, scorers, args.target_retention)
-    return summarise(args, chain, served, promotions, len(observations), best)
+    labels = sum(learning.labelled(o) for o in observations)
+    return summarise(args, chain, served, promotions, labels, len(observations) - labels, best)
 
 
 def economics(served: list[Served], recent: int = 100) -> learning.Economics:
@@ -323,7 +355,7 @@ def figures(rows: list[Served]) -> dict[str, float]:
     }
 
 
-def summarise(args, chain, served, promotions, labels, best) -> dict[str, Any]:
+def summarise(args, chain, served, promotions, labels, router_rows, best) -> dict[str, Any]:
     print(f"\n{Path(args.file).name}  chain: {' -> '.join(chain)}  seed {args.seed}")
     print(
         f"target retention {args.target_retention:.0%} at {args.confidence:.0%} confidence, "
@@ -355,7 +387,8 @@ def summarise(args, chain, served, promotions, labels, best) -> dict[str, Any]:
     first = promotions[0]["after"] if promotions else None
     last = promotions[-1] if promotions else {}
     print(
-        f"labels {labels} ({sum(s.audited for s in served)} audits); first certified after "
+        f"labels {labels} ({sum(s.audited for s in served)} audits), router rows {router_rows}; "
+        f"first certified after "
         f"{first} requests; last: threshold {last.get('threshold')}, held-out loss "
         f"{last.get('held_out_loss')} (upper bound {last.get('held_out_loss_upper_bound')})"
     )
@@ -379,6 +412,7 @@ def summarise(args, chain, served, promotions, labels, best) -> dict[str, Any]:
         "routed_past_draft": whole["routed_past_draft"],
         "escalation": whole["escalation"],
         "labels": labels,
+        "router_rows": router_rows,
         "prior": args.prior_used,
         "promotions": promotions,
     }
@@ -409,6 +443,12 @@ def main() -> None:
         choices=["public", "hand"],
         default="public",
         help="cold-start scorers: fitted on public data (never on this file), or hand-set",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        help="stream this many requests, each drawn from the file's rows with replacement "
+        "(default: every row once)",
     )
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args()

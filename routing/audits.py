@@ -16,8 +16,14 @@ profile with audits off, of an end user excluded from audits, sent with
 domain to another chain, or with several choices), or whose tenant has spent its
 monthly audit cap. A request that escalated to the reference anyway and was not
 sampled is labelled on the spot by agreement alone, with no model call: a
-*non-uniform* label, used only to fit scorers (every such request while the
-profile has fewer than ``NONUNIFORM_FULL``, then one in ten).
+*non-uniform* label, used only to fit scorers. A request whose draft was served
+(or that escalated with nothing to compare) keeps its drafts' checks with no
+label: a *router row*. The router learns from both kinds alike (whether a
+draft's score would pass a threshold needs no label); were it to learn from the
+escalated requests alone, every draft it saw would be one that failed, and it
+would route past drafts that pass. Both are taken from every eligible request
+while the profile has fewer than ``NONUNIFORM_FULL`` of them, then from one in
+ten, so their mix is the traffic's.
 
 Invariants:
 
@@ -97,7 +103,7 @@ logger = logging.getLogger(__name__)
 
 REFIT_EVERY = 25  # uniform labels between refits, at least ...
 REFIT_GROWTH = 0.10  # ... or this share of the labels the last refit had
-NONUNIFORM_FULL = 2000  # non-uniform labels taken from every eligible request, then ...
+NONUNIFORM_FULL = 2000  # non-uniform labels and router rows: from every eligible request, then ...
 NONUNIFORM_AFTER = 0.10  # ... from this share of them
 LEASE = timedelta(minutes=10)  # longer than the task's time limit
 MAX_RUNS = 4
@@ -117,6 +123,7 @@ class Sampling(StrEnum):
     CAP_REACHED = "cap_reached"
     SAMPLED = "sampled"  # a uniform audit is pending
     LABELLED = "labelled"  # a non-uniform label was stored
+    ROUTER_ROW = "router_row"  # the drafts' checks were kept for the router, unlabelled
     NOT_SAMPLED = "not_sampled"
 
 
@@ -200,6 +207,14 @@ class AuditCandidate:
             return all(spec is not None and spec.supports_tools for spec in specs)
         return True
 
+    def drafted(self) -> bool:
+        """Whether the chain's first model drafted an answer that was checked (not routed
+        past, not failed): what the router learns from."""
+        first = self.learning.chain[0]
+        return any(
+            a.model == first and a.status == "ok" and a.check is not None for a in self.attempts
+        )
+
     def escalated_to_reference(self) -> bool:
         chain = self.learning.chain
         return (
@@ -221,8 +236,9 @@ def audit_consider(
     """Decide whether to audit a cascade request whose ledger row is written; store it.
 
     Cheap: no query unless the coin says audit (then the month's audit spend, cached
-    a minute, and one insert) or the request is labelled by agreement (one insert,
-    one update).
+    a minute, and one insert) or the request is kept as a non-uniform row, a label by
+    agreement or a router row (one insert, one update; every drafted request until the
+    profile has ``NONUNIFORM_FULL`` of them, then one in ten).
     """
     flip = coin or _coin.random
     now = now or timezone.now()
@@ -243,11 +259,13 @@ def audit_consider(
         else:
             _audit_create(candidate, now)
             return Sampling.SAMPLED
-    if candidate.escalated_to_reference() and (
-        state.nonuniform_labels < NONUNIFORM_FULL or flip() < NONUNIFORM_AFTER
+    if candidate.drafted() and (
+        state.nonuniform_labels + state.router_rows < NONUNIFORM_FULL or flip() < NONUNIFORM_AFTER
     ):
-        if _label_by_agreement(candidate, now):
+        if candidate.escalated_to_reference() and _label_by_agreement(candidate, now):
             return Sampling.LABELLED
+        if _router_row(candidate, now):
+            return Sampling.ROUTER_ROW
     return decision
 
 
@@ -320,14 +338,39 @@ def _label_by_agreement(candidate: AuditCandidate, now: datetime) -> bool:
         steps.append(StepLabel(check["features"], verdict, check["hard_fail"], costs.get(name, 0)))
     if all(step.verdict is None for step in steps):
         return False
-    observation = Observation(
+    return _store_nonuniform(candidate, now, _observation(candidate, query, steps))
+
+
+def _router_row(candidate: AuditCandidate, now: datetime) -> bool:
+    """The drafts' checks of a request, unlabelled: what the router learns from."""
+    costs, checks = candidate.costs(), candidate.checks()
+    steps = [
+        StepLabel(check["features"], None, check["hard_fail"], costs.get(name, 0))
+        if (check := checks.get(name)) is not None
+        else StepLabel({}, None)
+        for name in candidate.learning.chain[:-1]
+    ]
+    query = profile_query(query_text(candidate.messages))
+    return _store_nonuniform(candidate, now, _observation(candidate, query, steps))
+
+
+def _observation(
+    candidate: AuditCandidate, query: QueryProfile, steps: list[StepLabel]
+) -> Observation:
+    chain, costs = candidate.learning.chain, candidate.costs()
+    return Observation(
         key=candidate.request_id,
         steps=tuple(steps),
         pre=learning.pre_features(query),
+        # 0 for a model that was not asked: its cost is unknown (the router's break-even
+        # is read from the requests that asked it).
         reference_cost_nanos=costs.get(chain[-1], 0),
         next_cost_nanos=tuple(costs.get(name, 0) for name in chain[1:]),
         uniform=False,
     )
+
+
+def _store_nonuniform(candidate: AuditCandidate, now: datetime, observation: Observation) -> bool:
     audit = audit_row(
         candidate,
         now,
@@ -346,20 +389,23 @@ def _label_by_agreement(candidate: AuditCandidate, now: datetime) -> bool:
 
 
 def _count_label(audit: Audit, now: datetime) -> bool:
-    """Count a label on its profile's learning state; True when a refit is due.
+    """Count a label (or a router row) on its profile's learning state; True when a refit
+    is due.
 
     The counts are of one chain: a label of another chain, newer than the counts,
     starts them over; a late label of an older one is not counted.
     """
     key = audit.chain_key
-    increments: dict[str, Any] = (
-        {
+    increments: dict[str, Any]
+    if audit.uniform:
+        increments = {
             "uniform_labels": F("uniform_labels") + 1,
             "labels_since_refit": F("labels_since_refit") + 1,
         }
-        if audit.uniform
-        else {"nonuniform_labels": F("nonuniform_labels") + 1}
-    )
+    elif any(s.get("verdict") is not None for s in (audit.observation or {}).get("steps", ())):
+        increments = {"nonuniform_labels": F("nonuniform_labels") + 1}
+    else:
+        increments = {"router_rows": F("router_rows") + 1}
     rows = ProfileLearning.objects.filter(
         tenant_id=audit.tenant_id, profile=audit.profile, chain_key=key
     )
@@ -372,7 +418,7 @@ def _count_label(audit: Audit, now: datetime) -> bool:
                 if state.chain_since is not None and audit.created_at < state.chain_since:
                     return False
                 state.chain_key, state.chain_since = key, audit.created_at
-                state.uniform_labels = state.nonuniform_labels = 0
+                state.uniform_labels = state.nonuniform_labels = state.router_rows = 0
                 state.labels_since_refit = state.labels_at_refit = 0
                 state.save()
             rows.update(**increments)

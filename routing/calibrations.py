@@ -223,7 +223,7 @@ def _refit(state: ProfileLearning, now: datetime) -> CalibrationVersion | None:
             calibration=result.rule.calibration(result.evidence).to_json(),
             evidence=evidence,
             uniform_labels=uniform,
-            nonuniform_labels=len(observations) - uniform,
+            nonuniform_labels=sum(not o.uniform and learning.labelled(o) for o in observations),
             certified=result.certified,
             created_at=now,
         )

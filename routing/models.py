@@ -223,6 +223,9 @@ class ProfileLearning(models.Model):
     profile = models.CharField(max_length=120)
     uniform_labels = models.PositiveIntegerField(default=0)
     nonuniform_labels = models.PositiveIntegerField(default=0)
+    # Requests whose drafts' checks were kept for the router, with no label (served drafts,
+    # and escalated ones with nothing to compare): sampled like non-uniform labels.
+    router_rows = models.PositiveIntegerField(default=0)
     labels_since_refit = models.PositiveIntegerField(default=0)
     labels_at_refit = models.PositiveIntegerField(default=0)
     # The chain the counts are of: a label of another chain completed later starts them over.

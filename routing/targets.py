@@ -62,6 +62,7 @@ class Learning:
     floor: float
     uniform_labels: int = 0
     nonuniform_labels: int = 0
+    router_rows: int = 0
     version_id: int | None = None  # the learned calibration serving it (None: cold start)
     settled: bool = False  # its refit found one more label no longer pays: audit at the floor
 
@@ -197,7 +198,13 @@ _PROFILE_COLUMNS = (
     "judge_model",
     "reference_model",
 )
-_LEARNING_COLUMNS = ("uniform_labels", "nonuniform_labels", "chain_key", "active_version")
+_LEARNING_COLUMNS = (
+    "uniform_labels",
+    "nonuniform_labels",
+    "router_rows",
+    "chain_key",
+    "active_version",
+)
 
 
 @lru_cache(maxsize=4)
@@ -225,6 +232,7 @@ class _Found:
     profile: RoutingProfile | None
     uniform_labels: int
     nonuniform_labels: int
+    router_rows: int
     chain_key: str
     version_id: int | None
     version_created: Any
@@ -234,7 +242,7 @@ def _lookup(tenant_id: int, short: str, name: str) -> _Found:
     row = fetch_one(_lookup_sql(connection.vendor), [tenant_id, short, tenant_id, name])
     assert row is not None  # the query always returns its one row
     p = dict(zip(_PROFILE_COLUMNS, row[: len(_PROFILE_COLUMNS)], strict=True))
-    uniform, nonuniform, key, version_id, version_created = row[len(_PROFILE_COLUMNS) :]
+    uniform, nonuniform, router, key, version_id, version_created = row[len(_PROFILE_COLUMNS) :]
     profile = None
     if p["id"] is not None:
         profile = RoutingProfile(
@@ -252,7 +260,13 @@ def _lookup(tenant_id: int, short: str, name: str) -> _Found:
             reference_model=p["reference_model"],
         )
     return _Found(
-        profile, int(uniform or 0), int(nonuniform or 0), key or "", version_id, version_created
+        profile,
+        int(uniform or 0),
+        int(nonuniform or 0),
+        int(router or 0),
+        key or "",
+        version_id,
+        version_created,
     )
 
 
@@ -311,6 +325,7 @@ def _learning(target: Target, ctx: TokenContext, found: _Found) -> Target:
             floor=profile.audit_rate_floor if profile else AUDIT_DEFAULTS["audit_rate_floor"],
             uniform_labels=found.uniform_labels if same_chain else 0,
             nonuniform_labels=found.nonuniform_labels if same_chain else 0,
+            router_rows=found.router_rows if same_chain else 0,
             version_id=version_id,
             settled=version_id is not None and learning.settled(calibration.meta),
         ),

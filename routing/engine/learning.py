@@ -54,7 +54,10 @@ thrown away. A logistic model of features known before generation (domain,
 complexity, length, numbers) predicts the chance that the first model's draft
 is accepted under the candidate threshold; below the break-even chance (the
 draft's cost over the next model's), the request goes straight to the next
-model. The router is part of the tested policy.
+model. The router is part of the tested policy. It learns from every drafted
+request outside the test, served or escalated alike (a served draft's row has
+no label: whether a draft passes a threshold needs its score only); fitted on
+escalated requests alone, it would see only drafts that failed.
 
 No Django here: the gateway's tasks, tests and benchmarks use it alone.
 """
@@ -112,8 +115,8 @@ class Observation:
     pre: Mapping[str, float] = field(default_factory=dict)  # known before generation
     reference_cost_nanos: int = 0
     next_cost_nanos: tuple[int, ...] = ()  # per step: the cost of the model after it
-    # Drawn by the uniform audit sample. Labels found otherwise (a request that escalated
-    # anyway, labelled by agreement alone) only ever train the scorers.
+    # Drawn by the uniform audit sample. Rows found otherwise (a request that escalated
+    # anyway, labelled by agreement alone; a served draft, unlabelled) only ever train.
     uniform: bool = True
 
     @property
@@ -157,6 +160,11 @@ def observation_from_json(data: Mapping[str, Any]) -> Observation:
         next_cost_nanos=tuple(data.get("next_cost_nanos") or ()),
         uniform=bool(data.get("uniform", True)),
     )
+
+
+def labelled(obs: Observation) -> bool:
+    """Whether any draft of the observation has a verdict (a router row has none)."""
+    return any(step.verdict is not None for step in obs.steps)
 
 
 def held_out(key: str, share: float = HELD_OUT_SHARE) -> bool:
@@ -384,9 +392,13 @@ def fit_router(
     """Predict, before generation, whether the first draft would be accepted at ``threshold``.
 
     Skips below the break-even chance: drafting pays ``draft cost`` always and
-    saves ``next model's cost`` only when accepted.
+    saves ``next model's cost`` only when accepted. Learns from every observation
+    whose first draft was produced, labelled or not: the target is the draft's
+    score against ``threshold``, which needs no verdict, and drafts that were served
+    (unlabelled) must be there beside the ones that escalated, or every draft the
+    router sees is one that failed.
     """
-    rows = [o for o in observations if o.steps and o.steps[0].verdict is not None and o.pre]
+    rows = [o for o in observations if o.pre and o.steps and _drafted(o.steps[0])]
     if len(rows) < 50:
         return None
     labels = [
@@ -405,11 +417,19 @@ def fit_router(
         prior=Scorer(weights={}, bias=0.0),
         l2=3.0,
     )
-    draft = sum(o.steps[0].cost_nanos for o in rows)
-    saved = sum(o.next_cost_nanos[0] for o in rows if o.next_cost_nanos)
+    # The break-even from requests whose next model answered too (a served draft's request
+    # never asked it, so its cost is unknown there).
+    priced = [o for o in rows if o.next_cost_nanos and o.next_cost_nanos[0]]
+    draft = sum(o.steps[0].cost_nanos for o in priced)
+    saved = sum(o.next_cost_nanos[0] for o in priced)
     if not saved:
         return None
     return Router(scorer, skip_below=min(0.5, draft / saved))
+
+
+def _drafted(step: StepLabel) -> bool:
+    """Whether the step's draft was produced and checked (labelled or not)."""
+    return step.hard_fail or bool(step.features)
 
 
 PRIOR_PATH = Path(__file__).with_name("prior.json")
@@ -562,7 +582,7 @@ def refit(
         evidence["reason"] = f"{len(uniform)} uniform labels; {MIN_HELD_OUT} needed to test"
         return Refit(strict, False, evidence)
     families = {
-        # The prior's router learns from labels no test uses (non-uniform ones).
+        # The prior's router learns from rows no test uses (the non-uniform ones).
         "prior": (fixed, uniform, [o for o in usable if not o.uniform], PRIOR_SHARE * delta),
         "fitted": (scorers, held, fit, (1 - PRIOR_SHARE) * delta),
     }

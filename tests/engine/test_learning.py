@@ -326,3 +326,49 @@ def test_a_rule_routes_past_the_draft_and_serves_the_next_model():
 def test_observations_survive_a_round_trip_through_json():
     obs = world(random.Random(4), 3)[0]
     assert learning.observation_from_json(learning.observation_to_json(obs)) == obs
+
+
+def drafted_traffic(rng: random.Random, n: int, *, served_above: float) -> list[Observation]:
+    """Requests whose first draft was produced: ``q`` is known before generation and the
+    draft's signal follows it. The current rule serves drafts scoring ``served_above`` or
+    more (no label, the next model never asked: a router row) and escalates the rest
+    (labelled, the next model's cost known)."""
+    scorer = Scorer(weights={"lp_mean": 1.6}, bias=0.6)
+    out = []
+    for i in range(n):
+        q = rng.gauss(0.0, 1.0)
+        x = q + rng.gauss(0.0, 0.5)
+        served = scorer.probability({"lp_mean": x}) >= served_above
+        out.append(
+            Observation(
+                f"d{i}",
+                (StepLabel({"lp_mean": x}, None if served else Verdict.WORSE, cost_nanos=10),),
+                pre={"q": q},
+                next_cost_nanos=() if served else (100,),
+                uniform=False,
+            )
+        )
+    return out
+
+
+def test_the_router_learns_from_every_drafted_request_not_only_the_escalated_ones():
+    """Were the router fitted on the escalated requests alone, every draft it saw would be
+    one the current rule rejected: it would route past drafts that pass. Served drafts,
+    unlabelled, are rows too; the break-even comes from the requests that priced the next
+    model."""
+    scorer = Scorer(weights={"lp_mean": 1.6}, bias=0.6)
+    rows = drafted_traffic(random.Random(5), 3000, served_above=0.6)
+    escalated = [o for o in rows if learning.labelled(o)]
+    threshold = 0.57  # the next, slightly more permissive, rule of the test's sequence
+    fresh = drafted_traffic(random.Random(6), 4000, served_above=0.6)
+    passing = [o for o in fresh if scorer.probability(dict(o.steps[0].features)) >= threshold]
+
+    def lost(router) -> float:  # the share of passing drafts routed past
+        return sum(router.skips(o.pre) for o in passing) / len(passing)
+
+    everything = learning.fit_router(rows, (scorer,), threshold)
+    biased = learning.fit_router(escalated, (scorer,), threshold)
+    assert everything is not None and biased is not None
+    assert everything.skip_below == pytest.approx(0.1)  # draft 10 over next 100
+    assert lost(everything) < 0.02
+    assert lost(biased) > 0.1  # what fitting on the escalated requests alone did

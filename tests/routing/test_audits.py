@@ -82,6 +82,7 @@ def candidate(tenant, request_id="req_1", served="demo/large", **overrides) -> A
         floor=state.get("floor", 0.03),
         uniform_labels=state.get("uniform_labels", 0),
         nonuniform_labels=state.get("nonuniform_labels", 0),
+        router_rows=state.get("router_rows", 0),
         settled=state.get("settled", False),
     )
     drafts = DEMO[: DEMO.index(served) + 1] if served in DEMO[:-1] else DEMO[:-1]
@@ -111,7 +112,7 @@ def coins(*values):
     return iter(values).__next__
 
 
-# (overrides, coin flips, decision, uniform audits, non-uniform labels)
+# (overrides, coin flips, decision, uniform audits, non-uniform rows: labels and router rows)
 SAMPLING = {
     "warming up: every request": ({}, coins(0.99), Sampling.SAMPLED, 1, 0),
     "at the floor: coin under it": (
@@ -128,12 +129,44 @@ SAMPLING = {
         0,
         1,
     ),
-    "at the floor: coin over it, a draft served": (
+    "at the floor: coin over it, a draft served: kept for the router": (
         {"learning": {"uniform_labels": 400}, "served": "demo/small"},
+        coins(0.5),
+        Sampling.ROUTER_ROW,
+        0,
+        1,
+    ),
+    "at the floor: coin over it, the first model routed past": (
+        {
+            "learning": {"uniform_labels": 400},
+            "served": "demo/medium",
+            "attempts": [draft_attempt("demo/medium", {"lp_mean": -0.1}, decision="accepted")],
+            "responses": {"demo/medium": Draft("The answer is 42.")},
+        },
         coins(0.5),
         Sampling.NOT_SAMPLED,
         0,
         0,
+    ),
+    "2,000 labels and router rows in all: one in ten, coin over": (
+        {
+            "learning": {"uniform_labels": 400, "nonuniform_labels": 500, "router_rows": 1500},
+            "served": "demo/small",
+        },
+        coins(0.5, 0.11),
+        Sampling.NOT_SAMPLED,
+        0,
+        0,
+    ),
+    "2,000 labels and router rows in all: one in ten, coin under": (
+        {
+            "learning": {"uniform_labels": 400, "nonuniform_labels": 500, "router_rows": 1500},
+            "served": "demo/small",
+        },
+        coins(0.5, 0.09),
+        Sampling.ROUTER_ROW,
+        0,
+        1,
     ),
     "settled guarantee, few labels: coin under the floor": (
         {"learning": {"uniform_labels": 120, "settled": True}, "served": "demo/small"},
@@ -145,16 +178,16 @@ SAMPLING = {
     "settled guarantee, few labels: coin over the floor": (
         {"learning": {"uniform_labels": 120, "settled": True}, "served": "demo/small"},
         coins(0.031),
-        Sampling.NOT_SAMPLED,
+        Sampling.ROUTER_ROW,
         0,
-        0,
+        1,
     ),
     "floor 0: never sampled once warm": (
         {"learning": {"uniform_labels": 400, "floor": 0.0}, "served": "demo/medium"},
         coins(0.0),
-        Sampling.NOT_SAMPLED,
+        Sampling.ROUTER_ROW,
         0,
-        0,
+        1,
     ),
     "2,000 non-uniform labels: one in ten, coin over": (
         {"learning": {"uniform_labels": 400, "nonuniform_labels": 2000}},
@@ -195,12 +228,12 @@ SAMPLING = {
         0,
         0,
     ),
-    "cap reached (0), a draft served": (
+    "cap reached (0), a draft served: kept for the router all the same": (
         {"audit_cap_nanos": 0, "served": "demo/small"},
         coins(0.0),
-        Sampling.CAP_REACHED,
+        Sampling.ROUTER_ROW,
         0,
-        0,
+        1,
     ),
     "cap reached (0), escalated: labelled for free": (
         {"audit_cap_nanos": 0},
@@ -222,6 +255,35 @@ def test_sampling_decisions(tenant, case):
     assert Audit.objects.filter(uniform=True, status=AuditStatus.PENDING).count() == uniform
     assert Audit.objects.filter(uniform=False, status=AuditStatus.DONE).count() == nonuniform
     assert UsageEvent.objects.count() == 0  # sampling never calls a model
+
+
+def test_a_served_draft_keeps_its_checks_unlabelled_for_the_router(tenant):
+    given = candidate(tenant, learning={"uniform_labels": 400}, served="demo/medium")
+
+    assert audit_consider(candidate=given, coin=coins(0.5)) == Sampling.ROUTER_ROW
+
+    [audit] = Audit.objects.all()
+    observation = observation_from_json(audit.observation)
+    assert (audit.uniform, audit.status, audit.payload) == (False, AuditStatus.DONE, {})
+    assert [s.verdict for s in observation.steps] == [None, None]
+    assert [dict(s.features) for s in observation.steps] == [{"lp_mean": -0.1}] * 2
+    # The reference was never asked: its cost is unknown, and the router ignores it.
+    assert observation.next_cost_nanos == (100, 0)
+    assert observation.pre["complexity"] >= 0 and not observation.uniform
+    state = ProfileLearning.objects.get()
+    assert (state.router_rows, state.nonuniform_labels, state.uniform_labels) == (1, 0, 0)
+
+
+def test_an_escalated_request_with_nothing_to_compare_is_a_router_row(tenant):
+    given = candidate(
+        tenant,
+        learning={"uniform_labels": 400},
+        responses={m: Draft("") for m in DEMO},
+    )
+
+    assert audit_consider(candidate=given, coin=coins(0.5)) == Sampling.ROUTER_ROW
+
+    assert ProfileLearning.objects.get().router_rows == 1
 
 
 def test_a_request_is_sampled_at_most_once(tenant):
@@ -250,7 +312,10 @@ def test_the_sampled_share_is_the_audit_rate(tenant, labels, floor, low, high):
 
     sampled = decisions.count(Sampling.SAMPLED)
     assert low <= sampled <= high
-    assert Audit.objects.count() == sampled
+    assert Audit.objects.filter(uniform=True).count() == sampled
+    # Every other request's served draft is kept for the router (fewer than 2,000 so far).
+    assert decisions.count(Sampling.ROUTER_ROW) == 600 - sampled
+    assert Audit.objects.filter(uniform=False).count() == 600 - sampled
 
 
 def test_a_non_uniform_label_is_agreement_only(tenant):
