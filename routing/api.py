@@ -19,7 +19,7 @@ from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 
 from routing import calibrations, profiles, selectors, tenant_models
-from routing.enums import AuditStatus, ModelMode, UsageKind
+from routing.enums import AuditKind, AuditStatus, ModelMode, UsageKind
 from routing.models import (
     Audit,
     CalibrationVersion,
@@ -557,6 +557,7 @@ class AuditOutput(serializers.ModelSerializer):
             "profile",
             "created_at",
             "uniform",
+            "kind",
             "status",
             "skip_reason",
             "chain",
@@ -586,6 +587,7 @@ class AuditListApi(TenantAPIView):
             OpenApiParameter("profile", str, description="cascade/<name>, or the name"),
             OpenApiParameter("status", str, enum=AuditStatus.values),
             OpenApiParameter("uniform", bool),
+            OpenApiParameter("kind", str, enum=AuditKind.values),
             OpenApiParameter("cursor", str),
             OpenApiParameter("limit", int),
         ],
@@ -611,6 +613,10 @@ class AuditListApi(TenantAPIView):
             if params["uniform"] not in ("true", "false"):
                 raise serializers.ValidationError({"uniform": ["true or false"]})
             rows = rows.filter(uniform=params["uniform"] == "true")
+        if params.get("kind"):
+            if params["kind"] not in AuditKind.values:
+                raise serializers.ValidationError({"kind": [", ".join(AuditKind.values)]})
+            rows = rows.filter(kind=params["kind"])
         paginator = UsageCursor()
         page = paginator.paginate_queryset(
             rows.select_related("calibration_version"), request, view=self

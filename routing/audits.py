@@ -85,7 +85,7 @@ from routing.engine.policy import PRESETS
 from routing.engine.resilience import Caller, UpstreamError
 from routing.engine.signals import Draft, extract
 from routing.engine.types import Attempt, ModelSpec
-from routing.enums import AuditSkip, AuditStatus, UsageKind, UsageStatus
+from routing.enums import AuditKind, AuditSkip, AuditStatus, UsageKind, UsageStatus
 from routing.models import Audit, ProfileLearning, RoutingProfile
 from routing.platform_models import model_catalog
 from routing.selectors import (
@@ -338,7 +338,9 @@ def _label_by_agreement(candidate: AuditCandidate, now: datetime) -> bool:
         steps.append(StepLabel(check["features"], verdict, check["hard_fail"], costs.get(name, 0)))
     if all(step.verdict is None for step in steps):
         return False
-    return _store_nonuniform(candidate, now, _observation(candidate, query, steps))
+    return _store_nonuniform(
+        candidate, now, _observation(candidate, query, steps), AuditKind.AGREEMENT
+    )
 
 
 def _router_row(candidate: AuditCandidate, now: datetime) -> bool:
@@ -351,7 +353,9 @@ def _router_row(candidate: AuditCandidate, now: datetime) -> bool:
         for name in candidate.learning.chain[:-1]
     ]
     query = profile_query(query_text(candidate.messages))
-    return _store_nonuniform(candidate, now, _observation(candidate, query, steps))
+    return _store_nonuniform(
+        candidate, now, _observation(candidate, query, steps), AuditKind.ROUTER
+    )
 
 
 def _observation(
@@ -370,11 +374,14 @@ def _observation(
     )
 
 
-def _store_nonuniform(candidate: AuditCandidate, now: datetime, observation: Observation) -> bool:
+def _store_nonuniform(
+    candidate: AuditCandidate, now: datetime, observation: Observation, kind: AuditKind
+) -> bool:
     audit = audit_row(
         candidate,
         now,
         uniform=False,
+        kind=kind,
         status=AuditStatus.DONE,
         observation=learning.observation_to_json(observation),
         finished_at=now,
@@ -402,7 +409,7 @@ def _count_label(audit: Audit, now: datetime) -> bool:
             "uniform_labels": F("uniform_labels") + 1,
             "labels_since_refit": F("labels_since_refit") + 1,
         }
-    elif any(s.get("verdict") is not None for s in (audit.observation or {}).get("steps", ())):
+    elif audit.kind == AuditKind.AGREEMENT:
         increments = {"nonuniform_labels": F("nonuniform_labels") + 1}
     else:
         increments = {"router_rows": F("router_rows") + 1}

@@ -32,6 +32,14 @@ class AuditStatus(models.TextChoices):
     FAILED = "failed", "Failed for good"
 
 
+class AuditKind(models.TextChoices):
+    """What an audit row is: only ``audit`` rows are the uniform sample."""
+
+    AUDIT = "audit", "Sampled: the chain asked again, every draft labelled"
+    AGREEMENT = "agreement", "Escalated anyway: labelled by agreement alone, no model asked"
+    ROUTER = "router", "A drafted request's checks, unlabelled, for the router"
+
+
 class AuditSkip(models.TextChoices):
     """Why an audit did not run (its request is unaffected either way)."""
 

@@ -10,6 +10,7 @@ from django.db.models.functions import MD5, Cast
 from django.utils import timezone
 
 from routing.enums import (
+    AuditKind,
     AuditSkip,
     AuditStatus,
     ModelMode,
@@ -250,10 +251,12 @@ class ProfileLearning(models.Model):
 class Audit(models.Model):
     """One request answered again by its chain, each draft labelled against the reference.
 
-    A row is written when a cascade request is sampled (``uniform``: a uniform coin,
-    what measured quality and certification rest on) or, for a request that
-    escalated to the reference anyway, labelled on the spot by agreement alone
-    (not uniform: only ever used to fit scorers). At most one per request.
+    A row is written when a cascade request is sampled (``uniform``, ``kind`` audit: a
+    uniform coin, what measured quality and certification rest on), or, not uniform and
+    only ever used to train: for a request that escalated to the reference anyway,
+    labelled on the spot by agreement alone (``kind`` agreement); for a request whose
+    draft was served, or that escalated with nothing to compare, its drafts' checks
+    with no label, for the router (``kind`` router). At most one per request.
 
     Privacy: ``payload`` holds the request's messages, parameters and the answers
     already produced while the audit is pending; it is emptied in every final
@@ -269,6 +272,7 @@ class Audit(models.Model):
     profile = models.CharField(max_length=120)
     created_at = models.DateTimeField(default=timezone.now)
     uniform = models.BooleanField(default=True)
+    kind = models.CharField(max_length=10, choices=AuditKind.choices, default=AuditKind.AUDIT)
     status = models.CharField(
         max_length=10, choices=AuditStatus.choices, default=AuditStatus.PENDING
     )

@@ -238,11 +238,17 @@ def test_audits_are_listed_without_their_texts(api, tenant, other_tenant):
     assert row["request_id"] == "req_1"
     assert (row["calibration_version"], row["served_verdict"], row["cost_nanos"]) == (1, None, 10)
     assert "payload" not in row and "observation" not in row
+    assert row["kind"] == "audit"
     assert len(api.get("/api/v1/audits/").json()["results"]) == 2
     assert len(api.get("/api/v1/audits/?profile=balanced&status=done").json()["results"]) == 2
+    [agreement] = api.get("/api/v1/audits/?kind=agreement").json()["results"]
+    assert (agreement["uniform"], agreement["kind"]) == (False, "agreement")
+    assert api.get("/api/v1/audits/?kind=router").json()["results"] == []
 
 
-@pytest.mark.parametrize("query", ["status=nope", "uniform=maybe", "cursor=garbage"])
+@pytest.mark.parametrize(
+    "query", ["status=nope", "uniform=maybe", "kind=nope", "kind=AUDIT", "cursor=garbage"]
+)
 def test_audit_filters_are_checked(api, query):
     assert api.get(f"/api/v1/audits/?{query}").status_code == 400
 

@@ -128,6 +128,7 @@ def store_observations(
                 request_id=f"req_{prefix}_{i}",
                 profile=profile,
                 uniform=uniform,
+                kind="audit" if uniform else "agreement",
                 status="done",
                 chain=list(chain),
                 chain_key=key,

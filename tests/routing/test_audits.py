@@ -19,7 +19,7 @@ from routing.audits import AuditCandidate, Sampling, audit_consider
 from routing.engine.learning import Verdict, observation_from_json
 from routing.engine.signals import Draft
 from routing.engine.types import Attempt
-from routing.enums import AuditSkip, AuditStatus, UsageKind
+from routing.enums import AuditKind, AuditSkip, AuditStatus, UsageKind
 from routing.models import Audit, ProfileLearning, UsageEvent
 from routing.targets import Learning
 from routing.tasks import audit_run, audits_sweep
@@ -255,6 +255,14 @@ def test_sampling_decisions(tenant, case):
     assert Audit.objects.filter(uniform=True, status=AuditStatus.PENDING).count() == uniform
     assert Audit.objects.filter(uniform=False, status=AuditStatus.DONE).count() == nonuniform
     assert UsageEvent.objects.count() == 0  # sampling never calls a model
+    kinds = {
+        Sampling.SAMPLED: AuditKind.AUDIT,
+        Sampling.LABELLED: AuditKind.AGREEMENT,
+        Sampling.ROUTER_ROW: AuditKind.ROUTER,
+    }
+    assert list(Audit.objects.values_list("kind", flat=True)) == (
+        [kinds[decision]] if decision in kinds else []
+    )
 
 
 def test_a_served_draft_keeps_its_checks_unlabelled_for_the_router(tenant):
