@@ -262,10 +262,7 @@ def audit_consider(
     if candidate.drafted() and (
         state.nonuniform_labels + state.router_rows < NONUNIFORM_FULL or flip() < NONUNIFORM_AFTER
     ):
-        if candidate.escalated_to_reference() and _label_by_agreement(candidate, now):
-            return Sampling.LABELLED
-        if _router_row(candidate, now):
-            return Sampling.ROUTER_ROW
+        return _keep_nonuniform(candidate, now) or decision
     return decision
 
 
@@ -320,49 +317,31 @@ def _audit_create(candidate: AuditCandidate, now: datetime) -> Audit | None:
     return audit
 
 
-def _label_by_agreement(candidate: AuditCandidate, now: datetime) -> bool:
-    """A non-uniform label of a request that escalated to the reference: agreement only."""
+def _keep_nonuniform(candidate: AuditCandidate, now: datetime) -> Sampling | None:
+    """Keep a drafted request outside the uniform sample, to train on (no model call).
+
+    Escalated to the reference: each draft labelled by agreement with its answer (no
+    judge here: a disagreement is the conservative reading, worse), a label by
+    agreement. A served draft, or nothing to compare: the drafts' checks with no
+    label, a router row. None when the request has its row already.
+    """
     chain = candidate.learning.chain
     query = profile_query(query_text(candidate.messages))
-    reference = candidate.responses[chain[-1]]
+    reference = candidate.responses[chain[-1]] if candidate.escalated_to_reference() else None
     costs, checks = candidate.costs(), candidate.checks()
     steps = []
     for name in chain[:-1]:
         draft, check = candidate.responses.get(name), checks.get(name)
-        if draft is None or check is None:
+        if check is None:
             steps.append(StepLabel({}, None))
             continue
-        verdict, comparable = extraction_verdict(draft, reference, candidate.params, query)
-        if verdict is None and comparable:
-            verdict = Verdict.WORSE  # no judge here: a disagreement is the conservative reading
+        verdict = None
+        if reference is not None and draft is not None:
+            verdict, comparable = extraction_verdict(draft, reference, candidate.params, query)
+            if verdict is None and comparable:
+                verdict = Verdict.WORSE
         steps.append(StepLabel(check["features"], verdict, check["hard_fail"], costs.get(name, 0)))
-    if all(step.verdict is None for step in steps):
-        return False
-    return _store_nonuniform(
-        candidate, now, _observation(candidate, query, steps), AuditKind.AGREEMENT
-    )
-
-
-def _router_row(candidate: AuditCandidate, now: datetime) -> bool:
-    """The drafts' checks of a request, unlabelled: what the router learns from."""
-    costs, checks = candidate.costs(), candidate.checks()
-    steps = [
-        StepLabel(check["features"], None, check["hard_fail"], costs.get(name, 0))
-        if (check := checks.get(name)) is not None
-        else StepLabel({}, None)
-        for name in candidate.learning.chain[:-1]
-    ]
-    query = profile_query(query_text(candidate.messages))
-    return _store_nonuniform(
-        candidate, now, _observation(candidate, query, steps), AuditKind.ROUTER
-    )
-
-
-def _observation(
-    candidate: AuditCandidate, query: QueryProfile, steps: list[StepLabel]
-) -> Observation:
-    chain, costs = candidate.learning.chain, candidate.costs()
-    return Observation(
+    observation = Observation(
         key=candidate.request_id,
         steps=tuple(steps),
         pre=learning.pre_features(query),
@@ -372,6 +351,11 @@ def _observation(
         next_cost_nanos=tuple(costs.get(name, 0) for name in chain[1:]),
         uniform=False,
     )
+    labelled = learning.labelled(observation)
+    kind = AuditKind.AGREEMENT if labelled else AuditKind.ROUTER
+    if not _store_nonuniform(candidate, now, observation, kind):
+        return None
+    return Sampling.LABELLED if labelled else Sampling.ROUTER_ROW
 
 
 def _store_nonuniform(

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 import pytest
 from asgiref.sync import sync_to_async
+from django.db import OperationalError
 from django.utils import timezone
 
 from core import outbox
@@ -282,6 +283,17 @@ def test_a_served_draft_keeps_its_checks_unlabelled_for_the_router(tenant):
     assert (state.router_rows, state.nonuniform_labels, state.uniform_labels) == (1, 0, 0)
 
 
+def test_a_request_keeps_one_router_row_at_most(tenant):
+    given = candidate(tenant, learning={"uniform_labels": 400}, served="demo/small")
+
+    first = audit_consider(candidate=given, coin=coins(0.5))
+    again = audit_consider(candidate=given, coin=coins(0.5))
+
+    assert (first, again) == (Sampling.ROUTER_ROW, Sampling.NOT_SAMPLED)
+    assert Audit.objects.count() == 1
+    assert ProfileLearning.objects.get().router_rows == 1
+
+
 def test_an_escalated_request_with_nothing_to_compare_is_a_router_row(tenant):
     given = candidate(
         tenant,
@@ -402,6 +414,51 @@ async def test_exclusions_at_the_gateway(api_token, tenant, models, case):
     if expected == 0:
         assert len(models.calls_for("judge")) == 0
         assert await UsageEvent.objects.filter(kind=UsageKind.AUDIT).acount() == 0
+
+
+# --- router rows at the gateway: a served draft, never sampled ------------------------------
+
+
+def _store_fails(monkeypatch):
+    def down(*args, **kwargs):
+        raise OperationalError("the database is down")
+
+    monkeypatch.setattr(audits, "_store_nonuniform", down)
+
+
+# (headers, end user excluded, the row store fails, router rows kept)
+GATEWAY_ROUTER_ROWS = {
+    "a served draft (control)": ({}, False, False, 1),
+    "header opt-out": ({"X-CascadeFlow-Audit": "off"}, False, False, 0),
+    "end user excluded": ({}, True, False, 0),
+    "the database fails the row: the answer and its ledger row stand": ({}, False, True, 0),
+}
+
+
+@pytest.mark.parametrize("case", list(GATEWAY_ROUTER_ROWS))
+async def test_router_rows_at_the_gateway(api_token, tenant, models, monkeypatch, case):
+    headers, excluded, fails, expected = GATEWAY_ROUTER_ROWS[case]
+    # Floor 0 and a settled version: no uniform audit, so the served draft is a router row.
+    await sync_to_async(make_profile)(tenant, judge_model="fake/judge", audit_rate_floor=0.0)
+    await sync_to_async(accepting_version)(tenant, settled=True)
+    if excluded:
+        await sync_to_async(_end_user_excluded)(tenant, api_token)
+    if fails:
+        _store_fails(monkeypatch)
+    set_answers(models, draft="Paris.", ref="Paris.")
+
+    response = await post(api_token.raw, chat("cascade/geo", GEO, user="alice"), **headers)
+
+    assert response.status_code == 200
+    assert response["x-cascade-model"] == "fake/draft"
+    assert await UsageEvent.objects.filter(kind=UsageKind.REQUEST).acount() == 1
+    assert await Audit.objects.filter(uniform=True).acount() == 0
+    assert await Audit.objects.filter(kind=AuditKind.ROUTER).acount() == expected
+    assert len(models.calls_for("ref")) == 0  # a router row never asks a model
+    if expected:
+        row = await Audit.objects.aget(kind=AuditKind.ROUTER)
+        [step] = observation_from_json(row.observation).steps
+        assert step.verdict is None and step.features
 
 
 # --- the audit task, end to end -------------------------------------------------------------
