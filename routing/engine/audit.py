@@ -58,7 +58,7 @@ def extracted(draft: Draft, query: QueryProfile, params: dict[str, Any]) -> Extr
             function = call.get("function") or {}
             try:
                 arguments = json.loads(function.get("arguments") or "{}")
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError):
                 arguments = function.get("arguments")
             calls.append(json.dumps([function.get("name"), arguments], sort_keys=True))
         return Extracted("tools", tuple(sorted(calls)))
@@ -67,7 +67,7 @@ def extracted(draft: Draft, query: QueryProfile, params: dict[str, Any]) -> Extr
     if fmt in {"json_object", "json_schema"}:
         try:
             return Extracted("json", json.dumps(json.loads(_strip_fence(text)), sort_keys=True))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             return Extracted("")
     if query.choices:
         letter = _choice_letter(text, query.choices)

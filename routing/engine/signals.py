@@ -30,6 +30,7 @@ import json
 import math
 import operator
 import re
+import symtable
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -588,9 +589,9 @@ def validate_format(draft: Draft, params: dict[str, Any]) -> tuple[bool | None, 
             if name not in by_name:
                 return False, f"tool call to unknown tool '{name}'"
             try:
-                arguments = json.loads(function.get("arguments") or "{}")
-            except json.JSONDecodeError:
-                return False, f"tool '{name}' arguments are not valid JSON"
+                arguments = _read_json(function.get("arguments") or "{}")
+            except _Unreadable as exc:
+                return False, f"tool '{name}' arguments {exc}"
             schema = by_name[name].get("parameters")
             if schema:
                 error = _schema_error(arguments, schema)
@@ -603,9 +604,9 @@ def validate_format(draft: Draft, params: dict[str, Any]) -> tuple[bool | None, 
     kind = response_format.get("type")
     if kind in {"json_object", "json_schema"}:
         try:
-            payload = json.loads(_strip_fence(draft.content))
-        except json.JSONDecodeError:
-            return False, "the draft is not valid JSON"
+            payload = _read_json(_strip_fence(draft.content))
+        except _Unreadable as exc:
+            return False, f"the draft {exc}"
         if kind == "json_object" and not isinstance(payload, dict):
             return False, "the draft is JSON but not an object"
         schema = (response_format.get("json_schema") or {}).get("schema")
@@ -618,12 +619,58 @@ def validate_format(draft: Draft, params: dict[str, Any]) -> tuple[bool | None, 
     python_blocks = [code for lang, code in blocks if lang.lower() in {"python", "py"}]
     if python_blocks:
         for code in python_blocks:
-            try:
-                ast.parse(code)
-            except SyntaxError as exc:
-                return False, f"Python code does not parse (line {exc.lineno}: {exc.msg})"
+            error = _python_error(code)
+            if error is not None:
+                return False, error
         return True, None
     return None, None
+
+
+class _Unreadable(ValueError):
+    """A draft's JSON that cannot be read; the message completes "the draft ..."."""
+
+
+def _read_json(text: str) -> Any:
+    """``json.loads(text)``; :class:`_Unreadable` for any text it cannot read.
+
+    Besides invalid JSON, ``json.loads`` fails on a document nested deeper than Python's
+    recursion limit (``RecursionError``) and on an integer of more than 4,300 digits (a
+    plain ``ValueError``). A draft is the model's text, which the request's sender can
+    steer: each is a verdict on the draft, never an error of the check.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise _Unreadable("is not valid JSON") from None
+    except RecursionError:
+        raise _Unreadable("is JSON nested too deeply to read") from None
+    except ValueError:
+        raise _Unreadable("is JSON with a number too long to read") from None
+
+
+def _python_error(code: str) -> str | None:
+    """Why ``code`` is not Python that this interpreter can compile; None when it parses.
+
+    ``symtable.symtable`` runs the parser ``ast.parse`` runs but turns no syntax tree into
+    Python objects: about three quarters of the cost. It also refuses a few programs that
+    parse (a duplicate argument, ``nonlocal`` at module level), so whatever it refuses is
+    decided again by ``ast.parse``: the verdict and the message are ``ast.parse``'s.
+    Expressions nested too deeply (a sum of 3,000 terms, 3,000 signs) make the parser
+    raise ``RecursionError`` or ``MemoryError``: the interpreter could not compile that
+    code either.
+    """
+    try:
+        symtable.symtable(code, "<draft>", "exec")
+        return None
+    except Exception:  # noqa: S110 - decided again below, by ast.parse
+        pass
+    try:
+        ast.parse(code)
+    except SyntaxError as exc:
+        return f"Python code does not parse (line {exc.lineno}: {exc.msg})"
+    except (RecursionError, MemoryError):
+        return "Python code is nested too deeply to parse"
+    return None
 
 
 def _code_blocks(text: str) -> list[tuple[str, str]]:
@@ -673,12 +720,15 @@ def _schema_error(payload: Any, schema: dict[str, Any]) -> str | None:
     validator, valid = _validator(key, schema) if key is not None else _build_validator(schema)
     if validator is None:
         return None  # the client's schema is broken; do not blame the draft
-    if valid is not None and valid(payload):
-        return None
-    error = best_match(validator.iter_errors(payload))
-    if error is None:
-        return None
-    message: str = error.message
+    try:
+        if valid is not None and valid(payload):
+            return None
+        error = best_match(validator.iter_errors(payload))
+        if error is None:
+            return None
+        message: str = error.message  # holds the repr of the part at fault
+    except RecursionError:  # a document deeper than a recursive schema can be followed
+        return "nested too deeply to validate"
     return message[:200]
 
 

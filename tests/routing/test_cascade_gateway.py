@@ -157,3 +157,47 @@ async def test_cascade_stream_of_an_accepted_draft(api_token):
     assert datas[-1]["usage"]["completion_tokens"] > 0
     event = await last_event()
     assert (event.model, event.escalated) == ("demo/small", False)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize(
+    ("content", "response_format", "verdict"),
+    [
+        ("[" * 100_000 + "]" * 100_000, {"type": "json_object"}, "nested too deeply to read"),
+        ('{"n": ' + "9" * 5000 + "}", {"type": "json_object"}, "number too long to read"),
+        (
+            "```python\nx = " + " + ".join(["1"] * 3000) + "\n```\n",
+            None,
+            "Python code is nested too deeply to parse",
+        ),
+    ],
+    ids=["deep JSON", "long integer", "deep Python"],
+)
+async def test_a_draft_python_cannot_read_escalates_instead_of_a_500(
+    api_token, tenant, fake_models, content, response_format, verdict, stream
+):
+    # The draft is what the sender asked the model for: answered by the next model, with
+    # the paid draft in the ledger, never an internal error.
+    from tests.support.fake_upstream import Behaviour
+
+    fake_models.behaviours["gpt-fake"] = Behaviour(content=content, completion_tokens=50)
+    await RoutingProfile.objects.acreate(
+        tenant=tenant, name="deep", chain=["fake/gpt", "demo/large"]
+    )
+    extra = {"response_format": response_format} if response_format else {}
+
+    response = await post(
+        api_token.raw,
+        chat("cascade/deep", [{"role": "user", "content": "Nest it."}], stream=stream, **extra),
+    )
+
+    assert response.status_code == 200
+    assert (response["x-cascade-escalated"], response["x-cascade-model"]) == ("true", "demo/large")
+    if stream:
+        assert (await read_stream(response))[-1] == "data: [DONE]"
+    event = await last_event()
+    assert event.status == "ok" and event.escalated
+    draft = event.expanded_attempts[0]
+    assert (draft["model"], draft["decision"]) == ("fake/gpt", "escalated")
+    assert verdict in draft["check"]["hard_fail"]
+    assert draft["cost_nanos"] > 0 and event.cost_nanos >= draft["cost_nanos"]
