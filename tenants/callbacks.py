@@ -205,7 +205,7 @@ async def _call(question: CallbackQuestion) -> CallbackDecision:
         answer = json.loads(raw)
         decision = answer["decision"]
         message = str(answer.get("message") or "")[:500]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return CallbackDecision(fallback, "", "fallback", "callback answer malformed")
     if decision not in DECISIONS:
         return CallbackDecision(

@@ -20,6 +20,7 @@ class FakeCallback:
     message: str = ""
     delay_s: float = 0.0
     answer_secret: str | None = None  # sign answers with another secret (a forgery)
+    raw_answer: bytes | None = None  # answer these bytes (signed) instead of a decision
     received: list[dict] = field(default_factory=list)
     bad_request_signatures: int = 0
     port: int = 0
@@ -45,7 +46,10 @@ class FakeCallback:
         self.received.append(json.loads(body))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        answer = json.dumps({"decision": self.decision, "message": self.message}).encode()
+        answer = (
+            self.raw_answer
+            or json.dumps({"decision": self.decision, "message": self.message}).encode()
+        )
         timestamp = str(int(time.time()))
         await send(
             {

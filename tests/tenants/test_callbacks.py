@@ -148,3 +148,48 @@ async def test_plain_http_callbacks_are_refused_in_production(api_token, callbac
 
     assert response["x-cascade-budget-callback"] == "fallback"
     assert callback.received == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"not json",
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"decision": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"decision": "allow", "n": ' + b"1" * 5000 + b"}",
+        b'["allow"]',
+        b'"allow"',
+        b'{"decision": ["allow"]}',
+        b'{"decision": "approve"}',
+        b'{"message": "no decision"}',
+        b"\xff\xfe",
+    ],
+    ids=[
+        "not JSON",
+        "nested 100,000 deep",
+        "decision nested 100,000 deep",
+        "a 5,000-digit number",
+        "a list",
+        "a string",
+        "decision not a string",
+        "unknown decision",
+        "no decision",
+        "not UTF-8",
+    ],
+)
+async def test_a_signed_answer_that_is_not_a_decision_falls_back(
+    api_token, callback, tenant, answer
+):
+    # The tenant's server signed it, so it is theirs; still, the request gets the fallback,
+    # never a 500.
+    callback.raw_answer = answer
+    tenant.budget_callback_fallback = "degrade"
+    await tenant.asave(update_fields=["budget_callback_fallback"])
+
+    response = await post(api_token.raw, chat())
+
+    assert response.status_code == 200
+    assert response["x-cascade-budget-callback"] == "fallback"
+    assert response["x-cascade-budget"] == "degrade"
+    counter = await BudgetCounter.objects.aget(budget__tenant=tenant)
+    assert counter.reserved_nanos == 0 and counter.spent_nanos > 0
