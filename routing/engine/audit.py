@@ -32,7 +32,7 @@ from typing import Any
 
 from routing.engine.complexity import QueryProfile, query_text
 from routing.engine.learning import Verdict
-from routing.engine.signals import Draft, _choice_letter, final_answer
+from routing.engine.signals import Draft, _choice_letter, final_answer, strip_fence
 from routing.engine.types import Message
 
 JUDGE_SYSTEM_PROMPT = (
@@ -66,7 +66,7 @@ def extracted(draft: Draft, query: QueryProfile, params: dict[str, Any]) -> Extr
     fmt = (params.get("response_format") or {}).get("type")
     if fmt in {"json_object", "json_schema"}:
         try:
-            return Extracted("json", json.dumps(json.loads(_strip_fence(text)), sort_keys=True))
+            return Extracted("json", json.dumps(json.loads(strip_fence(text)), sort_keys=True))
         except (TypeError, ValueError, RecursionError):
             return Extracted("")
     if query.choices:
@@ -76,13 +76,6 @@ def extracted(draft: Draft, query: QueryProfile, params: dict[str, Any]) -> Extr
     if number is not None and (query.numbers or query.expects_integer):
         return Extracted("number", number)
     return Extracted("")
-
-
-def _strip_fence(text: str) -> str:
-    stripped = text.strip()
-    if stripped.startswith("```"):
-        stripped = stripped.split("\n", 1)[-1].rsplit("```", 1)[0]
-    return stripped
 
 
 def agree(a: Extracted, b: Extracted) -> bool | None:

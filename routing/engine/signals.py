@@ -44,18 +44,22 @@ from routing.engine.complexity import QueryProfile, numbers
 from routing.engine.types import lp_note
 
 _CALC = re.compile(r"<<([^=<>]+)=([^<>]+)>>")
+# After "=": spaces, at most one "$" and spaces after it, the number. Written "\s*\$?\s*",
+# the two runs of spaces could split a long run of spaces in as many ways as it is long,
+# each tried in turn when no number follows: quadratic in the run.
 _EQUATION = re.compile(
-    r"((?:[\d.,$\s()]|[-+*/x\u00d7\u00f7^%]|\\\*)+?)\s*=\s*\$?\s*(-?[\d,]*\.?\d+)"
+    r"((?:[\d.,$\s()]|[-+*/x\u00d7\u00f7^%]|\\\*)+?)\s*=\s*(?:\$\s*)?(-?[\d,]*\.?\d+)"
 )
 _HAS_OP = re.compile(r"\d\s*(?:[-+*/x\u00d7\u00f7^]|\\\*)\s*\(?\s*\$?\d")
+_BOXED = re.compile(r"(?i)\\boxed\{([^}]*)\}")
 _FINAL_MARKERS = (
     re.compile(r"####\s*([^\n]*)"),
-    re.compile(r"(?i)\\boxed\{([^}]*)\}"),
+    _BOXED,
     re.compile(r"(?i)\b(?:final answer|the answer is|answer:)\s*[:\-]?\s*([^\n]*)"),
 )
 _CHOICE_IN_QUERY = re.compile(r"(?m)^\s*\(?([A-J])[).:]\s+\S")
-_CHOICE_IN_DRAFT = re.compile(
-    r"(?i)(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-J])\)?\b|^\s*\(?([A-J])\)?\s*$|^\(?([A-J])[).:]"
+_CHOICE_IN_DRAFT = re.compile(  # "\s*(?:(?:is|:)\s*)?", not "\s*(?:is|:)?\s*": see _EQUATION
+    r"(?i)(?:answer|option|choice)\s*(?:(?:is|:)\s*)?\(?([A-J])\)?\b|^\s*\(?([A-J])\)?\s*$|^\(?([A-J])[).:]"
 )
 _HEDGES = re.compile(
     r"(?i)\b(i'?m not (?:entirely |completely |totally )?(?:sure|certain)|"
@@ -558,6 +562,10 @@ def _final_answer(
     for pattern in _FINAL_MARKERS:
         if pattern is _FINAL_PHRASES.pattern:
             found = _FINAL_PHRASES.findall(text, folded)
+        elif pattern is _BOXED:
+            # A match ends at the first "}" after its start: none starts after the last
+            # one, and each start there would scan to the end of the draft in vain.
+            found = pattern.findall(text, 0, text.rfind("}") + 1)
         else:
             found = pattern.findall(text)
         if found:
@@ -604,7 +612,7 @@ def validate_format(draft: Draft, params: dict[str, Any]) -> tuple[bool | None, 
     kind = response_format.get("type")
     if kind in {"json_object", "json_schema"}:
         try:
-            payload = _read_json(_strip_fence(draft.content))
+            payload = _read_json(strip_fence(draft.content))
         except _Unreadable as exc:
             return False, f"the draft {exc}"
         if kind == "json_object" and not isinstance(payload, dict):
@@ -699,10 +707,21 @@ def _code_blocks(text: str) -> list[tuple[str, str]]:
     return found
 
 
-def _strip_fence(text: str) -> str:
+def strip_fence(text: str) -> str:
+    r"""The JSON of a draft, out of its code fence: what
+    ``re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", text.strip(), re.DOTALL)`` captures when it
+    matches (the text between the fences, without a leading "json", stripped), else the
+    text stripped.
+
+    In linear time: that pattern tries every split of a run of spaces between its lazy body
+    and the spaces after it, for every length of the body (a minute for "```json" followed
+    by 4,000 spaces and tabs, the run of whitespace a model in JSON mode can produce).
+    """
     stripped = text.strip()
-    match = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", stripped, re.DOTALL)
-    return match.group(1) if match else stripped
+    if len(stripped) < 6 or not (stripped.startswith("```") and stripped.endswith("```")):
+        return stripped
+    inner = stripped[3:-3]
+    return (inner[4:] if inner.startswith("json") else inner).strip()
 
 
 def _schema_error(payload: Any, schema: dict[str, Any]) -> str | None:

@@ -14,6 +14,7 @@ import json
 import random
 import re
 import string
+import time
 from types import SimpleNamespace
 
 import jsonschema
@@ -29,6 +30,14 @@ except ImportError:  # pragma: no cover - Python < 3.11
 
 # What the finders replaced, as it was written.
 ORIGINAL_NUM = re.compile(r"(?<![\w.])-?\$?\d[\d,]*(?:\.\d+)?")
+# The patterns as they were before their runs of spaces were made unambiguous.
+ORIGINAL_EQUATION = re.compile(
+    r"((?:[\d.,$\s()]|[-+*/x\u00d7\u00f7^%]|\\\*)+?)\s*=\s*\$?\s*(-?[\d,]*\.?\d+)"
+)
+ORIGINAL_CHOICE = re.compile(
+    r"(?i)(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-J])\)?\b|^\s*\(?([A-J])\)?\s*$|^\(?([A-J])[).:]"
+)
+ORIGINAL_FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
 
 # Characters case-insensitive matching treats specially (dotted and dotless i, long s,
 # Kelvin sign), Unicode digits and spaces, and the ASCII that the patterns are made of.
@@ -464,3 +473,131 @@ def test_code_blocks_found_as_the_pattern_finds_them():
         assert signals._code_blocks(text) == expected, text
         found_some += bool(expected)
     assert found_some > 2000
+
+
+# --- the same matches, in linear time ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("new", "old"),
+    [(signals._EQUATION, ORIGINAL_EQUATION), (signals._CHOICE_IN_DRAFT, ORIGINAL_CHOICE)],
+    ids=["equation", "choice"],
+)
+def test_patterns_without_ambiguous_runs_of_spaces_match_what_they_replaced(new, old):
+    rng = random.Random(6)
+    samples = texts(old, 3000, seed=7)
+    for _ in range(3000):  # spaces, "$", "is" and ":" around "=" and the option words
+        samples.append(
+            "".join(
+                rng.choice(
+                    [
+                        " ",
+                        "\t",
+                        "\n",
+                        "\u2003",
+                        "$",
+                        "=",
+                        "is",
+                        ":",
+                        "1",
+                        "-",
+                        "(",
+                        "B",
+                        "x",
+                        "answer",
+                        "Option",
+                        "a",
+                    ]
+                )
+                for _ in range(rng.randint(0, 14))
+            )
+        )
+    for text in samples:
+        assert spans(new.finditer(text)) == spans(old.finditer(text)), text
+        assert spans(new.finditer(text.strip())) == spans(old.finditer(text.strip())), text
+
+
+def original_strip_fence(text: str) -> str:
+    stripped = text.strip()
+    match = ORIGINAL_FENCE.fullmatch(stripped)
+    return match.group(1) if match else stripped
+
+
+def test_the_fence_is_stripped_as_the_pattern_did():
+    rng = random.Random(8)
+    pieces = [
+        "`",
+        "```",
+        "```json",
+        "json",
+        " ",
+        "\n",
+        "\t",
+        "\u2003",
+        "\u2028",
+        '{"a": 1}',
+        "x",
+        "j",
+    ]
+    samples = [
+        '```json\n{"a": 1}\n```',
+        "```{}```",
+        "``````",
+        "`````",
+        "```json```",
+        "  ```\n[1]\n```  ",
+    ]
+    for _ in range(20000):
+        samples.append("".join(rng.choice(pieces) for _ in range(rng.randint(0, 8))))
+    for text in samples:
+        assert signals.strip_fence(text) == original_strip_fence(text), repr(text)
+
+
+def test_boxed_answers_found_up_to_the_last_brace_are_all_of_them():
+    rng = random.Random(9)
+    pieces = ["\\boxed{", "\\BOXED{", "}", "{", "7", " ", "\n", "x"]
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        found = signals._BOXED.findall(text, 0, text.rfind("}") + 1)
+        assert found == signals._BOXED.findall(text), text
+
+
+# Runs that made a pattern try every split of them: each shape, at 4,000 and 16,000
+# characters, must cost no more than ~4 times as much (linear), with slack for noise.
+HOSTILE_SHAPES = {
+    "fence then tabs and spaces": lambda n: "```json" + "\t " * (n // 2) + "x",
+    "fence then line breaks": lambda n: "```" + "\n" * n + "x",
+    "equals then spaces": lambda n: "1 = " + " " * n + "x",
+    "calculator then spaces": lambda n: "<<1=" + " " * n + "x",
+    "dollar then spaces": lambda n: "= $" + " " * n + "x",
+    "option word then spaces": lambda n: "answer" + " \t" * (n // 2) + "x",
+    "boxed, never closed": lambda n: "\\boxed{" * (n // 7),
+    "equals everywhere": lambda n: "= " * (n // 2),
+    "digits and commas": lambda n: "= " + "1," * (n // 2) + "x",
+}
+QUERIES = {
+    "maths": ("What is 12 * 7 + 3? Answer with a number.", {}),
+    "choice": ("Which is right?\nA) one\nB) two\nC) three\nD) four", {}),
+    "json": ("Give JSON.", {"response_format": {"type": "json_object"}}),
+}
+
+
+def cpu_of(text: str, query, params) -> float:
+    from routing.engine import audit
+
+    best = float("inf")
+    for _ in range(3):
+        started = time.process_time()
+        signals.extract(signals.Draft(content=text), query, params)
+        audit.extracted(signals.Draft(content=text), query, params)
+        best = min(best, time.process_time() - started)
+    return best
+
+
+@pytest.mark.parametrize("shape", HOSTILE_SHAPES.values(), ids=HOSTILE_SHAPES.keys())
+def test_the_check_of_a_draft_made_of_long_runs_grows_linearly(shape):
+    for question, params in QUERIES.values():
+        query = complexity.profile_query(question)
+        small, large = cpu_of(shape(4000), query, params), cpu_of(shape(16000), query, params)
+        assert large < 0.05 or large < 8 * small, (question, small, large)
+        assert large < 0.5, (question, large)
