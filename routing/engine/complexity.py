@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from routing.engine.types import Message
@@ -28,7 +29,11 @@ _PATTERNS: dict[str, list[tuple[re.Pattern[str], float]]] = {
     "code": [
         (
             re.compile(
-                r"```|\bdef |\bclass \w+[:(]|\bimport \w+|#include|\bfunction\s*\(|=>|\bconsole\.log|\bSELECT\b.+\bFROM\b",
+                # SQL: a SELECT and the first FROM within 500 characters after it. (Written
+                # "SELECT.+FROM" with DOTALL, each SELECT with no FROM after it made the
+                # engine scan to the end of the text: quadratic in a text of SELECTs.)
+                r"```|\bdef |\bclass \w+[:(]|\bimport \w+|#include|\bfunction\s*\(|=>|\bconsole\.log"
+                r"|\bSELECT\b.{1,500}?\bFROM\b",
                 re.I | re.S,
             ),
             3.0,
@@ -97,7 +102,10 @@ _PATTERNS: dict[str, list[tuple[re.Pattern[str], float]]] = {
     "math": [
         (
             re.compile(
-                r"\d+\s*[-+*/^\u00d7\u00f7]\s*\d+|\d\s*[a-z]\s*[-+=]\s*\d|\b\d+\s*%|\$\s?\d"
+                # An operation starts at the first digit of a number: from any later digit
+                # of it, "\d+" would run to the same place and fail the same way
+                # (quadratic in a long run of digits).
+                r"(?<!\d)\d+\s*[-+*/^\u00d7\u00f7]\s*\d+|\d\s*[a-z]\s*[-+=]\s*\d|\b\d+\s*%|\$\s?\d"
             ),
             1.5,
         ),
@@ -316,7 +324,10 @@ _REASONING = re.compile(
     r"what would happen|implications?)\b",
     re.I,
 )
-_MULTI_PART = re.compile(r"(?m)^\s*(?:\d+[.)]|[-*\u2022])\s+\S|\?\s+\S[^?]*\?")
+# A list item or a run of questions: ``(?m)^\s*(?:\d+[.)]|[-*\u2022])\s+\S|\?\s+\S[^?]*\?``,
+# its list item searched at line starts by ``line_start_matches``.
+_LIST_ITEM = re.compile(r"\s*(?:\d+[.)]|[-*\u2022])\s+\S")
+_QUESTIONS = re.compile(r"\?\s+\S[^?]*\?")
 _SIMPLE = re.compile(
     r"^\s*(what is|what's|who is|who was|when did|when was|where is|define|translate|"
     r"name|list|spell|convert)\b",
@@ -343,8 +354,64 @@ _NUM = re.compile(
 )
 # ``_NUM`` for ASCII text, where ``\d`` is ``[0-9]``: no look-behind to start with.
 _NUM_ASCII = re.compile(_NUM.pattern.replace(r"[-$0-9\x80-\U0010ffff](?<=[-$\d])", "[-$0-9]", 1))
+# A percentage. It starts at the first digit of a number: the same matches as without the
+# look-behind (a match ends at "%", never inside a number), in linear time.
+_PERCENT = re.compile(r"(?<!\d)(\d+(?:\.\d+)?)\s*%")
 _COUNTING = re.compile(r"\bhow many\b|\bnumber of\b", re.I)
-_CHOICE = re.compile(r"(?m)^\s*\(?([A-J])[).:]\s+\S")
+# An option of a multiple-choice question, ``(?m)^\s*\(?([A-J])[).:]\s+\S`` (at line starts).
+_CHOICE = re.compile(r"\s*\(?([A-J])[).:]\s+\S")
+_SPACES = re.compile(r"\s*")
+
+
+def line_start_matches(tail: re.Pattern[str], text: str) -> Iterator[re.Match[str]]:
+    r"""The matches of ``(?m)^`` followed by ``tail`` in ``text``, as ``finditer`` finds them, for
+    a ``tail`` made of ``\s*`` and then something that cannot start with a space.
+
+    In linear time. From a line start, ``\s*`` runs to the end of the run of spaces it is
+    in, line breaks included, so every line start inside one run ends up at the same place:
+    the pattern tries each of them, each time over the rest of the run (8 s of CPU for a
+    query of 16,000 line breaks, on the request path). Here, when a line start fails, the
+    next one tried is the first after its run.
+    """
+    size = len(text)
+    at = 0
+    while at <= size:
+        m = tail.match(text, at)
+        if m is not None:
+            yield m
+            if m.end() == at:  # pragma: no cover - a tail that matches nothing: none here
+                at += 1
+            else:
+                at = m.end()
+            if at and text[at - 1] != "\n":
+                at = text.find("\n", at) + 1
+                if at == 0:
+                    return
+            continue
+        after_spaces = _SPACES.match(text, at).end()  # type: ignore[union-attr]
+        at = text.find("\n", after_spaces) + 1
+        if at == 0:
+            return
+
+
+def multi_part(text: str, cap: int) -> int:
+    """``min(len(re.findall(<list item or questions>, text)), cap)``: list items at line
+    starts (``line_start_matches``) and runs of questions, left to right, never overlapping."""
+    count, at = 0, 0
+    items = line_start_matches(_LIST_ITEM, text)
+    item = next(items, None)
+    while count < cap:
+        while item is not None and item.start() < at:
+            item = next(items, None)
+        question = _QUESTIONS.search(text, at)
+        found = min(
+            (m for m in (item, question) if m is not None), key=lambda m: m.start(), default=None
+        )
+        if found is None:
+            break
+        count += 1
+        at = found.end()
+    return count
 
 
 @dataclass(frozen=True)
@@ -402,7 +469,7 @@ def _numbers(text: str, digits: list[float]) -> frozenset[float]:
     for word in re.findall(r"[a-z]+", text.lower()):
         if word in _NUMBER_WORDS:
             found.add(float(_NUMBER_WORDS[word]))
-    for pct in re.findall(r"(\d+(?:\.\d+)?)\s*%", text):
+    for pct in _PERCENT.findall(text):
         found.add(round(float(pct) / 100, 6))
     return frozenset(found)
 
@@ -433,14 +500,14 @@ def profile_query(text: str) -> QueryProfile:
     score = 0.12
     score += min(math.log1p(words) / math.log1p(400), 1.0) * 0.3
     score += min(len(_REASONING.findall(text)), 3) * 0.1
-    score += min(len(_MULTI_PART.findall(text)), 3) * 0.05
+    score += multi_part(text, 3) * 0.05
     score += min(len(nums), 8) * 0.02
     if domain in {"code", "medical", "legal"}:
         score += 0.1
     if _SIMPLE.search(text) and words < 15:
         score -= 0.15
     complexity = max(0.0, min(score, 1.0))
-    choices = tuple(sorted(set(_CHOICE.findall(text))))
+    choices = tuple(sorted({m.group(1) for m in line_start_matches(_CHOICE, text)}))
     choices = choices if len(choices) >= 2 else ()
     expected_tokens = 3 if choices else 20 + 400 * complexity
     return QueryProfile(

@@ -57,7 +57,6 @@ _FINAL_MARKERS = (
     _BOXED,
     re.compile(r"(?i)\b(?:final answer|the answer is|answer:)\s*[:\-]?\s*([^\n]*)"),
 )
-_CHOICE_IN_QUERY = re.compile(r"(?m)^\s*\(?([A-J])[).:]\s+\S")
 _CHOICE_IN_DRAFT = re.compile(  # "\s*(?:(?:is|:)\s*)?", not "\s*(?:is|:)?\s*": see _EQUATION
     r"(?i)(?:answer|option|choice)\s*(?:(?:is|:)\s*)?\(?([A-J])\)?\b|^\s*\(?([A-J])\)?\s*$|^\(?([A-J])[).:]"
 )

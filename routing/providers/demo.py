@@ -36,6 +36,7 @@ from litellm.llms.custom_llm import CustomLLM, CustomLLMError
 from litellm.types.llms.openai import ChatCompletionUsageBlock
 from litellm.types.utils import EmbeddingResponse, GenericStreamingChunk, ModelResponse
 
+from routing.engine.complexity import line_start_matches
 from routing.engine.signals import arithmetic
 from routing.engine.types import Message
 
@@ -94,8 +95,15 @@ _HARD_WORDS = re.compile(
     r"differential|contract|liabilit\w*|regulat\w*|concurren\w*|complexity)\b",
     re.IGNORECASE,
 )
-_ARITH = re.compile(r"(-?\d+(?:\.\d+)?(?:\s*[-+*/^x\u00d7\u00f7]\s*\(?\s*-?\d+(?:\.\d+)?\s*\)?)+)")
-_CHOICE = re.compile(r"(?m)^\s*\(?([A-E])[).:]\s+\S")
+# An arithmetic expression: ``(-?N(?:\s*OP\s*\(?\s*-?N\s*\)?)+)`` (N a number), written
+# without two runs of spaces side by side (each split of a long run would be tried in
+# turn): the same matches, in linear time.
+_ARITH = re.compile(
+    r"(-?\d+(?:\.\d+)?(?:\s*[-+*/^x\u00d7\u00f7]\s*(?:\(\s*)?-?\d+(?:\.\d+)?(?:\s*\))?)+"
+    r"(?:(?<!\))\s*)?)"
+)
+# An option, ``(?m)^\s*\(?([A-E])[).:]\s+\S``, at line starts (``line_start_matches``).
+_CHOICE = re.compile(r"\s*\(?([A-E])[).:]\s+\S")
 _HEDGES = (
     "I'm not entirely sure, but ",
     "I might be wrong here, but I think ",
@@ -192,8 +200,12 @@ def _general_answer(model: DemoModel, text: str, correct: bool, max_words: int) 
     return " ".join(words[:max_words])
 
 
+def _options(text: str) -> set[str]:
+    return {m.group(1) for m in line_start_matches(_CHOICE, text)}
+
+
 def _choice_answer(model: DemoModel, text: str, correct: bool) -> str:
-    letters = sorted(set(_CHOICE.findall(text)))
+    letters = sorted(_options(text))
     truth = letters[int(_unit("truth", text) * len(letters))]
     if correct:
         return f"The answer is ({truth})."
@@ -321,7 +333,7 @@ def demo_answer(
         content = None
     elif response_format.get("type") in {"json_object", "json_schema"}:
         content = _json_answer(response_format, text, correct)
-    elif _CHOICE.search(text) and len(set(_CHOICE.findall(text))) >= 2:
+    elif len(_options(text)) >= 2:
         content = _choice_answer(model, text, correct)
     elif arith and value is not None:
         sample = str(params.get("seed", "")) if (params.get("temperature") or 0) > 0 else ""

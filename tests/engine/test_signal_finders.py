@@ -601,3 +601,73 @@ def test_the_check_of_a_draft_made_of_long_runs_grows_linearly(shape):
         small, large = cpu_of(shape(4000), query, params), cpu_of(shape(16000), query, params)
         assert large < 0.05 or large < 8 * small, (question, small, large)
         assert large < 0.5, (question, large)
+
+
+# --- the query's list items and options, at line starts ---------------------------------
+
+ORIGINAL_MULTI_PART = re.compile(r"(?m)^\s*(?:\d+[.)]|[-*\u2022])\s+\S|\?\s+\S[^?]*\?")
+ORIGINAL_CHOICE_IN_QUERY = re.compile(r"(?m)^\s*\(?([A-J])[).:]\s+\S")
+LINE_PIECES = ["\n", "\n", " ", "\t", "\r", "\u2003", "\x0c", "1.", "12)", "-", "*", "\u2022",
+               "?", "? ", "(", "A)", "B.", "(C)", "J:", "K)", "a", "x y", "What", "1"]  # fmt: skip
+
+
+def line_texts(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [
+        "".join(rng.choice(LINE_PIECES) for _ in range(rng.randint(0, 20))) for _ in range(count)
+    ]
+
+
+def test_list_items_and_questions_are_counted_as_the_pattern_counts_them():
+    samples = line_texts(20000, seed=10) + texts(ORIGINAL_MULTI_PART, 3000, seed=11)
+    for text in samples:
+        expected = len(ORIGINAL_MULTI_PART.findall(text))
+        for cap in (1, 3, 50):
+            assert complexity.multi_part(text, cap) == min(expected, cap), (text, cap)
+
+
+def test_options_at_line_starts_are_those_the_pattern_finds():
+    samples = line_texts(20000, seed=12) + texts(ORIGINAL_CHOICE_IN_QUERY, 3000, seed=13)
+    for text in samples:
+        found = complexity.line_start_matches(complexity._CHOICE, text)
+        assert spans(found) == spans(ORIGINAL_CHOICE_IN_QUERY.finditer(text)), text
+
+
+QUERY_SHAPES = {
+    "line breaks": lambda n: "\n" * n + "x",
+    "blank lines of spaces": lambda n: "\n " * (n // 2) + "x",
+    "CRLF": lambda n: "\r\n" * (n // 2) + "x",
+    "a list marker, then line breaks": lambda n: "1." + "\n" * n,
+    "options, then line breaks": lambda n: "A)\n" * (n // 6) + "\n" * (n // 2),
+    "questions": lambda n: "? " * (n // 2),
+    "an option letter per line": lambda n: "\nA" * (n // 2),
+    "digits": lambda n: "1" * n,
+    "digits and a point": lambda n: "1" * n + ".5 x",
+    "SELECT without FROM": lambda n: "select " * (n // 7),
+    "FROM, then SELECTs": lambda n: "from " + "select " * (n // 7),
+}
+
+
+@pytest.mark.parametrize("shape", QUERY_SHAPES.values(), ids=QUERY_SHAPES.keys())
+def test_a_query_made_of_long_runs_is_profiled_in_linear_time(shape):
+    def cpu(text: str) -> float:
+        best = float("inf")
+        for _ in range(3):
+            started = time.process_time()
+            complexity.profile_query(text)
+            best = min(best, time.process_time() - started)
+        return best
+
+    small, large = cpu(shape(4000)), cpu(shape(16000))
+    assert large < 0.05 or large < 8 * small, (small, large)
+    assert large < 0.5, large
+
+
+def test_percentages_start_at_the_first_digit_of_a_number_as_before():
+    original = re.compile(r"(\d+(?:\.\d+)?)\s*%")
+    rng = random.Random(14)
+    for _ in range(20000):
+        text = "".join(
+            rng.choice(["1", "23", ".", "5", " ", "%", "a", "\u0663", "\n"]) for _ in range(12)
+        )
+        assert complexity._PERCENT.findall(text) == original.findall(text), text

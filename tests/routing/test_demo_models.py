@@ -1,6 +1,9 @@
 """The offline demo models: deterministic, priced, and worse when small."""
 
 import json
+import random
+import re
+import time
 
 import litellm
 import pytest
@@ -126,3 +129,23 @@ def test_demo_models_are_priced_in_litellm(model):
 
     assert info["input_cost_per_token"] == pytest.approx(spec.input_usd_per_mtok / 1e6)
     assert info["output_cost_per_token"] == pytest.approx(spec.output_usd_per_mtok / 1e6)
+
+
+def test_the_demo_reads_expressions_and_options_in_linear_time_as_before():
+    old_arith = re.compile(
+        r"(-?\d+(?:\.\d+)?(?:\s*[-+*/^x\u00d7\u00f7]\s*\(?\s*-?\d+(?:\.\d+)?\s*\)?)+)"
+    )
+    old_choice = re.compile(r"(?m)^\s*\(?([A-E])[).:]\s+\S")
+    rng = random.Random(3)
+    pieces = ["1", "23", ".5", "-", " ", "\n", "+", "*", "x", "(", ")", " )", "A)", "(B", "E."]
+    for _ in range(30000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
+        assert [m.span() for m in demo._ARITH.finditer(text)] == [
+            m.span() for m in old_arith.finditer(text)
+        ], text
+        assert demo._options(text) == set(old_choice.findall(text)), text
+    started = time.process_time()
+    for run in ("1 + " + " " * 50_000 + "x", "\n" * 50_000 + "A) x", "\n " * 25_000):
+        demo._ARITH.search(run)
+        demo._options(run)
+    assert time.process_time() - started < 0.5
