@@ -81,12 +81,15 @@ def _draft_of(response: Any) -> signals.Draft:
     message = choice.message
     tool_calls = []
     for call in getattr(message, "tool_calls", None) or []:
-        function = call.function
+        function = getattr(call, "function", None)  # an upstream may send a call without one
         tool_calls.append(
             {
-                "id": call.id,
+                "id": getattr(call, "id", None),
                 "type": "function",
-                "function": {"name": function.name, "arguments": function.arguments},
+                "function": {
+                    "name": getattr(function, "name", None),
+                    "arguments": getattr(function, "arguments", None),
+                },
             }
         )
     token_logprobs: Sequence[float] | None = None

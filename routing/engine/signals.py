@@ -1007,11 +1007,17 @@ def extract(draft: Draft, query: QueryProfile, params: dict[str, Any]) -> Signal
     f["q_numbers"] = min(len(query.numbers), 10) / 10
 
     if draft.token_logprobs:
-        f["has_logprobs"] = 1.0
-        f["lp_mean"] = max(_mean(draft.token_logprobs), -10.0)
-        f["lp_min"] = max(min(draft.token_logprobs), -20.0)
-        # Worded from the value the check keeps (4 decimals): the ledger words it again.
-        notes.append(lp_note({"lp_mean": round(f["lp_mean"], 4)}) or "")
+        lp_mean = _mean(draft.token_logprobs)
+        # A log-probability is at most 0. A NaN, or values whose mean is above 0 (up to
+        # rounding), make the upstream's numbers meaningless: the draft is judged without.
+        if -math.inf <= lp_mean <= 1e-6:
+            f["has_logprobs"] = 1.0
+            f["lp_mean"] = max(lp_mean, -10.0)
+            f["lp_min"] = max(min(draft.token_logprobs), -20.0)
+            # Worded from the value the check keeps (4 decimals): the ledger words it again.
+            notes.append(lp_note({"lp_mean": round(f["lp_mean"], 4)}) or "")
+        else:
+            notes.append("log-probabilities out of range, ignored")
 
     if draft.finish_reason == "length":
         f["truncated"] = 1.0

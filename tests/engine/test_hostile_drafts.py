@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import time
 
 import pytest
@@ -162,10 +163,12 @@ def test_a_hostile_draft_is_a_hard_failure_not_an_exception(content, params, ver
         assert extracted.kind in {"", "tools"}
 
 
-def fake_spec(upstream, model: str) -> ModelSpec:
+def fake_spec(upstream, model: str, *, logprobs: bool = False) -> ModelSpec:
     base = ModelSpec.simple(model, input_usd_per_mtok=0.1, output_usd_per_mtok=0.2)
     deployment = Deployment(f"openai/{model}", {"api_base": upstream.api_base, "api_key": "k"})
-    return ModelSpec(name=model, deployments=(deployment,), price=base.price)
+    return ModelSpec(
+        name=model, deployments=(deployment,), price=base.price, supports_logprobs=logprobs
+    )
 
 
 @pytest.mark.parametrize(
@@ -252,3 +255,75 @@ def test_a_draft_of_many_hostile_blocks_is_checked_quickly():
     assert (ok, error) == (False, "Python code is nested too deeply to parse")
     assert time.process_time() - started < 1.0
     assert json.dumps(error)  # a plain message, fit for the ledger
+
+
+# --- tool calls an upstream should not send -----------------------------------------------
+
+
+def call(function: object = ..., **fields: object) -> dict:
+    made: dict = {"id": "c", "type": "function", **fields}
+    if function is not ...:
+        made["function"] = function
+    return made
+
+
+# (the calls, what becomes of the draft: accepted, escalated by the check, or refused as a
+# malformed response by the client, retried, and answered by the next model)
+ODD_CALLS = {
+    "arguments an object": ([call({"name": "store", "arguments": {"value": []}})], "accepted"),
+    "arguments null": ([call({"name": "store", "arguments": None})], "accepted"),
+    "arguments a number": ([call({"name": "store", "arguments": 12})], "malformed"),
+    "arguments a JSON list": ([call({"name": "store", "arguments": "[1, 2]"})], "escalated"),
+    "function null": ([call(None)], "escalated"),
+    "no function": ([call()], "malformed"),
+    "name null": ([call({"name": None, "arguments": "{}"})], "escalated"),
+    "name a list": ([call({"name": ["store"], "arguments": "{}"})], "malformed"),
+    "a call that is a string": (["store"], "malformed"),
+}
+
+
+@pytest.mark.parametrize(("calls", "outcome"), ODD_CALLS.values(), ids=ODD_CALLS.keys())
+async def test_odd_tool_calls_from_the_draft_model_end_in_an_answer(upstream, calls, outcome):
+    upstream.behaviours["drafter"] = Behaviour(content="", tool_calls=calls)
+    agent = CascadeAgent([fake_spec(upstream, "drafter"), LARGE], caller=Caller(backoff_s=0.0))
+
+    result = await agent.run([{"role": "user", "content": "Store it."}], {"tools": TOOLS})
+
+    first = result.attempts[0]
+    if outcome == "malformed":
+        assert (first.status, first.check) == ("error", None)
+    else:
+        assert first.decision == outcome
+        assert (first.check.hard_fail is not None) == (outcome == "escalated")
+    assert result.attempts[-1].status == "ok" and result.response.choices
+
+
+ODD_LOGPROBS = {
+    "null": None,
+    "a word": "high",
+    "NaN": float("nan"),
+    "minus infinity": float("-inf"),
+    "huge": 1e308,
+}
+
+
+@pytest.mark.parametrize("logprob", ODD_LOGPROBS.values(), ids=ODD_LOGPROBS.keys())
+async def test_odd_log_probabilities_are_not_taken_as_confidence(upstream, logprob):
+    upstream.behaviours["drafter"] = Behaviour(content="The answer is 42.", logprob=logprob)
+    drafter = fake_spec(upstream, "drafter", logprobs=True)
+    agent = CascadeAgent([drafter, LARGE], caller=Caller(backoff_s=0.0))
+
+    result = await agent.run([{"role": "user", "content": "What is 6 * 7?"}], {})
+
+    draft = result.attempts[0]
+    if logprob is None or isinstance(logprob, str):
+        # Not a number: the response fails validation, as a malformed answer; the next
+        # model answers.
+        assert (draft.status, draft.check) == ("error", None)
+    else:
+        assert all(math.isfinite(v) for v in draft.check.features.values()), draft.check.features
+        assert math.isfinite(draft.check.probability)
+        assert draft.check.features.get("has_logprobs") == (1.0 if logprob < 0 else None)
+    assert result.attempts[-1].status == "ok"
+    assert result.response.choices
+    assert upstream.calls_for("drafter")[0].get("logprobs") is True
