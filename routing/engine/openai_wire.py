@@ -107,10 +107,60 @@ def _request(
     return url, headers, body, timeout
 
 
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+ERROR_BODY_BYTES = 64 * 1024  # of an error answer, what is read for its message
+
+
+def max_response_bytes() -> int:
+    """The most one answer of a provider may hold (``CASCADEFLOW_MAX_UPSTREAM_RESPONSE_BYTES``,
+    64 MiB by default): a completion's body, or all the events of a stream.
+
+    A provider's answer is read into the gateway's memory (a cascade holds a streamed draft
+    until it is judged), and a tenant's own server (``api_base``) sends whatever it likes:
+    without a bound, one answer of gigabytes would take the memory of a process that
+    serves every tenant. 64 MiB holds some 100,000 streamed tokens with log-probabilities;
+    an embeddings answer may hold four times as much.
+    """
+    try:
+        return max(1, int(os.environ.get("CASCADEFLOW_MAX_UPSTREAM_RESPONSE_BYTES", "")))
+    except ValueError:
+        return MAX_RESPONSE_BYTES
+
+
+def _too_large(limit: int) -> ProviderHTTPError:
+    return ProviderHTTPError(502, f"The provider's answer is larger than {limit:,} bytes.")
+
+
+async def _body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or ``_too_large`` as soon as it holds more than ``limit`` bytes."""
+    if response.content_length is not None and response.content_length > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _head(response: aiohttp.ClientResponse, size: int) -> bytes:
+    """The body's first ``size`` bytes (all of it when shorter)."""
+    chunks: list[bytes] = []
+    read = 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        chunks.append(chunk)
+        read += len(chunk)
+        if read >= size:
+            break
+    return b"".join(chunks)[:size]
+
+
 async def _raise_for_status(response: aiohttp.ClientResponse) -> None:
     if response.status < 400:
         return
-    raw = await response.read()
+    raw = await _head(response, ERROR_BODY_BYTES)
     message = raw.decode(errors="replace")[:500]
     try:
         message = json.loads(raw)["error"]["message"]
@@ -129,7 +179,7 @@ async def acompletion(litellm_model: str, kwargs: Mapping[str, Any]) -> litellm.
         url, headers=headers, json=body, timeout=_timeout(timeout)
     ) as response:
         await _raise_for_status(response)
-        raw = await response.read()
+        raw = await _body(response, max_response_bytes())
     try:
         data = json.loads(raw)
     except ValueError:
@@ -196,7 +246,8 @@ async def aembedding(litellm_model: str, kwargs: Mapping[str, Any]) -> dict[str,
         url, headers=headers, json=body, timeout=_timeout(timeout)
     ) as response:
         await _raise_for_status(response)
-        raw = await response.read()
+        # 2,048 vectors of 3,072 floats, as JSON, take some 130 MB: four times the bound.
+        raw = await _body(response, 4 * max_response_bytes())
     try:
         data = json.loads(raw)
     except ValueError:
@@ -240,8 +291,12 @@ async def astream(litellm_model: str, kwargs: Mapping[str, Any]) -> AsyncIterato
 
 async def _events(response: aiohttp.ClientResponse) -> AsyncIterator[Chunk]:
     finished = False
+    limit, size = max_response_bytes(), 0
     try:
         async for raw_line in response.content:
+            size += len(raw_line)
+            if size > limit:
+                raise _too_large(limit)
             line = raw_line.decode("utf-8", errors="replace").strip()
             if not line.startswith("data:"):
                 continue

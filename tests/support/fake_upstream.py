@@ -55,6 +55,7 @@ class Behaviour:
     embedding_size: int = 8  # floats per embedding, unless the request asks for dimensions
     report_usage: bool = True  # False: an embeddings answer without usage
     embeddings_missing: int = 0  # answer this many embeddings fewer than inputs
+    chunked: bool = False  # send a completion without Content-Length, in pieces
 
 
 @dataclass
@@ -123,7 +124,7 @@ class FakeUpstream:
             b = replace(b, tool_calls=b.calls(payload), calls=None)
         if payload.get("stream"):
             return await self._stream(send, payload, b)
-        return await _json(send, 200, _completion(payload, b))
+        return await _json(send, 200, _completion(payload, b), chunked=b.chunked)
 
     async def _stream(self, send, payload: dict, b: Behaviour) -> None:
         await send(
@@ -282,20 +283,30 @@ def _sse(data: dict) -> bytes:
     return b"data: " + json.dumps(data).encode() + b"\n\n"
 
 
-async def _json(send, status: int, data: dict, headers: list | None = None) -> None:
+async def _json(
+    send, status: int, data: dict, headers: list | None = None, *, chunked: bool = False
+) -> None:
     body = json.dumps(data).encode()
+    length = [] if chunked else [(b"content-length", str(len(body)).encode())]
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(headers or []),
-            ],
+            "headers": [(b"content-type", b"application/json"), *length, *(headers or [])],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    if not chunked:
+        await send({"type": "http.response.body", "body": body})
+        return
+    piece = 1 << 16
+    for start in range(0, len(body), piece):
+        await send(
+            {
+                "type": "http.response.body",
+                "body": body[start : start + piece],
+                "more_body": start + piece < len(body),
+            }
+        )
 
 
 def main() -> None:
