@@ -598,7 +598,7 @@ def validate_format(draft: Draft, params: dict[str, Any]) -> tuple[bool | None, 
             try:
                 arguments = _read_json(function.get("arguments") or "{}")
             except _Unreadable as exc:
-                return False, f"tool '{name}' arguments {exc}"
+                return False, f"tool '{name}' arguments are {exc}"
             schema = by_name[name].get("parameters")
             if schema:
                 error = _schema_error(arguments, schema)
@@ -613,7 +613,7 @@ def validate_format(draft: Draft, params: dict[str, Any]) -> tuple[bool | None, 
         try:
             payload = _read_json(strip_fence(draft.content))
         except _Unreadable as exc:
-            return False, f"the draft {exc}"
+            return False, f"the draft is {exc}"
         if kind == "json_object" and not isinstance(payload, dict):
             return False, "the draft is JSON but not an object"
         schema = (response_format.get("json_schema") or {}).get("schema")
@@ -634,7 +634,7 @@ def validate_format(draft: Draft, params: dict[str, Any]) -> tuple[bool | None, 
 
 
 class _Unreadable(ValueError):
-    """A draft's JSON that cannot be read; the message completes "the draft ..."."""
+    """A draft's JSON that cannot be read; the message completes "the draft is ..."."""
 
 
 def _read_json(text: str) -> Any:
@@ -648,11 +648,11 @@ def _read_json(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        raise _Unreadable("is not valid JSON") from None
+        raise _Unreadable("not valid JSON") from None
     except RecursionError:
-        raise _Unreadable("is JSON nested too deeply to read") from None
+        raise _Unreadable("JSON nested too deeply to read") from None
     except ValueError:
-        raise _Unreadable("is JSON with a number too long to read") from None
+        raise _Unreadable("JSON with a number too long to read") from None
 
 
 def _python_error(code: str) -> str | None:

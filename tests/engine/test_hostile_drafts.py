@@ -102,13 +102,13 @@ CASES = [
         "tool arguments nested 100,000 deep",
         tool_call('{"value": ' + "[" * DEEP + "]" * DEEP + "}"),
         {"tools": TOOLS},
-        "tool 'store' arguments is JSON nested too deeply to read",
+        "tool 'store' arguments are JSON nested too deeply to read",
     ),
     (
         "tool arguments with a 5,000-digit integer",
         tool_call('{"value": [' + "1" * 5000 + "]}"),
         {"tools": TOOLS},
-        "tool 'store' arguments is JSON with a number too long to read",
+        "tool 'store' arguments are JSON with a number too long to read",
     ),
     (
         "a Python sum of 3,000 terms",
