@@ -11,6 +11,7 @@ engine on every recorded answer.
 """
 
 import json
+import math
 import random
 import re
 import string
@@ -671,3 +672,38 @@ def test_percentages_start_at_the_first_digit_of_a_number_as_before():
             rng.choice(["1", "23", ".", "5", " ", "%", "a", "\u0663", "\n"]) for _ in range(12)
         )
         assert complexity._PERCENT.findall(text) == original.findall(text), text
+
+
+def test_counts_stop_at_their_cap_with_the_same_result():
+    patterns = [p for group in complexity._PATTERNS.values() for p, _ in group]
+    patterns.append(complexity._REASONING)
+    rng = random.Random(15)
+    pieces = ["python ", "def ", "2 + 3 ", "50% ", "why ", "court ", "stocks ", "x ", "\n"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        for pattern in patterns:
+            for cap in (1, 3, 4):
+                assert complexity._count(pattern, text, cap) == min(
+                    len(pattern.findall(text)), cap
+                ), (pattern.pattern, text)
+
+
+def test_a_long_query_is_profiled_on_its_beginning_and_its_end():
+    context = "lorem ipsum dolor sit amet " * 20_000  # 540,000 characters of context
+    question = "Which is right?\nA) one\nB) two\nC) three\n"
+    query = "Solve: 12 * 7 + 3 = ?\n" + context + question
+    profile = complexity.profile_query(query)
+
+    assert profile.choices == ("A", "B", "C")  # the options at the end
+    assert 12.0 in profile.numbers  # the numbers at the beginning
+    assert profile.log_words == math.log1p(len(query.split()))  # counted whole
+    assert len(query.split()) > 100_000
+    short = complexity.profile_query("Solve: 12 * 7 + 3 = ?\n" + question)
+    assert (profile.domain, profile.choices) == (short.domain, short.choices)
+
+
+@pytest.mark.parametrize("text", ["a " * 2_000_000, "\n" * 4_000_000, "select " * 570_000])
+def test_a_query_of_four_megabytes_is_profiled_in_a_bounded_time(text):
+    started = time.process_time()
+    complexity.profile_query(text)
+    assert time.process_time() - started < 1.0
