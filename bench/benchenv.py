@@ -5,7 +5,16 @@ limits (a small budget, 20 requests a minute, the demo models only) would
 measure the free plan, not the gateway. Empty values lift them.
 """
 
+import contextlib
+import io
 import statistics
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 FREE_TIER_UNLIMITED = {
     "CASCADEFLOW_FREE_TIER_MONTHLY_BUDGET_USD": "",
@@ -32,3 +41,25 @@ def stats_ms(samples: list[float]) -> dict:
         "mean_ms": round(statistics.fmean(samples), 1),
         "n": len(samples),
     }
+
+
+@contextlib.contextmanager
+def exported(ref: str) -> Iterator[tuple[Path, str]]:
+    """The project as of git ref ``ref`` (``git archive``), in a temporary directory, and
+    the commit it names (also written to ``.commit`` there): to measure an older engine."""
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix="cf-engine-") as tmp:
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", "--format=tar", commit],
+            capture_output=True,
+            check=True,
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        (Path(tmp) / ".commit").write_text(commit)
+        yield Path(tmp), commit

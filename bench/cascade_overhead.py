@@ -101,15 +101,16 @@ import platform
 import random
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+
+from benchenv import exported
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 SIZES = (100, 500, 2000)
@@ -697,22 +698,6 @@ def git(*args: str) -> str:
     return subprocess.run(
         ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True
     ).stdout.rstrip()
-
-
-@contextlib.contextmanager
-def exported(ref: str) -> Iterator[tuple[Path, str]]:
-    """The project as of git ref ``ref`` (``git archive``), in a temporary directory."""
-    commit = git("rev-parse", "--verify", f"{ref}^{{commit}}")
-    with tempfile.TemporaryDirectory(prefix="cf-checkcost-") as tmp:
-        archive = subprocess.run(
-            ["git", "-C", str(REPO), "archive", "--format=tar", commit],
-            capture_output=True,
-            check=True,
-        ).stdout
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(tmp, filter="data")
-        (Path(tmp) / ".commit").write_text(commit)
-        yield Path(tmp), commit
 
 
 def with_engine(root: Path, args: list[str]) -> int:

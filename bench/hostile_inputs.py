@@ -16,12 +16,14 @@ process, stopped after ``--budget`` seconds (shown as "> budget").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
+
+from benchenv import exported
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,15 +82,6 @@ def measure(root: Path, kind: str, expr: str, n: int, budget: float) -> float | 
     return None if seconds > budget else seconds
 
 
-def exported(ref: str, into: Path) -> Path:
-    """The tree of ``ref`` (git archive), for measuring an older engine."""
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="4000,16000,64000")
@@ -96,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref", help="measure the engine of this git ref instead")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        root = exported(args.ref, Path(tmp)) if args.ref else ROOT
+    with exported(args.ref) if args.ref else contextlib.nullcontext((ROOT, "")) as (root, _):
         engine = args.ref or "working tree"
         print(f"CPU seconds per read (engine: {engine}; > {args.budget:g}: stopped)\n")
         head = " | ".join(f"{n:,} chars" for n in sizes)

@@ -379,11 +379,8 @@ def line_start_matches(tail: re.Pattern[str], text: str) -> Iterator[re.Match[st
         m = tail.match(text, at)
         if m is not None:
             yield m
-            if m.end() == at:  # pragma: no cover - a tail that matches nothing: none here
-                at += 1
-            else:
-                at = m.end()
-            if at and text[at - 1] != "\n":
+            at = m.end()  # past ``at``: the tail matches at least its non-space
+            if text[at - 1] != "\n":
                 at = text.find("\n", at) + 1
                 if at == 0:
                     return

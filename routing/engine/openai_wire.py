@@ -131,20 +131,6 @@ def _too_large(limit: int) -> ProviderHTTPError:
     return ProviderHTTPError(502, f"The provider's answer is larger than {limit:,} bytes.")
 
 
-async def _body(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body, or ``_too_large`` as soon as it holds more than ``limit`` bytes."""
-    if response.content_length is not None and response.content_length > limit:
-        raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _head(response: aiohttp.ClientResponse, size: int) -> bytes:
     """The body's first ``size`` bytes (all of it when shorter)."""
     chunks: list[bytes] = []
@@ -155,6 +141,17 @@ async def _head(response: aiohttp.ClientResponse, size: int) -> bytes:
         if read >= size:
             break
     return b"".join(chunks)[:size]
+
+
+async def _body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or ``_too_large`` when it holds more than ``limit`` bytes (read no
+    further than one chunk past them)."""
+    if response.content_length is not None and response.content_length > limit:
+        raise _too_large(limit)
+    raw = await _head(response, limit + 1)
+    if len(raw) > limit:
+        raise _too_large(limit)
+    return raw
 
 
 async def _raise_for_status(response: aiohttp.ClientResponse) -> None:

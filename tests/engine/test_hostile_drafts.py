@@ -11,7 +11,6 @@ failure, so the cascade escalates), through the whole cascade too, and quickly.
 from __future__ import annotations
 
 import ast
-import json
 import math
 import time
 
@@ -254,7 +253,6 @@ def test_a_draft_of_many_hostile_blocks_is_checked_quickly():
 
     assert (ok, error) == (False, "Python code is nested too deeply to parse")
     assert time.process_time() - started < 1.0
-    assert json.dumps(error)  # a plain message, fit for the ledger
 
 
 # --- tool calls an upstream should not send -----------------------------------------------
