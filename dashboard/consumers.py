@@ -59,8 +59,9 @@ class DashboardConsumer(AsyncJsonWebsocketConsumer):
         if getattr(self, "flush_handle", None):
             self.flush_handle.cancel()
 
-    async def receive_json(self, content, **kwargs) -> None:
-        """The socket is read-only; anything the browser sends is ignored."""
+    async def receive(self, text_data=None, bytes_data=None, **kwargs) -> None:
+        """The socket is read-only: whatever a client sends (JSON or not, text or binary) is
+        ignored unread, and the socket stays open."""
 
     async def usage_batch(self, message: dict) -> None:
         for event in message["events"]:

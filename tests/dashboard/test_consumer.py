@@ -154,3 +154,30 @@ async def test_a_removed_member_loses_the_socket(channel_layer, monkeypatch):
 
     closed = await ws.receive_output(timeout=3)
     assert closed == {"type": "websocket.close", "code": consumers.FORBIDDEN}
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"text": "not json {"},
+        {"text": "[" * 100_000},  # JSON nested past the parser's depth
+        {"text": ""},
+        {"bytes": b"\x00\xff binary"},
+        {"text": '{"type": "usage.batch", "events": []}'},  # not a way into the group
+    ],
+    ids=["not-json", "deep-json", "empty", "binary", "a-group-message"],
+)
+async def test_whatever_a_client_sends_is_ignored_and_the_socket_keeps_working(
+    channel_layer, frame
+):
+    tenant, key = await member_session()
+    ws = socket(tenant.slug, key)
+    assert (await ws.connect())[0]
+
+    await ws.send_input({"type": "websocket.receive", **frame})
+    assert await ws.receive_nothing(timeout=0.3)  # no answer, no close
+    live.publish(entry(tenant.pk, 7))
+
+    got = await ws.receive_json_from(timeout=3)
+    assert [e["cost"] for e in got["events"]] == [7]
+    await ws.disconnect()
