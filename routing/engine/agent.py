@@ -27,15 +27,14 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, TypeVar
 
-import litellm
-
 from routing.engine import signals, tracing
 from routing.engine.calibration import Scorer
 from routing.engine.complexity import QueryProfile, profile_query, query_text
 from routing.engine.learning import pre_features
 from routing.engine.openai_wire import FLAT_LOGPROBS
 from routing.engine.policy import PRESETS, Calibration, Policy, StepCalibration
-from routing.engine.resilience import Caller, Stream, UpstreamError
+from routing.engine.pricing import reported_tokens
+from routing.engine.resilience import Caller, Stream, UpstreamError, counted_tokens
 from routing.engine.types import (
     Attempt,
     CascadeResult,
@@ -700,7 +699,7 @@ class CascadeStream:
     async def _relay(self) -> AsyncGenerator[dict[str, Any], None]:
         upstream = self.upstream
         assert upstream is not None
-        usage: dict[str, int] | None = None
+        usage: Any = None  # as the provider reported it (``pricing.reported_tokens`` reads it)
         texts: list[str] = []
         chunk = upstream.first_chunk
         try:
@@ -713,9 +712,8 @@ class CascadeStream:
                     texts.append(delta.get("content") or "")
                     for call in delta.get("tool_calls") or []:
                         function = call.get("function") or {}
-                        texts.append(
-                            (function.get("name") or "") + (function.get("arguments") or "")
-                        )
+                        texts.append(function.get("name") or "")
+                        texts.append(function.get("arguments") or "")
                 framed = self._framed(data)
                 if framed is not None:
                     yield framed
@@ -736,15 +734,12 @@ class CascadeStream:
     def _settle(self, usage: dict[str, int] | None, texts: list[str]) -> None:
         upstream = self.upstream
         assert upstream is not None
-        self._reported_usage = dict(usage or {})
-        if usage:
-            prompt = int(usage.get("prompt_tokens") or 0)
-            completion = int(usage.get("completion_tokens") or 0)
-        else:
-            model = upstream.deployment.litellm_model
-            prompt = litellm.token_counter(model=model, messages=self.messages)
-            text = "".join(texts)
-            completion = litellm.token_counter(model=model, text=text) if text else 0
+        self._reported_usage = usage if isinstance(usage, dict) else {}
+        prompt, completion = reported_tokens(usage) or counted_tokens(
+            upstream.deployment.litellm_model,
+            self.messages,
+            "".join(t for t in texts if isinstance(t, str)),
+        )
         attempt = upstream.attempt
         attempt.prompt_tokens = prompt
         attempt.completion_tokens = completion

@@ -18,6 +18,7 @@ from typing import Any
 import litellm
 
 from routing.engine.openai_wire import ProviderHTTPError
+from routing.engine.pricing import MAX_TOKENS_PER_CALL
 from routing.engine.types import Embeddings
 
 Inputs = Sequence[str] | Sequence[Sequence[int]]
@@ -79,5 +80,5 @@ def embeddings_of(response: Any, expected: int) -> Embeddings:
     return Embeddings(
         vectors=vectors,  # type: ignore[arg-type]  # every slot was filled above
         model=str(_field(response, "model") or ""),
-        prompt_tokens=prompt if type(prompt) is int and prompt > 0 else 0,
+        prompt_tokens=prompt if type(prompt) is int and 0 < prompt <= MAX_TOKENS_PER_CALL else 0,
     )

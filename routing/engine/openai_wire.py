@@ -26,6 +26,8 @@ from typing import Any
 import aiohttp
 import litellm
 
+from routing.engine.pricing import reported_tokens
+
 # The request parameters of OpenAI's chat-completions API that are forwarded.
 OPENAI_PARAMS: frozenset[str] = frozenset(
     {
@@ -53,6 +55,16 @@ class ProviderHTTPError(Exception):
         self.status = status
         self.message = message
         self.retry_after = retry_after
+
+
+class MalformedAnswer(ProviderHTTPError):
+    """A provider answered (200) with what is not a usable completion: a failed call (502)
+    that was made, and billed. ``tokens`` is what its usage says it cost, if it says so
+    in counts that can be (``pricing.reported_tokens``)."""
+
+    def __init__(self, message: str, tokens: tuple[int, int] | None = None):
+        super().__init__(502, f"Malformed response: {message}")
+        self.tokens = tokens
 
 
 def handles(litellm_model: str, params: Mapping[str, Any]) -> bool:
@@ -180,10 +192,16 @@ async def acompletion(litellm_model: str, kwargs: Mapping[str, Any]) -> litellm.
     try:
         data = json.loads(raw)
     except ValueError:
-        raise ProviderHTTPError(502, "Malformed response: not JSON.") from None
-    if not isinstance(data, dict) or not data.get("choices"):
-        raise ProviderHTTPError(502, "Malformed response: no choices.")
-    return parse_completion(data)
+        raise MalformedAnswer("not JSON.") from None
+    if not isinstance(data, dict):
+        raise MalformedAnswer("not a JSON object.")
+    tokens = reported_tokens(data.get("usage"))
+    if not data.get("choices"):
+        raise MalformedAnswer("no choices.", tokens)
+    try:
+        return parse_completion(data)
+    except Exception:
+        raise MalformedAnswer("not a chat completion.", tokens) from None
 
 
 def parse_completion(data: dict[str, Any]) -> litellm.ModelResponse:
@@ -197,6 +215,10 @@ def parse_completion(data: dict[str, Any]) -> litellm.ModelResponse:
     array is in the response's private metadata only.
     """
     flat = _token_logprobs(data)
+    if "usage" in data and reported_tokens(data["usage"]) is None:
+        # Not counts of tokens: the gateway counts them itself (``resilience``), as it does
+        # for a provider that reports no usage.
+        data = {key: value for key, value in data.items() if key != "usage"}
     response = litellm.ModelResponse(**data)
     if flat is not None:
         logprobs = getattr(response.choices[0], "logprobs", None)

@@ -8,6 +8,7 @@ cost is rounded half-up to a whole nano-dollar once, at the end.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -44,6 +45,28 @@ class ModelPrice:
 
 
 ZERO_PRICE = ModelPrice(Decimal(0), Decimal(0))
+
+# The most tokens one call is charged for, each way: what the ledger's token columns hold
+# (32-bit integers), and far beyond what any model reads or writes in one call.
+MAX_TOKENS_PER_CALL = 2**31 - 1
+
+
+def reported_tokens(usage: Any) -> tuple[int, int] | None:
+    """The ``(prompt, completion)`` tokens of a provider's reported usage (a mapping, or an
+    object such as LiteLLM's ``Usage``); None when it reports none, or counts that cannot
+    be: each must be an integer from 0 to ``MAX_TOKENS_PER_CALL`` (a bool, a float, a
+    numeral in a string are not). A tenant's own server reports what it likes: a negative
+    count would be a negative cost, one past the bound a ledger row that cannot be written.
+    """
+    if usage is None:
+        return None
+    counts = []
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(name) if isinstance(usage, Mapping) else getattr(usage, name, None)
+        if type(value) is not int or not 0 <= value <= MAX_TOKENS_PER_CALL:
+            return None
+        counts.append(value)
+    return counts[0], counts[1]
 
 
 def litellm_info(model: str) -> dict[str, Any]:

@@ -35,7 +35,8 @@ from litellm import exceptions as litellm_errors
 
 from routing.engine import openai_wire, tracing
 from routing.engine.embeddings import count_tokens, embeddings_of
-from routing.engine.openai_wire import ProviderHTTPError
+from routing.engine.openai_wire import MalformedAnswer, ProviderHTTPError
+from routing.engine.pricing import MAX_TOKENS_PER_CALL, reported_tokens
 from routing.engine.types import Attempt, Deployment, Embeddings, ModelSpec
 
 _PREFIX = re.compile(r"^litellm\.\w+:\s*")
@@ -394,13 +395,9 @@ class Caller:
                         response = await openai_wire.acompletion(deployment.litellm_model, call)
                     else:
                         response = await litellm.acompletion(**call)
+                    usage = getattr(response, "usage", None)
                     if not getattr(response, "choices", None):
-                        raise litellm_errors.APIError(
-                            status_code=502,
-                            message="Malformed response: no choices.",
-                            llm_provider="",
-                            model=deployment.litellm_model,
-                        )
+                        raise MalformedAnswer("no choices.", reported_tokens(usage))
                 except Exception as exc:
                     failure = await self._failed_call(
                         exc, spec, deployment, started, attempts, role
@@ -409,9 +406,9 @@ class Caller:
                     continue
                 if self.breaker:
                     await self.breaker.succeeded(deployment)
-                usage = getattr(response, "usage", None)
-                prompt = int(getattr(usage, "prompt_tokens", 0) or 0)
-                completion = int(getattr(usage, "completion_tokens", 0) or 0)
+                prompt, completion = reported_tokens(usage) or counted_tokens(
+                    deployment.litellm_model, kwargs["messages"], answer_text(response)
+                )
                 attempt = Attempt(
                     model=spec.name,
                     deployment=deployment.label,
@@ -539,7 +536,12 @@ class Caller:
     ) -> Failure:
         """Record a failed call; raise unless another deployment could help."""
         failure = classify(exc)
-        attempts.append(_failed(spec, deployment, started, failure, role))
+        attempt = _failed(spec, deployment, started, failure, role)
+        if isinstance(exc, MalformedAnswer) and exc.tokens:
+            # The provider answered, unusably, and says what that cost: it is paid for.
+            attempt.prompt_tokens, attempt.completion_tokens = exc.tokens
+            attempt.cost_nanos = spec.price.cost_nanos(*exc.tokens)
+        attempts.append(attempt)
         if self.breaker and failure.counts_against_deployment:
             await self.breaker.failed(deployment)
         if not failure.retryable:
@@ -549,6 +551,27 @@ class Caller:
     async def _backoff(self, n: int) -> None:
         delay = self.backoff_s * (2 ** (n - 1))
         await asyncio.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter, not crypto
+
+
+def counted_tokens(litellm_model: str, messages: Any, text: str) -> tuple[int, int]:
+    """What a call that reports no usage (or counts that cannot be) is charged: its prompt
+    and its answer counted with the model's tokenizer, as LiteLLM counts them."""
+    prompt = litellm.token_counter(model=litellm_model, messages=messages)
+    completion = litellm.token_counter(model=litellm_model, text=text) if text else 0
+    return min(prompt, MAX_TOKENS_PER_CALL), min(completion, MAX_TOKENS_PER_CALL)
+
+
+def answer_text(response: Any) -> str:
+    """Every choice's content and tool calls (names and arguments): what was generated."""
+    texts: list[str] = []
+    for choice in getattr(response, "choices", None) or ():
+        message = getattr(choice, "message", None)
+        texts.append(getattr(message, "content", None) or "")
+        for call in getattr(message, "tool_calls", None) or ():
+            function = getattr(call, "function", None)
+            texts.append(getattr(function, "name", None) or "")
+            texts.append(getattr(function, "arguments", None) or "")
+    return "".join(t for t in texts if isinstance(t, str))
 
 
 def _failed(

@@ -1,6 +1,7 @@
 """The OpenAI-compatible gateway, in process (Django's async test client)."""
 
 import json
+import os
 from datetime import timedelta
 
 import pytest
@@ -321,6 +322,48 @@ async def test_upstream_cost_uses_catalog_price(api_token, fake_models):
     # $1 / $2 per million tokens: 1000 * 1000n + 500 * 2000n
     assert event.cost_nanos == 2_000_000
     assert response["x-cascade-cost-usd"] == "0.002000000"
+
+
+# Usage a provider (a tenant's own server) reports that cannot be counts of tokens: once a
+# negative cost or an overflow, and a ledger row that the database refused. LiteLLM's own
+# client may refuse an answer whose counts are not numbers (the call's error, a 502).
+HOSTILE_USAGE = {
+    "negative": {"prompt_tokens": -1000, "completion_tokens": -500, "total_tokens": -1500},
+    "beyond any call": {"prompt_tokens": 10**12, "completion_tokens": 3 * 10**9},
+    "numbers as text": {"prompt_tokens": "1000", "completion_tokens": "many"},
+    "not an object": "lots",
+}
+LITELLM_MAY_REFUSE = {"numbers as text", "not an object"}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+@pytest.mark.parametrize("case", HOSTILE_USAGE)
+async def test_usage_that_cannot_be_counts_is_counted_by_the_gateway(
+    api_token, fake_models, case, stream
+):
+    fake_models.behaviours["gpt-fake"] = Behaviour(
+        content="one two three", usage=HOSTILE_USAGE[case]
+    )
+    may_refuse = (
+        case in LITELLM_MAY_REFUSE and os.environ["CASCADEFLOW_OPENAI_FAST_PATH"] == "false"
+    )
+
+    response = await post(api_token.raw, body(model="fake/gpt", stream=stream))
+
+    if stream:
+        assert response.status_code == 200  # the stream had begun
+        answered = (await read_stream(response))[-1] == "data: [DONE]"
+    else:
+        assert response.status_code in ({200, 502} if may_refuse else {200})
+        answered = response.status_code == 200
+    [event] = await events()  # written either way
+    assert event.cost_nanos >= 0 and event.prompt_tokens >= 0 and event.completion_tokens >= 0
+    assert answered or may_refuse
+    if answered:
+        assert event.status == UsageStatus.OK
+        assert 5 <= event.prompt_tokens <= 40 and 1 <= event.completion_tokens <= 10
+        # $1 / $2 per million tokens, on the gateway's own count
+        assert event.cost_nanos == event.prompt_tokens * 1000 + event.completion_tokens * 2000
 
 
 @pytest.mark.parametrize(

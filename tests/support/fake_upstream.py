@@ -56,6 +56,10 @@ class Behaviour:
     report_usage: bool = True  # False: an embeddings answer without usage
     embeddings_missing: int = 0  # answer this many embeddings fewer than inputs
     chunked: bool = False  # send a completion without Content-Length, in pieces
+    # A hostile or broken provider: the usage reported as it is (any JSON value) instead
+    # of the counted one, or a 200 answer with this JSON body instead of a completion.
+    usage: Any = None
+    body: Any = None
 
 
 @dataclass
@@ -116,6 +120,8 @@ class FakeUpstream:
             )
         if b.malformed:
             return await _json(send, 200, {"unexpected": True})
+        if b.body is not None:
+            return await _json(send, 200, b.body)
         if path.endswith("/embeddings"):
             return await _json(send, 200, _embeddings(payload, b))
         if b.reply is not None:
@@ -205,8 +211,10 @@ class FakeUpstream:
             self._thread.join(timeout=10)
 
 
-def _usage(b: Behaviour, n: int = 1) -> dict[str, int]:
+def _usage(b: Behaviour, n: int = 1) -> Any:
     """Usage as OpenAI reports it: the prompt once, the completion tokens of every choice."""
+    if b.usage is not None:
+        return b.usage
     per_choice = b.completion_tokens if b.completion_tokens is not None else len(b.content.split())
     completion = per_choice * n
     return {
