@@ -21,6 +21,12 @@ Invariants:
   NOTHING`` on ``request_id`` and settlement runs only when the row is new),
   so a claimed file that fails half-way is simply applied again later, in
   order, and nothing is applied twice.
+- A record the database refuses for what it holds (``IntegrityError``,
+  ``DataError``: a constraint, a value out of range), which no retry can write,
+  is *set aside* (``rejected-*.jsonl``, with the error, for an operator) and the
+  file goes on: one bad record never holds back the records behind it, other
+  tenants' included, nor makes every later write of the process replay the file
+  again. Any other failure (the database down) stops the file there, in order.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,11 +47,16 @@ from typing import Any
 
 from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
+from django.db import DataError, IntegrityError
 
 logger = logging.getLogger(__name__)
 
 LIVE_PREFIX = "ledger-"
 CLAIMED_PREFIX = "claimed-"
+REJECTED_PREFIX = "rejected-"
+# What the database answers when it refuses a record for what the record holds: no retry
+# can write it.
+REFUSED = (IntegrityError, DataError)
 
 
 @dataclass(frozen=True)
@@ -52,9 +64,15 @@ class ReplayReport:
     applied: int
     pending: int  # records left in the spool (the database still refused them)
     files: int
+    rejected: int = 0  # records set aside this replay (``rejected-*.jsonl``)
 
     def as_dict(self) -> dict[str, int]:
-        return {"applied": self.applied, "pending": self.pending, "files": self.files}
+        return {
+            "applied": self.applied,
+            "pending": self.pending,
+            "files": self.files,
+            "rejected": self.rejected,
+        }
 
 
 class LedgerSpool:
@@ -93,19 +111,29 @@ class LedgerSpool:
             return ReplayReport(0, 0, 0)
         for live in sorted(self.directory.glob(f"{LIVE_PREFIX}*.jsonl")):
             _claim(live)
-        applied = pending = files = 0
+        applied = pending = files = rejected = 0
         for claimed in sorted(self.directory.glob(f"{CLAIMED_PREFIX}*.jsonl")):
-            done, left = _apply_file(claimed, apply)
+            done, left, refused = _apply_file(claimed, apply)
             applied, pending, files = applied + done, pending + left, files + 1
+            rejected += refused
         if pending == 0:
             self.dirty = False
-        return ReplayReport(applied, pending, files)
+        return ReplayReport(applied, pending, files, rejected)
 
     def records(self) -> Iterator[dict[str, Any]]:
-        """Every record still in the spool (for operators and tests)."""
+        """Every record still waiting in the spool (for operators and tests)."""
         if not self.directory.is_dir():
             return
-        for path in sorted(self.directory.glob("*.jsonl")):
+        for prefix in (LIVE_PREFIX, CLAIMED_PREFIX):
+            for path in sorted(self.directory.glob(f"{prefix}*.jsonl")):
+                yield from _read(path)
+
+    def rejected(self) -> Iterator[dict[str, Any]]:
+        """Every record set aside, as ``{"record", "error", "at"}``: what the database
+        refused, kept for an operator to correct and replay, never dropped."""
+        if not self.directory.is_dir():
+            return
+        for path in sorted(self.directory.glob(f"{REJECTED_PREFIX}*.jsonl")):
             yield from _read(path)
 
 
@@ -142,36 +170,69 @@ def _read(path: Path) -> Iterator[dict[str, Any]]:
                     logger.error("Ledger spool %s: skipping an unreadable line", path.name)
 
 
-def _apply_file(path: Path, apply: Callable[[dict[str, Any]], None]) -> tuple[int, int]:
+def _apply_file(path: Path, apply: Callable[[dict[str, Any]], None]) -> tuple[int, int, int]:
+    """Apply a claimed file's records in order: (applied, left, set aside)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return 0, 0
+        return 0, 0, 0
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return 0, 0  # another replayer has it
+            return 0, 0, 0  # another replayer has it
         if not _still_at(fd, path):
-            return 0, 0
+            return 0, 0, 0
         records = list(_read(path))
+        refused = 0
         for index, record in enumerate(records):
             try:
                 apply(record)
+            except REFUSED as exc:
+                _set_aside(path, record, exc)
+                refused += 1
             except Exception:
                 logger.warning(
                     "Ledger spool %s: %d of %d records left; the database refused %s",
                     path.name,
                     len(records) - index,
                     len(records),
-                    record.get("row", {}).get("request_id"),
+                    _request_id(record),
                     exc_info=True,
                 )
-                return index, len(records) - index
+                return index - refused, len(records) - index, refused
         os.unlink(path)
-        return len(records), 0
+        return len(records) - refused, 0, refused
     finally:
         os.close(fd)
+
+
+def _request_id(record: dict[str, Any]) -> Any:
+    row = record.get("row")
+    return row.get("request_id") if isinstance(row, dict) else None
+
+
+def _set_aside(path: Path, record: dict[str, Any], exc: Exception) -> None:
+    """Append ``record`` to the claimed file's ``rejected-`` file (fsync'd, before the
+    claimed file can be removed), and say so once, as an error."""
+    aside = path.with_name(REJECTED_PREFIX + path.name.removeprefix(CLAIMED_PREFIX))
+    if aside.exists() and any(e.get("record") == record for e in _read(aside)):
+        return  # set aside by a replay of this file that stopped later on
+    entry = {"record": record, "error": str(exc)[:2000], "at": time.time()}
+    line = (json.dumps(entry, cls=DjangoJSONEncoder, separators=(",", ":")) + "\n").encode()
+    fd = os.open(aside, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    logger.error(
+        "Ledger spool %s: the database refuses %s for what it holds (%s); set aside in %s",
+        path.name,
+        _request_id(record),
+        str(exc)[:200],
+        aside.name,
+    )
 
 
 @lru_cache(maxsize=1)

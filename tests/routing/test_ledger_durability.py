@@ -54,9 +54,11 @@ def refuse_ledger_inserts(on: bool) -> None:
             else:
                 cursor.execute("DROP TRIGGER IF EXISTS cf_refuse ON routing_usageevent")
         elif on:
+            # A failure of the database, not of the row (RAISE(ABORT) would be a constraint's
+            # IntegrityError): a function SQLite does not have, called at insert time.
             cursor.execute(
                 "CREATE TRIGGER cf_refuse BEFORE INSERT ON routing_usageevent "
-                "BEGIN SELECT RAISE(ABORT, 'ledger unavailable'); END"
+                "BEGIN SELECT cf_ledger_unavailable(); END"
             )
         else:
             cursor.execute("DROP TRIGGER IF EXISTS cf_refuse")
@@ -129,8 +131,8 @@ async def test_paid_answer_survives_a_failed_ledger_write(api_token, tenant, mod
     assert (await budget_state(budget))[2] == ["held"]
 
     # The database takes writes again: the beat task writes the row and settles it, once.
-    assert await replay() == {"applied": 1, "pending": 0, "files": 1}
-    assert await replay() == {"applied": 0, "pending": 0, "files": 0}
+    assert await replay() == {"applied": 1, "pending": 0, "files": 1, "rejected": 0}
+    assert await replay() == {"applied": 0, "pending": 0, "files": 0, "rejected": 0}
     [event] = await ledger_rows()
     assert event.request_id == response["x-request-id"]
     assert event.cost_nanos == spooled["row"]["cost_nanos"] > 0
@@ -185,7 +187,7 @@ async def test_a_replay_interrupted_half_way_applies_nothing_twice(api_token, te
     assert (report.applied, report.pending) == (1, 1)
 
     # The claimed file still holds both; the first is skipped by its request id.
-    assert await replay() == {"applied": 2, "pending": 0, "files": 1}
+    assert await replay() == {"applied": 2, "pending": 0, "files": 1, "rejected": 0}
     rows = await ledger_rows()
     assert len(rows) == 2
     assert await budget_state(budget) == (sum(e.cost_nanos for e in rows), 0, ["settled"] * 2)
@@ -268,6 +270,81 @@ async def test_a_reservation_made_just_before_the_database_went_away_is_freed_wh
     [spooled] = list(ledger_spool().records())
     assert spooled["release"]["reservation_key"] == response["x-request-id"]
 
-    assert await replay() == {"applied": 1, "pending": 0, "files": 1}
+    assert await replay() == {"applied": 1, "pending": 0, "files": 1, "rejected": 0}
     assert await budget_state(budget) == (0, 0, ["settled"])
     assert await ledger_rows() == []
+
+
+# A spooled record the database refuses for what it holds: no retry can write it.
+POISON = {
+    "a negative cost": lambda row: row.update(cost_nanos=-5),
+    "a negative baseline": lambda row: row.update(baseline_cost_nanos=-1),
+    "no request id": lambda row: row.update(request_id=None),
+    "a tenant that is gone": lambda row: row.update(tenant=987_654_321),
+}
+
+
+@pytest.mark.parametrize("poison", POISON.values(), ids=POISON.keys())
+async def test_a_record_the_database_refuses_is_set_aside_and_the_rest_written(
+    api_token, tenant, spool_dir, poison
+):
+    budget = await tenant_budget(tenant)
+    await refuse_ledger_inserts(True)
+    try:
+        responses = [await post(api_token.raw, "demo/small", False) for _ in range(3)]
+    finally:
+        await refuse_ledger_inserts(False)
+    [path] = spool_dir.glob("ledger-*.jsonl")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    poison(records[1]["row"])  # the middle one: one good record before it, one after
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    report = await replay()
+
+    assert report == {"applied": 2, "pending": 0, "files": 1, "rejected": 1}
+    rows = await ledger_rows()
+    ids = [r["x-request-id"] for r in responses]
+    assert sorted(e.request_id for e in rows) == sorted([ids[0], ids[2]])
+    [aside] = list(ledger_spool().rejected())
+    assert aside["record"] == records[1] and aside["error"]
+    assert list(ledger_spool().records()) == []  # nothing left waiting...
+    assert not ledger_spool().dirty  # ...so no later write replays anything
+    # The two written are settled; the refused one's reservation waits for an operator.
+    spent, _, states = await budget_state(budget)
+    assert spent == sum(e.cost_nanos for e in rows) and states.count("settled") == 2
+    # A replay later finds nothing to do, and sets nothing aside twice.
+    assert await replay() == {"applied": 0, "pending": 0, "files": 0, "rejected": 0}
+    assert len(list(ledger_spool().rejected())) == 1
+
+
+async def test_a_file_stopped_by_an_outage_after_a_refused_record_sets_it_aside_once(
+    api_token, tenant, spool_dir
+):
+    from routing.services import ledger_replay
+
+    await refuse_ledger_inserts(True)
+    try:
+        for _ in range(3):
+            await post(api_token.raw, "demo/small", False)
+    finally:
+        await refuse_ledger_inserts(False)
+    [path] = spool_dir.glob("ledger-*.jsonl")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[0]["row"]["cost_nanos"] = -1
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    calls = []
+
+    def outage_at_the_third(record):
+        calls.append(record)
+        if len(calls) == 3:
+            raise RuntimeError("database gone again")
+        ledger_replay(record)
+
+    first = await sync_to_async(ledger_spool().replay)(outage_at_the_third)
+    again = await replay()
+
+    assert (first.applied, first.pending, first.rejected) == (1, 1, 1)
+    assert again == {"applied": 2, "pending": 0, "files": 1, "rejected": 1}  # 2: skipped, 3
+    assert len(await ledger_rows()) == 2
+    [aside] = list(ledger_spool().rejected())  # once, though refused twice
+    assert aside["record"] == records[0]
