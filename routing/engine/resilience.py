@@ -33,7 +33,7 @@ import aiohttp
 import litellm
 from litellm import exceptions as litellm_errors
 
-from routing.engine import openai_wire, tracing
+from routing.engine import litellm_bounds, openai_wire, tracing
 from routing.engine.embeddings import count_tokens, embeddings_of
 from routing.engine.openai_wire import MalformedAnswer, ProviderHTTPError
 from routing.engine.pricing import MAX_TOKENS_PER_CALL, reported_tokens
@@ -42,6 +42,7 @@ from routing.engine.types import Attempt, Deployment, Embeddings, ModelSpec
 _PREFIX = re.compile(r"^litellm\.\w+:\s*")
 # CascadeFlow reports provider errors itself; LiteLLM's banner on each one is noise.
 litellm.suppress_debug_info = True
+litellm_bounds.install()  # its answers bounded like the OpenAI-wire client's
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,23 @@ def classify(exc: BaseException) -> Failure:
     return failure
 
 
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """``exc`` or the first exception of ``kind`` it was raised from (LiteLLM and the SDKs
+    it calls wrap a transport's error, message and all, in their own)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _classify(exc: BaseException) -> Failure:
+    too_large = _cause(exc, litellm_bounds.AnswerTooLarge)
+    if too_large is not None:
+        return Failure(True, 502, "upstream_error", str(too_large))
     message = _message(exc)
     if _cannot_encode(exc):
         return Failure(

@@ -10,17 +10,21 @@ from __future__ import annotations
 import pytest
 
 from routing.engine.agent import CascadeAgent
-from routing.engine.resilience import Caller
+from routing.engine.resilience import Caller, UpstreamError, classify
 from tests.engine.test_hostile_drafts import LARGE, fake_spec
 from tests.support.fake_upstream import Behaviour
 
 LIMIT = 200_000
 
 
-@pytest.fixture(autouse=True)
-def _bound(monkeypatch):
+@pytest.fixture(autouse=True, params=["openai-wire", "litellm"])
+def transport(request, monkeypatch):
+    """Both transports: the OpenAI-wire client, and LiteLLM's (``litellm_bounds``)."""
     monkeypatch.setenv("CASCADEFLOW_MAX_UPSTREAM_RESPONSE_BYTES", str(LIMIT))
-    monkeypatch.setenv("CASCADEFLOW_OPENAI_FAST_PATH", "true")
+    monkeypatch.setenv(
+        "CASCADEFLOW_OPENAI_FAST_PATH", "true" if request.param == "openai-wire" else "false"
+    )
+    return request.param
 
 
 def words(n_bytes: int) -> str:
@@ -64,14 +68,25 @@ async def test_an_answer_past_the_bound_is_a_failed_call(upstream, behaviour, un
 
 
 @pytest.mark.parametrize(("size", "under"), [(LIMIT // 20, False), (20, True)])
-async def test_a_stream_past_the_bound_ends_as_a_failed_call(upstream, monkeypatch, size, under):
-    # One model, streamed through: every event counts, the client has some of the answer
-    # when the bound is reached, and the stream ends there as a failure.
+async def test_a_stream_past_the_bound_ends_as_a_failed_call(
+    upstream, monkeypatch, transport, size, under
+):
+    # One model, streamed through: every event counts, and the stream ends as a failure
+    # when the bound is reached: mid-stream, the client having some of the answer, or
+    # (LiteLLM reads ahead) before its first chunk, every attempt then failed.
     monkeypatch.setenv("CASCADEFLOW_MAX_UPSTREAM_RESPONSE_BYTES", str(LIMIT // 100))
     upstream.behaviours["drafter"] = Behaviour(content=words(size))
     agent = CascadeAgent([fake_spec(upstream, "drafter")], caller=Caller(backoff_s=0.0))
+    messages = [{"role": "user", "content": "Write at length."}]
 
-    outcome = await agent.stream([{"role": "user", "content": "Write at length."}], {})
+    if transport == "litellm" and not under:
+        with pytest.raises(UpstreamError) as failed:
+            outcome = await agent.stream(messages, {})
+            [chunk async for chunk in outcome.chunks()]
+            raise UpstreamError("drafter", classify(outcome.failure))
+        assert failed.value.failure.message == "The provider's answer is larger than 2,000 bytes."
+        return
+    outcome = await agent.stream(messages, {})
     received = [chunk async for chunk in outcome.chunks()]
 
     [attempt] = outcome.attempts
