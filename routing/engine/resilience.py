@@ -84,26 +84,6 @@ def _message(exc: BaseException) -> str:
     return text.strip()[:500] or exc.__class__.__name__
 
 
-def _cannot_encode(exc: BaseException) -> bool:
-    """The request's text could not be encoded (a lone surrogate), however the SDK wrapped it."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, UnicodeError):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return "surrogates not allowed" in str(exc)
-
-
-def classify(exc: BaseException) -> Failure:
-    failure = _classify(exc)
-    status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
-    if isinstance(status, int) and 100 <= status <= 599:
-        return dataclasses.replace(failure, provider_status=status)
-    return failure
-
-
 def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
     """``exc`` or the first exception of ``kind`` it was raised from (LiteLLM and the SDKs
     it calls wrap a transport's error, message and all, in their own)."""
@@ -115,6 +95,19 @@ def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | Non
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+def _cannot_encode(exc: BaseException) -> bool:
+    """The request's text could not be encoded (a lone surrogate), however the SDK wrapped it."""
+    return _cause(exc, UnicodeError) is not None or "surrogates not allowed" in str(exc)
+
+
+def classify(exc: BaseException) -> Failure:
+    failure = _classify(exc)
+    status = getattr(exc, "status", None) or getattr(exc, "status_code", None)
+    if isinstance(status, int) and 100 <= status <= 599:
+        return dataclasses.replace(failure, provider_status=status)
+    return failure
 
 
 def _classify(exc: BaseException) -> Failure:
