@@ -178,6 +178,14 @@ class AuditCandidate:
     domain_routed: bool = False
     opted_out: bool = False
     end_user_excluded: bool = False
+    # The profile the cascade made of the query (None: profiled here). Profiling a long
+    # query costs up to a millisecond; the request path does it once.
+    query: QueryProfile | None = None
+
+    def profile(self) -> QueryProfile:
+        if self.query is not None and self.query.domain:  # not QueryProfile.unjudged()
+            return self.query
+        return profile_query(query_text(self.messages))
 
     def costs(self) -> dict[str, int]:
         """What each model's answer cost (its successful draft or final call)."""
@@ -326,7 +334,7 @@ def _keep_nonuniform(candidate: AuditCandidate, now: datetime) -> Sampling | Non
     label, a router row. None when the request has its row already.
     """
     chain = candidate.learning.chain
-    query = profile_query(query_text(candidate.messages))
+    query = candidate.profile()
     reference = candidate.responses[chain[-1]] if candidate.escalated_to_reference() else None
     costs, checks = candidate.costs(), candidate.checks()
     steps = []

@@ -49,6 +49,7 @@ from routing.enforcement import (
 )
 from routing.engine import tracing
 from routing.engine.agent import CascadeAgent, CascadeStream, _draft_of, clean_payload
+from routing.engine.complexity import QueryProfile
 from routing.engine.policy import PRESETS, Policy
 from routing.engine.resilience import (
     Caller,
@@ -187,6 +188,7 @@ class GatewayRequest:
     span: telemetry.RequestSpan = telemetry.OFF  # the request's trace span (tracing on)
     route: str = "chat-completions"  # the API it came in by (metrics)
     ledger: LedgerEntry | None = None  # its ledger row, once written (or spooled)
+    query: QueryProfile | None = None  # the cascade's profile of the query (audits reuse it)
 
     @property
     def chat(self) -> ChatRequest:
@@ -694,6 +696,7 @@ def audit_candidate(gw: GatewayRequest, entry: LedgerEntry) -> audits.AuditCandi
         domain_routed=entry.domain in gw.target.domain_routes,
         opted_out=gw.audit_opt_out,
         end_user_excluded=gw.end_user_audit_excluded,
+        query=gw.query,
     )
 
 
@@ -817,6 +820,7 @@ async def complete(gw: GatewayRequest) -> CompletionOutcome:
     agent = gw.agent()
     try:
         result = await agent.run(gw.chat.messages, upstream_params(gw))
+        gw.query = result.query
         ledger_fill(entry, result)
         await record(gw, entry)
         body = clean_payload(result.response.model_dump())
@@ -913,6 +917,7 @@ async def stream(gw: GatewayRequest) -> StreamOutcome:
     agent = gw.agent()
     try:
         cascade = await agent.stream(gw.chat.messages, upstream_params(gw))
+        gw.query = cascade.plan.query
     except UpstreamError as exc:
         raise await _fail(gw, entry, exc, list(exc.attempts)) from None
     except Exception:

@@ -486,6 +486,7 @@ class CascadeAgent:
             profile=self.profile,
             degraded=degraded,
             routed_past_draft=plan.routed_past_draft,
+            query=plan.query,
         )
 
     # --- streaming ---------------------------------------------------------------------
@@ -766,6 +767,7 @@ class CascadeStream:
             quality_score=None,
             profile=self.agent.profile,
             routed_past_draft=self.plan.routed_past_draft,
+            query=self.plan.query,
         )
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from routing.engine.pricing import ModelPrice
+
+if TYPE_CHECKING:
+    from routing.engine.complexity import QueryProfile
 
 # One OpenAI chat message as the client sent it: JSON whose shape varies with the role
 # (content as text or parts, tool calls, names), read field by field where needed.
@@ -190,6 +193,7 @@ class CascadeResult:
     profile: str = ""
     degraded: bool = False  # returned a rejected draft because every stronger model failed
     routed_past_draft: bool = False  # the first model was skipped: its draft would be rejected
+    query: QueryProfile | None = None  # the query's profile the plan was made from
 
     @property
     def cost_nanos(self) -> int:

@@ -6,6 +6,7 @@ the offline demo models; the sampling decision is also driven directly with a
 coin the test controls.
 """
 
+import json
 import random
 from datetime import timedelta
 
@@ -459,6 +460,40 @@ async def test_router_rows_at_the_gateway(api_token, tenant, models, monkeypatch
         row = await Audit.objects.aget(kind=AuditKind.ROUTER)
         [step] = observation_from_json(row.observation).steps
         assert step.verdict is None and step.features
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+async def test_the_request_path_profiles_the_query_once(
+    api_token, tenant, models, monkeypatch, stream
+):
+    # The cascade's profile of the query is the one the router row keeps: profiling a long
+    # query costs up to a millisecond, and it was done again when the row was stored.
+    from routing.engine import agent as engine_agent
+    from routing.engine.complexity import profile_query, query_text
+    from routing.engine.learning import pre_features
+
+    await sync_to_async(make_profile)(tenant, judge_model="fake/judge", audit_rate_floor=0.0)
+    await sync_to_async(accepting_version)(tenant, settled=True)
+    set_answers(models, draft="Paris.", ref="Paris.")
+    calls = []
+
+    def counted(text):
+        calls.append(text)
+        return profile_query(text)
+
+    monkeypatch.setattr(engine_agent, "profile_query", counted)
+    monkeypatch.setattr(audits, "profile_query", counted)
+
+    response = await post(api_token.raw, chat("cascade/geo", GEO, stream=stream))
+    if stream:
+        [chunk async for chunk in response.streaming_content]
+
+    assert response.status_code == 200
+    assert len(calls) == 1
+    row = await Audit.objects.aget(kind=AuditKind.ROUTER)
+    messages = json.loads(chat("cascade/geo", GEO))["messages"]
+    expected = pre_features(profile_query(query_text(messages)))
+    assert dict(observation_from_json(row.observation).pre) == pytest.approx(expected)
 
 
 # --- the audit task, end to end -------------------------------------------------------------
