@@ -3,7 +3,7 @@
     python bench/cascade_online.py FILE.jsonl --chain CHEAP[,MID...],STRONG \
         [--audit-rate-floor 0.03] [--audit-cap 0.1] [--seed 0] [--judge-error 0.1] \
         [--target-retention 0.95] [--prior public|hand] [--no-route] \
-        [--confidence 0.9] [--refit-every 25] [--requests N] [--json OUT]
+        [--confidence 0.9] [--refit-every 25] [--requests N] [--explain] [--json OUT]
 
 Every row of a replay file (both splits), in a seeded random order, is one
 request through the real engine (``CascadeAgent`` -> LiteLLM -> the replay
@@ -296,7 +296,37 @@ async def run(args) -> dict[str, Any]:
     scorers = [step.scorer for step in agent.calibration.steps]
     best = await hindsight(agent, rows, specs, chain, prices, scorers, args.target_retention)
     labels = sum(learning.labelled(o) for o in observations)
-    return summarise(args, chain, served, promotions, labels, len(observations) - labels, best)
+    result = summarise(args, chain, served, promotions, labels, len(observations) - labels, best)
+    if args.explain:
+        result["sequences"] = explain(args, observations, len(chain), priors)
+    return result
+
+
+def explain(args, observations, chain_length: int, priors) -> dict[str, list[dict[str, Any]]]:
+    """The last refit's two fixed sequences over every label of the stream, each candidate
+    as the exact test sees it, past the first failure too: where the certified rule
+    stopped, and why."""
+    budget = 1 - args.target_retention
+    tables = {}
+    for family in learning.families(
+        observations, chain_length=chain_length, confidence=args.confidence, priors=priors
+    ):
+        rows = learning.sequence(family, budget=budget, route=not args.no_route)
+        tables[family.name] = rows
+        print(
+            f"\n{family.name} family: {len(family.test)} test labels, tested at "
+            f"{family.level:.3f} (budget {budget:.0%} net loss)"
+        )
+        print("    threshold  acceptance  worse  better    loss  p-value")
+        for row in rows:
+            mark = "" if row["passes"] else "  fails"
+            if row["passes"] and not row["reached"]:
+                mark = "  passes, not reached"
+            print(
+                f"    {row['threshold']:9.4f}  {row['acceptance']:10.1%}  {row['worse']:5d}  "
+                f"{row['better']:6d}  {row['loss']:6.1%}  {row['p_value']:7.3f}{mark}"
+            )
+    return tables
 
 
 def economics(served: list[Served], recent: int = 100) -> learning.Economics:
@@ -449,6 +479,11 @@ def main() -> None:
         type=int,
         help="stream this many requests, each drawn from the file's rows with replacement "
         "(default: every row once)",
+    )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="print (and add to --json) the last refit's fixed sequences, every candidate",
     )
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args()

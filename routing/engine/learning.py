@@ -534,6 +534,82 @@ def _most_permissive(
     return None if best is None else (best, tested)
 
 
+@dataclass(frozen=True)
+class Family:
+    """One fixed sequence of rules: its scorers, the labels it is tested on, the rows its
+    router learns from (never a test label), and its share of the error."""
+
+    name: str
+    scorers: tuple[Scorer, ...]
+    test: Sequence[Observation]
+    router_rows: Sequence[Observation]
+    level: float
+
+
+def families(
+    observations: Sequence[Observation],
+    *,
+    chain_length: int,
+    confidence: float,
+    priors: Sequence[Scorer] | None = None,
+) -> tuple[Family, Family]:
+    """The prior's family (every uniform label tests it; its router learns from the
+    non-uniform rows) and the fitted one (fitted on the fit part and the non-uniform
+    labels, tested on the held-out part), each at its share of ``1 - confidence``."""
+    steps = chain_length - 1
+    priors = priors or prior_scorers(chain_length)
+    usable = [o for o in observations if len(o.steps) == steps]
+    fit = [o for o in usable if not o.held_out]
+    fixed = tuple((priors[i] if i < len(priors) else Scorer()) for i in range(steps))
+    delta = 1 - confidence
+    return (
+        Family(
+            "prior",
+            fixed,
+            [o for o in usable if o.uniform],
+            [o for o in usable if not o.uniform],
+            PRIOR_SHARE * delta,
+        ),
+        Family(
+            "fitted",
+            fit_scorers(fit, steps, priors),
+            [o for o in usable if o.held_out],
+            fit,
+            (1 - PRIOR_SHARE) * delta,
+        ),
+    )
+
+
+def sequence(family: Family, *, budget: float, route: bool = True) -> list[dict[str, Any]]:
+    """Every candidate of ``family`` in its testing order, as the test sees it, past the
+    first failure too (``reached``: tested before any failure, the refit stops at the first
+    one): what a refit's evidence rests on, for reading (``bench/cascade_online.py
+    --explain``)."""
+    rows = []
+    reached = True
+    n = len(family.test)
+    for threshold in candidate_thresholds(family.scorers, family.test):
+        router = fit_router(family.router_rows, family.scorers, threshold) if route else None
+        rule = Rule(family.scorers, threshold, router)
+        acceptance, worse, better = _tally(rule, family.test)
+        p_value = net_loss_p_value(worse, better, n, budget, GAMMA)
+        passes = p_value <= family.level
+        rows.append(
+            {
+                "threshold": threshold,
+                "acceptance": acceptance,
+                "worse": worse,
+                "better": better,
+                "loss": (worse - better) / n,
+                "p_value": p_value,
+                "passes": passes,
+                "reached": reached,
+            }
+        )
+        reached = reached and passes
+    return rows
+
+
 def refit(
     observations: Sequence[Observation],
     *,
@@ -558,16 +634,12 @@ def refit(
     whose signals mean something else), at a stricter level.
     """
     steps = chain_length - 1
-    priors = priors or prior_scorers(chain_length)
-    usable = [o for o in observations if len(o.steps) == steps]
-    fit = [o for o in usable if not o.held_out]
-    held = [o for o in usable if o.held_out]
-    uniform = [o for o in usable if o.uniform]
-    scorers = fit_scorers(fit, steps, priors)
-    fixed = tuple((priors[i] if i < len(priors) else Scorer()) for i in range(steps))
+    prior, fitted = families(
+        observations, chain_length=chain_length, confidence=confidence, priors=priors
+    )
+    uniform, held, fit = prior.test, fitted.test, fitted.router_rows
     budget = 1 - target_retention
-    delta = 1 - confidence
-    strict = escalate_all(chain_length, scorers)
+    strict = escalate_all(chain_length, fitted.scorers)
     evidence: dict[str, Any] = {
         "method": "learn-then-test, two fixed sequences (prior: every label; fitted: "
         "held-out), the error split, exact test of the net loss",
@@ -581,19 +653,21 @@ def refit(
     if steps < 1 or len(uniform) < MIN_HELD_OUT:
         evidence["reason"] = f"{len(uniform)} uniform labels; {MIN_HELD_OUT} needed to test"
         return Refit(strict, False, evidence)
-    families = {
-        # The prior's router learns from rows no test uses (the non-uniform ones).
-        "prior": (fixed, uniform, [o for o in usable if not o.uniform], PRIOR_SHARE * delta),
-        "fitted": (scorers, held, fit, (1 - PRIOR_SHARE) * delta),
-    }
     passed: dict[str, tuple[Rule, Sequence[Observation], float]] = {}
     tested = 0
-    for name, (family, test, router_rows, level) in families.items():
-        if len(test) < MIN_HELD_OUT:  # each family needs as many labels to be tested on
+    for family in (prior, fitted):
+        if len(family.test) < MIN_HELD_OUT:  # each family needs as many labels to be tested on
             continue
-        found = _most_permissive(family, test, router_rows, budget=budget, delta=level, route=route)
+        found = _most_permissive(
+            family.scorers,
+            family.test,
+            family.router_rows,
+            budget=budget,
+            delta=family.level,
+            route=route,
+        )
         if found:
-            passed[name] = (found[0], test, level)
+            passed[family.name] = (found[0], family.test, family.level)
             tested += found[1]
     evidence["candidates_tested"] = tested
     if not passed:

@@ -139,7 +139,7 @@ def test_online_benchmark_learns_a_three_model_chain_from_zero_labels(tmp_path):
     # The fixture's prompts are a few tokens: a judge call costs more than an answer, so the
     # audit budget is lifted here and the saving checked before audits.
     arguments = ["--chain", chain, "--seed", "3", "--warm", "300", "--audit-cap", "100"]
-    arguments += ["--json", str(out)]
+    arguments += ["--explain", "--json", str(out)]
     done = subprocess.run(
         [sys.executable, "bench/cascade_online.py", str(path), *arguments],
         cwd=ROOT,
@@ -161,3 +161,14 @@ def test_online_benchmark_learns_a_three_model_chain_from_zero_labels(tmp_path):
     first = result["promotions"][0]
     assert first["held_out_loss_upper_bound"] <= 0.05
     assert 0 < result["audits"] < result["requests"]
+    # --explain: each family's candidates in testing order, strict to permissive; those the
+    # fixed sequence reached are a prefix, passing up to its first failure.
+    assert set(result["sequences"]) == {"prior", "fitted"}
+    for rows in result["sequences"].values():
+        thresholds = [r["threshold"] for r in rows]
+        assert thresholds == sorted(thresholds, reverse=True)
+        reached = [r for r in rows if r["reached"]]
+        assert rows[: len(reached)] == reached
+        assert all(r["passes"] for r in reached[:-1])
+        assert all(r["p_value"] <= 1 and 0 <= r["acceptance"] <= 1 for r in rows)
+    assert any(r["passes"] for rows in result["sequences"].values() for r in rows)
