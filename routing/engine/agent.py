@@ -732,7 +732,7 @@ class CascadeStream:
             return
         self._settle(usage, texts)
 
-    def _settle(self, usage: dict[str, int] | None, texts: list[str]) -> None:
+    def _settle(self, usage: Any, texts: list[str]) -> None:
         upstream = self.upstream
         assert upstream is not None
         self._reported_usage = usage if isinstance(usage, dict) else {}

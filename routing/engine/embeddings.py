@@ -3,8 +3,9 @@
 An input is a list of strings or a list of token-id lists (OpenAI's shapes, already
 validated by the gateway). A provider's answer (LiteLLM's ``EmbeddingResponse`` or
 OpenAI's JSON as a dict) becomes :class:`Embeddings`; one that does not hold exactly
-one vector of numbers per input, all of one size, is malformed: a ``ProviderHTTPError``
-502, retried and failed over like any provider trouble.
+one vector of numbers per input, all of one size, is malformed: a ``MalformedAnswer``
+(502), retried and failed over like any provider trouble, and charged what its usage
+says it cost.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import litellm
 
-from routing.engine.openai_wire import ProviderHTTPError
+from routing.engine.openai_wire import MalformedAnswer
 from routing.engine.pricing import MAX_TOKENS_PER_CALL
 from routing.engine.types import Embeddings
 
@@ -54,31 +55,45 @@ def _vector(value: Any, where: int) -> list[float]:
         and math.isfinite(sum(value))  # no NaN or infinity (JSON cannot carry them on)
     ):
         return value
-    raise ProviderHTTPError(502, f"Malformed response: embedding {where} is not a vector.")
+    raise MalformedAnswer(f"embedding {where} is not a vector.")
+
+
+def _prompt_tokens(response: Any) -> int:
+    """The usage's prompt tokens when they are a count that can be, else 0."""
+    usage = _field(response, "usage")
+    prompt = _field(usage, "prompt_tokens") if usage is not None else None
+    return prompt if type(prompt) is int and 0 < prompt <= MAX_TOKENS_PER_CALL else 0
 
 
 def embeddings_of(response: Any, expected: int) -> Embeddings:
-    """The vectors of ``response``, in input order, or a ``ProviderHTTPError`` 502."""
+    """The vectors of ``response``, in input order, or a ``MalformedAnswer`` (a 502 charged
+    what the answer's usage says it cost)."""
+    prompt = _prompt_tokens(response)
+    try:
+        vectors = _vectors(response, expected)
+    except MalformedAnswer as exc:
+        exc.tokens = (prompt, 0) if prompt else None
+        raise
+    return Embeddings(
+        vectors=vectors,
+        model=str(_field(response, "model") or ""),
+        prompt_tokens=prompt,
+    )
+
+
+def _vectors(response: Any, expected: int) -> list[list[float]]:
     data = _field(response, "data")
     if not isinstance(data, list) or len(data) != expected:
         found = len(data) if isinstance(data, list) else 0
-        raise ProviderHTTPError(
-            502, f"Malformed response: {found} embeddings for {expected} inputs."
-        )
+        raise MalformedAnswer(f"{found} embeddings for {expected} inputs.")
     vectors: list[list[float] | None] = [None] * expected
     for position, item in enumerate(data):
         index = _field(item, "index")
         index = position if index is None else index
         if type(index) is not int or not 0 <= index < expected or vectors[index] is not None:
-            raise ProviderHTTPError(502, "Malformed response: embedding indexes do not match.")
+            raise MalformedAnswer("embedding indexes do not match.")
         vectors[index] = _vector(_field(item, "embedding"), index)
     sizes = {len(v) for v in vectors if v is not None}
     if len(sizes) != 1:
-        raise ProviderHTTPError(502, "Malformed response: embeddings of different sizes.")
-    usage = _field(response, "usage")
-    prompt = _field(usage, "prompt_tokens") if usage is not None else None
-    return Embeddings(
-        vectors=vectors,  # type: ignore[arg-type]  # every slot was filled above
-        model=str(_field(response, "model") or ""),
-        prompt_tokens=prompt if type(prompt) is int and 0 < prompt <= MAX_TOKENS_PER_CALL else 0,
-    )
+        raise MalformedAnswer("embeddings of different sizes.")
+    return vectors  # type: ignore[return-value]  # every slot was filled above

@@ -628,6 +628,14 @@ async def test_a_malformed_answer_is_a_502_not_a_crash(api_token, fake_models, b
 
     assert response.status_code == 502
     assert "Malformed response" in json.loads(response.content)["error"]["message"]
+    # Each failed call is charged what its usage says it cost (12 prompt tokens at $0.10
+    # a million), nothing when it says nothing.
+    [event] = await events()
+    calls = event.expanded_attempts
+    assert calls and all(a["status"] == "error" for a in calls)
+    per_call = 0 if behaviour.malformed else 1_200
+    assert [a["cost_nanos"] for a in calls] == [per_call] * len(calls)
+    assert event.cost_nanos == per_call * len(calls)
 
 
 @db
