@@ -102,6 +102,25 @@ def tenant_budget(tenant):
     )
 
 
+async def spooled(token, n: int) -> list:
+    """``n`` answered requests whose ledger rows the database refused: all spooled."""
+    await refuse_ledger_inserts(True)
+    try:
+        return [await post(token, "demo/small", False) for _ in range(n)]
+    finally:
+        await refuse_ledger_inserts(False)
+
+
+def spool_rewritten(spool_dir, change) -> list[dict]:
+    """The process's spool file, each record passed through ``change(index, record)``."""
+    [path] = spool_dir.glob("ledger-*.jsonl")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for index, record in enumerate(records):
+        change(index, record)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
 @pytest.mark.parametrize(("model", "stream"), CASES)
 async def test_paid_answer_survives_a_failed_ledger_write(api_token, tenant, model, stream):
     budget = await tenant_budget(tenant)
@@ -143,11 +162,7 @@ async def test_paid_answer_survives_a_failed_ledger_write(api_token, tenant, mod
 
 async def test_the_next_successful_write_drains_what_this_process_spooled(api_token, tenant):
     budget = await tenant_budget(tenant)
-    await refuse_ledger_inserts(True)
-    try:
-        failed = [await post(api_token.raw, "demo/small", False) for _ in range(3)]
-    finally:
-        await refuse_ledger_inserts(False)
+    failed = await spooled(api_token.raw, 3)
     assert len(list(ledger_spool().records())) == 3
 
     ok = await post(api_token.raw, "demo/small", False)
@@ -289,15 +304,9 @@ async def test_a_record_the_database_refuses_is_set_aside_and_the_rest_written(
     api_token, tenant, spool_dir, poison
 ):
     budget = await tenant_budget(tenant)
-    await refuse_ledger_inserts(True)
-    try:
-        responses = [await post(api_token.raw, "demo/small", False) for _ in range(3)]
-    finally:
-        await refuse_ledger_inserts(False)
-    [path] = spool_dir.glob("ledger-*.jsonl")
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    poison(records[1]["row"])  # the middle one: one good record before it, one after
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    responses = await spooled(api_token.raw, 3)
+    # The middle one: one good record before it, one after.
+    records = spool_rewritten(spool_dir, lambda i, r: i == 1 and poison(r["row"]))
 
     report = await replay()
 
@@ -322,16 +331,8 @@ async def test_a_file_stopped_by_an_outage_after_a_refused_record_sets_it_aside_
 ):
     from routing.services import ledger_replay
 
-    await refuse_ledger_inserts(True)
-    try:
-        for _ in range(3):
-            await post(api_token.raw, "demo/small", False)
-    finally:
-        await refuse_ledger_inserts(False)
-    [path] = spool_dir.glob("ledger-*.jsonl")
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    records[0]["row"]["cost_nanos"] = -1
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    await spooled(api_token.raw, 3)
+    records = spool_rewritten(spool_dir, lambda i, r: i == 0 and r["row"].update(cost_nanos=-1))
     calls = []
 
     def outage_at_the_third(record):
