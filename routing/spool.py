@@ -31,6 +31,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -67,12 +68,7 @@ class ReplayReport:
     rejected: int = 0  # records set aside this replay (``rejected-*.jsonl``)
 
     def as_dict(self) -> dict[str, int]:
-        return {
-            "applied": self.applied,
-            "pending": self.pending,
-            "files": self.files,
-            "rejected": self.rejected,
-        }
+        return dataclasses.asdict(self)
 
 
 class LedgerSpool:
@@ -86,7 +82,7 @@ class LedgerSpool:
 
     def append(self, record: dict[str, Any]) -> None:
         """Write one record durably (it is on disk when this returns)."""
-        line = (json.dumps(record, cls=DjangoJSONEncoder, separators=(",", ":")) + "\n").encode()
+        line = _line(record)
         self.directory.mkdir(parents=True, exist_ok=True)
         with self._lock:
             while True:
@@ -95,8 +91,7 @@ class LedgerSpool:
                     fcntl.flock(fd, fcntl.LOCK_EX)
                     if not _still_at(fd, self.path):
                         continue  # claimed by a replayer while we waited: start a new file
-                    os.write(fd, line)
-                    os.fsync(fd)
+                    _write_synced(fd, line)
                     self.dirty = True
                     return
                 finally:
@@ -122,19 +117,30 @@ class LedgerSpool:
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Every record still waiting in the spool (for operators and tests)."""
-        if not self.directory.is_dir():
-            return
-        for prefix in (LIVE_PREFIX, CLAIMED_PREFIX):
-            for path in sorted(self.directory.glob(f"{prefix}*.jsonl")):
-                yield from _read(path)
+        return self._lines(LIVE_PREFIX, CLAIMED_PREFIX)
 
     def rejected(self) -> Iterator[dict[str, Any]]:
         """Every record set aside, as ``{"record", "error", "at"}``: what the database
         refused, kept for an operator to correct and replay, never dropped."""
+        return self._lines(REJECTED_PREFIX)
+
+    def _lines(self, *prefixes: str) -> Iterator[dict[str, Any]]:
         if not self.directory.is_dir():
             return
-        for path in sorted(self.directory.glob(f"{REJECTED_PREFIX}*.jsonl")):
-            yield from _read(path)
+        for prefix in prefixes:
+            for path in sorted(self.directory.glob(f"{prefix}*.jsonl")):
+                yield from _read(path)
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    """One spool line: the record as compact JSON and a line break."""
+    return (json.dumps(record, cls=DjangoJSONEncoder, separators=(",", ":")) + "\n").encode()
+
+
+def _write_synced(fd: int, line: bytes) -> None:
+    """Append ``line`` and wait until it is on disk."""
+    os.write(fd, line)
+    os.fsync(fd)
 
 
 def _still_at(fd: int, path: Path) -> bool:
@@ -218,12 +224,9 @@ def _set_aside(path: Path, record: dict[str, Any], exc: Exception) -> None:
     aside = path.with_name(REJECTED_PREFIX + path.name.removeprefix(CLAIMED_PREFIX))
     if aside.exists() and any(e.get("record") == record for e in _read(aside)):
         return  # set aside by a replay of this file that stopped later on
-    entry = {"record": record, "error": str(exc)[:2000], "at": time.time()}
-    line = (json.dumps(entry, cls=DjangoJSONEncoder, separators=(",", ":")) + "\n").encode()
     fd = os.open(aside, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(fd, line)
-        os.fsync(fd)
+        _write_synced(fd, _line({"record": record, "error": str(exc)[:2000], "at": time.time()}))
     finally:
         os.close(fd)
     logger.error(

@@ -19,7 +19,7 @@ from typing import Any
 import litellm
 
 from routing.engine.openai_wire import MalformedAnswer
-from routing.engine.pricing import MAX_TOKENS_PER_CALL
+from routing.engine.pricing import token_count
 from routing.engine.types import Embeddings
 
 Inputs = Sequence[str] | Sequence[Sequence[int]]
@@ -59,10 +59,9 @@ def _vector(value: Any, where: int) -> list[float]:
 
 
 def _prompt_tokens(response: Any) -> int:
-    """The usage's prompt tokens when they are a count that can be, else 0."""
+    """The usage's prompt tokens when they are a count of tokens (``token_count``), else 0."""
     usage = _field(response, "usage")
-    prompt = _field(usage, "prompt_tokens") if usage is not None else None
-    return prompt if type(prompt) is int and 0 < prompt <= MAX_TOKENS_PER_CALL else 0
+    return token_count(_field(usage, "prompt_tokens") if usage is not None else None) or 0
 
 
 def embeddings_of(response: Any, expected: int) -> Embeddings:

@@ -67,7 +67,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import lru_cache
@@ -509,31 +509,6 @@ def _tally(rule: Rule, observations: Sequence[Observation]) -> tuple[float, int,
     return accepted / len(observations), losses.count(1.0), losses.count(-1.0)
 
 
-def _most_permissive(
-    scorers: tuple[Scorer, ...],
-    test: Sequence[Observation],
-    router_rows: Sequence[Observation],
-    *,
-    budget: float,
-    delta: float,
-    route: bool,
-) -> tuple[Rule, int] | None:
-    """Fixed-sequence test of one family on ``test``: its most permissive rule reached
-    before the first failure (None: not even the strictest passed), and the count tested."""
-    best: Rule | None = None
-    tested = 0
-    for threshold in candidate_thresholds(scorers, test):
-        router = fit_router(router_rows, scorers, threshold) if route else None
-        rule = Rule(scorers, threshold, router)
-        losses = [rule.loss(o) for o in test]
-        tested += 1
-        worse, better = losses.count(1.0), losses.count(-1.0)
-        if net_loss_p_value(worse, better, len(test), budget, GAMMA) > delta:
-            break
-        best = rule
-    return None if best is None else (best, tested)
-
-
 @dataclass(frozen=True)
 class Family:
     """One fixed sequence of rules: its scorers, the labels it is tested on, the rows its
@@ -544,6 +519,35 @@ class Family:
     test: Sequence[Observation]
     router_rows: Sequence[Observation]
     level: float
+
+
+def _tested(
+    family: Family, *, budget: float, route: bool
+) -> Iterator[tuple[Rule, int, int, float]]:
+    """Each candidate of ``family`` in its testing order, strict to permissive (its router
+    fitted for it): the rule, its #worse and #better on the test labels, and the exact
+    p-value of "its mean loss is at least ``budget``"."""
+    n = len(family.test)
+    for threshold in candidate_thresholds(family.scorers, family.test):
+        router = fit_router(family.router_rows, family.scorers, threshold) if route else None
+        rule = Rule(family.scorers, threshold, router)
+        losses = [rule.loss(o) for o in family.test]
+        worse, better = losses.count(1.0), losses.count(-1.0)
+        yield rule, worse, better, net_loss_p_value(worse, better, n, budget, GAMMA)
+
+
+def _most_permissive(family: Family, *, budget: float, route: bool) -> tuple[Rule, int] | None:
+    """Fixed-sequence test of one family on its test labels, at its level: its most
+    permissive rule reached before the first failure (None: not even the strictest
+    passed), and the count tested."""
+    best: Rule | None = None
+    tested = 0
+    for rule, _, _, p_value in _tested(family, budget=budget, route=route):
+        tested += 1
+        if p_value > family.level:
+            break
+        best = rule
+    return None if best is None else (best, tested)
 
 
 def families(
@@ -588,16 +592,12 @@ def sequence(family: Family, *, budget: float, route: bool = True) -> list[dict[
     rows = []
     reached = True
     n = len(family.test)
-    for threshold in candidate_thresholds(family.scorers, family.test):
-        router = fit_router(family.router_rows, family.scorers, threshold) if route else None
-        rule = Rule(family.scorers, threshold, router)
-        acceptance, worse, better = _tally(rule, family.test)
-        p_value = net_loss_p_value(worse, better, n, budget, GAMMA)
+    for rule, worse, better, p_value in _tested(family, budget=budget, route=route):
         passes = p_value <= family.level
         rows.append(
             {
-                "threshold": threshold,
-                "acceptance": acceptance,
+                "threshold": rule.threshold,
+                "acceptance": sum(rule.served_step(o) is not None for o in family.test) / n,
                 "worse": worse,
                 "better": better,
                 "loss": (worse - better) / n,
@@ -658,14 +658,7 @@ def refit(
     for family in (prior, fitted):
         if len(family.test) < MIN_HELD_OUT:  # each family needs as many labels to be tested on
             continue
-        found = _most_permissive(
-            family.scorers,
-            family.test,
-            family.router_rows,
-            budget=budget,
-            delta=family.level,
-            route=route,
-        )
+        found = _most_permissive(family, budget=budget, route=route)
         if found:
             passed[family.name] = (found[0], family.test, family.level)
             tested += found[1]

@@ -51,6 +51,12 @@ ZERO_PRICE = ModelPrice(Decimal(0), Decimal(0))
 MAX_TOKENS_PER_CALL = 2**31 - 1
 
 
+def token_count(value: Any) -> int | None:
+    """``value`` when it is a count of tokens one call can be charged (an integer from 0
+    to ``MAX_TOKENS_PER_CALL``; a bool, a float, a numeral in a string are not), else None."""
+    return value if type(value) is int and 0 <= value <= MAX_TOKENS_PER_CALL else None
+
+
 def reported_tokens(usage: Any) -> tuple[int, int] | None:
     """The ``(prompt, completion)`` tokens of a provider's reported usage (a mapping, or an
     object such as LiteLLM's ``Usage``); None when it reports none, or counts that cannot
@@ -60,13 +66,11 @@ def reported_tokens(usage: Any) -> tuple[int, int] | None:
     """
     if usage is None:
         return None
-    counts = []
-    for name in ("prompt_tokens", "completion_tokens"):
-        value = usage.get(name) if isinstance(usage, Mapping) else getattr(usage, name, None)
-        if type(value) is not int or not 0 <= value <= MAX_TOKENS_PER_CALL:
-            return None
-        counts.append(value)
-    return counts[0], counts[1]
+    prompt, completion = (
+        token_count(usage.get(name) if isinstance(usage, Mapping) else getattr(usage, name, None))
+        for name in ("prompt_tokens", "completion_tokens")
+    )
+    return None if prompt is None or completion is None else (prompt, completion)
 
 
 def litellm_info(model: str) -> dict[str, Any]:
