@@ -34,7 +34,13 @@ from routing.engine.learning import pre_features
 from routing.engine.openai_wire import FLAT_LOGPROBS
 from routing.engine.policy import PRESETS, Calibration, Policy, StepCalibration
 from routing.engine.pricing import reported_tokens
-from routing.engine.resilience import Caller, Stream, UpstreamError, counted_tokens
+from routing.engine.resilience import (
+    Caller,
+    Stream,
+    UpstreamError,
+    counted_off_loop,
+    counted_tokens,
+)
 from routing.engine.types import (
     Attempt,
     CascadeResult,
@@ -704,43 +710,49 @@ class CascadeStream:
         texts: list[str] = []
         chunk = upstream.first_chunk
         try:
-            while True:
-                data = clean_payload(chunk.model_dump(exclude_none=True))
-                if data.get("usage"):
-                    usage = data["usage"]
-                for choice in data.get("choices") or []:
-                    delta = choice.get("delta") or {}
-                    texts.append(delta.get("content") or "")
-                    for call in delta.get("tool_calls") or []:
-                        function = call.get("function") or {}
-                        texts.append(function.get("name") or "")
-                        texts.append(function.get("arguments") or "")
-                framed = self._framed(data)
-                if framed is not None:
-                    yield framed
-                try:
-                    chunk = await upstream.rest.__anext__()
-                except StopAsyncIteration:
-                    break
+            try:
+                while True:
+                    data = clean_payload(chunk.model_dump(exclude_none=True))
+                    if data.get("usage"):
+                        usage = data["usage"]
+                    for choice in data.get("choices") or []:
+                        delta = choice.get("delta") or {}
+                        texts.append(delta.get("content") or "")
+                        for call in delta.get("tool_calls") or []:
+                            function = call.get("function") or {}
+                            texts.append(function.get("name") or "")
+                            texts.append(function.get("arguments") or "")
+                    framed = self._framed(data)
+                    if framed is not None:
+                        yield framed
+                    try:
+                        chunk = await upstream.rest.__anext__()
+                    except StopAsyncIteration:
+                        break
+            except Exception as exc:  # the upstream failed mid-stream: what came is charged
+                self.failure = exc
+            tokens = reported_tokens(usage) or await counted_off_loop(*self._counting(texts))
         except (asyncio.CancelledError, GeneratorExit):
-            self._settle(usage, texts)
+            # Torn down (the client left), while relaying or counting: settled at once, with
+            # no await that another cancellation could cut short before the attempt is
+            # charged (a provider that reports no usage is counted here, on the event loop).
+            self._settle(usage, reported_tokens(usage) or counted_tokens(*self._counting(texts)))
             raise
-        except Exception as exc:
-            self._settle(usage, texts)
+        self._settle(usage, tokens)
+        if self.failure is not None:
             upstream.attempt.status = "error"
-            self.failure = exc
-            return
-        self._settle(usage, texts)
 
-    def _settle(self, usage: Any, texts: list[str]) -> None:
+    def _counting(self, texts: list[str]) -> tuple[str, Any, str]:
+        """What counting the stream's tokens reads: the model, the prompt, the answer."""
+        assert self.upstream is not None
+        answer = "".join(t for t in texts if isinstance(t, str))
+        return self.upstream.deployment.litellm_model, self.messages, answer
+
+    def _settle(self, usage: Any, tokens: tuple[int, int]) -> None:
         upstream = self.upstream
         assert upstream is not None
         self._reported_usage = usage if isinstance(usage, dict) else {}
-        prompt, completion = reported_tokens(usage) or counted_tokens(
-            upstream.deployment.litellm_model,
-            self.messages,
-            "".join(t for t in texts if isinstance(t, str)),
-        )
+        prompt, completion = tokens
         attempt = upstream.attempt
         attempt.prompt_tokens = prompt
         attempt.completion_tokens = completion

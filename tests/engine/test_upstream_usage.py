@@ -12,8 +12,13 @@ with no usable usage it is charged nothing (what it cost is not known: never inv
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
+import litellm
 import pytest
 
+from routing.engine import resilience
 from routing.engine.agent import CascadeAgent
 from routing.engine.pricing import MAX_TOKENS_PER_CALL
 from routing.engine.resilience import Caller
@@ -127,3 +132,94 @@ async def test_an_unusable_answer_is_a_failed_call_that_keeps_what_it_cost(
     assert (first.prompt_tokens, first.completion_tokens) == charged
     assert first.cost_nanos == spec.price.cost_nanos(*charged)
     assert result.cost_nanos == sum(a.cost_nanos for a in result.attempts)
+
+
+# --- counting what the provider did not ------------------------------------------------
+
+
+@pytest.fixture
+def counting_threads(monkeypatch) -> list[int]:
+    """The threads LiteLLM's token counters run on, recorded as they are called."""
+    threads: list[int] = []
+    for name in ("token_counter", "encode"):
+        real = getattr(litellm, name)
+
+        def recorded(*args, real=real, **kwargs):
+            threads.append(threading.get_ident())
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(litellm, name, recorded)
+    return threads
+
+
+@pytest.mark.parametrize("call", ["complete", "stream", "embeddings"])
+async def test_tokens_the_provider_did_not_count_are_counted_off_the_event_loop(
+    upstream, counting_threads, call
+):
+    """The tokenizer takes up to a fraction of a second on a large request (0.2 s for a
+    4 MB prompt): on the event loop, every other request of the process would wait."""
+    upstream.behaviours["drafter"] = Behaviour(content=CONTENT, usage="lots", report_usage=False)
+    spec = fake_spec(upstream, "drafter")
+    caller = Caller(backoff_s=0.0)
+    agent = CascadeAgent([spec], caller=caller)
+
+    if call == "embeddings":
+        vectors, attempt = await caller.embed(
+            spec, {"input": ["seven words of text to embed here"]}, [], role="model"
+        )
+        assert len(vectors.vectors) == 1
+        assert 5 <= attempt.prompt_tokens <= 12
+    else:
+        if call == "stream":
+            outcome = await agent.stream(MESSAGES, {})
+            assert [c async for c in outcome.chunks()]
+            [attempt] = outcome.attempts
+        else:
+            [attempt] = (await agent.run(MESSAGES, {})).attempts
+        assert 10 <= attempt.prompt_tokens <= 30 and 5 <= attempt.completion_tokens <= 12
+
+    assert attempt.cost_nanos == spec.price.cost_nanos(
+        attempt.prompt_tokens, attempt.completion_tokens
+    )
+    assert counting_threads  # counted (the provider reported nothing usable)
+    assert threading.get_ident() not in counting_threads  # never on the event loop's thread
+
+
+async def test_a_stream_left_while_its_tokens_are_counted_is_still_charged(upstream, monkeypatch):
+    """The client leaves while the gateway counts the stream's tokens in a worker thread:
+    the attempt is charged all the same (counted again at once, on the loop)."""
+    upstream.behaviours["drafter"] = Behaviour(content=CONTENT, usage="lots")
+    spec = fake_spec(upstream, "drafter")
+    agent = CascadeAgent([spec], caller=Caller(backoff_s=0.0))
+    counting, release = asyncio.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_count(*args):
+        loop.call_soon_threadsafe(counting.set)
+        release.wait(10)
+        return resilience.counted_tokens(*args)
+
+    async def slow_off_loop(*args):
+        return await asyncio.to_thread(slow_count, *args)
+
+    monkeypatch.setattr("routing.engine.agent.counted_off_loop", slow_off_loop)
+    outcome = await agent.stream(MESSAGES, {})
+
+    async def relay() -> None:
+        async for _ in outcome.chunks():
+            pass
+
+    task = asyncio.create_task(relay())
+    await asyncio.wait_for(counting.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+
+    [attempt] = outcome.attempts
+    assert 10 <= attempt.prompt_tokens <= 30 and 5 <= attempt.completion_tokens <= 12
+    assert (
+        attempt.cost_nanos
+        == spec.price.cost_nanos(attempt.prompt_tokens, attempt.completion_tokens)
+        > 0
+    )
