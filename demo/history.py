@@ -768,7 +768,6 @@ def _sample_audits(
             audits.audit_row(
                 candidate,
                 entry.created_at,
-                uniform=True,
                 status=AuditStatus.RUNNING,
                 runs=1,
                 payload=audits.audit_payload(candidate),

@@ -37,8 +37,8 @@ class CalibrationVersionAdmin(admin.ModelAdmin):
 class AuditAdmin(admin.ModelAdmin):
     """Audits without their payload: the request's texts are the tenant's, not ours to read."""
 
-    list_display = ("created_at", "tenant", "profile", "uniform", "status", "cost_nanos")
-    list_filter = ("tenant", "status", "uniform")
+    list_display = ("created_at", "tenant", "profile", "kind", "status", "cost_nanos")
+    list_filter = ("tenant", "status", "kind")
     search_fields = ("request_id",)
     exclude = ("payload",)
     readonly_fields = [f.name for f in Audit._meta.fields if f.name != "payload"]

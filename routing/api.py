@@ -8,7 +8,7 @@ prefix (``/api/v1/profiles/cascade/balanced/quality/`` works too).
 
 from datetime import UTC, datetime, timedelta
 
-from django.db.models import F
+from django.db.models import F, Q
 from django.db.models.functions import TruncDay, TruncHour
 from django.http import Http404
 from django.utils import timezone
@@ -548,6 +548,7 @@ class AuditOutput(serializers.ModelSerializer):
     calibration_version = serializers.IntegerField(
         source="calibration_version.version", allow_null=True, default=None
     )
+    uniform = serializers.BooleanField(read_only=True)  # kind "audit": the uniform sample
 
     class Meta:
         model = Audit
@@ -612,7 +613,8 @@ class AuditListApi(TenantAPIView):
         if params.get("uniform"):
             if params["uniform"] not in ("true", "false"):
                 raise serializers.ValidationError({"uniform": ["true or false"]})
-            rows = rows.filter(uniform=params["uniform"] == "true")
+            uniform = Q(kind=AuditKind.AUDIT)
+            rows = rows.filter(uniform if params["uniform"] == "true" else ~uniform)
         if params.get("kind"):
             if params["kind"] not in AuditKind.values:
                 raise serializers.ValidationError({"kind": [", ".join(AuditKind.values)]})

@@ -311,9 +311,7 @@ def audit_payload(candidate: AuditCandidate) -> dict[str, Any]:
 def _audit_create(candidate: AuditCandidate, now: datetime) -> Audit | None:
     from routing.tasks import audit_run  # noqa: PLC0415 - routing.tasks imports this module
 
-    audit = audit_row(
-        candidate, now, uniform=True, status=AuditStatus.PENDING, payload=audit_payload(candidate)
-    )
+    audit = audit_row(candidate, now, status=AuditStatus.PENDING, payload=audit_payload(candidate))
     try:
         with transaction.atomic():
             audit.save(force_insert=True)
@@ -372,7 +370,6 @@ def _store_nonuniform(
     audit = audit_row(
         candidate,
         now,
-        uniform=False,
         kind=kind,
         status=AuditStatus.DONE,
         observation=learning.observation_to_json(observation),
@@ -505,9 +502,9 @@ def _audit_run(audit_id: int, caller: Caller, now: datetime, span: Any) -> str:
 
 def _claim(audit_id: int, now: datetime) -> Audit | None:
     claimable = Q(status=AuditStatus.PENDING) | Q(status=AuditStatus.RUNNING, running_until__lt=now)
-    if not Audit.objects.filter(claimable, pk=audit_id, uniform=True, runs__lt=MAX_RUNS).update(
-        status=AuditStatus.RUNNING, running_until=now + LEASE, runs=F("runs") + 1
-    ):
+    if not Audit.objects.filter(
+        claimable, pk=audit_id, kind=AuditKind.AUDIT, runs__lt=MAX_RUNS
+    ).update(status=AuditStatus.RUNNING, running_until=now + LEASE, runs=F("runs") + 1):
         return None
     return Audit.objects.select_related("tenant", "tenant__tier").get(pk=audit_id)
 
@@ -854,7 +851,7 @@ def audits_due(*, now: datetime) -> list[int]:
     died), with attempts left: an attempt is counted on each and their ids returned.
     Audits nobody could run in time are given up (their texts dropped)."""
     unfinished = Audit.objects.filter(
-        uniform=True, status__in=[AuditStatus.PENDING, AuditStatus.RUNNING]
+        kind=AuditKind.AUDIT, status__in=[AuditStatus.PENDING, AuditStatus.RUNNING]
     ).exclude(status=AuditStatus.RUNNING, running_until__gte=now)
     unfinished.filter(runs__gte=MAX_RUNS).update(
         status=AuditStatus.FAILED, payload={}, finished_at=now, running_until=None

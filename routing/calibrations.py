@@ -39,7 +39,7 @@ from django.utils import timezone
 from core import outbox
 from routing.engine import learning
 from routing.engine.policy import PRESETS
-from routing.enums import AuditStatus, QualityAlertKind
+from routing.enums import AuditKind, AuditStatus, QualityAlertKind
 from routing.models import Audit, CalibrationVersion, ProfileLearning, QualityAlert, RoutingProfile
 from routing.selectors import (
     CONFIDENCE,
@@ -153,10 +153,10 @@ def profile_observations(*, tenant_id: int, profile: str, key: str) -> list[lear
         tenant_id=tenant_id, profile=profile, chain_key=key, status=AuditStatus.DONE
     ).exclude(observation=None)
     rows = [
-        *done.filter(uniform=True)
+        *done.filter(kind=AuditKind.AUDIT)
         .order_by("-id")
         .values_list("observation", flat=True)[:MAX_UNIFORM],
-        *done.filter(uniform=False)
+        *done.exclude(kind=AuditKind.AUDIT)
         .order_by("-id")
         .values_list("observation", flat=True)[:MAX_NONUNIFORM],
     ]

@@ -271,7 +271,6 @@ class Audit(models.Model):
     request_id = models.CharField(max_length=64)  # the audited ledger row's
     profile = models.CharField(max_length=120)
     created_at = models.DateTimeField(default=timezone.now)
-    uniform = models.BooleanField(default=True)
     kind = models.CharField(max_length=10, choices=AuditKind.choices, default=AuditKind.AUDIT)
     status = models.CharField(
         max_length=10, choices=AuditStatus.choices, default=AuditStatus.PENDING
@@ -315,6 +314,11 @@ class Audit(models.Model):
 
     def __str__(self) -> str:
         return f"audit {self.pk} of {self.request_id} ({self.status})"
+
+    @property
+    def uniform(self) -> bool:
+        """Drawn by the uniform sample: a label that certifies and measures, not only trains."""
+        return self.kind == AuditKind.AUDIT
 
 
 class QualityAlert(AlertDelivery):

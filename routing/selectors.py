@@ -15,7 +15,7 @@ from django.db.models.functions import Coalesce, TruncDay, TruncHour
 
 from routing.engine.learning import Economics, Measured, measured_retention
 from routing.engine.policy import PRESETS
-from routing.enums import AuditStatus, UsageKind, UsageStatus
+from routing.enums import AuditKind, AuditStatus, UsageKind, UsageStatus
 from routing.ledger_attempts import attempts_read
 from routing.models import Audit, CalibrationVersion, ProfileLearning, RoutingProfile, UsageEvent
 from tenants.budgets import period_bounds
@@ -128,7 +128,7 @@ def audit_economics(*, tenant_id: int, profile: str, now: datetime) -> Economics
     audits = Audit.objects.filter(
         tenant_id=tenant_id,
         profile=profile,
-        uniform=True,
+        kind=AuditKind.AUDIT,
         status=AuditStatus.DONE,
         created_at__gte=now - ECONOMICS_WINDOW,
     ).aggregate(cost=Avg("cost_nanos"))
@@ -266,7 +266,7 @@ def _audits(tenant_id: int, profile: str, start: datetime, end: datetime):
     return Audit.objects.filter(
         tenant_id=tenant_id,
         profile=profile,
-        uniform=True,
+        kind=AuditKind.AUDIT,
         status=AuditStatus.DONE,
         created_at__gte=start,
         created_at__lt=end,
@@ -346,7 +346,7 @@ def served_losses(*, tenant_id: int, profile: str, version_id: int) -> list[floa
         Audit.objects.filter(
             tenant_id=tenant_id,
             profile=profile,
-            uniform=True,
+            kind=AuditKind.AUDIT,
             status=AuditStatus.DONE,
             calibration_version_id=version_id,
         )

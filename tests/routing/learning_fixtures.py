@@ -127,7 +127,6 @@ def store_observations(
                 tenant=tenant,
                 request_id=f"req_{prefix}_{i}",
                 profile=profile,
-                uniform=uniform,
                 kind="audit" if uniform else "agreement",
                 status="done",
                 chain=list(chain),

@@ -254,8 +254,11 @@ def test_sampling_decisions(tenant, case):
     with broker_down():
         assert audit_consider(candidate=candidate(tenant, **overrides), coin=coin) == decision
 
-    assert Audit.objects.filter(uniform=True, status=AuditStatus.PENDING).count() == uniform
-    assert Audit.objects.filter(uniform=False, status=AuditStatus.DONE).count() == nonuniform
+    assert Audit.objects.filter(kind=AuditKind.AUDIT, status=AuditStatus.PENDING).count() == uniform
+    assert (
+        Audit.objects.exclude(kind=AuditKind.AUDIT).filter(status=AuditStatus.DONE).count()
+        == nonuniform
+    )
     assert UsageEvent.objects.count() == 0  # sampling never calls a model
     kinds = {
         Sampling.SAMPLED: AuditKind.AUDIT,
@@ -333,10 +336,10 @@ def test_the_sampled_share_is_the_audit_rate(tenant, labels, floor, low, high):
 
     sampled = decisions.count(Sampling.SAMPLED)
     assert low <= sampled <= high
-    assert Audit.objects.filter(uniform=True).count() == sampled
+    assert Audit.objects.filter(kind=AuditKind.AUDIT).count() == sampled
     # Every other request's served draft is kept for the router (fewer than 2,000 so far).
     assert decisions.count(Sampling.ROUTER_ROW) == 600 - sampled
-    assert Audit.objects.filter(uniform=False).count() == 600 - sampled
+    assert Audit.objects.exclude(kind=AuditKind.AUDIT).count() == 600 - sampled
 
 
 def test_a_non_uniform_label_is_agreement_only(tenant):
@@ -410,7 +413,7 @@ async def test_exclusions_at_the_gateway(api_token, tenant, models, case):
     response = await post(api_token.raw, chat(model, GEO, user="alice"), **headers)
 
     assert response.status_code == 200
-    assert await Audit.objects.filter(uniform=True).acount() == expected
+    assert await Audit.objects.filter(kind=AuditKind.AUDIT).acount() == expected
     assert await UsageEvent.objects.filter(kind=UsageKind.REQUEST).acount() == 1
     if expected == 0:
         assert len(models.calls_for("judge")) == 0
@@ -453,7 +456,7 @@ async def test_router_rows_at_the_gateway(api_token, tenant, models, monkeypatch
     assert response.status_code == 200
     assert response["x-cascade-model"] == "fake/draft"
     assert await UsageEvent.objects.filter(kind=UsageKind.REQUEST).acount() == 1
-    assert await Audit.objects.filter(uniform=True).acount() == 0
+    assert await Audit.objects.filter(kind=AuditKind.AUDIT).acount() == 0
     assert await Audit.objects.filter(kind=AuditKind.ROUTER).acount() == expected
     assert len(models.calls_for("ref")) == 0  # a router row never asks a model
     if expected:
