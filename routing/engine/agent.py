@@ -733,14 +733,26 @@ class CascadeStream:
                 self.failure = exc
             tokens = reported_tokens(usage) or await counted_off_loop(*self._counting(texts))
         except (asyncio.CancelledError, GeneratorExit):
-            # Torn down (the client left), while relaying or counting: settled at once, with
-            # no await that another cancellation could cut short before the attempt is
-            # charged (a provider that reports no usage is counted here, on the event loop).
-            self._settle(usage, reported_tokens(usage) or counted_tokens(*self._counting(texts)))
+            # Torn down (the client left), while relaying or counting. A stream cut short has
+            # no usage from the provider (it comes last): its tokens are counted as on any
+            # other path, in a worker thread.
+            self._settle(usage, await self._tokens_torn_down(usage, texts))
             raise
         self._settle(usage, tokens)
         if self.failure is not None:
             upstream.attempt.status = "error"
+
+    async def _tokens_torn_down(self, usage: Any, texts: list[str]) -> tuple[int, int]:
+        """The tokens of a stream torn down: counted in a worker thread, and on the event
+        loop if the stream is cancelled again meanwhile, so the attempt is always charged."""
+        reported = reported_tokens(usage)
+        if reported is not None:
+            return reported
+        counting = self._counting(texts)
+        try:
+            return await asyncio.shield(counted_off_loop(*counting))
+        except asyncio.CancelledError:
+            return counted_tokens(*counting)
 
     def _counting(self, texts: list[str]) -> tuple[str, Any, str]:
         """What counting the stream's tokens reads: the model, the prompt, the answer."""

@@ -185,17 +185,42 @@ async def test_tokens_the_provider_did_not_count_are_counted_off_the_event_loop(
     assert threading.get_ident() not in counting_threads  # never on the event loop's thread
 
 
-async def test_a_stream_left_while_its_tokens_are_counted_is_still_charged(upstream, monkeypatch):
-    """The client leaves while the gateway counts the stream's tokens in a worker thread:
-    the attempt is charged all the same (counted again at once, on the loop)."""
+async def test_a_stream_its_client_leaves_is_counted_off_the_event_loop(upstream, counting_threads):
+    """A stream cut short never gets the provider's usage (it comes last): the gateway
+    counts what it sent and what came back, in a worker thread like any other count (a
+    client that leaves a stream of a 4 MB prompt would otherwise hold up the process)."""
+    upstream.behaviours["drafter"] = Behaviour(content=CONTENT)  # usage at the end
+    spec = fake_spec(upstream, "drafter")
+    agent = CascadeAgent([spec], caller=Caller(backoff_s=0.0))
+    outcome = await agent.stream(MESSAGES, {})
+
+    chunks = outcome.chunks()
+    await anext(chunks)
+    await anext(chunks)
+    await chunks.aclose()  # as the gateway does when its client leaves
+
+    [attempt] = outcome.attempts
+    assert 10 <= attempt.prompt_tokens <= 30
+    assert attempt.cost_nanos == spec.price.cost_nanos(
+        attempt.prompt_tokens, attempt.completion_tokens
+    )
+    assert counting_threads and threading.get_ident() not in counting_threads
+
+
+async def test_a_stream_cancelled_again_while_its_tokens_are_counted_is_still_charged(
+    upstream, monkeypatch
+):
+    """Cancelled once while its tokens are counted in a worker thread, and again while it
+    counts them for the teardown: the attempt is charged all the same (counted at once, on
+    the event loop)."""
     upstream.behaviours["drafter"] = Behaviour(content=CONTENT, usage="lots")
     spec = fake_spec(upstream, "drafter")
     agent = CascadeAgent([spec], caller=Caller(backoff_s=0.0))
-    counting, release = asyncio.Event(), threading.Event()
+    started, release = asyncio.Queue(), threading.Event()
     loop = asyncio.get_running_loop()
 
     def slow_count(*args):
-        loop.call_soon_threadsafe(counting.set)
+        loop.call_soon_threadsafe(started.put_nowait, True)
         release.wait(10)
         return resilience.counted_tokens(*args)
 
@@ -210,10 +235,12 @@ async def test_a_stream_left_while_its_tokens_are_counted_is_still_charged(upstr
             pass
 
     task = asyncio.create_task(relay())
-    await asyncio.wait_for(counting.wait(), 10)
+    await asyncio.wait_for(started.get(), 10)  # the stream ended: its tokens are counted
+    task.cancel()
+    await asyncio.wait_for(started.get(), 10)  # torn down: counted again
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await task
+        await asyncio.wait_for(task, 5)
     release.set()
 
     [attempt] = outcome.attempts
