@@ -574,9 +574,9 @@ def counted_tokens(litellm_model: str, messages: Any, text: str) -> tuple[int, i
 
 
 async def counted_off_loop(litellm_model: str, messages: Any, text: str) -> tuple[int, int]:
-    """``counted_tokens`` in a worker thread. The tokenizer takes up to a fraction of a second
-    on a large request (a 4 MB prompt: up to half a second) and releases the GIL while it counts: on the
-    event loop it would hold up every other request of the process meanwhile."""
+    """``counted_tokens`` in a worker thread. The tokenizer takes up to half a second on a
+    large request (a 4 MB prompt) and releases the GIL while it counts: on the event loop it
+    would hold up every other request of the process meanwhile."""
     return await asyncio.to_thread(counted_tokens, litellm_model, messages, text)
 
 
