@@ -731,7 +731,7 @@ class CascadeStream:
                         break
             except Exception as exc:  # the upstream failed mid-stream: what came is charged
                 self.failure = exc
-            tokens = reported_tokens(usage) or await counted_off_loop(*self._counting(texts))
+            tokens = await self._tokens(usage, texts)
         except (asyncio.CancelledError, GeneratorExit):
             # Torn down (the client left), while relaying or counting. A stream cut short has
             # no usage from the provider (it comes last): its tokens are counted as on any
@@ -742,17 +742,18 @@ class CascadeStream:
         if self.failure is not None:
             upstream.attempt.status = "error"
 
+    async def _tokens(self, usage: Any, texts: list[str]) -> tuple[int, int]:
+        """The stream's tokens: as the provider reported them, else counted in a worker
+        thread."""
+        return reported_tokens(usage) or await counted_off_loop(*self._counting(texts))
+
     async def _tokens_torn_down(self, usage: Any, texts: list[str]) -> tuple[int, int]:
-        """The tokens of a stream torn down: counted in a worker thread, and on the event
-        loop if the stream is cancelled again meanwhile, so the attempt is always charged."""
-        reported = reported_tokens(usage)
-        if reported is not None:
-            return reported
-        counting = self._counting(texts)
+        """``_tokens`` of a stream torn down, and counted on the event loop if the stream is
+        cancelled again meanwhile, so that the attempt is always charged."""
         try:
-            return await asyncio.shield(counted_off_loop(*counting))
+            return await asyncio.shield(self._tokens(usage, texts))
         except asyncio.CancelledError:
-            return counted_tokens(*counting)
+            return reported_tokens(usage) or counted_tokens(*self._counting(texts))
 
     def _counting(self, texts: list[str]) -> tuple[str, Any, str]:
         """What counting the stream's tokens reads: the model, the prompt, the answer."""
